@@ -1,0 +1,4209 @@
+"""mcp_server.py - a complete Model Context Protocol server in one file.
+
+It serves every MCP revision a client may speak (2024-11-05, 2025-03-26, 2025-06-18,
+2025-11-25 with the ``initialize`` handshake, and the stateless 2026-07-28) on one endpoint,
+over Streamable HTTP, the legacy HTTP+SSE transport, a direct JSON endpoint and stdio, under
+its own asyncio HTTP/1.1 server or any ASGI server.  Its runtime needs nothing beyond the
+standard library until a feature asks for more (``cryptography`` for sealed state, ``redis``
+for the shared store, ``jwt`` for tokens), and those are imported when first used.
+
+Map of the file (search for ``# ==== N.``):
+
+  1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env), logs
+  2. Store                 the Store contract and the in-memory store (TTL, sliding expiry, LRU)
+  3. Crypto and tokens     the HKDF key ring, sealed blobs (AES-256-GCM), signed cursors
+  4. Registry and schemas  tools, resources, prompts; JSON Schema from type hints; a validator
+  5. MCP core (sans-IO)    Context, era classification, the method table, shaping per revision
+  6. Transports            SSE streams, the notification hub, Streamable HTTP, HTTP+SSE, /http, stdio
+  7. OAuth and login       (reserved for the authorization server)
+  8. ASGI app              routing, Origin/Host checks, CORS, middleware, lifespan
+  9. HTTP server           an asyncio HTTP/1.1 server that drives any ASGI 3 app
+ 10. Built-in tools, CLI   ``server_info``, flag parsing, ``main()``
+
+Use it:
+
+    python mcp_server.py              # HTTP on http://127.0.0.1:6901/mcp (+ /sse, /messages, /http)
+    python mcp_server.py --stdio      # stdio, for Claude Desktop and other local clients
+
+    from mcp_server import MCPServer, Context
+    server = MCPServer("weather", version="1.0.0")
+
+    @server.tool()
+    async def forecast(city: str, days: int = 3, ctx: Context | None = None) -> dict:
+        "Forecast for a city."
+        return {"city": city, "days": days}
+
+    server.run()                      # same flags as the command line; or mount ``server.asgi``
+
+The file has no sibling modules: copy it into a project and import it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import collections
+import contextvars
+import dataclasses
+import enum
+import functools
+import hashlib
+import hmac
+import inspect
+import json
+import logging
+import os
+import re
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import types
+import typing
+import urllib.parse
+import uuid
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "MCPServer",
+    "Context",
+    "ToolError",
+    "RpcError",
+    "Param",
+    "Image",
+    "Audio",
+    "EmbeddedResource",
+    "ResourceLink",
+    "Settings",
+    "Store",
+    "MemoryStore",
+    "serve",
+    "main",
+]
+
+
+# ==== 1. Settings and errors ====================================================================
+#
+# Rules:
+# - Every revision the server speaks is listed once, here.  "Legacy" revisions have the
+#   ``initialize`` handshake; the "modern" one (2026-07-28) is stateless and carries its version
+#   and capabilities in every request's ``_meta``.
+# - A protocol error is an ``RpcError``: JSON-RPC code, a message a person understands, optional
+#   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
+# - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
+#   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+
+LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
+MODERN_VERSIONS = ("2026-07-28",)
+SUPPORTED_VERSIONS = MODERN_VERSIONS + LEGACY_VERSIONS
+LATEST_LEGACY = LEGACY_VERSIONS[0]
+_VERSION_RANK = {v: i for i, v in enumerate(sorted(SUPPORTED_VERSIONS))}  # dates sort as strings
+
+_META_VERSION = "io.modelcontextprotocol/protocolVersion"
+_META_CAPS = "io.modelcontextprotocol/clientCapabilities"
+_META_CLIENT = "io.modelcontextprotocol/clientInfo"
+_META_LOGLEVEL = "io.modelcontextprotocol/logLevel"
+_META_SERVERINFO = "io.modelcontextprotocol/serverInfo"
+_META_SUBSCRIPTION = "io.modelcontextprotocol/subscriptionId"
+_META_RELATED_TASK = "io.modelcontextprotocol/related-task"
+_TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
+
+PARSE_ERROR = -32700
+INVALID_REQUEST = -32600
+METHOD_NOT_FOUND = -32601
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+RESOURCE_NOT_FOUND = -32002  # legacy revisions only
+URL_ELICITATION_REQUIRED = -32042  # 2025-11-25 only
+HEADER_MISMATCH = -32020
+MISSING_CAPABILITY = -32021
+UNSUPPORTED_VERSION = -32022
+
+_LOG_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+_LOG_RANK = {name: i for i, name in enumerate(_LOG_LEVELS)}
+
+log = logging.getLogger("mcp_server")
+
+
+class RpcError(Exception):
+    """A JSON-RPC error: raise it from a tool, resource or prompt to answer with a protocol error
+    (``code``, ``message``, ``data``) instead of a result.  ``status`` is the HTTP status to use."""
+
+    def __init__(self, code: int, message: str, data: typing.Any = None, status: int = 200):
+        super().__init__(message)
+        self.code, self.message, self.data, self.status = code, message, data, status
+
+    def to_dict(self) -> dict:
+        err = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            err["data"] = self.data
+        return err
+
+
+class ToolError(Exception):
+    """Raise from a tool to end the call with ``isError: true`` and this message for the model."""
+
+
+class _Cancelled(Exception):
+    """The client cancelled this request: the transport sends nothing more for it."""
+
+
+def _invalid_params(message: str, data: typing.Any = None, status: int = 200) -> RpcError:
+    return RpcError(INVALID_PARAMS, message, data, status)
+
+
+def _unsupported_version(requested: typing.Any) -> RpcError:
+    return RpcError(
+        UNSUPPORTED_VERSION,
+        f"Unsupported protocol version {requested!r}; this server speaks {', '.join(SUPPORTED_VERSIONS)}.",
+        {"supported": list(SUPPORTED_VERSIONS), "requested": requested},
+        400,
+    )
+
+
+def _missing_capability(capabilities: dict, what: str) -> RpcError:
+    return RpcError(
+        MISSING_CAPABILITY,
+        f"This request needs the client capability {what}, which the request did not declare.",
+        {"requiredCapabilities": capabilities},
+        400,
+    )
+
+
+def _truthy(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected a boolean (true/false), got {text!r}")
+
+
+def _csv(text: str) -> tuple:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
+
+
+# attribute, flag, environment names (first is canonical; later ones are the seed's names),
+# parser, default, help.  A flag of None means "environment only".
+_SETTING_SPECS = (
+    ("host", "--host", ("MCP_HOST", "MASK_MCP_HOST"), str, "127.0.0.1", "interface to listen on"),
+    ("port", "--port", ("MCP_PORT", "MASK_MCP_PORT"), int, 6901, "TCP port to listen on"),
+    ("stdio", "--stdio", ("MCP_STDIO",), _truthy, False, "serve MCP on stdin/stdout instead of HTTP"),
+    ("log_level", "--log-level", ("LOG_LEVEL", "MCP_LOG_LEVEL"), str, "info",
+     "log threshold on stderr: debug, info, warning, error"),
+    ("response_mode", "--response-mode", ("MCP_RESPONSE_MODE",), str, "auto",
+     "POST answers: auto (JSON unless the request streams), json, or sse"),
+    ("mcp_path", "--path", ("MCP_PATH",), str, "/mcp", "path of the Streamable HTTP endpoint"),
+    ("allowed_origins", "--allowed-origins", ("MCP_ALLOWED_ORIGINS",), _csv, (),
+     "comma-separated browser origins allowed besides loopback ones (* allows any)"),
+    ("allowed_hosts", "--allowed-hosts", ("MCP_ALLOWED_HOSTS",), _csv, (),
+     "comma-separated Host header values allowed besides loopback ones (* allows any)"),
+    ("trusted_proxies", "--trusted-proxies", ("MCP_TRUSTED_PROXIES",), _csv, (),
+     "comma-separated peer addresses whose X-Forwarded-* headers are believed"),
+    ("max_body", "--max-body", ("MCP_MAX_BODY",), int, 4 * 1024 * 1024, "largest request body in bytes"),
+    ("max_header", None, ("MCP_MAX_HEADER",), int, 16 * 1024, "largest request head (line + headers) in bytes"),
+    ("header_timeout", None, ("MCP_HEADER_TIMEOUT",), float, 10.0, "seconds to receive a request head"),
+    ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
+    ("idle_timeout", None, ("MCP_IDLE_TIMEOUT",), float, 30.0, "seconds a keep-alive connection may idle"),
+    ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
+    ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
+     "seconds a session lives after its last activity"),
+    ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
+     "sessions the in-memory store keeps before evicting the least recently used"),
+    ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
+    ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
+    ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
+    ("tool_timeout", None, ("MCP_TOOL_TIMEOUT",), float, 300.0, "seconds a tool may run (0: no limit)"),
+    ("client_timeout", None, ("MCP_CLIENT_TIMEOUT",), float, 300.0,
+     "seconds to wait for a client's answer to a server request"),
+    ("page_size", None, ("MCP_PAGE_SIZE",), int, 200, "items per page of tools/prompts/resources lists"),
+    ("secret", None, ("MCP_SECRET",), str, "", "server secret for sealed state and signatures"),
+    ("expose_errors", None, ("MCP_EXPOSE_ERRORS",), _truthy, False,
+     "show exception details of failing tools to the client (development only)"),
+    ("app_version", None, ("APP_VERSION",), str, "", "version reported by the built-in server"),
+)
+
+
+@dataclasses.dataclass
+class Settings:
+    """Every knob of the server.  Build with ``Settings.load(argv)`` or set fields directly."""
+
+    host: str = "127.0.0.1"
+    port: int = 6901
+    stdio: bool = False
+    log_level: str = "info"
+    response_mode: str = "auto"
+    mcp_path: str = "/mcp"
+    allowed_origins: tuple = ()
+    allowed_hosts: tuple = ()
+    trusted_proxies: tuple = ()
+    max_body: int = 4 * 1024 * 1024
+    max_header: int = 16 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: float = 30.0
+    max_connections: int = 10000
+    session_ttl: int = 3600
+    max_sessions: int = 100000
+    sse_keepalive: float = 15.0
+    sse_retry_ms: int = 1000
+    replay_events: int = 256
+    tool_timeout: float = 300.0
+    client_timeout: float = 300.0
+    page_size: int = 200
+    secret: str = ""
+    expose_errors: bool = False
+    app_version: str = ""
+
+    @classmethod
+    def load(cls, argv: list | None = None, environ: typing.Mapping | None = None,
+             prog: str = "mcp_server.py") -> "Settings":
+        """Defaults < ``.env`` < environment < flags.  Raises ``SystemExit`` with one line on bad input."""
+        env = dict(_read_dotenv(".env"))
+        env.update(os.environ if environ is None else environ)
+        values = {}
+        for attr, _flag, names, parse, _default, _help in _SETTING_SPECS:
+            for name in names:
+                if env.get(name, "") != "":
+                    try:
+                        values[attr] = parse(env[name])
+                    except ValueError as exc:
+                        raise SystemExit(f"{prog}: error: {name}={env[name]!r}: {exc}") from None
+                    break
+        args = _argument_parser(prog).parse_args([] if argv is None else argv)
+        for attr, flag, *_ in _SETTING_SPECS:
+            if flag and getattr(args, attr, None) is not None:
+                values[attr] = getattr(args, attr)
+        settings = cls(**values)
+        settings.validate(prog)
+        return settings
+
+    def validate(self, prog: str = "mcp_server.py") -> None:
+        def fail(message):
+            raise SystemExit(f"{prog}: error: {message}")
+        if not 0 <= self.port <= 65535:
+            fail(f"port {self.port} is not between 0 and 65535")
+        if self.response_mode not in ("auto", "json", "sse"):
+            fail(f"response mode {self.response_mode!r} is not auto, json or sse")
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            fail(f"log level {self.log_level!r} is not debug, info, warning, error or critical")
+        if not self.mcp_path.startswith("/"):
+            fail(f"path {self.mcp_path!r} must start with /")
+        for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
+                     "page_size", "replay_events"):
+            if getattr(self, attr) <= 0:
+                fail(f"{attr} must be positive")
+        self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
+
+
+def _read_dotenv(path: str) -> typing.Iterator[tuple]:
+    """KEY=VALUE lines of a .env file; comments, ``export`` and simple quotes allowed."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().splitlines()
+    except OSError:
+        return
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        key = key.strip().removeprefix("export ").strip()
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+            value = value[1:-1]
+        yield key, value
+
+
+class _OneLineArgumentParser:
+    """argparse, but a bad flag ends the program with one line instead of usage + error."""
+
+    def __new__(cls, prog: str):
+        import argparse
+
+        class Parser(argparse.ArgumentParser):
+            def error(self, message):
+                raise SystemExit(f"{self.prog}: error: {message} (see --help)")
+
+        return Parser(prog=prog, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _argument_parser(prog: str):
+    parser = _OneLineArgumentParser(prog)
+    parser.description = "A Model Context Protocol server (every revision; HTTP or stdio)."
+    lines = ["settings read only from the environment (or a .env file):"]
+    for attr, flag, names, parse, default, help_text in _SETTING_SPECS:
+        env_note = "env " + " / ".join(names)
+        if flag is None:
+            lines.append(f"  {names[0]:<22} {help_text} (default {default!r})")
+        elif parse is _truthy:
+            parser.add_argument(flag, dest=attr, action="store_const", const=True, default=None,
+                                help=f"{help_text} [{env_note}]")
+        else:
+            metavar = attr.upper()
+            kind = parse if parse in (int, float) else (_csv if parse is _csv else str)
+            parser.add_argument(flag, dest=attr, type=kind, default=None, metavar=metavar,
+                                help=f"{help_text} (default {default!r}) [{env_note}]")
+    parser.epilog = "\n".join(lines)
+    return parser
+
+
+class _StderrFormatter(logging.Formatter):
+    def format(self, record):
+        base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():<7} {record.getMessage()}"
+        if record.exc_info:
+            base += "\n" + self.formatException(record.exc_info)
+        return base
+
+
+def _configure_logging(level: str) -> None:
+    """Logs go to stderr, always: stdout belongs to the protocol in stdio mode."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_StderrFormatter())
+    log.handlers[:] = [handler]
+    log.setLevel(level.upper())
+    log.propagate = False
+
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _now() -> float:
+    return time.time()
+
+
+# ==== 2. Store ==================================================================================
+#
+# Rules:
+# - All state that must outlive one request lives behind ``Store``: legacy MCP sessions, the event
+#   logs that make SSE streams resumable, and (later) OAuth state.  No module-level dicts of it.
+# - Values are JSON-compatible Python objects.  Treat a value read from a store as immutable: to
+#   change it, build a new one and ``set`` it (a Redis store hands out copies, this one does not).
+# - Keys of one session share the hash tag ``{sid}`` (``mcp:{sid}:session``) so a Redis Cluster
+#   keeps them in one slot.
+#
+# Theory of operation: the in-memory store is an ``OrderedDict`` used as an LRU list.  Every entry
+# carries its absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the
+# dead ones from piling up.  Past ``max_keys`` the least recently used entry is evicted.  Pub/sub
+# is a dict of callbacks called in the event loop, which is what a Redis subscriber does too.
+
+
+class Store:
+    """What the server needs from a store.  Every method but ``subscribe`` is a coroutine."""
+
+    name = "abstract"
+
+    async def get(self, key: str) -> typing.Any: raise NotImplementedError
+    async def get_touch(self, key: str, ttl: float) -> typing.Any:
+        """Read a value and restart its time to live (sliding expiry) in one step."""
+        raise NotImplementedError
+    async def set(self, key: str, value: typing.Any, ttl: float | None = None) -> None: raise NotImplementedError
+    async def add(self, key: str, value: typing.Any, ttl: float | None = None) -> bool:
+        """Set only if absent; True when this call created the key."""
+        raise NotImplementedError
+    async def delete(self, key: str) -> bool: raise NotImplementedError
+    async def take(self, key: str) -> typing.Any:
+        """Get and delete atomically (single-use values: codes, states)."""
+        raise NotImplementedError
+    async def incr(self, key: str, ttl: float) -> int: raise NotImplementedError
+    async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
+        """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
+        raise NotImplementedError
+    async def read_after(self, key: str, after: int) -> list:
+        """Items of a log with a sequence number above ``after``, as ``(seq, item)`` pairs."""
+        raise NotImplementedError
+    async def publish(self, channel: str, message: typing.Any) -> None: raise NotImplementedError
+    def subscribe(self, channel: str, callback: typing.Callable) -> typing.Callable:
+        """Call ``callback(message)`` for each message published on ``channel``; returns an unsubscribe."""
+        raise NotImplementedError
+    async def ping(self) -> bool: return True
+    async def close(self) -> None: return None
+
+
+class _Log:
+    __slots__ = ("items", "seq")
+
+    def __init__(self, maxlen: int):
+        self.items = collections.deque(maxlen=maxlen)
+        self.seq = 0
+
+
+class MemoryStore(Store):
+    """The embedded store: one process, TTLs, sliding expiry, an LRU cap."""
+
+    name = "memory"
+
+    def __init__(self, max_keys: int = 100000, clock: typing.Callable = time.monotonic):
+        self._data: collections.OrderedDict = collections.OrderedDict()  # key -> [value, expires_at]
+        self._max_keys = max_keys
+        self._clock = clock
+        self._channels: dict = {}
+        self._writes = 0
+
+    def _live(self, key):
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[1] is not None and entry[1] <= self._clock():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return entry
+
+    def _put(self, key, value, ttl):
+        self._data[key] = [value, None if ttl is None else self._clock() + ttl]
+        self._data.move_to_end(key)
+        self._writes += 1
+        if self._writes % 1024 == 0:
+            self._sweep()
+        while len(self._data) > self._max_keys:
+            self._data.popitem(last=False)
+
+    def _sweep(self):
+        now = self._clock()
+        for key in [k for k, (_v, exp) in self._data.items() if exp is not None and exp <= now]:
+            del self._data[key]
+
+    def __len__(self):
+        self._sweep()
+        return len(self._data)
+
+    async def get(self, key):
+        entry = self._live(key)
+        return None if entry is None else entry[0]
+
+    async def get_touch(self, key, ttl):
+        entry = self._live(key)
+        if entry is None:
+            return None
+        entry[1] = self._clock() + ttl
+        return entry[0]
+
+    async def set(self, key, value, ttl=None):
+        self._put(key, value, ttl)
+
+    async def add(self, key, value, ttl=None):
+        if self._live(key) is not None:
+            return False
+        self._put(key, value, ttl)
+        return True
+
+    async def delete(self, key):
+        return self._data.pop(key, None) is not None
+
+    async def take(self, key):
+        entry = self._live(key)
+        if entry is None:
+            return None
+        del self._data[key]
+        return entry[0]
+
+    async def incr(self, key, ttl):
+        entry = self._live(key)
+        if entry is None:
+            self._put(key, 1, ttl)
+            return 1
+        entry[0] += 1
+        return entry[0]
+
+    async def append(self, key, item, maxlen, ttl):
+        entry = self._live(key)
+        if entry is None:
+            self._put(key, _Log(maxlen), ttl)
+            entry = self._data[key]
+        else:
+            entry[1] = self._clock() + ttl
+        events = entry[0]
+        events.seq += 1
+        events.items.append((events.seq, item))
+        return events.seq
+
+    async def read_after(self, key, after):
+        entry = self._live(key)
+        if entry is None:
+            return []
+        return [(seq, item) for seq, item in entry[0].items if seq > after]
+
+    async def publish(self, channel, message):
+        for callback in list(self._channels.get(channel, ())):
+            try:
+                callback(message)
+            except Exception:  # a subscriber's bug must not break the publisher
+                log.exception("subscriber of %s failed", channel)
+
+    def subscribe(self, channel, callback):
+        self._channels.setdefault(channel, []).append(callback)
+
+        def unsubscribe():
+            callbacks = self._channels.get(channel)
+            if callbacks and callback in callbacks:
+                callbacks.remove(callback)
+                if not callbacks:
+                    del self._channels[channel]
+        return unsubscribe
+
+
+def _session_key(sid: str) -> str:
+    return f"mcp:{{{sid}}}:session"
+
+
+def _events_key(sid: str, stream_id: str) -> str:
+    return f"mcp:{{{sid}}}:events:{stream_id}"
+
+
+def _session_channel(sid: str) -> str:
+    return f"mcp:{{{sid}}}:chan"
+
+
+_BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
+
+
+# ==== 3. Crypto and tokens ======================================================================
+#
+# Rules:
+# - One server secret feeds a key ring: each purpose gets its own key, derived with HKDF-SHA256
+#   and a label, so no key ever serves two purposes (labels are listed in the README).
+# - State handed to a client and trusted when it comes back (``requestState``, cursors) is sealed
+#   or signed; anything that fails verification is refused, never half-trusted.
+# - Comparisons of secrets are constant-time (``hmac.compare_digest``).
+# - ``cryptography`` is imported on first use, so a stdio start does not pay for it.
+
+_KEY_LABELS = {
+    "request_state": b"mcp_server/v1 request-state AES-256-GCM",
+    "cursor": b"mcp_server/v1 cursor HMAC-SHA256",
+}
+
+
+def _hkdf(master: bytes, label: bytes, length: int = 32) -> bytes:
+    """RFC 5869 HKDF-SHA256 with a fixed salt; ``label`` is the info string."""
+    prk = hmac.new(b"mcp_server hkdf salt", master, hashlib.sha256).digest()
+    out, block, counter = b"", b"", 1
+    while len(out) < length:
+        block = hmac.new(prk, block + label + bytes([counter]), hashlib.sha256).digest()
+        out += block
+        counter += 1
+    return out[:length]
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _unb64url(text: str) -> bytes:
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text):
+        raise ValueError("not base64url")
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+class _KeyRing:
+    """Per-purpose keys derived from one secret."""
+
+    def __init__(self, secret: str | bytes | None):
+        self.ephemeral = not secret
+        master = secrets.token_bytes(32) if not secret else (
+            secret.encode() if isinstance(secret, str) else secret)
+        self._keys = {purpose: _hkdf(master, label) for purpose, label in _KEY_LABELS.items()}
+        self._aead = None
+
+    def key(self, purpose: str) -> bytes:
+        return self._keys[purpose]
+
+    def seal(self, payload: dict, purpose: str = "request_state") -> str:
+        """Encrypt and authenticate a JSON payload (AES-256-GCM, random 96-bit nonce)."""
+        if self._aead is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+            self._aead = AESGCM(self._keys["request_state"])
+        nonce = secrets.token_bytes(12)
+        data = _dumps(payload).encode()
+        return _b64url(nonce + self._aead.encrypt(nonce, data, purpose.encode()))
+
+    def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
+        """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        try:
+            raw = _unb64url(token)
+            if len(raw) < 28:
+                return None
+            if self._aead is None:
+                self.seal({})  # loads the cipher
+            plain = self._aead.decrypt(raw[:12], raw[12:], purpose.encode())
+            payload = json.loads(plain)
+            return payload if isinstance(payload, dict) else None
+        except Exception:
+            return None
+
+    def sign(self, text: str, purpose: str = "cursor") -> str:
+        mac = hmac.new(self._keys[purpose], text.encode(), hashlib.sha256).digest()[:12]
+        return _b64url(text.encode()) + "." + _b64url(mac)
+
+    def verify(self, token: typing.Any, purpose: str = "cursor") -> str | None:
+        if not isinstance(token, str) or token.count(".") != 1:
+            return None
+        body, mac = token.split(".")
+        try:
+            text = _unb64url(body).decode()
+            expected = hmac.new(self._keys[purpose], text.encode(), hashlib.sha256).digest()[:12]
+            return text if hmac.compare_digest(expected, _unb64url(mac)) else None
+        except Exception:
+            return None
+
+
+# ==== 4. Registry and schemas ===================================================================
+#
+# Rules:
+# - A tool's ``inputSchema`` is JSON Schema 2020-12 derived from the function's type hints (or
+#   given verbatim); arguments are validated against it before the function runs, and a failure
+#   names the field.  Per the 2025-11-25 clarification that is a tool execution error
+#   (``isError``), so the model can correct itself; a malformed request is a protocol error.
+# - A parameter annotated ``Context`` is injected and never appears in a schema.
+# - Return values become content blocks (``_to_call_result``); dict-like values also become
+#   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
+# - Sync functions run in a worker thread: a slow tool never blocks the event loop.
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """Extra schema facts for a parameter: ``Annotated[str, Param(description=..., header="Region")]``.
+
+    ``header`` mirrors the argument into the ``Mcp-Param-<header>`` HTTP header (SEP-2243) for
+    2026-07-28 clients; use it only for plain strings, integers and booleans, never for secrets."""
+
+    description: str | None = None
+    title: str | None = None
+    header: str | None = None
+    schema: dict | None = None
+
+
+class _Content:
+    """Something a tool or prompt can return that becomes one content block."""
+
+    def to_content(self) -> dict:
+        raise NotImplementedError
+
+
+class _Binary(_Content):
+    kind = "image"
+    default_mime = "image/png"
+
+    def __init__(self, data: bytes | None = None, *, base64: str | None = None,
+                 mime_type: str | None = None, annotations: dict | None = None):
+        if (data is None) == (base64 is None):
+            raise ValueError(f"{type(self).__name__} needs exactly one of data= or base64=")
+        self.b64 = base64 if base64 is not None else _std_b64(data)
+        self.mime_type = mime_type or self.default_mime
+        self.annotations = annotations
+
+    def to_content(self) -> dict:
+        block = {"type": self.kind, "data": self.b64, "mimeType": self.mime_type}
+        if self.annotations:
+            block["annotations"] = self.annotations
+        return block
+
+
+class Image(_Binary):
+    """Image content: ``Image(png_bytes)`` or ``Image(base64=..., mime_type="image/jpeg")``."""
+
+
+class Audio(_Binary):
+    """Audio content: ``Audio(wav_bytes)`` or ``Audio(base64=..., mime_type="audio/mpeg")``."""
+
+    kind = "audio"
+    default_mime = "audio/wav"
+
+
+class EmbeddedResource(_Content):
+    """An embedded resource: text, or binary given as ``blob`` bytes or a base64 string."""
+
+    def __init__(self, uri: str, text: str | None = None, blob: bytes | str | None = None,
+                 mime_type: str | None = None, annotations: dict | None = None):
+        if (text is None) == (blob is None):
+            raise ValueError("EmbeddedResource needs exactly one of text= or blob=")
+        self.contents = {"uri": uri}
+        if mime_type:
+            self.contents["mimeType"] = mime_type
+        if text is not None:
+            self.contents["text"] = text
+        else:
+            self.contents["blob"] = blob if isinstance(blob, str) else _std_b64(blob)
+        self.annotations = annotations
+
+    def to_content(self) -> dict:
+        block = {"type": "resource", "resource": self.contents}
+        if self.annotations:
+            block["annotations"] = self.annotations
+        return block
+
+
+class ResourceLink(_Content):
+    """A link to a resource the client may read or subscribe to (2025-06-18 and later)."""
+
+    def __init__(self, uri: str, name: str, *, title: str | None = None, description: str | None = None,
+                 mime_type: str | None = None, size: int | None = None, annotations: dict | None = None):
+        self.block = {"type": "resource_link", "uri": uri, "name": name}
+        for key, value in (("title", title), ("description", description), ("mimeType", mime_type),
+                           ("size", size), ("annotations", annotations)):
+            if value is not None:
+                self.block[key] = value
+
+    def to_content(self) -> dict:
+        return dict(self.block)
+
+
+def _std_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+_MAGIC_MIME = ((b"\x89PNG", "image/png"), (b"\xff\xd8\xff", "image/jpeg"), (b"GIF8", "image/gif"),
+               (b"RIFF", "audio/wav"), (b"ID3", "audio/mpeg"), (b"OggS", "audio/ogg"))
+
+
+def _bytes_content(data: bytes) -> dict:
+    """Raw bytes from a tool: an image or audio block when the magic says so, else a blob."""
+    for magic, mime in _MAGIC_MIME:
+        if data.startswith(magic):
+            if mime == "audio/wav" and data[8:12] == b"WEBP":
+                mime = "image/webp"
+            cls = Audio if mime.startswith("audio/") else Image
+            return cls(data, mime_type=mime).to_content()
+    return EmbeddedResource("data:application/octet-stream", blob=data,
+                            mime_type="application/octet-stream").to_content()
+
+
+# ---- JSON Schema from type hints -----------------------------------------------------------------
+
+_PRIMITIVE_SCHEMAS = {str: {"type": "string"}, int: {"type": "integer"}, float: {"type": "number"},
+                      bool: {"type": "boolean"}, type(None): {"type": "null"},
+                      bytes: {"type": "string", "contentEncoding": "base64"}}
+_FORMAT_BY_NAME = {"datetime": "date-time", "date": "date", "time": "time", "UUID": "uuid"}
+
+
+def _is_context_annotation(annotation: typing.Any) -> bool:
+    if annotation is Context:
+        return True
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        return any(arg is Context for arg in typing.get_args(annotation))
+    return False
+
+
+def _schema_for(tp: typing.Any, _seen: frozenset = frozenset()) -> dict:
+    """JSON Schema (2020-12) for a Python type annotation."""
+    if tp is inspect.Parameter.empty or tp is typing.Any or tp is object:
+        return {}
+    if tp in _PRIMITIVE_SCHEMAS:
+        return dict(_PRIMITIVE_SCHEMAS[tp])
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        schema = _schema_for(args[0], _seen)
+        for extra in args[1:]:
+            if isinstance(extra, str):
+                schema["description"] = extra
+            elif isinstance(extra, Param):
+                if extra.description:
+                    schema["description"] = extra.description
+                if extra.title:
+                    schema["title"] = extra.title
+                if extra.header:
+                    schema["x-mcp-header"] = extra.header
+                if extra.schema:
+                    schema.update(extra.schema)
+        return schema
+    if origin in (typing.Union, types.UnionType):
+        members = [_schema_for(a, _seen) for a in args]
+        simple = [m.get("type") for m in members if set(m) == {"type"} and isinstance(m["type"], str)]
+        if len(simple) == len(members):
+            return {"type": simple}
+        return {"anyOf": members}
+    if origin is typing.Literal:
+        schema = {"enum": list(args)}
+        kinds = {type(a) for a in args}
+        if len(kinds) == 1 and next(iter(kinds)) in _PRIMITIVE_SCHEMAS:
+            schema["type"] = _PRIMITIVE_SCHEMAS[next(iter(kinds))]["type"]
+        return schema
+    if origin in (list, set, frozenset, collections.abc.Sequence, collections.abc.Iterable,
+                  collections.abc.Set, collections.abc.MutableSequence):
+        schema = {"type": "array"}
+        if args:
+            schema["items"] = _schema_for(args[0], _seen)
+        if origin in (set, frozenset, collections.abc.Set):
+            schema["uniqueItems"] = True
+        return schema
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": "array", "items": _schema_for(args[0], _seen)}
+        if not args:
+            return {"type": "array"}
+        return {"type": "array", "prefixItems": [_schema_for(a, _seen) for a in args],
+                "minItems": len(args), "maxItems": len(args)}
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        schema = {"type": "object"}
+        if len(args) == 2:
+            schema["additionalProperties"] = _schema_for(args[1], _seen)
+        return schema
+    if tp in (list, tuple, set, frozenset):
+        return {"type": "array"}
+    if tp is dict:
+        return {"type": "object"}
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        values = [member.value for member in tp]
+        schema = {"enum": values}
+        kinds = {type(v) for v in values}
+        if len(kinds) == 1 and next(iter(kinds)) in _PRIMITIVE_SCHEMAS:
+            schema["type"] = _PRIMITIVE_SCHEMAS[next(iter(kinds))]["type"]
+        return schema
+    if isinstance(tp, type) and tp in _seen:
+        return {"type": "object"}  # a recursive type: stop here rather than loop
+    if _is_typeddict(tp):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        required = sorted(getattr(tp, "__required_keys__", hints))
+        props = {name: _schema_for(hint, _seen | {tp}) for name, hint in hints.items()}
+        schema = {"type": "object", "properties": props}
+        if required:
+            schema["required"] = required
+        return schema
+    if dataclasses.is_dataclass(tp) and isinstance(tp, type):
+        hints = typing.get_type_hints(tp, include_extras=True)
+        props, required = {}, []
+        for field in dataclasses.fields(tp):
+            props[field.name] = _schema_for(hints.get(field.name, typing.Any), _seen | {tp})
+            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+                required.append(field.name)
+            elif field.default is not dataclasses.MISSING and _jsonable(field.default):
+                props[field.name]["default"] = field.default
+        schema = {"type": "object", "properties": props}
+        if required:
+            schema["required"] = required
+        doc = _description(tp)
+        if doc and not (tp.__doc__ or "").startswith(tp.__name__ + "("):
+            schema["description"] = doc
+        return schema
+    if isinstance(tp, type) and tp.__name__ in _FORMAT_BY_NAME:
+        return {"type": "string", "format": _FORMAT_BY_NAME[tp.__name__]}
+    raise TypeError(f"cannot derive a JSON Schema for {tp!r}; annotate with a JSON-compatible type")
+
+
+def _is_typeddict(tp) -> bool:
+    return isinstance(tp, type) and issubclass(tp, dict) and hasattr(tp, "__total__")
+
+
+def _is_object_type(tp) -> bool:
+    if typing.get_origin(tp) is typing.Annotated:
+        tp = typing.get_args(tp)[0]
+    origin = typing.get_origin(tp) or tp
+    return (origin in (dict, collections.abc.Mapping) or _is_typeddict(tp)
+            or (isinstance(tp, type) and dataclasses.is_dataclass(tp)))
+
+
+def _jsonable(value) -> bool:
+    try:
+        json.dumps(value)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def _description(obj) -> str | None:
+    doc = inspect.getdoc(obj)
+    if not doc:
+        return None
+    return doc.split("\n\n")[0].strip() or None
+
+
+def _convert(value, tp):
+    """Turn validated JSON into the annotated Python type (dataclasses, enums, tuples, sets)."""
+    if value is None or tp is inspect.Parameter.empty or tp is typing.Any:
+        return value
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _convert(value, args[0])
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                if _validate(value, _schema_for(arg)) is None:
+                    return _convert(value, arg)
+            except TypeError:
+                continue
+        return value
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return tp(value)
+    if tp is float and isinstance(value, int):
+        return float(value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp) and isinstance(value, dict):
+        hints = typing.get_type_hints(tp)
+        return tp(**{k: _convert(v, hints.get(k, typing.Any)) for k, v in value.items()
+                     if k in {f.name for f in dataclasses.fields(tp)}})
+    if origin in (list, collections.abc.Sequence) and args and isinstance(value, list):
+        return [_convert(v, args[0]) for v in value]
+    if origin in (set, frozenset) and isinstance(value, list):
+        return origin(_convert(v, args[0]) if args else v for v in value)
+    if origin is tuple and isinstance(value, list):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_convert(v, args[0]) for v in value)
+        return tuple(_convert(v, a) for v, a in zip(value, args)) if args else tuple(value)
+    if origin is dict and len(args) == 2 and isinstance(value, dict):
+        return {k: _convert(v, args[1]) for k, v in value.items()}
+    return value
+
+
+# ---- A JSON Schema 2020-12 validator ------------------------------------------------------------
+#
+# Enough of 2020-12 for tool arguments: types, enum/const, objects, arrays (items, prefixItems),
+# string/number bounds, pattern, the composition keywords, if/then/else and local $ref (JSON
+# pointers and $anchor).  Network $refs are never fetched (2026 spec: MUST NOT).  It returns the
+# first problem as "at <path>: <what>", or None.
+
+_JSON_TYPES = {
+    "string": lambda v: isinstance(v, str),
+    "integer": lambda v: (isinstance(v, int) and not isinstance(v, bool))
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "null": lambda v: v is None,
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | None:
+    if schema is True or schema == {}:
+        return None
+    if schema is False:
+        return f"at {path}: no value is allowed here"
+    if not isinstance(schema, dict):
+        return None
+    if _depth > 64:
+        return f"at {path}: schema nests too deeply"
+    root = schema if root is None else root
+    check = functools.partial(_validate, root=root, _depth=_depth + 1)
+    if "$ref" in schema:
+        target = _resolve_ref(root, schema["$ref"])
+        if target is None:
+            return f"at {path}: unresolvable $ref {schema['$ref']!r}"
+        problem = check(instance, target, path=path)
+        if problem:
+            return problem
+    kind = schema.get("type")
+    if kind is not None:
+        kinds = kind if isinstance(kind, list) else [kind]
+        if not any(_JSON_TYPES.get(k, lambda v: True)(instance) for k in kinds):
+            return f"at {path}: expected {' or '.join(kinds)}, got {_json_type_name(instance)}"
+    if "enum" in schema and not any(_json_equal(instance, e) for e in schema["enum"]):
+        return f"at {path}: {_short(instance)} is not one of {_short(schema['enum'])}"
+    if "const" in schema and not _json_equal(instance, schema["const"]):
+        return f"at {path}: must be {_short(schema['const'])}"
+    if isinstance(instance, str):
+        if len(instance) < schema.get("minLength", 0):
+            return f"at {path}: shorter than {schema['minLength']} characters"
+        if "maxLength" in schema and len(instance) > schema["maxLength"]:
+            return f"at {path}: longer than {schema['maxLength']} characters"
+        if "pattern" in schema and not re.search(schema["pattern"], instance):
+            return f"at {path}: does not match the pattern {schema['pattern']!r}"
+    if isinstance(instance, (int, float)) and not isinstance(instance, bool):
+        for key, test, words in (("minimum", lambda a, b: a < b, "less than"),
+                                 ("maximum", lambda a, b: a > b, "greater than"),
+                                 ("exclusiveMinimum", lambda a, b: a <= b, "at most"),
+                                 ("exclusiveMaximum", lambda a, b: a >= b, "at least")):
+            if key in schema and isinstance(schema[key], (int, float)) and test(instance, schema[key]):
+                return f"at {path}: {instance} is {words} {schema[key]}"
+        step = schema.get("multipleOf")
+        if step and (instance / step) % 1:
+            return f"at {path}: {instance} is not a multiple of {step}"
+    if isinstance(instance, dict):
+        for name in schema.get("required", ()):
+            if name not in instance:
+                return f"at {path}: the required field {name!r} is missing"
+        props = schema.get("properties", {})
+        patterns = schema.get("patternProperties", {})
+        for name, value in instance.items():
+            sub = f"{path}.{name}"
+            matched = False
+            if name in props:
+                matched = True
+                problem = check(value, props[name], path=sub)
+                if problem:
+                    return problem
+            for pattern, sub_schema in patterns.items():
+                if re.search(pattern, name):
+                    matched = True
+                    problem = check(value, sub_schema, path=sub)
+                    if problem:
+                        return problem
+            if not matched and "additionalProperties" in schema:
+                if schema["additionalProperties"] is False:
+                    return f"at {path}: unexpected field {name!r}"
+                problem = check(value, schema["additionalProperties"], path=sub)
+                if problem:
+                    return problem
+        if len(instance) < schema.get("minProperties", 0):
+            return f"at {path}: fewer than {schema['minProperties']} fields"
+        for name, needed in schema.get("dependentRequired", {}).items():
+            if name in instance:
+                for other in needed:
+                    if other not in instance:
+                        return f"at {path}: {other!r} is required when {name!r} is present"
+    if isinstance(instance, list):
+        prefix = schema.get("prefixItems", [])
+        for i, item in enumerate(instance):
+            item_schema = prefix[i] if i < len(prefix) else schema.get("items")
+            if item_schema is not None:
+                problem = check(item, item_schema, path=f"{path}[{i}]")
+                if problem:
+                    return problem
+        if len(instance) < schema.get("minItems", 0):
+            return f"at {path}: fewer than {schema['minItems']} items"
+        if "maxItems" in schema and len(instance) > schema["maxItems"]:
+            return f"at {path}: more than {schema['maxItems']} items"
+        if schema.get("uniqueItems"):
+            seen = []
+            for item in instance:
+                if any(_json_equal(item, other) for other in seen):
+                    return f"at {path}: items are not unique"
+                seen.append(item)
+    for sub_schema in schema.get("allOf", ()):
+        problem = check(instance, sub_schema, path=path)
+        if problem:
+            return problem
+    if "anyOf" in schema:
+        problems = [check(instance, s, path=path) for s in schema["anyOf"]]
+        if all(problems):
+            return problems[0] if len(problems) == 1 else f"at {path}: matches none of the allowed forms ({problems[0]})"
+    if "oneOf" in schema:
+        passing = sum(1 for s in schema["oneOf"] if check(instance, s, path=path) is None)
+        if passing != 1:
+            return f"at {path}: must match exactly one allowed form, matches {passing}"
+    if "not" in schema and check(instance, schema["not"], path=path) is None:
+        return f"at {path}: matches a form that is not allowed"
+    if "if" in schema:
+        branch = "then" if check(instance, schema["if"], path=path) is None else "else"
+        if branch in schema:
+            problem = check(instance, schema[branch], path=path)
+            if problem:
+                return problem
+    return None
+
+
+def _resolve_ref(root: dict, ref: str):
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return None  # only local references; never fetched
+    if ref == "#":
+        return root
+    if not ref.startswith("#/"):
+        return _find_anchor(root, ref[1:])
+    node = root
+    for part in ref[2:].split("/"):
+        part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _find_anchor(node, anchor: str):
+    if isinstance(node, dict):
+        if node.get("$anchor") == anchor:
+            return node
+        children = node.values()
+    elif isinstance(node, list):
+        children = node
+    else:
+        return None
+    for child in children:
+        found = _find_anchor(child, anchor)
+        if found is not None:
+            return found
+    return None
+
+
+def _json_type_name(value) -> str:
+    for name in ("null", "boolean", "integer", "number", "string", "array", "object"):
+        if _JSON_TYPES[name](value):
+            return name
+    return type(value).__name__
+
+
+def _json_equal(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    return a == b
+
+
+def _short(value) -> str:
+    text = _dumps(value) if _jsonable(value) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ---- Registered objects -----------------------------------------------------------------------
+
+
+def _signature_facts(fn):
+    """(signature, hints, name of the Context parameter or None) for a user function."""
+    signature = inspect.signature(fn)
+    try:
+        hints = typing.get_type_hints(fn, include_extras=True)
+    except Exception as exc:
+        raise TypeError(f"cannot read the type hints of {fn.__qualname__}: {exc}") from None
+    ctx_param = None
+    for name, param in signature.parameters.items():
+        if _is_context_annotation(hints.get(name, param.annotation)):
+            ctx_param = name
+    return signature, hints, ctx_param
+
+
+def _param_descriptions(fn) -> dict:
+    """``name: text`` lines from an ``Args:`` section of a Google-style docstring."""
+    doc = inspect.getdoc(fn) or ""
+    found, in_args = {}, False
+    for line in doc.splitlines():
+        stripped = line.strip()
+        if stripped in ("Args:", "Arguments:", "Parameters:"):
+            in_args = True
+            continue
+        if in_args:
+            match = re.match(r"(\w+)(?:\s*\([^)]*\))?\s*:\s*(.+)", stripped)
+            if match:
+                found[match.group(1)] = match.group(2)
+            elif stripped and not line.startswith((" ", "\t")):
+                in_args = False
+    return found
+
+
+class _Callable:
+    """What tools, resources and prompts share: how to call the user's function."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.signature, self.hints, self.ctx_param = _signature_facts(fn)
+        self.is_async = inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
+            getattr(fn, "__call__", None))
+        self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                for p in self.signature.parameters.values())
+        self.arg_names = [name for name, p in self.signature.parameters.items()
+                          if name != self.ctx_param and p.kind in (
+                              inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+    async def invoke(self, arguments: dict, ctx):
+        kwargs = {name: _convert(arguments[name], self.hints.get(name, inspect.Parameter.empty))
+                  for name in self.arg_names if name in arguments}
+        if self.takes_kwargs:
+            kwargs.update({k: v for k, v in arguments.items() if k not in kwargs})
+        if self.ctx_param:
+            kwargs[self.ctx_param] = ctx
+        if self.is_async:
+            result = await self.fn(**kwargs)
+        else:
+            loop = asyncio.get_running_loop()
+            call = functools.partial(contextvars.copy_context().run, self.fn, **kwargs)
+            result = await loop.run_in_executor(None, call)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+
+class _Tool(_Callable):
+    def __init__(self, fn, name, *, title=None, description=None, annotations=None, icons=None,
+                 input_schema=None, output_schema=None, meta=None, task=None):
+        super().__init__(fn)
+        self.name = name
+        if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,128}", name):
+            raise ValueError(f"tool name {name!r}: use 1-128 characters of A-Z a-z 0-9 _ . - /")
+        if task not in (None, "optional", "required"):
+            raise ValueError(f"tool {name!r}: task must be None, 'optional' or 'required'")
+        self.task = task
+        self.input_schema = input_schema or self._derive_input_schema()
+        if self.input_schema.get("type") != "object":
+            raise ValueError(f"tool {name!r}: inputSchema must have type 'object' at its root")
+        returns = self.hints.get("return", inspect.Parameter.empty)
+        if output_schema is None and returns not in (inspect.Parameter.empty, None, type(None)):
+            if _is_object_type(returns):
+                output_schema = _schema_for(returns)
+        self.output_schema = output_schema
+        self.headers = {prop: spec["x-mcp-header"] for prop, spec in
+                        self.input_schema.get("properties", {}).items()
+                        if isinstance(spec, dict) and "x-mcp-header" in spec}
+        definition = {"name": name}
+        if title:
+            definition["title"] = title
+        definition["description"] = description or _description(fn) or name
+        definition["inputSchema"] = self.input_schema
+        if output_schema:
+            definition["outputSchema"] = output_schema
+        if annotations:
+            definition["annotations"] = dict(annotations)
+        if icons:
+            definition["icons"] = list(icons)
+        if meta:
+            definition["_meta"] = dict(meta)
+        if task:
+            definition["execution"] = {"taskSupport": task}
+        self.definition = definition
+
+    def _derive_input_schema(self) -> dict:
+        props, required = {}, []
+        described = _param_descriptions(self.fn)
+        for name in self.arg_names:
+            param = self.signature.parameters[name]
+            schema = _schema_for(self.hints.get(name, param.annotation))
+            if name in described and "description" not in schema:
+                schema["description"] = described[name]
+            if param.default is inspect.Parameter.empty:
+                required.append(name)
+            elif _jsonable(param.default) and not isinstance(param.default, enum.Enum):
+                schema["default"] = param.default
+            elif isinstance(param.default, enum.Enum):
+                schema["default"] = param.default.value
+            props[name] = schema
+        schema = {"type": "object", "properties": props}
+        if required:
+            schema["required"] = required
+        return schema
+
+
+class _Resource(_Callable):
+    def __init__(self, fn, uri, *, name=None, title=None, description=None, mime_type=None,
+                 size=None, annotations=None, icons=None, meta=None):
+        super().__init__(fn)
+        self.uri = uri
+        self.mime_type = mime_type
+        self.template = "{" in uri
+        definition = {("uriTemplate" if self.template else "uri"): uri, "name": name or fn.__name__}
+        for key, value in (("title", title), ("description", description or _description(fn)),
+                           ("mimeType", mime_type), ("size", size), ("annotations", annotations),
+                           ("icons", icons), ("_meta", meta)):
+            if value is not None:
+                definition[key] = value
+        self.definition = definition
+        if self.template:
+            self.variables, self.pattern = _compile_uri_template(uri)
+
+    def match(self, uri: str) -> dict | None:
+        found = self.pattern.fullmatch(uri)
+        if not found:
+            return None
+        return {k: urllib.parse.unquote(v) for k, v in found.groupdict().items() if v is not None}
+
+    def contents(self, value, uri: str) -> list:
+        """A resource function's return value as ``resources/read`` contents."""
+        items = value if isinstance(value, list) else [value]
+        out = []
+        for item in items:
+            if isinstance(item, dict) and ("text" in item or "blob" in item):
+                entry = {"uri": uri, **item}
+            elif isinstance(item, str):
+                entry = {"uri": uri, "text": item}
+            elif isinstance(item, (bytes, bytearray)):
+                entry = {"uri": uri, "blob": _std_b64(bytes(item))}
+            elif isinstance(item, EmbeddedResource):
+                entry = dict(item.contents)
+            else:
+                entry = {"uri": uri, "text": _dumps(_plain(item)), "mimeType": "application/json"}
+            if self.mime_type and "mimeType" not in entry:
+                entry["mimeType"] = self.mime_type
+            out.append(entry)
+        return out
+
+
+def _compile_uri_template(template: str):
+    """RFC 6570 level 1-2 (``{var}``, ``{+var}``, ``{#var}``) and path/query forms as a regex."""
+    variables, parts, pos = [], [], 0
+    for found in re.finditer(r"\{([+#/?&]?)([A-Za-z0-9_,.*]+)\}", template):
+        parts.append(re.escape(template[pos:found.start()]))
+        operator, names = found.group(1), [n.rstrip("*") for n in found.group(2).split(",")]
+        variables.extend(names)
+        if operator in ("", "/"):
+            sep = "/" if operator == "/" else ""
+            parts.append(sep + r"/?".join(f"(?P<{n}>[^/?#]*)" for n in names))
+        elif operator in ("+", "#"):
+            parts.append(("#" if operator == "#" else "") + ",".join(f"(?P<{n}>.*?)" for n in names))
+        else:  # ? and &: optional query parameters in order
+            lead = "\\?" if operator == "?" else "&"
+            parts.append("(?:" + lead + "&?".join(f"(?:{n}=(?P<{n}>[^&#]*))?" for n in names) + ")?")
+        pos = found.end()
+    parts.append(re.escape(template[pos:]))
+    return variables, re.compile("".join(parts))
+
+
+class _Prompt(_Callable):
+    def __init__(self, fn, name, *, title=None, description=None, icons=None, meta=None):
+        super().__init__(fn)
+        self.name = name
+        described = _param_descriptions(fn)
+        arguments = []
+        for arg in self.arg_names:
+            param = self.signature.parameters[arg]
+            entry = {"name": arg}
+            schema = _schema_for(self.hints.get(arg, param.annotation))
+            text = schema.get("description") or described.get(arg)
+            if text:
+                entry["description"] = text
+            entry["required"] = param.default is inspect.Parameter.empty
+            arguments.append(entry)
+        self.choices = {arg: [str(v) for v in _schema_for(self.hints.get(arg, str)).get("enum", ())]
+                        for arg in self.arg_names}
+        definition = {"name": name}
+        if title:
+            definition["title"] = title
+        definition["description"] = description or _description(fn) or name
+        definition["arguments"] = arguments
+        for key, value in (("icons", icons), ("_meta", meta)):
+            if value is not None:
+                definition[key] = value
+        self.definition = definition
+
+    def messages(self, value) -> list:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        out = []
+        for item in items:
+            if isinstance(item, dict) and "role" in item and "content" in item:
+                content = item["content"]
+                out.append({"role": item["role"],
+                            "content": content.to_content() if isinstance(content, _Content) else content})
+            elif isinstance(item, str):
+                out.append({"role": "user", "content": {"type": "text", "text": item}})
+            elif isinstance(item, _Content):
+                out.append({"role": "user", "content": item.to_content()})
+            else:
+                raise TypeError(f"prompt {self.name!r} returned a {type(item).__name__}; return str, "
+                                "content helpers or {'role', 'content'} dicts")
+        return out
+
+
+def _plain(value):
+    """Dataclasses, enums and tuples as plain JSON values."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return str(value)
+
+
+def _to_call_result(value, tool: _Tool) -> dict:
+    """A tool's return value as a CallToolResult (newest shape)."""
+    if isinstance(value, dict) and value.get("__mcp_result__") is True:
+        return {k: v for k, v in value.items() if k != "__mcp_result__"}
+    if value is None:
+        return {"content": []}
+    if isinstance(value, str):
+        return {"content": [{"type": "text", "text": value}]}
+    if isinstance(value, _Content):
+        return {"content": [value.to_content()]}
+    if isinstance(value, (bytes, bytearray)):
+        return {"content": [_bytes_content(bytes(value))]}
+    if isinstance(value, (list, tuple)) and value and all(
+            isinstance(v, (str, _Content, bytes)) or (isinstance(v, dict) and isinstance(v.get("type"), str))
+            for v in value):
+        blocks = []
+        for item in value:
+            if isinstance(item, str):
+                blocks.append({"type": "text", "text": item})
+            elif isinstance(item, _Content):
+                blocks.append(item.to_content())
+            elif isinstance(item, bytes):
+                blocks.append(_bytes_content(item))
+            else:
+                blocks.append(item)
+        return {"content": blocks}
+    structured = _plain(value)
+    result = {"content": [{"type": "text", "text": _dumps(structured)}]}
+    if isinstance(structured, (dict, list)) or tool.output_schema:
+        result["structuredContent"] = structured
+    return result
+
+
+# ==== 5. MCP core (sans-IO) =====================================================================
+#
+# Rules:
+# - The core never touches a socket, HTTP or a store.  A transport builds a ``Context`` (method,
+#   params, revision, client capabilities, session record, and an outbound channel ``_out``),
+#   calls ``MCPServer._respond(ctx)`` and writes what comes back.
+# - Era: a request whose ``params._meta`` names a protocol version is modern (2026-07-28,
+#   stateless); ``initialize`` and everything else is legacy and belongs to a session.
+# - Handlers build the newest result shape; ``_shape_*`` trims it for an older revision, and
+#   ``_finish_modern`` adds what 2026-07-28 requires (``resultType``, cache hints, serverInfo).
+# - One tool API serves both eras: ``ctx.ask`` sends real server-to-client requests to a legacy
+#   client and waits; for a modern client it ends the round with ``input_required`` and a sealed
+#   ``requestState`` carrying the answers so far, and the tool runs again from the top on retry.
+#   A tool therefore does its side effects after its asks.
+#
+# Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
+# method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
+# transport), ``_InputRequired`` becomes an ``input_required`` result, ``_Cancelled`` means "say
+# nothing", and anything else is logged with a correlation id and reported as -32603.
+
+
+class _InputRequired(Exception):
+    def __init__(self, requests: dict):
+        self.requests = requests
+
+
+_CAPABILITY_OF = {
+    "elicitation/create": "elicitation",
+    "sampling/createMessage": "sampling",
+    "roots/list": "roots",
+}
+_MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
+_CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
+              "resources/templates/list", "resources/read")
+
+
+class Context:
+    """The request a tool, resource or prompt function is serving, and what it can do with it."""
+
+    __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
+                 "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
+                 "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
+                 "_task", "_log_threshold")
+
+    def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
+                 version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
+                 session_id: str | None = None, session: dict | None = None, out=None,
+                 principal: str | None = None):
+        self.server = server
+        self.method = method
+        self.params = params
+        self.request_id = request_id
+        meta = params.get("_meta")
+        self.meta = meta if isinstance(meta, dict) else {}
+        self.protocol_version = version
+        self.modern = modern
+        self.client_capabilities = capabilities or {}
+        self.session_id = session_id
+        self.session = session
+        self.principal = principal
+        self._out = out
+        self._answers: dict = {}
+        self._responses: dict = {}
+        self._ask_seq = 0
+        self._cancelled = False
+        self._last_progress = None
+        self._session_changed = False
+        self._task = None
+        if modern:
+            level = self.meta.get(_META_LOGLEVEL)
+            self._log_threshold = _LOG_RANK.get(level) if isinstance(level, str) else None
+        else:
+            self._log_threshold = _LOG_RANK.get((session or {}).get("log") or "info")
+
+    # -- facts about the client -----------------------------------------------------------------
+
+    @property
+    def cancelled(self) -> bool:
+        """True once the client cancelled this request (or, on 2026 HTTP, went away)."""
+        return self._cancelled
+
+    def supports(self, capability: str) -> bool:
+        """Whether the client declared a capability: ``"sampling"``, ``"sampling.tools"``,
+        ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        head, _, sub = capability.partition(".")
+        caps = self.client_capabilities
+        if not isinstance(caps, dict) or head not in caps:
+            return False
+        value = caps[head]
+        if not sub:
+            if head == "elicitation" and isinstance(value, dict) and value and "form" not in value:
+                return False  # {"url": {}} alone declares URL mode only
+            return True
+        if head == "elicitation" and sub == "form":
+            return isinstance(value, dict) and (not value or "form" in value)
+        return isinstance(value, dict) and sub in value
+
+    # -- request-scoped notifications ------------------------------------------------------------
+
+    async def report_progress(self, progress: float, total: float | None = None,
+                              message: str | None = None) -> None:
+        """Send ``notifications/progress`` if the client asked for progress (``progressToken``)."""
+        token = self.meta.get("progressToken")
+        if token is None or self._out is None:
+            return
+        if self._last_progress is not None and progress <= self._last_progress:
+            return  # the spec requires progress to increase; drop a step backwards
+        self._last_progress = progress
+        params = {"progressToken": token, "progress": progress}
+        if total is not None:
+            params["total"] = total
+        if message is not None and self.protocol_version >= "2025-03-26":
+            params["message"] = message
+        await self._out.send({"jsonrpc": "2.0", "method": "notifications/progress", "params": params})
+
+    async def log(self, level: str, data: typing.Any, logger: str | None = None) -> None:
+        """Send a ``notifications/message`` log line to the client, if its level allows it."""
+        rank = _LOG_RANK.get(level)
+        if rank is None:
+            raise ValueError(f"unknown log level {level!r}; use one of {', '.join(_LOG_LEVELS)}")
+        if self._log_threshold is None or rank < self._log_threshold or self._out is None:
+            return
+        params = {"level": level, "data": data}
+        if logger:
+            params["logger"] = logger
+        await self._out.send({"jsonrpc": "2.0", "method": "notifications/message", "params": params})
+
+    async def close_sse_stream(self) -> None:
+        """End this request's SSE response now; the client resumes with ``Last-Event-ID`` and
+        receives the rest (2025-11-25 polling).  Does nothing where resuming is impossible."""
+        if self._out is not None and hasattr(self._out, "detach"):
+            await self._out.detach()
+
+    # -- asking the client ---------------------------------------------------------------------
+
+    async def ask(self, requests: dict) -> dict:
+        """Ask the client several things at once: ``{key: {"method": ..., "params": ...}}``.
+
+        Returns ``{key: result}``.  Legacy clients get real requests; modern ones a round trip."""
+        for key, request in requests.items():
+            self._require_capability(request)
+        if not self.modern:
+            if self._out is None or not hasattr(self._out, "request"):
+                raise ToolError("This transport cannot carry requests to the client.")
+            results = await asyncio.gather(*(self._out.request(r["method"], r.get("params", {}))
+                                             for r in requests.values()))
+            return dict(zip(requests, results))
+        answers, missing = {}, {}
+        for key, request in requests.items():
+            if key in self._answers:
+                answers[key] = self._answers[key]
+            elif key in self._responses:
+                answers[key] = self._answers[key] = _checked_input_response(
+                    key, request["method"], self._responses[key])
+            else:
+                missing[key] = {"method": request["method"], "params": request.get("params", {})}
+        if missing:
+            raise _InputRequired(missing)
+        return answers
+
+    async def _ask_one(self, method: str, params: dict, key: str | None):
+        if key is None:
+            self._ask_seq += 1
+            key = f"ask{self._ask_seq}"
+        answers = await self.ask({key: {"method": method, "params": params}})
+        return answers[key]
+
+    async def elicit(self, message: str, schema: dict, *, key: str | None = None) -> dict:
+        """Ask the user for structured input (form mode).  Returns ``{"action", "content"?}``."""
+        params = {"message": message, "requestedSchema": schema}
+        return await self._ask_one("elicitation/create", params, key)
+
+    async def elicit_url(self, message: str, url: str, *, elicitation_id: str | None = None,
+                         key: str | None = None) -> dict:
+        """Send the user to a URL (URL-mode elicitation, 2025-11-25 and later)."""
+        params = {"mode": "url", "message": message, "url": url,
+                  "elicitationId": elicitation_id or secrets.token_urlsafe(12)}
+        return await self._ask_one("elicitation/create", params, key)
+
+    async def sample(self, prompt: str | list, *, max_tokens: int = 1000, key: str | None = None,
+                     **params) -> dict:
+        """Ask the client's model for a completion.  ``prompt`` is text or a list of messages."""
+        messages = ([{"role": "user", "content": {"type": "text", "text": prompt}}]
+                    if isinstance(prompt, str) else list(prompt))
+        body = {"messages": messages, "maxTokens": max_tokens}
+        body.update({_camel(k): v for k, v in params.items()})
+        return await self._ask_one("sampling/createMessage", body, key)
+
+    async def list_roots(self, *, key: str | None = None) -> list:
+        """The client's roots (``[{"uri", "name"?}]``)."""
+        result = await self._ask_one("roots/list", {}, key)
+        return list(result.get("roots", [])) if isinstance(result, dict) else []
+
+    def _require_capability(self, request: dict) -> None:
+        method = request.get("method")
+        head = _CAPABILITY_OF.get(method)
+        if head is None:
+            raise ValueError(f"cannot ask the client {method!r}; use elicitation/create, "
+                             "sampling/createMessage or roots/list")
+        params = request.get("params") or {}
+        need, shape = head, {head: {}}
+        if method == "elicitation/create" and params.get("mode") == "url":
+            need, shape = "elicitation.url", {"elicitation": {"url": {}}}
+        elif method == "sampling/createMessage" and params.get("tools"):
+            need, shape = "sampling.tools", {"sampling": {"tools": {}}}
+        if self.supports(need):
+            return
+        if self.modern:
+            raise _missing_capability(shape, need)
+        raise ToolError(f"The client did not declare the {need} capability, so it cannot be asked.")
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _checked_input_response(key: str, method: str, value) -> dict:
+    """An ``inputResponses`` entry, checked for the shape its request expects."""
+    ok = isinstance(value, dict) and (
+        (method == "elicitation/create" and value.get("action") in ("accept", "decline", "cancel"))
+        or (method == "sampling/createMessage" and "content" in value)
+        or (method == "roots/list" and isinstance(value.get("roots"), list)))
+    if not ok:
+        raise _invalid_params(f"inputResponses.{key} is not a valid answer to {method}.", {"key": key})
+    return value
+
+
+# Fields each revision added, per kind of object (from the official schemas); ``_trim`` drops
+# the ones a client's revision does not define.
+_ADDED_IN = {
+    "tool": {"annotations": "2025-03-26", "title": "2025-06-18", "outputSchema": "2025-06-18",
+             "_meta": "2025-06-18", "icons": "2025-11-25", "execution": "2025-11-25"},
+    "listing": {"title": "2025-06-18", "_meta": "2025-06-18", "icons": "2025-11-25"},
+    "argument": {"title": "2025-06-18"},
+    "implementation": {"title": "2025-06-18", "description": "2025-11-25", "icons": "2025-11-25",
+                       "websiteUrl": "2025-11-25"},
+    "content": {"_meta": "2025-06-18", "title": "2025-06-18", "icons": "2025-11-25"},
+    "annotations": {"lastModified": "2025-06-18"},
+    "contents": {"_meta": "2025-06-18"},
+}
+
+
+def _trim(obj: dict, kind: str, version: str) -> dict:
+    added = _ADDED_IN[kind]
+    if not any(key in added and version < added[key] for key in obj):
+        return obj
+    return {key: value for key, value in obj.items() if key not in added or version >= added[key]}
+
+
+def _shape_block(block: dict, version: str) -> dict:
+    """A content block as a revision can read it (audio and resource links become text)."""
+    kind = block.get("type")
+    if kind == "audio" and version < "2025-03-26":
+        return {"type": "text", "text": f"[audio content ({block.get('mimeType', 'audio')}) omitted]"}
+    if kind == "resource_link" and version < "2025-06-18":
+        return {"type": "text", "text": f"Resource: {block.get('name', '')} <{block.get('uri', '')}>"}
+    block = _trim(block, "content", version)
+    if "annotations" in block and isinstance(block["annotations"], dict):
+        block = {**block, "annotations": _trim(block["annotations"], "annotations", version)}
+    if kind == "resource" and isinstance(block.get("resource"), dict):
+        block = {**block, "resource": _trim(block["resource"], "contents", version)}
+    return block
+
+
+def _shape_call_result(result: dict, version: str) -> dict:
+    if version >= "2026-07-28":
+        return result
+    shaped = {"content": [_shape_block(b, version) for b in result.get("content", ())]}
+    if result.get("isError"):
+        shaped["isError"] = True
+    if "_meta" in result:
+        shaped["_meta"] = result["_meta"]
+    structured = result.get("structuredContent")
+    if structured is not None and version >= "2025-06-18" and isinstance(structured, dict):
+        shaped["structuredContent"] = structured
+    return shaped
+
+
+def _shape_tool(definition: dict, version: str) -> dict:
+    if version >= "2026-07-28":
+        return {k: v for k, v in definition.items() if k != "execution"}
+    tool = _trim(definition, "tool", version)
+    schema = tool.get("outputSchema")
+    if schema is not None and schema.get("type") != "object":
+        tool = {k: v for k, v in tool.items() if k != "outputSchema"}  # legacy: objects only
+    if version < "2025-11-25" and "$schema" in tool["inputSchema"]:
+        tool = {**tool, "inputSchema": {k: v for k, v in tool["inputSchema"].items() if k != "$schema"}}
+    return tool
+
+
+def _shape_prompt(definition: dict, version: str) -> dict:
+    prompt = _trim(definition, "listing", version)
+    if version < "2025-06-18" and "arguments" in prompt:
+        prompt = {**prompt, "arguments": [_trim(a, "argument", version) for a in prompt["arguments"]]}
+    return prompt
+
+
+def _error_response(request_id, error: RpcError) -> dict:
+    return {"jsonrpc": "2.0", "id": request_id, "error": error.to_dict()}
+
+
+def _classify(message: dict) -> str:
+    """The kind of a JSON-RPC message (``request``, ``notification``, ``response``), or -32600."""
+    if not isinstance(message, dict):
+        raise RpcError(INVALID_REQUEST, "Invalid Request: a JSON-RPC message must be an object.", status=400)
+    if message.get("jsonrpc") != "2.0":
+        raise RpcError(INVALID_REQUEST, 'Invalid Request: "jsonrpc" must be "2.0".', status=400)
+    if "method" in message:
+        if not isinstance(message["method"], str):
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: "method" must be a string.', status=400)
+        if "params" in message and not isinstance(message["params"], dict):
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: "params" must be an object.', status=400)
+        if "id" not in message:
+            return "notification"
+        rid = message["id"]
+        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer.',
+                            status=400)
+        return "request"
+    if "id" in message and (("result" in message) != ("error" in message)):
+        return "response"
+    raise RpcError(INVALID_REQUEST, "Invalid Request: neither a request, a notification nor a response.",
+                    status=400)
+
+
+def _modern_meta(message: dict) -> dict | None:
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return meta if isinstance(meta, dict) and _META_VERSION in meta else None
+
+
+def _is_modern(message: dict, header_version: str | None) -> bool:
+    """Era of a request: modern when ``_meta`` names a version, or the header names a non-legacy one.
+
+    ``initialize`` is legacy whatever the header says; with a modern ``_meta`` it is a modern
+    request for a method 2026-07-28 removed (404)."""
+    if _modern_meta(message) is not None:
+        return True
+    if message.get("method") == "initialize":
+        return False
+    return header_version is not None and header_version not in LEGACY_VERSIONS
+
+
+def _modern_context_facts(message: dict, header_version: str | None, http: bool) -> tuple:
+    """(version, capabilities) of a modern request, or the -32020/-32602/-32022 error (HTTP 400)."""
+    if http and header_version is None:
+        raise RpcError(HEADER_MISMATCH, "The MCP-Protocol-Version header is required with 2026-07-28 requests.",
+                        status=400)
+    params = message.get("params")
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    if not isinstance(meta, dict) or _META_VERSION not in meta or _META_CAPS not in meta:
+        missing = [k for k in (_META_VERSION, _META_CAPS) if not isinstance(meta, dict) or k not in meta]
+        raise _invalid_params("params._meta must carry " + " and ".join(missing) + ".",
+                              {"missing": missing}, status=400)
+    version, caps = meta[_META_VERSION], meta[_META_CAPS]
+    if http and header_version != version:
+        raise RpcError(HEADER_MISMATCH, f"The MCP-Protocol-Version header ({header_version}) does not "
+                        f"match params._meta ({version}).", status=400)
+    if version not in MODERN_VERSIONS:
+        raise _unsupported_version(version)
+    if not isinstance(caps, dict):
+        raise _invalid_params(f"params._meta[{_META_CAPS!r}] must be an object.", status=400)
+    return version, caps
+
+
+def _args_digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+class MCPServer:
+    """An MCP server: register tools, resources and prompts, then ``run()`` or mount ``asgi``."""
+
+    def __init__(self, name: str, version: str = "0.1.0", *, instructions: str | None = None,
+                 title: str | None = None, description: str | None = None,
+                 website_url: str | None = None, icons: list | None = None,
+                 settings: Settings | None = None, store: Store | None = None,
+                 middleware: list | None = None):
+        self.name, self.version = name, version
+        self.instructions = instructions
+        self.settings = settings or Settings()
+        self.store = store
+        self.middleware = list(middleware or [])
+        self.info = {"name": name, "version": version}
+        for key, value in (("title", title), ("description", description), ("websiteUrl", website_url),
+                           ("icons", icons)):
+            if value is not None:
+                self.info[key] = value
+        self._tools: dict = {}
+        self._resources: dict = {}
+        self._templates: list = []
+        self._prompts: dict = {}
+        self._completions: dict = {}
+        self._shaped: dict = {}  # (kind, version) -> shaped list; cleared when a registry changes
+        self._keys: _KeyRing | None = None
+        self._runtime = None  # the _Hub, made on first use inside a running loop
+        self._app = None
+
+    # -- registration ------------------------------------------------------------------------
+
+    def tool(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
+             annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
+             output_schema: dict | None = None, meta: dict | None = None, task: str | None = None):
+        """Register a function as a tool; its schema comes from its type hints."""
+        def register(fn):
+            tool = _Tool(fn, name or fn.__name__, title=title, description=description,
+                         annotations=annotations, icons=icons, input_schema=input_schema,
+                         output_schema=output_schema, meta=meta, task=task)
+            self._tools[tool.name] = tool
+            self._changed("tools")
+            return fn
+        return register
+
+    def resource(self, uri: str, *, name: str | None = None, title: str | None = None,
+                 description: str | None = None, mime_type: str | None = None, size: int | None = None,
+                 annotations: dict | None = None, icons: list | None = None, meta: dict | None = None):
+        """Register a resource (a fixed URI) or a resource template (RFC 6570, e.g. ``notes://{id}``)."""
+        def register(fn):
+            resource = _Resource(fn, uri, name=name, title=title, description=description,
+                                 mime_type=mime_type, size=size, annotations=annotations, icons=icons,
+                                 meta=meta)
+            if resource.template:
+                missing = set(resource.variables) - set(resource.arg_names) if not resource.takes_kwargs else set()
+                if missing:
+                    raise TypeError(f"resource template {uri!r}: {fn.__name__} lacks parameters {sorted(missing)}")
+                self._templates = [t for t in self._templates if t.uri != uri] + [resource]
+            else:
+                self._resources[uri] = resource
+            self._changed("resources")
+            return fn
+        return register
+
+    def prompt(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
+               icons: list | None = None, meta: dict | None = None):
+        """Register a prompt; its arguments are the function's parameters."""
+        def register(fn):
+            prompt = _Prompt(fn, name or fn.__name__, title=title, description=description, icons=icons,
+                             meta=meta)
+            self._prompts[prompt.name] = prompt
+            self._changed("prompts")
+            return fn
+        return register
+
+    def completion(self, ref_type: str, ref: str):
+        """Register completions for a prompt (``"ref/prompt", name``) or a resource template
+        (``"ref/resource", uri_template``): ``fn(argument, value, context_arguments) -> list[str]``."""
+        if ref_type not in ("ref/prompt", "ref/resource"):
+            raise ValueError("ref_type must be 'ref/prompt' or 'ref/resource'")
+
+        def register(fn):
+            self._completions[(ref_type, ref)] = _Callable(fn)
+            return fn
+        return register
+
+    def add_middleware(self, hook) -> None:
+        """Add ``async def hook(ctx, call_next)`` around every MCP request; outermost first."""
+        self.middleware.append(hook)
+
+    def _changed(self, kind: str) -> None:
+        self._shaped.clear()
+        if self._runtime is not None:
+            self._runtime.spawn(self._runtime.store.publish(_BUS_CHANNEL, {"kind": kind}))
+
+    # -- notifications to every client -------------------------------------------------------
+
+    async def notify_tools_changed(self) -> None:
+        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "tools"})
+
+    async def notify_prompts_changed(self) -> None:
+        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "prompts"})
+
+    async def notify_resources_changed(self) -> None:
+        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "resources"})
+
+    async def notify_resource_updated(self, uri: str) -> None:
+        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "updated", "uri": uri})
+
+    # -- running --------------------------------------------------------------------------------
+
+    @property
+    def asgi(self):
+        """This server as a raw ASGI 3 application (http and lifespan scopes)."""
+        if self._app is None:
+            self._app = _App(self)
+        return self._app
+
+    @property
+    def keys(self) -> _KeyRing:
+        if self._keys is None:
+            self._keys = _KeyRing(self.settings.secret)
+        return self._keys
+
+    def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
+        """Serve until interrupted, configured by the command line (``--help``) and environment."""
+        try:
+            self.settings = Settings.load(sys.argv[1:] if argv is None else argv,
+                                          prog=os.path.basename(sys.argv[0]) or "mcp_server")
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                print(exc.code, file=sys.stderr)
+                sys.exit(2)
+            raise
+        if stdio is not None:
+            self.settings.stdio = stdio
+        serve(self, self.settings)
+
+    def _hub(self) -> "_Hub":
+        if self._runtime is None:
+            if self.store is None:
+                self.store = MemoryStore(max_keys=self.settings.max_sessions * 4)
+            self._runtime = _Hub(self, self.store)
+        return self._runtime
+
+    # -- capabilities and descriptions ---------------------------------------------------------
+
+    def _server_info(self, version: str) -> dict:
+        return _trim(self.info, "implementation", version)
+
+    def _capabilities(self, version: str) -> dict:
+        caps = {"tools": {"listChanged": True}, "resources": {"subscribe": True, "listChanged": True},
+                "prompts": {"listChanged": True}, "logging": {}}
+        if version >= "2025-03-26":
+            caps["completions"] = {}
+        if version >= "2026-07-28":
+            caps["extensions"] = ({_TASKS_EXTENSION: {}} if any(t.task for t in self._tools.values()) else {})
+        return caps
+
+    # -- the request path -------------------------------------------------------------------------
+
+    async def _respond(self, ctx: Context) -> tuple:
+        """Run one request or notification: (JSON-RPC response or None, HTTP status)."""
+        try:
+            if self.middleware:
+                result = await self._call_chain(ctx, 0)
+            else:
+                result = await self._dispatch(ctx)
+        except RpcError as exc:
+            if ctx.request_id is None:
+                return None, exc.status if exc.status != 200 else 202
+            return _error_response(ctx.request_id, exc), exc.status
+        except _InputRequired as exc:
+            if ctx.method not in _MRTR_METHODS or not ctx.modern:
+                error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
+                return _error_response(ctx.request_id, error), 500
+            result = self._input_required(ctx, exc.requests)
+        except _Cancelled:
+            return None, 0
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
+            detail = f": {exc!r}" if self.settings.expose_errors else ""
+            error = RpcError(INTERNAL_ERROR, f"Internal error while handling {ctx.method} (error id {error_id}){detail}.")
+            return (None, 500) if ctx.request_id is None else (_error_response(ctx.request_id, error), 500)
+        if ctx.request_id is None:
+            return None, 202
+        if ctx.modern:
+            result = self._finish_modern(result, ctx.method)
+        return {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
+
+    async def _call_chain(self, ctx: Context, index: int):
+        if index == len(self.middleware):
+            return await self._dispatch(ctx)
+        return await self.middleware[index](ctx, functools.partial(self._call_chain, ctx, index + 1))
+
+    def _finish_modern(self, result: dict, method: str) -> dict:
+        if "resultType" not in result:
+            result = {"resultType": "complete", **result}
+        if method in _CACHEABLE and result["resultType"] == "complete" and "ttlMs" not in result:
+            result["ttlMs"] = 0 if method == "resources/read" else 60000
+            result["cacheScope"] = "private" if method == "resources/read" else "public"
+        meta = result.get("_meta")
+        result["_meta"] = {**meta, _META_SERVERINFO: self.info} if isinstance(meta, dict) else {
+            _META_SERVERINFO: self.info}
+        return result
+
+    async def _dispatch(self, ctx: Context):
+        table = _MODERN_METHODS if ctx.modern else _LEGACY_METHODS
+        handler = table.get(ctx.method)
+        if handler is None:
+            if ctx.request_id is None:
+                return None  # unknown notifications are ignored
+            known = ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS
+            era = "2026-07-28" if ctx.modern else ctx.protocol_version
+            message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
+                       if known else f"Method not found: {ctx.method}.")
+            raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
+        if ctx.modern and ctx.method in _MRTR_METHODS:
+            self._restore_round(ctx)
+        return await handler(self, ctx)
+
+    # -- Multi Round-Trip Requests (2026) ------------------------------------------------------
+
+    def _round_target(self, ctx: Context) -> tuple:
+        params = ctx.params
+        if ctx.method == "resources/read":
+            return params.get("uri"), ""
+        return params.get("name"), _args_digest(params.get("arguments") or {})
+
+    def _restore_round(self, ctx: Context) -> None:
+        responses = ctx.params.get("inputResponses")
+        if isinstance(responses, dict):
+            ctx._responses = responses
+        sealed = ctx.params.get("requestState")
+        if sealed is None:
+            return
+        state = self.keys.unseal(sealed)
+        target, digest = self._round_target(ctx)
+        if (state is None or state.get("m") != ctx.method or state.get("t") != target
+                or state.get("h") != digest or state.get("sub") != ctx.principal
+                or not isinstance(state.get("exp"), (int, float)) or state["exp"] < _now()):
+            raise _invalid_params("requestState is invalid, expired or belongs to another request; "
+                                  "retry the request without it.")
+        ctx._answers = dict(state.get("a") or {})
+
+    def _input_required(self, ctx: Context, requests: dict) -> dict:
+        target, digest = self._round_target(ctx)
+        state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
+                 "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
+        return {"resultType": "input_required", "inputRequests": requests,
+                "requestState": self.keys.seal(state)}
+
+    # -- lists and pagination -----------------------------------------------------------------
+
+    def _shaped_list(self, kind: str, version: str) -> list:
+        key = (kind, version)
+        items = self._shaped.get(key)
+        if items is None:
+            if kind == "tools":
+                items = [_shape_tool(t.definition, version) for t in self._tools.values()]
+            elif kind == "prompts":
+                items = [_shape_prompt(p.definition, version) for p in self._prompts.values()]
+            elif kind == "resources":
+                items = [_trim(r.definition, "listing", version) for r in self._resources.values()]
+            else:
+                items = [_trim(r.definition, "listing", version) for r in self._templates]
+            self._shaped[key] = items
+        return items
+
+    def _page(self, ctx: Context, kind: str, field: str) -> dict:
+        items = self._shaped_list(kind, ctx.protocol_version)
+        cursor, start = ctx.params.get("cursor"), 0
+        if cursor not in (None, ""):
+            text = self.keys.verify(cursor)
+            if text is None or not text.startswith(kind + ":"):
+                raise _invalid_params("Invalid cursor: pass back a nextCursor this server returned.",
+                                      status=400 if ctx.modern else 200)
+            start = int(text.partition(":")[2])
+        end = start + self.settings.page_size
+        result = {field: items[start:end] if start or end < len(items) else items}
+        if end < len(items):
+            result["nextCursor"] = self.keys.sign(f"{kind}:{end}")
+        return result
+
+    # -- method handlers --------------------------------------------------------------------------
+
+    async def _m_initialize(self, ctx: Context) -> dict:
+        params = ctx.params
+        requested = params.get("protocolVersion")
+        if not isinstance(requested, str):
+            raise _invalid_params("initialize needs params.protocolVersion, a string.")
+        caps = params.get("capabilities")
+        if caps is not None and not isinstance(caps, dict):
+            raise _invalid_params("initialize: params.capabilities must be an object.")
+        version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+        ctx.protocol_version = version
+        ctx.client_capabilities = caps or {}
+        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
+        ctx.session = {"v": version, "caps": caps or {}, "client": client, "log": None, "subs": []}
+        ctx._session_changed = True
+        result = {"protocolVersion": version, "capabilities": self._capabilities(version),
+                  "serverInfo": self._server_info(version)}
+        if self.instructions:
+            result["instructions"] = self.instructions
+        return result
+
+    async def _m_discover(self, ctx: Context) -> dict:
+        result = {"supportedVersions": list(SUPPORTED_VERSIONS),
+                  "capabilities": self._capabilities("2026-07-28"), "ttlMs": 3600000, "cacheScope": "public"}
+        if self.instructions:
+            result["instructions"] = self.instructions
+        return result
+
+    async def _m_ping(self, ctx: Context) -> dict:
+        return {}
+
+    async def _m_set_level(self, ctx: Context) -> dict:
+        level = ctx.params.get("level")
+        if level not in _LOG_RANK:
+            raise _invalid_params(f"Unknown log level {level!r}; use one of {', '.join(_LOG_LEVELS)}.")
+        ctx.session = {**(ctx.session or {}), "log": level}
+        ctx._session_changed = True
+        return {}
+
+    async def _m_tools_list(self, ctx: Context) -> dict:
+        return self._page(ctx, "tools", "tools")
+
+    async def _m_tools_call(self, ctx: Context) -> dict:
+        name = ctx.params.get("name")
+        if not isinstance(name, str):
+            raise _invalid_params("tools/call needs params.name, a string.")
+        tool = self._tools.get(name)
+        if tool is None:
+            raise _invalid_params(f"Unknown tool: {name}.", {"name": name})
+        arguments = ctx.params.get("arguments")
+        if arguments is None:
+            arguments = {}
+        elif not isinstance(arguments, dict):
+            raise _invalid_params("tools/call: params.arguments must be an object.")
+        problem = _validate(arguments, tool.input_schema)
+        if problem:
+            return _shape_call_result(_tool_error(f"Invalid arguments for tool {name}: {problem}"),
+                                      ctx.protocol_version)
+        result = await self._run_tool(tool, arguments, ctx)
+        return _shape_call_result(result, ctx.protocol_version)
+
+    async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
+        limit = self.settings.tool_timeout
+        try:
+            if limit:
+                async with asyncio.timeout(limit):
+                    value = await tool.invoke(arguments, ctx)
+            else:
+                value = await tool.invoke(arguments, ctx)
+            return _to_call_result(value, tool)
+        except ToolError as exc:
+            return _tool_error(str(exc) or f"Tool {tool.name} failed.")
+        except (RpcError, _InputRequired, _Cancelled):
+            raise
+        except asyncio.CancelledError:
+            if ctx._cancelled:
+                raise _Cancelled() from None
+            raise
+        except TimeoutError:
+            return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
+            detail = f": {exc!r}" if self.settings.expose_errors else ""
+            return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
+
+    async def _m_resources_list(self, ctx: Context) -> dict:
+        return self._page(ctx, "resources", "resources")
+
+    async def _m_templates_list(self, ctx: Context) -> dict:
+        return self._page(ctx, "templates", "resourceTemplates")
+
+    def _find_resource(self, uri: str):
+        resource = self._resources.get(uri)
+        if resource is not None:
+            return resource, {}
+        for template in self._templates:
+            variables = template.match(uri)
+            if variables is not None:
+                return template, variables
+        return None, None
+
+    def _resource_not_found(self, ctx: Context, uri) -> RpcError:
+        if ctx.modern:
+            return _invalid_params(f"Resource not found: {uri}", {"uri": uri})
+        return RpcError(RESOURCE_NOT_FOUND, f"Resource not found: {uri}", {"uri": uri})
+
+    async def _m_resources_read(self, ctx: Context) -> dict:
+        uri = ctx.params.get("uri")
+        if not isinstance(uri, str):
+            raise _invalid_params("resources/read needs params.uri, a string.")
+        resource, variables = self._find_resource(uri)
+        if resource is None:
+            raise self._resource_not_found(ctx, uri)
+        try:
+            value = await resource.invoke(variables, ctx)
+        except (LookupError, FileNotFoundError):
+            raise self._resource_not_found(ctx, uri) from None
+        except ToolError as exc:
+            raise RpcError(INTERNAL_ERROR, str(exc)) from None
+        contents = resource.contents(value, uri)
+        if ctx.protocol_version < "2026-07-28":
+            contents = [_trim(c, "contents", ctx.protocol_version) for c in contents]
+        return {"contents": contents}
+
+    async def _m_subscribe(self, ctx: Context) -> dict:
+        uri = ctx.params.get("uri")
+        if not isinstance(uri, str):
+            raise _invalid_params(f"{ctx.method} needs params.uri, a string.")
+        subs = set((ctx.session or {}).get("subs", ()))
+        if ctx.method == "resources/subscribe":
+            subs.add(uri)
+        else:
+            subs.discard(uri)
+        ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
+        ctx._session_changed = True
+        return {}
+
+    async def _m_prompts_list(self, ctx: Context) -> dict:
+        return self._page(ctx, "prompts", "prompts")
+
+    async def _m_prompts_get(self, ctx: Context) -> dict:
+        name = ctx.params.get("name")
+        if not isinstance(name, str):
+            raise _invalid_params("prompts/get needs params.name, a string.")
+        prompt = self._prompts.get(name)
+        if prompt is None:
+            raise _invalid_params(f"Unknown prompt: {name}.", {"name": name})
+        arguments = ctx.params.get("arguments") or {}
+        if not isinstance(arguments, dict):
+            raise _invalid_params("prompts/get: params.arguments must be an object.")
+        missing = [a["name"] for a in prompt.definition["arguments"] if a["required"] and a["name"] not in arguments]
+        if missing:
+            raise _invalid_params(f"Prompt {name} needs the argument(s) {', '.join(missing)}.",
+                                  {"missing": missing})
+        try:
+            value = await prompt.invoke(arguments, ctx)
+        except ToolError as exc:
+            raise RpcError(INTERNAL_ERROR, str(exc)) from None
+        result = {"messages": [{"role": m["role"], "content": _shape_block(m["content"], ctx.protocol_version)}
+                               for m in prompt.messages(value)]}
+        if prompt.definition.get("description"):
+            result["description"] = prompt.definition["description"]
+        return result
+
+    async def _m_complete(self, ctx: Context) -> dict:
+        ref, argument = ctx.params.get("ref"), ctx.params.get("argument")
+        if not isinstance(ref, dict) or not isinstance(argument, dict) or not isinstance(argument.get("name"), str):
+            raise _invalid_params("completion/complete needs params.ref and params.argument {name, value}.")
+        ref_type = ref.get("type")
+        key = ref.get("name") if ref_type == "ref/prompt" else ref.get("uri")
+        value = str(argument.get("value", ""))
+        context_args = ((ctx.params.get("context") or {}).get("arguments") or {})
+        if ref_type == "ref/prompt" and key not in self._prompts:
+            raise _invalid_params(f"Unknown prompt: {key}.")
+        if ref_type == "ref/resource" and key not in {t.uri for t in self._templates} and key not in self._resources:
+            raise _invalid_params(f"Unknown resource or template: {key}.")
+        if ref_type not in ("ref/prompt", "ref/resource"):
+            raise _invalid_params("params.ref.type must be ref/prompt or ref/resource.")
+        handler = self._completions.get((ref_type, key))
+        if handler is not None:
+            values = await handler.invoke({"argument": argument["name"], "value": value,
+                                           "context": context_args}, ctx)
+            values = [str(v) for v in (values or [])]
+        elif ref_type == "ref/prompt":
+            values = [c for c in self._prompts[key].choices.get(argument["name"], ()) if c.startswith(value)]
+        else:
+            values = []
+        return {"completion": {"values": values[:100], "total": len(values), "hasMore": len(values) > 100}}
+
+    async def _m_listen(self, ctx: Context) -> dict:
+        return await self._hub().listen(ctx)
+
+    async def _n_initialized(self, ctx: Context):
+        return None
+
+    async def _n_cancelled(self, ctx: Context):
+        self._hub().cancel(ctx.session_id, ctx.params.get("requestId"))
+        return None
+
+    async def _n_ignored(self, ctx: Context):
+        return None
+
+
+def _tool_error(message: str) -> dict:
+    return {"content": [{"type": "text", "text": message}], "isError": True}
+
+
+_COMMON_METHODS = {
+    "tools/list": MCPServer._m_tools_list,
+    "tools/call": MCPServer._m_tools_call,
+    "resources/list": MCPServer._m_resources_list,
+    "resources/templates/list": MCPServer._m_templates_list,
+    "resources/read": MCPServer._m_resources_read,
+    "prompts/list": MCPServer._m_prompts_list,
+    "prompts/get": MCPServer._m_prompts_get,
+    "completion/complete": MCPServer._m_complete,
+    "server/discover": MCPServer._m_discover,
+}
+_LEGACY_METHODS = {
+    **_COMMON_METHODS,
+    "initialize": MCPServer._m_initialize,
+    "ping": MCPServer._m_ping,
+    "logging/setLevel": MCPServer._m_set_level,
+    "resources/subscribe": MCPServer._m_subscribe,
+    "resources/unsubscribe": MCPServer._m_subscribe,
+    "notifications/initialized": MCPServer._n_initialized,
+    "notifications/cancelled": MCPServer._n_cancelled,
+    "notifications/roots/list_changed": MCPServer._n_ignored,
+    "notifications/progress": MCPServer._n_ignored,
+}
+_MODERN_METHODS = {
+    **_COMMON_METHODS,
+    "subscriptions/listen": MCPServer._m_listen,
+    "notifications/cancelled": MCPServer._n_cancelled,
+}
+
+
+# ==== 6. Transports =============================================================================
+#
+# Rules:
+# - Streamable HTTP (``/mcp``): POST answers with JSON unless the request streams, in which case
+#   the answer upgrades to SSE at its first notification or server request (so a plain call costs
+#   one JSON write).  2025-11-25 SSE answers carry a priming event and are logged in the store, so
+#   a client that lost the stream resumes with GET + ``Last-Event-ID``.
+# - A legacy session exists only after a successful ``initialize``; unknown or expired ids get 404
+#   (the client then re-initializes), a missing id gets 400.  Modern requests never get a session.
+# - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
+#   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
+# - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
+#   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
+# - Only what cannot leave the process lives in the ``_Hub``: open streams, running requests,
+#   futures awaiting a client's answer.
+
+
+def _sse(message: dict | None, event_id: str | None = None, event: str = "message") -> bytes:
+    head = f"event: {event}\n"
+    if event_id is not None:
+        head += f"id: {event_id}\n"
+    return (head + "data: " + (_dumps(message) if message is not None else "") + "\n\n").encode()
+
+
+_SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+class _Hub:
+    """Process-local runtime: open streams, running requests, pending client answers."""
+
+    def __init__(self, server: MCPServer, store: Store):
+        self.server = server
+        self.store = store
+        self.settings = server.settings
+        self.pending: dict = {}         # (session id, request id) -> Future of the client's answer
+        self.running: dict = {}         # (session id, request id) -> Context
+        self.session_streams: dict = {}  # session id -> _SessionStream (GET /mcp or GET /sse)
+        self.live_posts: dict = {}      # (session id, stream id) -> _PostChannel (resumable)
+        self.listeners: set = set()     # callables fed every bus event
+        self.tasks: set = set()
+        self.closing = False
+        self._ids = 0
+        self._prefix = secrets.token_hex(3)
+        self._unsubscribe_bus = store.subscribe(_BUS_CHANNEL, self._on_bus)
+
+    def spawn(self, coro) -> asyncio.Task:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task failed", exc_info=task.exception())
+
+    def _on_bus(self, event: dict) -> None:
+        for listener in list(self.listeners):
+            listener(event)
+
+    # -- requests the server sends to a legacy client ------------------------------------------------
+
+    def next_request_id(self) -> str:
+        self._ids += 1
+        return f"s{self._prefix}-{self._ids}"
+
+    async def ask_client(self, session_id: str | None, method: str, params: dict, write) -> dict:
+        """Send a server-to-client request with ``write(message)`` and wait for its answer."""
+        request_id = self.next_request_id()
+        future = asyncio.get_running_loop().create_future()
+        key = (session_id, request_id)
+        self.pending[key] = future
+        try:
+            await write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
+            timeout = self.settings.client_timeout or None
+            try:
+                answer = await asyncio.wait_for(future, timeout)
+            except asyncio.TimeoutError:
+                raise ToolError(f"The client did not answer {method} within {timeout:g} seconds.") from None
+        finally:
+            self.pending.pop(key, None)
+        if "error" in answer:
+            error = answer["error"] if isinstance(answer["error"], dict) else {}
+            raise ToolError(f"The client refused {method}: {error.get('message', 'no reason given')}")
+        result = answer.get("result")
+        return result if isinstance(result, dict) else {}
+
+    def resolve(self, session_id: str | None, message: dict) -> bool:
+        future = self.pending.get((session_id, message.get("id")))
+        if future is None or future.done():
+            return False
+        future.set_result(message)
+        return True
+
+    # -- running requests and cancellation -------------------------------------------------------
+
+    def track(self, ctx: Context) -> None:
+        ctx._task = asyncio.current_task()
+        self.running[(ctx.session_id, ctx.request_id)] = ctx
+
+    def untrack(self, ctx: Context) -> None:
+        self.running.pop((ctx.session_id, ctx.request_id), None)
+
+    def cancel(self, session_id: str | None, request_id) -> None:
+        ctx = self.running.get((session_id, request_id))
+        if ctx is None or ctx.method == "initialize":
+            return  # unknown, finished, or not cancellable: ignored, as the spec allows
+        ctx._cancelled = True
+        if ctx._task is not None:
+            ctx._task.cancel()
+
+    # -- 2026 subscriptions/listen ----------------------------------------------------------------
+
+    async def listen(self, ctx: Context) -> dict:
+        wanted = ctx.params.get("notifications")
+        if not isinstance(wanted, dict):
+            raise _invalid_params("subscriptions/listen needs params.notifications, an object.", status=400)
+        honored = {k: True for k in ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
+                   if wanted.get(k) is True}
+        uris = wanted.get("resourceSubscriptions")
+        if isinstance(uris, list) and all(isinstance(u, str) for u in uris):
+            honored["resourceSubscriptions"] = uris
+        out = ctx._out
+        if out is None or not getattr(out, "can_stream", False):
+            raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
+                            "send Accept: text/event-stream.", status=400)
+        tag = {_META_SUBSCRIPTION: ctx.request_id}
+        await out.send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                        "params": {"_meta": tag, "notifications": honored}})
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_event(event):
+            method = _listen_method(event, honored)
+            if method:
+                params = {"_meta": tag}
+                if event["kind"] == "updated":
+                    params["uri"] = event["uri"]
+                queue.put_nowait({"jsonrpc": "2.0", "method": method, "params": params})
+            elif event.get("kind") == "shutdown":
+                queue.put_nowait(None)
+
+        self.listeners.add(on_event)
+        try:
+            while not self.closing:
+                try:
+                    async with asyncio.timeout(self.settings.sse_keepalive):
+                        message = await queue.get()
+                except TimeoutError:
+                    await out.keepalive()
+                    continue
+                if message is None:
+                    break
+                await out.send(message)
+        finally:
+            self.listeners.discard(on_event)
+        return {"_meta": tag}
+
+    async def close(self) -> None:
+        """Graceful stop: end listen and session streams, cancel background work."""
+        self.closing = True
+        self._on_bus({"kind": "shutdown"})
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.gather(*self.tasks, return_exceptions=True)
+        self._unsubscribe_bus()
+
+
+_LISTEN_FILTERS = {"tools": "toolsListChanged", "prompts": "promptsListChanged",
+                   "resources": "resourcesListChanged"}
+_LIST_CHANGED = {"tools": "notifications/tools/list_changed", "prompts": "notifications/prompts/list_changed",
+                 "resources": "notifications/resources/list_changed"}
+
+
+def _listen_method(event: dict, honored: dict) -> str | None:
+    kind = event.get("kind")
+    if kind in _LISTEN_FILTERS:
+        return _LIST_CHANGED[kind] if honored.get(_LISTEN_FILTERS[kind]) else None
+    if kind == "updated":
+        return ("notifications/resources/updated"
+                if event.get("uri") in honored.get("resourceSubscriptions", ()) else None)
+    return None
+
+
+# ---- HTTP plumbing shared by the HTTP transports --------------------------------------------------
+
+
+class _HttpError(Exception):
+    def __init__(self, status: int, message: str, code: int = INVALID_REQUEST, request_id=None,
+                 headers: tuple = ()):
+        super().__init__(message)
+        self.status, self.message, self.code, self.request_id, self.headers = (
+            status, message, code, request_id, headers)
+
+
+_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+            404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout",
+            409: "Conflict", 413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
+            431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+
+
+class _Http:
+    """One HTTP exchange seen through ASGI, with the helpers every transport needs."""
+
+    __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
+                 "_callbacks", "_watcher", "_native")
+
+    def __init__(self, scope, receive, send, extra_headers: list):
+        self.scope, self.receive, self.send = scope, receive, send
+        headers = {}
+        for name, value in scope.get("headers", ()):
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers = headers
+        self.extra_headers = extra_headers  # CORS and the like, added to every response
+        self.started = self.ended = False
+        self._callbacks: list = []
+        self._watcher = None
+        self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
+
+    def query(self, name: str) -> str | None:
+        values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
+        return values[0] if values else None
+
+    async def read_body(self, limit: int) -> bytes:
+        declared = self.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+        chunks, size = [], 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise _Cancelled()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+            chunks.append(chunk)
+            if not message.get("more_body"):
+                return b"".join(chunks)
+
+    async def start(self, status: int, headers: list) -> None:
+        self.started = True
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": headers + self.extra_headers})
+
+    async def write(self, data: bytes) -> None:
+        if not self.ended:
+            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        if not self.ended:
+            self.ended = True
+            await self.send({"type": "http.response.body", "body": data, "more_body": False})
+        self.stop_watching()
+
+    async def respond(self, status: int, body: bytes = b"", content_type: str = "application/json",
+                      headers: list | None = None) -> None:
+        head = [(b"content-type", content_type.encode())] if body or status >= 400 else []
+        head.append((b"content-length", str(len(body)).encode()))
+        await self.start(status, head + (headers or []))
+        await self.end(body)
+
+    async def respond_json(self, status: int, value, headers: list | None = None) -> None:
+        await self.respond(status, _dumps(value).encode(), headers=headers)
+
+    async def start_sse(self, headers: list | None = None) -> None:
+        await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                               (b"x-accel-buffering", b"no")] + (headers or []))
+
+    def on_disconnect(self, callback) -> None:
+        """Call ``callback()`` if the client goes away before the response ends."""
+        self._callbacks.append(callback)
+        if len(self._callbacks) > 1:
+            return
+        if self._native is not None:
+            self._native(self._fire)
+        else:  # a foreign ASGI server: watch receive() for http.disconnect
+            async def watch():
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        self._fire()
+                        return
+            self._watcher = asyncio.get_running_loop().create_task(watch())
+
+    def _fire(self) -> None:
+        if self.ended:
+            return
+        self.ended = True  # nothing more can be written
+        callbacks, self._callbacks = self._callbacks, []
+        for callback in callbacks:
+            callback()
+
+    def stop_watching(self) -> None:
+        self._callbacks = []
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+
+def _accepts(accept: str | None) -> tuple:
+    """(JSON acceptable, SSE acceptable) for an Accept header; lenient like real clients need."""
+    if not accept:
+        return True, False
+    kinds = [part.split(";")[0].strip().lower() for part in accept.split(",")]
+    any_type = "*/*" in kinds
+    json_ok = any_type or "application/json" in kinds or "application/*" in kinds
+    sse_ok = any_type or "text/event-stream" in kinds or "text/*" in kinds
+    return json_ok, sse_ok
+
+
+def _error_body(error: RpcError | _HttpError, request_id=None) -> dict:
+    if isinstance(error, _HttpError):
+        return {"jsonrpc": "2.0", "id": request_id, "error": {"code": error.code, "message": error.message}}
+    return _error_response(request_id, error)
+
+
+# ---- Streamable HTTP ---------------------------------------------------------------------------
+
+
+class _PostChannel:
+    """Where a POSTed request's notifications and server requests go: JSON until the first of
+    them, then an SSE response (logged in the store for 2025-11-25 resumption)."""
+
+    __slots__ = ("http", "hub", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
+                 "followers", "extra_headers", "done")
+
+    def __init__(self, http: _Http, hub: _Hub, session_id: str | None, sse_ok: bool, resumable: bool,
+                 extra_headers: list):
+        self.http, self.hub, self.session_id = http, hub, session_id
+        self.sse_ok, self.resumable = sse_ok, resumable and session_id is not None
+        self.streaming = self.detached = self.done = False
+        self.stream_id = None
+        self.followers: list = []
+        self.extra_headers = extra_headers
+
+    @property
+    def can_stream(self) -> bool:
+        return self.sse_ok
+
+    async def _start(self) -> None:
+        self.streaming = True
+        await self.http.start_sse(self.extra_headers)
+        if self.resumable:
+            self.stream_id = secrets.token_hex(6)
+            self.hub.live_posts[(self.session_id, self.stream_id)] = self
+            retry = self.hub.settings.sse_retry_ms
+            await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
+
+    async def send(self, message: dict) -> None:
+        if not self.sse_ok:
+            return  # a JSON-only client cannot receive notifications on this request
+        if not self.streaming:
+            await self._start()
+        await self._emit(message)
+
+    async def _emit(self, message: dict) -> None:
+        event_id = None
+        if self.resumable:
+            ttl = self.hub.settings.session_ttl
+            seq = await self.hub.store.append(_events_key(self.session_id, self.stream_id), message,
+                                              self.hub.settings.replay_events, ttl)
+            event_id = f"{self.stream_id}:{seq}"
+            for follower in self.followers:
+                follower.put_nowait((event_id, message))
+        if not self.detached:
+            await self.http.write(_sse(message, event_id))
+
+    async def keepalive(self) -> None:
+        if self.streaming and not self.detached:
+            await self.http.write(_SSE_KEEPALIVE)
+
+    async def request(self, method: str, params: dict) -> dict:
+        if not self.sse_ok:
+            raise ToolError(f"Cannot send {method} to the client: its request did not accept "
+                            "text/event-stream responses.")
+        return await self.hub.ask_client(self.session_id, method, params, self.send)
+
+    async def detach(self) -> None:
+        if self.resumable and not self.detached:
+            if not self.streaming:
+                await self._start()
+            self.detached = True
+            await self.http.end()
+
+    async def finish(self, response: dict | None, status: int, headers: list) -> None:
+        """Send the final response (or nothing, for a cancelled request)."""
+        try:
+            if self.streaming:
+                if response is not None:
+                    await self._emit(response)
+                await self.http.end()
+            elif response is None:
+                await self.http.respond(status if status in (202, 204) else 204, headers=headers)
+            else:
+                await self.http.respond_json(status, response, headers=headers)
+        finally:
+            self.done = True
+            for follower in self.followers:
+                follower.put_nowait(None)
+            if self.stream_id:
+                self.hub.live_posts.pop((self.session_id, self.stream_id), None)
+
+
+class _SessionStream:
+    """A session's long-lived stream: GET /mcp (Streamable HTTP) or GET /sse (HTTP+SSE).
+
+    It carries session-wide notifications, server requests routed to it, and, for /sse, every
+    response.  A newer stream for the same session takes over and this one ends."""
+
+    def __init__(self, hub: _Hub, http: _Http, session_id: str, version: str | None, log_events: bool):
+        self.hub, self.http, self.session_id = hub, http, session_id
+        self.version = version
+        self.log_events = log_events
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+    def put(self, item) -> None:
+        self.queue.put_nowait(item)
+
+    async def run(self, first: bytes = b"", replay: list = ()) -> None:
+        hub, http = self.hub, self.http
+        previous = hub.session_streams.get(self.session_id)
+        if previous is not None:
+            previous.put(None)  # take over
+        hub.session_streams[self.session_id] = self
+        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
+        http.on_disconnect(lambda: self.put(None))
+        hub.listeners.add(self._on_bus)
+        try:
+            await http.start_sse()
+            if first:
+                await http.write(first)
+            for event_id, message in replay:
+                await http.write(_sse(message, event_id))
+            while not http.ended and not hub.closing:
+                try:
+                    async with asyncio.timeout(hub.settings.sse_keepalive):
+                        item = await self.queue.get()
+                except TimeoutError:
+                    await http.write(_SSE_KEEPALIVE)
+                    continue
+                if item is None:
+                    break
+                message = await self._render(item)
+                if message is not None:
+                    await self._write(message)
+        finally:
+            unsubscribe()
+            hub.listeners.discard(self._on_bus)
+            if hub.session_streams.get(self.session_id) is self:
+                del hub.session_streams[self.session_id]
+            await http.end()
+
+    async def _write(self, message: dict) -> None:
+        event_id = None
+        if self.log_events:
+            seq = await self.hub.store.append(_events_key(self.session_id, "get"), message,
+                                              self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            event_id = f"get:{seq}"
+        await self.http.write(_sse(message, event_id))
+
+    def _on_bus(self, event: dict) -> None:
+        if event.get("kind") in _LIST_CHANGED or event.get("kind") == "updated":
+            self.put({"bus": event})
+        elif event.get("kind") == "shutdown":
+            self.put(None)
+
+    async def _render(self, item: dict) -> dict | None:
+        if item.get("close"):
+            return None
+        event = item.get("bus")
+        if event is None:
+            return item  # a JSON-RPC message published for this session
+        if event["kind"] in _LIST_CHANGED:
+            return {"jsonrpc": "2.0", "method": _LIST_CHANGED[event["kind"]]}
+        session = await self.hub.store.get(_session_key(self.session_id))
+        if session and event["uri"] in session.get("subs", ()):
+            return {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": event["uri"]}}
+        return None
+
+
+class _SessionChannel:
+    """Out channel of a request whose answers travel on the session's stream (HTTP+SSE)."""
+
+    can_stream = True
+
+    def __init__(self, hub: _Hub, session_id: str):
+        self.hub, self.session_id = hub, session_id
+
+    async def send(self, message: dict) -> None:
+        await self.hub.store.publish(_session_channel(self.session_id), message)
+
+    async def keepalive(self) -> None:
+        return None
+
+    async def request(self, method: str, params: dict) -> dict:
+        return await self.hub.ask_client(self.session_id, method, params, self.send)
+
+
+class _StreamableHTTP:
+    """POST, GET and DELETE on the MCP endpoint, for every revision."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+
+    # -- POST ------------------------------------------------------------------------------------
+
+    async def post(self, http: _Http) -> None:
+        server, hub = self.server, self.server._hub()
+        settings = server.settings
+        content_type = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        if content_type != "application/json":
+            raise _HttpError(415, f"Content-Type must be application/json, not {content_type!r}.")
+        json_ok, sse_ok = _accepts(http.headers.get("accept"))
+        if not json_ok and not sse_ok:
+            raise _HttpError(406, "Not Acceptable: the Accept header must allow application/json "
+                             "or text/event-stream.")
+        if settings.response_mode == "json":
+            sse_ok = False
+        body = await http.read_body(settings.max_body)
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        header_version = http.headers.get("mcp-protocol-version")
+        if isinstance(message, list):
+            await self._batch(http, message, header_version, json_ok)
+            return
+        kind = _classify_http(message)
+        if _is_modern(message, header_version) and kind != "response":
+            await self._modern(http, message, kind, header_version, sse_ok)
+        else:
+            await self._legacy(http, message, kind, header_version, sse_ok)
+
+    async def _modern(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool) -> None:
+        server, hub = self.server, self.server._hub()
+        request_id = message.get("id")
+        try:
+            version, caps = _modern_context_facts(message, header_version, http=True)
+            _check_modern_headers(http.headers, message, server)
+        except RpcError as exc:
+            await http.respond_json(exc.status, _error_response(request_id, exc))
+            return
+        ctx = Context(server, message["method"], message.get("params") or {}, request_id,
+                      version=version, modern=True, capabilities=caps)
+        if kind == "notification":
+            await server._respond(ctx)
+            await http.respond(202)
+            return
+        channel = _PostChannel(http, hub, None, sse_ok or server.settings.response_mode == "sse", False, [])
+        ctx._out = channel
+        ctx._task = asyncio.current_task()
+
+        def cancel():  # 2026: closing the response stream cancels the request
+            ctx._cancelled = True
+            if ctx._task is not None and not channel.done:
+                ctx._task.cancel()
+        http.on_disconnect(cancel)
+        if server.settings.response_mode == "sse" and channel.sse_ok:
+            await channel._start()
+        try:
+            response, status = await server._respond(ctx)
+        except asyncio.CancelledError:
+            if ctx._cancelled:
+                asyncio.current_task().uncancel()
+                return
+            raise
+        finally:
+            http.stop_watching()
+        if response is None or ctx._cancelled:
+            if not ctx._cancelled:
+                await channel.finish(None, status, [])
+            return
+        await channel.finish(response, status, [])
+
+    async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool) -> None:
+        server, hub = self.server, self.server._hub()
+        settings = server.settings
+        request_id = message.get("id") if kind == "request" else None
+        if header_version is not None and header_version not in LEGACY_VERSIONS:
+            raise _HttpError(400, f"Unsupported MCP-Protocol-Version {header_version!r}.", request_id=request_id)
+        session_id = http.headers.get("mcp-session-id")
+        method = message.get("method")
+        session = None
+        if method == "initialize":
+            if kind != "request":
+                raise _HttpError(400, "initialize must be a request with an id.")
+            session_id = None
+        else:
+            if session_id is None:
+                raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required; "
+                                 "send initialize first to get one.", request_id=request_id)
+            session = await hub.store.get_touch(_session_key(session_id), settings.session_ttl)
+            if session is None:
+                raise _HttpError(404, "Session not found: it expired or was deleted. Send initialize "
+                                 "to start a new session.", request_id=request_id)
+        if kind == "response":
+            if not hub.resolve(session_id, message):
+                await hub.store.publish(_session_channel(session_id), {"reply": message})
+            await http.respond(202)
+            return
+        version = session["v"] if session else LATEST_LEGACY
+        ctx = Context(server, method, message.get("params") or {}, request_id, version=version,
+                      capabilities=(session or {}).get("caps"), session_id=session_id, session=session)
+        if kind == "notification":
+            await server._respond(ctx)
+            await http.respond(202)
+            return
+        extra = []
+        channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
+        ctx._out = channel
+        if settings.response_mode == "sse" and sse_ok:
+            await channel._start()
+        hub.track(ctx)
+        try:
+            response, status = await server._respond(ctx)
+        except asyncio.CancelledError:
+            if ctx._cancelled:
+                asyncio.current_task().uncancel()
+                response, status = None, 204
+            else:
+                raise
+        finally:
+            hub.untrack(ctx)
+        headers = []
+        if method == "initialize" and response is not None and "result" in response:
+            session_id = secrets.token_urlsafe(24)
+            headers.append((b"mcp-session-id", session_id.encode()))
+            await hub.store.set(_session_key(session_id), ctx.session, settings.session_ttl)
+        elif ctx._session_changed and session_id is not None:
+            await hub.store.set(_session_key(session_id), ctx.session, settings.session_ttl)
+        await channel.finish(response, status, headers)
+
+    async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
+        """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
+        server, hub = self.server, self.server._hub()
+        session_id = http.headers.get("mcp-session-id")
+        session = None
+        if session_id is not None:
+            session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+            if session is None:
+                raise _HttpError(404, "Session not found: send initialize to start a new session.")
+        if session is None or session["v"] not in ("2025-03-26", "2024-11-05") or not messages:
+            raise _HttpError(400, "Invalid Request: JSON-RPC batches are only allowed in a 2025-03-26 session.")
+        answers = []
+        for message in messages:
+            try:
+                kind = _classify(message)
+            except RpcError as exc:
+                answers.append(_error_response(None, exc))
+                continue
+            if message.get("method") == "initialize":
+                answers.append(_error_response(message.get("id"), RpcError(
+                    INVALID_REQUEST, "initialize must not be part of a batch.")))
+                continue
+            if kind == "response":
+                hub.resolve(session_id, message)
+                continue
+            ctx = Context(server, message["method"], message.get("params") or {}, message.get("id"),
+                          version=session["v"], capabilities=session.get("caps"), session_id=session_id,
+                          session=session)
+            response, _status = await server._respond(ctx)
+            if ctx._session_changed:
+                session = ctx.session
+                await hub.store.set(_session_key(session_id), session, server.settings.session_ttl)
+            if response is not None:
+                answers.append(response)
+        if answers:
+            await http.respond_json(200, answers)
+        else:
+            await http.respond(202)
+
+    # -- GET: the session's standalone stream, or a resumed one --------------------------------
+
+    async def get(self, http: _Http) -> None:
+        server, hub = self.server, self.server._hub()
+        header_version = http.headers.get("mcp-protocol-version")
+        if header_version is not None and header_version not in LEGACY_VERSIONS:
+            raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no GET stream; use "
+                             "subscriptions/listen.", headers=[(b"allow", b"POST")])
+        _json_ok, sse_ok = _accepts(http.headers.get("accept"))
+        if not sse_ok:
+            raise _HttpError(406, "Not Acceptable: a GET stream needs Accept: text/event-stream.")
+        session_id = http.headers.get("mcp-session-id")
+        if session_id is None:
+            raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required for a GET stream.")
+        session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+        if session is None:
+            raise _HttpError(404, "Session not found: send initialize to start a new session.")
+        last_event = http.headers.get("last-event-id")
+        if last_event and ":" in last_event:
+            stream_id, _, seq = last_event.rpartition(":")
+            if stream_id != "get" and seq.isdigit():
+                await self._resume(http, session_id, stream_id, int(seq))
+                return
+            replay = await hub.store.read_after(_events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
+            replay = [(f"get:{n}", m) for n, m in replay]
+        else:
+            replay = []
+        stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
+        first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
+                 if session["v"] >= "2025-11-25" and not replay else b"")
+        await stream.run(first, replay)
+
+    async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
+        """Replay a POST's SSE stream after ``after`` and follow it until its response."""
+        hub = self.server._hub()
+        live = hub.live_posts.get((session_id, stream_id))
+        queue: asyncio.Queue = asyncio.Queue()
+        if live is not None:
+            live.followers.append(queue)
+        try:
+            events = await hub.store.read_after(_events_key(session_id, stream_id), after)
+            await http.start_sse()
+            last = after
+            for seq, message in events:
+                await http.write(_sse(message, f"{stream_id}:{seq}"))
+                last = seq
+            finished = any("id" in m and "method" not in m for _s, m in events)
+            http.on_disconnect(lambda: queue.put_nowait(None))
+            while live is not None and not finished and not http.ended:
+                item = await queue.get()
+                if item is None:
+                    break
+                event_id, message = item
+                if int(event_id.rpartition(":")[2]) <= last:
+                    continue
+                await http.write(_sse(message, event_id))
+        finally:
+            if live is not None and queue in live.followers:
+                live.followers.remove(queue)
+            await http.end()
+
+    # -- DELETE: end a session -------------------------------------------------------------------
+
+    async def delete(self, http: _Http) -> None:
+        hub = self.server._hub()
+        header_version = http.headers.get("mcp-protocol-version")
+        if header_version is not None and header_version not in LEGACY_VERSIONS:
+            raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no sessions to delete.",
+                             headers=[(b"allow", b"POST")])
+        session_id = http.headers.get("mcp-session-id")
+        if session_id is None:
+            raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
+        if not await hub.store.delete(_session_key(session_id)):
+            raise _HttpError(404, "Session not found.")
+        await hub.store.publish(_session_channel(session_id), {"close": True})
+        await http.respond(200)
+
+
+def _classify_http(message) -> str:
+    try:
+        return _classify(message)
+    except RpcError as exc:
+        raise _HttpError(400, exc.message, exc.code) from None
+
+
+_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_VALUE_RE = re.compile(r"[\x20-\x7e\t]*")
+
+
+def _decode_header_value(value: str) -> str:
+    """An ``Mcp-Name``/``Mcp-Param-*`` value, trimmed and Base64-sentinel decoded (SEP-2243)."""
+    value = value.strip(" \t")
+    if not _HEADER_VALUE_RE.fullmatch(value):
+        raise ValueError("invalid characters")
+    if value.startswith("=?base64?") and value.endswith("?=") and len(value) >= 11:
+        try:
+            return base64.b64decode(value[9:-2], validate=True).decode("utf-8")
+        except (ValueError, UnicodeDecodeError):
+            raise ValueError("invalid Base64") from None
+    return value
+
+
+def _check_modern_headers(headers: dict, message: dict, server: MCPServer) -> None:
+    """SEP-2243: ``Mcp-Method``, ``Mcp-Name`` and ``Mcp-Param-*`` must mirror the body (-32020)."""
+    def mismatch(text):
+        return RpcError(HEADER_MISMATCH, text, status=400)
+
+    method = message.get("method")
+    if "id" not in message:
+        return  # notifications: header rules are undefined in 2026; accept
+    header_method = headers.get("mcp-method")
+    if header_method is None:
+        raise mismatch("The Mcp-Method header is required with 2026-07-28 requests.")
+    if header_method.strip(" \t") != method:
+        raise mismatch(f"The Mcp-Method header ({header_method.strip()}) does not match the body ({method}).")
+    params = message.get("params") or {}
+    name_field = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
+                  "tasks/get": "taskId", "tasks/update": "taskId", "tasks/cancel": "taskId"}.get(method)
+    if name_field is not None:
+        raw = headers.get("mcp-name")
+        if raw is None:
+            raise mismatch(f"The Mcp-Name header is required with {method}.")
+        try:
+            name = _decode_header_value(raw)
+        except ValueError as exc:
+            raise mismatch(f"The Mcp-Name header has {exc}.") from None
+        if name != params.get(name_field):
+            raise mismatch(f"The Mcp-Name header does not match params.{name_field}.")
+    if method == "tools/call":
+        tool = server._tools.get(params.get("name"))
+        if tool is not None and tool.headers:
+            arguments = params.get("arguments") or {}
+            for prop, header in tool.headers.items():
+                raw = headers.get("mcp-param-" + header.lower())
+                value = arguments.get(prop) if isinstance(arguments, dict) else None
+                if raw is None:
+                    if value is not None:
+                        raise mismatch(f"The Mcp-Param-{header} header is required when "
+                                       f"arguments.{prop} is given.")
+                    continue
+                try:
+                    decoded = _decode_header_value(raw)
+                except ValueError as exc:
+                    raise mismatch(f"The Mcp-Param-{header} header has {exc}.") from None
+                if not _header_matches(decoded, value):
+                    raise mismatch(f"The Mcp-Param-{header} header does not match arguments.{prop}.")
+
+
+def _header_matches(header: str, value) -> bool:
+    if isinstance(value, bool):
+        return header == ("true" if value else "false")
+    if isinstance(value, (int, float)):
+        try:
+            return float(header) == float(value)
+        except ValueError:
+            return False
+    return header == value
+
+
+# ---- Legacy HTTP+SSE (2024-11-05) --------------------------------------------------------------
+
+
+class _LegacySSE:
+    """GET /sse opens the stream and names the POST endpoint; POST /messages answers 202."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+
+    async def get(self, http: _Http, root_path: str) -> None:
+        hub = self.server._hub()
+        session_id = http.query("session_id")
+        if session_id is not None:
+            session = await hub.store.get_touch(_session_key(session_id), self.server.settings.session_ttl)
+            if session is None and session_id not in hub.session_streams:
+                raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
+        else:
+            session_id = secrets.token_urlsafe(24)
+        endpoint = f"{root_path}/messages?session_id={session_id}"
+        stream = _SessionStream(hub, http, session_id, None, False)
+        await stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())
+
+    async def post(self, http: _Http) -> None:
+        server, hub = self.server, self.server._hub()
+        session_id = http.query("session_id") or http.query("sessionId")
+        if not session_id:
+            raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
+        session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+        if session is None and session_id not in hub.session_streams:
+            raise _HttpError(404, "Session not found: open /sse again to start a new session.")
+        body = await http.read_body(server.settings.max_body)
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        kind = _classify_http(message)
+        if kind == "response":
+            if not hub.resolve(session_id, message):
+                await hub.store.publish(_session_channel(session_id), {"reply": message})
+            await http.respond(202)
+            return
+        if session is None and message.get("method") not in ("initialize", "ping"):
+            raise _HttpError(400, "Bad Request: send initialize first.", request_id=message.get("id"))
+        await http.respond(202)
+        hub.spawn(self._process(session_id, session, message, kind))
+
+    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str) -> None:
+        server, hub = self.server, self.server._hub()
+        channel = _SessionChannel(hub, session_id)
+        version = session["v"] if session else LATEST_LEGACY
+        ctx = Context(server, message["method"], message.get("params") or {},
+                      message.get("id") if kind == "request" else None, version=version,
+                      capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
+                      out=channel)
+        hub.track(ctx)
+        try:
+            response, _status = await server._respond(ctx)
+        finally:
+            hub.untrack(ctx)
+        if ctx._session_changed:
+            await hub.store.set(_session_key(session_id), ctx.session, server.settings.session_ttl)
+        if response is not None:
+            await channel.send(response)
+
+
+# ---- Direct JSON (/http) -------------------------------------------------------------------------
+
+
+class _DirectHTTP:
+    """POST one JSON-RPC request (or ``{"method", "params"}``) and get its answer in the body."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+
+    async def post(self, http: _Http) -> None:
+        server = self.server
+        server._hub()
+        body = await http.read_body(server.settings.max_body)
+        try:
+            message = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        short = isinstance(message, dict) and "jsonrpc" not in message and "method" in message
+        if short:
+            message = {"jsonrpc": "2.0", "id": 1, "method": message["method"],
+                       "params": message.get("params") or {}}
+        kind = _classify_http(message)
+        if kind != "request":
+            raise _HttpError(400, "Invalid Request: /http takes one request with an id.")
+        header_version = http.headers.get("mcp-protocol-version")
+        if _modern_meta(message) is not None:
+            try:
+                version, caps = _modern_context_facts(message, header_version, http=False)
+            except RpcError as exc:
+                await http.respond_json(exc.status, _error_body(exc, message.get("id")))
+                return
+            modern = True
+        else:
+            version = header_version if header_version in LEGACY_VERSIONS else LATEST_LEGACY
+            caps, modern = {}, False
+        ctx = Context(server, message["method"], message.get("params") or {}, message["id"],
+                      version=version, modern=modern, capabilities=caps)
+        response, status = await server._respond(ctx)
+        if not short:
+            await http.respond_json(status, response)
+        elif "error" in response:
+            await http.respond_json(status if status != 200 else 400, {"error": response["error"]})
+        else:
+            await http.respond_json(200, response["result"])
+
+
+# ---- stdio ----------------------------------------------------------------------------------------
+
+
+class _Stdio:
+    """Newline-delimited JSON-RPC on stdin/stdout; the process is the (legacy) session.
+
+    stdin is read on a thread (asyncio pipes misbehave on Windows); stdout is reserved for the
+    protocol at the file-descriptor level, so a stray ``print()`` in a tool lands on stderr."""
+
+    SESSION = "stdio"
+
+    def __init__(self, server: MCPServer, stdin=None, stdout_fd: int | None = None):
+        self.server = server
+        self.session: dict | None = None
+        self.tasks: dict = {}
+        self._stdin = stdin
+        self._out_fd = stdout_fd
+        self._write_lock = threading.Lock()
+
+    @property
+    def can_stream(self) -> bool:
+        return True
+
+    def _guard_stdout(self) -> None:
+        if self._out_fd is not None:
+            return
+        sys.stdout.flush()
+        self._out_fd = os.dup(1)
+        os.dup2(2, 1)  # anything written to fd 1 from now on goes to stderr
+        sys.stdout = sys.stderr
+
+    def _write(self, message) -> None:
+        data = (_dumps(message) + "\n").encode()
+        with self._write_lock:
+            view = memoryview(data)
+            while view:
+                written = os.write(self._out_fd, view)
+                view = view[written:]
+
+    async def send(self, message: dict) -> None:
+        self._write(message)
+
+    async def keepalive(self) -> None:
+        return None
+
+    async def request(self, method: str, params: dict) -> dict:
+        return await self.server._hub().ask_client(self.SESSION, method, params, self.send)
+
+    async def run(self) -> None:
+        self._guard_stdout()
+        loop = asyncio.get_running_loop()
+        hub = self.server._hub()
+        lines: asyncio.Queue = asyncio.Queue()
+        stdin = self._stdin or sys.stdin.buffer
+
+        def read():
+            try:
+                for line in stdin:
+                    loop.call_soon_threadsafe(lines.put_nowait, line)
+            except (OSError, ValueError):
+                pass
+            loop.call_soon_threadsafe(lines.put_nowait, None)
+
+        threading.Thread(target=read, name="mcp-stdin", daemon=True).start()
+        hub.listeners.add(self._on_bus)
+        try:
+            while True:
+                line = await lines.get()
+                if line is None:
+                    break
+                if line.strip():
+                    await self._line(line)
+        finally:
+            hub.listeners.discard(self._on_bus)
+            pending = list(self.tasks.values())
+            if pending:
+                done, still = await asyncio.wait(pending, timeout=2.0)
+                for task in still:
+                    task.cancel()
+                await asyncio.gather(*still, return_exceptions=True)
+
+    def _on_bus(self, event: dict) -> None:
+        if self.session is None:
+            return
+        kind = event.get("kind")
+        if kind in _LIST_CHANGED:
+            self._write({"jsonrpc": "2.0", "method": _LIST_CHANGED[kind]})
+        elif kind == "updated" and event.get("uri") in self.session.get("subs", ()):
+            self._write({"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                         "params": {"uri": event["uri"]}})
+
+    async def _line(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except (ValueError, UnicodeDecodeError):
+            self._write(_error_response(None, RpcError(PARSE_ERROR, "Parse error: the line is not valid JSON.")))
+            return
+        if isinstance(message, list):
+            if not message or self.session is None or self.session["v"] not in ("2025-03-26", "2024-11-05"):
+                self._write(_error_response(None, RpcError(
+                    INVALID_REQUEST, "Invalid Request: batches are only allowed in a 2025-03-26 session.")))
+                return
+            answers = [a for a in await asyncio.gather(*(self._one(m, batch=True) for m in message)) if a]
+            if answers:
+                self._write(answers)
+            return
+        await self._one(message)
+
+    async def _one(self, message, batch: bool = False):
+        try:
+            kind = _classify(message)
+        except RpcError as exc:
+            return self._answer(_error_response(message.get("id") if isinstance(message, dict) else None, exc), batch)
+        if kind == "response":
+            self.server._hub().resolve(self.SESSION, message)
+            return None
+        if batch and message.get("method") == "initialize":
+            return _error_response(message.get("id"), RpcError(INVALID_REQUEST, "initialize must not be batched."))
+        request_id = message.get("id")
+        if _modern_meta(message) is not None:
+            try:
+                version, caps = _modern_context_facts(message, None, http=False)
+            except RpcError as exc:
+                return self._answer(_error_response(request_id, exc), batch) if kind == "request" else None
+            ctx = Context(self.server, message["method"], message.get("params") or {}, request_id,
+                          version=version, modern=True, capabilities=caps, session_id=self.SESSION, out=self)
+        else:
+            method = message["method"]
+            if self.session is None and method not in ("initialize", "ping", "server/discover") and kind == "request":
+                return self._answer(_error_response(request_id, RpcError(
+                    INVALID_REQUEST, f"Send initialize before {method}.")), batch)
+            version = self.session["v"] if self.session else LATEST_LEGACY
+            ctx = Context(self.server, method, message.get("params") or {}, request_id if kind == "request" else None,
+                          version=version, capabilities=(self.session or {}).get("caps"),
+                          session_id=self.SESSION, session=self.session, out=self)
+        if kind == "notification" or batch:
+            return await self._run(ctx, batch)
+        task = asyncio.get_running_loop().create_task(self._run(ctx, batch))
+        self.tasks[request_id] = task
+        task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
+        return None
+
+    async def _run(self, ctx: Context, batch: bool):
+        hub = self.server._hub()
+        if ctx.request_id is not None:
+            hub.track(ctx)
+        try:
+            response, _status = await self.server._respond(ctx)
+        except asyncio.CancelledError:
+            if ctx._cancelled:
+                return None
+            raise
+        finally:
+            hub.untrack(ctx)
+        if ctx._session_changed:
+            self.session = ctx.session
+        if response is None:
+            return None
+        return self._answer(response, batch)
+
+    def _answer(self, response: dict, batch: bool):
+        if batch:
+            return response
+        self._write(response)
+        return None
+
+
+# ==== 7. OAuth and login ========================================================================
+#
+# Reserved: the built-in OAuth 2.1 authorization server and the upstream login flow land here.
+# Until then every HTTP route is open, which is why the server binds to loopback by default.
+
+
+# ==== 8. ASGI app ===============================================================================
+#
+# Rules:
+# - ``_App`` is a raw ASGI 3 callable: ``http`` and ``lifespan`` scopes.  It works under the
+#   bundled server, uvicorn or hypercorn, mounted under a prefix (``root_path``) or not, and with
+#   or without lifespan events (the runtime starts on first use).
+# - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
+#   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
+#   Host must be loopback or allow-listed.  The 403 names the header and the setting to change.
+# - Errors before a response started become a JSON body with the right status; after it started,
+#   the stream simply ends.
+
+_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
+_CORS_ALLOW_HEADERS = (b"content-type, accept, authorization, mcp-session-id, mcp-protocol-version, "
+                       b"mcp-method, mcp-name, last-event-id, x-request-id")
+
+
+def _is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    host = host.strip("[]").lower()
+    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
+
+
+def _split_host(value: str) -> str:
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+class _App:
+    """The ASGI application behind ``MCPServer.asgi``."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+        self.streamable = _StreamableHTTP(server)
+        self.legacy_sse = _LegacySSE(server)
+        self.direct = _DirectHTTP(server)
+
+    async def __call__(self, scope, receive, send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        else:
+            raise RuntimeError(f"mcp_server: unsupported ASGI scope type {kind!r}")
+
+    async def _lifespan(self, receive, send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    self.server._hub()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await _shutdown(self.server)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    def _check_origin(self, http: _Http) -> list:
+        """CORS headers for an allowed Origin; raises 403 for a foreign one."""
+        origin = http.headers.get("origin")
+        if origin is None:
+            return []
+        allowed = self.server.settings.allowed_origins
+        ok = "*" in allowed or origin in allowed or (
+            origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
+        if not ok:
+            raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
+                             "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
+        return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
+                (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version, www-authenticate")]
+
+    def _check_host(self, http: _Http) -> None:
+        allowed = self.server.settings.allowed_hosts
+        if "*" in allowed:
+            return
+        value = http.headers.get("host", "")
+        name = _split_host(value).lower()
+        bound = (http.scope.get("server") or (self.server.settings.host,))[0]
+        if not allowed and not _is_loopback(str(bound)):
+            return  # DNS-rebinding protection guards loopback binds unless hosts are listed
+        if value in allowed or name in allowed or _is_loopback(name):
+            return
+        raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
+                         "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
+
+    async def _http(self, scope, receive, send) -> None:
+        http = _Http(scope, receive, send, [])
+        root = scope.get("root_path", "")
+        path = scope.get("path", "/")
+        if root and path.startswith(root):
+            path = path[len(root):] or "/"
+        method = scope.get("method", "GET")
+        try:
+            self._check_host(http)
+            http.extra_headers = self._check_origin(http)
+            if method == "OPTIONS":
+                await http.respond(204, headers=[
+                    (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
+                    (b"access-control-allow-headers", http.headers.get(
+                        "access-control-request-headers", "").encode("latin-1") or _CORS_ALLOW_HEADERS),
+                    (b"access-control-max-age", b"86400")])
+                return
+            await self._route(http, path, method, root)
+        except _HttpError as exc:
+            if not http.started:
+                await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
+            else:
+                await http.end()
+        except _Cancelled:
+            await http.end() if http.started else None
+        except Exception:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=True)
+            if not http.started:
+                error = RpcError(INTERNAL_ERROR, f"Internal server error (error id {error_id}).")
+                await http.respond_json(500, _error_response(None, error))
+            else:
+                await http.end()
+        finally:
+            http.stop_watching()
+
+    async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
+        mcp_path = self.server.settings.mcp_path
+        if path in (mcp_path, mcp_path + "/"):
+            handler = {"POST": self.streamable.post, "GET": self.streamable.get,
+                       "DELETE": self.streamable.delete}.get(method)
+            if handler is None:
+                raise _HttpError(405, f"Method Not Allowed: {mcp_path} takes POST, GET and DELETE.",
+                                 headers=[(b"allow", b"GET, POST, DELETE, OPTIONS")])
+            await handler(http)
+        elif path == "/sse":
+            _require_method(method, "GET", path)
+            await self.legacy_sse.get(http, root)
+        elif path in ("/messages", "/messages/"):
+            _require_method(method, "POST", path)
+            await self.legacy_sse.post(http)
+        elif path in ("/http", "/http/"):
+            _require_method(method, "POST", path)
+            await self.direct.post(http)
+        elif path == "/healthz":
+            await http.respond_json(200, {"status": "ok"})
+        elif path == "/":
+            await http.respond_json(200, {"name": self.server.name, "version": self.server.version,
+                                          "mcp": root + mcp_path, "sse": root + "/sse", "http": root + "/http",
+                                          "protocolVersions": list(SUPPORTED_VERSIONS)})
+        else:
+            raise _HttpError(404, f"Not Found: {path}; the MCP endpoint is {root + mcp_path}.")
+
+
+def _require_method(method: str, allowed: str, path: str) -> None:
+    if method != allowed:
+        raise _HttpError(405, f"Method Not Allowed: {path} takes {allowed}.",
+                         headers=[(b"allow", allowed.encode())])
+
+
+async def _shutdown(server: MCPServer) -> None:
+    if server._runtime is not None:
+        await server._runtime.close()
+        server._runtime = None
+
+
+# ==== 9. HTTP server ============================================================================
+#
+# Rules:
+# - HTTP/1.1 on ``asyncio.Protocol``: keep-alive, pipelined requests answered in order,
+#   ``Content-Length`` and chunked bodies, ``Expect: 100-continue``, streamed responses (chunked
+#   when no length is given), backpressure both ways.
+# - Every size and time has a limit with a clear answer: head too large 431, request line too
+#   long 414, body too large 413 (a declared length is refused before reading), a slow head or
+#   body 408 and close, an idle keep-alive connection closed, connections capped (503).
+# - Anything that could smuggle a request is refused with 400 and the connection closed:
+#   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
+#   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
+#
+# Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
+# at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
+# fed to the cycle as they arrive (reading pauses while the app has not taken them).  Bytes after
+# the body stay in the buffer: the next request is parsed only when the current response ended,
+# which answers pipelined requests in order.  When the peer disconnects, the cycle's disconnect
+# callbacks fire (the ``mcp_server.disconnect`` ASGI extension) and ``receive`` reports it.
+
+_MAX_REQUEST_LINE = 8192
+_METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_HEADER_NAME_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class _BadRequest(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _ServerState:
+    def __init__(self, app, settings: Settings):
+        self.app, self.settings = app, settings
+        self.connections: set = set()
+        self.draining = False
+        self.root_path = ""
+
+
+class _Cycle:
+    """One request/response on a connection."""
+
+    __slots__ = ("protocol", "scope", "body", "body_event", "more_body", "expect_continue",
+                 "disconnected", "callbacks", "response_started", "response_done", "chunked",
+                 "keep_alive", "status", "task", "received", "body_finished", "_head")
+
+    def __init__(self, protocol: "_HttpProtocol", scope: dict, expect_continue: bool, keep_alive: bool):
+        self.protocol = protocol
+        self.scope = scope
+        self.body = bytearray()
+        self.body_event = asyncio.Event()
+        self.more_body = True
+        self.expect_continue = expect_continue
+        self.disconnected = False
+        self.callbacks: list = []
+        self.response_started = self.response_done = False
+        self.chunked = False
+        self.keep_alive = keep_alive
+        self.status = 0
+        self.task = None
+        self.received = 0
+        self.body_finished = False
+        self._head = None
+
+    def on_disconnect(self, callback) -> None:
+        if self.disconnected:
+            asyncio.get_running_loop().call_soon(callback)
+        else:
+            self.callbacks.append(callback)
+
+    def lost(self) -> None:
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self.body_event.set()
+        callbacks, self.callbacks = self.callbacks, []
+        if not self.response_done:
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:
+                    log.exception("disconnect callback failed")
+
+    async def receive(self) -> dict:
+        if self.expect_continue and not self.response_started and not self.disconnected:
+            self.expect_continue = False
+            self.protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        if self.body_finished:
+            # the body was delivered: the next message is the disconnect (or the response's end)
+            while not self.disconnected and not self.response_done:
+                self.body_event.clear()
+                await self.body_event.wait()
+            return {"type": "http.disconnect"}
+        while not self.body and self.more_body and not self.disconnected:
+            self.body_event.clear()
+            self.protocol.resume_reading()
+            await self.body_event.wait()
+        if self.disconnected and self.more_body:
+            return {"type": "http.disconnect"}
+        chunk = bytes(self.body)
+        self.body.clear()
+        self.body_finished = not self.more_body
+        if self.more_body:
+            self.protocol.resume_reading()
+        return {"type": "http.request", "body": chunk, "more_body": self.more_body}
+
+    async def send(self, message: dict) -> None:
+        protocol = self.protocol
+        if self.disconnected or self.response_done:
+            return
+        kind = message["type"]
+        if kind == "http.response.start":
+            if self.response_started:
+                raise RuntimeError("response already started")
+            self.response_started = True
+            self.status = message["status"]
+            self._head = message.get("headers", [])
+            return
+        if kind != "http.response.body" or not self.response_started:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+        body = message.get("body", b"")
+        more = message.get("more_body", False)
+        head = self._head
+        if head is not None:
+            self._head = None
+            protocol.transport.write(self._encode_head(head, body, more) + (body if not self.chunked else (
+                b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (b"0\r\n\r\n" if self.chunked and not more else b""))
+        elif self.chunked:
+            if body:
+                protocol.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
+            if not more:
+                protocol.transport.write(b"0\r\n\r\n")
+        elif body:
+            protocol.transport.write(body)
+        if protocol.write_paused:
+            await protocol.drain()
+        if not more:
+            self.response_done = True
+            self.body_event.set()
+            protocol.cycle_done(self)
+
+    def _encode_head(self, headers: list, body: bytes, more: bool) -> bytes:
+        has_length = False
+        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())]
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"content-length":
+                has_length = True
+            elif lower == b"connection" and value.lower() == b"close":
+                self.keep_alive = False
+            elif lower == b"transfer-encoding":
+                continue
+            lines.append(name + b": " + value + b"\r\n")
+        if self.protocol.state.draining:
+            self.keep_alive = False
+        if not has_length:
+            if more:
+                self.chunked = self.scope["http_version"] == "1.1"
+                if self.chunked:
+                    lines.append(b"transfer-encoding: chunked\r\n")
+                else:
+                    self.keep_alive = False
+            elif self.status >= 200 and self.status not in (204, 304):
+                lines.append(b"content-length: %d\r\n" % len(body))
+        if not self.keep_alive:
+            lines.append(b"connection: close\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
+
+
+class _HttpProtocol(asyncio.Protocol):
+    """One client connection of the bundled HTTP/1.1 server."""
+
+    def __init__(self, state: _ServerState):
+        self.state = state
+        self.settings = state.settings
+        self.transport = None
+        self.buffer = bytearray()
+        self.cycle: _Cycle | None = None
+        self.body_left = 0          # bytes of a Content-Length body still to come
+        self.chunk_state = None     # parsing state of a chunked body, or None
+        self.reading_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future | None = None
+        self.timer = None
+        self.peer = None
+        self.closed = False
+
+    # -- connection lifecycle --------------------------------------------------------------------
+
+    def connection_made(self, transport) -> None:
+        self.transport = transport
+        self.peer = transport.get_extra_info("peername")
+        state = self.state
+        if len(state.connections) >= self.settings.max_connections or state.draining:
+            self._reject(503, "The server is at its connection limit; try again shortly.")
+            return
+        state.connections.add(self)
+        self._arm(self.settings.header_timeout, self._head_timeout)
+
+    def connection_lost(self, exc) -> None:
+        self.closed = True
+        self.state.connections.discard(self)
+        self._disarm()
+        if self.cycle is not None:
+            self.cycle.lost()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+
+    async def drain(self) -> None:
+        if self.write_paused and not self.closed:
+            self._drain = asyncio.get_running_loop().create_future()
+            await self._drain
+
+    def pause_reading_if(self) -> None:
+        if not self.reading_paused and not self.closed:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and not self.closed:
+            self.reading_paused = False
+            self.transport.resume_reading()
+        if self.buffer and self.cycle is not None and self.cycle.more_body:
+            self._advance()  # body bytes already buffered while reading was paused
+
+    def _arm(self, seconds: float, callback) -> None:
+        self._disarm()
+        if seconds and seconds > 0:
+            self.timer = asyncio.get_running_loop().call_later(seconds, callback)
+
+    def _disarm(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _head_timeout(self) -> None:
+        if self.buffer:
+            self._reject(408, "The request head did not arrive in time.")
+        else:
+            self.transport.close()  # an idle keep-alive connection
+
+    def _body_timeout(self) -> None:
+        if self.cycle is not None and not self.cycle.response_started:
+            self._reject(408, "The request body did not arrive in time.")
+        else:
+            self.transport.close()
+
+    def _reject(self, status: int, message: str) -> None:
+        body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(),
+                                                             len(body), body))
+        self.transport.close()
+        self.buffer.clear()
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self.buffer += data
+        self._advance()
+
+    def _advance(self) -> None:
+        try:
+            while not self.closed:
+                if self.cycle is None:
+                    if not self._parse_head():
+                        return
+                elif self.cycle.more_body:
+                    if not self._feed_body():
+                        return
+                else:
+                    if len(self.buffer) > self.settings.max_header + self.settings.max_body:
+                        self.pause_reading_if()  # pipelined data waits for the current response
+                    return
+        except _BadRequest as exc:
+            self._reject(exc.status, exc.message)
+
+    def _parse_head(self) -> bool:
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            first = self.buffer.find(b"\r\n")
+            if (first < 0 and len(self.buffer) > _MAX_REQUEST_LINE) or first > _MAX_REQUEST_LINE:
+                raise _BadRequest(414, "The request line is too long.")
+            if len(self.buffer) > self.settings.max_header:
+                raise _BadRequest(431, f"The request head is larger than {self.settings.max_header} bytes.")
+            if self.buffer.lstrip(b"\r\n") == b"" and self.buffer:
+                self.buffer.clear()  # stray line breaks between requests are tolerated
+            return False
+        if end > self.settings.max_header:
+            raise _BadRequest(431, f"The request head is larger than {self.settings.max_header} bytes.")
+        head = bytes(self.buffer[:end])
+        del self.buffer[:end + 4]
+        head = head.lstrip(b"\r\n")
+        lines = head.split(b"\r\n")
+        request_line = lines[0]
+        if len(request_line) > _MAX_REQUEST_LINE:
+            raise _BadRequest(414, "The request line is too long.")
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+            raise _BadRequest(400, "Malformed request line.")
+        method, target, version = parts
+        headers, content_length, transfer_encoding = [], None, None
+        for line in lines[1:]:
+            if not line:
+                continue
+            if line[:1] in (b" ", b"\t"):
+                raise _BadRequest(400, "Obsolete header line folding is not accepted.")
+            name, sep, value = line.partition(b":")
+            if not sep or not _HEADER_NAME_RE.fullmatch(name):
+                raise _BadRequest(400, "Malformed header line.")
+            value = value.strip(b" \t")
+            if b"\r" in value or b"\n" in value or b"\x00" in value:
+                raise _BadRequest(400, "Malformed header value.")
+            lower = name.lower()
+            if lower == b"content-length":
+                if content_length is not None:
+                    raise _BadRequest(400, "Several Content-Length headers are not accepted.")
+                if not value.isdigit() or len(value) > 18:
+                    raise _BadRequest(400, "Malformed Content-Length.")
+                content_length = int(value)
+            elif lower == b"transfer-encoding":
+                if transfer_encoding is not None:
+                    raise _BadRequest(400, "Several Transfer-Encoding headers are not accepted.")
+                transfer_encoding = value.lower()
+            headers.append((lower, value))
+        if transfer_encoding is not None:
+            if content_length is not None:
+                raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
+            if transfer_encoding != b"chunked":
+                raise _BadRequest(400, "Only the chunked transfer coding is accepted.")
+        if content_length is not None and content_length > self.settings.max_body:
+            raise _BadRequest(413, f"Request body is larger than the limit of {self.settings.max_body} "
+                              "bytes (MCP_MAX_BODY).")
+        http_version = "1.1" if version == b"HTTP/1.1" else "1.0"
+        connection = b",".join(v for n, v in headers if n == b"connection").lower()
+        keep_alive = (b"close" not in connection) if http_version == "1.1" else (b"keep-alive" in connection)
+        raw_path, _, query = target.partition(b"?")
+        if not raw_path.startswith(b"/") and raw_path != b"*":
+            if raw_path.startswith((b"http://", b"https://")):  # absolute form
+                raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
+            else:
+                raise _BadRequest(400, "Malformed request target.")
+        try:
+            path = urllib.parse.unquote(raw_path.decode("ascii"))
+        except UnicodeDecodeError:
+            raise _BadRequest(400, "The request target must be ASCII.") from None
+        sock = self.transport.get_extra_info("sockname")
+        scope = {
+            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": http_version,
+            "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
+            "query_string": query, "root_path": self.state.root_path, "headers": headers,
+            "client": self.peer[:2] if isinstance(self.peer, tuple) else None,
+            "server": sock[:2] if isinstance(sock, tuple) else None,
+        }
+        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
+        cycle = _Cycle(self, scope, expect, keep_alive)
+        scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
+        self.cycle = cycle
+        if transfer_encoding is not None:
+            self.chunk_state = [0, False]  # bytes left in the current chunk; in trailers
+            self.body_left = 0
+        else:
+            self.chunk_state = None
+            self.body_left = content_length or 0
+            cycle.more_body = self.body_left > 0
+        self._arm(self.settings.body_timeout if cycle.more_body else 0, self._body_timeout)
+        cycle.task = asyncio.get_running_loop().create_task(self._run(cycle))
+        return True
+
+    def _feed_body(self) -> bool:
+        """Move body bytes from the buffer to the cycle; False when more input is needed."""
+        cycle = self.cycle
+        if len(cycle.body) > 1024 * 1024:
+            self.pause_reading_if()  # the app has not taken what it has: backpressure
+            return False
+        if self.chunk_state is None:
+            take = min(self.body_left, len(self.buffer))
+            if take:
+                cycle.body += self.buffer[:take]
+                del self.buffer[:take]
+                self.body_left -= take
+                cycle.received += take
+                cycle.body_event.set()
+            if self.body_left == 0:
+                self._body_done()
+                return True
+            return False
+        while True:
+            left, in_trailers = self.chunk_state
+            if in_trailers:
+                end = self.buffer.find(b"\r\n")
+                if end < 0:
+                    return False
+                line = bytes(self.buffer[:end])
+                del self.buffer[:end + 2]
+                if not line:
+                    self._body_done()
+                    return True
+                continue
+            if left > 0:
+                take = min(left, len(self.buffer))
+                if not take:
+                    return False
+                cycle.body += self.buffer[:take]
+                del self.buffer[:take]
+                cycle.received += take
+                self.chunk_state[0] = left - take
+                cycle.body_event.set()
+                if cycle.received > self.settings.max_body:
+                    raise _BadRequest(413, f"Request body is larger than the limit of "
+                                      f"{self.settings.max_body} bytes (MCP_MAX_BODY).")
+                if self.chunk_state[0] == 0:
+                    self.chunk_state[0] = -1  # expect the CRLF after the data
+                continue
+            if left == -1:
+                if len(self.buffer) < 2:
+                    return False
+                if self.buffer[:2] != b"\r\n":
+                    raise _BadRequest(400, "Malformed chunked body.")
+                del self.buffer[:2]
+                self.chunk_state[0] = 0
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                if len(self.buffer) > 1024:
+                    raise _BadRequest(400, "Malformed chunk size line.")
+                return False
+            size_text = bytes(self.buffer[:end]).split(b";")[0].strip()
+            del self.buffer[:end + 2]
+            if not size_text or len(size_text) > 16 or not re.fullmatch(rb"[0-9A-Fa-f]+", size_text):
+                raise _BadRequest(400, "Malformed chunk size.")
+            size = int(size_text, 16)
+            if size == 0:
+                self.chunk_state[1] = True
+            else:
+                self.chunk_state[0] = size
+
+    def _body_done(self) -> None:
+        cycle = self.cycle
+        cycle.more_body = False
+        cycle.body_event.set()
+        self._disarm()
+
+    async def _run(self, cycle: _Cycle) -> None:
+        try:
+            await self.state.app(cycle.scope, cycle.receive, cycle.send)
+        except Exception:
+            log.error("the ASGI app raised", exc_info=True)
+            if not cycle.response_started and not self.closed:
+                self._reject(500, "Internal server error.")
+                return
+        if not cycle.response_done and not self.closed:
+            if not cycle.response_started:
+                self._reject(500, "The application sent no response.")
+            else:
+                self.transport.close()  # a response cut short cannot be framed
+
+    def cycle_done(self, cycle: _Cycle) -> None:
+        """The response ended: close, or go on with the next (maybe pipelined) request."""
+        if cycle.more_body and not self.closed:
+            cycle.keep_alive = False  # the app ignored the rest of the body: the framing is lost
+        if not cycle.keep_alive or self.state.draining:
+            self.transport.close()
+            return
+        self.cycle = None
+        self.resume_reading()
+        self._arm(self.settings.idle_timeout if not self.buffer else self.settings.header_timeout,
+                  self._head_timeout)
+        if self.buffer:
+            asyncio.get_running_loop().call_soon(self._advance)
+
+
+async def _lifespan(app, phase: str, state: dict) -> None:
+    """Drive an ASGI app's lifespan protocol; apps without one are fine."""
+    if phase == "startup":
+        inbox: asyncio.Queue = asyncio.Queue()
+        done = asyncio.get_running_loop().create_future()
+
+        async def receive():
+            return await inbox.get()
+
+        async def send(message):
+            if not done.done():
+                done.set_result(message)
+            elif message["type"].startswith("lifespan.shutdown"):
+                state["shutdown"].set_result(message)
+
+        state["inbox"], state["shutdown"] = inbox, asyncio.get_running_loop().create_future()
+        state["task"] = asyncio.get_running_loop().create_task(app({"type": "lifespan", "asgi": {"version": "3.0"}},
+                                                                   receive, send))
+        inbox.put_nowait({"type": "lifespan.startup"})
+        finished = await asyncio.wait({done, state["task"]}, return_when=asyncio.FIRST_COMPLETED)
+        if done in finished[0] and done.result()["type"] == "lifespan.startup.failed":
+            raise SystemExit(f"mcp_server: startup failed: {done.result().get('message', '')}")
+        return
+    task = state.get("task")
+    if task is None or task.done():
+        return
+    state["inbox"].put_nowait({"type": "lifespan.shutdown"})
+    await asyncio.wait({state["shutdown"], task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+
+
+async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
+                      ready: typing.Callable | None = None, stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    state = _ServerState(app, settings)
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError, ValueError):
+            pass  # not the main thread, or Windows
+    life: dict = {}
+    await _lifespan(app, "startup", life)
+    try:
+        listener = await loop.create_server(lambda: _HttpProtocol(state), settings.host, settings.port,
+                                            reuse_address=True, backlog=2048)
+    except OSError as exc:
+        await _lifespan(app, "shutdown", life)
+        raise SystemExit(f"mcp_server: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
+    port = listener.sockets[0].getsockname()[1]
+    host = settings.host if ":" not in settings.host else f"[{settings.host}]"
+    store_name = server.store.name if server is not None and server.store is not None else "memory"
+    print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
+          f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
+    if ready is not None:
+        ready(port)
+    try:
+        await stop.wait()
+    finally:
+        state.draining = True
+        listener.close()
+        for connection in list(state.connections):
+            if connection.cycle is None:
+                connection.transport.close()  # idle keep-alive connections go at once
+        await _lifespan(app, "shutdown", life)  # ends streams; in-flight requests finish
+        deadline = loop.time() + 10
+        while state.connections and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(state.connections):
+            connection.transport.abort()
+        await listener.wait_closed()
+
+
+# ==== 10. Built-in tools and CLI ================================================================
+
+
+async def _serve_stdio(server: MCPServer) -> None:
+    await _Stdio(server).run()
+    await _shutdown(server)
+
+
+def serve(server: MCPServer, settings: Settings | None = None) -> None:
+    """Run ``server`` until interrupted: HTTP on the bundled server, or stdio."""
+    settings = settings or server.settings
+    server.settings = settings
+    _configure_logging(settings.log_level)
+    try:
+        if settings.stdio:
+            asyncio.run(_serve_stdio(server))
+        else:
+            asyncio.run(_serve_http(server.asgi, settings, server))
+    except KeyboardInterrupt:
+        pass
+
+
+def _builtin_server(settings: Settings) -> MCPServer:
+    """The server ``python mcp_server.py`` runs: its built-in tools on the configured store."""
+    server = MCPServer("mcp_server", version=settings.app_version or __version__, settings=settings,
+                       instructions="Tools of the mcp_server reference deployment. Call server_info "
+                                    "to see the server's version, store and your protocol revision.")
+
+    @server.tool(title="Server information", annotations={"readOnlyHint": True, "openWorldHint": False})
+    def server_info(ctx: Context) -> dict:
+        """The server's name and version, the store it keeps state in, and your protocol revision."""
+        return {"name": server.name, "version": server.version,
+                "store": server.store.name if server.store is not None else "memory",
+                "protocolVersion": ctx.protocol_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
+
+    return server
+
+
+def main(argv: list | None = None) -> None:
+    """``python mcp_server.py [flags]``: the built-in server (see ``--help``)."""
+    try:
+        settings = Settings.load(sys.argv[1:] if argv is None else argv)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            print(exc.code, file=sys.stderr)
+            sys.exit(2)
+        raise
+    serve(_builtin_server(settings), settings)
+
+
+if __name__ == "__main__":
+    main()
