@@ -45,6 +45,7 @@ import base64
 import collections
 import contextvars
 import dataclasses
+import datetime
 import enum
 import functools
 import hashlib
@@ -1208,9 +1209,12 @@ class _Callable:
 
 class _Tool(_Callable):
     def __init__(self, fn, name, *, title=None, description=None, annotations=None, icons=None,
-                 input_schema=None, output_schema=None, meta=None, task=None):
+                 input_schema=None, output_schema=None, meta=None, task=None, task_start="call"):
         super().__init__(fn)
         self.name = name
+        if task_start not in ("call", "explicit"):
+            raise ValueError(f"tool {name!r}: task_start must be 'call' or 'explicit'")
+        self.task_start = task_start
         if not re.fullmatch(r"[A-Za-z0-9_.\-/]{1,128}", name):
             raise ValueError(f"tool name {name!r}: use 1-128 characters of A-Z a-z 0-9 _ . - /")
         if task not in (None, "optional", "required"):
@@ -1466,7 +1470,7 @@ class Context:
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
                  "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
-                 "_task", "_log_threshold")
+                 "_task", "_log_threshold", "_task_run")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
                  version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
@@ -1492,6 +1496,7 @@ class Context:
         self._last_progress = None
         self._session_changed = False
         self._task = None
+        self._task_run = None  # the _TaskRun when this call runs as a task (tasks extension)
         if modern:
             level = self.meta.get(_META_LOGLEVEL)
             self._log_threshold = _LOG_RANK.get(level) if isinstance(level, str) else None
@@ -1580,9 +1585,20 @@ class Context:
                     key, request["method"], self._responses[key])
             else:
                 missing[key] = {"method": request["method"], "params": request.get("params", {})}
-        if missing:
+        if missing and self._task_run is not None and self._task_run.started:
+            for key, value in (await self._task_run.wait_input(missing)).items():
+                answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
+        elif missing:
             raise _InputRequired(missing)
         return answers
+
+    async def run_as_task(self) -> None:
+        """Continue this call as a task (for tools registered with ``task_start="explicit"``).
+
+        With the tasks extension negotiated, the client gets its task handle now and the rest of
+        the function runs in the background; otherwise this does nothing."""
+        if self._task_run is not None and not self._task_run.started:
+            await self._task_run.start()
 
     async def _ask_one(self, method: str, params: dict, key: str | None):
         if key is None:
@@ -1826,12 +1842,19 @@ class MCPServer:
 
     def tool(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
-             output_schema: dict | None = None, meta: dict | None = None, task: str | None = None):
-        """Register a function as a tool; its schema comes from its type hints."""
+             output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
+             task_start: str = "call"):
+        """Register a function as a tool; its schema comes from its type hints.
+
+        ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
+        extension run the call as a task (``tasks/get`` to poll, ``tasks/update`` to answer
+        questions, ``tasks/cancel``).  The task starts with the call, or, with
+        ``task_start="explicit"``, where the tool calls ``await ctx.run_as_task()`` (its asks
+        before that point are ordinary input rounds)."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
-                         output_schema=output_schema, meta=meta, task=task)
+                         output_schema=output_schema, meta=meta, task=task, task_start=task_start)
             self._tools[tool.name] = tool
             self._changed("tools")
             return fn
@@ -2136,6 +2159,12 @@ class MCPServer:
         if problem:
             return _shape_call_result(_tool_error(f"Invalid arguments for tool {name}: {problem}"),
                                       ctx.protocol_version)
+        if tool.task and ctx.modern:
+            if _has_tasks_extension(ctx):
+                return await _TaskRun(self, tool, ctx).call(arguments)
+            if tool.task == "required":
+                raise _missing_capability({"extensions": {_TASKS_EXTENSION: {}}},
+                                          f"{_TASKS_EXTENSION} (tool {name} runs only as a task)")
         result = await self._run_tool(tool, arguments, ctx)
         return _shape_call_result(result, ctx.protocol_version)
 
@@ -2268,6 +2297,45 @@ class MCPServer:
             values = []
         return {"completion": {"values": values[:100], "total": len(values), "hasMore": len(values) > 100}}
 
+    # -- the tasks extension (io.modelcontextprotocol/tasks, 2026-07-28) ----------------------
+
+    async def _load_task(self, ctx: Context) -> dict:
+        if not _has_tasks_extension(ctx):
+            raise _missing_capability({"extensions": {_TASKS_EXTENSION: {}}}, _TASKS_EXTENSION)
+        task_id = ctx.params.get("taskId")
+        if not isinstance(task_id, str):
+            raise _invalid_params(f"{ctx.method} needs params.taskId, a string.")
+        record = await self._hub().store.get(_task_key(task_id))
+        if record is None or record.get("sub") != ctx.principal:
+            raise _invalid_params(f"Unknown task: {task_id} (it never existed or has expired).",
+                                  {"taskId": task_id})
+        return record
+
+    async def _m_tasks_get(self, ctx: Context) -> dict:
+        record = await self._load_task(ctx)
+        return {k: v for k, v in record.items() if k not in _TASK_PRIVATE}
+
+    async def _m_tasks_update(self, ctx: Context) -> dict:
+        record = await self._load_task(ctx)
+        responses = ctx.params.get("inputResponses")
+        if not isinstance(responses, dict):
+            raise _invalid_params("tasks/update needs params.inputResponses, an object.")
+        run = self._hub().task_runs.get(record["taskId"])
+        if run is not None:
+            run.deliver(responses)
+        return {}
+
+    async def _m_tasks_cancel(self, ctx: Context) -> dict:
+        record = await self._load_task(ctx)
+        if record["status"] not in _TASK_TERMINAL:
+            run = self._hub().task_runs.get(record["taskId"])
+            if run is not None:
+                await run.cancel()
+            else:
+                await self._hub().store.set(_task_key(record["taskId"]), _task_record(
+                    record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
+        return {}
+
     async def _m_listen(self, ctx: Context) -> dict:
         return await self._hub().listen(ctx)
 
@@ -2280,6 +2348,153 @@ class MCPServer:
 
     async def _n_ignored(self, ctx: Context):
         return None
+
+
+_TASK_TERMINAL = ("completed", "failed", "cancelled")
+_TASK_PRIVATE = ("sub", "tool")
+_TASK_TTL_MS = 3600000
+
+
+def _has_tasks_extension(ctx: Context) -> bool:
+    extensions = ctx.client_capabilities.get("extensions")
+    return isinstance(extensions, dict) and _TASKS_EXTENSION in extensions
+
+
+def _task_key(task_id: str) -> str:
+    return f"mcp:task:{{{task_id}}}"
+
+
+def _iso_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _task_record(previous: dict, status: str, **fields) -> dict:
+    record = {k: v for k, v in previous.items() if k not in ("inputRequests", "result", "error", "statusMessage")}
+    record.update(status=status, lastUpdatedAt=_iso_now(), **fields)
+    return record
+
+
+class _TaskRun:
+    """One tool call running as a task: its state lives in the store (``mcp:task:{id}``), so
+    any instance can answer ``tasks/get``; the running coroutine and the questions it waits on
+    are this process's.
+
+    Theory of operation: the tool always runs in its own asyncio task, and the request waits on
+    ``outcome``.  ``start()`` (at the call's start, or where the tool calls
+    ``ctx.run_as_task()``) writes the task record and answers the request with a
+    CreateTaskResult; until then the call behaves like an ordinary one (its result, error or
+    input_required round answers the request).  After the start, the tool's asks park the task
+    in ``input_required`` until ``tasks/update`` delivers the answers."""
+
+    def __init__(self, server: MCPServer, tool: _Tool, ctx: Context):
+        self.server, self.hub, self.tool, self.ctx = server, server._hub(), tool, ctx
+        self.task_id = secrets.token_urlsafe(16)
+        self.started = False
+        self.record: dict = {}
+        self.outcome = asyncio.get_running_loop().create_future()
+        self.pending: dict = {}       # key -> input request still unanswered
+        self.delivered: dict = {}     # key -> answer from tasks/update, not yet taken
+        self.arrived = asyncio.Event()
+        self.runner = None
+        ctx._task_run = self
+
+    async def call(self, arguments: dict) -> dict:
+        if self.tool.task_start == "call":
+            await self.start()
+        self.runner = self.hub.spawn(self._body(arguments))
+        try:
+            return await asyncio.shield(self.outcome)
+        except asyncio.CancelledError:
+            if not self.started:
+                self.runner.cancel()  # the request went away before the task began
+            raise
+
+    async def start(self) -> None:
+        now = _iso_now()
+        self.record = {"taskId": self.task_id, "status": "working", "createdAt": now, "lastUpdatedAt": now,
+                       "ttlMs": _TASK_TTL_MS, "pollIntervalMs": 500, "sub": self.ctx.principal,
+                       "tool": self.tool.name}
+        await self._save()
+        self.started = True
+        self.hub.task_runs[self.task_id] = self
+        if not self.outcome.done():
+            self.outcome.set_result({"resultType": "task", **{k: v for k, v in self.record.items()
+                                                               if k not in _TASK_PRIVATE}})
+        self.ctx._out = None  # the request is answered: progress and logs have nowhere to go
+
+    async def _save(self) -> None:
+        await self.hub.store.set(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
+
+    async def _finish(self, status: str, **fields) -> None:
+        current = await self.hub.store.get(_task_key(self.task_id)) or self.record
+        if current.get("status") in _TASK_TERMINAL:
+            return  # cancelled meanwhile: the first terminal state stays
+        self.record = _task_record(self.record, status, **fields)
+        await self._save()
+
+    async def _body(self, arguments: dict) -> None:
+        ctx = self.ctx
+        try:
+            result = await self.server._run_tool(self.tool, arguments, ctx)
+        except (RpcError, _InputRequired) as exc:
+            if not self.started:
+                self.outcome.set_exception(exc)
+            elif isinstance(exc, RpcError):
+                await self._finish("failed", error=exc.to_dict())
+            return
+        except (_Cancelled, asyncio.CancelledError):
+            if not self.started and not self.outcome.done():
+                self.outcome.set_exception(_Cancelled())
+            elif self.started:
+                await self._finish("cancelled", statusMessage="Cancelled by the client.")
+            return
+        finally:
+            if self.started:
+                self.hub.task_runs.pop(self.task_id, None)
+        shaped = _shape_call_result(result, ctx.protocol_version)
+        if not self.started:
+            self.outcome.set_result(shaped)
+        else:
+            await self._finish("completed", result={"resultType": "complete", **shaped})
+
+    async def wait_input(self, missing: dict) -> dict:
+        """Park the task in input_required until tasks/update answers every key of ``missing``."""
+        self.pending.update(missing)
+        self.record = _task_record(self.record, "input_required", inputRequests=dict(self.pending))
+        await self._save()
+        answers: dict = {}
+        while len(answers) < len(missing):
+            for key in missing:
+                if key in self.delivered and key not in answers:
+                    answers[key] = self.delivered.pop(key)
+            if len(answers) < len(missing):
+                self.arrived.clear()
+                await self.arrived.wait()
+        for key in missing:
+            self.pending.pop(key, None)
+        if self.pending:
+            self.record = _task_record(self.record, "input_required", inputRequests=dict(self.pending))
+        else:
+            self.record = _task_record(self.record, "working")
+        await self._save()
+        return answers
+
+    def deliver(self, responses: dict) -> None:
+        for key, value in responses.items():
+            if key in self.pending:  # unknown keys are ignored, as the extension asks
+                self.delivered[key] = value
+        self.arrived.set()
+        if self.pending and any(k in self.pending for k in responses):
+            remaining = {k: v for k, v in self.pending.items() if k not in responses}
+            if remaining:  # show the partial state at once to pollers
+                self.record = _task_record(self.record, "input_required", inputRequests=remaining)
+                self.hub.spawn(self._save())
+
+    async def cancel(self) -> None:
+        self.ctx._cancelled = True
+        await self._finish("cancelled", statusMessage="Cancelled by the client.")
+        if self.runner is not None:
+            self.runner.cancel()
 
 
 def _tool_error(message: str) -> dict:
@@ -2312,6 +2527,9 @@ _LEGACY_METHODS = {
 _MODERN_METHODS = {
     **_COMMON_METHODS,
     "subscriptions/listen": MCPServer._m_listen,
+    "tasks/get": MCPServer._m_tasks_get,
+    "tasks/update": MCPServer._m_tasks_update,
+    "tasks/cancel": MCPServer._m_tasks_cancel,
     "notifications/cancelled": MCPServer._n_cancelled,
 }
 
@@ -2354,6 +2572,7 @@ class _Hub:
         self.running: dict = {}         # (session id, request id) -> Context
         self.session_streams: dict = {}  # session id -> _SessionStream (GET /mcp or GET /sse)
         self.live_posts: dict = {}      # (session id, stream id) -> _PostChannel (resumable)
+        self.task_runs: dict = {}       # task id -> _TaskRun running here
         self.listeners: set = set()     # callables fed every bus event
         self.tasks: set = set()
         self.closing = False

@@ -448,13 +448,13 @@ async def confirm_delete(filename: str, ctx: Context) -> str:
 async def multi_input(ctx: Context) -> str:
     """Asks two questions at once; they can be answered separately"""
     answers = await ctx.ask({
-        "first": _elicitation("First question: what is your name?", _form(name="string")),
-        "second": _elicitation("Second question: what is your name?", _form(name="string")),
+        "first": _elicitation("Who requested the change?", _form(name="string")),
+        "second": _elicitation("Who approves the change?", _form(name="string")),
     })
     return f"Answers: {_answer(answers['first'], 'name')}, {_answer(answers['second'], 'name')}"
 
 
-@server.tool(task="required")
+@server.tool(task="required", task_start="explicit")
 async def test_tool_with_task(ctx: Context) -> str:
     """Gathers the user's name over MRTR, then finishes the work as a task"""
     answer = await ctx.elicit("What is your name?", _form(name="string"), key="user_name")
