@@ -559,6 +559,10 @@ def _session_channel(sid: str) -> str:
     return f"mcp:{{{sid}}}:chan"
 
 
+def _reply_channel(sid: str) -> str:
+    return f"mcp:{{{sid}}}:replies"
+
+
 _BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
 
 
@@ -2607,6 +2611,8 @@ class _Hub:
         future = asyncio.get_running_loop().create_future()
         key = (session_id, request_id)
         self.pending[key] = future
+        # the answer may be POSTed to another instance: it arrives on the session's reply channel
+        unsubscribe = self.store.subscribe(_reply_channel(session_id), lambda m: self.resolve(session_id, m))
         try:
             await write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
             timeout = self.settings.client_timeout or None
@@ -2616,6 +2622,7 @@ class _Hub:
                 raise ToolError(f"The client did not answer {method} within {timeout:g} seconds.") from None
         finally:
             self.pending.pop(key, None)
+            unsubscribe()
         if "error" in answer:
             error = answer["error"] if isinstance(answer["error"], dict) else {}
             raise ToolError(f"The client refused {method}: {error.get('message', 'no reason given')}")
@@ -2978,8 +2985,8 @@ class _SessionStream:
                 except TimeoutError:
                     await http.write(_SSE_KEEPALIVE)
                     continue
-                if item is None:
-                    break
+                if item is None or item.get("close"):
+                    break  # taken over, session deleted, client gone, or shutdown
                 message = await self._render(item)
                 if message is not None:
                     await self._write(message)
@@ -3005,8 +3012,6 @@ class _SessionStream:
             self.put(None)
 
     async def _render(self, item: dict) -> dict | None:
-        if item.get("close"):
-            return None
         event = item.get("bus")
         if event is None:
             return item  # a JSON-RPC message published for this session
@@ -3135,7 +3140,7 @@ class _StreamableHTTP:
                                  "to start a new session.", request_id=request_id)
         if kind == "response":
             if not hub.resolve(session_id, message):
-                await hub.store.publish(_session_channel(session_id), {"reply": message})
+                await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
         version = session["v"] if session else LATEST_LEGACY
@@ -3406,7 +3411,7 @@ class _LegacySSE:
         kind = _classify_http(message)
         if kind == "response":
             if not hub.resolve(session_id, message):
-                await hub.store.publish(_session_channel(session_id), {"reply": message})
+                await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
         if session is None and message.get("method") not in ("initialize", "ping"):
@@ -3480,6 +3485,12 @@ class _DirectHTTP:
 
 
 # ---- stdio ----------------------------------------------------------------------------------------
+
+
+# Requests that may wait on the client (or run long) get their own task on stdio; the rest run
+# in order as they arrive, so a client that pipelines initialize and tools/list is served right.
+_CONCURRENT_METHODS = frozenset(("tools/call", "prompts/get", "resources/read", "completion/complete",
+                                 "subscriptions/listen", "tasks/get", "tasks/update", "tasks/cancel"))
 
 
 class _Stdio:
@@ -3614,8 +3625,8 @@ class _Stdio:
             ctx = Context(self.server, method, message.get("params") or {}, request_id if kind == "request" else None,
                           version=version, capabilities=(self.session or {}).get("caps"),
                           session_id=self.SESSION, session=self.session, out=self)
-        if kind == "notification" or batch:
-            return await self._run(ctx, batch)
+        if kind == "notification" or batch or ctx.method not in _CONCURRENT_METHODS:
+            return await self._run(ctx, batch)  # cheap and ordered: initialize, lists, ping...
         task = asyncio.get_running_loop().create_task(self._run(ctx, batch))
         self.tasks[request_id] = task
         task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
@@ -3729,6 +3740,21 @@ class _App:
         return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
                 (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version, www-authenticate")]
 
+    def _apply_forwarded(self, http: _Http) -> None:
+        """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES)."""
+        trusted = self.server.settings.trusted_proxies
+        client = http.scope.get("client")
+        if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
+            return
+        headers, scope = http.headers, dict(http.scope)
+        if headers.get("x-forwarded-for"):
+            scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
+        if headers.get("x-forwarded-proto") in ("http", "https"):
+            scope["scheme"] = headers["x-forwarded-proto"]
+        if headers.get("x-forwarded-host"):
+            headers["host"] = headers["x-forwarded-host"].split(",")[-1].strip()
+        http.scope = scope
+
     def _check_host(self, http: _Http) -> None:
         allowed = self.server.settings.allowed_hosts
         if "*" in allowed:
@@ -3750,6 +3776,7 @@ class _App:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
+        self._apply_forwarded(http)
         try:
             self._check_host(http)
             http.extra_headers = self._check_origin(http)
