@@ -81,6 +81,8 @@ __all__ = [
     "Settings",
     "Store",
     "MemoryStore",
+    "RedisStore",
+    "StoreUnavailable",
     "serve",
     "main",
 ]
@@ -222,6 +224,14 @@ _SETTING_SPECS = (
      "seconds to wait for a client's answer to a server request"),
     ("page_size", None, ("MCP_PAGE_SIZE",), int, 200, "items per page of tools/prompts/resources lists"),
     ("secret", None, ("MCP_SECRET",), str, "", "server secret for sealed state and signatures"),
+    ("redis_url", "--redis-url", ("REDIS_URL", "MCP_REDIS_URL"), str, "",
+     "keep state in Redis (redis://, rediss://, unix://); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
+     "REDIS_DB work too"),
+    ("redis_cluster", None, ("REDIS_CLUSTER",), _truthy, False, "the Redis URL points at a Redis Cluster"),
+    ("store_timeout", None, ("MCP_STORE_TIMEOUT",), float, 2.0,
+     "seconds a store operation may take before the request fails with 503"),
+    ("workers", "--workers", ("MCP_WORKERS",), int, 1,
+     "HTTP worker processes sharing the port (needs Redis when more than 1)"),
     ("expose_errors", None, ("MCP_EXPOSE_ERRORS",), _truthy, False,
      "show exception details of failing tools to the client (development only)"),
     ("app_version", None, ("APP_VERSION",), str, "", "version reported by the built-in server"),
@@ -256,6 +266,10 @@ class Settings:
     client_timeout: float = 300.0
     page_size: int = 200
     secret: str = ""
+    redis_url: str = ""
+    redis_cluster: bool = False
+    store_timeout: float = 2.0
+    workers: int = 1
     expose_errors: bool = False
     app_version: str = ""
 
@@ -274,6 +288,8 @@ class Settings:
                     except ValueError as exc:
                         raise SystemExit(f"{prog}: error: {name}={env[name]!r}: {exc}") from None
                     break
+        if "redis_url" not in values and env.get("REDIS_HOST"):
+            values["redis_url"] = _redis_url_from_parts(env)
         args = _argument_parser(prog).parse_args([] if argv is None else argv)
         for attr, flag, *_ in _SETTING_SPECS:
             if flag and getattr(args, attr, None) is not None:
@@ -293,11 +309,34 @@ class Settings:
             fail(f"log level {self.log_level!r} is not debug, info, warning, error or critical")
         if not self.mcp_path.startswith("/"):
             fail(f"path {self.mcp_path!r} must start with /")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            fail(f"the Redis URL must start with redis://, rediss:// or unix:// (got {_redact_url(self.redis_url)!r})")
+        if self.workers > 1 and not self.redis_url:
+            fail("--workers above 1 needs Redis (REDIS_URL): separate processes cannot share sessions "
+                 "kept in memory")
+        if self.workers > 1 and self.stdio:
+            fail("--workers applies to HTTP, not --stdio")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
-                     "page_size", "replay_events"):
+                     "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
+
+
+def _redis_url_from_parts(env: typing.Mapping) -> str:
+    """The seed's REDIS_HOST / REDIS_PORT / REDIS_P (password) / REDIS_DB as one URL."""
+    password = env.get("REDIS_P", "")
+    auth = f":{urllib.parse.quote(password, safe='')}@" if password else ""
+    return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT') or 6379}/{env.get('REDIS_DB') or 0}"
+
+
+def _redact_url(url: str) -> str:
+    """A URL fit for logs: any password replaced by ***."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+    return url
 
 
 def _read_dotenv(path: str) -> typing.Iterator[tuple]:
@@ -547,6 +586,211 @@ class MemoryStore(Store):
         return unsubscribe
 
 
+class StoreUnavailable(RpcError):
+    """The store did not answer in time: the request fails with 503, the server keeps serving,
+    and the store client reconnects on its own."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__(INTERNAL_ERROR, "The session store is unavailable; retry in a few seconds."
+                         + (f" ({detail})" if detail else ""), status=503)
+
+
+# Append to a bounded log and number the item, in one round trip (KEYS[2] counts; both keys share
+# the hash tag of KEYS[1], so a cluster keeps them in one slot).
+_LUA_APPEND = """
+local n = redis.call('INCR', KEYS[2])
+redis.call('RPUSH', KEYS[1], n .. ' ' .. ARGV[1])
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return n
+"""
+_LUA_INCR = """
+local v = redis.call('INCR', KEYS[1])
+if v == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return v
+"""
+
+
+class RedisStore(Store):
+    """The shared store: plain Redis strings, lists and pub/sub (Redis 6.2+, Valkey, managed).
+
+    Every operation is bounded by ``timeout``; a store that does not answer raises
+    ``StoreUnavailable`` (HTTP 503) and the next operation reconnects.  Pub/sub runs on one
+    connection per process whose reader task resubscribes after a reconnect."""
+
+    name = "redis"
+
+    def __init__(self, url: str, *, cluster: bool = False, timeout: float = 2.0):
+        self.url, self.cluster, self.timeout = url, cluster, timeout
+        self._client = None
+        self._callbacks: dict = {}
+        self._subscribed: set = set()
+        self._kick: asyncio.Event | None = None
+        self._pump_task = None
+        self._scripts: dict = {}
+        self._errors = None
+
+    def _redis(self):
+        if self._client is None:
+            import redis.asyncio as aioredis
+            import redis.exceptions
+            from redis.asyncio.retry import Retry
+            from redis.backoff import ExponentialBackoff
+            self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
+                            asyncio.TimeoutError)
+            options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
+                           retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1), health_check_interval=15)
+            if self.cluster:
+                from redis.asyncio.cluster import RedisCluster
+                self._client = RedisCluster.from_url(self.url, **options)
+            else:
+                self._client = aioredis.Redis.from_url(self.url, **options)
+        return self._client
+
+    async def _run(self, operation):
+        client = self._redis()
+        try:
+            async with asyncio.timeout(self.timeout * 2 + 0.5):
+                return await operation(client)
+        except self._errors as exc:
+            raise StoreUnavailable(type(exc).__name__) from None
+
+    async def _script(self, name: str, source: str, keys: list, args: list):
+        async def run(client):
+            script = self._scripts.get(name)
+            if script is None:
+                script = self._scripts[name] = client.register_script(source)
+            return await script(keys=keys, args=args)
+        return await self._run(run)
+
+    @staticmethod
+    def _load(raw):
+        return None if raw is None else json.loads(raw)
+
+    async def get(self, key):
+        return self._load(await self._run(lambda r: r.get(key)))
+
+    async def get_touch(self, key, ttl):
+        return self._load(await self._run(lambda r: r.getex(key, px=int(ttl * 1000))))
+
+    async def set(self, key, value, ttl=None):
+        data = _dumps(value)
+        await self._run(lambda r: r.set(key, data, px=int(ttl * 1000) if ttl else None))
+
+    async def add(self, key, value, ttl=None):
+        data = _dumps(value)
+        return bool(await self._run(lambda r: r.set(key, data, px=int(ttl * 1000) if ttl else None, nx=True)))
+
+    async def delete(self, key):
+        return bool(await self._run(lambda r: r.delete(key)))
+
+    async def take(self, key):
+        return self._load(await self._run(lambda r: r.getdel(key)))
+
+    async def incr(self, key, ttl):
+        return int(await self._script("incr", _LUA_INCR, [key], [int(ttl * 1000)]))
+
+    async def append(self, key, item, maxlen, ttl):
+        return int(await self._script("append", _LUA_APPEND, [key, key + ":n"],
+                                      [_dumps(item), maxlen, int(ttl * 1000)]))
+
+    async def read_after(self, key, after):
+        rows = await self._run(lambda r: r.lrange(key, 0, -1))
+        out = []
+        for row in rows:
+            seq, _, data = row.partition(b" ")
+            if int(seq) > after:
+                out.append((int(seq), json.loads(data)))
+        return out
+
+    async def publish(self, channel, message):
+        data = _dumps(message)
+        await self._run(lambda r: r.publish(channel, data))
+
+    def subscribe(self, channel, callback):
+        self._callbacks.setdefault(channel, []).append(callback)
+        self._wake()
+
+        def unsubscribe():
+            callbacks = self._callbacks.get(channel)
+            if callbacks and callback in callbacks:
+                callbacks.remove(callback)
+                if not callbacks:
+                    del self._callbacks[channel]
+                    self._wake()
+        return unsubscribe
+
+    def _wake(self) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return  # no loop yet: the pump starts with the first subscription made in one
+        if self._kick is None:
+            self._kick = asyncio.Event()
+        self._kick.set()
+        if self._pump_task is None or self._pump_task.done():
+            self._pump_task = loop.create_task(self._pump())
+
+    async def _pump(self) -> None:
+        """Keep the pub/sub connection subscribed to what callbacks want, and dispatch messages."""
+        backoff = 0.1
+        pubsub = None
+        while True:
+            try:
+                if pubsub is None:
+                    pubsub = self._redis().pubsub()
+                    self._subscribed = set()
+                wanted = set(self._callbacks)
+                if wanted - self._subscribed:
+                    await pubsub.subscribe(*(wanted - self._subscribed))
+                if self._subscribed - wanted:
+                    await pubsub.unsubscribe(*(self._subscribed - wanted))
+                self._subscribed = wanted
+                if not wanted:
+                    self._kick.clear()
+                    await self._kick.wait()
+                    continue
+                self._kick.clear()
+                message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=0.02)
+                backoff = 0.1
+                if message is None or message.get("type") != "message":
+                    continue
+                channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
+                payload = json.loads(message["data"])
+                for callback in list(self._callbacks.get(channel, ())):
+                    try:
+                        callback(payload)
+                    except Exception:
+                        log.exception("subscriber of %s failed", channel)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("redis pub/sub connection lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
+                try:
+                    if pubsub is not None:
+                        await pubsub.aclose()
+                except Exception:
+                    pass
+                pubsub = None
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+
+    async def ping(self):
+        try:
+            return bool(await self._run(lambda r: r.ping()))
+        except StoreUnavailable:
+            return False
+
+    async def close(self):
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+            await asyncio.gather(self._pump_task, return_exceptions=True)
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+
 def _session_key(sid: str) -> str:
     return f"mcp:{{{sid}}}:session"
 
@@ -564,6 +808,15 @@ def _reply_channel(sid: str) -> str:
 
 
 _BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
+_CANCEL_CHANNEL = "mcp:cancel"  # notifications/cancelled for a request running on another instance
+
+
+def _stream_channel(sid: str, stream_id: str) -> str:
+    return f"mcp:{{{sid}}}:stream:{stream_id}"
+
+
+def _task_channel(task_id: str) -> str:
+    return f"mcp:task:{{{task_id}}}:ctl"
 
 
 # ==== 3. Crypto and tokens ======================================================================
@@ -1939,8 +2192,25 @@ class MCPServer:
 
     @property
     def keys(self) -> _KeyRing:
+        """The key ring; on a shared store without MCP_SECRET, use ``await _keyring()`` instead."""
         if self._keys is None:
             self._keys = _KeyRing(self.settings.secret)
+        return self._keys
+
+    async def _keyring(self) -> _KeyRing:
+        """The key ring every instance agrees on: from MCP_SECRET, or (shared store, no secret)
+        from a secret generated once and kept in the store, with a warning to set one."""
+        if self._keys is None:
+            store = self._hub().store
+            if self.settings.secret or isinstance(store, MemoryStore):
+                self._keys = _KeyRing(self.settings.secret)
+            else:
+                await store.add("mcp:server-secret", secrets.token_urlsafe(32))
+                shared = await store.get("mcp:server-secret")
+                if self._keys is None:
+                    log.warning("MCP_SECRET is not set: using a secret generated once and kept in the "
+                                "store; set MCP_SECRET so that the secret is yours")
+                    self._keys = _KeyRing(shared)
         return self._keys
 
     def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
@@ -1960,9 +2230,19 @@ class MCPServer:
     def _hub(self) -> "_Hub":
         if self._runtime is None:
             if self.store is None:
-                self.store = MemoryStore(max_keys=self.settings.max_sessions * 4)
+                settings = self.settings
+                self.store = (RedisStore(settings.redis_url, cluster=settings.redis_cluster,
+                                         timeout=settings.store_timeout) if settings.redis_url
+                              else MemoryStore(max_keys=settings.max_sessions * 4))
             self._runtime = _Hub(self, self.store)
         return self._runtime
+
+    async def _ready(self) -> "_Hub":
+        """The runtime, started (subscriptions made) on first use in a running loop."""
+        hub = self._runtime if self._runtime is not None else self._hub()
+        if not hub.started:
+            hub.start()
+        return hub
 
     # -- capabilities and descriptions ---------------------------------------------------------
 
@@ -1995,7 +2275,10 @@ class MCPServer:
             if ctx.method not in _MRTR_METHODS or not ctx.modern:
                 error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
                 return _error_response(ctx.request_id, error), 500
-            result = self._input_required(ctx, exc.requests)
+            try:
+                result = await self._input_required(ctx, exc.requests)
+            except RpcError as error:
+                return _error_response(ctx.request_id, error), error.status
         except _Cancelled:
             return None, 0
         except Exception as exc:
@@ -2038,7 +2321,7 @@ class MCPServer:
                        if known else f"Method not found: {ctx.method}.")
             raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
         if ctx.modern and ctx.method in _MRTR_METHODS:
-            self._restore_round(ctx)
+            await self._restore_round(ctx)
         return await handler(self, ctx)
 
     # -- Multi Round-Trip Requests (2026) ------------------------------------------------------
@@ -2049,14 +2332,14 @@ class MCPServer:
             return params.get("uri"), ""
         return params.get("name"), _args_digest(params.get("arguments") or {})
 
-    def _restore_round(self, ctx: Context) -> None:
+    async def _restore_round(self, ctx: Context) -> None:
         responses = ctx.params.get("inputResponses")
         if isinstance(responses, dict):
             ctx._responses = responses
         sealed = ctx.params.get("requestState")
         if sealed is None:
             return
-        state = self.keys.unseal(sealed)
+        state = (await self._keyring()).unseal(sealed)
         target, digest = self._round_target(ctx)
         if (state is None or state.get("m") != ctx.method or state.get("t") != target
                 or state.get("h") != digest or state.get("sub") != ctx.principal
@@ -2065,12 +2348,12 @@ class MCPServer:
                                   "retry the request without it.")
         ctx._answers = dict(state.get("a") or {})
 
-    def _input_required(self, ctx: Context, requests: dict) -> dict:
+    async def _input_required(self, ctx: Context, requests: dict) -> dict:
         target, digest = self._round_target(ctx)
         state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
         return {"resultType": "input_required", "inputRequests": requests,
-                "requestState": self.keys.seal(state)}
+                "requestState": (await self._keyring()).seal(state)}
 
     # -- lists and pagination -----------------------------------------------------------------
 
@@ -2089,11 +2372,14 @@ class MCPServer:
             self._shaped[key] = items
         return items
 
-    def _page(self, ctx: Context, kind: str, field: str) -> dict:
+    async def _page(self, ctx: Context, kind: str, field: str) -> dict:
         items = self._shaped_list(kind, ctx.protocol_version)
         cursor, start = ctx.params.get("cursor"), 0
+        if len(items) <= self.settings.page_size and cursor in (None, ""):
+            return {field: items}  # one page: no cursor to sign
+        keys = await self._keyring()
         if cursor not in (None, ""):
-            text = self.keys.verify(cursor)
+            text = keys.verify(cursor)
             if text is None or not text.startswith(kind + ":"):
                 raise _invalid_params("Invalid cursor: pass back a nextCursor this server returned.",
                                       status=400 if ctx.modern else 200)
@@ -2101,7 +2387,7 @@ class MCPServer:
         end = start + self.settings.page_size
         result = {field: items[start:end] if start or end < len(items) else items}
         if end < len(items):
-            result["nextCursor"] = self.keys.sign(f"{kind}:{end}")
+            result["nextCursor"] = keys.sign(f"{kind}:{end}")
         return result
 
     # -- method handlers --------------------------------------------------------------------------
@@ -2145,7 +2431,7 @@ class MCPServer:
         return {}
 
     async def _m_tools_list(self, ctx: Context) -> dict:
-        return self._page(ctx, "tools", "tools")
+        return await self._page(ctx, "tools", "tools")
 
     async def _m_tools_call(self, ctx: Context) -> dict:
         name = ctx.params.get("name")
@@ -2198,10 +2484,10 @@ class MCPServer:
             return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
 
     async def _m_resources_list(self, ctx: Context) -> dict:
-        return self._page(ctx, "resources", "resources")
+        return await self._page(ctx, "resources", "resources")
 
     async def _m_templates_list(self, ctx: Context) -> dict:
-        return self._page(ctx, "templates", "resourceTemplates")
+        return await self._page(ctx, "templates", "resourceTemplates")
 
     def _find_resource(self, uri: str):
         resource = self._resources.get(uri)
@@ -2250,7 +2536,7 @@ class MCPServer:
         return {}
 
     async def _m_prompts_list(self, ctx: Context) -> dict:
-        return self._page(ctx, "prompts", "prompts")
+        return await self._page(ctx, "prompts", "prompts")
 
     async def _m_prompts_get(self, ctx: Context) -> dict:
         name = ctx.params.get("name")
@@ -2324,19 +2610,24 @@ class MCPServer:
         responses = ctx.params.get("inputResponses")
         if not isinstance(responses, dict):
             raise _invalid_params("tasks/update needs params.inputResponses, an object.")
-        run = self._hub().task_runs.get(record["taskId"])
+        hub = self._hub()
+        run = hub.task_runs.get(record["taskId"])
         if run is not None:
             run.deliver(responses)
+        elif record["status"] not in _TASK_TERMINAL:
+            await hub.store.publish(_task_channel(record["taskId"]), {"update": responses})
         return {}
 
     async def _m_tasks_cancel(self, ctx: Context) -> dict:
         record = await self._load_task(ctx)
         if record["status"] not in _TASK_TERMINAL:
-            run = self._hub().task_runs.get(record["taskId"])
+            hub = self._hub()
+            run = hub.task_runs.get(record["taskId"])
             if run is not None:
                 await run.cancel()
             else:
-                await self._hub().store.set(_task_key(record["taskId"]), _task_record(
+                await hub.store.publish(_task_channel(record["taskId"]), {"cancel": True})
+                await hub.store.set(_task_key(record["taskId"]), _task_record(
                     record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
         return {}
 
@@ -2400,6 +2691,7 @@ class _TaskRun:
         self.delivered: dict = {}     # key -> answer from tasks/update, not yet taken
         self.arrived = asyncio.Event()
         self.runner = None
+        self._unsubscribe = lambda: None
         ctx._task_run = self
 
     async def call(self, arguments: dict) -> dict:
@@ -2421,6 +2713,7 @@ class _TaskRun:
         await self._save()
         self.started = True
         self.hub.task_runs[self.task_id] = self
+        self._unsubscribe = self.hub.store.subscribe(_task_channel(self.task_id), self._on_control)
         if not self.outcome.done():
             self.outcome.set_result({"resultType": "task", **{k: v for k, v in self.record.items()
                                                                if k not in _TASK_PRIVATE}})
@@ -2455,6 +2748,7 @@ class _TaskRun:
         finally:
             if self.started:
                 self.hub.task_runs.pop(self.task_id, None)
+                self._unsubscribe()
         shaped = _shape_call_result(result, ctx.protocol_version)
         if not self.started:
             self.outcome.set_result(shaped)
@@ -2482,6 +2776,15 @@ class _TaskRun:
             self.record = _task_record(self.record, "working")
         await self._save()
         return answers
+
+    def _on_control(self, message: dict) -> None:
+        """tasks/update or tasks/cancel received by another instance."""
+        if message.get("cancel"):
+            self.ctx._cancelled = True
+            if self.runner is not None:
+                self.runner.cancel()
+        elif isinstance(message.get("update"), dict):
+            self.deliver(message["update"])
 
     def deliver(self, responses: dict) -> None:
         for key, value in responses.items():
@@ -2582,7 +2885,15 @@ class _Hub:
         self.closing = False
         self._ids = 0
         self._prefix = secrets.token_hex(3)
-        self._unsubscribe_bus = store.subscribe(_BUS_CHANNEL, self._on_bus)
+        self.shared = not isinstance(store, MemoryStore)  # other processes may hold streams
+        self.started = False
+        self._unsubscribes: list = []
+
+    def start(self) -> None:
+        """Subscribe to the server-wide channels (in the running loop)."""
+        self.started = True
+        self._unsubscribes = [self.store.subscribe(_BUS_CHANNEL, self._on_bus),
+                              self.store.subscribe(_CANCEL_CHANNEL, self._on_cancel)]
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -2646,12 +2957,21 @@ class _Hub:
         self.running.pop((ctx.session_id, ctx.request_id), None)
 
     def cancel(self, session_id: str | None, request_id) -> None:
+        """Cancel a running request here, or tell the instance that runs it."""
+        if not self._cancel_local(session_id, request_id) and self.shared and session_id is not None:
+            self.spawn(self.store.publish(_CANCEL_CHANNEL, {"sid": session_id, "rid": request_id}))
+
+    def _on_cancel(self, message: dict) -> None:
+        self._cancel_local(message.get("sid"), message.get("rid"))
+
+    def _cancel_local(self, session_id, request_id) -> bool:
         ctx = self.running.get((session_id, request_id))
         if ctx is None or ctx.method == "initialize":
-            return  # unknown, finished, or not cancellable: ignored, as the spec allows
+            return False  # unknown, finished, or not cancellable: ignored, as the spec allows
         ctx._cancelled = True
         if ctx._task is not None:
             ctx._task.cancel()
+        return True
 
     # -- 2026 subscriptions/listen ----------------------------------------------------------------
 
@@ -2707,7 +3027,9 @@ class _Hub:
             task.cancel()
         if self.tasks:
             await asyncio.gather(*self.tasks, return_exceptions=True)
-        self._unsubscribe_bus()
+        for unsubscribe in self._unsubscribes:
+            unsubscribe()
+        await self.store.close()
 
 
 _LISTEN_FILTERS = {"tools": "toolsListChanged", "prompts": "promptsListChanged",
@@ -2909,6 +3231,8 @@ class _PostChannel:
             event_id = f"{self.stream_id}:{seq}"
             for follower in self.followers:
                 follower.put_nowait((event_id, message))
+            if self.hub.shared:  # a client may resume this stream on another instance
+                await self.hub.store.publish(_stream_channel(self.session_id, self.stream_id), [event_id, message])
         if not self.detached:
             await self.http.write(_sse(message, event_id))
 
@@ -3251,8 +3575,12 @@ class _StreamableHTTP:
         hub = self.server._hub()
         live = hub.live_posts.get((session_id, stream_id))
         queue: asyncio.Queue = asyncio.Queue()
+        unsubscribe = None
         if live is not None:
             live.followers.append(queue)
+        elif hub.shared:  # the stream may be live on another instance
+            unsubscribe = hub.store.subscribe(_stream_channel(session_id, stream_id),
+                                              lambda item: queue.put_nowait(tuple(item)))
         try:
             events = await hub.store.read_after(_events_key(session_id, stream_id), after)
             await http.start_sse()
@@ -3262,17 +3590,29 @@ class _StreamableHTTP:
                 last = seq
             finished = any("id" in m and "method" not in m for _s, m in events)
             http.on_disconnect(lambda: queue.put_nowait(None))
-            while live is not None and not finished and not http.ended:
-                item = await queue.get()
+            following = live is not None or unsubscribe is not None
+            while following and not finished and not http.ended:
+                try:
+                    async with asyncio.timeout(hub.settings.sse_keepalive):
+                        item = await queue.get()
+                except TimeoutError:
+                    if live is None and not await hub.store.read_after(_events_key(session_id, stream_id), last):
+                        break  # nothing new and nobody here produces it: let the client poll again
+                    await http.write(_SSE_KEEPALIVE)
+                    continue
                 if item is None:
                     break
                 event_id, message = item
                 if int(event_id.rpartition(":")[2]) <= last:
                     continue
                 await http.write(_sse(message, event_id))
+                last = int(event_id.rpartition(":")[2])
+                finished = "id" in message and "method" not in message
         finally:
             if live is not None and queue in live.followers:
                 live.followers.remove(queue)
+            if unsubscribe is not None:
+                unsubscribe()
             await http.end()
 
     # -- DELETE: end a session -------------------------------------------------------------------
@@ -3541,7 +3881,7 @@ class _Stdio:
     async def run(self) -> None:
         self._guard_stdout()
         loop = asyncio.get_running_loop()
-        hub = self.server._hub()
+        hub = await self.server._ready()
         lines: asyncio.Queue = asyncio.Queue()
         stdin = self._stdin or sys.stdin.buffer
 
@@ -3716,7 +4056,7 @@ class _App:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self.server._hub()
+                    await self.server._ready()
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -3778,6 +4118,7 @@ class _App:
         method = scope.get("method", "GET")
         self._apply_forwarded(http)
         try:
+            await self.server._ready()
             self._check_host(http)
             http.extra_headers = self._check_origin(http)
             if method == "OPTIONS":
@@ -3791,6 +4132,13 @@ class _App:
         except _HttpError as exc:
             if not http.started:
                 await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
+            else:
+                await http.end()
+        except RpcError as exc:  # the store is unavailable (503), or another protocol-level refusal
+            if not http.started:
+                retry = [(b"retry-after", b"2")] if exc.status == 503 else []
+                await http.respond_json(exc.status if exc.status != 200 else 400,
+                                        _error_response(None, exc), headers=retry)
             else:
                 await http.end()
         except _Cancelled:
@@ -3826,6 +4174,15 @@ class _App:
             await self.direct.post(http)
         elif path == "/healthz":
             await http.respond_json(200, {"status": "ok"})
+        elif path == "/readyz":
+            store = self.server._hub().store
+            if self.server._runtime.closing:
+                await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
+            elif await store.ping():
+                await http.respond_json(200, {"status": "ready", "store": store.name})
+            else:
+                await http.respond_json(503, {"status": "unavailable", "store": store.name,
+                                              "reason": "the store does not answer"})
         elif path == "/":
             await http.respond_json(200, {"name": self.server.name, "version": self.server.version,
                                           "mcp": root + mcp_path, "sse": root + "/sse", "http": root + "/http",
@@ -4373,15 +4730,18 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     await _lifespan(app, "startup", life)
     try:
         listener = await loop.create_server(lambda: _HttpProtocol(state), settings.host, settings.port,
-                                            reuse_address=True, backlog=2048)
+                                            reuse_address=True, backlog=2048,
+                                            reuse_port=bool(os.environ.get("MCP_WORKER_ID")))
     except OSError as exc:
         await _lifespan(app, "shutdown", life)
         raise SystemExit(f"mcp_server: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}")
     port = listener.sockets[0].getsockname()[1]
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     store_name = server.store.name if server is not None and server.store is not None else "memory"
-    print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
-          f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
+    worker = os.environ.get("MCP_WORKER_ID")
+    if worker in (None, "0"):
+        print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
+              f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
     try:
@@ -4410,10 +4770,12 @@ async def _serve_stdio(server: MCPServer) -> None:
 
 
 def serve(server: MCPServer, settings: Settings | None = None) -> None:
-    """Run ``server`` until interrupted: HTTP on the bundled server, or stdio."""
+    """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
     _configure_logging(settings.log_level)
+    if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
+        sys.exit(_supervise(settings))
     try:
         if settings.stdio:
             asyncio.run(_serve_stdio(server))
@@ -4421,6 +4783,57 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
             asyncio.run(_serve_http(server.asgi, settings, server))
     except KeyboardInterrupt:
         pass
+
+
+def _supervise(settings: Settings) -> int:
+    """Run ``settings.workers`` copies of this command on one port (SO_REUSEPORT); restart a
+    worker that dies, and on SIGTERM/SIGINT stop them all gracefully."""
+    import subprocess
+    if settings.port == 0:
+        print("mcp_server: error: --workers needs a fixed --port", file=sys.stderr)
+        return 2
+    if not hasattr(socket, "SO_REUSEPORT"):
+        print("mcp_server: error: --workers needs SO_REUSEPORT, which this platform lacks", file=sys.stderr)
+        return 2
+    command = [sys.executable] + sys.argv
+    stopping = threading.Event()
+
+    def stop(_signum, _frame):
+        stopping.set()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def start(index: int):
+        env = dict(os.environ, MCP_WORKER_ID=str(index))
+        return subprocess.Popen(command, env=env)
+
+    workers = {i: start(i) for i in range(settings.workers)}
+    print(f"mcp_server: supervising {settings.workers} workers on port {settings.port}", file=sys.stderr, flush=True)
+    restarts: dict = collections.defaultdict(list)
+    while not stopping.is_set():
+        stopping.wait(0.2)
+        for index, process in list(workers.items()):
+            code = process.poll()
+            if code is None or stopping.is_set():
+                continue
+            recent = [t for t in restarts[index] if time.monotonic() - t < 60] + [time.monotonic()]
+            restarts[index] = recent
+            if len(recent) > 5:
+                print(f"mcp_server: worker {index} keeps dying (exit {code}); giving up", file=sys.stderr)
+                stopping.set()
+                break
+            print(f"mcp_server: worker {index} exited with {code}; restarting it", file=sys.stderr, flush=True)
+            workers[index] = start(index)
+    for process in workers.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 15
+    for process in workers.values():
+        try:
+            process.wait(max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            process.kill()
+    return 0
 
 
 def _builtin_server(settings: Settings) -> MCPServer:
