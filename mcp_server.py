@@ -739,7 +739,10 @@ class RedisStore(Store):
         while True:
             try:
                 if pubsub is None:
-                    pubsub = self._redis().pubsub()
+                    client = self._redis()
+                    if self.cluster:
+                        await client.initialize()  # the slot map, which a cluster pubsub needs
+                    pubsub = client.pubsub()
                     self._subscribed = set()
                 wanted = set(self._callbacks)
                 if wanted - self._subscribed:
@@ -2613,7 +2616,7 @@ class MCPServer:
         hub = self._hub()
         run = hub.task_runs.get(record["taskId"])
         if run is not None:
-            run.deliver(responses)
+            await run.deliver(responses)
         elif record["status"] not in _TASK_TERMINAL:
             await hub.store.publish(_task_channel(record["taskId"]), {"update": responses})
         return {}
@@ -2692,6 +2695,7 @@ class _TaskRun:
         self.arrived = asyncio.Event()
         self.runner = None
         self._unsubscribe = lambda: None
+        self._saving = asyncio.Lock()
         ctx._task_run = self
 
     async def call(self, arguments: dict) -> dict:
@@ -2720,7 +2724,8 @@ class _TaskRun:
         self.ctx._out = None  # the request is answered: progress and logs have nowhere to go
 
     async def _save(self) -> None:
-        await self.hub.store.set(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
+        async with self._saving:  # one write at a time, each of the newest record
+            await self.hub.store.set(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
 
     async def _finish(self, status: str, **fields) -> None:
         current = await self.hub.store.get(_task_key(self.task_id)) or self.record
@@ -2784,18 +2789,18 @@ class _TaskRun:
             if self.runner is not None:
                 self.runner.cancel()
         elif isinstance(message.get("update"), dict):
-            self.deliver(message["update"])
+            self.hub.spawn(self.deliver(message["update"]))
 
-    def deliver(self, responses: dict) -> None:
-        for key, value in responses.items():
-            if key in self.pending:  # unknown keys are ignored, as the extension asks
-                self.delivered[key] = value
+    async def deliver(self, responses: dict) -> None:
+        """Answers from tasks/update; the record shows what is still pending before the ack."""
+        answered = [k for k in responses if k in self.pending]  # unknown keys are ignored
+        for key in answered:
+            self.delivered[key] = responses[key]
+        remaining = {k: v for k, v in self.pending.items() if k not in self.delivered}
+        if answered and remaining:
+            self.record = _task_record(self.record, "input_required", inputRequests=remaining)
+            await self._save()
         self.arrived.set()
-        if self.pending and any(k in self.pending for k in responses):
-            remaining = {k: v for k, v in self.pending.items() if k not in responses}
-            if remaining:  # show the partial state at once to pollers
-                self.record = _task_record(self.record, "input_required", inputRequests=remaining)
-                self.hub.spawn(self._save())
 
     async def cancel(self) -> None:
         self.ctx._cancelled = True
