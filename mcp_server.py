@@ -224,6 +224,28 @@ _SETTING_SPECS = (
      "seconds to wait for a client's answer to a server request"),
     ("page_size", None, ("MCP_PAGE_SIZE",), int, 200, "items per page of tools/prompts/resources lists"),
     ("secret", None, ("MCP_SECRET",), str, "", "server secret for sealed state and signatures"),
+    ("auth", None, ("MCP_AUTH",), str, "builtin",
+     "who issues the bearer tokens HTTP requests need: builtin, external, or none"),
+    ("no_auth", "--no-auth", ("MCP_NO_AUTH",), _truthy, False,
+     "turn bearer-token checks off (local development; same as MCP_AUTH=none)"),
+    ("public_url", "--public-url", ("MCP_PUBLIC_URL",), str, "",
+     "the server's external base URL (e.g. https://mcp.example.com); default: from each request"),
+    ("consent", None, ("MCP_CONSENT",), str, "remember",
+     "consent page at /authorize: always, remember (a signed cookie skips it), or never"),
+    ("scopes", None, ("MCP_SCOPES",), _csv, ("mcp",), "scopes this server grants"),
+    ("token_ttl", None, ("MCP_TOKEN_TTL",), int, 3600, "access-token lifetime in seconds"),
+    ("refresh_ttl", None, ("MCP_REFRESH_TTL",), int, 30 * 86400, "refresh-token lifetime in seconds"),
+    ("token_parameter", None, ("TOKEN_PARAMETER",), str, "",
+     "the seed's HS256 token-signing key, used as is when set"),
+    ("previous_secret", None, ("MCP_PREVIOUS_SECRET",), str, "",
+     "the secret before a rotation: its tokens stay valid until they expire"),
+    ("auth_issuer", None, ("MCP_AUTH_ISSUER",), str, "", "external mode: the issuer tokens must name"),
+    ("auth_jwks_url", None, ("MCP_AUTH_JWKS_URL",), str, "", "external mode: the issuer's JWKS URL"),
+    ("auth_secret", None, ("MCP_AUTH_SECRET",), str, "", "external mode: a shared HS256 secret instead of JWKS"),
+    ("allow_private_fetch", None, ("MCP_ALLOW_PRIVATE_FETCH",), _truthy, False,
+     "let client metadata documents be fetched from private/loopback addresses and http (tests only)"),
+    ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
+     "requests per minute per client IP to /authorize, /token and /register (0: no limit)"),
     ("redis_url", "--redis-url", ("REDIS_URL", "MCP_REDIS_URL"), str, "",
      "keep state in Redis (redis://, rediss://, unix://); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
      "REDIS_DB work too"),
@@ -266,6 +288,20 @@ class Settings:
     client_timeout: float = 300.0
     page_size: int = 200
     secret: str = ""
+    auth: str = "builtin"
+    no_auth: bool = False
+    public_url: str = ""
+    consent: str = "remember"
+    scopes: tuple = ("mcp",)
+    token_ttl: int = 3600
+    refresh_ttl: int = 30 * 86400
+    token_parameter: str = ""
+    previous_secret: str = ""
+    auth_issuer: str = ""
+    auth_jwks_url: str = ""
+    auth_secret: str = ""
+    allow_private_fetch: bool = False
+    auth_rate_limit: int = 60
     redis_url: str = ""
     redis_cluster: bool = False
     store_timeout: float = 2.0
@@ -275,11 +311,12 @@ class Settings:
 
     @classmethod
     def load(cls, argv: list | None = None, environ: typing.Mapping | None = None,
-             prog: str = "mcp_server.py") -> "Settings":
-        """Defaults < ``.env`` < environment < flags.  Raises ``SystemExit`` with one line on bad input."""
+             prog: str = "mcp_server.py", defaults: "Settings | None" = None) -> "Settings":
+        """Defaults (``defaults``, e.g. what the code set) < ``.env`` < environment < flags.
+        Raises ``SystemExit`` with one line on bad input."""
         env = dict(_read_dotenv(".env"))
         env.update(os.environ if environ is None else environ)
-        values = {}
+        values = dataclasses.asdict(defaults) if defaults is not None else {}
         for attr, _flag, names, parse, _default, _help in _SETTING_SPECS:
             for name in names:
                 if env.get(name, "") != "":
@@ -288,7 +325,7 @@ class Settings:
                     except ValueError as exc:
                         raise SystemExit(f"{prog}: error: {name}={env[name]!r}: {exc}") from None
                     break
-        if "redis_url" not in values and env.get("REDIS_HOST"):
+        if not values.get("redis_url") and env.get("REDIS_HOST"):
             values["redis_url"] = _redis_url_from_parts(env)
         args = _argument_parser(prog).parse_args([] if argv is None else argv)
         for attr, flag, *_ in _SETTING_SPECS:
@@ -309,6 +346,19 @@ class Settings:
             fail(f"log level {self.log_level!r} is not debug, info, warning, error or critical")
         if not self.mcp_path.startswith("/"):
             fail(f"path {self.mcp_path!r} must start with /")
+        if self.no_auth:
+            self.auth = "none"
+        if self.auth not in ("builtin", "external", "none"):
+            fail(f"MCP_AUTH={self.auth!r} is not builtin, external or none")
+        if self.auth == "external" and not self.auth_issuer:
+            fail("MCP_AUTH=external needs MCP_AUTH_ISSUER (and MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET)")
+        if self.auth == "external" and not (self.auth_jwks_url or self.auth_secret):
+            fail("MCP_AUTH=external needs MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET to verify tokens")
+        if self.consent not in ("always", "remember", "never"):
+            fail(f"MCP_CONSENT={self.consent!r} is not always, remember or never")
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            fail(f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://")
+        self.public_url = self.public_url.rstrip("/")
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
             fail(f"the Redis URL must start with redis://, rediss:// or unix:// (got {_redact_url(self.redis_url)!r})")
         if self.workers > 1 and not self.redis_url:
@@ -835,6 +885,9 @@ def _task_channel(task_id: str) -> str:
 _KEY_LABELS = {
     "request_state": b"mcp_server/v1 request-state AES-256-GCM",
     "cursor": b"mcp_server/v1 cursor HMAC-SHA256",
+    "token": b"mcp_server/v1 access-token HS256",
+    "cookie": b"mcp_server/v1 cookie HMAC-SHA256",
+    "consent": b"mcp_server/v1 consent-request AES-256-GCM",
 }
 
 
@@ -860,26 +913,31 @@ def _unb64url(text: str) -> bytes:
 
 
 class _KeyRing:
-    """Per-purpose keys derived from one secret."""
+    """Per-purpose keys derived from one secret (``token_key`` may be the seed's TOKEN_PARAMETER)."""
 
-    def __init__(self, secret: str | bytes | None):
+    def __init__(self, secret: str | bytes | None, token_parameter: str | None = None):
         self.ephemeral = not secret
         master = secrets.token_bytes(32) if not secret else (
             secret.encode() if isinstance(secret, str) else secret)
         self._keys = {purpose: _hkdf(master, label) for purpose, label in _KEY_LABELS.items()}
-        self._aead = None
+        self.token_key = token_parameter.encode() if token_parameter else self._keys["token"]
+        self.kid = hashlib.sha256(b"kid" + self.token_key).hexdigest()[:12]
+        self._aead: dict = {}
 
     def key(self, purpose: str) -> bytes:
         return self._keys[purpose]
 
+    def _cipher(self, purpose: str):
+        cipher = self._aead.get(purpose)
+        if cipher is None:
+            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+            cipher = self._aead[purpose] = AESGCM(self._keys[purpose])
+        return cipher
+
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
         """Encrypt and authenticate a JSON payload (AES-256-GCM, random 96-bit nonce)."""
-        if self._aead is None:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-            self._aead = AESGCM(self._keys["request_state"])
         nonce = secrets.token_bytes(12)
-        data = _dumps(payload).encode()
-        return _b64url(nonce + self._aead.encrypt(nonce, data, purpose.encode()))
+        return _b64url(nonce + self._cipher(purpose).encrypt(nonce, _dumps(payload).encode(), purpose.encode()))
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
@@ -887,10 +945,7 @@ class _KeyRing:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            if self._aead is None:
-                self.seal({})  # loads the cipher
-            plain = self._aead.decrypt(raw[:12], raw[12:], purpose.encode())
-            payload = json.loads(plain)
+            payload = json.loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()))
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -2197,7 +2252,7 @@ class MCPServer:
     def keys(self) -> _KeyRing:
         """The key ring; on a shared store without MCP_SECRET, use ``await _keyring()`` instead."""
         if self._keys is None:
-            self._keys = _KeyRing(self.settings.secret)
+            self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
         return self._keys
 
     async def _keyring(self) -> _KeyRing:
@@ -2206,21 +2261,22 @@ class MCPServer:
         if self._keys is None:
             store = self._hub().store
             if self.settings.secret or isinstance(store, MemoryStore):
-                self._keys = _KeyRing(self.settings.secret)
+                self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
             else:
                 await store.add("mcp:server-secret", secrets.token_urlsafe(32))
                 shared = await store.get("mcp:server-secret")
                 if self._keys is None:
                     log.warning("MCP_SECRET is not set: using a secret generated once and kept in the "
                                 "store; set MCP_SECRET so that the secret is yours")
-                    self._keys = _KeyRing(shared)
+                    self._keys = _KeyRing(shared, self.settings.token_parameter)
         return self._keys
 
     def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
         """Serve until interrupted, configured by the command line (``--help``) and environment."""
         try:
             self.settings = Settings.load(sys.argv[1:] if argv is None else argv,
-                                          prog=os.path.basename(sys.argv[0]) or "mcp_server")
+                                          prog=os.path.basename(sys.argv[0]) or "mcp_server",
+                                          defaults=self.settings)
         except SystemExit as exc:
             if exc.code not in (0, None):
                 print(exc.code, file=sys.stderr)
@@ -3064,7 +3120,8 @@ class _HttpError(Exception):
             status, message, code, request_id, headers)
 
 
-_REASONS = {200: "OK", 202: "Accepted", 204: "No Content", 400: "Bad Request", 403: "Forbidden",
+_REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 302: "Found", 400: "Bad Request",
+            401: "Unauthorized", 403: "Forbidden", 421: "Misdirected Request", 429: "Too Many Requests",
             404: "Not Found", 405: "Method Not Allowed", 406: "Not Acceptable", 408: "Request Timeout",
             409: "Conflict", 413: "Content Too Large", 414: "URI Too Long", 415: "Unsupported Media Type",
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
@@ -3074,7 +3131,7 @@ class _Http:
     """One HTTP exchange seen through ASGI, with the helpers every transport needs."""
 
     __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native")
+                 "_callbacks", "_watcher", "_native", "principal")
 
     def __init__(self, scope, receive, send, extra_headers: list):
         self.scope, self.receive, self.send = scope, receive, send
@@ -3089,6 +3146,7 @@ class _Http:
         self._callbacks: list = []
         self._watcher = None
         self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
+        self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -3415,7 +3473,7 @@ class _StreamableHTTP:
             await http.respond_json(exc.status, _error_response(request_id, exc))
             return
         ctx = Context(server, message["method"], message.get("params") or {}, request_id,
-                      version=version, modern=True, capabilities=caps)
+                      version=version, modern=True, capabilities=caps, principal=http.principal)
         if kind == "notification":
             await server._respond(ctx)
             await http.respond(202)
@@ -3463,7 +3521,7 @@ class _StreamableHTTP:
             if session_id is None:
                 raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required; "
                                  "send initialize first to get one.", request_id=request_id)
-            session = await hub.store.get_touch(_session_key(session_id), settings.session_ttl)
+            session = _owned(await hub.store.get_touch(_session_key(session_id), settings.session_ttl), http)
             if session is None:
                 raise _HttpError(404, "Session not found: it expired or was deleted. Send initialize "
                                  "to start a new session.", request_id=request_id)
@@ -3474,7 +3532,8 @@ class _StreamableHTTP:
             return
         version = session["v"] if session else LATEST_LEGACY
         ctx = Context(server, method, message.get("params") or {}, request_id, version=version,
-                      capabilities=(session or {}).get("caps"), session_id=session_id, session=session)
+                      capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
+                      principal=http.principal)
         if kind == "notification":
             await server._respond(ctx)
             await http.respond(202)
@@ -3499,7 +3558,8 @@ class _StreamableHTTP:
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
             headers.append((b"mcp-session-id", session_id.encode()))
-            await hub.store.set(_session_key(session_id), ctx.session, settings.session_ttl)
+            await hub.store.set(_session_key(session_id), {**ctx.session, "owner": http.principal},
+                                settings.session_ttl)
         elif ctx._session_changed and session_id is not None:
             await hub.store.set(_session_key(session_id), ctx.session, settings.session_ttl)
         await channel.finish(response, status, headers)
@@ -3510,7 +3570,7 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         session = None
         if session_id is not None:
-            session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+            session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
             if session is None:
                 raise _HttpError(404, "Session not found: send initialize to start a new session.")
         if session is None or session["v"] not in ("2025-03-26", "2024-11-05") or not messages:
@@ -3531,7 +3591,7 @@ class _StreamableHTTP:
                 continue
             ctx = Context(server, message["method"], message.get("params") or {}, message.get("id"),
                           version=session["v"], capabilities=session.get("caps"), session_id=session_id,
-                          session=session)
+                          session=session, principal=http.principal)
             response, _status = await server._respond(ctx)
             if ctx._session_changed:
                 session = ctx.session
@@ -3557,7 +3617,7 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required for a GET stream.")
-        session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+        session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
         if session is None:
             raise _HttpError(404, "Session not found: send initialize to start a new session.")
         last_event = http.headers.get("last-event-id")
@@ -3631,10 +3691,18 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        if not await hub.store.delete(_session_key(session_id)):
+        if _owned(await hub.store.get(_session_key(session_id)), http) is None:
             raise _HttpError(404, "Session not found.")
+        await hub.store.delete(_session_key(session_id))
         await hub.store.publish(_session_channel(session_id), {"close": True})
         await http.respond(200)
+
+
+def _owned(session: dict | None, http: _Http) -> dict | None:
+    """A legacy session, if it belongs to the caller's token (a session id alone proves nothing)."""
+    if session is None or session.get("owner") != http.principal:
+        return None
+    return session
 
 
 def _classify_http(message) -> str:
@@ -3731,7 +3799,7 @@ class _LegacySSE:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
-            session = await hub.store.get_touch(_session_key(session_id), self.server.settings.session_ttl)
+            session = _owned(await hub.store.get_touch(_session_key(session_id), self.server.settings.session_ttl), http)
             if session is None and session_id not in hub.session_streams:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
         else:
@@ -3745,7 +3813,7 @@ class _LegacySSE:
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        session = await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl)
+        session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
         if session is None and session_id not in hub.session_streams:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
         body = await http.read_body(server.settings.max_body)
@@ -3762,23 +3830,25 @@ class _LegacySSE:
         if session is None and message.get("method") not in ("initialize", "ping"):
             raise _HttpError(400, "Bad Request: send initialize first.", request_id=message.get("id"))
         await http.respond(202)
-        hub.spawn(self._process(session_id, session, message, kind))
+        hub.spawn(self._process(session_id, session, message, kind, http.principal))
 
-    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str) -> None:
+    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
+                       principal: str | None) -> None:
         server, hub = self.server, self.server._hub()
         channel = _SessionChannel(hub, session_id)
         version = session["v"] if session else LATEST_LEGACY
         ctx = Context(server, message["method"], message.get("params") or {},
                       message.get("id") if kind == "request" else None, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
-                      out=channel)
+                      out=channel, principal=principal)
         hub.track(ctx)
         try:
             response, _status = await server._respond(ctx)
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.store.set(_session_key(session_id), ctx.session, server.settings.session_ttl)
+            await hub.store.set(_session_key(session_id), {**ctx.session, "owner": principal},
+                                server.settings.session_ttl)
         if response is not None:
             await channel.send(response)
 
@@ -3819,7 +3889,7 @@ class _DirectHTTP:
             version = header_version if header_version in LEGACY_VERSIONS else LATEST_LEGACY
             caps, modern = {}, False
         ctx = Context(server, message["method"], message.get("params") or {}, message["id"],
-                      version=version, modern=modern, capabilities=caps)
+                      version=version, modern=modern, capabilities=caps, principal=http.principal)
         response, status = await server._respond(ctx)
         if not short:
             await http.respond_json(status, response)
@@ -4004,8 +4074,731 @@ class _Stdio:
 
 # ==== 7. OAuth and login ========================================================================
 #
-# Reserved: the built-in OAuth 2.1 authorization server and the upstream login flow land here.
-# Until then every HTTP route is open, which is why the server binds to loopback by default.
+# Rules:
+# - The HTTP transports (/mcp, /sse, /messages, /http) are an OAuth 2.1 protected resource.  By
+#   default this server is also the authorization server that issues its tokens (MCP_AUTH=builtin);
+#   MCP_AUTH=external trusts another issuer's JWTs instead; MCP_AUTH=none turns checks off.
+# - Discovery satisfies every client generation: Protected Resource Metadata (RFC 9728) at the
+#   root and path-suffixed well-known URLs, authorization-server metadata (RFC 8414 and OIDC) at
+#   the origin, and /authorize, /token, /register at the root for 2025-03-26 clients.
+# - PKCE S256 only; redirect URIs match exactly (a loopback URI may change its port, RFC 8252);
+#   codes are single use and a replayed code revokes what it issued; refresh tokens rotate with a
+#   one-step grace and reuse of an older one revokes the family; ``iss`` is in every redirect.
+# - Access tokens are HS256 JWTs bound to this resource (``aud``) and to a user session (``sid``);
+#   a request needs the signature, issuer, audience, expiry and a live, unrevoked session.
+# - Codes, refresh tokens and client secrets are stored as SHA-256 hashes: a dump of the store
+#   holds nothing usable.  Secrets never reach a log.
+#
+# Theory of operation: /authorize validates the client and redirect URI first (errors there
+# render a page: an unvalidated URI is never redirected to), then everything else (errors go
+# back to the client as RFC 6749 parameters).  Consent, when asked, is a form whose hidden field
+# is the sealed authorization request, guarded by a double-submit CSRF cookie.  Approval creates
+# the user's session (``mcp:{sid}:user``, ANONYMOUS until the upstream login), a hashed code, and
+# the browser-binding cookie the login flow uses.
+
+_HTML_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store"),
+                 (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                 (b"x-content-type-options", b"nosniff"),
+                 (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
+                                              b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")]
+_NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
+_OAUTH_BROWSER_PATHS = ("/authorize",)
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _html_page(title: str, body: str) -> bytes:
+    """A plain, readable page: inline CSS, no JavaScript; ``body`` is already escaped HTML."""
+    import html
+    return (f"<!doctype html><html lang=en><head><meta charset=utf-8>"
+            f"<meta name=viewport content='width=device-width,initial-scale=1'><title>{html.escape(title)}</title>"
+            "<style>body{font:16px/1.5 system-ui,sans-serif;background:#f4f5f7;color:#1d2330;margin:0}"
+            "main{max-width:34rem;margin:8vh auto;background:#fff;border-radius:12px;padding:2rem 2.2rem;"
+            "box-shadow:0 2px 12px #0001}h1{font-size:1.35rem;margin:0 0 1rem}p{margin:.6rem 0}"
+            "code{background:#eef0f4;padding:.1rem .3rem;border-radius:4px}"
+            ".row{display:flex;gap:.8rem;margin-top:1.4rem}button{font:inherit;padding:.55rem 1.2rem;"
+            "border-radius:8px;border:1px solid #c6cad3;background:#fff;cursor:pointer}"
+            "button.primary{background:#2454d6;border-color:#2454d6;color:#fff}.muted{color:#5d6575;font-size:.9rem}"
+            ".ok{color:#137333}.bad{color:#b3261e}</style></head>"
+            f"<body><main><h1>{html.escape(title)}</h1>{body}</main></body></html>").encode()
+
+
+def _form_fields(body: bytes) -> dict:
+    try:
+        pairs = urllib.parse.parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
+    except UnicodeDecodeError:
+        raise _HttpError(400, "The form is not valid UTF-8.") from None
+    fields: dict = {}
+    for key, value in pairs:
+        if key in fields:
+            raise _OAuthError("invalid_request", f"The parameter {key} appears more than once.")
+        fields[key] = value
+    return fields
+
+
+class _OAuthError(Exception):
+    """An RFC 6749 error: ``error`` code, description, HTTP status for JSON endpoints."""
+
+    def __init__(self, error: str, description: str, status: int = 400):
+        super().__init__(description)
+        self.error, self.description, self.status = error, description, status
+
+
+def _is_loopback_redirect(uri: str) -> bool:
+    parts = urllib.parse.urlsplit(uri)
+    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+
+
+def _redirect_uri_allowed(uri: str) -> bool:
+    """https, loopback http (native apps), or a private-use scheme with a dot (RFC 8252 7.1)."""
+    try:
+        parts = urllib.parse.urlsplit(uri)
+    except ValueError:
+        return False
+    if parts.fragment or not parts.scheme:
+        return False
+    if parts.scheme == "https":
+        return bool(parts.hostname)
+    if parts.scheme == "http":
+        return _is_loopback_redirect(uri)
+    return "." in parts.scheme and parts.scheme not in ("javascript", "data", "file", "vbscript")
+
+
+def _redirect_matches(presented: str, registered: list) -> bool:
+    if presented in registered:
+        return True
+    if not _is_loopback_redirect(presented):
+        return False
+    p = urllib.parse.urlsplit(presented)
+    for uri in registered:
+        r = urllib.parse.urlsplit(uri)
+        if _is_loopback_redirect(uri) and (r.hostname, r.path, r.query) == (p.hostname, p.path, p.query):
+            return True  # RFC 8252 7.3: the port of a loopback redirect may vary
+    return False
+
+
+def _with_query(uri: str, params: dict) -> str:
+    parts = urllib.parse.urlsplit(uri)
+    query = parts.query + ("&" if parts.query else "") + urllib.parse.urlencode(
+        {k: v for k, v in params.items() if v is not None})
+    return urllib.parse.urlunsplit(parts._replace(query=query))
+
+
+def _fetch_client_document(url: str, allow_private: bool, limit: int = 65536, timeout: float = 5.0) -> tuple:
+    """GET a Client ID Metadata Document under SSRF rules (runs in a worker thread).
+
+    https only; every resolved address must be public (no private, loopback, link-local, or
+    reserved ranges) and the connection goes to the address that was checked (no DNS rebinding
+    between check and use); no redirects; size and time limits.  Returns (document, max_age)."""
+    import http.client
+    import ipaddress
+    import ssl
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https" and not (allow_private and parts.scheme == "http"):
+        raise ValueError("client_id URLs must use https")
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if not host:
+        raise ValueError("client_id URL has no host")
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    address = None
+    for info in infos:
+        ip = ipaddress.ip_address(info[4][0].split("%")[0])
+        if not allow_private and (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
+                                  or ip.is_multicast or ip.is_unspecified):
+            raise ValueError(f"client_id host {host} resolves to a non-public address")
+        address = address or info[4][0]
+    if address is None:
+        raise ValueError(f"client_id host {host} does not resolve")
+
+    class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
+        def connect(self):
+            sock = socket.create_connection((address, port), timeout)
+            if parts.scheme == "https":
+                context = ssl.create_default_context()
+                sock = context.wrap_socket(sock, server_hostname=host)
+            self.sock = sock
+
+    connection = Pinned(host, port, timeout=timeout)
+    try:
+        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
+                           headers={"Accept": "application/json", "User-Agent": "mcp_server"})
+        response = connection.getresponse()
+        if response.status != 200:
+            raise ValueError(f"client_id URL answered HTTP {response.status}")
+        data = response.read(limit + 1)
+        if len(data) > limit:
+            raise ValueError("client metadata document is too large")
+        cache = response.getheader("cache-control", "")
+    finally:
+        connection.close()
+    match = re.search(r"max-age=(\d+)", cache)
+    max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
+    return json.loads(data), max_age
+
+
+class _OAuth:
+    """The built-in authorization server and the resource-server checks."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.settings
+
+    # -- URLs ------------------------------------------------------------------------------------
+
+    def origin(self, http: _Http) -> str:
+        if self.settings.public_url:
+            parts = urllib.parse.urlsplit(self.settings.public_url)
+            return f"{parts.scheme}://{parts.netloc}"
+        return f"{http.scope.get('scheme', 'http')}://{http.headers.get('host', 'localhost')}"
+
+    def issuer(self, http: _Http) -> str:
+        if self.settings.public_url:
+            return self.settings.public_url
+        return self.origin(http) + http.scope.get("root_path", "")
+
+    def resource(self, http: _Http) -> str:
+        return self.issuer(http) + self.settings.mcp_path
+
+    def metadata_url(self, http: _Http) -> str:
+        path = urllib.parse.urlsplit(self.resource(http)).path
+        return self.origin(http) + "/.well-known/oauth-protected-resource" + path
+
+    def secure(self, http: _Http) -> bool:
+        return self.issuer(http).startswith("https://")
+
+    # -- discovery documents -------------------------------------------------------------------
+
+    async def protected_resource_metadata(self, http: _Http) -> None:
+        issuer = self.settings.auth_issuer if self.settings.auth == "external" else self.issuer(http)
+        await http.respond_json(200, {
+            "resource": self.resource(http), "authorization_servers": [issuer],
+            "scopes_supported": list(self.settings.scopes), "bearer_methods_supported": ["header"],
+            "resource_name": self.server.name})
+
+    async def server_metadata(self, http: _Http) -> None:
+        if self.settings.auth != "builtin":
+            raise _HttpError(404, "This server does not run an authorization server (MCP_AUTH is not builtin).")
+        issuer = self.issuer(http)
+        await http.respond_json(200, {
+            "issuer": issuer,
+            "authorization_endpoint": issuer + "/authorize",
+            "token_endpoint": issuer + "/token",
+            "registration_endpoint": issuer + "/register",
+            "revocation_endpoint": issuer + "/revoke",
+            "response_types_supported": ["code"],
+            "response_modes_supported": ["query"],
+            "grant_types_supported": ["authorization_code", "refresh_token"],
+            "code_challenge_methods_supported": ["S256"],
+            "token_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+            "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
+            "scopes_supported": list(self.settings.scopes) + ["offline_access"],
+            "client_id_metadata_document_supported": True,
+            "authorization_response_iss_parameter_supported": True,
+            "subject_types_supported": ["public"],
+            "id_token_signing_alg_values_supported": ["HS256"]})
+
+    # -- rate limits -------------------------------------------------------------------------------
+
+    async def _rate_limit(self, http: _Http, route: str) -> None:
+        limit = self.settings.auth_rate_limit
+        if not limit:
+            return
+        client = (http.scope.get("client") or ("unknown",))[0]
+        window = int(_now() // 60)
+        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{window}", 60)
+        if count > limit:
+            raise _HttpError(429, f"Too many requests to {route}; try again in a minute.",
+                             headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
+
+    # -- clients -----------------------------------------------------------------------------------
+
+    async def register(self, http: _Http) -> None:
+        await self._rate_limit(http, "register")
+        try:
+            body = json.loads(await http.read_body(64 * 1024))
+        except (ValueError, UnicodeDecodeError):
+            await self._json_error(http, _OAuthError("invalid_client_metadata", "The body must be a JSON object."))
+            return
+        try:
+            client = self._client_from_registration(body)
+        except _OAuthError as exc:
+            await self._json_error(http, exc)
+            return
+        response = {k: v for k, v in client.items() if k != "secret_hash"}
+        if client["token_endpoint_auth_method"] != "none":
+            secret = secrets.token_urlsafe(32)
+            client["secret_hash"] = _sha256(secret)
+            response["client_secret"] = secret
+            response["client_secret_expires_at"] = 0
+        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client)
+        await http.respond_json(201, response, headers=list(_NO_STORE))
+
+    def _client_from_registration(self, body) -> dict:
+        if not isinstance(body, dict):
+            raise _OAuthError("invalid_client_metadata", "The body must be a JSON object.")
+        uris = body.get("redirect_uris")
+        if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
+            raise _OAuthError("invalid_redirect_uri", "redirect_uris must be a non-empty list of URLs.")
+        for uri in uris:
+            if not _redirect_uri_allowed(uri):
+                raise _OAuthError("invalid_redirect_uri", f"Redirect URI {uri!r} is not allowed: use https, "
+                                  "a loopback http URI, or a private-use scheme.")
+        method = body.get("token_endpoint_auth_method", "none")
+        if method not in ("none", "client_secret_basic", "client_secret_post"):
+            raise _OAuthError("invalid_client_metadata", f"token_endpoint_auth_method {method!r} is not supported.")
+        grants = body.get("grant_types", ["authorization_code", "refresh_token"])
+        if not isinstance(grants, list) or not set(grants) <= {"authorization_code", "refresh_token"}:
+            raise _OAuthError("invalid_client_metadata", "grant_types may hold authorization_code and refresh_token.")
+        kind = body.get("application_type") or (
+            "native" if all(_is_loopback_redirect(u) or not u.startswith("https") for u in uris) else "web")
+        name = body.get("client_name") if isinstance(body.get("client_name"), str) else None
+        return {"client_id": secrets.token_urlsafe(18), "client_id_issued_at": int(_now()),
+                "redirect_uris": uris, "token_endpoint_auth_method": method, "grant_types": grants,
+                "response_types": ["code"], "application_type": kind,
+                **({"client_name": name[:200]} if name else {}),
+                **({"scope": body["scope"]} if isinstance(body.get("scope"), str) else {})}
+
+    async def client(self, client_id) -> dict | None:
+        """A registered client, or a Client ID Metadata Document fetched (and cached) from its URL."""
+        if not isinstance(client_id, str) or not client_id or len(client_id) > 2048:
+            return None
+        store = self.server._hub().store
+        if not client_id.startswith(("https://", "http://")):
+            return await store.get(f"mcp:oauth:client:{client_id}")
+        cache_key = f"mcp:oauth:cimd:{_sha256(client_id)}"
+        cached = await store.get(cache_key)
+        if cached is not None:
+            return cached or None
+        try:
+            document, max_age = await asyncio.get_running_loop().run_in_executor(
+                None, _fetch_client_document, client_id, self.settings.allow_private_fetch)
+        except Exception as exc:
+            log.warning("client metadata document %s refused: %s", client_id, exc)
+            return None
+        uris = document.get("redirect_uris") if isinstance(document, dict) else None
+        if (not isinstance(document, dict) or document.get("client_id") != client_id
+                or not isinstance(uris, list) or not all(isinstance(u, str) and _redirect_uri_allowed(u) for u in uris)):
+            log.warning("client metadata document %s is invalid (client_id must equal its URL)", client_id)
+            return None
+        client = {"client_id": client_id, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+                  "client_name": str(document.get("client_name") or urllib.parse.urlsplit(client_id).hostname)[:200],
+                  "metadata_document": True}
+        if max_age:
+            await store.set(cache_key, client, max_age)
+        return client
+
+    # -- /authorize -------------------------------------------------------------------------------
+
+    async def authorize(self, http: _Http) -> None:
+        await self._rate_limit(http, "authorize")
+        method = http.scope.get("method")
+        if method == "POST":
+            await self._consent_answer(http)
+            return
+        params = {}
+        for key, value in urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1"),
+                                                 keep_blank_values=True):
+            if key in params:
+                await self._error_page(http, "Invalid request", f"The parameter {key} appears more than once.")
+                return
+            params[key] = value
+        client = await self.client(params.get("client_id"))
+        if client is None:
+            await self._error_page(http, "Unknown application",
+                                   "The application that sent you here is not registered with this server. "
+                                   "Go back to it and connect again.")
+            return
+        redirect = params.get("redirect_uri")
+        if redirect is None and len(client["redirect_uris"]) == 1:
+            redirect = client["redirect_uris"][0]
+        if not redirect or not _redirect_matches(redirect, client["redirect_uris"]):
+            await self._error_page(http, "Invalid redirect address",
+                                   "The application asked to send you to an address it did not register, "
+                                   "so this server will not send you there.")
+            return
+        request = {"client_id": client["client_id"], "redirect_uri": redirect, "state": params.get("state"),
+                   "explicit_redirect": "redirect_uri" in params}
+        try:
+            request.update(self._validate_authorization(params, http))
+        except _OAuthError as exc:
+            await self._redirect_error(http, redirect, exc, params.get("state"))
+            return
+        if self.settings.consent == "never" or (
+                self.settings.consent == "remember" and client["client_id"] in self._remembered(http)):
+            await self._approve(http, request)
+            return
+        await self._consent_page(http, client, request)
+
+    def _validate_authorization(self, params: dict, http: _Http) -> dict:
+        if params.get("response_type") != "code":
+            raise _OAuthError("unsupported_response_type", "Only response_type=code is supported.")
+        challenge = params.get("code_challenge")
+        if not challenge:
+            raise _OAuthError("invalid_request", "PKCE is required: send code_challenge with code_challenge_method=S256.")
+        if params.get("code_challenge_method") != "S256":
+            raise _OAuthError("invalid_request", "Only code_challenge_method=S256 is accepted.")
+        if not re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge):
+            raise _OAuthError("invalid_request", "code_challenge must be a base64url SHA-256 digest (43 characters).")
+        resource = params.get("resource") or self.resource(http)
+        if resource.rstrip("/") != self.resource(http):
+            raise _OAuthError("invalid_target", f"This server issues tokens only for {self.resource(http)}.")
+        granted = self._scopes(params.get("scope"))
+        return {"challenge": challenge, "resource": self.resource(http), "scope": granted}
+
+    def _scopes(self, requested: str | None) -> str:
+        allowed = set(self.settings.scopes) | {"offline_access"}
+        wanted = (requested or " ".join(self.settings.scopes)).split()
+        unknown = [s for s in wanted if s not in allowed]
+        if unknown:
+            raise _OAuthError("invalid_scope", f"Unknown scope(s): {', '.join(unknown)}.")
+        return " ".join(s for s in wanted if s != "offline_access") or " ".join(self.settings.scopes)
+
+    def _cookie(self, http: _Http, name: str) -> str | None:
+        raw = http.headers.get("cookie", "")
+        for prefix in ("__Host-", ""):
+            for part in raw.split(";"):
+                key, _, value = part.strip().partition("=")
+                if key == prefix + name:
+                    return value
+        return None
+
+    def _set_cookie(self, http: _Http, name: str, value: str, max_age: int) -> tuple:
+        secure = self.secure(http)
+        text = (f"{'__Host-' if secure else ''}{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}"
+                + ("; Secure" if secure else ""))
+        return (b"set-cookie", text.encode())
+
+    def _remembered(self, http: _Http) -> list:
+        value = self._cookie(http, "mcp_consent")
+        text = self.server.keys.verify(value, "cookie") if value else None
+        return text.split(" ") if text else []
+
+    async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
+        import html
+        keys = await self.server._keyring()
+        csrf = secrets.token_urlsafe(24)
+        sealed = keys.seal({**request, "csrf": csrf, "exp": int(_now()) + 600}, "consent")
+        host = urllib.parse.urlsplit(request["redirect_uri"]).hostname or request["redirect_uri"]
+        verified = (" <span class=ok>(verified: its identity is a web address it controls)</span>"
+                    if client.get("metadata_document") else "")
+        warning = ("<p class=muted>It runs on this computer (a loopback address): approve only if you "
+                   "just started it yourself.</p>") if _is_loopback_redirect(request["redirect_uri"]) else ""
+        body = (f"<p><b>{html.escape(client.get('client_name') or client['client_id'])}</b>{verified} asks "
+                f"to use <b>{html.escape(self.server.name)}</b> on your behalf.</p>"
+                f"<p>It will receive access to: <code>{html.escape(request['scope'])}</code></p>"
+                f"<p class=muted>After you approve, you return to <code>{html.escape(host)}</code>.</p>{warning}"
+                f"<form method=post action='{html.escape(self.issuer(http))}/authorize'>"
+                f"<input type=hidden name=request value='{html.escape(sealed)}'>"
+                f"<input type=hidden name=csrf value='{html.escape(csrf)}'>"
+                "<div class=row><button class=primary name=decision value=approve>Approve</button>"
+                "<button name=decision value=deny>Deny</button></div></form>")
+        headers = _HTML_HEADERS + [self._set_cookie(http, "mcp_csrf", csrf, 600)]
+        await http.respond(200, _html_page("Allow access?", body), "text/html; charset=utf-8", headers)
+
+    async def _consent_answer(self, http: _Http) -> None:
+        fields = _form_fields(await http.read_body(16 * 1024))
+        keys = await self.server._keyring()
+        request = keys.unseal(fields.get("request", ""), "consent")
+        cookie = self._cookie(http, "mcp_csrf") or ""
+        if (request is None or request.get("exp", 0) < _now() or not cookie
+                or not hmac.compare_digest(str(request.get("csrf")), fields.get("csrf", ""))
+                or not hmac.compare_digest(cookie, fields.get("csrf", ""))):
+            await self._error_page(http, "This page has expired",
+                                   "The approval form is stale or did not come from this browser. "
+                                   "Go back to the application and connect again.")
+            return
+        if fields.get("decision") != "approve":
+            await self._redirect_error(http, request["redirect_uri"], _OAuthError(
+                "access_denied", "The user denied the request."), request.get("state"))
+            return
+        remember = None
+        if self.settings.consent == "remember":
+            approved = sorted(set(self._remembered(http)) | {request["client_id"]})[-20:]
+            remember = self._set_cookie(http, "mcp_consent", keys.sign(" ".join(approved), "cookie"), 180 * 86400)
+        await self._approve(http, request, remember)
+
+    async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
+        store = self.server._hub().store
+        sid = secrets.token_urlsafe(24)
+        await store.set(_user_key(sid), {"state": "ANONYMOUS", "client_id": request["client_id"],
+                                         "created": int(_now()), "revoked": []}, self.settings.session_ttl)
+        code = secrets.token_urlsafe(32)
+        await store.set(f"mcp:oauth:code:{_sha256(code)}", {
+            "client_id": request["client_id"], "redirect_uri": request["redirect_uri"],
+            "explicit_redirect": request["explicit_redirect"], "challenge": request["challenge"],
+            "resource": request["resource"], "scope": request["scope"], "sid": sid}, 600)
+        keys = await self.server._keyring()
+        headers = [self._set_cookie(http, "mcp_browser", keys.sign(sid, "cookie"), self.settings.session_ttl)]
+        if extra_cookie:
+            headers.append(extra_cookie)
+        location = _with_query(request["redirect_uri"], {"code": code, "state": request.get("state"),
+                                                         "iss": self.issuer(http)})
+        await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])
+
+    async def _redirect_error(self, http: _Http, redirect: str, error: _OAuthError, state) -> None:
+        location = _with_query(redirect, {"error": error.error, "error_description": error.description,
+                                          "state": state, "iss": self.issuer(http)})
+        await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
+
+    async def _error_page(self, http: _Http, title: str, message: str) -> None:
+        import html
+        await http.respond(400, _html_page(title, f"<p class=bad>{html.escape(message)}</p>"),
+                           "text/html; charset=utf-8", list(_HTML_HEADERS))
+
+    # -- /token and /revoke -----------------------------------------------------------------------
+
+    async def _json_error(self, http: _Http, error: _OAuthError) -> None:
+        headers = list(_NO_STORE)
+        if error.status == 401:
+            headers.append((b"www-authenticate", b'Basic realm="token"'))
+        await http.respond_json(error.status, {"error": error.error, "error_description": error.description},
+                                headers=headers)
+
+    async def _authenticate_client(self, http: _Http, fields: dict) -> dict:
+        basic_id = basic_secret = None
+        header = http.headers.get("authorization", "")
+        if header[:6].lower() == "basic ":
+            try:
+                decoded = base64.b64decode(header[6:], validate=True).decode()
+                basic_id, _, basic_secret = decoded.partition(":")
+                basic_id = urllib.parse.unquote_plus(basic_id)
+                basic_secret = urllib.parse.unquote_plus(basic_secret)
+            except (ValueError, UnicodeDecodeError):
+                raise _OAuthError("invalid_client", "Malformed Basic credentials.", 401) from None
+        client_id = basic_id or fields.get("client_id")
+        if fields.get("client_id") and basic_id and fields["client_id"] != basic_id:
+            raise _OAuthError("invalid_client", "client_id does not match the Basic credentials.", 401)
+        client = await self.client(client_id)
+        if client is None:
+            raise _OAuthError("invalid_client", "Unknown client.", 401)
+        if client["token_endpoint_auth_method"] != "none":
+            secret = basic_secret if basic_id else fields.get("client_secret")
+            if not secret or not hmac.compare_digest(_sha256(secret), client.get("secret_hash", "")):
+                raise _OAuthError("invalid_client", "Client authentication failed.", 401)
+        return client
+
+    async def token(self, http: _Http) -> None:
+        await self._rate_limit(http, "token")
+        try:
+            kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
+            body = await http.read_body(64 * 1024)
+            if kind == "application/json":
+                fields = json.loads(body)
+                if not isinstance(fields, dict):
+                    raise ValueError
+                fields = {k: str(v) for k, v in fields.items()}
+            else:
+                fields = _form_fields(body)
+        except (ValueError, UnicodeDecodeError):
+            await self._json_error(http, _OAuthError("invalid_request", "Send the parameters as a form."))
+            return
+        try:
+            client = await self._authenticate_client(http, fields)
+            grant = fields.get("grant_type")
+            if grant == "authorization_code":
+                answer = await self._code_grant(http, client, fields)
+            elif grant == "refresh_token":
+                answer = await self._refresh_grant(http, client, fields)
+            else:
+                raise _OAuthError("unsupported_grant_type", f"grant_type {grant!r} is not supported.")
+        except _OAuthError as exc:
+            await self._json_error(http, exc)
+            return
+        await http.respond_json(200, answer, headers=list(_NO_STORE))
+
+    async def _code_grant(self, http: _Http, client: dict, fields: dict) -> dict:
+        store = self.server._hub().store
+        code = fields.get("code", "")
+        code_hash = _sha256(code)
+        grant = await store.take(f"mcp:oauth:code:{code_hash}")
+        if grant is None:
+            used = await store.take(f"mcp:oauth:used:{code_hash}")
+            if used is not None:  # a replayed code: revoke everything it issued
+                await store.delete(_user_key(used["sid"]))
+                log.warning("authorization code replayed: its session and tokens were revoked")
+            raise _OAuthError("invalid_grant", "The authorization code is invalid, expired or already used.")
+        if grant["client_id"] != client["client_id"]:
+            raise _OAuthError("invalid_grant", "The code was issued to another client.")
+        redirect = fields.get("redirect_uri")
+        if (redirect or grant["explicit_redirect"]) and redirect != grant["redirect_uri"]:
+            raise _OAuthError("invalid_grant", "redirect_uri does not match the authorization request.")
+        verifier = fields.get("code_verifier", "")
+        if not re.fullmatch(r"[A-Za-z0-9._~-]{43,128}", verifier):
+            raise _OAuthError("invalid_grant", "code_verifier must be 43-128 characters of [A-Za-z0-9._~-].")
+        digest = _b64url(hashlib.sha256(verifier.encode()).digest())
+        if not hmac.compare_digest(digest, grant["challenge"]):
+            raise _OAuthError("invalid_grant", "code_verifier does not match the code_challenge.")
+        resource = fields.get("resource")
+        if resource and resource.rstrip("/") != grant["resource"]:
+            raise _OAuthError("invalid_target", "resource does not match the authorization request.")
+        await store.set(f"mcp:oauth:used:{code_hash}", {"sid": grant["sid"]}, 600)
+        return await self._issue(http, client, grant["sid"], grant["scope"], grant["resource"], family=None)
+
+    async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family) -> dict:
+        import jwt
+        keys = await self.server._keyring()
+        now = int(_now())
+        claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
+                  "jti": secrets.token_urlsafe(12), "iat": now, "nbf": now, "exp": now + self.settings.token_ttl,
+                  "scope": scope, "client_id": client["client_id"]}
+        access = jwt.encode(claims, keys.token_key, algorithm="HS256", headers={"kid": keys.kid, "typ": "at+jwt"})
+        answer = {"access_token": access, "token_type": "Bearer", "expires_in": self.settings.token_ttl,
+                  "scope": scope}
+        if "refresh_token" in client.get("grant_types", ["refresh_token"]):
+            answer["refresh_token"] = await self._new_refresh(client, sid, scope, resource, family)
+        return answer
+
+    async def _new_refresh(self, client: dict, sid: str, scope: str, resource: str, family) -> str:
+        """A new refresh token; ``family`` is ``(id, hash of the token it replaces)`` or None."""
+        store, ttl = self.server._hub().store, self.settings.refresh_ttl
+        token = secrets.token_urlsafe(32)
+        token_hash = _sha256(token)
+        family_id, replaced = family if family else (secrets.token_urlsafe(12), None)
+        await store.set(f"mcp:oauth:rt:{token_hash}", {"family": family_id, "client_id": client["client_id"],
+                                                       "sid": sid, "scope": scope, "resource": resource}, ttl)
+        await store.set(f"mcp:oauth:family:{family_id}", {"id": family_id, "current": token_hash,
+                                                          "previous": replaced, "sid": sid}, ttl)
+        return token
+
+    async def _refresh_grant(self, http: _Http, client: dict, fields: dict) -> dict:
+        """Rotate: the presented token must be the family's newest, or the one it replaced as long
+        as that replacement was never used (a client retrying a lost answer).  Anything older is
+        reuse: the family and its session are revoked."""
+        store = self.server._hub().store
+        token_hash = _sha256(fields.get("refresh_token", ""))
+        record = await store.get(f"mcp:oauth:rt:{token_hash}")
+        if record is None or record["client_id"] != client["client_id"]:
+            raise _OAuthError("invalid_grant", "The refresh token is invalid, expired or revoked.")
+        family = await store.get(f"mcp:oauth:family:{record['family']}")
+        session = await store.get(_user_key(record["sid"]))
+        if family is None or session is None:
+            raise _OAuthError("invalid_grant", "The refresh token was revoked (or its session ended).")
+        if token_hash == family.get("previous"):
+            await store.delete(f"mcp:oauth:rt:{family['current']}")  # the unused replacement goes
+        elif token_hash != family["current"]:
+            await self._revoke_family(family)
+            log.warning("refresh token reuse detected: the token family and its session were revoked")
+            raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
+        scope = record["scope"]
+        if fields.get("scope"):
+            narrower = self._scopes(fields["scope"]).split()
+            if not set(narrower) <= set(scope.split()):
+                raise _OAuthError("invalid_scope", "A refresh cannot widen the granted scope.")
+            scope = " ".join(narrower)
+        await store.set(_user_key(record["sid"]), session, self.settings.session_ttl)  # activity
+        return await self._issue(http, client, record["sid"], scope, record["resource"],
+                                 family=(family["id"], token_hash))
+
+    async def _revoke_family(self, family: dict) -> None:
+        store = self.server._hub().store
+        await store.delete(f"mcp:oauth:family:{family['id']}")
+        for key in ("current", "previous"):
+            if family.get(key):
+                await store.delete(f"mcp:oauth:rt:{family[key]}")
+        await store.delete(_user_key(family["sid"]))
+
+    async def revoke(self, http: _Http) -> None:
+        try:
+            fields = _form_fields(await http.read_body(16 * 1024))
+            await self._authenticate_client(http, fields)
+        except _OAuthError as exc:
+            await self._json_error(http, exc)
+            return
+        token = fields.get("token", "")
+        store = self.server._hub().store
+        record = await store.get(f"mcp:oauth:rt:{_sha256(token)}")
+        if record is not None:
+            family = await store.get(f"mcp:oauth:family:{record['family']}")
+            if family:
+                await self._revoke_family(family)
+            await store.delete(f"mcp:oauth:rt:{_sha256(token)}")
+        else:
+            claims = await self._decode(http, token, verify_exp=False)
+            if claims is not None:
+                session = await store.get(_user_key(claims["sid"]))
+                if session is not None:
+                    revoked = (session.get("revoked", []) + [claims["jti"]])[-100:]
+                    await store.set(_user_key(claims["sid"]), {**session, "revoked": revoked},
+                                    self.settings.session_ttl)
+        await http.respond(200, headers=list(_NO_STORE))  # RFC 7009: 200 whatever the token was
+
+    # -- the protected resource --------------------------------------------------------------------
+
+    async def _decode(self, http: _Http, token: str, verify_exp: bool = True) -> dict | None:
+        import jwt
+        keys = await self.server._keyring()
+        candidates = [keys.token_key]
+        if self.settings.previous_secret:
+            candidates.append(_KeyRing(self.settings.previous_secret).token_key)
+        for key in candidates:
+            try:
+                return jwt.decode(token, key, algorithms=["HS256"], audience=self.resource(http),
+                                  issuer=self.issuer(http),
+                                  options={"require": ["exp", "iat", "sub", "jti", "aud", "iss"],
+                                           "verify_exp": verify_exp})
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError:
+                return None
+        return None
+
+    def _challenge(self, http: _Http, error: str | None, description: str, status: int = 401) -> _HttpError:
+        parts = [f'resource_metadata="{self.metadata_url(http)}"', f'scope="{" ".join(self.settings.scopes)}"']
+        if error:
+            parts.insert(0, f'error="{error}", error_description="{description}"')
+        return _HttpError(status, f"{'Unauthorized' if status == 401 else 'Forbidden'}: {description}",
+                          headers=((b"www-authenticate", ("Bearer " + ", ".join(parts)).encode()),))
+
+    async def authenticate(self, http: _Http) -> str | None:
+        """The principal of a protected request, or a 401/403 challenge."""
+        if self.settings.auth == "none":
+            return None
+        header = http.headers.get("authorization", "")
+        if header[:7].lower() != "bearer " or not header[7:].strip():
+            raise self._challenge(http, None, "this endpoint needs a bearer token (OAuth 2.1); "
+                                  "see the resource metadata for how to get one")
+        token = header[7:].strip()
+        if self.settings.auth == "external":
+            claims = await self._decode_external(http, token)
+            if claims is None:
+                raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server")
+            return f"ext:{claims['sub']}"
+        claims = await self._decode(http, token)
+        if claims is None:
+            raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server")
+        session = await self.server._hub().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
+        if session is None or claims["jti"] in session.get("revoked", ()):
+            raise self._challenge(http, "invalid_token", "the token was revoked or its session ended")
+        granted = set(str(claims.get("scope", "")).split())
+        if not set(self.settings.scopes) & granted and self.settings.scopes:
+            raise self._challenge(http, "insufficient_scope", "the token lacks the scope this server needs", 403)
+        return claims["sid"]
+
+    async def _decode_external(self, http: _Http, token: str) -> dict | None:
+        import jwt
+        settings = self.settings
+        try:
+            if settings.auth_secret:
+                key, algorithms = settings.auth_secret, ["HS256"]
+            else:
+                if getattr(self, "_jwks", None) is None:
+                    self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5)
+                signing = await asyncio.get_running_loop().run_in_executor(
+                    None, self._jwks.get_signing_key_from_jwt, token)
+                key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
+            return jwt.decode(token, key, algorithms=algorithms, audience=self.resource(http),
+                              issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
+        except Exception:
+            return None
+
+
+def _user_key(sid: str) -> str:
+    return f"mcp:{{{sid}}}:user"
 
 
 # ==== 8. ASGI app ===============================================================================
@@ -4043,6 +4836,7 @@ class _App:
 
     def __init__(self, server: MCPServer):
         self.server = server
+        self.oauth = _OAuth(server)
         self.streamable = _StreamableHTTP(server)
         self.legacy_sse = _LegacySSE(server)
         self.direct = _DirectHTTP(server)
@@ -4071,14 +4865,16 @@ class _App:
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
-    def _check_origin(self, http: _Http) -> list:
-        """CORS headers for an allowed Origin; raises 403 for a foreign one."""
+    def _check_origin(self, http: _Http, path: str) -> list:
+        """CORS headers for an allowed Origin; raises 403 for a foreign one.  The browser pages of
+        the authorization server also accept their own origin (a form posting to itself)."""
         origin = http.headers.get("origin")
         if origin is None:
             return []
         allowed = self.server.settings.allowed_origins
         ok = "*" in allowed or origin in allowed or (
-            origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
+            origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname)) or (
+            path in _OAUTH_BROWSER_PATHS and origin == self.oauth.origin(http))
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
@@ -4125,7 +4921,7 @@ class _App:
         try:
             await self.server._ready()
             self._check_host(http)
-            http.extra_headers = self._check_origin(http)
+            http.extra_headers = self._check_origin(http, path)
             if method == "OPTIONS":
                 await http.respond(204, headers=[
                     (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
@@ -4161,6 +4957,30 @@ class _App:
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
         mcp_path = self.server.settings.mcp_path
+        auth = self.server.settings.auth
+        if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
+            http.principal = await self.oauth.authenticate(http)
+        elif path.startswith("/.well-known/") or path.endswith("/.well-known/openid-configuration"):
+            _require_method(method, "GET", path)
+            if path.startswith("/.well-known/oauth-protected-resource") and auth != "none":
+                await self.oauth.protected_resource_metadata(http)
+            elif path.startswith(("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration")) \
+                    or path.endswith("/.well-known/openid-configuration"):
+                await self.oauth.server_metadata(http)
+            else:
+                raise _HttpError(404, f"Not Found: {path}.")
+            return
+        elif path in ("/authorize", "/token", "/register", "/revoke") and auth == "builtin":
+            if path == "/authorize":
+                if method not in ("GET", "POST"):
+                    raise _HttpError(405, "Method Not Allowed: /authorize takes GET and POST.",
+                                     headers=[(b"allow", b"GET, POST")])
+                await self.oauth.authorize(http)
+            else:
+                _require_method(method, "POST", path)
+                await {"/token": self.oauth.token, "/register": self.oauth.register,
+                       "/revoke": self.oauth.revoke}[path](http)
+            return
         if path in (mcp_path, mcp_path + "/"):
             handler = {"POST": self.streamable.post, "GET": self.streamable.get,
                        "DELETE": self.streamable.delete}.get(method)
@@ -4743,6 +5563,9 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     port = listener.sockets[0].getsockname()[1]
     host = settings.host if ":" not in settings.host else f"[{settings.host}]"
     store_name = server.store.name if server is not None and server.store is not None else "memory"
+    if settings.auth == "none" and not _is_loopback(settings.host):
+        log.warning("AUTHENTICATION IS OFF (MCP_AUTH=none) while listening on %s: anyone who can reach "
+                    "this port can use every tool", settings.host)
     worker = os.environ.get("MCP_WORKER_ID")
     if worker in (None, "0"):
         print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "

@@ -22,10 +22,12 @@ from typing import Annotated
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from mcp_server import (  # noqa: E402
-    Audio, Context, EmbeddedResource, Image, MCPServer, Param, RpcError, ToolError,
+    Audio, Context, EmbeddedResource, Image, MCPServer, Param, RpcError, Settings, ToolError,
 )
 
-server = MCPServer("mcp-conformance-test-server", version="1.0.0")
+# The conformance suite drives the MCP endpoint without OAuth, so this fixture turns auth off
+# (flags and environment can still turn it on: MCP_AUTH=builtin).
+server = MCPServer("mcp-conformance-test-server", version="1.0.0", settings=Settings(auth="none"))
 
 # --- Fixture data ---------------------------------------------------------------------------
 
