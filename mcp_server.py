@@ -246,6 +246,23 @@ _SETTING_SPECS = (
      "let client metadata documents be fetched from private/loopback addresses and http (tests only)"),
     ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
      "requests per minute per client IP to /authorize, /token and /register (0: no limit)"),
+    ("upstream_authorize_url", None, ("UPSTREAM_AUTHORIZE_URL",), str, "",
+     "login: the upstream provider's OAuth authorize URL (unset: the built-in sandbox provider)"),
+    ("upstream_token_url", None, ("UPSTREAM_TOKEN_URL",), str, "", "login: the provider's token URL"),
+    ("upstream_revoke_url", None, ("UPSTREAM_REVOKE_URL",), str, "", "login: the provider's revocation URL"),
+    ("upstream_client_id", None, ("UPSTREAM_CLIENT_ID",), str, "", "login: this server's client id there"),
+    ("upstream_client_secret", None, ("UPSTREAM_CLIENT_SECRET",), str, "",
+     "login: this server's client secret there (may be enc:...)"),
+    ("upstream_scopes", None, ("UPSTREAM_SCOPES",), str, "", "login: scopes to ask the provider for"),
+    ("upstream_api_base", None, ("UPSTREAM_API_BASE",), str, "", "login: base URL of the provider's API"),
+    ("service_paths", None, ("SERVICE_PATHS",), _csv, ("profile", "holdings", "positions", "orders"),
+     "API paths the service tool may call (GET), relative to UPSTREAM_API_BASE"),
+    ("mask_fields", None, ("MASK_FIELDS",), _csv, (), "more field names to mask in tool results"),
+    ("encryption_key", None, ("ENCRYPTION_KEY",), str, "",
+     "32-byte key (base64 or hex) for credentials at rest and enc: settings"),
+    ("previous_encryption_keys", None, ("ENCRYPTION_KEY_PREVIOUS",), _csv, (),
+     "older ENCRYPTION_KEY values, still accepted for decryption"),
+    ("encryption_iv", None, ("ENCRYPTION_IV",), str, "", "the seed's fixed IV: accepted and ignored"),
     ("redis_url", "--redis-url", ("REDIS_URL", "MCP_REDIS_URL"), str, "",
      "keep state in Redis (redis://, rediss://, unix://); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
      "REDIS_DB work too"),
@@ -302,6 +319,18 @@ class Settings:
     auth_secret: str = ""
     allow_private_fetch: bool = False
     auth_rate_limit: int = 60
+    upstream_authorize_url: str = ""
+    upstream_token_url: str = ""
+    upstream_revoke_url: str = ""
+    upstream_client_id: str = ""
+    upstream_client_secret: str = ""
+    upstream_scopes: str = ""
+    upstream_api_base: str = ""
+    service_paths: tuple = ("profile", "holdings", "positions", "orders")
+    mask_fields: tuple = ()
+    encryption_key: str = ""
+    previous_encryption_keys: tuple = ()
+    encryption_iv: str = ""
     redis_url: str = ""
     redis_cluster: bool = False
     store_timeout: float = 2.0
@@ -331,6 +360,18 @@ class Settings:
         for attr, flag, *_ in _SETTING_SPECS:
             if flag and getattr(args, attr, None) is not None:
                 values[attr] = getattr(args, attr)
+        encrypted = [a for a, v in values.items() if isinstance(v, str) and v.startswith("enc:")]
+        if encrypted:
+            if not values.get("encryption_key") or values["encryption_key"].startswith("enc:"):
+                raise SystemExit(f"{prog}: error: {', '.join(encrypted)} is encrypted (enc:...) but "
+                                 "ENCRYPTION_KEY is not set")
+            vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
+            for attr in encrypted:
+                plain = vault.decrypt(values[attr][4:], b"config")
+                if plain is None:
+                    raise SystemExit(f"{prog}: error: the encrypted value of {attr} does not decrypt with "
+                                     "ENCRYPTION_KEY (wrong key, or altered)")
+                values[attr] = plain
         settings = cls(**values)
         settings.validate(prog)
         return settings
@@ -966,6 +1007,51 @@ class _KeyRing:
             return None
 
 
+def _parse_key(text: str, prog: str = "mcp_server") -> bytes:
+    """A 32-byte key given as hex (64 characters) or base64 (standard or URL-safe)."""
+    text = text.strip()
+    try:
+        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+            return bytes.fromhex(text)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None,
+                               validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise SystemExit(f"{prog}: error: ENCRYPTION_KEY must be 32 bytes, as 64 hex digits or base64 "
+                         "(make one: python -c \"import secrets;print(secrets.token_hex(32))\")")
+    return raw
+
+
+class _Vault:
+    """Credentials at rest: AES-256-GCM, a random nonce per value, associated data that binds a
+    ciphertext to its owner (a session id), and a key id so that old keys still decrypt."""
+
+    def __init__(self, key: str | bytes | None, previous: typing.Iterable = (), prog: str = "mcp_server"):
+        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        self.ephemeral = not key
+        raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key, prog))
+        self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
+        self._ciphers = {self.kid: AESGCM(raw)}
+        for old in previous:
+            old_raw = _parse_key(old, prog)
+            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], AESGCM(old_raw))
+
+    def encrypt(self, plain: str, associated: bytes) -> str:
+        nonce = secrets.token_bytes(12)
+        return f"v1.{self.kid}.{_b64url(nonce + self._ciphers[self.kid].encrypt(nonce, plain.encode(), associated))}"
+
+    def decrypt(self, token: str, associated: bytes) -> str | None:
+        try:
+            version, kid, body = token.split(".")
+            raw = _unb64url(body)
+            if version != "v1" or kid not in self._ciphers or len(raw) < 28:
+                return None
+            return self._ciphers[kid].decrypt(raw[:12], raw[12:], associated).decode()
+        except Exception:
+            return None
+
+
 # ==== 4. Registry and schemas ===================================================================
 #
 # Rules:
@@ -1535,6 +1621,8 @@ class _Tool(_Callable):
         if task not in (None, "optional", "required"):
             raise ValueError(f"tool {name!r}: task must be None, 'optional' or 'required'")
         self.task = task
+        self.login_required = False
+        self.mask = None  # None: no masking; else extra field names on top of the defaults
         self.input_schema = input_schema or self._derive_input_schema()
         if self.input_schema.get("type") != "object":
             raise ValueError(f"tool {name!r}: inputSchema must have type 'object' at its root")
@@ -1785,12 +1873,12 @@ class Context:
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
                  "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
-                 "_task", "_log_threshold", "_task_run")
+                 "_task", "_log_threshold", "_task_run", "base_url")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
                  version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
                  session_id: str | None = None, session: dict | None = None, out=None,
-                 principal: str | None = None):
+                 principal: str | None = None, base_url: str | None = None):
         self.server = server
         self.method = method
         self.params = params
@@ -1803,6 +1891,7 @@ class Context:
         self.session_id = session_id
         self.session = session
         self.principal = principal
+        self.base_url = base_url  # this server's external address, for links a tool hands out
         self._out = out
         self._answers: dict = {}
         self._responses: dict = {}
@@ -1906,6 +1995,14 @@ class Context:
         elif missing:
             raise _InputRequired(missing)
         return answers
+
+    async def credentials(self) -> dict:
+        """The signed-in user's upstream tokens (decrypted), or a ToolError telling them to log in."""
+        return await self.server._login_flow().credentials(self)
+
+    async def upstream(self, path: str, params: dict | None = None):
+        """GET ``path`` from the upstream API as the signed-in user (refreshing the token once)."""
+        return await self.server._login_flow().api_get(self, path, params)
 
     async def run_as_task(self) -> None:
         """Continue this call as a task (for tools registered with ``task_start="explicit"``).
@@ -2152,24 +2249,35 @@ class MCPServer:
         self._keys: _KeyRing | None = None
         self._runtime = None  # the _Hub, made on first use inside a running loop
         self._app = None
+        self._login = None  # the _Login flow, once add_login_tools() ran
+        self._local_base = None  # http://127.0.0.1:<port> of the listener, for calls to ourselves
 
     # -- registration ------------------------------------------------------------------------
 
     def tool(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
-             task_start: str = "call"):
+             task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
         extension run the call as a task (``tasks/get`` to poll, ``tasks/update`` to answer
         questions, ``tasks/cancel``).  The task starts with the call, or, with
         ``task_start="explicit"``, where the tool calls ``await ctx.run_as_task()`` (its asks
-        before that point are ordinary input rounds)."""
+        before that point are ordinary input rounds).
+
+        ``login_required=True`` refuses the call (as a tool error) until the user logged in to
+        the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
+        and any names given; login-required tools mask by default, ``mask=False`` turns it off)."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
                          output_schema=output_schema, meta=meta, task=task, task_start=task_start)
+            tool.login_required = login_required
+            if mask is False or (mask is None and not login_required):
+                tool.mask = None
+            else:
+                tool.mask = frozenset() if mask in (None, True) else frozenset(f.lower() for f in mask)
             self._tools[tool.name] = tool
             self._changed("tools")
             return fn
@@ -2215,6 +2323,58 @@ class MCPServer:
             self._completions[(ref_type, ref)] = _Callable(fn)
             return fn
         return register
+
+    def _login_flow(self) -> "_Login":
+        if self._login is None:
+            raise ToolError("This server has no upstream login (call server.add_login_tools()).")
+        return self._login
+
+    def add_login_tools(self) -> None:
+        """Add the upstream login flow: the ``login``, ``logout``, ``profile``, ``holdings``,
+        ``orders`` and ``service`` tools, the /login and /redirect pages, and (when no
+        UPSTREAM_* provider is configured) the sandbox provider under /sandbox/."""
+        self._login = _Login(self)
+        flow = self._login
+
+        @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
+        async def login(ctx: Context) -> dict:
+            """Start signing in to your account at the upstream provider: returns a link to open in
+            your browser and a pairing code to enter there if asked."""
+            started = await flow.start(ctx)
+            if not ctx.modern and ctx.supports("elicitation.url"):
+                await ctx.elicit_url("Sign in to your account in the browser (pairing code "
+                                     f"{started['pairing_code']}).", started["url"])
+            return {"__mcp_result__": True, "structuredContent": started, "content": [{
+                "type": "text", "text": f"Open {started['url']} and, if asked, enter the pairing code "
+                                        f"{started['pairing_code']}. The link works for 10 minutes."}]}
+
+        @self.tool(title="Log out of the upstream account", annotations={"destructiveHint": False})
+        async def logout(ctx: Context) -> str:
+            """Sign out of the upstream account: revokes its tokens and deletes the stored credentials."""
+            return await flow.logout(ctx)
+
+        @self.tool(title="Account profile", login_required=True, annotations={"readOnlyHint": True})
+        async def profile(ctx: Context) -> dict:
+            """Your account profile at the upstream provider (identifiers masked)."""
+            return await ctx.upstream("profile")
+
+        @self.tool(title="Holdings", login_required=True, annotations={"readOnlyHint": True})
+        async def holdings(ctx: Context) -> dict:
+            """The securities held in your account, with quantities and prices."""
+            return await ctx.upstream("holdings")
+
+        @self.tool(title="Orders", login_required=True, annotations={"readOnlyHint": True})
+        async def orders(ctx: Context) -> dict:
+            """Today's orders in your account and their status."""
+            return await ctx.upstream("orders")
+
+        allowed = ", ".join(self.settings.service_paths)
+
+        @self.tool(title="Upstream API", login_required=True, annotations={"readOnlyHint": True},
+                   description=f"Call an allowed path of the upstream API (GET) and return its data. "
+                               f"Allowed paths: {allowed}.")
+        async def service(path: str, ctx: Context, params: dict[str, str] | None = None) -> dict:
+            return await ctx.upstream(_service_path(path, self.settings.service_paths), params)
 
     def add_middleware(self, hook) -> None:
         """Add ``async def hook(ctx, call_next)`` around every MCP request; outermost first."""
@@ -2520,11 +2680,16 @@ class MCPServer:
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
         limit = self.settings.tool_timeout
         try:
+            if tool.login_required:
+                await ctx.credentials()  # a tool error telling the user to log in, if they did not
             if limit:
                 async with asyncio.timeout(limit):
                     value = await tool.invoke(arguments, ctx)
             else:
                 value = await tool.invoke(arguments, ctx)
+            if tool.mask is not None:
+                value = _mask(_plain(value), _DEFAULT_MASK_FIELDS | tool.mask |
+                              {f.lower() for f in self.settings.mask_fields})
             return _to_call_result(value, tool)
         except ToolError as exc:
             return _tool_error(str(exc) or f"Tool {tool.name} failed.")
@@ -3131,7 +3296,7 @@ class _Http:
     """One HTTP exchange seen through ASGI, with the helpers every transport needs."""
 
     __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal")
+                 "_callbacks", "_watcher", "_native", "principal", "base")
 
     def __init__(self, scope, receive, send, extra_headers: list):
         self.scope, self.receive, self.send = scope, receive, send
@@ -3147,6 +3312,7 @@ class _Http:
         self._watcher = None
         self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
+        self.base = None  # this server's external base URL as the client sees it
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -3473,7 +3639,7 @@ class _StreamableHTTP:
             await http.respond_json(exc.status, _error_response(request_id, exc))
             return
         ctx = Context(server, message["method"], message.get("params") or {}, request_id,
-                      version=version, modern=True, capabilities=caps, principal=http.principal)
+                      version=version, modern=True, capabilities=caps, principal=http.principal, base_url=http.base)
         if kind == "notification":
             await server._respond(ctx)
             await http.respond(202)
@@ -3533,7 +3699,7 @@ class _StreamableHTTP:
         version = session["v"] if session else LATEST_LEGACY
         ctx = Context(server, method, message.get("params") or {}, request_id, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
-                      principal=http.principal)
+                      principal=http.principal, base_url=http.base)
         if kind == "notification":
             await server._respond(ctx)
             await http.respond(202)
@@ -3591,7 +3757,7 @@ class _StreamableHTTP:
                 continue
             ctx = Context(server, message["method"], message.get("params") or {}, message.get("id"),
                           version=session["v"], capabilities=session.get("caps"), session_id=session_id,
-                          session=session, principal=http.principal)
+                          session=session, principal=http.principal, base_url=http.base)
             response, _status = await server._respond(ctx)
             if ctx._session_changed:
                 session = ctx.session
@@ -3830,17 +3996,17 @@ class _LegacySSE:
         if session is None and message.get("method") not in ("initialize", "ping"):
             raise _HttpError(400, "Bad Request: send initialize first.", request_id=message.get("id"))
         await http.respond(202)
-        hub.spawn(self._process(session_id, session, message, kind, http.principal))
+        hub.spawn(self._process(session_id, session, message, kind, http.principal, http.base))
 
     async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
-                       principal: str | None) -> None:
+                       principal: str | None, base_url: str | None) -> None:
         server, hub = self.server, self.server._hub()
         channel = _SessionChannel(hub, session_id)
         version = session["v"] if session else LATEST_LEGACY
         ctx = Context(server, message["method"], message.get("params") or {},
                       message.get("id") if kind == "request" else None, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
-                      out=channel, principal=principal)
+                      out=channel, principal=principal, base_url=base_url)
         hub.track(ctx)
         try:
             response, _status = await server._respond(ctx)
@@ -3889,7 +4055,7 @@ class _DirectHTTP:
             version = header_version if header_version in LEGACY_VERSIONS else LATEST_LEGACY
             caps, modern = {}, False
         ctx = Context(server, message["method"], message.get("params") or {}, message["id"],
-                      version=version, modern=modern, capabilities=caps, principal=http.principal)
+                      version=version, modern=modern, capabilities=caps, principal=http.principal, base_url=http.base)
         response, status = await server._respond(ctx)
         if not short:
             await http.respond_json(status, response)
@@ -3918,6 +4084,7 @@ class _Stdio:
 
     def __init__(self, server: MCPServer, stdin=None, stdout_fd: int | None = None):
         self.server = server
+        self.uid = "stdio:" + secrets.token_urlsafe(12)  # the local user this process serves
         self.session: dict | None = None
         self.tasks: dict = {}
         self._stdin = stdin
@@ -4030,7 +4197,8 @@ class _Stdio:
             except RpcError as exc:
                 return self._answer(_error_response(request_id, exc), batch) if kind == "request" else None
             ctx = Context(self.server, message["method"], message.get("params") or {}, request_id,
-                          version=version, modern=True, capabilities=caps, session_id=self.SESSION, out=self)
+                          version=version, modern=True, capabilities=caps, session_id=self.SESSION, out=self,
+                          principal=self.uid, base_url=self.server._local_base)
         else:
             method = message["method"]
             if self.session is None and method not in ("initialize", "ping", "server/discover") and kind == "request":
@@ -4039,7 +4207,8 @@ class _Stdio:
             version = self.session["v"] if self.session else LATEST_LEGACY
             ctx = Context(self.server, method, message.get("params") or {}, request_id if kind == "request" else None,
                           version=version, capabilities=(self.session or {}).get("caps"),
-                          session_id=self.SESSION, session=self.session, out=self)
+                          session_id=self.SESSION, session=self.session, out=self, principal=self.uid,
+                          base_url=self.server._local_base)
         if kind == "notification" or batch or ctx.method not in _CONCURRENT_METHODS:
             return await self._run(ctx, batch)  # cheap and ordered: initialize, lists, ping...
         task = asyncio.get_running_loop().create_task(self._run(ctx, batch))
@@ -4102,7 +4271,7 @@ _HTML_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-contro
                  (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
                                               b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")]
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-_OAUTH_BROWSER_PATHS = ("/authorize",)
+_OAUTH_BROWSER_PATHS = ("/authorize", "/login/", "/sandbox/authorize")
 
 
 def _sha256(text: str) -> str:
@@ -4801,6 +4970,484 @@ def _user_key(sid: str) -> str:
     return f"mcp:{{{sid}}}:user"
 
 
+# ---- The upstream login flow --------------------------------------------------------------------
+#
+# Rules:
+# - The LLM never sees the user's upstream password, tokens or raw identifiers: the user signs in
+#   to the provider in a browser, this server exchanges the code server-side, keeps the tokens
+#   encrypted in the user's session (AES-256-GCM, the session id as associated data), and masks
+#   sensitive fields in every result of a login tool.
+# - A login link opens our own page first.  A browser that is not the one that authorized the
+#   MCP client must enter the pairing code the login tool showed in the client (five tries),
+#   so a link forwarded by someone else cannot attach the victim's account to the sender's
+#   session (the phishing defence of URL-mode elicitation).
+# - Every state is single use with a 10-minute life, and bound to the browser by a cookie.
+#   Codes, tokens and the /redirect query string never reach a log.
+#
+# Theory of operation: ``login`` stores a transaction ``mcp:login:{tx}`` (user, pairing-code hash,
+# tries) and returns ``/login/{tx}``.  That page (after the pairing code, when needed) stores a
+# state ``mcp:login:state:{state}`` (tx, user, PKCE verifier, browser nonce), sets the nonce
+# cookie and redirects to the provider.  ``/redirect`` takes the state atomically, checks the
+# cookie, exchanges the code, and writes the encrypted credentials into ``mcp:{user}:user``.
+
+_DEFAULT_MASK_FIELDS = frozenset((
+    "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
+    "user_id", "userid", "customer_id", "customerid", "pan", "pan_number", "email", "email_id", "mail",
+    "phone", "phone_number", "mobile", "mobile_number", "bank_account", "bank_account_number",
+    "bankaccount", "demat_id", "dp_id", "aadhaar", "ssn"))
+_PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+
+
+def _mask_text(value) -> str:
+    text = str(value)
+    return "X" * len(text) if len(text) <= 4 else "X" * (len(text) - 4) + text[-4:]
+
+
+def _mask(value, fields: frozenset):
+    """Mask the named fields (any depth, case-insensitive, ``-`` same as ``_``), keeping the last 4."""
+    if isinstance(value, dict):
+        return {k: (_mask_text(v) if v is not None and not isinstance(v, (dict, list))
+                    and str(k).lower().replace("-", "_") in fields else _mask(v, fields))
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v, fields) for v in value]
+    return value
+
+
+def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict | None = None,
+               timeout: float = 10.0) -> tuple:
+    """One HTTP request from a worker thread, no redirects followed: (status, parsed JSON or None)."""
+    import urllib.error
+    import urllib.request
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *args, **kwargs):
+            return None
+
+    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    request = urllib.request.Request(url, data=data, method=method, headers={
+        "Accept": "application/json", "User-Agent": "mcp_server", **(headers or {}),
+        **({"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {})})
+    try:
+        response = urllib.request.build_opener(NoRedirect).open(request, timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        response = exc
+    body = response.read(1024 * 1024 + 1)
+    try:
+        parsed = json.loads(body) if body and len(body) <= 1024 * 1024 else None
+    except ValueError:
+        parsed = None
+    return response.status, parsed
+
+
+class _NotLoggedIn(ToolError):
+    def __init__(self, detail: str = ""):
+        super().__init__("Not logged in" + (f" ({detail})" if detail else "") +
+                         ": call the login tool, open the link it returns, and sign in.")
+
+
+class _Login:
+    """The login flow and the upstream API client of one MCPServer."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+        self._vault = None
+
+    @property
+    def settings(self) -> Settings:
+        return self.server.settings
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def sandbox(self) -> bool:
+        return not self.settings.upstream_authorize_url
+
+    def vault(self) -> _Vault:
+        if self._vault is None:
+            settings = self.settings
+            if settings.encryption_iv:
+                log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
+                            "nonce for every value")
+            if not settings.encryption_key:
+                if settings.redis_url:
+                    raise RpcError(INTERNAL_ERROR, "ENCRYPTION_KEY is not set: credentials cannot be stored "
+                                   "in a shared store without it.", status=503)
+                log.warning("ENCRYPTION_KEY is not set: using a key that lives only in this process "
+                            "(logins end when it stops)")
+            self._vault = _Vault(settings.encryption_key or None, settings.previous_encryption_keys)
+        return self._vault
+
+    def provider(self, base: str) -> dict:
+        """Where the provider is: browser-facing URLs use ``base``; server-side calls use loopback."""
+        settings = self.settings
+        if not self.sandbox:
+            return {"authorize": settings.upstream_authorize_url, "token": settings.upstream_token_url,
+                    "revoke": settings.upstream_revoke_url, "api": settings.upstream_api_base.rstrip("/"),
+                    "client_id": settings.upstream_client_id, "secret": settings.upstream_client_secret,
+                    "scopes": settings.upstream_scopes}
+        local = self.server._local_base or base
+        return {"authorize": base + "/sandbox/authorize", "token": local + "/sandbox/token",
+                "revoke": local + "/sandbox/revoke", "api": local + "/sandbox/api",
+                "client_id": "sandbox-client", "secret": "sandbox-secret", "scopes": "read"}
+
+    # -- the user's record ---------------------------------------------------------------------
+
+    def user_id(self, ctx: Context) -> str:
+        if ctx.principal:
+            return ctx.principal
+        if ctx.session_id and ctx.session_id != _Stdio.SESSION:
+            return "session:" + ctx.session_id
+        raise ToolError("Logging in needs a signed-in client (OAuth) or an MCP session; this request has neither.")
+
+    async def _user(self, uid: str) -> dict:
+        store = self.server._hub().store
+        return await store.get_touch(_user_key(uid), self.settings.session_ttl) or {"state": "ANONYMOUS"}
+
+    async def _save_user(self, uid: str, record: dict) -> None:
+        await self.server._hub().store.set(_user_key(uid), record, self.settings.session_ttl)
+
+    async def credentials(self, ctx: Context) -> dict:
+        uid = self.user_id(ctx)
+        record = await self._user(uid)
+        sealed = record.get("cred")
+        if record.get("state") != "AUTHENTICATED" or not sealed:
+            raise _NotLoggedIn()
+        plain = self.vault().decrypt(sealed, uid.encode())
+        if plain is None:
+            raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
+        return json.loads(plain)
+
+    async def _store_credentials(self, uid: str, tokens: dict) -> None:
+        record = await self._user(uid)
+        expires = tokens.get("expires_in")
+        cred = {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
+                "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
+        await self._save_user(uid, {**record, "state": "AUTHENTICATED", "logged_in_at": int(_now()),
+                                    "cred": self.vault().encrypt(_dumps(cred), uid.encode())})
+
+    # -- the login tool ------------------------------------------------------------------------
+
+    async def start(self, ctx: Context) -> dict:
+        uid = self.user_id(ctx)
+        base = ctx.base_url or self.server._local_base
+        if not base:
+            raise ToolError("This server does not know its own address; set MCP_PUBLIC_URL.")
+        tx = secrets.token_urlsafe(18)
+        code = "".join(secrets.choice(_PAIRING_ALPHABET) for _ in range(8))
+        pairing = f"{code[:4]}-{code[4:]}"
+        await self.server._hub().store.set(f"mcp:login:{tx}", {"uid": uid, "pairing": _sha256(code), "tries": 0}, 600)
+        url = f"{base}/login/{tx}"
+        return {"url": url, "pairing_code": pairing, "expires_in": 600}
+
+    # -- pages: /login/<tx> and /redirect -----------------------------------------------------------
+
+    async def page(self, http: _Http, tx: str) -> None:
+        store = self.server._hub().store
+        record = await store.get(f"mcp:login:{tx}")
+        if record is None:
+            await self._page(http, 400, "This sign-in link has expired",
+                             "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
+                             "<p>Ask your assistant to call <code>login</code> again.</p>")
+            return
+        oauth = self.server.asgi.oauth
+        keys = await self.server._keyring()
+        if http.scope.get("method") == "POST":
+            fields = _form_fields(await http.read_body(16 * 1024))
+            cookie = oauth._cookie(http, "mcp_csrf") or ""
+            if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
+                await self._page(http, 400, "This page has expired", "<p class=bad>Reload the sign-in link "
+                                 "and try again.</p>")
+                return
+            typed = re.sub(r"[^A-Z0-9]", "", fields.get("code", "").upper())
+            if not hmac.compare_digest(_sha256(typed), record["pairing"]):
+                record = {**record, "tries": record["tries"] + 1}
+                if record["tries"] >= 5:
+                    await store.delete(f"mcp:login:{tx}")
+                    await self._page(http, 400, "Too many wrong codes", "<p class=bad>This sign-in link no "
+                                     "longer works.</p><p>Ask your assistant to call <code>login</code> again.</p>")
+                    return
+                await store.set(f"mcp:login:{tx}", record, 600)
+                await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
+                return
+            await self._to_provider(http, tx, record)
+            return
+        browser = oauth._cookie(http, "mcp_browser")
+        if browser and keys.verify(browser, "cookie") == record["uid"]:
+            await self._to_provider(http, tx, record)  # the browser that authorized this client
+            return
+        await self._pairing_form(http, tx)
+
+    async def _pairing_form(self, http: _Http, tx: str, problem: str = "") -> None:
+        import html
+        oauth = self.server.asgi.oauth
+        csrf = secrets.token_urlsafe(18)
+        body = ((f"<p class=bad>{html.escape(problem)}</p>" if problem else "") +
+                "<p>To connect your account, enter the pairing code your assistant showed next to this "
+                "link. It makes sure the link was meant for you.</p>"
+                f"<form method=post action='{html.escape(oauth.issuer(http))}/login/{html.escape(tx)}'>"
+                f"<input type=hidden name=csrf value='{csrf}'>"
+                "<p><input name=code autocomplete=off placeholder='ABCD-1234' aria-label='Pairing code' "
+                "style='font:inherit;padding:.5rem;width:12rem;letter-spacing:.1em'></p>"
+                "<div class=row><button class=primary>Continue</button></div></form>"
+                "<p class=muted>If you did not ask your assistant to log in, close this page.</p>")
+        await self._page(http, 200, "Enter your pairing code", body,
+                         [oauth._set_cookie(http, "mcp_csrf", csrf, 600)])
+
+    async def _to_provider(self, http: _Http, tx: str, record: dict) -> None:
+        oauth = self.server.asgi.oauth
+        base = oauth.issuer(http)
+        provider = self.provider(base)
+        state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
+        verifier = secrets.token_urlsafe(48)
+        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", {
+            "tx": tx, "uid": record["uid"], "verifier": verifier, "nonce": _sha256(nonce),
+            "redirect_uri": base + "/redirect"}, 600)
+        location = _with_query(provider["authorize"], {
+            "response_type": "code", "client_id": provider["client_id"], "redirect_uri": base + "/redirect",
+            "state": state, "scope": provider["scopes"] or None,
+            "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest()), "code_challenge_method": "S256"})
+        await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
+                                         oauth._set_cookie(http, "mcp_login", nonce, 600)])
+
+    async def redirect(self, http: _Http) -> None:
+        query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
+        store = self.server._hub().store
+        state = await store.take(f"mcp:login:state:{_sha256(query.get('state', ''))}") if query.get("state") else None
+        retry = "<p>Ask your assistant to call <code>login</code> again.</p>"
+        if state is None:
+            await self._page(http, 400, "This sign-in has expired",
+                             "<p class=bad>The sign-in took longer than 10 minutes or was already completed.</p>" + retry)
+            return
+        nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
+        if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
+            await self._page(http, 400, "Finish in the same browser",
+                             "<p class=bad>This sign-in started in another browser.</p>" + retry)
+            return
+        if "error" in query or not query.get("code"):
+            reason = query.get("error_description") or query.get("error") or "no code was returned"
+            await self._page(http, 400, "Sign-in was not completed",
+                             f"<p class=bad>The provider said: {_escape(reason[:200])}.</p>" + retry)
+            return
+        provider = self.provider(self.server.asgi.oauth.issuer(http))
+        try:
+            tokens = await self._token_request(provider, {
+                "grant_type": "authorization_code", "code": query["code"], "redirect_uri": state["redirect_uri"],
+                "code_verifier": state["verifier"]})
+        except ToolError as exc:
+            await self._page(http, 502, "Sign-in failed", f"<p class=bad>{_escape(str(exc))}</p>" + retry)
+            return
+        await self._store_credentials(state["uid"], tokens)
+        await store.delete(f"mcp:login:{state['tx']}")
+        await store.publish(_BUS_CHANNEL, {"kind": "tools"})  # clients refresh what they can do
+        log.info("upstream login completed")
+        await self._page(http, 200, "You are signed in",
+                         "<p class=ok>Your account is connected.</p><p>Go back to your assistant; you can "
+                         "close this page.</p>")
+
+    async def _page(self, http: _Http, status: int, title: str, body: str, extra: list | None = None) -> None:
+        await http.respond(status, _html_page(title, body), "text/html; charset=utf-8",
+                           list(_HTML_HEADERS) + (extra or []))
+
+    # -- talking to the provider ---------------------------------------------------------------
+
+    async def _token_request(self, provider: dict, form: dict) -> dict:
+        headers = {}
+        form = {**form, "client_id": provider["client_id"]}
+        if provider["secret"]:
+            pair = f"{urllib.parse.quote(provider['client_id'], safe='')}:{urllib.parse.quote(provider['secret'], safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        try:
+            status, body = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(_http_call, "POST", provider["token"], form=form, headers=headers))
+        except (OSError, TimeoutError) as exc:
+            raise ToolError(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            raise ToolError(f"The provider refused the sign-in (HTTP {status}).")
+        return body
+
+    async def api_get(self, ctx: Context, path: str, params: dict | None = None):
+        """GET ``path`` of the provider's API with the user's token, refreshing it once if needed."""
+        uid = self.user_id(ctx)
+        provider = self.provider(ctx.base_url or self.server._local_base or "")
+        cred = await self.credentials(ctx)
+        url = provider["api"] + "/" + path + (("?" + urllib.parse.urlencode(params)) if params else "")
+        for attempt in (1, 2):
+            try:
+                status, body = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                    _http_call, "GET", url, headers={"Authorization": f"Bearer {cred['access_token']}"}))
+            except (OSError, TimeoutError) as exc:
+                raise ToolError(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
+            if status == 401 and attempt == 1 and cred.get("refresh_token"):
+                try:
+                    tokens = await self._token_request(provider, {"grant_type": "refresh_token",
+                                                                  "refresh_token": cred["refresh_token"]})
+                except ToolError:
+                    break
+                tokens.setdefault("refresh_token", cred["refresh_token"])
+                await self._store_credentials(uid, tokens)
+                cred = await self.credentials(ctx)
+                continue
+            if status == 401:
+                break
+            if status != 200:
+                raise ToolError(f"The provider answered HTTP {status} for {path}; try again later.")
+            return body
+        record = await self._user(uid)
+        await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
+        raise _NotLoggedIn("the provider no longer accepts this login")
+
+    async def logout(self, ctx: Context) -> str:
+        uid = self.user_id(ctx)
+        record = await self._user(uid)
+        if record.get("state") != "AUTHENTICATED":
+            return "You were not logged in."
+        provider = self.provider(ctx.base_url or self.server._local_base or "")
+        try:
+            cred = await self.credentials(ctx)
+            if provider["revoke"]:
+                for kind in ("refresh_token", "access_token"):
+                    if cred.get(kind):
+                        await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                            _http_call, "POST", provider["revoke"], form={
+                                "token": cred[kind], "token_type_hint": kind, "client_id": provider["client_id"]}))
+        except (ToolError, OSError, TimeoutError):
+            pass  # the local logout happens whatever the provider says
+        await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
+        return "Logged out: the stored credentials are gone."
+
+
+def _escape(text: str) -> str:
+    import html
+    return html.escape(text)
+
+
+def _service_path(path: str, allowed: typing.Iterable) -> str:
+    """A relative API path the ``service`` tool may call, or a ToolError that says why not."""
+    clean = (path or "").strip().lstrip("/")
+    if (not clean or ".." in clean.split("/") or "//" in clean or "\\" in clean or ":" in clean
+            or not re.fullmatch(r"[A-Za-z0-9_./-]+", clean)):
+        raise ToolError(f"{path!r} is not an API path: use letters, digits, / _ - . only.")
+    for prefix in allowed:
+        prefix = prefix.strip("/")
+        if clean == prefix or clean.startswith(prefix + "/"):
+            return clean
+    raise ToolError(f"{path!r} is not one of the allowed API paths: {', '.join(allowed)}.")
+
+
+# ---- The sandbox provider -------------------------------------------------------------------------
+#
+# A demo OAuth provider and trading API under /sandbox/, used when no UPSTREAM_* is configured, so
+# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in the
+# README) and every page says it is a sandbox.
+
+_SANDBOX_USERS = {
+    "asha": {"profile": {"user_id": "AB1234", "name": "Asha Rao (sandbox)", "email": "asha.rao@example.com",
+                         "phone": "+91-98765-43210", "pan": "ABCPR1234K", "account_id": "ACC-00012345",
+                         "bank_account": "001234567890", "broker": "Sandbox Securities"},
+             "holdings": [{"symbol": "INFY", "quantity": 40, "average_price": 1450.5, "last_price": 1532.25,
+                           "demat_id": "IN30012345678901"},
+                          {"symbol": "TCS", "quantity": 12, "average_price": 3380.0, "last_price": 3512.4,
+                           "demat_id": "IN30012345678901"}],
+             "positions": [{"symbol": "NIFTY26DECFUT", "quantity": 75, "average_price": 24110.0, "pnl": 1875.0}],
+             "orders": [{"order_id": "SBX-1001", "symbol": "INFY", "side": "BUY", "quantity": 10,
+                         "price": 1525.0, "status": "COMPLETE", "account_id": "ACC-00012345"},
+                        {"order_id": "SBX-1002", "symbol": "HDFCBANK", "side": "SELL", "quantity": 5,
+                         "price": 1710.5, "status": "OPEN", "account_id": "ACC-00012345"}]},
+    "ben": {"profile": {"user_id": "CD5678", "name": "Ben Okafor (sandbox)", "email": "ben.okafor@example.com",
+                        "phone": "+44-7700-900123", "pan": "BQKPO5678M", "account_id": "ACC-00067890",
+                        "bank_account": "009876543210", "broker": "Sandbox Securities"},
+            "holdings": [{"symbol": "RELIANCE", "quantity": 25, "average_price": 2810.0, "last_price": 2950.75,
+                          "demat_id": "IN30098765432109"}],
+            "positions": [],
+            "orders": [{"order_id": "SBX-2001", "symbol": "RELIANCE", "side": "BUY", "quantity": 25,
+                        "price": 2805.0, "status": "COMPLETE", "account_id": "ACC-00067890"}]},
+}
+
+
+class _Sandbox:
+    """The sandbox provider's endpoints: authorize (a page), token, revoke, and the demo API."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+
+    async def handle(self, http: _Http, path: str) -> None:
+        method = http.scope.get("method")
+        if path == "/sandbox/authorize":
+            await (self._sign_in(http) if method == "POST" else self._authorize_page(http))
+        elif path == "/sandbox/token" and method == "POST":
+            await self._token(http)
+        elif path == "/sandbox/revoke" and method == "POST":
+            fields = _form_fields(await http.read_body(16 * 1024))
+            store = self.server._hub().store
+            for prefix in ("mcp:sandbox:at:", "mcp:sandbox:rt:"):
+                await store.delete(prefix + _sha256(fields.get("token", "")))
+            await http.respond(200)
+        elif path.startswith("/sandbox/api/") and method == "GET":
+            await self._api(http, path[len("/sandbox/api/"):])
+        else:
+            raise _HttpError(404, f"Not Found: {path} (sandbox).")
+
+    async def _authorize_page(self, http: _Http) -> None:
+        import html
+        query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
+        if not query.get("redirect_uri") or not query.get("state"):
+            raise _HttpError(400, "The sandbox authorize page needs redirect_uri and state.")
+        hidden = "".join(f"<input type=hidden name='{html.escape(k)}' value='{html.escape(v)}'>"
+                         for k, v in query.items() if k in ("redirect_uri", "state", "code_challenge", "client_id"))
+        options = "".join(f"<option value='{name}'>{html.escape(user['profile']['name'])}</option>"
+                          for name, user in _SANDBOX_USERS.items())
+        body = ("<p class=muted><b>SANDBOX</b> - a demo provider with made-up accounts; nothing here is real.</p>"
+                "<form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
+                + hidden + "<div class=row><button class=primary>Sign in</button></div></form>")
+        await http.respond(200, _html_page("Sandbox Securities - sign in", body), "text/html; charset=utf-8",
+                           list(_HTML_HEADERS))
+
+    async def _sign_in(self, http: _Http) -> None:
+        fields = _form_fields(await http.read_body(16 * 1024))
+        if fields.get("user") not in _SANDBOX_USERS or not fields.get("redirect_uri"):
+            raise _HttpError(400, "Choose one of the demo users.")
+        code = secrets.token_urlsafe(24)
+        await self.server._hub().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
+            "user": fields["user"], "challenge": fields.get("code_challenge"),
+            "redirect_uri": fields["redirect_uri"]}, 300)
+        location = _with_query(fields["redirect_uri"], {"code": code, "state": fields.get("state")})
+        await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
+
+    async def _token(self, http: _Http) -> None:
+        fields = _form_fields(await http.read_body(16 * 1024))
+        store = self.server._hub().store
+        user = None
+        if fields.get("grant_type") == "authorization_code":
+            grant = await store.take(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
+            verifier = fields.get("code_verifier", "")
+            if (grant and grant["challenge"] and grant["redirect_uri"] == fields.get("redirect_uri")
+                    and _b64url(hashlib.sha256(verifier.encode()).digest()) == grant["challenge"]):
+                user = grant["user"]
+        elif fields.get("grant_type") == "refresh_token":
+            user = await store.get(f"mcp:sandbox:rt:{_sha256(fields.get('refresh_token', ''))}")
+        if user is None:
+            await http.respond_json(400, {"error": "invalid_grant"}, headers=list(_NO_STORE))
+            return
+        access, refresh = secrets.token_urlsafe(24), secrets.token_urlsafe(24)
+        await store.set(f"mcp:sandbox:at:{_sha256(access)}", user, 3600)
+        await store.set(f"mcp:sandbox:rt:{_sha256(refresh)}", user, 86400)
+        await http.respond_json(200, {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
+                                      "expires_in": 3600}, headers=list(_NO_STORE))
+
+    async def _api(self, http: _Http, resource: str) -> None:
+        header = http.headers.get("authorization", "")
+        user = await self.server._hub().store.get(f"mcp:sandbox:at:{_sha256(header[7:])}") \
+            if header.lower().startswith("bearer ") else None
+        if user is None:
+            await http.respond_json(401, {"error": "invalid_token"})
+            return
+        data = _SANDBOX_USERS[user].get(resource.strip("/"))
+        if data is None:
+            raise _HttpError(404, f"The sandbox API has no {resource!r}.")
+        await http.respond_json(200, {"status": "success", "sandbox": True, "data": data})
+
+
 # ==== 8. ASGI app ===============================================================================
 #
 # Rules:
@@ -4874,7 +5521,7 @@ class _App:
         allowed = self.server.settings.allowed_origins
         ok = "*" in allowed or origin in allowed or (
             origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname)) or (
-            path in _OAUTH_BROWSER_PATHS and origin == self.oauth.origin(http))
+            path.startswith(_OAUTH_BROWSER_PATHS) and origin == self.oauth.origin(http))
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
@@ -4918,6 +5565,10 @@ class _App:
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
         self._apply_forwarded(http)
+        if self.server._local_base is None and scope.get("server"):
+            host, port = scope["server"][:2]
+            host = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
+            self.server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
         try:
             await self.server._ready()
             self._check_host(http)
@@ -4958,8 +5609,23 @@ class _App:
     async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
         mcp_path = self.server.settings.mcp_path
         auth = self.server.settings.auth
+        http.base = self.oauth.issuer(http)
+        login = self.server._login
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
             http.principal = await self.oauth.authenticate(http)
+        elif login is not None and path.startswith("/login/") and path.count("/") == 2:
+            if method not in ("GET", "POST"):
+                raise _HttpError(405, "Method Not Allowed: the login page takes GET and POST.",
+                                 headers=[(b"allow", b"GET, POST")])
+            await login.page(http, path[len("/login/"):])
+            return
+        elif login is not None and path == "/redirect":
+            _require_method(method, "GET", path)
+            await login.redirect(http)
+            return
+        elif login is not None and login.sandbox and path.startswith("/sandbox/"):
+            await _Sandbox(self.server).handle(http, path)
+            return
         elif path.startswith("/.well-known/") or path.endswith("/.well-known/openid-configuration"):
             _require_method(method, "GET", path)
             if path.startswith("/.well-known/oauth-protected-resource") and auth != "none":
@@ -5593,8 +6259,37 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
 
 
 async def _serve_stdio(server: MCPServer) -> None:
-    await _Stdio(server).run()
+    """stdio; with the login flow, also a loopback HTTP listener for /login, /redirect and the
+    sandbox (the browser needs somewhere to go).  Ends on stdin EOF or SIGTERM/SIGINT."""
+    stop = asyncio.Event()
+    listener = None
+    if server._login is not None:
+        listener = asyncio.get_running_loop().create_task(_side_listener(server, stop))
+        for _ in range(100):  # the login tool hands out links to it: let it bind first (bounded)
+            if server._local_base is not None or listener.done():
+                break
+            await asyncio.sleep(0.01)
+    stdio = asyncio.get_running_loop().create_task(_Stdio(server).run())
+    stopped = asyncio.get_running_loop().create_task(stop.wait())
+    await asyncio.wait({stdio, stopped}, return_when=asyncio.FIRST_COMPLETED)
+    stop.set()
+    stdio.cancel()
+    await asyncio.gather(stdio, stopped, return_exceptions=True)
+    if listener is not None:
+        await asyncio.gather(listener, return_exceptions=True)
     await _shutdown(server)
+
+
+async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
+    def ready(port):
+        server._local_base = f"http://127.0.0.1:{port}"
+    for port in (server.settings.port, 0):  # the configured port, else any free one
+        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port, stdio=False)
+        try:
+            await _serve_http(server.asgi, settings, server, ready=ready, stop=stop)
+            return
+        except SystemExit as exc:
+            log.warning("%s", exc)
 
 
 def serve(server: MCPServer, settings: Settings | None = None) -> None:
@@ -5670,6 +6365,11 @@ def _builtin_server(settings: Settings) -> MCPServer:
                        instructions="Tools of the mcp_server reference deployment. Call server_info "
                                     "to see the server's version, store and your protocol revision.")
 
+    if settings.redis_url and not settings.encryption_key:
+        raise SystemExit("mcp_server: error: ENCRYPTION_KEY is required with Redis: the upstream "
+                         "credentials kept there are encrypted with it")
+    server.add_login_tools()
+
     @server.tool(title="Server information", annotations={"readOnlyHint": True, "openWorldHint": False})
     def server_info(ctx: Context) -> dict:
         """The server's name and version, the store it keeps state in, and your protocol revision."""
@@ -5681,15 +6381,26 @@ def _builtin_server(settings: Settings) -> MCPServer:
 
 
 def main(argv: list | None = None) -> None:
-    """``python mcp_server.py [flags]``: the built-in server (see ``--help``)."""
+    """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
+    ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        settings = Settings.load(sys.argv[1:] if argv is None else argv)
+        if argv[:1] == ["encrypt"]:
+            if len(argv) != 2:
+                raise SystemExit("mcp_server: error: usage: python mcp_server.py encrypt VALUE")
+            key = Settings.load([]).encryption_key
+            if not key:
+                raise SystemExit("mcp_server: error: set ENCRYPTION_KEY first (the same key the server uses)")
+            print("enc:" + _Vault(key).encrypt(argv[1], b"config"))
+            return
+        settings = Settings.load(argv)
+        server = _builtin_server(settings)
     except SystemExit as exc:
         if exc.code not in (0, None):
             print(exc.code, file=sys.stderr)
             sys.exit(2)
         raise
-    serve(_builtin_server(settings), settings)
+    serve(server, settings)
 
 
 if __name__ == "__main__":
