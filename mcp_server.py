@@ -546,6 +546,9 @@ class Store:
     async def read_after(self, key: str, after: int) -> list:
         """Items of a log with a sequence number above ``after``, as ``(seq, item)`` pairs."""
         raise NotImplementedError
+    async def delete_log(self, key: str) -> None:
+        """Remove a log made by ``append``."""
+        await self.delete(key)
     async def publish(self, channel: str, message: typing.Any) -> None: raise NotImplementedError
     def subscribe(self, channel: str, callback: typing.Callable) -> typing.Callable:
         """Call ``callback(message)`` for each message published on ``channel``; returns an unsubscribe."""
@@ -623,7 +626,9 @@ class MemoryStore(Store):
         return True
 
     async def delete(self, key):
-        return self._data.pop(key, None) is not None
+        live = self._live(key) is not None
+        self._data.pop(key, None)
+        return live
 
     async def take(self, key):
         entry = self._live(key)
@@ -786,6 +791,9 @@ class RedisStore(Store):
         return int(await self._script("append", _LUA_APPEND, [key, key + ":n"],
                                       [_dumps(item), maxlen, int(ttl * 1000)]))
 
+    async def delete_log(self, key):
+        await self._run(lambda r: r.delete(key, key + ":n"))
+
     async def read_after(self, key, after):
         rows = await self._run(lambda r: r.lrange(key, 0, -1))
         out = []
@@ -891,6 +899,10 @@ def _session_key(sid: str) -> str:
 
 def _events_key(sid: str, stream_id: str) -> str:
     return f"mcp:{{{sid}}}:events:{stream_id}"
+
+
+def _streams_key(sid: str) -> str:
+    return f"mcp:{{{sid}}}:streams"
 
 
 def _session_channel(sid: str) -> str:
@@ -1065,7 +1077,7 @@ class _Vault:
 # - Sync functions run in a worker thread: a slow tool never blocks the event loop.
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Param:
     """Extra schema facts for a parameter: ``Annotated[str, Param(description=..., header="Region")]``.
 
@@ -1531,8 +1543,13 @@ def _json_type_name(value) -> str:
 
 
 def _json_equal(a, b) -> bool:
+    """JSON equality: true is not 1, at any depth; 1 equals 1.0."""
     if isinstance(a, bool) or isinstance(b, bool):
         return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_json_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_json_equal(a[k], b[k]) for k in a)
     return a == b
 
 
@@ -3441,6 +3458,9 @@ class _PostChannel:
         if self.resumable:
             self.stream_id = secrets.token_hex(6)
             self.hub.live_posts[(self.session_id, self.stream_id)] = self
+            # remember the log, so that deleting the session deletes it too
+            await self.hub.store.append(_streams_key(self.session_id), self.stream_id,
+                                        self.hub.settings.replay_events, self.hub.settings.session_ttl)
             retry = self.hub.settings.sse_retry_ms
             await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
 
@@ -3860,6 +3880,10 @@ class _StreamableHTTP:
         if _owned(await hub.store.get(_session_key(session_id)), http) is None:
             raise _HttpError(404, "Session not found.")
         await hub.store.delete(_session_key(session_id))
+        for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
+            await hub.store.delete_log(_events_key(session_id, stream_id))
+        await hub.store.delete_log(_events_key(session_id, "get"))
+        await hub.store.delete_log(_streams_key(session_id))
         await hub.store.publish(_session_channel(session_id), {"close": True})
         await http.respond(200)
 
@@ -5466,10 +5490,17 @@ _CORS_ALLOW_HEADERS = (b"content-type, accept, authorization, mcp-session-id, mc
 
 
 def _is_loopback(host: str | None) -> bool:
+    """``localhost`` (and its subdomains) or a loopback IP literal; ``127.0.0.1.evil.example`` is not."""
+    import ipaddress
     if not host:
         return False
-    host = host.strip("[]").lower()
-    return host in ("localhost", "::1") or host.startswith("127.") or host.endswith(".localhost")
+    host = host.strip("[]").lower().rstrip(".")
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _split_host(value: str) -> str:
@@ -5963,6 +5994,8 @@ class _HttpProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
+        if self.cycle is None and not self.buffer:
+            self._arm(self.settings.header_timeout, self._head_timeout)  # a new head starts: its clock runs
         self.buffer += data
         self._advance()
 

@@ -1,0 +1,3243 @@
+"""Tests of mcp_server.py, one class per section of the module (its docstring has the map).
+
+How these tests work:
+
+- The sans-IO core is driven directly: build a ``Context`` and ``await server._respond(ctx)``.
+- Everything on the wire goes through real sockets (a raw HTTP/1.1 client below: status, headers,
+  Content-Length and chunked bodies, SSE events) against the bundled HTTP server, run in a
+  background thread with its own event loop, or through real subprocesses (stdio, the CLI).
+- There are no sleeps and no timed assertions.  Cross-thread facts travel on ``threading.Event``s
+  set by the tools themselves; every wait is bounded by ``WAIT`` only so that a hang fails
+  instead of blocking the run (a passing test never comes near it).  Timeouts configured on a
+  server (``header_timeout=0.3``) are limits under test, not assertions about duration.
+- Random inputs are seeded, so a failure reproduces.
+"""
+
+import asyncio
+import atexit
+import base64
+import contextlib
+import dataclasses
+import enum
+import json
+import logging
+import os
+import queue
+import random
+import re
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+import uuid
+from typing import Annotated, Literal, Optional, TypedDict, Union
+
+import pytest
+
+import mcp_server
+from mcp_server import (
+    Audio,
+    Context,
+    EmbeddedResource,
+    Image,
+    MCPServer,
+    MemoryStore,
+    Param,
+    ResourceLink,
+    RpcError,
+    Settings,
+    ToolError,
+)
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+NEUTRAL_CWD = tempfile.mkdtemp(prefix="mcp-test-cwd-")  # subprocesses run here: no stray .env
+atexit.register(shutil.rmtree, NEUTRAL_CWD, True)
+SERVER_FILE = os.path.join(ROOT, "mcp_server.py")
+EVERYTHING_FILE = os.path.join(ROOT, "examples", "everything_server.py")
+WAIT = 10.0  # the bound of every wait: reached only when something hangs
+LEGACY = "2025-11-25"
+MODERN = "2026-07-28"
+ACCEPT_BOTH = "application/json, text/event-stream"
+META_VERSION = "io.modelcontextprotocol/protocolVersion"
+META_CAPS = "io.modelcontextprotocol/clientCapabilities"
+META_CLIENT = "io.modelcontextprotocol/clientInfo"
+META_SERVERINFO = "io.modelcontextprotocol/serverInfo"
+VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
+ERROR_ID = re.compile(r"error id ([0-9a-f]{6,})")
+
+
+# =================================================================================================
+# Shared fixtures and helpers
+# =================================================================================================
+
+# ---- probes: how a tool running in the server tells the test what happened ----------------------
+
+
+class Probe:
+    def __init__(self):
+        self.started = threading.Event()
+        self.finished = threading.Event()
+        self.gate_ready = threading.Event()
+        self.gate: asyncio.Event | None = None
+        self.cancelled = None
+
+
+_PROBES: dict = {}
+_PROBES_LOCK = threading.Lock()
+
+
+def probe(token: str) -> Probe:
+    with _PROBES_LOCK:
+        return _PROBES.setdefault(token, Probe())
+
+
+def new_token(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:12]}"
+
+
+NAME_SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def build_server(store=None, **settings) -> MCPServer:
+    """The server most tests talk to: a tool for every behaviour under test."""
+    settings = {"auth": "none", **settings}  # transports under test; bearer tokens are section 7's
+    server = MCPServer("test-server", version="9.9.9", instructions="Test instructions.",
+                       title="Test Server", settings=Settings(**settings), store=store)
+
+    @server.tool(title="Echo", annotations={"readOnlyHint": True},
+                 icons=[{"src": "https://example.com/echo.png"}])
+    def echo(text: str) -> str:
+        """Echo the text back.
+
+        Args:
+            text: what to echo
+        """
+        return text
+
+    @server.tool()
+    def add(a: int, b: int = 3) -> dict:
+        """Add two integers."""
+        return {"sum": a + b}
+
+    @server.tool()
+    async def progress(steps: int = 3, ctx: Context = None) -> str:
+        """Report progress, then finish."""
+        for i in range(1, steps + 1):
+            await ctx.report_progress(i, steps, f"step {i}")
+        return "progress done"
+
+    @server.tool()
+    async def ask_name(ctx: Context) -> str:
+        """Ask the user for a name."""
+        answer = await ctx.elicit("What is your name?", NAME_SCHEMA, key="who")
+        if answer.get("action") != "accept":
+            return f"no name ({answer.get('action')})"
+        return f"Hello, {answer['content']['name']}!"
+
+    @server.tool()
+    async def ask_two(ctx: Context) -> str:
+        """Ask two questions, one round each."""
+        first = await ctx.elicit("First name?", NAME_SCHEMA, key="first")
+        second = await ctx.elicit("Second name?", NAME_SCHEMA, key="second")
+        return f"{first['content']['name']} and {second['content']['name']}"
+
+    @server.tool()
+    async def hang(token: str, ctx: Context) -> str:
+        """Wait forever (until cancelled)."""
+        p = probe(token)
+        p.started.set()
+        try:
+            await asyncio.Event().wait()
+        finally:
+            p.cancelled = ctx.cancelled
+            p.finished.set()
+        return "unreachable"
+
+    @server.tool()
+    async def reconnect(token: str, ctx: Context) -> str:
+        """Close the SSE stream (2025-11-25 polling), then finish; gated tokens wait for the test."""
+        await ctx.close_sse_stream()
+        if token.startswith("gated"):
+            p = probe(token)
+            p.gate = asyncio.Event()
+            p.gate_ready.set()
+            await p.gate.wait()
+        return f"resumed {token}"
+
+    @server.tool()
+    def boom() -> str:
+        """Fail with an unexpected exception."""
+        raise ValueError("secret-detail-xyz")
+
+    @server.tool()
+    def refuse() -> str:
+        """Fail on purpose."""
+        raise ToolError("nope, not today")
+
+    @server.tool()
+    def where_sync() -> dict:
+        """Report the thread a sync tool runs on."""
+        return {"thread": threading.get_ident()}
+
+    @server.tool()
+    async def where_async() -> dict:
+        """Report the thread an async tool runs on."""
+        return {"thread": threading.get_ident()}
+
+    @server.resource("test://static", name="static", mime_type="text/plain")
+    def static() -> str:
+        return "static text"
+
+    @server.resource("test://items/{id}", name="item", mime_type="text/plain")
+    def item(id: str) -> str:
+        if id == "missing":
+            raise KeyError(id)
+        return f"item {id}"
+
+    @server.prompt(title="Greeting")
+    def greeting(name: str, style: str = "plain") -> str:
+        """Greet someone."""
+        return f"Greet {name} in a {style} way."
+
+    return server
+
+
+# ---- an in-process server on a free port --------------------------------------------------------
+
+
+class ServerThread:
+    """``mcp_server._serve_http`` on its own event loop in a background thread."""
+
+    def __init__(self, server: MCPServer):
+        self.server = server
+        server.settings.host = "127.0.0.1"
+        server.settings.port = 0
+        self.settings = server.settings
+        self.loop = None
+        self.stop = None
+        self.port = None
+        self.error = None
+        self.thread = None
+
+    def start(self) -> "ServerThread":
+        ready = threading.Event()
+
+        def on_ready(port):
+            self.port = port
+            ready.set()
+
+        async def main():
+            self.loop = asyncio.get_running_loop()
+            self.stop = asyncio.Event()
+            await mcp_server._serve_http(self.server.asgi, self.settings, self.server, ready=on_ready,
+                                         stop=self.stop)
+
+        def run():
+            try:
+                asyncio.run(main())
+            except BaseException as exc:  # noqa: BLE001 - reported to the test thread
+                self.error = exc
+                ready.set()
+
+        self.thread = threading.Thread(target=run, name="test-http-server", daemon=True)
+        self.thread.start()
+        assert ready.wait(WAIT), "server did not start"
+        if self.error is not None:
+            raise self.error
+        return self
+
+    def run(self, coro):
+        """Run a coroutine on the server's loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(WAIT)
+
+    def call_soon(self, fn, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+    def close(self) -> None:
+        if self.loop is not None and self.thread.is_alive():
+            self.loop.call_soon_threadsafe(self.stop.set)
+            self.thread.join(WAIT + 12)
+
+
+@pytest.fixture(scope="module")
+def srv():
+    st = ServerThread(build_server()).start()
+    yield st
+    st.close()
+
+
+@pytest.fixture
+def live(srv):
+    """The shared server; after the test (whatever it sent) it must still answer normally."""
+    yield srv
+    assert_alive(srv.port)
+
+
+@pytest.fixture
+def make_server():
+    started = []
+
+    def make(server: MCPServer | None = None, **settings) -> ServerThread:
+        st = ServerThread(server or build_server(**settings)).start()
+        started.append(st)
+        return st
+
+    yield make
+    for st in started:
+        st.close()
+
+
+def assert_alive(port: int) -> None:
+    r = http(port, "POST", "/http", body={"method": "tools/call",
+                                          "params": {"name": "echo", "arguments": {"text": "still here"}}})
+    assert r.status == 200, r.body
+    assert r.json()["content"] == [{"type": "text", "text": "still here"}]
+
+
+# ---- a raw HTTP/1.1 client ------------------------------------------------------------------------
+
+
+class Response:
+    def __init__(self, status: int, reason: str, headers: list):
+        self.status, self.reason, self.headers = status, reason, headers  # headers: [(lower name, value)]
+        self.body = b""
+
+    def header(self, name: str) -> str | None:
+        values = [v for n, v in self.headers if n == name.lower()]
+        return ", ".join(values) if values else None
+
+    @property
+    def content_type(self) -> str:
+        return (self.header("content-type") or "").split(";")[0].strip().lower()
+
+    def json(self):
+        return json.loads(self.body)
+
+    def events(self) -> list:
+        return parse_sse(self.body.decode("utf-8"))
+
+    def messages(self) -> list:
+        """The JSON-RPC messages of the body: the JSON value, or the data of each SSE event."""
+        if self.content_type == "text/event-stream":
+            return [json.loads(e["data"]) for e in self.events() if e.get("data")]
+        value = self.json()
+        return value if isinstance(value, list) else [value]
+
+    def __repr__(self):
+        return f"<Response {self.status} {self.headers} {self.body[:300]!r}>"
+
+
+def parse_sse(text: str) -> list:
+    events = []
+    for block in text.replace("\r\n", "\n").split("\n\n"):
+        event = parse_sse_block(block)
+        if event is not None:
+            events.append(event)
+    return events
+
+
+def parse_sse_block(block: str) -> dict | None:
+    event, data = {}, []
+    for line in block.split("\n"):
+        if not line or line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value[1:] if value.startswith(" ") else value
+        if name == "data":
+            data.append(value)
+        else:
+            event[name] = value
+    if not event and not data:
+        return None
+    if data:
+        event["data"] = "\n".join(data)
+    return event
+
+
+class Conn:
+    """One client connection; reads responses incrementally."""
+
+    def __init__(self, port: int, timeout: float = WAIT):
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = bytearray()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.sock.close()
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def request(self, method, path, headers=None, body=None) -> None:
+        self.send(raw_request(method, path, headers, body))
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self.buf[:end])
+                del self.buf[:end + 2]
+                return line
+            if not self._fill():
+                raise EOFError("connection closed in the middle of a line")
+
+    def read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            if not self._fill():
+                raise EOFError("connection closed in the middle of a body")
+        data = bytes(self.buf[:n])
+        del self.buf[:n]
+        return data
+
+    def read_head(self) -> Response:
+        status_line = self.read_line()
+        match = re.fullmatch(rb"HTTP/1\.[01] (\d{3}) ?(.*)", status_line)
+        assert match, f"not an HTTP status line: {status_line!r}"
+        headers = []
+        while True:
+            line = self.read_line()
+            if not line:
+                break
+            name, _, value = line.partition(b":")
+            headers.append((name.decode("latin-1").strip().lower(), value.decode("latin-1").strip()))
+        return Response(int(match.group(1)), match.group(2).decode("latin-1"), headers)
+
+    def iter_body(self, resp: Response, method: str = "GET"):
+        if resp.status < 200 or resp.status in (204, 304) or method == "HEAD":
+            return
+        if "chunked" in (resp.header("transfer-encoding") or "").lower():
+            while True:
+                size = int(self.read_line().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.read_line():
+                        pass  # trailers
+                    return
+                data = self.read_exact(size)
+                assert self.read_exact(2) == b"\r\n", "chunk not followed by CRLF"
+                yield data
+        elif resp.header("content-length") is not None:
+            n = int(resp.header("content-length"))
+            if n:
+                yield self.read_exact(n)
+        else:
+            if self.buf:
+                yield bytes(self.buf)
+                self.buf.clear()
+            while self._fill():
+                yield bytes(self.buf)
+                self.buf.clear()
+
+    def read_response(self) -> Response:
+        resp = self.read_head()
+        resp.body = b"".join(self.iter_body(resp))
+        return resp
+
+    def at_eof(self) -> bool:
+        """True when the server closed the connection (after what was already read)."""
+        if self.buf:
+            return False
+        try:
+            return not self._fill()
+        except ConnectionResetError:
+            return True
+
+
+class SSEStream:
+    """Events of a streamed response, as they arrive."""
+
+    def __init__(self, conn: Conn, resp: Response):
+        assert resp.content_type == "text/event-stream", resp
+        self.resp = resp
+        self.pieces = conn.iter_body(resp)
+        self.text = ""
+        self.ended = False
+
+    def next_event(self) -> dict | None:
+        while True:
+            normalized = self.text.replace("\r\n", "\n")
+            end = normalized.find("\n\n")
+            if end >= 0:
+                block, self.text = normalized[:end], normalized[end + 2:]
+                event = parse_sse_block(block)
+                if event is not None:
+                    return event
+                continue
+            if self.ended:
+                return None
+            try:
+                self.text += next(self.pieces).decode("utf-8")
+            except StopIteration:
+                self.ended = True
+
+    def next_message(self) -> dict | None:
+        """The next event that carries a JSON-RPC message (priming events are skipped)."""
+        while True:
+            event = self.next_event()
+            if event is None:
+                return None
+            if event.get("data"):
+                return json.loads(event["data"])
+
+
+def raw_request(method: str, path: str, headers=None, body=None, host: str = "localhost") -> bytes:
+    pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    pairs = [(n, v) for n, v in pairs if v is not None]
+    names = {n.lower() for n, _ in pairs}
+    if isinstance(body, (dict, list)):
+        body = json.dumps(body).encode()
+        if "content-type" not in names:
+            pairs.append(("Content-Type", "application/json"))
+    elif isinstance(body, str):
+        body = body.encode()
+    if "host" not in names:
+        pairs.insert(0, ("Host", host))
+    if body is not None and "content-length" not in names and "transfer-encoding" not in names:
+        pairs.append(("Content-Length", str(len(body))))
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{n}: {v}\r\n" for n, v in pairs) + "\r\n"
+    return head.encode("latin-1") + (body or b"")
+
+
+def http(port: int, method: str, path: str, headers=None, body=None) -> Response:
+    with Conn(port) as conn:
+        conn.request(method, path, headers, body)
+        return conn.read_response()
+
+
+def final_message(resp: Response, request_id) -> dict:
+    """The JSON-RPC response to ``request_id`` in a JSON or SSE answer."""
+    for message in resp.messages():
+        if message.get("id") == request_id and ("result" in message or "error" in message):
+            return message
+    raise AssertionError(f"no response to {request_id!r} in {resp!r}")
+
+
+def merge_headers(base: dict, overrides: dict | None) -> dict:
+    merged = {k.lower(): (k, v) for k, v in base.items()}
+    for k, v in (overrides or {}).items():
+        merged[k.lower()] = (k, v)
+    return {k: v for k, v in merged.values() if v is not None}
+
+
+# ---- Streamable HTTP clients ------------------------------------------------------------------
+
+
+class Session:
+    """A legacy Streamable HTTP client session."""
+
+    def __init__(self, port: int, version: str = LEGACY, capabilities: dict | None = None):
+        self.port, self.version = port, version
+        self.capabilities = capabilities or {}
+        self.sid = None
+        self._id = 0
+        self.init_result = None
+
+    def next_id(self) -> int:
+        self._id += 1
+        return self._id
+
+    def headers(self, extra: dict | None = None) -> dict:
+        base = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+        if self.sid:
+            base["Mcp-Session-Id"] = self.sid
+            if self.version >= "2025-06-18":
+                base["MCP-Protocol-Version"] = self.version
+        return merge_headers(base, extra)
+
+    def post(self, message, headers: dict | None = None) -> Response:
+        return http(self.port, "POST", "/mcp", self.headers(headers), message)
+
+    def body(self, method: str, params: dict | None = None, request_id=None) -> dict:
+        message = {"jsonrpc": "2.0", "id": self.next_id() if request_id is None else request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        return message
+
+    def initialize(self) -> Response:
+        r = self.post(self.body("initialize", {"protocolVersion": self.version, "capabilities": self.capabilities,
+                                               "clientInfo": {"name": "pytest", "version": "1.0"}}))
+        assert r.status == 200, r
+        self.sid = r.header("mcp-session-id")
+        self.init_result = final_message(r, self._id)["result"]
+        n = self.post({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        assert n.status == 202, n
+        return r
+
+    def request(self, method: str, params: dict | None = None, headers: dict | None = None) -> dict:
+        message = self.body(method, params)
+        r = self.post(message, headers)
+        assert r.status == 200, r
+        return final_message(r, message["id"])
+
+    def call(self, name: str, arguments: dict | None = None) -> dict:
+        reply = self.request("tools/call", {"name": name, "arguments": arguments or {}})
+        assert "result" in reply, reply
+        return reply["result"]
+
+    def delete(self) -> Response:
+        return http(self.port, "DELETE", "/mcp", self.headers())
+
+
+def modern_body(method: str, params: dict | None = None, request_id=1, caps: dict | None = None) -> dict:
+    params = dict(params or {})
+    params["_meta"] = {META_VERSION: MODERN, META_CAPS: caps or {},
+                       META_CLIENT: {"name": "pytest", "version": "1.0"}, **params.get("_meta", {})}
+    return {"jsonrpc": "2.0", "id": request_id, "method": method, "params": params}
+
+
+def modern_headers(body: dict, overrides: dict | None = None) -> dict:
+    base = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH, "MCP-Protocol-Version": MODERN,
+            "Mcp-Method": body.get("method")}
+    field = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}.get(body.get("method"))
+    if field:
+        base["Mcp-Name"] = body["params"][field]
+    return merge_headers(base, overrides)
+
+
+def modern_post(port: int, method: str, params: dict | None = None, *, caps=None, request_id=1,
+                headers: dict | None = None, body=None) -> Response:
+    body = body if body is not None else modern_body(method, params, request_id, caps)
+    return http(port, "POST", "/mcp", modern_headers(body, headers), body)
+
+
+def assert_rpc_error(resp: Response, status: int, code: int) -> dict:
+    assert resp.status == status, resp
+    assert resp.content_type == "application/json", resp
+    body = resp.json()
+    assert body["jsonrpc"] == "2.0" and body["error"]["code"] == code, body
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# ---- sans-IO core calls ------------------------------------------------------------------------
+
+
+def core(server: MCPServer, method: str, params: dict | None = None, *, request_id=1, version=LEGACY,
+         modern=False, caps=None, session=None) -> tuple:
+    """(response, status) of one request through ``MCPServer._respond``."""
+    async def go():
+        ctx = Context(server, method, params or {}, request_id, version=version, modern=modern,
+                      capabilities=caps, session=session)
+        return await server._respond(ctx)
+    return asyncio.run(go())
+
+
+def core_result(server, method, params=None, **kw) -> dict:
+    response, status = core(server, method, params, **kw)
+    assert status == 200 and "result" in response, (status, response)
+    return response["result"]
+
+
+def core_error(server, method, params=None, **kw) -> tuple:
+    response, status = core(server, method, params, **kw)
+    assert "error" in response, response
+    return response["error"], status
+
+
+def modern_core(server, method, params=None, caps=None, **kw) -> tuple:
+    return core(server, method, params, version=MODERN, modern=True, caps=caps or {}, **kw)
+
+
+# ---- subprocesses --------------------------------------------------------------------------------
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MCP_", "MASK_MCP_", "REDIS_"))
+           and k not in ("LOG_LEVEL", "SESSION_TTL", "APP_VERSION", "TOKEN_PARAMETER")}
+    env.update(extra)
+    return env
+
+
+class Proc:
+    """A subprocess whose stdout lines and stderr are collected by threads (bounded reads)."""
+
+    def __init__(self, argv: list, cwd: str = NEUTRAL_CWD, env: dict | None = None):
+        self.proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, cwd=cwd, env=env or clean_env())
+        self.out_lines: queue.Queue = queue.Queue()
+        self.err_lines: queue.Queue = queue.Queue()
+        self.stdout = bytearray()
+        self.stderr = bytearray()
+        self.notifications: list = []
+        self._threads = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.stdout, self.out_lines),
+                                          daemon=True),
+                         threading.Thread(target=self._pump, args=(self.proc.stderr, self.stderr, self.err_lines),
+                                          daemon=True)]
+        for t in self._threads:
+            t.start()
+        self._id = 0
+
+    @staticmethod
+    def _pump(stream, sink: bytearray, lines: queue.Queue) -> None:
+        for line in stream:
+            sink.extend(line)
+            lines.put(line)
+        lines.put(None)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(WAIT)
+
+    def send(self, message) -> None:
+        data = message if isinstance(message, bytes) else (json.dumps(message) + "\n").encode()
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+
+    def recv(self) -> dict:
+        line = self.out_lines.get(timeout=WAIT)
+        if line is None:
+            raise EOFError(f"stdout closed; stderr: {bytes(self.stderr)[-2000:]!r}")
+        return json.loads(line)
+
+    def err_line(self) -> str | None:
+        line = self.err_lines.get(timeout=WAIT)
+        return None if line is None else line.decode("utf-8", "replace")
+
+    def request(self, method: str, params: dict | None = None, request_id=None) -> dict:
+        if request_id is None:
+            self._id += 1
+            request_id = self._id
+        message = {"jsonrpc": "2.0", "id": request_id, "method": method}
+        if params is not None:
+            message["params"] = params
+        self.send(message)
+        while True:
+            reply = self.recv()
+            if reply.get("id") == request_id and ("result" in reply or "error" in reply):
+                return reply
+            self.notifications.append(reply)
+
+    def initialize(self, version: str = LEGACY, capabilities: dict | None = None) -> dict:
+        reply = self.request("initialize", {"protocolVersion": version, "capabilities": capabilities or {},
+                                            "clientInfo": {"name": "pytest", "version": "1.0"}})
+        self.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        return reply
+
+    def finish(self) -> int:
+        """Close stdin (EOF) and wait for the exit; returns the exit code."""
+        self.proc.stdin.close()
+        code = self.proc.wait(WAIT)
+        for t in self._threads:
+            t.join(WAIT)
+        return code
+
+
+def run_cli(args: list, env: dict | None = None, cwd: str = NEUTRAL_CWD) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, SERVER_FILE, *args], capture_output=True, text=True,
+                          timeout=WAIT * 3, env=env or clean_env(), cwd=cwd, stdin=subprocess.DEVNULL)
+
+
+PRINTER_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from mcp_server import MCPServer
+
+    server = MCPServer("printer", version="1.0.0")
+
+    @server.tool()
+    def noisy(text: str) -> str:
+        """A tool that prints."""
+        print("NOISE from print()", text)
+        sys.stdout.write("more noise\\n")
+        sys.stdout.flush()
+        os.write(1, b"raw fd noise\\n")
+        return "quiet " + text
+
+    @server.tool()
+    async def noisy_async() -> str:
+        print("async noise")
+        return "ok"
+
+    @server.tool()
+    def boom() -> str:
+        raise ValueError("secret-detail-xyz")
+
+    if __name__ == "__main__":
+        server.run()
+''')
+
+
+@pytest.fixture
+def printer_script(tmp_path):
+    path = tmp_path / "printer_server.py"
+    path.write_text(PRINTER_SCRIPT.format(root=ROOT))
+    return str(path)
+
+
+class FakeClock:
+    def __init__(self, start: float = 1000.0):
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+# =================================================================================================
+# 1. Settings and errors
+# =================================================================================================
+
+
+class TestSettings:
+    @pytest.fixture(autouse=True)
+    def _isolated_cwd(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # no stray .env
+
+    def test_defaults(self):
+        s = Settings.load([], environ={})
+        assert (s.host, s.port, s.stdio, s.mcp_path, s.response_mode) == ("127.0.0.1", 6901, False, "/mcp", "auto")
+
+    def test_canonical_environment_names(self):
+        s = Settings.load([], environ={"MCP_HOST": "0.0.0.0", "MCP_PORT": "7001", "MCP_STDIO": "yes",
+                                       "MCP_ALLOWED_ORIGINS": "https://a.example, https://b.example",
+                                       "MCP_HEADER_TIMEOUT": "2.5", "MCP_EXPOSE_ERRORS": "true"})
+        assert s.host == "0.0.0.0" and s.port == 7001 and s.stdio is True
+        assert s.allowed_origins == ("https://a.example", "https://b.example")
+        assert s.header_timeout == 2.5 and s.expose_errors is True
+
+    def test_seed_environment_names(self):
+        s = Settings.load([], environ={"MASK_MCP_HOST": "0.0.0.0", "MASK_MCP_PORT": "7002",
+                                       "SESSION_TTL": "99", "LOG_LEVEL": "debug"})
+        assert (s.host, s.port, s.session_ttl, s.log_level) == ("0.0.0.0", 7002, 99, "debug")
+
+    def test_canonical_name_wins_over_seed_name(self):
+        s = Settings.load([], environ={"MASK_MCP_PORT": "7002", "MCP_PORT": "7003"})
+        assert s.port == 7003
+
+    def test_empty_environment_value_means_unset(self):
+        assert Settings.load([], environ={"MCP_PORT": ""}).port == 6901
+
+    def test_dotenv_in_cwd(self, tmp_path):
+        (tmp_path / ".env").write_text(textwrap.dedent("""\
+            # a comment
+            export MCP_PORT=7010
+            MCP_HOST="0.0.0.0"
+            MCP_PATH='/rpc'
+
+            NOT A SETTING LINE
+        """))
+        s = Settings.load([], environ={})
+        assert (s.port, s.host, s.mcp_path) == (7010, "0.0.0.0", "/rpc")
+
+    def test_environment_overrides_dotenv_and_flags_override_environment(self, tmp_path):
+        (tmp_path / ".env").write_text("MCP_PORT=7010\nMCP_HOST=10.0.0.1\nMCP_PATH=/x\n")
+        s = Settings.load([], environ={"MCP_PORT": "7020", "MCP_HOST": "10.0.0.2"})
+        assert (s.port, s.host, s.mcp_path) == (7020, "10.0.0.2", "/x")
+        s = Settings.load(["--port", "7030", "--stdio", "--path", "/y/"], environ={"MCP_PORT": "7020"})
+        assert (s.port, s.stdio, s.mcp_path) == (7030, True, "/y")
+
+    def test_flags_parse_their_types(self):
+        s = Settings.load(["--allowed-origins", "https://a.example,https://b.example", "--max-body", "10",
+                           "--response-mode", "json", "--session-ttl", "5"], environ={})
+        assert s.allowed_origins == ("https://a.example", "https://b.example")
+        assert (s.max_body, s.response_mode, s.session_ttl) == (10, "json", 5)
+
+    @pytest.mark.parametrize("argv, environ, fragment", [
+        (["--bogus"], {}, "--bogus"),
+        (["--port", "abc"], {}, "--port"),
+        (["--port", "70000"], {}, "70000"),
+        (["--response-mode", "xml"], {}, "xml"),
+        (["--log-level", "loud"], {}, "loud"),
+        (["--path", "mcp"], {}, "must start with /"),
+        ([], {"MCP_PORT": "abc"}, "MCP_PORT"),
+        ([], {"MASK_MCP_PORT": "12x"}, "MASK_MCP_PORT"),
+        ([], {"MCP_STDIO": "maybe"}, "MCP_STDIO"),
+        ([], {"MCP_MAX_BODY": "0"}, "max_body"),
+        ([], {"MCP_HEADER_TIMEOUT": "soon"}, "MCP_HEADER_TIMEOUT"),
+    ])
+    def test_bad_input_is_one_line_system_exit(self, argv, environ, fragment, capsys):
+        with pytest.raises(SystemExit) as info:
+            Settings.load(argv, environ=environ)
+        message = info.value.code
+        assert isinstance(message, str), message
+        assert "\n" not in message and message.startswith("mcp_server.py: error:")
+        assert fragment in message
+        assert capsys.readouterr().err == ""  # argparse printed no usage block
+
+    def test_bad_dotenv_value_names_the_variable(self, tmp_path):
+        (tmp_path / ".env").write_text("MCP_PORT=eighty\n")
+        with pytest.raises(SystemExit) as info:
+            Settings.load([], environ={})
+        assert "MCP_PORT" in info.value.code and "\n" not in info.value.code
+
+    def test_help_lists_every_flag_and_environment_variable(self, capsys):
+        with pytest.raises(SystemExit) as info:
+            Settings.load(["--help"], environ={})
+        assert info.value.code in (0, None)
+        text = capsys.readouterr().out
+        for _attr, flag, names, *_rest in mcp_server._SETTING_SPECS:
+            if flag:
+                assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", text), flag
+            for name in names:
+                assert re.search(rf"\b{name}\b", text), name
+
+    def test_rpc_error_shape(self):
+        err = RpcError(-32602, "Bad thing.", {"field": "x"}, 400)
+        assert err.to_dict() == {"code": -32602, "message": "Bad thing.", "data": {"field": "x"}}
+        assert err.status == 400
+        assert RpcError(-32601, "No.").to_dict() == {"code": -32601, "message": "No."}
+
+
+# =================================================================================================
+# 2. Store
+# =================================================================================================
+
+
+def arun(coro):
+    return asyncio.run(coro)
+
+
+class TestStore:
+    def test_ttl_expiry_with_a_fake_clock(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            await store.set("k", {"v": 1}, ttl=10)
+            await store.set("forever", 1)
+            clock.advance(9.9)
+            assert await store.get("k") == {"v": 1}
+            clock.advance(0.1)
+            assert await store.get("k") is None
+            clock.advance(10 ** 6)
+            assert await store.get("forever") == 1
+        arun(go())
+        assert len(store) == 1
+
+    def test_len_counts_only_live_entries(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            for i in range(5):
+                await store.set(f"k{i}", i, ttl=i + 1)
+        arun(go())
+        assert len(store) == 5
+        clock.advance(2.5)
+        assert len(store) == 3
+        clock.advance(100)
+        assert len(store) == 0
+
+    def test_get_touch_slides_the_expiry(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            await store.set("s", "session", ttl=10)
+            clock.advance(8)
+            assert await store.get_touch("s", 10) == "session"
+            clock.advance(8)  # 16 s after set, 8 after the touch
+            assert await store.get("s") == "session"
+            clock.advance(2)  # 10 s after the touch
+            assert await store.get_touch("s", 10) is None
+            assert await store.get_touch("never-set", 10) is None
+        arun(go())
+
+    def test_lru_eviction_past_max_keys(self):
+        store = MemoryStore(max_keys=3)
+
+        async def go():
+            for key in "abc":
+                await store.set(key, key)
+            assert await store.get("a") == "a"  # a is now the most recently used
+            await store.set("d", "d")
+            assert await store.get("b") is None  # the least recently used went
+            assert [await store.get(k) for k in "acd"] == ["a", "c", "d"]
+            await store.set("c", "c2")  # an overwrite is a use, not a new key
+            await store.set("e", "e")
+            assert await store.get("a") is None
+            assert await store.get("c") == "c2"
+        arun(go())
+        assert len(store) == 3
+
+    def test_take_is_single_use(self):
+        store = MemoryStore()
+
+        async def go():
+            await store.set("code", {"x": 1}, ttl=60)
+            assert await store.take("code") == {"x": 1}
+            assert await store.take("code") is None
+            assert await store.get("code") is None
+        arun(go())
+
+    def test_take_of_an_expired_value_is_none(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            await store.set("code", 1, ttl=1)
+            clock.advance(1)
+            assert await store.take("code") is None
+        arun(go())
+
+    def test_add_only_if_absent(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            assert await store.add("nonce", 1, ttl=5) is True
+            assert await store.add("nonce", 2, ttl=5) is False
+            assert await store.get("nonce") == 1
+            clock.advance(5)
+            assert await store.add("nonce", 3, ttl=5) is True  # the old one expired
+            assert await store.get("nonce") == 3
+        arun(go())
+
+    def test_delete_reports_whether_a_live_key_went(self):
+        store = MemoryStore()
+
+        async def go():
+            await store.set("k", 1)
+            assert await store.delete("k") is True
+            assert await store.delete("k") is False
+        arun(go())
+
+    def test_delete_of_an_expired_key_reports_false(self):
+        # An expired key is gone as far as every reader can tell; deleting it deletes nothing.
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            await store.set("k", 1, ttl=5)
+            clock.advance(6)
+            return await store.delete("k")
+        assert arun(go()) is False
+        assert len(store) == 0
+
+    def test_incr(self):
+        store = MemoryStore()
+
+        async def go():
+            assert [await store.incr("n", 60) for _ in range(3)] == [1, 2, 3]
+        arun(go())
+
+    def test_append_and_read_after_a_bounded_log(self):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+
+        async def go():
+            seqs = [await store.append("log", {"n": i}, 3, 60) for i in range(5)]
+            assert seqs == [1, 2, 3, 4, 5]
+            assert await store.read_after("log", 0) == [(3, {"n": 2}), (4, {"n": 3}), (5, {"n": 4})]
+            assert await store.read_after("log", 4) == [(5, {"n": 4})]
+            assert await store.read_after("log", 5) == []
+            assert await store.read_after("missing", 0) == []
+            clock.advance(50)
+            await store.append("log", {"n": 5}, 3, 60)  # an append extends the log's life
+            clock.advance(50)
+            assert [s for s, _ in await store.read_after("log", 0)] == [4, 5, 6]
+            clock.advance(10)
+            assert await store.read_after("log", 0) == []
+        arun(go())
+
+    def test_publish_subscribe_and_unsubscribe(self):
+        store = MemoryStore()
+        got_a, got_b = [], []
+
+        async def go():
+            unsub_a = store.subscribe("chan", got_a.append)
+            unsub_b = store.subscribe("chan", got_b.append)
+            await store.publish("chan", 1)
+            unsub_a()
+            await store.publish("chan", 2)
+            await store.publish("other", 3)
+            unsub_b()
+            unsub_b()  # twice is harmless
+            await store.publish("chan", 4)
+        arun(go())
+        assert got_a == [1] and got_b == [1, 2]
+        assert store._channels == {}  # no empty channel left behind
+
+    def test_a_failing_subscriber_does_not_stop_the_others(self):
+        store = MemoryStore()
+        got = []
+
+        def bad(_message):
+            raise RuntimeError("subscriber bug")
+
+        async def go():
+            store.subscribe("chan", bad)
+            store.subscribe("chan", got.append)
+            await store.publish("chan", "m")
+        arun(go())
+        assert got == ["m"]
+
+    # -- the store as the server uses it: sessions must really go away --------------------------
+
+    def test_session_delete_leaves_the_store_empty(self, make_server):
+        store = MemoryStore()
+        st = make_server(build_server(store=store))
+        s = Session(st.port)
+        s.initialize()
+        assert s.call("echo", {"text": "x"})["content"][0]["text"] == "x"
+        assert len(store) >= 1
+        assert s.delete().status == 200
+        assert len(store) == 0
+
+    def test_session_delete_also_removes_its_stream_logs(self, make_server):
+        # A 2025-11-25 session logs its SSE events for Last-Event-ID resumption; once the
+        # session is deleted nobody can resume, so nothing of it may stay in the store.
+        store = MemoryStore()
+        st = make_server(build_server(store=store))
+        s = Session(st.port)
+        s.initialize()
+        reply = s.request("tools/call", {"name": "progress", "arguments": {"steps": 2},
+                                         "_meta": {"progressToken": "p"}})
+        assert reply["result"]["content"][0]["text"] == "progress done"
+        assert s.delete().status == 200
+        assert len(store) == 0, list(store._data)
+
+    def test_session_expiry_leaves_the_store_empty(self, make_server):
+        clock = FakeClock()
+        store = MemoryStore(clock=clock)
+        st = make_server(build_server(store=store, session_ttl=60))
+        s = Session(st.port)
+        s.initialize()
+        s.request("tools/call", {"name": "progress", "arguments": {"steps": 1}, "_meta": {"progressToken": 1}})
+        clock.advance(59)
+        assert s.call("echo", {"text": "alive"})["content"][0]["text"] == "alive"  # touched: slides
+        clock.advance(59)
+        assert s.call("echo", {"text": "alive"})["content"][0]["text"] == "alive"
+        clock.advance(61)
+        assert len(store) == 0
+        r = s.post(s.body("tools/list"))
+        assert r.status == 404
+
+
+# =================================================================================================
+# 3. Crypto and tokens
+# =================================================================================================
+
+
+def flip(token: str, index: int = -5) -> str:
+    chars = list(token)
+    chars[index] = "A" if chars[index] != "A" else "B"
+    return "".join(chars)
+
+
+class TestCrypto:
+    def test_seal_unseal_roundtrip(self):
+        ring = mcp_server._KeyRing("s3cret")
+        payload = {"m": "tools/call", "a": {"k": [1, 2, "three"]}, "n": "ü"}
+        token = ring.seal(payload)
+        assert VISIBLE_ASCII.fullmatch(token) and "s3cret" not in token and "tools/call" not in token
+        assert ring.unseal(token) == payload
+        assert ring.seal(payload) != token  # a fresh nonce every time
+
+    def test_the_same_secret_opens_the_tokens_of_another_instance(self):
+        assert mcp_server._KeyRing("shared").unseal(mcp_server._KeyRing("shared").seal({"x": 1})) == {"x": 1}
+
+    @pytest.mark.parametrize("mangle", [
+        lambda t: flip(t),
+        lambda t: flip(t, 3),
+        lambda t: t[:-2],
+        lambda t: t + "AA",
+        lambda t: "",
+        lambda t: "not base64 !",
+        lambda t: None,
+        lambda t: 12345,
+        lambda t: t[:20],
+    ])
+    def test_tampered_tokens_are_refused(self, mangle):
+        ring = mcp_server._KeyRing("s3cret")
+        assert ring.unseal(mangle(ring.seal({"x": 1}))) is None
+
+    def test_foreign_tokens_are_refused(self):
+        token = mcp_server._KeyRing("one").seal({"x": 1})
+        assert mcp_server._KeyRing("two").unseal(token) is None
+        assert mcp_server._KeyRing(None).unseal(token) is None
+        # two servers without a configured secret get different ephemeral keys
+        assert mcp_server._KeyRing("").unseal(mcp_server._KeyRing("").seal({"x": 1})) is None
+
+    def test_purpose_binds_the_token(self):
+        ring = mcp_server._KeyRing("s3cret")
+        token = ring.seal({"x": 1}, purpose="request_state")
+        assert ring.unseal(token, purpose="cursor") is None
+
+    def test_sign_verify(self):
+        ring = mcp_server._KeyRing("s3cret")
+        token = ring.sign("tools:200")
+        assert VISIBLE_ASCII.fullmatch(token)
+        assert ring.verify(token) == "tools:200"
+        body, mac = token.split(".")
+        forged = mcp_server._b64url(b"tools:0") + "." + mac
+        for bad in (forged, flip(token), body + "." + flip(mac, 0), body, token + ".x", "", None, 7,
+                    mcp_server._KeyRing("other").sign("tools:200")):
+            assert ring.verify(bad) is None, bad
+        assert ring.verify(token, purpose="request_state") is None
+
+    def test_hkdf_matches_the_reference_implementation(self):
+        from cryptography.hazmat.primitives import hashes
+        from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+        for label in mcp_server._KEY_LABELS.values():
+            expected = HKDF(algorithm=hashes.SHA256(), length=32, salt=b"mcp_server hkdf salt",
+                            info=label).derive(b"master secret")
+            assert mcp_server._hkdf(b"master secret", label) == expected
+        labels = list(mcp_server._KEY_LABELS.values())
+        assert len(set(labels)) == len(labels)  # one key per purpose
+        ring = mcp_server._KeyRing("s")
+        assert ring.key("cursor") != ring.key("request_state")
+
+
+# =================================================================================================
+# 4. Registry and schemas
+# =================================================================================================
+
+
+class Color(enum.Enum):
+    RED = "red"
+    GREEN = "green"
+
+
+class Movie(TypedDict):
+    title: str
+    year: int
+
+
+class PartialMovie(TypedDict, total=False):
+    title: str
+
+
+@dataclasses.dataclass
+class Point:
+    """A point on the plane."""
+
+    x: float
+    y: float = 0.0
+    tags: list = dataclasses.field(default_factory=list)
+
+
+def tool_definition(fn, **kwargs) -> dict:
+    server = MCPServer("schemas")
+    server.tool(**kwargs)(fn)
+    return server._tools[kwargs.get("name") or fn.__name__].definition
+
+
+def input_schema(fn) -> dict:
+    return tool_definition(fn)["inputSchema"]
+
+
+def props(fn) -> dict:
+    return input_schema(fn)["properties"]
+
+
+class TestRegistry:
+    # -- JSON Schema from type hints -----------------------------------------------------------
+
+    def test_primitives_defaults_and_required(self):
+        def f(s: str, i: int, x: float, b: bool, n: int = 5, flag: bool = False, label: str = "hi"):
+            pass
+        schema = input_schema(f)
+        assert schema["type"] == "object"
+        assert schema["properties"] == {
+            "s": {"type": "string"}, "i": {"type": "integer"}, "x": {"type": "number"},
+            "b": {"type": "boolean"}, "n": {"type": "integer", "default": 5},
+            "flag": {"type": "boolean", "default": False}, "label": {"type": "string", "default": "hi"}}
+        assert schema["required"] == ["s", "i", "x", "b"]
+
+    def test_containers(self):
+        def f(a: list[str], b: dict[str, int], c: tuple[int, str], d: tuple[float, ...], e: set[int],
+              f_: list, g: dict):
+            pass
+        p = props(f)
+        assert p["a"] == {"type": "array", "items": {"type": "string"}}
+        assert p["b"] == {"type": "object", "additionalProperties": {"type": "integer"}}
+        assert p["c"] == {"type": "array", "prefixItems": [{"type": "integer"}, {"type": "string"}],
+                          "minItems": 2, "maxItems": 2}
+        assert p["d"] == {"type": "array", "items": {"type": "number"}}
+        assert p["e"] == {"type": "array", "items": {"type": "integer"}, "uniqueItems": True}
+        assert p["f_"] == {"type": "array"} and p["g"] == {"type": "object"}
+
+    def test_optional_and_unions(self):
+        def f(a: Optional[int] = None, b: Union[str, int] = "x", c: str | None = None,
+              d: Union[list[int], str] = "y"):
+            pass
+        p = props(f)
+        assert p["a"] == {"type": ["integer", "null"], "default": None}
+        assert p["b"] == {"type": ["string", "integer"], "default": "x"}
+        assert p["c"] == {"type": ["string", "null"], "default": None}
+        assert p["d"] == {"anyOf": [{"type": "array", "items": {"type": "integer"}}, {"type": "string"}],
+                          "default": "y"}
+        assert "required" not in input_schema(f)
+
+    def test_literal_and_enum(self):
+        def f(mode: Literal["fast", "slow"], n: Literal[1, 2, 3], color: Color = Color.GREEN):
+            pass
+        p = props(f)
+        assert p["mode"] == {"enum": ["fast", "slow"], "type": "string"}
+        assert p["n"] == {"enum": [1, 2, 3], "type": "integer"}
+        assert p["color"] == {"enum": ["red", "green"], "type": "string", "default": "green"}
+
+    def test_typeddict_and_dataclass(self):
+        def f(movie: Movie, partial: PartialMovie, point: Point):
+            pass
+        p = props(f)
+        assert p["movie"] == {"type": "object", "properties": {"title": {"type": "string"},
+                                                                "year": {"type": "integer"}},
+                              "required": ["title", "year"]}
+        assert p["partial"] == {"type": "object", "properties": {"title": {"type": "string"}}}
+        assert p["point"]["type"] == "object" and p["point"]["required"] == ["x"]
+        assert p["point"]["properties"]["x"] == {"type": "number"}
+        assert p["point"]["properties"]["y"] == {"type": "number", "default": 0.0}
+        assert p["point"]["description"] == "A point on the plane."
+
+    def test_annotated_descriptions_and_param(self):
+        def f(city: Annotated[str, "The city"],
+              region: Annotated[str, Param(description="Cloud region", title="Region", header="Region")],
+              days: Annotated[int, "How many days"] = 3):
+            pass
+        p = props(f)
+        assert p["city"] == {"type": "string", "description": "The city"}
+        assert p["region"] == {"type": "string", "description": "Cloud region", "title": "Region",
+                               "x-mcp-header": "Region"}
+        assert p["days"] == {"type": "integer", "description": "How many days", "default": 3}
+
+    def test_param_schema_extends_the_derived_schema(self):
+        def f(days: Annotated[int, Param(schema={"minimum": 1, "maximum": 14})] = 3):
+            pass
+        assert props(f)["days"] == {"type": "integer", "minimum": 1, "maximum": 14, "default": 3}
+
+    def test_docstring_description_and_args(self):
+        def forecast(city: str, days: int = 3) -> str:
+            """Forecast for a city.
+
+            More detail that is not part of the description.
+
+            Args:
+                city: the city to forecast
+                days (int): how many days ahead
+            """
+        definition = tool_definition(forecast)
+        assert definition["description"] == "Forecast for a city."
+        assert definition["inputSchema"]["properties"]["city"]["description"] == "the city to forecast"
+        assert definition["inputSchema"]["properties"]["days"]["description"] == "how many days ahead"
+
+    def test_context_parameter_is_injected_not_described(self):
+        def f(a: str, ctx: Context):
+            pass
+
+        def g(a: str, ctx: Context | None = None):
+            pass
+
+        def h(ctx: Optional[Context], a: str):
+            pass
+        for fn in (f, g, h):
+            assert input_schema(fn) == {"type": "object", "properties": {"a": {"type": "string"}},
+                                        "required": ["a"]}, fn.__name__
+
+    def test_explicit_schema_is_used_verbatim_and_definition_fields(self):
+        schema = {"type": "object", "properties": {"q": {"type": "string"}}, "additionalProperties": False}
+
+        def search(**kwargs) -> str:
+            return "x"
+        d = tool_definition(search, name="web.search", title="Search", input_schema=schema,
+                            annotations={"readOnlyHint": True}, icons=[{"src": "https://x/i.png"}],
+                            meta={"k": "v"})
+        assert d == {"name": "web.search", "title": "Search", "description": "web.search", "inputSchema": schema,
+                     "annotations": {"readOnlyHint": True}, "icons": [{"src": "https://x/i.png"}], "_meta": {"k": "v"}}
+
+    def test_output_schema_from_return_annotation(self):
+        def movie() -> Movie:
+            return {"title": "x", "year": 1}
+
+        def point() -> Point:
+            return Point(1.0)
+
+        def text() -> str:
+            return "x"
+
+        def mapping() -> dict[str, int]:
+            return {}
+        assert tool_definition(movie)["outputSchema"]["required"] == ["title", "year"]
+        assert tool_definition(point)["outputSchema"]["properties"]["x"] == {"type": "number"}
+        assert tool_definition(mapping)["outputSchema"] == {"type": "object", "additionalProperties": {"type": "integer"}}
+        assert "outputSchema" not in tool_definition(text)
+        explicit = {"type": "object", "properties": {"n": {"type": "integer"}}}
+        assert tool_definition(text, output_schema=explicit)["outputSchema"] == explicit
+
+    @pytest.mark.parametrize("name", ["has space", "", "x" * 129, "semi;colon"])
+    def test_bad_tool_names_are_refused(self, name):
+        with pytest.raises(ValueError):
+            tool_definition(lambda: None, name=name)
+
+    def test_non_object_input_schema_is_refused(self):
+        with pytest.raises(ValueError):
+            tool_definition(lambda: None, name="t", input_schema={"type": "array"})
+
+    def test_underivable_type_is_a_clear_error(self):
+        class Opaque:
+            pass
+
+        def f(x: Opaque):
+            pass
+        with pytest.raises(TypeError, match="JSON Schema"):
+            input_schema(f)
+
+    # -- the validator --------------------------------------------------------------------------
+
+    SCHEMA_2020 = {
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "type": "object",
+        "$defs": {"address": {"type": "object", "properties": {"street": {"type": "string"},
+                                                                "zip": {"type": "string", "pattern": "^[0-9]{5}$"}},
+                              "required": ["street"]}},
+        "properties": {"name": {"type": "string", "minLength": 1},
+                       "address": {"$ref": "#/$defs/address"},
+                       "contact": {"type": "string", "enum": ["phone", "email"]},
+                       "phone": {"type": "string"}, "email": {"type": "string"},
+                       "age": {"type": "integer", "minimum": 0, "maximum": 150},
+                       "tags": {"type": "array", "items": {"type": "string"}, "uniqueItems": True, "maxItems": 3}},
+        "anyOf": [{"required": ["phone"]}, {"required": ["email"]}],
+        "if": {"properties": {"contact": {"const": "phone"}}, "required": ["contact"]},
+        "then": {"required": ["phone"]},
+        "else": {"required": ["email"]},
+        "additionalProperties": False,
+    }
+
+    @pytest.mark.parametrize("instance", [
+        {"name": "Ada", "email": "a@example.com"},
+        {"name": "Ada", "contact": "phone", "phone": "123"},
+        {"name": "Ada", "email": "e", "address": {"street": "Main", "zip": "12345"}, "age": 36,
+         "tags": ["a", "b"]},
+        {"email": "e", "age": 3.0},  # an integral float is an integer
+    ])
+    def test_validator_accepts_good_input(self, instance):
+        assert mcp_server._validate(instance, self.SCHEMA_2020) is None
+
+    @pytest.mark.parametrize("instance, fragment", [
+        ({"name": "Ada"}, "arguments"),  # neither phone nor email (anyOf)
+        ({"name": "Ada", "contact": "phone", "email": "e"}, "'phone'"),  # if/then
+        ({"email": "e", "nickname": "x"}, "'nickname'"),  # additionalProperties false
+        ({"email": "e", "address": {"zip": "12345"}}, "arguments.address"),  # $ref: street missing
+        ({"email": "e", "address": {"street": "s", "zip": "1234"}}, "arguments.address.zip"),
+        ({"email": "e", "age": -1}, "arguments.age"),
+        ({"email": "e", "age": 1.5}, "arguments.age"),
+        ({"email": "e", "age": True}, "arguments.age"),  # a boolean is not an integer
+        ({"email": "e", "contact": "fax"}, "arguments.contact"),
+        ({"email": "e", "name": ""}, "arguments.name"),
+        ({"email": "e", "tags": ["a", "a"]}, "arguments.tags"),
+        ({"email": "e", "tags": ["a", "b", "c", "d"]}, "arguments.tags"),
+        ({"email": "e", "tags": ["a", 2]}, "arguments.tags[1]"),
+        ({"email": 5}, "arguments.email"),
+    ])
+    def test_validator_names_the_failing_field(self, instance, fragment):
+        problem = mcp_server._validate(instance, self.SCHEMA_2020)
+        assert problem is not None and fragment in problem, problem
+
+    def test_validator_keywords(self):
+        v = mcp_server._validate
+        assert v(5, {"oneOf": [{"type": "integer"}, {"minimum": 0}]}) is not None  # matches both
+        assert v(-5, {"oneOf": [{"type": "integer"}, {"minimum": 0}]}) is None
+        assert v("x", {"not": {"type": "string"}}) is not None
+        assert v({"a": 1}, {"dependentRequired": {"a": ["b"]}}) is not None
+        assert v({"x-1": "s"}, {"patternProperties": {"^x-": {"type": "integer"}}}) is not None
+        assert v([1, "a"], {"prefixItems": [{"type": "integer"}], "items": {"type": "string"}}) is None
+        assert v(7, {"multipleOf": 2}) is not None and v(8, {"multipleOf": 2}) is None
+        assert v(5, {"exclusiveMaximum": 5}) is not None
+        assert v({"a": {"a": {"a": 1}}}, {"$ref": "#/$defs/n", "$defs": {"n": {"type": "object", "properties": {
+            "a": {"anyOf": [{"$ref": "#/$defs/n"}, {"type": "integer"}]}}}}}) is None
+        assert v({"a": 1}, {"$ref": "#/$defs/missing"}) is not None
+        assert v(1, {"$ref": "https://example.com/remote.json"}) is not None  # never fetched
+        assert v("x", {"$ref": "#thing", "$defs": {"t": {"$anchor": "thing", "type": "integer"}}}) is not None
+        assert v(None, True) is None and v(None, False) is not None
+
+    def test_validator_equality_keeps_booleans_and_numbers_apart_at_any_depth(self):
+        assert mcp_server._validate(True, {"enum": [1]}) is not None
+        assert mcp_server._validate([True], {"enum": [[1]]}) is not None
+        assert mcp_server._validate({"a": True}, {"const": {"a": 1}}) is not None
+
+    def test_validator_fuzz_never_raises(self):
+        rng = random.Random(20240611)
+        for _ in range(400):
+            instance = random_json(rng, 4)
+            problem = mcp_server._validate(instance, self.SCHEMA_2020)
+            assert problem is None or (isinstance(problem, str) and problem.startswith("at "))
+
+    def test_invalid_arguments_are_a_tool_error_naming_the_field(self):
+        server = build_server()
+        result = core_result(server, "tools/call", {"name": "add", "arguments": {"a": "one"}})
+        assert result["isError"] is True
+        assert "arguments.a" in result["content"][0]["text"]
+        result = core_result(server, "tools/call", {"name": "add", "arguments": {}})
+        assert result["isError"] is True and "'a'" in result["content"][0]["text"]
+
+    def test_arguments_are_converted_to_annotated_types(self):
+        server = MCPServer("convert")
+        seen = {}
+
+        @server.tool()
+        def f(color: Color, point: Point, pair: tuple[int, int], ratio: float, tags: set[str]) -> str:
+            seen.update(color=color, point=point, pair=pair, ratio=ratio, tags=tags)
+            return "ok"
+        result = core_result(server, "tools/call", {"name": "f", "arguments": {
+            "color": "red", "point": {"x": 1, "y": 2}, "pair": [1, 2], "ratio": 2, "tags": ["a", "b"]}})
+        assert result == {"content": [{"type": "text", "text": "ok"}]}
+        assert seen == {"color": Color.RED, "point": Point(1, 2), "pair": (1, 2), "ratio": 2.0, "tags": {"a", "b"}}
+        assert isinstance(seen["ratio"], float)
+
+    # -- return values ---------------------------------------------------------------------------
+
+    PNG = b"\x89PNG\r\n\x1a\n" + b"\x00" * 8
+    WAV = b"RIFF\x00\x00\x00\x00WAVEfmt "
+
+    @pytest.mark.parametrize("value, expected", [
+        ("hi", {"content": [{"type": "text", "text": "hi"}]}),
+        (None, {"content": []}),
+        (42, {"content": [{"type": "text", "text": "42"}]}),
+        ({"a": 1}, {"content": [{"type": "text", "text": '{"a":1}'}], "structuredContent": {"a": 1}}),
+        (Point(1.0, 2.0, ["t"]), {"content": [{"type": "text", "text": '{"x":1.0,"y":2.0,"tags":["t"]}'}],
+                                  "structuredContent": {"x": 1.0, "y": 2.0, "tags": ["t"]}}),
+        (Image(b"\x89PNG"), {"content": [{"type": "image", "data": base64.b64encode(b"\x89PNG").decode(),
+                                          "mimeType": "image/png"}]}),
+        (Audio(base64="UklG", mime_type="audio/mpeg"),
+         {"content": [{"type": "audio", "data": "UklG", "mimeType": "audio/mpeg"}]}),
+        (EmbeddedResource("test://r", text="t", mime_type="text/plain"),
+         {"content": [{"type": "resource", "resource": {"uri": "test://r", "mimeType": "text/plain", "text": "t"}}]}),
+        (EmbeddedResource("test://b", blob=b"\x00\x01"),
+         {"content": [{"type": "resource", "resource": {"uri": "test://b", "blob": "AAE="}}]}),
+        (ResourceLink("test://x", "x", mime_type="text/plain", size=3),
+         {"content": [{"type": "resource_link", "uri": "test://x", "name": "x", "mimeType": "text/plain",
+                       "size": 3}]}),
+        (["a", Image(base64="AA=="), {"type": "text", "text": "raw"}],
+         {"content": [{"type": "text", "text": "a"}, {"type": "image", "data": "AA==", "mimeType": "image/png"},
+                      {"type": "text", "text": "raw"}]}),
+    ])
+    def test_return_value_mapping(self, value, expected):
+        server = MCPServer("returns")
+
+        @server.tool()
+        def f():
+            return value
+        assert core_result(server, "tools/call", {"name": "f"}) == expected
+
+    def test_bytes_become_image_audio_or_blob(self):
+        server = MCPServer("bytes")
+        values = {"png": self.PNG, "wav": self.WAV, "other": b"\x00\x01\x02"}
+
+        @server.tool()
+        def f(kind: str) -> bytes:
+            return values[kind]
+        png = core_result(server, "tools/call", {"name": "f", "arguments": {"kind": "png"}})["content"][0]
+        assert png == {"type": "image", "data": base64.b64encode(self.PNG).decode(), "mimeType": "image/png"}
+        wav = core_result(server, "tools/call", {"name": "f", "arguments": {"kind": "wav"}})["content"][0]
+        assert wav["type"] == "audio" and wav["mimeType"] == "audio/wav"
+        other = core_result(server, "tools/call", {"name": "f", "arguments": {"kind": "other"}})["content"][0]
+        assert other["type"] == "resource" and other["resource"]["blob"] == "AAEC"
+
+    def test_content_helpers_refuse_ambiguous_input(self):
+        with pytest.raises(ValueError):
+            Image()
+        with pytest.raises(ValueError):
+            Image(b"x", base64="eA==")
+        with pytest.raises(ValueError):
+            EmbeddedResource("test://x")
+
+    def test_structured_result_with_output_schema(self):
+        result = core_result(build_server(), "tools/call", {"name": "add", "arguments": {"a": 2, "b": 5}})
+        assert result == {"content": [{"type": "text", "text": '{"sum":7}'}], "structuredContent": {"sum": 7}}
+
+    # -- how tools run -----------------------------------------------------------------------------
+
+    def test_sync_tools_run_in_a_worker_thread_and_async_ones_on_the_loop(self):
+        server = build_server()
+        loop_thread = threading.get_ident()  # asyncio.run runs the loop on this thread
+        sync = core_result(server, "tools/call", {"name": "where_sync"})["structuredContent"]["thread"]
+        async_ = core_result(server, "tools/call", {"name": "where_async"})["structuredContent"]["thread"]
+        assert sync != loop_thread
+        assert async_ == loop_thread
+
+    def test_tool_error_becomes_is_error_with_its_message(self):
+        result = core_result(build_server(), "tools/call", {"name": "refuse"})
+        assert result == {"content": [{"type": "text", "text": "nope, not today"}], "isError": True}
+
+    def test_unexpected_exception_is_generic_with_an_error_id_that_is_logged(self, caplog):
+        caplog.set_level(logging.ERROR, logger="mcp_server")
+        result = core_result(build_server(), "tools/call", {"name": "boom"})
+        assert result["isError"] is True
+        text = result["content"][0]["text"]
+        assert "secret-detail-xyz" not in text and "ValueError" not in text
+        error_id = ERROR_ID.search(text).group(1)
+        logged = "\n".join(r.getMessage() for r in caplog.records)
+        assert error_id in logged
+
+    def test_expose_errors_shows_the_exception(self):
+        result = core_result(build_server(expose_errors=True), "tools/call", {"name": "boom"})
+        assert "secret-detail-xyz" in result["content"][0]["text"]
+
+    def test_unexpected_exception_id_reaches_the_stderr_log(self, printer_script):
+        with Proc([printer_script, "--stdio"]) as p:
+            p.initialize()
+            reply = p.request("tools/call", {"name": "boom", "arguments": {}})
+            text = reply["result"]["content"][0]["text"]
+            assert reply["result"]["isError"] is True and "secret-detail-xyz" not in text
+            error_id = ERROR_ID.search(text).group(1)
+            assert p.finish() == 0
+        assert error_id in p.stderr.decode()
+
+    def test_tool_timeout_ends_the_call_as_an_error(self):
+        server = build_server(tool_timeout=0.05)
+        token = new_token()
+        result = core_result(server, "tools/call", {"name": "hang", "arguments": {"token": token}})
+        assert result["isError"] is True and "did not finish" in result["content"][0]["text"]
+        assert probe(token).finished.is_set()
+
+    # -- resources and templates -------------------------------------------------------------------
+
+    @pytest.mark.parametrize("template, uri, expected", [
+        ("test://items/{id}", "test://items/42", {"id": "42"}),
+        ("test://items/{id}", "test://items/a%20b", {"id": "a b"}),
+        ("test://items/{id}", "test://items/4/2", None),
+        ("test://items/{id}", "test://other/42", None),
+        ("test://template/{id}/data", "test://template/7/data", {"id": "7"}),
+        ("test://{a}/{b}", "test://x/y", {"a": "x", "b": "y"}),
+        ("file:///{+path}", "file:///etc/hosts", {"path": "etc/hosts"}),
+        ("test://search{?q,lang}", "test://search?q=cats&lang=en", {"q": "cats", "lang": "en"}),
+        ("test://search{?q,lang}", "test://search?q=cats", {"q": "cats"}),
+        ("test://search{?q,lang}", "test://search", {}),
+        ("test://doc{#section}", "test://doc#intro", {"section": "intro"}),
+    ])
+    def test_rfc6570_template_matching(self, template, uri, expected):
+        server = MCPServer("templates")
+        variables = re.findall(r"\{[+#?]?([^}]*)\}", template)
+        names = [n for group in variables for n in group.split(",")]
+        fn = eval(f"lambda {', '.join(names)}: 'x'")  # noqa: S307 - a parameter per variable
+        server.resource(template, name="t")(fn)
+        assert server._templates[0].match(uri) == expected
+
+    def test_template_variables_reach_the_function(self):
+        result = core_result(build_server(), "resources/read", {"uri": "test://items/abc"})
+        assert result == {"contents": [{"uri": "test://items/abc", "text": "item abc", "mimeType": "text/plain"}]}
+
+    def test_template_needs_a_parameter_per_variable(self):
+        server = MCPServer("t")
+        with pytest.raises(TypeError, match="id"):
+            server.resource("test://items/{id}")(lambda: "x")
+
+    def test_resource_return_values(self):
+        server = MCPServer("resources")
+        server.resource("test://text", mime_type="text/plain")(lambda: "hello")
+        server.resource("test://bin")(lambda: b"\x00\xff")
+        server.resource("test://json")(lambda: {"a": 1})
+        assert core_result(server, "resources/read", {"uri": "test://text"})["contents"] == [
+            {"uri": "test://text", "text": "hello", "mimeType": "text/plain"}]
+        assert core_result(server, "resources/read", {"uri": "test://bin"})["contents"] == [
+            {"uri": "test://bin", "blob": "AP8="}]
+        assert core_result(server, "resources/read", {"uri": "test://json"})["contents"] == [
+            {"uri": "test://json", "text": '{"a":1}', "mimeType": "application/json"}]
+
+    def test_prompt_arguments_and_messages(self):
+        server = build_server()
+        listed = core_result(server, "prompts/list")["prompts"]
+        assert listed == [{"name": "greeting", "title": "Greeting", "description": "Greet someone.",
+                           "arguments": [{"name": "name", "required": True}, {"name": "style", "required": False}]}]
+        got = core_result(server, "prompts/get", {"name": "greeting", "arguments": {"name": "Ada"}})
+        assert got == {"messages": [{"role": "user", "content": {"type": "text", "text": "Greet Ada in a plain way."}}],
+                       "description": "Greet someone."}
+        error, _ = core_error(server, "prompts/get", {"name": "greeting", "arguments": {}})
+        assert error["code"] == -32602 and "name" in error["message"]
+
+
+def random_json(rng: random.Random, depth: int):
+    kind = rng.randrange(9 if depth > 0 else 7)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.choice([True, False])
+    if kind == 2:
+        return rng.randint(-10 ** 6, 10 ** 6)
+    if kind == 3:
+        return rng.choice([0.5, -1e300, 3.0, float(rng.randint(0, 9))])
+    if kind in (4, 5):
+        return "".join(rng.choice("ab\u00e9\u2603 \"\\\n{}[]:,0") for _ in range(rng.randint(0, 8)))
+    if kind == 6:
+        return rng.choice(["phone", "email", "name", "tools/call", "2.0", ""])
+    if kind == 7:
+        return [random_json(rng, depth - 1) for _ in range(rng.randint(0, 4))]
+    keys = ["name", "email", "phone", "contact", "address", "age", "tags", "jsonrpc", "id", "method",
+            "params", "result", "error", "_meta", "x"]
+    return {rng.choice(keys): random_json(rng, depth - 1) for _ in range(rng.randint(0, 5))}
+
+
+# =================================================================================================
+# 5. MCP core (sans-IO)
+# =================================================================================================
+
+
+class TestCore:
+    @pytest.fixture
+    def server(self):
+        return build_server()
+
+    # -- initialize and version negotiation --------------------------------------------------------
+
+    @pytest.mark.parametrize("requested", ["2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05"])
+    def test_initialize_echoes_a_supported_version(self, server, requested):
+        result = core_result(server, "initialize", {"protocolVersion": requested, "capabilities": {},
+                                                    "clientInfo": {"name": "c", "version": "1"}})
+        assert result["protocolVersion"] == requested
+        assert result["serverInfo"]["name"] == "test-server" and result["serverInfo"]["version"] == "9.9.9"
+        assert result["instructions"] == "Test instructions."
+        assert set(result["capabilities"]) >= {"tools", "resources", "prompts"}
+        assert "resultType" not in result and "_meta" not in result
+
+    @pytest.mark.parametrize("requested", ["2026-07-28", "1999-01-01", "2099-12-31", "latest"])
+    def test_initialize_counter_offers_the_latest_legacy_version(self, server, requested):
+        result = core_result(server, "initialize", {"protocolVersion": requested, "capabilities": {}})
+        assert result["protocolVersion"] == "2025-11-25"
+
+    def test_initialize_capabilities_per_revision(self, server):
+        old = core_result(server, "initialize", {"protocolVersion": "2024-11-05"})
+        assert "completions" not in old["capabilities"]
+        assert "title" not in old["serverInfo"]
+        new = core_result(server, "initialize", {"protocolVersion": "2025-06-18"})
+        assert "completions" in new["capabilities"] and new["serverInfo"]["title"] == "Test Server"
+
+    def test_initialize_needs_a_version_string(self, server):
+        error, _ = core_error(server, "initialize", {"capabilities": {}})
+        assert error["code"] == -32602 and "protocolVersion" in error["message"]
+
+    def test_ping_and_set_level_answer_exactly_an_empty_object(self, server):
+        assert core(server, "ping") == ({"jsonrpc": "2.0", "id": 1, "result": {}}, 200)
+        assert core(server, "logging/setLevel", {"level": "debug"}) == ({"jsonrpc": "2.0", "id": 1, "result": {}}, 200)
+
+    def test_set_level_refuses_an_unknown_level(self, server):
+        error, _ = core_error(server, "logging/setLevel", {"level": "loud"})
+        assert error["code"] == -32602 and "loud" in error["message"]
+
+    def test_unknown_method(self, server):
+        error, status = core_error(server, "tools/destroy")
+        assert error["code"] == -32601 and "tools/destroy" in error["message"] and status == 200
+
+    def test_unknown_notification_is_ignored(self, server):
+        assert core(server, "notifications/whatever", request_id=None) == (None, 202)
+
+    @pytest.mark.parametrize("method, params, field", [
+        ("tools/call", {}, "name"),
+        ("tools/call", {"name": "echo", "arguments": [1]}, "arguments"),
+        ("resources/read", {}, "uri"),
+        ("prompts/get", {"name": 5}, "name"),
+        ("completion/complete", {"ref": {"type": "ref/prompt", "name": "greeting"}}, "argument"),
+        ("resources/subscribe", {"uri": 1}, "uri"),
+    ])
+    def test_invalid_params_name_the_field(self, server, method, params, field):
+        error, _ = core_error(server, method, params)
+        assert error["code"] == -32602 and field in error["message"], error
+
+    def test_tools_call_unknown_tool(self, server):
+        error, _ = core_error(server, "tools/call", {"name": "nope"})
+        assert error["code"] == -32602 and "nope" in error["message"]
+
+    def test_resource_not_found_legacy_vs_modern(self, server):
+        for uri in ("test://missing", "test://items/missing"):
+            legacy, _ = core_error(server, "resources/read", {"uri": uri})
+            assert legacy["code"] == -32002 and legacy["data"] == {"uri": uri}
+            response, status = modern_core(server, "resources/read", {"uri": uri})
+            assert response["error"]["code"] == -32602 and response["error"]["data"] == {"uri": uri}
+
+    def test_modern_results_carry_result_type_cache_hints_and_server_info(self, server):
+        response, status = modern_core(server, "tools/list")
+        result = response["result"]
+        assert status == 200 and result["resultType"] == "complete"
+        assert isinstance(result["ttlMs"], int) and result["ttlMs"] >= 0 and result["cacheScope"] in ("public", "private")
+        assert result["_meta"][META_SERVERINFO]["name"] == "test-server"
+        read = modern_core(server, "resources/read", {"uri": "test://static"})[0]["result"]
+        assert read["resultType"] == "complete" and "ttlMs" in read and "cacheScope" in read
+        call = modern_core(server, "tools/call", {"name": "echo", "arguments": {"text": "x"}})[0]["result"]
+        assert call["resultType"] == "complete" and "ttlMs" not in call
+        discover = modern_core(server, "server/discover")[0]["result"]
+        assert discover["supportedVersions"][0] == MODERN and "2024-11-05" in discover["supportedVersions"]
+        assert discover["cacheScope"] == "public" and discover["_meta"][META_SERVERINFO]["version"] == "9.9.9"
+
+    def test_legacy_results_carry_no_modern_fields(self, server):
+        result = core_result(server, "tools/list")
+        assert not {"resultType", "ttlMs", "cacheScope"} & set(result)
+
+    def test_methods_removed_in_2026_are_not_found_there(self, server):
+        for method in ("initialize", "ping", "logging/setLevel", "resources/subscribe"):
+            response, status = modern_core(server, method, {"level": "info", "uri": "x", "protocolVersion": MODERN})
+            assert response["error"]["code"] == -32601 and status == 404, method
+
+    # -- shaping per revision ----------------------------------------------------------------------
+
+    def shaping_server(self) -> MCPServer:
+        server = MCPServer("shape")
+
+        @server.tool(title="Rich", icons=[{"src": "https://x/i.png"}], annotations={"readOnlyHint": True},
+                     meta={"k": 1})
+        def rich() -> Movie:
+            return {"title": "Up", "year": 2009}
+
+        @server.tool()
+        def media() -> list:
+            return [Audio(base64="UklG"), ResourceLink("test://doc", "doc", title="Doc"), "text",
+                    Image(base64="AA==", annotations={"audience": ["user"], "lastModified": "2025-01-01T00:00:00Z"})]
+        return server
+
+    def test_a_2024_11_05_client_sees_only_what_it_knows(self):
+        server = self.shaping_server()
+        v = "2024-11-05"
+        tools = core_result(server, "tools/list", version=v)["tools"]
+        rich = next(t for t in tools if t["name"] == "rich")
+        assert set(rich) == {"name", "description", "inputSchema"}
+        result = core_result(server, "tools/call", {"name": "rich"}, version=v)
+        assert "structuredContent" not in result
+        assert result["content"] == [{"type": "text", "text": '{"title":"Up","year":2009}'}]
+        media = core_result(server, "tools/call", {"name": "media"}, version=v)["content"]
+        assert [b["type"] for b in media] == ["text", "text", "text", "image"]
+        assert "doc" in media[1]["text"] and "test://doc" in media[1]["text"]
+        assert media[3]["annotations"] == {"audience": ["user"]}
+        text = json.dumps([tools, result, media])
+        for word in ('"title"', '"icons"', '"outputSchema"', '"structuredContent"', '"audio"', '"resource_link"',
+                     '"_meta"', '"annotations": {"readOnlyHint"'):
+            assert word not in text, word
+
+    def test_newer_clients_see_the_new_fields(self):
+        server = self.shaping_server()
+        tools = core_result(server, "tools/list", version="2025-06-18")["tools"]
+        rich = next(t for t in tools if t["name"] == "rich")
+        assert rich["title"] == "Rich" and "outputSchema" in rich and "icons" not in rich
+        assert rich["annotations"] == {"readOnlyHint": True}
+        tools = core_result(server, "tools/list", version="2025-11-25")["tools"]
+        assert next(t for t in tools if t["name"] == "rich")["icons"] == [{"src": "https://x/i.png"}]
+        result = core_result(server, "tools/call", {"name": "rich"}, version="2025-06-18")
+        assert result["structuredContent"] == {"title": "Up", "year": 2009}
+        media = core_result(server, "tools/call", {"name": "media"}, version="2025-03-26")["content"]
+        assert [b["type"] for b in media] == ["audio", "text", "text", "image"]
+        media = core_result(server, "tools/call", {"name": "media"}, version="2025-06-18")["content"]
+        assert media[1] == {"type": "resource_link", "uri": "test://doc", "name": "doc", "title": "Doc"}
+
+    # -- pagination --------------------------------------------------------------------------------
+
+    def test_pagination_with_signed_cursors(self):
+        server = build_server(page_size=3)
+        everything = [t["name"] for t in core_result(build_server(), "tools/list")["tools"]]
+        names, cursor, cursors = [], None, []
+        while True:
+            result = core_result(server, "tools/list", {"cursor": cursor} if cursor else {})
+            assert len(result["tools"]) <= 3
+            names += [t["name"] for t in result["tools"]]
+            cursor = result.get("nextCursor")
+            if cursor is None:
+                break
+            assert isinstance(cursor, str) and cursor not in cursors
+            cursors.append(cursor)
+        assert names == everything and len(cursors) == (len(everything) - 1) // 3
+        assert core_result(server, "tools/list", {"cursor": ""})["tools"] == core_result(server, "tools/list")["tools"]
+
+    @pytest.mark.parametrize("make_cursor", [
+        lambda c: flip(c),
+        lambda c: "garbage",
+        lambda c: mcp_server._b64url(b"tools:0") + ".AAAAAAAAAAAAAAAA",
+        lambda c: 5,
+    ])
+    def test_tampered_cursor_is_invalid_params(self, make_cursor):
+        server = build_server(page_size=3)
+        cursor = core_result(server, "tools/list")["nextCursor"]
+        error, status = core_error(server, "tools/list", {"cursor": make_cursor(cursor)})
+        assert error["code"] == -32602 and status == 200
+        response, status = modern_core(server, "tools/list", {"cursor": make_cursor(cursor)})
+        assert response["error"]["code"] == -32602
+
+    def test_a_cursor_of_one_list_is_refused_by_another(self):
+        server = build_server(page_size=1)
+        server.prompt()(lambda: "a")
+        cursor = core_result(server, "tools/list")["nextCursor"]
+        error, _ = core_error(server, "prompts/list", {"cursor": cursor})
+        assert error["code"] == -32602
+
+    def test_a_cursor_of_another_server_is_refused(self):
+        cursor = core_result(build_server(page_size=2), "tools/list")["nextCursor"]
+        error, _ = core_error(build_server(page_size=2), "tools/list", {"cursor": cursor})
+        assert error["code"] == -32602
+
+    # -- MRTR (2026-07-28) -------------------------------------------------------------------------
+
+    CAPS = {"elicitation": {}}
+
+    def test_input_required_round_then_retry_completes(self, server):
+        first, status = modern_core(server, "tools/call", {"name": "ask_name", "arguments": {}}, caps=self.CAPS)
+        result = first["result"]
+        assert status == 200 and result["resultType"] == "input_required"
+        assert result["inputRequests"] == {"who": {"method": "elicitation/create", "params": {
+            "message": "What is your name?", "requestedSchema": NAME_SCHEMA}}}
+        state = result["requestState"]
+        assert isinstance(state, str) and VISIBLE_ASCII.fullmatch(state)
+        assert "ttlMs" not in result and "content" not in result
+        retry, status = modern_core(server, "tools/call", {
+            "name": "ask_name", "arguments": {}, "requestState": state,
+            "inputResponses": {"who": {"action": "accept", "content": {"name": "Ada"}}}}, caps=self.CAPS, request_id=2)
+        assert retry["id"] == 2 and retry["result"]["resultType"] == "complete"
+        assert retry["result"]["content"] == [{"type": "text", "text": "Hello, Ada!"}]
+
+    def test_request_state_carries_earlier_answers_across_rounds(self, server):
+        r1 = modern_core(server, "tools/call", {"name": "ask_two"}, caps=self.CAPS)[0]["result"]
+        assert list(r1["inputRequests"]) == ["first"]
+        r2 = modern_core(server, "tools/call", {
+            "name": "ask_two", "requestState": r1["requestState"],
+            "inputResponses": {"first": {"action": "accept", "content": {"name": "Ada"}}}}, caps=self.CAPS)[0]["result"]
+        assert r2["resultType"] == "input_required" and list(r2["inputRequests"]) == ["second"]
+        r3 = modern_core(server, "tools/call", {
+            "name": "ask_two", "requestState": r2["requestState"],
+            "inputResponses": {"second": {"action": "accept", "content": {"name": "Bob"}}}}, caps=self.CAPS)[0]["result"]
+        assert r3["resultType"] == "complete" and r3["content"][0]["text"] == "Ada and Bob"
+
+    def test_tampered_or_misused_request_state_is_invalid_params(self, server):
+        state = modern_core(server, "tools/call", {"name": "ask_name", "arguments": {}},
+                            caps=self.CAPS)[0]["result"]["requestState"]
+        answer = {"who": {"action": "accept", "content": {"name": "Ada"}}}
+        for params in ({"name": "ask_name", "arguments": {}, "requestState": flip(state)},
+                       {"name": "ask_name", "arguments": {}, "requestState": "garbage"},
+                       {"name": "ask_name", "arguments": {"x": 1}, "requestState": state},  # other arguments
+                       {"name": "ask_two", "arguments": {}, "requestState": state}):  # other tool
+            response, status = modern_core(server, "tools/call", {**params, "inputResponses": answer}, caps=self.CAPS)
+            assert response["error"]["code"] == -32602, params
+        foreign = build_server()
+        response, status = modern_core(foreign, "tools/call", {"name": "ask_name", "arguments": {},
+                                                               "requestState": state, "inputResponses": answer},
+                                       caps=self.CAPS)
+        assert response["error"]["code"] == -32602
+
+    def test_malformed_input_response_is_invalid_params(self, server):
+        response, status = modern_core(server, "tools/call", {
+            "name": "ask_name", "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
+        assert response["error"]["code"] == -32602 and "who" in response["error"]["message"]
+
+    def test_missing_capability_modern_is_32021(self, server):
+        response, status = modern_core(server, "tools/call", {"name": "ask_name"}, caps={})
+        assert status == 400 and response["error"]["code"] == -32021
+        assert response["error"]["data"]["requiredCapabilities"] == {"elicitation": {}}
+
+    def test_missing_capability_legacy_is_a_tool_error(self, server):
+        result = core_result(server, "tools/call", {"name": "ask_name"}, caps={})
+        assert result["isError"] is True and "elicitation" in result["content"][0]["text"]
+
+    def test_input_required_only_on_the_three_mrtr_methods(self, server):
+        server.completion("ref/prompt", "greeting")(self._asking_completion)
+        response, _ = modern_core(server, "completion/complete", {
+            "ref": {"type": "ref/prompt", "name": "greeting"}, "argument": {"name": "name", "value": "A"}},
+            caps=self.CAPS)
+        assert "result" not in response and response["error"]["code"] == -32603
+
+    @staticmethod
+    async def _asking_completion(argument: str, value: str, context: dict, ctx: Context) -> list:
+        await ctx.elicit("?", NAME_SCHEMA)
+        return []
+
+    def test_progress_and_log_notifications_follow_the_revision_and_level(self, server):
+        sent = []
+
+        class Out:
+            async def send(self, message):
+                sent.append(message)
+
+        async def run(version, session, meta):
+            ctx = Context(server, "tools/call", {"_meta": meta}, 1, version=version, session=session, out=Out())
+            await ctx.report_progress(1, 10, "one")
+            await ctx.report_progress(1, 10, "same again")  # progress must increase: dropped
+            await ctx.report_progress(2, None, "two")
+            await ctx.log("info", "info line")
+            await ctx.log("error", "error line")
+            with pytest.raises(ValueError):
+                await ctx.log("loud", "x")
+        asyncio.run(run("2024-11-05", {"log": "error"}, {"progressToken": "p"}))
+        assert sent == [
+            {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "p", "progress": 1,
+                                                                             "total": 10}},
+            {"jsonrpc": "2.0", "method": "notifications/progress", "params": {"progressToken": "p", "progress": 2}},
+            {"jsonrpc": "2.0", "method": "notifications/message", "params": {"level": "error", "data": "error line"}}]
+        sent.clear()
+        asyncio.run(run("2025-03-26", {"log": "debug"}, {}))  # no progressToken: no progress
+        assert [m["params"]["data"] for m in sent] == ["info line", "error line"]
+
+    def test_middleware_wraps_every_request(self, server):
+        seen = []
+
+        async def middleware(ctx, call_next):
+            seen.append(ctx.method)
+            result = await call_next()
+            return {**result, "_meta": {"wrapped": True}} if isinstance(result, dict) else result
+        server.add_middleware(middleware)
+        assert core_result(server, "ping") == {"_meta": {"wrapped": True}}
+        assert seen == ["ping"]
+
+    def test_classify_fuzz_never_raises_anything_but_rpc_error(self):
+        rng = random.Random(7)
+        for _ in range(1000):
+            message = random_json(rng, 3)
+            if isinstance(message, dict) and rng.random() < 0.5:
+                message["jsonrpc"] = "2.0"
+                message.setdefault("method", rng.choice(["ping", "tools/call", 5]))
+            try:
+                kind = mcp_server._classify(message)
+            except RpcError as exc:
+                assert exc.code == -32600 and exc.status == 400
+            else:
+                assert kind in ("request", "notification", "response")
+
+
+# =================================================================================================
+# 6. Transports: Streamable HTTP
+# =================================================================================================
+
+
+class TestStreamableHTTP:
+    def test_initialize_mints_a_session_and_initialized_is_accepted(self, live):
+        s = Session(live.port)
+        r = s.initialize()
+        assert r.content_type == "application/json"
+        assert VISIBLE_ASCII.fullmatch(s.sid) and len(s.sid) >= 16
+        assert s.init_result["protocolVersion"] == LEGACY
+        assert Session(live.port).initialize().header("mcp-session-id") != s.sid
+
+    def test_tools_list_and_call_in_a_session(self, live):
+        s = Session(live.port)
+        s.initialize()
+        names = [t["name"] for t in s.request("tools/list")["result"]["tools"]]
+        assert {"echo", "add", "progress", "hang"} <= set(names)
+        assert s.call("echo", {"text": "héllo"}) == {"content": [{"type": "text", "text": "héllo"}]}
+        assert s.call("add", {"a": 1})["structuredContent"] == {"sum": 4}
+
+    def test_each_legacy_version_gets_its_own_session(self, live):
+        for version in ("2025-06-18", "2025-03-26"):
+            s = Session(live.port, version)
+            s.initialize()
+            assert s.init_result["protocolVersion"] == version
+            assert s.call("add", {"a": 1, "b": 1})["content"][0]["text"] == '{"sum":2}'
+
+    def test_missing_session_is_400_and_unknown_session_is_404(self, live):
+        r = http(live.port, "POST", "/mcp", {"Accept": ACCEPT_BOTH},
+                 {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert r.status == 400 and r.json()["error"]["code"] == -32600
+        r = http(live.port, "POST", "/mcp", {"Accept": ACCEPT_BOTH, "Mcp-Session-Id": "no-such-session"},
+                 {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+        assert r.status == 404 and r.json()["id"] == 1
+
+    def test_delete_ends_the_session(self, live):
+        s = Session(live.port)
+        s.initialize()
+        assert s.delete().status == 200
+        assert s.delete().status == 404
+        assert s.post(s.body("tools/list")).status == 404
+
+    def test_delete_after_expiry_is_404(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), session_ttl=30))
+        s = Session(st.port)
+        s.initialize()
+        clock.advance(31)
+        assert s.delete().status == 404
+
+    def test_plain_call_answers_json(self, live):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post(s.body("tools/call", {"name": "echo", "arguments": {"text": "x"}}))
+        assert r.status == 200 and r.content_type == "application/json"
+        assert r.json()["result"]["content"][0]["text"] == "x"
+
+    def test_progress_streams_sse_with_notifications_before_the_result(self, live):
+        s = Session(live.port)
+        s.initialize()
+        message = s.body("tools/call", {"name": "progress", "arguments": {"steps": 3},
+                                        "_meta": {"progressToken": "tok-1"}})
+        r = s.post(message)
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        assert r.header("cache-control") == "no-cache"
+        messages = r.messages()
+        assert [m.get("method") for m in messages] == ["notifications/progress"] * 3 + [None]
+        assert [m["params"]["progress"] for m in messages[:3]] == [1, 2, 3]
+        assert all(m["params"]["progressToken"] == "tok-1" and m["params"]["total"] == 3 for m in messages[:3])
+        assert messages[0]["params"]["message"] == "step 1"
+        assert messages[-1]["id"] == message["id"] and messages[-1]["result"]["content"][0]["text"] == "progress done"
+        events = [e for e in r.events() if e.get("data")]
+        assert all(e.get("event", "message") == "message" for e in events)
+        ids = [e["id"] for e in events]
+        assert len(set(ids)) == len(ids)  # 2025-11-25: resumable ids, unique in the session
+
+    def test_progress_without_sse_accept_answers_json(self, live):
+        s = Session(live.port)
+        s.initialize()
+        message = s.body("tools/call", {"name": "progress", "arguments": {}, "_meta": {"progressToken": 1}})
+        r = s.post(message, {"Accept": "application/json"})
+        assert r.content_type == "application/json" and r.json()["result"]["content"][0]["text"] == "progress done"
+
+    @pytest.mark.parametrize("accept", [None, "*/*", "application/json", "application/json;q=0.9", ACCEPT_BOTH])
+    def test_accept_headers_that_get_json(self, live, accept):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post(s.body("tools/list"), {"Accept": accept})
+        assert r.status == 200 and r.content_type == "application/json"
+        assert "tools" in r.json()["result"]
+
+    def test_accept_html_only_is_406(self, live):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post(s.body("tools/list"), {"Accept": "text/html"})
+        assert r.status == 406 and r.json()["error"]["code"] == -32600
+
+    @pytest.mark.parametrize("content_type", ["text/plain", "application/x-www-form-urlencoded", "application/jsonx"])
+    def test_wrong_content_type_is_415(self, live, content_type):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post(s.body("tools/list"), {"Content-Type": content_type})
+        assert r.status == 415
+
+    def test_content_type_with_charset_is_fine(self, live):
+        s = Session(live.port)
+        s.initialize()
+        assert s.post(s.body("ping"), {"Content-Type": "application/json; charset=utf-8"}).status == 200
+
+    @pytest.mark.parametrize("body", [b"{not json", b"", b"\xff\xfe", b'{"jsonrpc": "2.0", "id": 1,'])
+    def test_invalid_json_is_400_parse_error(self, live, body):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post(body)
+        assert_rpc_error(r, 400, -32700)
+        assert r.json()["id"] is None
+
+    @pytest.mark.parametrize("message", [
+        {"jsonrpc": "1.0", "id": 1, "method": "ping"},
+        {"jsonrpc": "2.0", "id": None, "method": "ping"},
+        {"jsonrpc": "2.0", "id": True, "method": "ping"},
+        {"jsonrpc": "2.0", "id": 1, "method": 5},
+        {"jsonrpc": "2.0", "id": 1, "method": "ping", "params": [1]},
+        {"jsonrpc": "2.0"},
+        b'"just a string"',
+        b"[]",
+    ])
+    def test_invalid_request_is_400(self, live, message):
+        s = Session(live.port)
+        s.initialize()
+        assert_rpc_error(s.post(message), 400, -32600)
+
+    def test_array_body_in_a_2025_11_25_session_is_400(self, live):
+        s = Session(live.port)
+        s.initialize()
+        r = s.post([s.body("ping"), s.body("tools/list")])
+        assert_rpc_error(r, 400, -32600)
+
+    def test_batch_in_a_2025_03_26_session(self, live):
+        s = Session(live.port, "2025-03-26")
+        s.initialize()
+        r = s.post([{"jsonrpc": "2.0", "id": "a", "method": "ping"},
+                    {"jsonrpc": "2.0", "method": "notifications/initialized"},
+                    {"jsonrpc": "2.0", "id": "b", "method": "tools/call", "params": {"name": "echo",
+                                                                                     "arguments": {"text": "t"}}},
+                    {"jsonrpc": "2.0", "id": "c", "method": "initialize", "params": {"protocolVersion": "2025-03-26"}}])
+        assert r.status == 200 and r.content_type == "application/json"
+        answers = {a["id"]: a for a in r.json()}
+        assert answers["a"]["result"] == {}
+        assert answers["b"]["result"]["content"][0]["text"] == "t"
+        assert answers["c"]["error"]["code"] == -32600  # initialize must not be batched
+        assert len(answers) == 3
+        only_notifications = s.post([{"jsonrpc": "2.0", "method": "notifications/initialized"}])
+        assert only_notifications.status == 202 and only_notifications.body == b""
+
+    # -- 2026-07-28 requests ---------------------------------------------------------------------
+
+    def test_modern_request_is_served_statelessly(self, live):
+        r = modern_post(live.port, "tools/call", {"name": "echo", "arguments": {"text": "m"}}, request_id="r1")
+        assert r.status == 200 and r.header("mcp-session-id") is None
+        body = r.json()
+        assert body["id"] == "r1" and body["result"]["resultType"] == "complete"
+        assert body["result"]["content"] == [{"type": "text", "text": "m"}]
+        assert body["result"]["_meta"][META_SERVERINFO]["name"] == "test-server"
+
+    def test_modern_discover_and_lists(self, live):
+        r = modern_post(live.port, "server/discover")
+        assert r.status == 200 and r.json()["result"]["supportedVersions"][0] == MODERN
+        tools = modern_post(live.port, "tools/list").json()["result"]
+        assert tools["cacheScope"] == "public" and any(t["name"] == "echo" for t in tools["tools"])
+
+    def test_modern_missing_version_header_is_32020(self, live):
+        assert_rpc_error(modern_post(live.port, "tools/list", headers={"MCP-Protocol-Version": None}), 400, -32020)
+
+    def test_modern_header_without_meta_is_32602(self, live):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}}
+        error = assert_rpc_error(modern_post(live.port, "tools/list", body=body), 400, -32602)
+        assert "_meta" in error["message"]
+        body = {"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {"_meta": {META_VERSION: MODERN}}}
+        error = assert_rpc_error(modern_post(live.port, "tools/list", body=body), 400, -32602)
+        assert "clientCapabilities" in error["message"]
+
+    def test_modern_version_mismatch_is_32020(self, live):
+        assert_rpc_error(modern_post(live.port, "tools/list", headers={"MCP-Protocol-Version": "2025-11-25"}),
+                         400, -32020)
+
+    def test_modern_unsupported_version_is_32022_with_the_supported_list(self, live):
+        body = modern_body("tools/list")
+        body["params"]["_meta"][META_VERSION] = "2099-01-01"
+        error = assert_rpc_error(modern_post(live.port, "tools/list", body=body,
+                                             headers={"MCP-Protocol-Version": "2099-01-01"}), 400, -32022)
+        assert error["data"]["requested"] == "2099-01-01"
+        assert error["data"]["supported"][0] == MODERN and "2024-11-05" in error["data"]["supported"]
+
+    def test_modern_unknown_method_is_404_32601(self, live):
+        assert_rpc_error(modern_post(live.port, "tools/destroy"), 404, -32601)
+        assert_rpc_error(modern_post(live.port, "initialize", {"protocolVersion": MODERN}), 404, -32601)
+
+    @pytest.mark.parametrize("method, params, headers", [
+        ("tools/list", None, {"Mcp-Method": None}),
+        ("tools/list", None, {"Mcp-Method": "prompts/list"}),
+        ("tools/call", {"name": "echo", "arguments": {"text": "x"}}, {"Mcp-Name": None}),
+        ("tools/call", {"name": "echo", "arguments": {"text": "x"}}, {"Mcp-Name": "add"}),
+        ("resources/read", {"uri": "test://static"}, {"Mcp-Name": "test://other"}),
+        ("tools/call", {"name": "echo", "arguments": {"text": "x"}}, {"Mcp-Name": "=?base64?!!!?="}),
+    ])
+    def test_modern_header_mismatch_is_32020(self, live, method, params, headers):
+        assert_rpc_error(modern_post(live.port, method, params, headers=headers), 400, -32020)
+
+    def test_modern_base64_sentinel_name_is_decoded(self, live):
+        encoded = "=?base64?" + base64.b64encode(b"echo").decode() + "?="
+        r = modern_post(live.port, "tools/call", {"name": "echo", "arguments": {"text": "b64"}},
+                        headers={"Mcp-Name": encoded})
+        assert r.status == 200 and r.json()["result"]["content"][0]["text"] == "b64"
+
+    def test_modern_missing_capability_is_400_32021(self, live):
+        error = assert_rpc_error(modern_post(live.port, "tools/call", {"name": "ask_name"}), 400, -32021)
+        assert error["data"]["requiredCapabilities"] == {"elicitation": {}}
+
+    def test_modern_mrtr_round_trip_over_http(self, live):
+        caps = {"elicitation": {}}
+        first = modern_post(live.port, "tools/call", {"name": "ask_name"}, caps=caps).json()["result"]
+        assert first["resultType"] == "input_required"
+        second = modern_post(live.port, "tools/call", {
+            "name": "ask_name", "requestState": first["requestState"],
+            "inputResponses": {"who": {"action": "accept", "content": {"name": "Eve"}}}}, caps=caps, request_id=2)
+        assert second.json()["result"]["content"][0]["text"] == "Hello, Eve!"
+
+    def test_modern_progress_streams_without_event_ids(self, live):
+        params = {"name": "progress", "arguments": {"steps": 2}, "_meta": {"progressToken": 9}}
+        r = modern_post(live.port, "tools/call", params, request_id=5)
+        assert r.content_type == "text/event-stream"
+        events = [e for e in r.events() if e.get("data")]
+        assert all("id" not in e for e in events)
+        messages = r.messages()
+        assert [m.get("method") for m in messages] == ["notifications/progress"] * 2 + [None]
+        assert messages[-1]["result"]["resultType"] == "complete"
+
+    def test_modern_get_and_delete_are_405(self, live):
+        for method in ("GET", "DELETE"):
+            r = http(live.port, method, "/mcp", {"MCP-Protocol-Version": MODERN, "Accept": "text/event-stream"})
+            assert r.status == 405 and "POST" in r.header("allow")
+
+    def test_modern_notification_is_202(self, live):
+        body = modern_body("notifications/cancelled", {"requestId": 99})
+        del body["id"]
+        r = http(live.port, "POST", "/mcp", modern_headers(body), body)
+        assert r.status == 202 and r.body == b""
+
+    # -- Origin, Host, CORS ------------------------------------------------------------------------
+
+    def test_foreign_origin_is_403_naming_the_setting(self, live):
+        r = http(live.port, "POST", "/mcp", {"Origin": "https://evil.example", "Accept": ACCEPT_BOTH},
+                 {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": LEGACY}})
+        assert r.status == 403 and "MCP_ALLOWED_ORIGINS" in r.json()["error"]["message"]
+        assert r.header("mcp-session-id") is None
+
+    def test_null_origin_is_403(self, live):
+        r = http(live.port, "POST", "/mcp", {"Origin": "null"}, modern_body("tools/list"))
+        assert r.status == 403
+
+    def test_loopback_origin_is_allowed_with_cors_headers(self, live):
+        r = http(live.port, "POST", "/mcp", {"Origin": "http://localhost:5173", "Accept": ACCEPT_BOTH},
+                 {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": LEGACY}})
+        assert r.status == 200
+        assert r.header("access-control-allow-origin") == "http://localhost:5173"
+        assert "mcp-session-id" in r.header("access-control-expose-headers").lower()
+
+    def test_allow_listed_origin(self, make_server):
+        st = make_server(allowed_origins=("https://app.example",))
+        assert http(st.port, "POST", "/http", {"Origin": "https://app.example"}, {"method": "ping"}).status == 200
+        assert http(st.port, "POST", "/http", {"Origin": "https://other.example"}, {"method": "ping"}).status == 403
+
+    @pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", ""])
+    def test_foreign_host_is_403(self, live, host):
+        r = http(live.port, "POST", "/http", {"Host": host}, {"method": "ping"})
+        assert r.status == 403 and "MCP_ALLOWED_HOSTS" in r.json()["error"]["message"]
+
+    @pytest.mark.parametrize("origin", ["http://127.0.0.1.evil.example", "http://127.evil.example:8080",
+                                        "http://localhost.evil.example", "http://evil.example/localhost"])
+    def test_origins_that_only_look_like_loopback_are_403(self, live, origin):
+        r = http(live.port, "POST", "/http", {"Origin": origin}, {"method": "ping"})
+        assert r.status == 403, (origin, r)
+
+    @pytest.mark.parametrize("host", ["localhost", "127.0.0.1:1234", "127.1.2.3", "[::1]:80", "app.localhost"])
+    def test_loopback_hosts_are_allowed(self, live, host):
+        assert http(live.port, "POST", "/http", {"Host": host}, {"method": "ping"}).status == 200
+
+    def test_cors_preflight(self, live):
+        r = http(live.port, "OPTIONS", "/mcp", {
+            "Origin": "http://localhost:3000", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type, mcp-session-id, mcp-protocol-version"})
+        assert r.status == 204
+        assert r.header("access-control-allow-origin") == "http://localhost:3000"
+        assert "POST" in r.header("access-control-allow-methods")
+        assert "mcp-session-id" in r.header("access-control-allow-headers")
+        bad = http(live.port, "OPTIONS", "/mcp", {"Origin": "https://evil.example",
+                                                  "Access-Control-Request-Method": "POST"})
+        assert bad.status == 403
+
+    # -- server-to-client requests and notifications on streams --------------------------------
+
+    def test_legacy_elicitation_round_trip(self, live):
+        s = Session(live.port, capabilities={"elicitation": {}})
+        s.initialize()
+        call = s.body("tools/call", {"name": "ask_name", "arguments": {}})
+        with Conn(live.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            resp = conn.read_head()
+            assert resp.status == 200
+            stream = SSEStream(conn, resp)
+            ask = stream.next_message()
+            assert ask["method"] == "elicitation/create" and "id" in ask
+            assert ask["params"]["requestedSchema"] == NAME_SCHEMA
+            answer = s.post({"jsonrpc": "2.0", "id": ask["id"],
+                             "result": {"action": "accept", "content": {"name": "Ada"}}})
+            assert answer.status == 202 and answer.body == b""
+            final = stream.next_message()
+            assert final["id"] == call["id"] and final["result"]["content"][0]["text"] == "Hello, Ada!"
+            assert stream.next_event() is None  # the stream ends after the response
+
+    def test_legacy_elicitation_declined(self, live):
+        s = Session(live.port, capabilities={"elicitation": {}})
+        s.initialize()
+        call = s.body("tools/call", {"name": "ask_name"})
+        with Conn(live.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            stream = SSEStream(conn, conn.read_head())
+            ask = stream.next_message()
+            assert s.post({"jsonrpc": "2.0", "id": ask["id"], "result": {"action": "decline"}}).status == 202
+            assert stream.next_message()["result"]["content"][0]["text"] == "no name (decline)"
+
+    def test_get_stream_receives_list_changed(self, live):
+        s = Session(live.port)
+        s.initialize()
+        with Conn(live.port) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            resp = conn.read_head()
+            assert resp.status == 200
+            stream = SSEStream(conn, resp)
+            priming = stream.next_event()  # 2025-11-25: the stream is open and registered
+            assert "id" in priming and not priming.get("data")
+            live.run(live.server.notify_tools_changed())
+            assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+            live.run(live.server.notify_prompts_changed())
+            assert stream.next_message()["method"] == "notifications/prompts/list_changed"
+            assert s.delete().status == 200
+            assert stream.next_event() is None  # DELETE ends the session's stream
+
+    def test_get_stream_needs_sse_accept_and_a_session(self, live):
+        s = Session(live.port)
+        s.initialize()
+        assert http(live.port, "GET", "/mcp", s.headers({"Accept": "application/json"})).status == 406
+        assert http(live.port, "GET", "/mcp", {"Accept": "text/event-stream"}).status == 400
+        assert http(live.port, "GET", "/mcp", {"Accept": "text/event-stream", "Mcp-Session-Id": "nope"}).status == 404
+
+    def test_resource_updated_reaches_a_subscribed_session_only(self, live):
+        s = Session(live.port)
+        s.initialize()
+        assert s.request("resources/subscribe", {"uri": "test://static"})["result"] == {}
+        with Conn(live.port) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream"}))
+            stream = SSEStream(conn, conn.read_head())
+            stream.next_event()  # priming
+            live.run(live.server.notify_resource_updated("test://other"))
+            live.run(live.server.notify_resource_updated("test://static"))
+            assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/resources/updated",
+                                             "params": {"uri": "test://static"}}
+
+    def test_last_event_id_resume_after_the_server_closed_the_stream(self, live):
+        s = Session(live.port)
+        s.initialize()
+        token = new_token("plain")
+        call = s.body("tools/call", {"name": "reconnect", "arguments": {"token": token}})
+        r = s.post(call)
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        events = r.events()
+        assert events and all(not e.get("data") for e in events)  # closed before the result
+        assert "retry" in events[0]
+        last_id = events[-1]["id"]
+        g = http(live.port, "GET", "/mcp", s.headers({"Accept": "text/event-stream", "Last-Event-ID": last_id}))
+        assert g.status == 200
+        final = final_message(g, call["id"])
+        assert final["result"]["content"][0]["text"] == f"resumed {token}"
+
+    def test_last_event_id_resume_follows_a_running_request(self, live):
+        s = Session(live.port)
+        s.initialize()
+        token = new_token("gated")
+        call = s.body("tools/call", {"name": "reconnect", "arguments": {"token": token}})
+        r = s.post(call)
+        last_id = r.events()[-1]["id"]
+        p = probe(token)
+        assert p.gate_ready.wait(WAIT)
+        with Conn(live.port) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Last-Event-ID": last_id}))
+            live.call_soon(p.gate.set)
+            g = conn.read_response()
+        assert final_message(g, call["id"])["result"]["content"][0]["text"] == f"resumed {token}"
+
+    # -- cancellation ------------------------------------------------------------------------------
+
+    def test_legacy_cancelled_notification_stops_the_tool(self, live):
+        s = Session(live.port)
+        s.initialize()
+        token = new_token()
+        call = s.body("tools/call", {"name": "hang", "arguments": {"token": token}}, request_id=77)
+        with Conn(live.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            p = probe(token)
+            assert p.started.wait(WAIT)
+            note = s.post({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                           "params": {"requestId": 77, "reason": "test"}})
+            assert note.status == 202
+            resp = conn.read_response()  # the POST ends without a result
+            assert resp.status in (200, 202, 204), resp
+            if resp.body:
+                assert all("result" not in m for m in resp.messages())
+        assert p.finished.wait(WAIT)
+        assert p.cancelled is True
+
+    def test_cancelling_an_unknown_request_is_ignored(self, live):
+        s = Session(live.port)
+        s.initialize()
+        note = s.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": "nope"}})
+        assert note.status == 202
+
+    def test_modern_disconnect_cancels_the_tool(self, live):
+        token = new_token()
+        conn = Conn(live.port)
+        body = modern_body("tools/call", {"name": "hang", "arguments": {"token": token}})
+        conn.request("POST", "/mcp", modern_headers(body), body)
+        p = probe(token)
+        assert p.started.wait(WAIT)
+        conn.close()
+        assert p.finished.wait(WAIT)
+        assert p.cancelled is True
+
+    # -- robustness -------------------------------------------------------------------------------
+
+    def test_json_body_fuzz_never_answers_500(self, live):
+        rng = random.Random(99)
+        s = Session(live.port)
+        s.initialize()
+        for _ in range(150):
+            message = random_json(rng, 3)
+            if isinstance(message, dict) and rng.random() < 0.6:
+                message["jsonrpc"] = "2.0"
+                message["method"] = rng.choice(["tools/call", "tools/list", "ping", "resources/read",
+                                                "prompts/get", "completion/complete", "logging/setLevel"])
+                if rng.random() < 0.5:
+                    message["id"] = rng.randint(1, 10 ** 6)
+                if rng.random() < 0.3:
+                    message["params"] = {"_meta": {META_VERSION: MODERN, META_CAPS: {}}}
+            headers = {"MCP-Protocol-Version": MODERN} if rng.random() < 0.2 else None
+            r = s.post(json.dumps(message).encode(), headers)
+            assert r.status < 500, (message, r)
+            if r.status >= 400:
+                assert r.json()["error"]["code"] in (-32700, -32600, -32601, -32602, -32020, -32021, -32022), r
+
+    def test_unknown_path_and_method(self, live):
+        r = http(live.port, "GET", "/nope")
+        assert r.status == 404 and "/mcp" in r.json()["error"]["message"]
+        r = http(live.port, "PUT", "/mcp", body=b"{}")
+        assert r.status == 405 and "POST" in r.header("allow")
+        assert http(live.port, "GET", "/healthz").json() == {"status": "ok"}
+        index = http(live.port, "GET", "/").json()
+        assert index["mcp"] == "/mcp" and MODERN in index["protocolVersions"]
+
+
+# =================================================================================================
+# 6. Transports: legacy HTTP+SSE
+# =================================================================================================
+
+
+class LegacySSEClient:
+    def __init__(self, port: int, path: str = "/sse"):
+        self.port = port
+        self.conn = Conn(port)
+        self.conn.request("GET", path, {"Accept": "text/event-stream"})
+        self.resp = self.conn.read_head()
+        self.status = self.resp.status
+        if self.status == 200:
+            self.stream = SSEStream(self.conn, self.resp)
+            endpoint = self.stream.next_event()
+            assert endpoint["event"] == "endpoint", endpoint
+            self.endpoint = endpoint["data"]
+
+    def post(self, message) -> Response:
+        return http(self.port, "POST", self.endpoint, {"Content-Type": "application/json"}, message)
+
+    def next_message(self) -> dict:
+        return self.stream.next_message()
+
+    def close(self):
+        self.conn.close()
+
+
+class TestLegacySSE:
+    def test_endpoint_event_then_initialize_over_the_stream(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            assert re.fullmatch(r"/messages\?session_id=[\x21-\x7e]+", c.endpoint)
+            r = c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                        "params": {"protocolVersion": "2024-11-05", "capabilities": {}}})
+            assert r.status == 202 and r.body == b""
+            reply = c.next_message()
+            assert reply["id"] == 1 and reply["result"]["protocolVersion"] == "2024-11-05"
+            assert c.post({"jsonrpc": "2.0", "method": "notifications/initialized"}).status == 202
+            assert c.post({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                           "params": {"name": "add", "arguments": {"a": 1}}}).status == 202
+            reply = c.next_message()
+            assert reply["id"] == 2 and reply["result"] == {"content": [{"type": "text", "text": '{"sum":4}'}]}
+        finally:
+            c.close()
+
+    def test_events_are_message_events(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            c.post({"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            event = c.stream.next_event()
+            assert event["event"] == "message" and json.loads(event["data"]) == {"jsonrpc": "2.0", "id": 1, "result": {}}
+        finally:
+            c.close()
+
+    def test_unknown_or_missing_session_id(self, live):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+        assert http(live.port, "POST", "/messages?session_id=nope", body=body).status == 404
+        assert http(live.port, "POST", "/messages", body=body).status == 400
+        assert http(live.port, "GET", "/sse?session_id=nope", {"Accept": "text/event-stream"}).status == 404
+
+    def test_requests_before_initialize_are_refused(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            r = c.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            assert r.status == 400
+        finally:
+            c.close()
+
+    def test_reattach_with_session_id(self, live):
+        c = LegacySSEClient(live.port)
+        c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2024-11-05"}})
+        assert c.next_message()["id"] == 1
+        session_id = c.endpoint.split("session_id=")[1]
+        c.close()
+        again = LegacySSEClient(live.port, f"/sse?session_id={session_id}")
+        try:
+            assert again.status == 200 and again.endpoint == c.endpoint
+            assert again.post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}).status == 202
+            reply = again.next_message()
+            assert reply["id"] == 2 and any(t["name"] == "echo" for t in reply["result"]["tools"])
+        finally:
+            again.close()
+
+    def test_list_changed_reaches_the_sse_stream(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2024-11-05"}})
+            c.next_message()
+            live.run(live.server.notify_resources_changed())
+            assert c.next_message() == {"jsonrpc": "2.0", "method": "notifications/resources/list_changed"}
+        finally:
+            c.close()
+
+    def test_bad_json_on_messages_is_400(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            r = c.post(b"{oops")
+            assert_rpc_error(r, 400, -32700)
+        finally:
+            c.close()
+
+
+# =================================================================================================
+# 6. Transports: direct JSON (/http)
+# =================================================================================================
+
+
+class TestDirectHTTP:
+    def test_full_json_rpc(self, live):
+        r = http(live.port, "POST", "/http", body={"jsonrpc": "2.0", "id": 7, "method": "tools/list"})
+        assert r.status == 200
+        body = r.json()
+        assert body["id"] == 7 and any(t["name"] == "echo" for t in body["result"]["tools"])
+
+    def test_short_form(self, live):
+        r = http(live.port, "POST", "/http", body={"method": "tools/list"})
+        assert r.status == 200 and "tools" in r.json() and "jsonrpc" not in r.json()
+        r = http(live.port, "POST", "/http", body={"method": "tools/call",
+                                                   "params": {"name": "add", "arguments": {"a": 2}}})
+        assert r.json() == {"content": [{"type": "text", "text": '{"sum":5}'}], "structuredContent": {"sum": 5}}
+
+    def test_short_form_error(self, live):
+        r = http(live.port, "POST", "/http", body={"method": "no/such"})
+        assert r.status == 400 and r.json()["error"]["code"] == -32601
+
+    def test_full_form_error_keeps_json_rpc_framing(self, live):
+        r = http(live.port, "POST", "/http", body={"jsonrpc": "2.0", "id": 1, "method": "resources/read",
+                                                   "params": {"uri": "test://missing"}})
+        assert r.json()["error"]["code"] == -32002 and r.json()["id"] == 1
+
+    def test_modern_request_on_http(self, live):
+        r = http(live.port, "POST", "/http", body=modern_body("tools/list"))
+        assert r.status == 200 and r.json()["result"]["resultType"] == "complete"
+
+    def test_notifications_and_garbage_are_400(self, live):
+        assert http(live.port, "POST", "/http", body={"jsonrpc": "2.0", "method": "ping"}).status == 400
+        assert_rpc_error(http(live.port, "POST", "/http", body=b"[1,"), 400, -32700)
+        assert http(live.port, "GET", "/http").status == 405
+
+
+# =================================================================================================
+# 6. Transports: stdio
+# =================================================================================================
+
+
+class TestStdio:
+    def test_builtin_server_initialize_and_call(self):
+        with Proc([SERVER_FILE, "--stdio"]) as p:
+            init = p.initialize()
+            assert init["result"]["protocolVersion"] == LEGACY
+            assert init["result"]["serverInfo"]["name"] == "mcp_server"
+            tools = p.request("tools/list")["result"]["tools"]
+            assert "server_info" in [t["name"] for t in tools]
+            info = p.request("tools/call", {"name": "server_info", "arguments": {}})["result"]
+            assert info["structuredContent"]["protocolVersion"] == LEGACY
+            assert info["structuredContent"]["store"] == "memory"
+            assert p.finish() == 0
+
+    def test_everything_server_initialize_and_call(self):
+        with Proc([EVERYTHING_FILE, "--stdio"]) as p:
+            assert p.initialize()["result"]["serverInfo"]["name"] == "mcp-conformance-test-server"
+            result = p.request("tools/call", {"name": "test_simple_text", "arguments": {}})["result"]
+            assert result["content"] == [{"type": "text", "text": "This is a simple text response for testing."}]
+            assert p.finish() == 0
+
+    def test_discover_before_initialize(self):
+        with Proc([EVERYTHING_FILE, "--stdio"]) as p:
+            legacy = p.request("server/discover", {})
+            assert MODERN in legacy["result"]["supportedVersions"]
+            modern = p.request("server/discover", {"_meta": {META_VERSION: MODERN, META_CAPS: {}}})
+            assert modern["result"]["resultType"] == "complete"
+            assert p.request("tools/list")["error"]["code"] == -32600  # legacy before initialize
+            assert p.request("ping")["result"] == {}
+            modern_call = p.request("tools/call", {"name": "greet", "arguments": {"name": "stdio"},
+                                                   "_meta": {META_VERSION: MODERN, META_CAPS: {}}})
+            assert modern_call["result"]["content"][0]["text"] == "Hello, stdio!"
+            assert p.finish() == 0
+
+    def test_printing_tools_do_not_corrupt_stdout(self, printer_script):
+        with Proc([printer_script, "--stdio"]) as p:
+            p.initialize()
+            assert p.request("tools/call", {"name": "noisy", "arguments": {"text": "t"}})["result"]["content"][0][
+                "text"] == "quiet t"
+            assert p.request("tools/call", {"name": "noisy_async"})["result"]["content"][0]["text"] == "ok"
+            assert p.finish() == 0
+        for line in bytes(p.stdout).splitlines():
+            json.loads(line)  # every stdout line is one JSON-RPC message
+        err = p.stderr.decode()
+        assert "NOISE from print() t" in err and "more noise" in err and "raw fd noise" in err
+        assert "async noise" in err
+
+    def test_parse_error_then_keeps_serving(self):
+        with Proc([SERVER_FILE, "--stdio"]) as p:
+            p.send(b"this is not json\n")
+            error = p.recv()
+            assert error["error"]["code"] == -32700 and error["id"] is None
+            p.send(b"\n")  # blank lines are ignored
+            p.send(b"[]\n")
+            assert p.recv()["error"]["code"] == -32600
+            p.send(b'{"jsonrpc":"2.0","id":1,"method":5}\n')
+            invalid = p.recv()
+            assert invalid["id"] == 1 and invalid["error"]["code"] == -32600
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY
+            assert p.request("ping")["result"] == {}
+            assert p.finish() == 0
+
+    def test_clean_exit_on_eof_and_stdout_is_only_json(self):
+        with Proc([EVERYTHING_FILE, "--stdio"]) as p:
+            p.initialize("2025-06-18")
+            p.request("tools/list")
+            p.request("prompts/list")
+            p.request("resources/read", {"uri": "test://static-text"})
+            assert p.finish() == 0
+        lines = bytes(p.stdout).splitlines()
+        assert len(lines) == 4
+        assert all(json.loads(line)["jsonrpc"] == "2.0" for line in lines)
+
+    def test_cancel_on_stdio(self, tmp_path):
+        script = tmp_path / "hang_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import asyncio, sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer, Context
+            server = MCPServer("hang")
+
+            @server.tool()
+            async def hang(ctx: Context) -> str:
+                await ctx.log("info", "started")
+                try:
+                    await asyncio.Event().wait()
+                finally:
+                    print("cancelled=" + str(ctx.cancelled), file=sys.stderr, flush=True)
+                return "never"
+
+            server.run()
+        '''))
+        with Proc([str(script), "--stdio"]) as p:
+            p.initialize()
+            p.send({"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "hang"}})
+            started = p.recv()
+            assert started["method"] == "notifications/message" and started["params"]["data"] == "started"
+            p.send({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 5}})
+            while True:
+                line = p.err_line()
+                assert line is not None
+                if line.startswith("cancelled="):
+                    assert line.strip() == "cancelled=True"
+                    break
+            assert p.request("ping")["result"] == {}  # no response for 5 came before this one
+            assert p.finish() == 0
+
+    def test_batch_on_stdio_in_a_2025_03_26_session(self):
+        with Proc([SERVER_FILE, "--stdio"]) as p:
+            p.initialize("2025-03-26")
+            p.send([{"jsonrpc": "2.0", "id": "x", "method": "ping"},
+                    {"jsonrpc": "2.0", "id": "y", "method": "tools/list"}])
+            answers = p.recv()
+            assert isinstance(answers, list) and {a["id"] for a in answers} == {"x", "y"}
+            assert p.finish() == 0
+
+
+# =================================================================================================
+# 8. ASGI app
+# =================================================================================================
+
+
+async def asgi_request(app, method: str, path: str, *, root_path: str = "", headers=None, body: bytes = b"",
+                       disconnect_after_first_chunk: bool = False, query: bytes = b""):
+    """Drive an ASGI app by hand: (status, headers dict, body bytes)."""
+    sent = []
+    done = asyncio.Event()
+    body_given = False
+
+    async def receive():
+        nonlocal body_given
+        if not body_given:
+            body_given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+        if message["type"] == "http.response.body":
+            if not message.get("more_body") or (disconnect_after_first_chunk and message.get("body")):
+                done.set()
+
+    pairs = [(b"host", b"localhost")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+             "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": query,
+             "root_path": root_path, "headers": pairs, "client": ("127.0.0.1", 5555),
+             "server": ("127.0.0.1", 8000)}
+    await asyncio.wait_for(app(scope, receive, send), WAIT)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    data = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, data
+
+
+def init_body(version: str = LEGACY) -> bytes:
+    return json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                       "params": {"protocolVersion": version, "capabilities": {}}}).encode()
+
+
+class TestASGI:
+    def test_mounted_under_a_root_path_without_lifespan(self):
+        server = build_server()
+
+        async def go():
+            headers = {"content-type": "application/json", "accept": ACCEPT_BOTH}
+            results = []
+            for path in ("/prefix/mcp", "/prefix/mcp/"):
+                status, h, body = await asgi_request(server.asgi, "POST", path, root_path="/prefix",
+                                                     headers=headers, body=init_body())
+                results.append((status, h, json.loads(body)))
+            status, _h, index = await asgi_request(server.asgi, "GET", "/prefix/", root_path="/prefix")
+            return results, json.loads(index)
+        results, index = asyncio.run(go())
+        for status, headers, body in results:
+            assert status == 200 and VISIBLE_ASCII.fullmatch(headers["mcp-session-id"])
+            assert body["result"]["protocolVersion"] == LEGACY
+        assert index["mcp"] == "/prefix/mcp" and index["sse"] == "/prefix/sse"
+
+    def test_session_works_across_calls(self):
+        server = build_server()
+
+        async def go():
+            headers = {"content-type": "application/json", "accept": ACCEPT_BOTH}
+            _s, h, _b = await asgi_request(server.asgi, "POST", "/mcp", headers=headers, body=init_body())
+            headers["mcp-session-id"] = h["mcp-session-id"]
+            call = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                               "params": {"name": "echo", "arguments": {"text": "asgi"}}}).encode()
+            return await asgi_request(server.asgi, "POST", "/mcp", headers=headers, body=call)
+        status, _h, body = asyncio.run(go())
+        assert status == 200 and json.loads(body)["result"]["content"][0]["text"] == "asgi"
+
+    def test_sse_endpoint_names_the_prefix_and_ends_on_disconnect(self):
+        server = build_server()
+
+        async def go():
+            return await asgi_request(server.asgi, "GET", "/api/sse", root_path="/api",
+                                      headers={"accept": "text/event-stream"}, disconnect_after_first_chunk=True)
+        status, headers, body = asyncio.run(go())
+        assert status == 200 and headers["content-type"] == "text/event-stream"
+        event = parse_sse(body.decode())[0]
+        assert event["event"] == "endpoint" and event["data"].startswith("/api/messages?session_id=")
+
+    def test_lifespan_startup_and_shutdown(self):
+        server = build_server()
+
+        async def go():
+            inbox = asyncio.Queue()
+            out = []
+            for message in ({"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}):
+                inbox.put_nowait(message)
+
+            async def send(message):
+                out.append(message["type"])
+            await asyncio.wait_for(server.asgi({"type": "lifespan", "asgi": {"version": "3.0"}}, inbox.get, send), WAIT)
+            return out
+        assert asyncio.run(go()) == ["lifespan.startup.complete", "lifespan.shutdown.complete"]
+
+    def test_origin_check_applies_under_asgi(self):
+        server = build_server()
+        status, _h, body = asyncio.run(asgi_request(server.asgi, "POST", "/http",
+                                                    headers={"origin": "https://evil.example"},
+                                                    body=b'{"method":"ping"}'))
+        assert status == 403 and b"MCP_ALLOWED_ORIGINS" in body
+
+    def test_modern_disconnect_cancels_under_a_foreign_asgi_server(self):
+        # Without the bundled server's disconnect extension the app watches receive() itself.
+        server = build_server()
+        token = new_token()
+        p = probe(token)
+        message = modern_body("tools/call", {"name": "hang", "arguments": {"token": token}})
+        headers = [(k.lower().encode(), v.encode()) for k, v in modern_headers(message).items()]
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/mcp", "raw_path": b"/mcp", "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"localhost")] + headers, "client": ("127.0.0.1", 5555),
+                 "server": ("127.0.0.1", 8000)}
+        sent = []
+
+        async def go():
+            given = False
+
+            async def receive():
+                nonlocal given
+                if not given:
+                    given = True
+                    return {"type": "http.request", "body": json.dumps(message).encode(), "more_body": False}
+                await asyncio.to_thread(p.started.wait, WAIT)
+                return {"type": "http.disconnect"}
+
+            async def send(msg):
+                sent.append(msg)
+            await asyncio.wait_for(server.asgi(scope, receive, send), WAIT)
+        asyncio.run(go())
+        assert p.finished.is_set() and p.cancelled is True
+        assert not any(m.get("body") for m in sent)  # nothing more is sent for a cancelled request
+
+    def test_uvicorn_smoke(self):
+        uvicorn = pytest.importorskip("uvicorn")
+        server = build_server()
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+        config = uvicorn.Config(server.asgi, log_level="warning", lifespan="on")
+        userver = uvicorn.Server(config)
+        thread = threading.Thread(target=userver.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + WAIT
+            while not userver.started:
+                assert time.monotonic() < deadline, "uvicorn did not start"
+                time.sleep(0.01)  # polling a readiness flag, not a timed assertion
+            s = Session(port)
+            s.initialize()
+            assert s.call("echo", {"text": "uv"})["content"][0]["text"] == "uv"
+            r = modern_post(port, "tools/call", {"name": "progress", "arguments": {"steps": 2},
+                                                 "_meta": {"progressToken": 1}})
+            assert r.content_type == "text/event-stream" and r.messages()[-1]["result"]["resultType"] == "complete"
+        finally:
+            userver.should_exit = True
+            thread.join(WAIT)
+
+
+# =================================================================================================
+# 9. HTTP server
+# =================================================================================================
+
+
+def ping_http(i: int = 1) -> dict:
+    return {"jsonrpc": "2.0", "id": i, "method": "ping"}
+
+
+class TestHTTPServer:
+    def test_keep_alive_two_requests_on_one_connection(self, live):
+        with Conn(live.port) as conn:
+            conn.request("POST", "/http", body=ping_http(1))
+            first = conn.read_response()
+            conn.request("POST", "/http", body={"method": "tools/call",
+                                                "params": {"name": "echo", "arguments": {"text": "second"}}})
+            second = conn.read_response()
+        assert first.status == 200 and first.json()["id"] == 1 and first.header("connection") is None
+        assert second.status == 200 and second.json()["content"][0]["text"] == "second"
+
+    def test_pipelined_requests_are_answered_in_order(self, live):
+        data = b"".join(raw_request("POST", "/http", body={"jsonrpc": "2.0", "id": i, "method": "tools/call",
+                                                           "params": {"name": "echo", "arguments": {"text": "x" * (4000 - i * 900)}}})
+                        for i in range(4))
+        data += raw_request("GET", "/healthz")
+        with Conn(live.port) as conn:
+            conn.send(data)
+            ids = [conn.read_response().json()["id"] for _ in range(4)]
+            assert conn.read_response().json() == {"status": "ok"}
+        assert ids == [0, 1, 2, 3]
+
+    def test_chunked_request_body(self, live):
+        body = json.dumps({"jsonrpc": "2.0", "id": "c", "method": "tools/call",
+                           "params": {"name": "echo", "arguments": {"text": "chunked!"}}}).encode()
+        parts = [body[:10], body[10:11], body[11:]]
+        chunked = b"".join(b"%x;ext=1\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\nX-Trailer: yes\r\n\r\n"
+        with Conn(live.port) as conn:
+            conn.request("POST", "/http", {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}, chunked)
+            r = conn.read_response()
+            assert r.status == 200 and r.json()["result"]["content"][0]["text"] == "chunked!"
+            conn.request("GET", "/healthz")  # the framing held: the connection is reusable
+            assert conn.read_response().status == 200
+
+    def test_malformed_chunked_body_is_400(self, live):
+        with Conn(live.port) as conn:
+            conn.request("POST", "/http", {"Transfer-Encoding": "chunked"}, b"zz\r\nabc\r\n0\r\n\r\n")
+            r = conn.read_response()
+            assert r.status == 400 and conn.at_eof()
+
+    def test_expect_100_continue(self, live):
+        body = json.dumps(ping_http(3)).encode()
+        with Conn(live.port) as conn:
+            conn.send(raw_request("POST", "/http", {"Expect": "100-continue", "Content-Type": "application/json",
+                                                    "Content-Length": str(len(body))}))
+            interim = conn.read_head()
+            assert interim.status == 100
+            conn.send(body)
+            r = conn.read_response()
+        assert r.status == 200 and r.json()["id"] == 3
+
+    def test_declared_body_over_the_limit_is_413_before_the_body(self, live):
+        with Conn(live.port) as conn:
+            conn.send(raw_request("POST", "/mcp", {"Expect": "100-continue", "Content-Type": "application/json",
+                                                   "Content-Length": str(10 ** 9)}))
+            r = conn.read_response()  # no body was sent: the answer cannot wait for it
+            assert r.status == 413 and "MCP_MAX_BODY" in r.json()["error"]["message"]
+            assert conn.at_eof()
+
+    def test_chunked_body_over_the_limit_is_413(self, make_server):
+        st = make_server(max_body=1000)
+        with Conn(st.port) as conn:
+            conn.send(raw_request("POST", "/http", {"Transfer-Encoding": "chunked"}))
+            conn.send(b"%x\r\n%s\r\n" % (1500, b"x" * 1500))
+            assert conn.read_response().status == 413
+
+    def test_oversized_head_is_431(self, make_server):
+        st = make_server(max_header=2048)
+        headers = {f"X-Pad-{i}": "v" * 500 for i in range(6)}
+        with Conn(st.port) as conn:
+            conn.request("GET", "/healthz", headers)
+            r = conn.read_response()
+            assert r.status == 431 and conn.at_eof()
+        assert http(st.port, "GET", "/healthz").status == 200
+
+    def test_oversized_head_without_an_end_is_431(self, make_server):
+        st = make_server(max_header=2048)
+        with Conn(st.port) as conn:
+            conn.send(b"GET /healthz HTTP/1.1\r\n" + b"X-Pad: " + b"v" * 3000)
+            assert conn.read_response().status == 431
+
+    def test_request_line_too_long_is_414(self, live):
+        with Conn(live.port) as conn:
+            conn.send(b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert conn.read_response().status == 414
+
+    def test_content_length_with_transfer_encoding_is_400_and_closes(self, live):
+        with Conn(live.port) as conn:
+            conn.send(b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n")
+            r = conn.read_response()
+            assert r.status == 400 and r.header("connection") == "close"
+            assert conn.at_eof()
+
+    @pytest.mark.parametrize("lines", [
+        [b"Content-Length: 2", b"Content-Length: 2"],  # duplicate, even identical
+        [b"Content-Length: 2, 2"],
+        [b"Content-Length: 12abc"],
+        [b"Content-Length: -1"],
+        [b"Content-Length: +2"],
+        [b"Content-Length: 0x2"],
+        [b"Content-Length:"],
+        [b"Transfer-Encoding: gzip"],
+        [b"Transfer-Encoding: gzip, chunked"],
+        [b"Transfer-Encoding: chunked", b"Transfer-Encoding: chunked"],
+        [b"X-Folded: first", b" continued"],  # obsolete line folding
+        [b"X-Folded: first", b"\tcontinued"],
+        [b"Bad Header: x"],
+        [b"NoColon"],
+        [b": empty-name"],
+    ])
+    def test_smuggling_shapes_are_400(self, live, lines):
+        head = b"POST /http HTTP/1.1\r\nHost: localhost\r\n" + b"".join(l + b"\r\n" for l in lines) + b"\r\n"
+        with Conn(live.port) as conn:
+            conn.send(head + b"{}")
+            r = conn.read_response()
+            assert r.status == 400, r
+            assert conn.at_eof()
+
+    @pytest.mark.parametrize("request_line", [
+        b"GET /healthz HTTP/2.0", b"GET  /healthz HTTP/1.1", b"GET /healthz", b"G(T /healthz HTTP/1.1",
+        b"GET healthz HTTP/1.1", b"GET /\xff HTTP/1.1",
+    ])
+    def test_malformed_request_line_is_400(self, live, request_line):
+        with Conn(live.port) as conn:
+            conn.send(request_line + b"\r\nHost: localhost\r\n\r\n")
+            assert conn.read_response().status == 400
+
+    def test_http_1_0_closes_after_the_response(self, live):
+        with Conn(live.port) as conn:
+            conn.send(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\n\r\n")
+            r = conn.read_response()
+            assert r.status == 200 and r.json() == {"status": "ok"}
+            assert conn.at_eof()
+
+    def test_connection_close_is_honoured(self, live):
+        with Conn(live.port) as conn:
+            conn.request("GET", "/healthz", {"Connection": "close"})
+            r = conn.read_response()
+            assert r.header("connection") == "close" and conn.at_eof()
+
+    def test_header_timeout_with_a_trickling_client_is_408(self, make_server):
+        st = make_server(header_timeout=0.3, idle_timeout=30)
+        with Conn(st.port) as conn:
+            r = trickle_until_response(conn, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"s" * 5000)
+            assert r.status == 408 and conn.at_eof()
+
+    def test_header_timeout_applies_to_the_next_request_on_a_kept_alive_connection(self, make_server):
+        st = make_server(header_timeout=0.3, idle_timeout=30)
+        with Conn(st.port) as conn:
+            conn.request("GET", "/healthz")
+            assert conn.read_response().status == 200
+            r = trickle_until_response(conn, b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: " + b"s" * 5000,
+                                       bound=5.0)
+            assert r.status == 408
+
+    def test_max_connections_is_503(self, make_server):
+        st = make_server(max_connections=2)
+        held = [Conn(st.port), Conn(st.port)]
+        try:
+            for conn in held:  # each is accepted and registered once it has been answered
+                conn.request("GET", "/healthz")
+                assert conn.read_response().status == 200
+            with Conn(st.port) as third:
+                third.request("GET", "/healthz")
+                r = third.read_response()
+                assert r.status == 503 and third.at_eof()
+        finally:
+            for conn in held:
+                conn.close()
+
+    def test_streamed_response_is_chunked(self, live):
+        s = Session(live.port)
+        s.initialize()
+        with Conn(live.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), s.body("tools/call", {
+                "name": "progress", "arguments": {"steps": 1}, "_meta": {"progressToken": 1}}))
+            resp = conn.read_head()
+            assert resp.header("transfer-encoding") == "chunked" and resp.header("content-length") is None
+            resp.body = b"".join(conn.iter_body(resp))
+            conn.request("GET", "/healthz")  # the chunked framing ended cleanly
+            assert conn.read_response().status == 200
+
+    def test_fuzzed_request_heads_never_crash_the_server(self, live, caplog):
+        caplog.set_level(logging.ERROR, logger="mcp_server")
+        rng = random.Random(0xC0FFEE)
+        base = [b"POST /mcp HTTP/1.1", b"Host: localhost", b"Content-Type: application/json",
+                b"Accept: application/json, text/event-stream", b"Content-Length: 2",
+                b"Mcp-Session-Id: abc", b"Transfer-Encoding: chunked", b"Expect: 100-continue",
+                b"Origin: http://localhost", b"MCP-Protocol-Version: 2026-07-28", b"Connection: keep-alive"]
+        alphabet = b"\x00\r\n :\t\x7f\xff\xc3\xa9/?%#=,;" + bytes(range(0x20, 0x7f))
+        statuses = set()
+        for _ in range(250):
+            lines = [base[0]] + rng.sample(base[1:], rng.randint(0, len(base) - 1))
+            for _m in range(rng.randint(1, 4)):
+                op = rng.randrange(6)
+                i = rng.randrange(len(lines))
+                line = bytearray(lines[i])
+                if op == 0 and line:
+                    line[rng.randrange(len(line))] = rng.choice(alphabet)
+                elif op == 1:
+                    pos = rng.randint(0, len(line))
+                    line[pos:pos] = bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 6)))
+                elif op == 2 and line:
+                    a = rng.randrange(len(line))
+                    del line[a:a + rng.randint(1, 8)]
+                elif op == 3:
+                    lines.insert(i, lines[i])
+                elif op == 4:
+                    lines.append(bytes(rng.choice(alphabet) for _ in range(rng.randint(0, 40))))
+                else:
+                    line = bytearray(line.upper() if rng.random() < 0.5 else line.lower())
+                if op not in (3, 4):
+                    lines[i] = bytes(line)
+            data = b"\r\n".join(lines) + b"\r\n\r\n" + rng.choice([b"{}", b"", b"0\r\n\r\n", b"[1]"])
+            with Conn(live.port) as conn:
+                conn.send(data)
+                conn.sock.shutdown(socket.SHUT_WR)
+                received = bytearray()
+                try:
+                    while True:
+                        chunk = conn.sock.recv(65536)
+                        if not chunk:
+                            break
+                        received += chunk
+                except ConnectionResetError:
+                    pass
+            if received:
+                match = re.match(rb"HTTP/1\.1 (\d{3}) ", bytes(received))
+                assert match, (data, bytes(received[:200]))
+                statuses.add(int(match.group(1)))
+        assert 500 not in statuses, statuses
+        assert statuses & {400}, statuses  # the fuzzer did reach the parser's refusals
+        errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+        assert not errors, [r.getMessage() for r in errors]
+
+
+def trickle_until_response(conn: Conn, data: bytes, bound: float = WAIT) -> Response:
+    """Send ``data`` a byte at a time while the server says nothing; return its answer."""
+    deadline = time.monotonic() + bound
+    sent = 0
+    while time.monotonic() < deadline:
+        readable, _, _ = select.select([conn.sock], [], [], 0.02)
+        if readable:
+            return conn.read_response()
+        if sent < len(data):
+            try:
+                conn.sock.send(data[sent:sent + 1])
+            except OSError:
+                return conn.read_response()
+            sent += 1
+    pytest.fail(f"no response within the {bound} s bound ({sent} bytes trickled)")
+
+
+# =================================================================================================
+# 10. Built-in tools and CLI
+# =================================================================================================
+
+
+class TestCLI:
+    def test_port_zero_prints_one_line_with_the_url_and_store(self):
+        with Proc([SERVER_FILE, "--port", "0", "--no-auth"]) as p:
+            line = p.err_line()
+            match = re.fullmatch(r"mcp_server: listening on (http://127\.0\.0\.1:(\d+)/mcp) .*; store: memory\n", line)
+            assert match, line
+            port = int(match.group(2))
+            r = http(port, "POST", "/http", body={"method": "tools/call", "params": {"name": "server_info"}})
+            assert r.status == 200 and r.json()["structuredContent"]["store"] == "memory"
+            p.proc.send_signal(signal.SIGTERM)
+            assert p.proc.wait(WAIT) == 0
+            for t in p._threads:
+                t.join(WAIT)
+        assert p.stderr.decode().count("\n") == 1, p.stderr.decode()
+
+    def test_environment_configures_the_cli(self):
+        env = clean_env(MASK_MCP_PORT="0", MCP_PATH="/rpc", APP_VERSION="7.7.7", MCP_NO_AUTH="1")
+        with Proc([SERVER_FILE], env=env) as p:
+            line = p.err_line()
+            port = int(re.search(r":(\d+)/rpc ", line).group(1))
+            r = http(port, "POST", "/rpc", {"Accept": ACCEPT_BOTH},
+                     {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": LEGACY}})
+            assert r.json()["result"]["serverInfo"]["version"] == "7.7.7"
+            p.proc.send_signal(signal.SIGTERM)
+            assert p.proc.wait(WAIT) == 0
+
+    def test_http_is_protected_by_default(self):
+        with Proc([SERVER_FILE, "--port", "0"]) as p:
+            port = int(re.search(r":(\d+)/mcp ", p.err_line()).group(1))
+            r = http(port, "POST", "/mcp", {"Accept": ACCEPT_BOTH},
+                     {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": LEGACY}})
+            assert r.status == 401 and r.header("www-authenticate").startswith("Bearer ")
+            assert r.header("mcp-session-id") is None
+            p.proc.send_signal(signal.SIGTERM)
+            assert p.proc.wait(WAIT) == 0
+
+    @pytest.mark.parametrize("args, env, fragment", [
+        (["--bogus"], {}, "--bogus"),
+        (["--port", "http"], {}, "--port"),
+        (["--port", "99999"], {}, "99999"),
+        ([], {"MCP_PORT": "abc"}, "MCP_PORT"),
+        ([], {"MCP_RESPONSE_MODE": "xml"}, "xml"),
+    ])
+    def test_bad_input_exits_2_with_one_line(self, args, env, fragment):
+        result = run_cli(args, env=clean_env(**env))
+        assert result.returncode == 2
+        assert result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert lines[0].startswith("mcp_server.py: error:") and fragment in lines[0]
+        assert "Traceback" not in result.stderr
+
+    def test_port_in_use_is_one_line(self):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            result = run_cli(["--port", str(sock.getsockname()[1])])
+        assert result.returncode != 0
+        assert "Traceback" not in result.stderr
+        assert "cannot listen" in result.stderr.strip().splitlines()[-1]
+
+    def test_help(self):
+        result = run_cli(["--help"])
+        assert result.returncode == 0
+        for _attr, flag, names, *_rest in mcp_server._SETTING_SPECS:
+            if flag:
+                assert flag in result.stdout
+            for name in names:
+                assert name in result.stdout
+
+    def test_everything_server_bad_flag(self):
+        result = subprocess.run([sys.executable, EVERYTHING_FILE, "--nope"], capture_output=True, text=True,
+                                timeout=WAIT * 3, env=clean_env(), cwd=NEUTRAL_CWD)
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
+        assert "--nope" in result.stderr
