@@ -197,6 +197,14 @@ _SETTING_SPECS = (
     ("stdio", "--stdio", ("MCP_STDIO",), _truthy, False, "serve MCP on stdin/stdout instead of HTTP"),
     ("log_level", "--log-level", ("LOG_LEVEL", "MCP_LOG_LEVEL"), str, "info",
      "log threshold on stderr: debug, info, warning, error"),
+    ("log_format", "--log-format", ("LOG_FORMAT", "MCP_LOG_FORMAT"), str, "auto",
+     "log lines: json (one object per line), text, or auto (text on a terminal, else json)"),
+    ("log_file", None, ("LOG_FILE",), str, "", "also append the log lines to this file"),
+    ("access_log", None, ("MCP_ACCESS_LOG",), _truthy, True, "log one line per HTTP request"),
+    ("metrics_token", None, ("MCP_METRICS_TOKEN",), str, "",
+     "serve /metrics to requests bearing this token (\"public\": to anyone; unset: not served)"),
+    ("rate_limit", None, ("MCP_RATE_LIMIT",), int, 0,
+     "MCP requests per minute per client IP and per session, in the store (0: no limit)"),
     ("response_mode", "--response-mode", ("MCP_RESPONSE_MODE",), str, "auto",
      "POST answers: auto (JSON unless the request streams), json, or sse"),
     ("mcp_path", "--path", ("MCP_PATH",), str, "/mcp", "path of the Streamable HTTP endpoint"),
@@ -285,6 +293,11 @@ class Settings:
     port: int = 6901
     stdio: bool = False
     log_level: str = "info"
+    log_format: str = "auto"
+    log_file: str = ""
+    access_log: bool = True
+    metrics_token: str = ""
+    rate_limit: int = 0
     response_mode: str = "auto"
     mcp_path: str = "/mcp"
     allowed_origins: tuple = ()
@@ -381,6 +394,8 @@ class Settings:
             raise SystemExit(f"{prog}: error: {message}")
         if not 0 <= self.port <= 65535:
             fail(f"port {self.port} is not between 0 and 65535")
+        if self.log_format not in ("auto", "json", "text"):
+            fail(f"log format {self.log_format!r} is not auto, json or text")
         if self.response_mode not in ("auto", "json", "sse"):
             fail(f"response mode {self.response_mode!r} is not auto, json or sse")
         if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
@@ -482,21 +497,128 @@ def _argument_parser(prog: str):
     return parser
 
 
-class _StderrFormatter(logging.Formatter):
+_request_id: contextvars.ContextVar = contextvars.ContextVar("mcp_request_id", default=None)
+_trace_id: contextvars.ContextVar = contextvars.ContextVar("mcp_trace_id", default=None)
+
+
+def _log_fields(record: logging.LogRecord) -> dict:
+    fields = {}
+    request_id, trace_id = _request_id.get(), _trace_id.get()
+    if request_id:
+        fields["request_id"] = request_id
+    if trace_id:
+        fields["trace_id"] = trace_id
+    fields.update(getattr(record, "fields", None) or {})
+    return fields
+
+
+class _JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, event, the request's id, and the record's fields."""
+
+    def format(self, record):
+        entry = {"time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+                 .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+                 "level": record.levelname.lower(), "event": record.getMessage(), **_log_fields(record)}
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+class _TextFormatter(logging.Formatter):
+    """For a person at a terminal: ``12:00:01 info    event key=value ...``."""
+
     def format(self, record):
         base = f"{self.formatTime(record, '%H:%M:%S')} {record.levelname.lower():<7} {record.getMessage()}"
+        extra = " ".join(f"{k}={v}" for k, v in _log_fields(record).items())
+        if extra:
+            base += "  " + extra
         if record.exc_info:
             base += "\n" + self.formatException(record.exc_info)
         return base
 
 
-def _configure_logging(level: str) -> None:
-    """Logs go to stderr, always: stdout belongs to the protocol in stdio mode."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_StderrFormatter())
-    log.handlers[:] = [handler]
+def _configure_logging(level: str, fmt: str = "auto", path: str = "") -> None:
+    """Logs go to stderr, always (stdout belongs to the protocol in stdio mode), and to LOG_FILE."""
+    if fmt == "auto":
+        fmt = "text" if sys.stderr.isatty() else "json"
+    formatter = _JsonFormatter() if fmt == "json" else _TextFormatter()
+    handlers = [logging.StreamHandler(sys.stderr)]
+    if path:
+        handlers.append(logging.FileHandler(path, encoding="utf-8"))
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    log.handlers[:] = handlers
     log.setLevel(level.upper())
     log.propagate = False
+
+
+class _Metrics:
+    """Process-local counters and histograms, rendered in the Prometheus text format."""
+
+    BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
+    HELP = {
+        "mcp_http_requests_total": ("counter", "HTTP requests by route, method and status"),
+        "mcp_rpc_calls_total": ("counter", "JSON-RPC requests by method and outcome"),
+        "mcp_tool_calls_total": ("counter", "tool calls by tool and outcome"),
+        "mcp_tool_duration_seconds": ("histogram", "tool call duration by tool"),
+        "mcp_open_streams": ("gauge", "open SSE streams by kind"),
+        "mcp_sessions_created_total": ("counter", "legacy MCP sessions created"),
+        "mcp_sessions_deleted_total": ("counter", "legacy MCP sessions ended by DELETE"),
+        "mcp_store_errors_total": ("counter", "store operations that failed (the store was unavailable)"),
+        "mcp_logins_total": ("counter", "upstream logins by outcome"),
+        "mcp_rate_limited_total": ("counter", "requests refused by a rate limit"),
+    }
+
+    def __init__(self):
+        self.values: dict = collections.defaultdict(float)
+        self.histograms: dict = {}
+
+    def inc(self, name: str, amount: float = 1.0, **labels) -> None:
+        self.values[(name, tuple(sorted(labels.items())))] += amount
+
+    def observe(self, name: str, seconds: float, **labels) -> None:
+        key = (name, tuple(sorted(labels.items())))
+        counts = self.histograms.get(key)
+        if counts is None:
+            counts = self.histograms[key] = [0] * (len(self.BUCKETS) + 1) + [0.0]
+        for i, bound in enumerate(self.BUCKETS):
+            if seconds <= bound:
+                counts[i] += 1
+        counts[len(self.BUCKETS)] += 1
+        counts[-1] += seconds
+
+    def render(self) -> str:
+        def labels(pairs, extra=()):
+            items = list(pairs) + list(extra)
+            if not items:
+                return ""
+            return "{" + ",".join(f'{k}="{str(v).replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
+                                  for k, v in items) + "}"
+        lines = []
+        for name, (kind, text) in self.HELP.items():
+            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
+            if kind == "histogram":
+                for (metric, pairs), counts in sorted(self.histograms.items()):
+                    if metric != name:
+                        continue
+                    for i, bound in enumerate(self.BUCKETS):
+                        lines.append(f"{name}_bucket{labels(pairs, [('le', bound)])} {counts[i]}")
+                    lines.append(f"{name}_bucket{labels(pairs, [('le', '+Inf')])} {counts[len(self.BUCKETS)]}")
+                    lines.append(f"{name}_sum{labels(pairs)} {counts[-1]:.6f}")
+                    lines.append(f"{name}_count{labels(pairs)} {counts[len(self.BUCKETS)]}")
+                continue
+            for (metric, pairs), value in sorted(self.values.items()):
+                if metric == name:
+                    lines.append(f"{name}{labels(pairs)} {value:g}")
+        return "\n".join(lines) + "\n"
+
+
+_metrics = _Metrics()
+
+
+def _hash_id(value: str | None) -> str | None:
+    """A session id as logs show it: a short hash, useless to anyone who reads the log."""
+    return hashlib.sha256(value.encode()).hexdigest()[:12] if value else None
 
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
@@ -750,6 +872,7 @@ class RedisStore(Store):
             async with asyncio.timeout(self.timeout * 2 + 0.5):
                 return await operation(client)
         except self._errors as exc:
+            _metrics.inc("mcp_store_errors_total", store="redis")
             raise StoreUnavailable(type(exc).__name__) from None
 
     async def _script(self, name: str, source: str, keys: list, args: list):
@@ -2498,6 +2621,18 @@ class MCPServer:
 
     async def _respond(self, ctx: Context) -> tuple:
         """Run one request or notification: (JSON-RPC response or None, HTTP status)."""
+        trace = ctx.meta.get("traceparent")
+        if isinstance(trace, str) and len(trace) == 55:
+            _trace_id.set(trace[3:35])
+        response, status = await self._respond_inner(ctx)
+        if ctx.request_id is not None:
+            outcome = ("cancelled" if response is None else "error" if "error" in response
+                       else response["result"].get("resultType", "ok") if ctx.modern else "ok")
+            method = ctx.method if ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS else "other"
+            _metrics.inc("mcp_rpc_calls_total", method=method, outcome=outcome)
+        return response, status
+
+    async def _respond_inner(self, ctx: Context) -> tuple:
         try:
             if self.middleware:
                 result = await self._call_chain(ctx, 0)
@@ -2691,7 +2826,14 @@ class MCPServer:
             if tool.task == "required":
                 raise _missing_capability({"extensions": {_TASKS_EXTENSION: {}}},
                                           f"{_TASKS_EXTENSION} (tool {name} runs only as a task)")
-        result = await self._run_tool(tool, arguments, ctx)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._run_tool(tool, arguments, ctx)
+            outcome = "error" if result.get("isError") else "ok"
+        finally:
+            _metrics.inc("mcp_tool_calls_total", tool=name, outcome=outcome)
+            _metrics.observe("mcp_tool_duration_seconds", time.perf_counter() - started, tool=name)
         return _shape_call_result(result, ctx.protocol_version)
 
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
@@ -3247,6 +3389,7 @@ class _Hub:
                 queue.put_nowait(None)
 
         self.listeners.add(on_event)
+        _metrics.inc("mcp_open_streams", kind="listen")
         try:
             while not self.closing:
                 try:
@@ -3260,6 +3403,7 @@ class _Hub:
                 await out.send(message)
         finally:
             self.listeners.discard(on_event)
+            _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
 
     async def close(self) -> None:
@@ -3313,7 +3457,7 @@ class _Http:
     """One HTTP exchange seen through ASGI, with the helpers every transport needs."""
 
     __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal", "base")
+                 "_callbacks", "_watcher", "_native", "principal", "base", "status")
 
     def __init__(self, scope, receive, send, extra_headers: list):
         self.scope, self.receive, self.send = scope, receive, send
@@ -3330,6 +3474,7 @@ class _Http:
         self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
+        self.status = 0
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -3354,6 +3499,7 @@ class _Http:
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
+        self.status = status
         await self.send({"type": "http.response.start", "status": status,
                          "headers": headers + self.extra_headers})
 
@@ -3542,6 +3688,7 @@ class _SessionStream:
         if previous is not None:
             previous.put(None)  # take over
         hub.session_streams[self.session_id] = self
+        _metrics.inc("mcp_open_streams", kind="session")
         unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
         http.on_disconnect(lambda: self.put(None))
         hub.listeners.add(self._on_bus)
@@ -3564,6 +3711,7 @@ class _SessionStream:
                 if message is not None:
                     await self._write(message)
         finally:
+            _metrics.inc("mcp_open_streams", -1, kind="session")
             unsubscribe()
             hub.listeners.discard(self._on_bus)
             if hub.session_streams.get(self.session_id) is self:
@@ -3744,6 +3892,7 @@ class _StreamableHTTP:
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
             headers.append((b"mcp-session-id", session_id.encode()))
+            _metrics.inc("mcp_sessions_created_total")
             await hub.store.set(_session_key(session_id), {**ctx.session, "owner": http.principal},
                                 settings.session_ttl)
         elif ctx._session_changed and session_id is not None:
@@ -3880,6 +4029,7 @@ class _StreamableHTTP:
         if _owned(await hub.store.get(_session_key(session_id)), http) is None:
             raise _HttpError(404, "Session not found.")
         await hub.store.delete(_session_key(session_id))
+        _metrics.inc("mcp_sessions_deleted_total")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
         await hub.store.delete_log(_events_key(session_id, "get"))
@@ -5259,9 +5409,11 @@ class _Login:
                 "grant_type": "authorization_code", "code": query["code"], "redirect_uri": state["redirect_uri"],
                 "code_verifier": state["verifier"]})
         except ToolError as exc:
+            _metrics.inc("mcp_logins_total", outcome="failure")
             await self._page(http, 502, "Sign-in failed", f"<p class=bad>{_escape(str(exc))}</p>" + retry)
             return
         await self._store_credentials(state["uid"], tokens)
+        _metrics.inc("mcp_logins_total", outcome="success")
         await store.delete(f"mcp:login:{state['tx']}")
         await store.publish(_BUS_CHANNEL, {"kind": "tools"})  # clients refresh what they can do
         log.info("upstream login completed")
@@ -5559,6 +5711,20 @@ class _App:
         return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
                 (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version, www-authenticate")]
 
+    async def _rate_limit(self, http: _Http) -> None:
+        """MCP_RATE_LIMIT requests a minute per client IP and per session, counted in the store
+        (so the limit holds across instances); past it, 429 with Retry-After."""
+        limit, store = self.server.settings.rate_limit, self.server._hub().store
+        window = int(_now() // 60)
+        keys = [f"mcp:rate:ip:{(http.scope.get('client') or ('-',))[0]}:{window}"]
+        if http.headers.get("mcp-session-id"):
+            keys.append(f"mcp:rate:session:{_hash_id(http.headers['mcp-session-id'])}:{window}")
+        for key in keys:
+            if await store.incr(key, 60) > limit:
+                _metrics.inc("mcp_rate_limited_total", kind=key.split(":")[2])
+                raise _HttpError(429, f"Too many requests: the limit is {limit} a minute; retry shortly.",
+                                 headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
+
     def _apply_forwarded(self, http: _Http) -> None:
         """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES)."""
         trusted = self.server.settings.trusted_proxies
@@ -5589,12 +5755,22 @@ class _App:
                          "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
     async def _http(self, scope, receive, send) -> None:
+        started = time.perf_counter()
         http = _Http(scope, receive, send, [])
         root = scope.get("root_path", "")
         path = scope.get("path", "/")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
+        request_id = http.headers.get("x-request-id", "")
+        if not re.fullmatch(r"[\x21-\x7e]{1,128}", request_id):
+            request_id = uuid.uuid4().hex[:16]
+        _request_id.set(request_id)
+        traceparent = re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}",
+                                   http.headers.get("traceparent", ""))
+        _trace_id.set(traceparent.group(1) if traceparent else None)
+        request_header = [(b"x-request-id", request_id.encode())]
+        http.extra_headers = request_header
         self._apply_forwarded(http)
         if self.server._local_base is None and scope.get("server"):
             host, port = scope["server"][:2]
@@ -5603,7 +5779,7 @@ class _App:
         try:
             await self.server._ready()
             self._check_host(http)
-            http.extra_headers = self._check_origin(http, path)
+            http.extra_headers = self._check_origin(http, path) + request_header
             if method == "OPTIONS":
                 await http.respond(204, headers=[
                     (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
@@ -5636,6 +5812,14 @@ class _App:
                 await http.end()
         finally:
             http.stop_watching()
+            route = _route_label(path, self.server.settings.mcp_path)
+            _metrics.inc("mcp_http_requests_total", route=route, method=method, status=http.status)
+            if self.server.settings.access_log:
+                log.info("request", extra={"fields": {
+                    "method": method, "route": route, "status": http.status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                    "session": _hash_id(http.headers.get("mcp-session-id")),
+                    "client": (scope.get("client") or ("-",))[0]}})
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
         mcp_path = self.server.settings.mcp_path
@@ -5644,6 +5828,8 @@ class _App:
         login = self.server._login
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
             http.principal = await self.oauth.authenticate(http)
+            if self.server.settings.rate_limit:
+                await self._rate_limit(http)
         elif login is not None and path.startswith("/login/") and path.count("/") == 2:
             if method not in ("GET", "POST"):
                 raise _HttpError(405, "Method Not Allowed: the login page takes GET and POST.",
@@ -5696,6 +5882,14 @@ class _App:
             await self.direct.post(http)
         elif path == "/healthz":
             await http.respond_json(200, {"status": "ok"})
+        elif path == "/metrics":
+            token = self.server.settings.metrics_token
+            if not token:
+                raise _HttpError(404, "Not Found: /metrics is off; set MCP_METRICS_TOKEN to serve it.")
+            presented = http.headers.get("authorization", "")
+            if token != "public" and not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+                raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
+            await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/readyz":
             store = self.server._hub().store
             if self.server._runtime.closing:
@@ -5711,6 +5905,23 @@ class _App:
                                           "protocolVersions": list(SUPPORTED_VERSIONS)})
         else:
             raise _HttpError(404, f"Not Found: {path}; the MCP endpoint is {root + mcp_path}.")
+
+
+_FIXED_ROUTES = ("/sse", "/messages", "/http", "/healthz", "/readyz", "/metrics", "/authorize", "/token",
+                 "/register", "/revoke", "/redirect", "/")
+
+
+def _route_label(path: str, mcp_path: str) -> str:
+    """A metric label for a path: routes, never raw paths (their number must stay small)."""
+    trimmed = path.rstrip("/") or "/"
+    if trimmed == mcp_path:
+        return mcp_path
+    if trimmed in _FIXED_ROUTES:
+        return trimmed
+    for prefix, label in (("/login/", "/login/{tx}"), ("/sandbox/", "/sandbox/*"), ("/.well-known/", "/.well-known/*")):
+        if path.startswith(prefix):
+            return label
+    return "other"
 
 
 def _require_method(method: str, allowed: str, path: str) -> None:
@@ -6329,7 +6540,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
-    _configure_logging(settings.log_level)
+    _configure_logging(settings.log_level, settings.log_format, settings.log_file)
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
         sys.exit(_supervise(settings))
     try:

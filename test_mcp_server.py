@@ -3179,7 +3179,12 @@ class TestCLI:
             assert p.proc.wait(WAIT) == 0
             for t in p._threads:
                 t.join(WAIT)
-        assert p.stderr.decode().count("\n") == 1, p.stderr.decode()
+        lines = p.stderr.decode().splitlines()
+        # one startup line; everything else is a structured JSON log line (the access log)
+        assert lines[0] == line.rstrip("\n")
+        for extra in lines[1:]:
+            entry = json.loads(extra)
+            assert entry["event"] == "request" and entry["route"] == "/http" and entry["status"] == 200
 
     def test_environment_configures_the_cli(self):
         env = clean_env(MASK_MCP_PORT="0", MCP_PATH="/rpc", APP_VERSION="7.7.7", MCP_NO_AUTH="1")
