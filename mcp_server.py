@@ -574,10 +574,10 @@ class _Metrics:
         self.histograms: dict = {}
 
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
-        self.values[(name, tuple(sorted(labels.items())))] += amount
+        self.values[(name, tuple(labels.items()))] += amount  # call sites keep one label order
 
     def observe(self, name: str, seconds: float, **labels) -> None:
-        key = (name, tuple(sorted(labels.items())))
+        key = (name, tuple(labels.items()))
         counts = self.histograms.get(key)
         if counts is None:
             counts = self.histograms[key] = [0] * (len(self.BUCKETS) + 1) + [0.0]
@@ -1448,9 +1448,12 @@ def _description(obj) -> str | None:
     return doc.split("\n\n")[0].strip() or None
 
 
+_AS_IS = frozenset((str, int, bool, dict, list, typing.Any, inspect.Parameter.empty, object))
+
+
 def _convert(value, tp):
     """Turn validated JSON into the annotated Python type (dataclasses, enums, tuples, sets)."""
-    if value is None or tp is inspect.Parameter.empty or tp is typing.Any:
+    if value is None or tp in _AS_IS:
         return value
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin is typing.Annotated:
@@ -1623,6 +1626,36 @@ def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | 
     return None
 
 
+_ANNOTATION_KEYWORDS = frozenset(("description", "title", "default", "examples", "x-mcp-header"))
+
+
+def _compile_validator(schema: dict) -> typing.Callable:
+    """A fast check for the common tool schema (an object of primitive-typed properties);
+    anything else, and every failure (for its message), goes to ``_validate``."""
+    def full(arguments):
+        return _validate(arguments, schema)
+
+    if set(schema) - {"type", "properties", "required", "$schema"} or schema.get("type") != "object":
+        return full
+    tests = []
+    for name, spec in schema.get("properties", {}).items():
+        kind = spec.get("type") if isinstance(spec, dict) else None
+        if not isinstance(kind, str) or kind not in _JSON_TYPES or set(spec) - _ANNOTATION_KEYWORDS - {"type"}:
+            return full
+        tests.append((name, _JSON_TYPES[kind]))
+    required = tuple(schema.get("required", ()))
+
+    def fast(arguments):
+        for name in required:
+            if name not in arguments:
+                return full(arguments)
+        for name, test in tests:
+            if name in arguments and not test(arguments[name]):
+                return full(arguments)
+        return None
+    return fast
+
+
 def _resolve_ref(root: dict, ref: str):
     if not isinstance(ref, str) or not ref.startswith("#"):
         return None  # only local references; never fetched
@@ -1726,6 +1759,7 @@ class _Callable:
             getattr(fn, "__call__", None))
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
+        self.inline = False  # sync functions run in a worker thread unless declared cheap
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -1739,6 +1773,8 @@ class _Callable:
             kwargs[self.ctx_param] = ctx
         if self.is_async:
             result = await self.fn(**kwargs)
+        elif self.inline:
+            result = self.fn(**kwargs)  # declared cheap: no thread hand-off
         else:
             loop = asyncio.get_running_loop()
             call = functools.partial(contextvars.copy_context().run, self.fn, **kwargs)
@@ -1771,6 +1807,7 @@ class _Tool(_Callable):
             if _is_object_type(returns):
                 output_schema = _schema_for(returns)
         self.output_schema = output_schema
+        self.check = _compile_validator(self.input_schema)
         self.headers = {prop: spec["x-mcp-header"] for prop, spec in
                         self.input_schema.get("properties", {}).items()
                         if isinstance(spec, dict) and "x-mcp-header" in spec}
@@ -2397,7 +2434,8 @@ class MCPServer:
     def tool(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
-             task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None):
+             task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
+             inline: bool = False):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -2408,12 +2446,17 @@ class MCPServer:
 
         ``login_required=True`` refuses the call (as a tool error) until the user logged in to
         the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
-        and any names given; login-required tools mask by default, ``mask=False`` turns it off)."""
+        and any names given; login-required tools mask by default, ``mask=False`` turns it off).
+
+        A sync function runs in a worker thread so that it never blocks the event loop;
+        ``inline=True`` runs it on the loop instead, for functions that are cheap and never block
+        (it saves the thread hand-off, tens of microseconds a call)."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
                          output_schema=output_schema, meta=meta, task=task, task_start=task_start)
             tool.login_required = login_required
+            tool.inline = inline
             if mask is False or (mask is None and not login_required):
                 tool.mask = None
             else:
@@ -2816,7 +2859,7 @@ class MCPServer:
             arguments = {}
         elif not isinstance(arguments, dict):
             raise _invalid_params("tools/call: params.arguments must be an object.")
-        problem = _validate(arguments, tool.input_schema)
+        problem = tool.check(arguments)
         if problem:
             return _shape_call_result(_tool_error(f"Invalid arguments for tool {name}: {problem}"),
                                       ctx.protocol_version)
@@ -2838,14 +2881,18 @@ class MCPServer:
 
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
         limit = self.settings.tool_timeout
+        timer, expired = None, []
+        if limit:  # a bare timer handle: cheaper than asyncio.timeout() on every call
+            task = asyncio.current_task()
+
+            def expire():
+                expired.append(True)
+                task.cancel()
+            timer = asyncio.get_running_loop().call_later(limit, expire)
         try:
             if tool.login_required:
                 await ctx.credentials()  # a tool error telling the user to log in, if they did not
-            if limit:
-                async with asyncio.timeout(limit):
-                    value = await tool.invoke(arguments, ctx)
-            else:
-                value = await tool.invoke(arguments, ctx)
+            value = await tool.invoke(arguments, ctx)
             if tool.mask is not None:
                 value = _mask(_plain(value), _DEFAULT_MASK_FIELDS | tool.mask |
                               {f.lower() for f in self.settings.mask_fields})
@@ -2855,16 +2902,20 @@ class MCPServer:
         except (RpcError, _InputRequired, _Cancelled):
             raise
         except asyncio.CancelledError:
+            if expired:
+                asyncio.current_task().uncancel()
+                return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
             if ctx._cancelled:
                 raise _Cancelled() from None
             raise
-        except TimeoutError:
-            return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
         except Exception as exc:
             error_id = uuid.uuid4().hex[:12]
             log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
             return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
+        finally:
+            if timer is not None:
+                timer.cancel()
 
     async def _m_resources_list(self, ctx: Context) -> dict:
         return await self._page(ctx, "resources", "resources")
@@ -3461,11 +3512,13 @@ class _Http:
 
     def __init__(self, scope, receive, send, extra_headers: list):
         self.scope, self.receive, self.send = scope, receive, send
-        headers = {}
-        for name, value in scope.get("headers", ()):
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        raw = scope.get("headers", ())
+        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
+        if len(headers) != len(raw):  # repeated headers: join their values, as HTTP allows
+            headers = {}
+            for name, value in raw:
+                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
         self.headers = headers
         self.extra_headers = extra_headers  # CORS and the like, added to every response
         self.started = self.ended = False
@@ -3558,6 +3611,7 @@ class _Http:
             self._watcher = None
 
 
+@functools.lru_cache(maxsize=256)
 def _accepts(accept: str | None) -> tuple:
     """(JSON acceptable, SSE acceptable) for an Accept header; lenient like real clients need."""
     if not accept:
@@ -5641,6 +5695,7 @@ _CORS_ALLOW_HEADERS = (b"content-type, accept, authorization, mcp-session-id, mc
                        b"mcp-method, mcp-name, last-event-id, x-request-id")
 
 
+@functools.lru_cache(maxsize=4096)
 def _is_loopback(host: str | None) -> bool:
     """``localhost`` (and its subdomains) or a loopback IP literal; ``127.0.0.1.evil.example`` is not."""
     import ipaddress
@@ -5762,12 +5817,13 @@ class _App:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
-        request_id = http.headers.get("x-request-id", "")
-        if not re.fullmatch(r"[\x21-\x7e]{1,128}", request_id):
-            request_id = uuid.uuid4().hex[:16]
+        request_id = http.headers.get("x-request-id")
+        if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
+            request_id = _next_request_id()
         _request_id.set(request_id)
-        traceparent = re.fullmatch(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}",
-                                   http.headers.get("traceparent", ""))
+        traceparent = http.headers.get("traceparent")
+        if traceparent is not None:
+            traceparent = _TRACEPARENT_RE.fullmatch(traceparent)
         _trace_id.set(traceparent.group(1) if traceparent else None)
         request_header = [(b"x-request-id", request_id.encode())]
         http.extra_headers = request_header
@@ -5824,8 +5880,9 @@ class _App:
     async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
         mcp_path = self.server.settings.mcp_path
         auth = self.server.settings.auth
-        http.base = self.oauth.issuer(http)
         login = self.server._login
+        if login is not None:
+            http.base = self.oauth.issuer(http)  # the login tool hands out links to this server
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
             http.principal = await self.oauth.authenticate(http)
             if self.server.settings.rate_limit:
@@ -5907,6 +5964,17 @@ class _App:
             raise _HttpError(404, f"Not Found: {path}; the MCP endpoint is {root + mcp_path}.")
 
 
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_TRACEPARENT_RE = re.compile(r"[0-9a-f]{2}-([0-9a-f]{32})-[0-9a-f]{16}-[0-9a-f]{2}")
+_request_counter = iter(range(1, 1 << 62))
+_REQUEST_PREFIX = secrets.token_hex(4)
+
+
+def _next_request_id() -> str:
+    """Unique per process and distinct across processes, without a system call per request."""
+    return f"{_REQUEST_PREFIX}-{next(_request_counter):x}"
+
+
 _FIXED_ROUTES = ("/sse", "/messages", "/http", "/healthz", "/readyz", "/metrics", "/authorize", "/token",
                  "/register", "/revoke", "/redirect", "/")
 
@@ -5973,6 +6041,19 @@ class _ServerState:
         self.connections: set = set()
         self.draining = False
         self.root_path = ""
+        self.clock = asyncio.get_running_loop().time
+        self.sweeper = None
+
+    async def sweep(self) -> None:
+        """Enforce header, body and idle deadlines of every connection, a few times a second."""
+        settings = self.settings
+        interval = max(0.02, min(0.5, settings.header_timeout / 4, settings.body_timeout / 4,
+                                 settings.idle_timeout / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = self.clock()
+            for connection in list(self.connections):
+                connection.check_deadline(now)
 
 
 class _Cycle:
@@ -6171,14 +6252,21 @@ class _HttpProtocol(asyncio.Protocol):
             self._advance()  # body bytes already buffered while reading was paused
 
     def _arm(self, seconds: float, callback) -> None:
-        self._disarm()
+        """Set this connection's deadline; the server's sweeper calls ``callback`` once it passes.
+        (One float per request instead of a timer handle each: the sweeper does the waiting.)"""
         if seconds and seconds > 0:
-            self.timer = asyncio.get_running_loop().call_later(seconds, callback)
+            self.timer = (self.state.clock() + seconds, callback)
+        else:
+            self.timer = None
 
     def _disarm(self) -> None:
-        if self.timer is not None:
-            self.timer.cancel()
+        self.timer = None
+
+    def check_deadline(self, now: float) -> None:
+        if self.timer is not None and self.timer[0] <= now and not self.closed:
+            callback = self.timer[1]
             self.timer = None
+            callback()
 
     def _head_timeout(self) -> None:
         if self.buffer:
@@ -6314,7 +6402,10 @@ class _HttpProtocol(asyncio.Protocol):
             self.chunk_state = None
             self.body_left = content_length or 0
             cycle.more_body = self.body_left > 0
-        self._arm(self.settings.body_timeout if cycle.more_body else 0, self._body_timeout)
+        if cycle.more_body and len(self.buffer) < self.body_left:
+            self._arm(self.settings.body_timeout, self._body_timeout)
+        else:
+            self._disarm()
         cycle.task = asyncio.get_running_loop().create_task(self._run(cycle))
         return True
 
@@ -6455,6 +6546,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
                       ready: typing.Callable | None = None, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = _ServerState(app, settings)
+    state.sweeper = loop.create_task(state.sweep())
     stop = stop or asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
@@ -6496,6 +6588,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
             await asyncio.sleep(0.05)
         for connection in list(state.connections):
             connection.transport.abort()
+        state.sweeper.cancel()
         await listener.wait_closed()
 
 
