@@ -9,21 +9,30 @@ for the shared store, ``jwt`` for tokens), and those are imported when first use
 
 Map of the file (search for ``# ==== N.``):
 
-  1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env), logs
-  2. Store                 the Store contract and the in-memory store (TTL, sliding expiry, LRU)
-  3. Crypto and tokens     the HKDF key ring, sealed blobs (AES-256-GCM), signed cursors
+  1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env, enc:),
+                           JSON/text logs with request ids, Prometheus metrics
+  2. Store                 the Store contract; the in-memory store (TTL, sliding expiry, LRU) and
+                           the Redis store (strings, lists, pub/sub; Cluster-safe hash tags)
+  3. Crypto and tokens     the HKDF key ring, sealed state (AES-256-GCM), signed cursors, the
+                           credential vault with key ids
   4. Registry and schemas  tools, resources, prompts; JSON Schema from type hints; a validator
-  5. MCP core (sans-IO)    Context, era classification, the method table, shaping per revision
-  6. Transports            SSE streams, the notification hub, Streamable HTTP, HTTP+SSE, /http, stdio
-  7. OAuth and login       (reserved for the authorization server)
-  8. ASGI app              routing, Origin/Host checks, CORS, middleware, lifespan
+  5. MCP core (sans-IO)    Context, era classification, the method tables, shaping per revision,
+                           Multi Round-Trip Requests, the tasks extension
+  6. Transports            the hub (streams, pending answers, cancellation across instances),
+                           Streamable HTTP, HTTP+SSE, /http, stdio
+  7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
+                           login flow (pairing page, /redirect, masking) and the sandbox provider
+  8. ASGI app              routing, Origin/Host checks, CORS, rate limits, health and metrics
   9. HTTP server           an asyncio HTTP/1.1 server that drives any ASGI 3 app
- 10. Built-in tools, CLI   ``server_info``, flag parsing, ``main()``
+ 10. Built-in tools, CLI   the built-in server, ``serve`` (stdio, HTTP, ``--workers``), ``main()``
 
 Use it:
 
-    python mcp_server.py              # HTTP on http://127.0.0.1:6901/mcp (+ /sse, /messages, /http)
+    python mcp_server.py              # HTTP on http://127.0.0.1:6901/mcp (+ /sse, /messages, /http), OAuth on
+    python mcp_server.py --no-auth    # the same without bearer tokens (local development)
     python mcp_server.py --stdio      # stdio, for Claude Desktop and other local clients
+    python mcp_server.py encrypt VAL  # print VAL as an enc:... setting (needs ENCRYPTION_KEY)
+    python mcp_server.py settings     # every setting, as a Markdown table
 
     from mcp_server import MCPServer, Context
     server = MCPServer("weather", version="1.0.0")
@@ -6717,11 +6726,32 @@ def _builtin_server(settings: Settings) -> MCPServer:
     return server
 
 
+def _settings_table() -> str:
+    """Every setting as a Markdown table (the README's configuration reference is this output)."""
+    def cell(value):
+        if isinstance(value, bool):
+            return "`true`" if value else "`false`"
+        if value == "" or value == ():
+            return "(empty)"
+        if isinstance(value, tuple):
+            return "`" + ",".join(value) + "`"
+        return f"`{value}`"
+    rows = ["| Flag | Environment | Default | Meaning |", "|---|---|---|---|"]
+    for _attr, flag, names, _parse, default, help_text in _SETTING_SPECS:
+        rows.append(f"| {f'`{flag}`' if flag else '(env only)'} | {', '.join(f'`{n}`' for n in names)} "
+                    f"| {cell(default)} | {help_text.replace('|', '/')} |")
+    return "\n".join(rows)
+
+
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
-    ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting."""
+    ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
+    ``python mcp_server.py settings``: print every setting as a Markdown table."""
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["settings"]:
+            print(_settings_table())
+            return
         if argv[:1] == ["encrypt"]:
             if len(argv) != 2:
                 raise SystemExit("mcp_server: error: usage: python mcp_server.py encrypt VALUE")
