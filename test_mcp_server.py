@@ -19,6 +19,7 @@ import base64
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -3246,3 +3247,108 @@ class TestCLI:
                                 timeout=WAIT * 3, env=clean_env(), cwd=NEUTRAL_CWD)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
         assert "--nope" in result.stderr
+
+
+# ==== Operations: request ids, logs, metrics, health, rate limits, graceful shutdown ==============
+
+
+EXAMPLE_FILE = os.path.join(ROOT, "examples", "everything_server.py")
+
+
+def _ops_start(env_extra: dict | None = None, args: tuple = ()) -> tuple:
+    """``examples/everything_server.py --port 0`` as a subprocess; (Proc, port) once it listens."""
+    proc = Proc([EXAMPLE_FILE, "--port", "0", *args], env=clean_env(**(env_extra or {})))
+    line = proc.err_line()
+    match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "")
+    assert match, line
+    return proc, int(match.group(1))
+
+
+class TestOperations:
+    def test_request_id_is_echoed_or_made(self, live):
+        mine = http(live.port, "GET", "/healthz", {"X-Request-Id": "req-abc-123"})
+        assert mine.status == 200 and mine.header("x-request-id") == "req-abc-123"
+        made = http(live.port, "GET", "/healthz")
+        other = http(live.port, "GET", "/healthz")
+        assert made.header("x-request-id") and made.header("x-request-id") != other.header("x-request-id")
+        junk = http(live.port, "GET", "/healthz", {"X-Request-Id": "has space"})
+        assert junk.header("x-request-id") != "has space"  # not a token: replaced, never reflected
+
+    def test_json_access_log_lines_carry_the_request_id_and_a_session_hash(self):
+        proc, port = _ops_start({"LOG_FORMAT": "json"})
+        with proc:
+            session = Session(port)
+            session.initialize()
+            r = session.post(session.body("tools/list"), {"X-Request-Id": "trace-me-1"})
+            assert r.status == 200
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(WAIT) == 0
+            for t in proc._threads:
+                t.join(WAIT)
+        entries = [json.loads(line) for line in proc.stderr.decode().splitlines()[1:] if line.startswith("{")]
+        mine = [e for e in entries if e.get("request_id") == "trace-me-1"]
+        assert mine and mine[0]["event"] == "request" and mine[0]["status"] == 200 and mine[0]["route"] == "/mcp"
+        assert mine[0]["session"] == hashlib.sha256(session.sid.encode()).hexdigest()[:12]
+        assert session.sid not in proc.stderr.decode()  # the session id itself never reaches a log
+
+    def test_metrics_are_off_unless_a_token_is_set(self, live):
+        assert http(live.port, "GET", "/metrics").status == 404
+
+    def test_metrics_need_the_token_and_count_requests_and_tools(self):
+        proc, port = _ops_start({"MCP_METRICS_TOKEN": "scrape-secret"})
+        with proc:
+            session = Session(port)
+            session.initialize()
+            assert session.call("test_simple_text")["content"][0]["type"] == "text"
+            assert http(port, "GET", "/metrics").status == 401
+            assert http(port, "GET", "/metrics", {"Authorization": "Bearer wrong"}).status == 401
+            r = http(port, "GET", "/metrics", {"Authorization": "Bearer scrape-secret"})
+            assert r.status == 200 and r.content_type == "text/plain"
+            text = r.body.decode()
+            assert '# TYPE mcp_http_requests_total counter' in text
+            assert re.search(r'mcp_http_requests_total\{route="/mcp",method="POST",status="200"\} [1-9]', text)
+            assert re.search(r'mcp_tool_calls_total\{tool="test_simple_text",outcome="ok"\} 1\b', text)
+            assert 'mcp_tool_duration_seconds_bucket{tool="test_simple_text",le="+Inf"} 1' in text
+            assert re.search(r'mcp_sessions_created_total [1-9]', text)
+
+    def test_readyz_reports_the_store(self, live):
+        r = http(live.port, "GET", "/readyz")
+        assert r.status == 200 and r.json() == {"status": "ready", "store": "memory"}
+
+    def test_rate_limit_answers_429_with_retry_after(self):
+        proc, port = _ops_start({"MCP_RATE_LIMIT": "3"})
+        with proc:
+            statuses = []
+            for _ in range(4):
+                r = http(port, "POST", "/http", {"Content-Type": "application/json"},
+                         {"method": "tools/list"})
+                statuses.append(r.status)
+            assert statuses[:3] == [200, 200, 200] and statuses[3] == 429
+            assert 1 <= int(r.header("retry-after")) <= 60
+            assert http(port, "GET", "/healthz").status == 200  # health is never limited
+
+    def test_sigterm_lets_an_in_flight_stream_finish(self):
+        proc, port = _ops_start()
+        with proc:
+            session = Session(port)
+            session.initialize()
+            with Conn(port) as conn:
+                body = session.body("tools/call", {"name": "test_tool_with_progress", "arguments": {},
+                                                   "_meta": {"progressToken": "drain-1"}})
+                conn.request("POST", "/mcp", session.headers(), body)
+                stream = SSEStream(conn, conn.read_head())
+                first = None
+                while first is None:
+                    event = stream.next_event()
+                    assert event is not None, "the stream ended before any progress"
+                    if event.get("data"):
+                        first = json.loads(event["data"])
+                assert first["method"] == "notifications/progress"
+                proc.proc.send_signal(signal.SIGTERM)  # the tool is running now
+                messages = [first]
+                while (event := stream.next_event()) is not None:
+                    if event.get("data"):
+                        messages.append(json.loads(event["data"]))
+            final = [m for m in messages if m.get("id") == body["id"]]
+            assert final and final[0]["result"]["content"], messages
+            assert proc.proc.wait(WAIT) == 0
