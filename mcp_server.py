@@ -3855,12 +3855,15 @@ class _StreamableHTTP:
             await self._batch(http, message, header_version, json_ok)
             return
         kind = _classify_http(message)
+        # answer with SSE from the start when the mode says so, or the client takes only SSE
+        sse_first = sse_ok and (settings.response_mode == "sse" or not json_ok)
         if _is_modern(message, header_version) and kind != "response":
-            await self._modern(http, message, kind, header_version, sse_ok)
+            await self._modern(http, message, kind, header_version, sse_ok, sse_first)
         else:
-            await self._legacy(http, message, kind, header_version, sse_ok)
+            await self._legacy(http, message, kind, header_version, sse_ok, sse_first)
 
-    async def _modern(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool) -> None:
+    async def _modern(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
+                      sse_first: bool) -> None:
         server, hub = self.server, self.server._hub()
         request_id = message.get("id")
         try:
@@ -3875,7 +3878,7 @@ class _StreamableHTTP:
             await server._respond(ctx)
             await http.respond(202)
             return
-        channel = _PostChannel(http, hub, None, sse_ok or server.settings.response_mode == "sse", False, [])
+        channel = _PostChannel(http, hub, None, sse_ok, False, [])
         ctx._out = channel
         ctx._task = asyncio.current_task()
 
@@ -3884,7 +3887,7 @@ class _StreamableHTTP:
             if ctx._task is not None and not channel.done:
                 ctx._task.cancel()
         http.on_disconnect(cancel)
-        if server.settings.response_mode == "sse" and channel.sse_ok:
+        if sse_first:
             await channel._start()
         try:
             response, status = await server._respond(ctx)
@@ -3901,7 +3904,8 @@ class _StreamableHTTP:
             return
         await channel.finish(response, status, [])
 
-    async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool) -> None:
+    async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
+                      sse_first: bool) -> None:
         server, hub = self.server, self.server._hub()
         settings = server.settings
         request_id = message.get("id") if kind == "request" else None
@@ -3938,7 +3942,7 @@ class _StreamableHTTP:
         extra = []
         channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
-        if settings.response_mode == "sse" and sse_ok:
+        if sse_first:
             await channel._start()
         hub.track(ctx)
         try:

@@ -2477,6 +2477,18 @@ class TestStreamableHTTP:
 # 6. Transports: legacy HTTP+SSE
 # =================================================================================================
 
+    def test_a_client_that_accepts_only_sse_gets_sse(self, live):
+        session = Session(live.port)
+        session.initialize()
+        body = session.body("tools/list")
+        r = session.post(body, {"Accept": "text/event-stream"})
+        assert r.status == 200 and r.content_type == "text/event-stream", r
+        assert "tools" in final_message(r, body["id"])["result"]
+        modern = modern_body("tools/list", request_id=7)
+        r = http(live.port, "POST", "/mcp", modern_headers(modern, {"Accept": "text/event-stream"}), modern)
+        assert r.status == 200 and r.content_type == "text/event-stream", r
+        assert final_message(r, 7)["result"]["resultType"] == "complete"
+
 
 class LegacySSEClient:
     def __init__(self, port: int, path: str = "/sse"):
