@@ -585,6 +585,10 @@ class _Metrics:
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
         self.values[(name, tuple(labels.items()))] += amount  # call sites keep one label order
 
+    def add(self, key: tuple) -> None:
+        """``inc`` by one for a key built by the caller: ``(name, ((label, value), ...))``."""
+        self.values[key] += 1
+
     def observe(self, name: str, seconds: float, **labels) -> None:
         key = (name, tuple(labels.items()))
         counts = self.histograms.get(key)
@@ -2681,7 +2685,7 @@ class MCPServer:
             outcome = ("cancelled" if response is None else "error" if "error" in response
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
             method = ctx.method if ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS else "other"
-            _metrics.inc("mcp_rpc_calls_total", method=method, outcome=outcome)
+            _metrics.add(("mcp_rpc_calls_total", (("method", method), ("outcome", outcome))))
         return response, status
 
     async def _respond_inner(self, ctx: Context) -> tuple:
@@ -2884,7 +2888,7 @@ class MCPServer:
             result = await self._run_tool(tool, arguments, ctx)
             outcome = "error" if result.get("isError") else "ok"
         finally:
-            _metrics.inc("mcp_tool_calls_total", tool=name, outcome=outcome)
+            _metrics.add(("mcp_tool_calls_total", (("tool", name), ("outcome", outcome))))
             _metrics.observe("mcp_tool_duration_seconds", time.perf_counter() - started, tool=name)
         return _shape_call_result(result, ctx.protocol_version)
 
@@ -2892,7 +2896,7 @@ class MCPServer:
         limit = self.settings.tool_timeout
         timer, expired = None, []
         if limit:  # a bare timer handle: cheaper than asyncio.timeout() on every call
-            task = asyncio.current_task()
+            task = ctx._task or asyncio.current_task()
 
             def expire():
                 expired.append(True)
@@ -5723,6 +5727,7 @@ def _is_loopback(host: str | None) -> bool:
         return False
 
 
+@functools.lru_cache(maxsize=1024)
 def _split_host(value: str) -> str:
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value
@@ -5882,7 +5887,7 @@ class _App:
         finally:
             http.stop_watching()
             route = _route_label(path, self.server.settings.mcp_path)
-            _metrics.inc("mcp_http_requests_total", route=route, method=method, status=http.status)
+            _metrics.add(("mcp_http_requests_total", (("route", route), ("method", method), ("status", http.status))))
             if self.server.settings.access_log:
                 log.info("request", extra={"fields": {
                     "method": method, "route": route, "status": http.status,
@@ -6038,8 +6043,10 @@ async def _shutdown(server: MCPServer) -> None:
 # callbacks fire (the ``mcp_server.disconnect`` ASGI extension) and ``receive`` reports it.
 
 _MAX_REQUEST_LINE = 8192
+_HEADER_BLOCK_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*)*")
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection", b"expect"))
+_ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-_HEADER_NAME_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 
 class _BadRequest(Exception):
@@ -6069,6 +6076,32 @@ class _ServerState:
                 connection.check_deadline(now)
 
 
+class _LazyEvent:
+    """An asyncio.Event made only when someone waits (most requests arrive whole and never do)."""
+
+    __slots__ = ("_event", "_set")
+
+    def __init__(self):
+        self._event, self._set = None, False
+
+    def set(self) -> None:
+        self._set = True
+        if self._event is not None:
+            self._event.set()
+
+    def clear(self) -> None:
+        self._set = False
+        if self._event is not None:
+            self._event.clear()
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        if self._event is None:
+            self._event = asyncio.Event()
+        await self._event.wait()
+
+
 class _Cycle:
     """One request/response on a connection."""
 
@@ -6080,7 +6113,7 @@ class _Cycle:
         self.protocol = protocol
         self.scope = scope
         self.body = bytearray()
-        self.body_event = asyncio.Event()
+        self.body_event = _LazyEvent()
         self.more_body = True
         self.expect_continue = expect_continue
         self.disconnected = False
@@ -6215,7 +6248,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.write_paused = False
         self._drain: asyncio.Future | None = None
         self.timer = None
-        self.peer = None
+        self.peer = self.client = self.server = None
         self.closed = False
 
     # -- connection lifecycle --------------------------------------------------------------------
@@ -6223,6 +6256,9 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_made(self, transport) -> None:
         self.transport = transport
         self.peer = transport.get_extra_info("peername")
+        sock = transport.get_extra_info("sockname")
+        self.client = self.peer[:2] if isinstance(self.peer, tuple) else None
+        self.server = sock[:2] if isinstance(sock, tuple) else None
         state = self.state
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
@@ -6343,38 +6379,42 @@ class _HttpProtocol(asyncio.Protocol):
         head = bytes(self.buffer[:end])
         del self.buffer[:end + 4]
         head = head.lstrip(b"\r\n")
-        lines = head.split(b"\r\n")
-        request_line = lines[0]
+        request_line, _, block = head.partition(b"\r\n")
         if len(request_line) > _MAX_REQUEST_LINE:
             raise _BadRequest(414, "The request line is too long.")
         parts = request_line.split(b" ")
         if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise _BadRequest(400, "Malformed request line.")
         method, target, version = parts
-        headers, content_length, transfer_encoding = [], None, None
-        for line in lines[1:]:
-            if not line:
-                continue
-            if line[:1] in (b" ", b"\t"):
+        # One C-level match validates every header line: a token, a colon, a value without CR,
+        # LF or NUL.  A line that starts with white space (obsolete folding) cannot match.
+        if block and not _HEADER_BLOCK_RE.fullmatch(block):
+            if re.search(rb"(?:^|\r\n)[ \t]", block):
                 raise _BadRequest(400, "Obsolete header line folding is not accepted.")
-            name, sep, value = line.partition(b":")
-            if not sep or not _HEADER_NAME_RE.fullmatch(name):
-                raise _BadRequest(400, "Malformed header line.")
-            value = value.strip(b" \t")
-            if b"\r" in value or b"\n" in value or b"\x00" in value:
-                raise _BadRequest(400, "Malformed header value.")
-            lower = name.lower()
-            if lower == b"content-length":
-                if content_length is not None:
-                    raise _BadRequest(400, "Several Content-Length headers are not accepted.")
-                if not value.isdigit() or len(value) > 18:
-                    raise _BadRequest(400, "Malformed Content-Length.")
-                content_length = int(value)
-            elif lower == b"transfer-encoding":
-                if transfer_encoding is not None:
-                    raise _BadRequest(400, "Several Transfer-Encoding headers are not accepted.")
-                transfer_encoding = value.lower()
-            headers.append((lower, value))
+            raise _BadRequest(400, "Malformed header line.")
+        headers, content_length, transfer_encoding = [], None, None
+        keep_alive = version == b"HTTP/1.1"
+        expect = False
+        for line in block.split(b"\r\n") if block else ():
+            name, _, value = line.partition(b":")
+            name, value = name.lower(), value.strip(b" \t")
+            headers.append((name, value))
+            if name in _FRAMING_HEADERS:
+                if name == b"content-length":
+                    if content_length is not None:
+                        raise _BadRequest(400, "Several Content-Length headers are not accepted.")
+                    if not value.isdigit() or len(value) > 18:
+                        raise _BadRequest(400, "Malformed Content-Length.")
+                    content_length = int(value)
+                elif name == b"transfer-encoding":
+                    if transfer_encoding is not None:
+                        raise _BadRequest(400, "Several Transfer-Encoding headers are not accepted.")
+                    transfer_encoding = value.lower()
+                elif name == b"connection":
+                    tokens = value.lower()
+                    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
+                elif name == b"expect":
+                    expect = value.lower() == b"100-continue"
         if transfer_encoding is not None:
             if content_length is not None:
                 raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
@@ -6383,9 +6423,6 @@ class _HttpProtocol(asyncio.Protocol):
         if content_length is not None and content_length > self.settings.max_body:
             raise _BadRequest(413, f"Request body is larger than the limit of {self.settings.max_body} "
                               "bytes (MCP_MAX_BODY).")
-        http_version = "1.1" if version == b"HTTP/1.1" else "1.0"
-        connection = b",".join(v for n, v in headers if n == b"connection").lower()
-        keep_alive = (b"close" not in connection) if http_version == "1.1" else (b"keep-alive" in connection)
         raw_path, _, query = target.partition(b"?")
         if not raw_path.startswith(b"/") and raw_path != b"*":
             if raw_path.startswith((b"http://", b"https://")):  # absolute form
@@ -6393,18 +6430,17 @@ class _HttpProtocol(asyncio.Protocol):
             else:
                 raise _BadRequest(400, "Malformed request target.")
         try:
-            path = urllib.parse.unquote(raw_path.decode("ascii"))
+            path = raw_path.decode("ascii")
         except UnicodeDecodeError:
             raise _BadRequest(400, "The request target must be ASCII.") from None
-        sock = self.transport.get_extra_info("sockname")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
         scope = {
-            "type": "http", "asgi": {"version": "3.0", "spec_version": "2.3"}, "http_version": http_version,
+            "type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if version == b"HTTP/1.1" else "1.0",
             "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
             "query_string": query, "root_path": self.state.root_path, "headers": headers,
-            "client": self.peer[:2] if isinstance(self.peer, tuple) else None,
-            "server": sock[:2] if isinstance(sock, tuple) else None,
+            "client": self.client, "server": self.server,
         }
-        expect = any(n == b"expect" and v.lower() == b"100-continue" for n, v in headers)
         cycle = _Cycle(self, scope, expect, keep_alive)
         scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
         self.cycle = cycle
