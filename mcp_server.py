@@ -4510,7 +4510,7 @@ class _Stdio:
 # the user's session (``mcp:{sid}:user``, ANONYMOUS until the upstream login), a hashed code, and
 # the browser-binding cookie the login flow uses.
 
-_HTML_HEADERS = [(b"content-type", b"text/html; charset=utf-8"), (b"cache-control", b"no-store"),
+_HTML_HEADERS = [(b"cache-control", b"no-store"),
                  (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
                  (b"x-content-type-options", b"nosniff"),
                  (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
@@ -4843,7 +4843,7 @@ class _OAuth:
             await self._redirect_error(http, redirect, exc, params.get("state"))
             return
         if self.settings.consent == "never" or (
-                self.settings.consent == "remember" and client["client_id"] in self._remembered(http)):
+                self.settings.consent == "remember" and client["client_id"] in await self._remembered(http)):
             await self._approve(http, request)
             return
         await self._consent_page(http, client, request)
@@ -4887,9 +4887,9 @@ class _OAuth:
                 + ("; Secure" if secure else ""))
         return (b"set-cookie", text.encode())
 
-    def _remembered(self, http: _Http) -> list:
+    async def _remembered(self, http: _Http) -> list:
         value = self._cookie(http, "mcp_consent")
-        text = self.server.keys.verify(value, "cookie") if value else None
+        text = (await self.server._keyring()).verify(value, "cookie") if value else None
         return text.split(" ") if text else []
 
     async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
@@ -4915,7 +4915,11 @@ class _OAuth:
         await http.respond(200, _html_page("Allow access?", body), "text/html; charset=utf-8", headers)
 
     async def _consent_answer(self, http: _Http) -> None:
-        fields = _form_fields(await http.read_body(16 * 1024))
+        try:
+            fields = _form_fields(await http.read_body(16 * 1024))
+        except _OAuthError as exc:
+            await self._error_page(http, "Invalid request", exc.description)
+            return
         keys = await self.server._keyring()
         request = keys.unseal(fields.get("request", ""), "consent")
         cookie = self._cookie(http, "mcp_csrf") or ""
@@ -4932,7 +4936,7 @@ class _OAuth:
             return
         remember = None
         if self.settings.consent == "remember":
-            approved = sorted(set(self._remembered(http)) | {request["client_id"]})[-20:]
+            approved = sorted(set(await self._remembered(http)) | {request["client_id"]})[-20:]
             remember = self._set_cookie(http, "mcp_consent", keys.sign(" ".join(approved), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
@@ -5011,6 +5015,9 @@ class _OAuth:
         except (ValueError, UnicodeDecodeError):
             await self._json_error(http, _OAuthError("invalid_request", "Send the parameters as a form."))
             return
+        except _OAuthError as exc:
+            await self._json_error(http, exc)
+            return
         try:
             client = await self._authenticate_client(http, fields)
             grant = fields.get("grant_type")
@@ -5033,6 +5040,9 @@ class _OAuth:
         if grant is None:
             used = await store.take(f"mcp:oauth:used:{code_hash}")
             if used is not None:  # a replayed code: revoke everything it issued
+                family = await store.get(f"mcp:oauth:family:{used.get('family')}")
+                if family is not None:
+                    await self._revoke_family(family)
                 await store.delete(_user_key(used["sid"]))
                 log.warning("authorization code replayed: its session and tokens were revoked")
             raise _OAuthError("invalid_grant", "The authorization code is invalid, expired or already used.")
@@ -5050,8 +5060,10 @@ class _OAuth:
         resource = fields.get("resource")
         if resource and resource.rstrip("/") != grant["resource"]:
             raise _OAuthError("invalid_target", "resource does not match the authorization request.")
-        await store.set(f"mcp:oauth:used:{code_hash}", {"sid": grant["sid"]}, 600)
-        return await self._issue(http, client, grant["sid"], grant["scope"], grant["resource"], family=None)
+        family_id = secrets.token_urlsafe(12)
+        await store.set(f"mcp:oauth:used:{code_hash}", {"sid": grant["sid"], "family": family_id}, 600)
+        return await self._issue(http, client, grant["sid"], grant["scope"], grant["resource"],
+                                 family=(family_id, None))
 
     async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family) -> dict:
         import jwt
@@ -5067,12 +5079,12 @@ class _OAuth:
             answer["refresh_token"] = await self._new_refresh(client, sid, scope, resource, family)
         return answer
 
-    async def _new_refresh(self, client: dict, sid: str, scope: str, resource: str, family) -> str:
-        """A new refresh token; ``family`` is ``(id, hash of the token it replaces)`` or None."""
+    async def _new_refresh(self, client: dict, sid: str, scope: str, resource: str, family: tuple) -> str:
+        """A new refresh token; ``family`` is ``(id, hash of the token it replaces, or None)``."""
         store, ttl = self.server._hub().store, self.settings.refresh_ttl
         token = secrets.token_urlsafe(32)
         token_hash = _sha256(token)
-        family_id, replaced = family if family else (secrets.token_urlsafe(12), None)
+        family_id, replaced = family
         await store.set(f"mcp:oauth:rt:{token_hash}", {"family": family_id, "client_id": client["client_id"],
                                                        "sid": sid, "scope": scope, "resource": resource}, ttl)
         await store.set(f"mcp:oauth:family:{family_id}", {"id": family_id, "current": token_hash,
@@ -5089,11 +5101,14 @@ class _OAuth:
         if record is None or record["client_id"] != client["client_id"]:
             raise _OAuthError("invalid_grant", "The refresh token is invalid, expired or revoked.")
         family = await store.get(f"mcp:oauth:family:{record['family']}")
-        session = await store.get(_user_key(record["sid"]))
-        if family is None or session is None:
-            raise _OAuthError("invalid_grant", "The refresh token was revoked (or its session ended).")
+        if family is None:
+            raise _OAuthError("invalid_grant", "The refresh token was revoked.")
+        # A session idle past its time is gone with whatever it held (the upstream login); the
+        # refresh token outlives it and starts the same session afresh, anonymous again.
+        session = await store.get(_user_key(record["sid"])) or {
+            "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": []}
         if token_hash == family.get("previous"):
-            await store.delete(f"mcp:oauth:rt:{family['current']}")  # the unused replacement goes
+            pass  # the unused replacement is superseded; its record stays, so using it is reuse
         elif token_hash != family["current"]:
             await self._revoke_family(family)
             log.warning("refresh token reuse detected: the token family and its session were revoked")
@@ -5119,21 +5134,25 @@ class _OAuth:
     async def revoke(self, http: _Http) -> None:
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
-            await self._authenticate_client(http, fields)
+            client = await self._authenticate_client(http, fields)
         except _OAuthError as exc:
             await self._json_error(http, exc)
             return
         token = fields.get("token", "")
         store = self.server._hub().store
         record = await store.get(f"mcp:oauth:rt:{_sha256(token)}")
+        # RFC 7009 2.1: a client may revoke only its own tokens; anything else is ignored (200)
+        if record is not None and record["client_id"] != client["client_id"]:
+            record = None
+            token = ""
         if record is not None:
             family = await store.get(f"mcp:oauth:family:{record['family']}")
             if family:
                 await self._revoke_family(family)
             await store.delete(f"mcp:oauth:rt:{_sha256(token)}")
         else:
-            claims = await self._decode(http, token, verify_exp=False)
-            if claims is not None:
+            claims = await self._decode(http, token, verify_exp=False) if token else None
+            if claims is not None and claims.get("client_id") == client["client_id"]:
                 session = await store.get(_user_key(claims["sid"]))
                 if session is not None:
                     revoked = (session.get("revoked", []) + [claims["jti"]])[-100:]
@@ -5364,7 +5383,12 @@ class _Login:
         return json.loads(plain)
 
     async def _store_credentials(self, uid: str, tokens: dict) -> None:
-        record = await self._user(uid)
+        record = await self.server._hub().store.get_touch(_user_key(uid), self.settings.session_ttl)
+        if record is None:
+            if ":" not in uid:  # an OAuth session of this server: gone means revoked or expired
+                raise ToolError("Your session with this server ended meanwhile; connect your assistant "
+                                "again, then log in.")
+            record = {"state": "ANONYMOUS"}  # stdio, MCP-session and external identities start here
         expires = tokens.get("expires_in")
         cred = {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
                 "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
@@ -5483,7 +5507,12 @@ class _Login:
             _metrics.inc("mcp_logins_total", outcome="failure")
             await self._page(http, 502, "Sign-in failed", f"<p class=bad>{_escape(str(exc))}</p>" + retry)
             return
-        await self._store_credentials(state["uid"], tokens)
+        try:
+            await self._store_credentials(state["uid"], tokens)
+        except ToolError as exc:
+            _metrics.inc("mcp_logins_total", outcome="failure")
+            await self._page(http, 400, "Sign-in not saved", f"<p class=bad>{_escape(str(exc))}</p>")
+            return
         _metrics.inc("mcp_logins_total", outcome="success")
         await store.delete(f"mcp:login:{state['tx']}")
         await store.publish(_BUS_CHANNEL, {"kind": "tools"})  # clients refresh what they can do
@@ -5539,6 +5568,8 @@ class _Login:
                 break
             if status != 200:
                 raise ToolError(f"The provider answered HTTP {status} for {path}; try again later.")
+            if body is None:
+                raise ToolError(f"The provider's answer for {path} was not JSON; try again later.")
             return body
         record = await self._user(uid)
         await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
@@ -5865,6 +5896,12 @@ class _App:
         except _HttpError as exc:
             if not http.started:
                 await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
+            else:
+                await http.end()
+        except _OAuthError as exc:  # a malformed OAuth request outside an endpoint's own handling
+            if not http.started:
+                await http.respond_json(exc.status, {"error": exc.error, "error_description": exc.description},
+                                        headers=list(_NO_STORE))
             else:
                 await http.end()
         except RpcError as exc:  # the store is unavailable (503), or another protocol-level refusal
