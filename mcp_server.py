@@ -1936,6 +1936,8 @@ class _Prompt(_Callable):
             param = self.signature.parameters[arg]
             entry = {"name": arg}
             schema = _schema_for(self.hints.get(arg, param.annotation))
+            if schema.get("title"):
+                entry["title"] = schema["title"]
             text = schema.get("description") or described.get(arg)
             if text:
                 entry["description"] = text
@@ -2331,6 +2333,16 @@ def _shape_tool(definition: dict, version: str) -> dict:
     if version < "2025-11-25" and "$schema" in tool["inputSchema"]:
         tool = {**tool, "inputSchema": {k: v for k, v in tool["inputSchema"].items() if k != "$schema"}}
     return tool
+
+
+def _shape_listing(definition: dict, version: str) -> dict:
+    """A resource or template definition as a revision defines it (annotations included)."""
+    listing = _trim(definition, "listing", version)
+    if isinstance(listing.get("annotations"), dict):
+        trimmed = _trim(listing["annotations"], "annotations", version)
+        if trimmed is not listing["annotations"]:
+            listing = {**listing, "annotations": trimmed}
+    return listing
 
 
 def _shape_prompt(definition: dict, version: str) -> dict:
@@ -2793,9 +2805,9 @@ class MCPServer:
             elif kind == "prompts":
                 items = [_shape_prompt(p.definition, version) for p in self._prompts.values()]
             elif kind == "resources":
-                items = [_trim(r.definition, "listing", version) for r in self._resources.values()]
+                items = [_shape_listing(r.definition, version) for r in self._resources.values()]
             else:
-                items = [_trim(r.definition, "listing", version) for r in self._templates]
+                items = [_shape_listing(r.definition, version) for r in self._templates]
             self._shaped[key] = items
         return items
 
@@ -3592,6 +3604,7 @@ class _Http:
     async def start_sse(self, headers: list | None = None) -> None:
         await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                                (b"x-accel-buffering", b"no")] + (headers or []))
+        await self.write(b"")  # an empty chunk sends the head now: the client knows the stream is open
 
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
