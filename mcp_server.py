@@ -2543,6 +2543,9 @@ class MCPServer:
         UPSTREAM_* provider is configured) the sandbox provider under /sandbox/."""
         self._login = _Login(self)
         flow = self._login
+        if self.settings.encryption_iv:
+            log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
+                        "nonce for every value")
 
         @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
         async def login(ctx: Context) -> dict:
@@ -4955,14 +4958,15 @@ class _OAuth:
 
     async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
         store = self.server._hub().store
-        sid = secrets.token_urlsafe(24)
+        sid, generation = secrets.token_urlsafe(24), secrets.token_hex(4)
         await store.set(_user_key(sid), {"state": "ANONYMOUS", "client_id": request["client_id"],
-                                         "created": int(_now()), "revoked": []}, self.settings.session_ttl)
+                                         "created": int(_now()), "revoked": [], "gen": generation},
+                        self.settings.session_ttl)
         code = secrets.token_urlsafe(32)
         await store.set(f"mcp:oauth:code:{_sha256(code)}", {
             "client_id": request["client_id"], "redirect_uri": request["redirect_uri"],
             "explicit_redirect": request["explicit_redirect"], "challenge": request["challenge"],
-            "resource": request["resource"], "scope": request["scope"], "sid": sid}, 600)
+            "resource": request["resource"], "scope": request["scope"], "sid": sid, "gen": generation}, 600)
         keys = await self.server._keyring()
         headers = [self._set_cookie(http, "mcp_browser", keys.sign(sid, "cookie"), self.settings.session_ttl)]
         if extra_cookie:
@@ -5076,15 +5080,16 @@ class _OAuth:
         family_id = secrets.token_urlsafe(12)
         await store.set(f"mcp:oauth:used:{code_hash}", {"sid": grant["sid"], "family": family_id}, 600)
         return await self._issue(http, client, grant["sid"], grant["scope"], grant["resource"],
-                                 family=(family_id, None))
+                                 family=(family_id, None), generation=grant.get("gen"))
 
-    async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family) -> dict:
+    async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family,
+                     generation: str | None) -> dict:
         import jwt
         keys = await self.server._keyring()
         now = int(_now())
         claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
                   "jti": secrets.token_urlsafe(12), "iat": now, "nbf": now, "exp": now + self.settings.token_ttl,
-                  "scope": scope, "client_id": client["client_id"]}
+                  "scope": scope, "client_id": client["client_id"], "gen": generation}
         access = jwt.encode(claims, keys.token_key, algorithm="HS256", headers={"kid": keys.kid, "typ": "at+jwt"})
         answer = {"access_token": access, "token_type": "Bearer", "expires_in": self.settings.token_ttl,
                   "scope": scope}
@@ -5118,8 +5123,11 @@ class _OAuth:
             raise _OAuthError("invalid_grant", "The refresh token was revoked.")
         # A session idle past its time is gone with whatever it held (the upstream login); the
         # refresh token outlives it and starts the same session afresh, anonymous again.
+        # A new generation: tokens issued before the restart stay dead (their revocations went
+        # with the old session, so none of them may count).
         session = await store.get(_user_key(record["sid"])) or {
-            "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": []}
+            "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": [],
+            "gen": secrets.token_hex(4)}
         if token_hash == family.get("previous"):
             pass  # the unused replacement is superseded; its record stays, so using it is reuse
         elif token_hash != family["current"]:
@@ -5134,7 +5142,7 @@ class _OAuth:
             scope = " ".join(narrower)
         await store.set(_user_key(record["sid"]), session, self.settings.session_ttl)  # activity
         return await self._issue(http, client, record["sid"], scope, record["resource"],
-                                 family=(family["id"], token_hash))
+                                 family=(family["id"], token_hash), generation=session.get("gen"))
 
     async def _revoke_family(self, family: dict) -> None:
         store = self.server._hub().store
@@ -5218,7 +5226,8 @@ class _OAuth:
         if claims is None:
             raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server")
         session = await self.server._hub().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
-        if session is None or claims["jti"] in session.get("revoked", ()):
+        if (session is None or claims["jti"] in session.get("revoked", ())
+                or claims.get("gen") != session.get("gen")):
             raise self._challenge(http, "invalid_token", "the token was revoked or its session ended")
         granted = set(str(claims.get("scope", "")).split())
         if not set(self.settings.scopes) & granted and self.settings.scopes:
@@ -5343,9 +5352,6 @@ class _Login:
     def vault(self) -> _Vault:
         if self._vault is None:
             settings = self.settings
-            if settings.encryption_iv:
-                log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
-                            "nonce for every value")
             if not settings.encryption_key:
                 if settings.redis_url:
                     raise RpcError(INTERNAL_ERROR, "ENCRYPTION_KEY is not set: credentials cannot be stored "

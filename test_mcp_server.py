@@ -3261,6 +3261,1678 @@ class TestCLI:
         assert "--nope" in result.stderr
 
 
+# ==== 7. OAuth and login =====================================================================
+
+# =================================================================================================
+# 7. OAuth and login
+# =================================================================================================
+
+import html as _auth_html  # noqa: E402
+import http.cookiejar as _login_cookiejar  # noqa: E402  (never rebind the suite's ``http`` helper)
+import http.server as _auth_httpserver  # noqa: E402
+import secrets  # noqa: E402
+import urllib.error  # noqa: E402
+import urllib.parse  # noqa: E402
+import urllib.request  # noqa: E402
+
+_AUTH_CB = "http://127.0.0.1:9/cb"  # a native client's loopback redirect (never contacted)
+
+
+def _auth_b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+
+
+def _auth_pkce() -> tuple:
+    verifier = secrets.token_urlsafe(48)
+    return verifier, _auth_b64url(hashlib.sha256(verifier.encode()).digest())
+
+
+def _auth_base(port: int) -> str:
+    return f"http://127.0.0.1:{port}"
+
+
+def _auth_headers(port: int, extra: dict | None = None) -> dict:
+    """What a client sends: a real Host (the issuer and audience derive from it)."""
+    return merge_headers({"Host": f"127.0.0.1:{port}"}, extra)
+
+
+def _auth_get(port: int, path_or_url: str, headers: dict | None = None) -> Response:
+    if path_or_url.startswith("http"):
+        parts = urllib.parse.urlsplit(path_or_url)
+        assert parts.netloc == f"127.0.0.1:{port}", f"{path_or_url} is not on this server"
+        path_or_url = parts.path + (f"?{parts.query}" if parts.query else "")
+    return http(port, "GET", path_or_url, _auth_headers(port, headers))
+
+
+def _auth_post_form(port: int, path: str, fields: dict, headers: dict | None = None) -> Response:
+    body = urllib.parse.urlencode({k: v for k, v in fields.items() if v is not None})
+    return http(port, "POST", path, _auth_headers(port, {"Content-Type": "application/x-www-form-urlencoded",
+                                                         **(headers or {})}), body)
+
+
+def _auth_post_json(port: int, path: str, body, headers: dict | None = None) -> Response:
+    return http(port, "POST", path, _auth_headers(port, headers), body)
+
+
+def _auth_cookies(resp: Response) -> dict:
+    """name -> value of the Set-Cookie headers of a response."""
+    cookies = {}
+    for name, value in resp.headers:
+        if name == "set-cookie":
+            pair = value.split(";", 1)[0]
+            key, _, val = pair.partition("=")
+            cookies[key.strip()] = val.strip()
+    return cookies
+
+
+def _auth_location(resp: Response, expected_target: str) -> dict:
+    """The query parameters of a redirect to ``expected_target`` (scheme, host, port and path)."""
+    assert resp.status == 302, resp
+    location = resp.header("location")
+    parts, target = urllib.parse.urlsplit(location), urllib.parse.urlsplit(expected_target)
+    assert (parts.scheme, parts.netloc, parts.path) == (target.scheme, target.netloc, target.path), location
+    query = urllib.parse.parse_qs(parts.query, keep_blank_values=True)
+    assert all(len(v) == 1 for v in query.values()), location
+    return {k: v[0] for k, v in query.items()}
+
+
+def _auth_assert_page(resp: Response, status: int = 400) -> str:
+    """An HTML page (never a redirect) with the headers every page of the server carries."""
+    assert resp.status == status, resp
+    assert resp.header("location") is None, resp
+    assert resp.content_type == "text/html", resp
+    _auth_assert_page_headers(resp)
+    return resp.body.decode("utf-8")
+
+
+def _auth_assert_page_headers(resp) -> None:
+    csp = resp.header("content-security-policy") or ""
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, resp
+    assert resp.header("x-frame-options") == "DENY", resp
+    assert "no-store" in (resp.header("cache-control") or ""), resp
+    assert resp.header("referrer-policy") == "no-referrer", resp
+
+
+def _auth_hidden_fields(page: str) -> dict:
+    fields = re.findall(r"<input type=hidden name=['\"]?([\w-]+)['\"]? value=['\"]([^'\"]*)['\"]", page)
+    return {name: _auth_html.unescape(value) for name, value in fields}
+
+
+def _auth_register(port: int, redirect_uris=(_AUTH_CB,), **metadata) -> dict:
+    r = _auth_post_json(port, "/register", {"redirect_uris": list(redirect_uris), "client_name": "Pytest Client",
+                                            **metadata})
+    assert r.status == 201, r
+    return r.json()
+
+
+def _auth_authorize(port: int, client_id: str, redirect_uri: str | None, challenge: str | None,
+                    method: str | None = "S256", headers: dict | None = None, **extra) -> Response:
+    params = {"response_type": "code", "client_id": client_id, "redirect_uri": redirect_uri,
+              "code_challenge": challenge, "code_challenge_method": method, **extra}
+    query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
+    return _auth_get(port, "/authorize?" + query, headers)
+
+
+def _auth_exchange(port: int, client_id: str, code: str, verifier: str, redirect_uri: str = _AUTH_CB,
+                   headers: dict | None = None, **extra) -> Response:
+    return _auth_post_form(port, "/token", {"grant_type": "authorization_code", "code": code,
+                                            "redirect_uri": redirect_uri, "code_verifier": verifier,
+                                            "client_id": client_id, **extra}, headers)
+
+
+def _auth_refresh(port: int, client_id: str, refresh_token: str) -> Response:
+    return _auth_post_form(port, "/token", {"grant_type": "refresh_token", "refresh_token": refresh_token,
+                                            "client_id": client_id})
+
+
+def _auth_code(port: int, client: dict, redirect_uri: str = _AUTH_CB, **extra) -> tuple:
+    """(code, verifier) from an /authorize that needs no consent."""
+    verifier, challenge = _auth_pkce()
+    state = secrets.token_urlsafe(8)
+    r = _auth_authorize(port, client["client_id"], redirect_uri, challenge, state=state, **extra)
+    query = _auth_location(r, redirect_uri)
+    assert query["state"] == state and query["iss"] == _auth_base(port), query
+    return query["code"], verifier
+
+
+def _auth_login(port: int, client: dict | None = None, redirect_uri: str = _AUTH_CB) -> dict:
+    """Register (unless given a client), authorize and exchange the code: the token response."""
+    client = client or _auth_register(port, [redirect_uri])
+    code, verifier = _auth_code(port, client, redirect_uri)
+    r = _auth_exchange(port, client["client_id"], code, verifier, redirect_uri)
+    assert r.status == 200, r
+    return {**r.json(), "client": client, "code": code, "verifier": verifier}
+
+
+def _auth_claims(token: str) -> dict:
+    import jwt
+    return jwt.decode(token, options={"verify_signature": False})
+
+
+def _auth_mint(key, claims: dict, **changes) -> str:
+    import jwt
+    now = int(time.time())
+    claims = {**claims, "jti": secrets.token_urlsafe(12), "iat": now, "nbf": now, **changes}
+    return jwt.encode(claims, key, algorithm="HS256", headers={"typ": "at+jwt"})
+
+
+def _auth_call(port: int, token: str | None, name: str = "echo", arguments: dict | None = None) -> Response:
+    """A tools/call on /http as a client holding ``token``."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    return _auth_post_json(port, "/http", {"method": "tools/call",
+                                           "params": {"name": name, "arguments": arguments or {"text": "hi"}}},
+                           headers)
+
+
+def _auth_assert_ok(port: int, token: str) -> None:
+    r = _auth_call(port, token, "echo", {"text": "authorized"})
+    assert r.status == 200, r
+    assert r.json()["content"] == [{"type": "text", "text": "authorized"}]
+
+
+def _auth_assert_refused(port: int, token: str | None, error: str | None = "invalid_token",
+                         tool: str = "echo") -> None:
+    r = _auth_call(port, token, tool)
+    assert r.status == 401, r
+    challenge = r.header("www-authenticate") or ""
+    assert challenge.startswith("Bearer ") and "resource_metadata=" in challenge, r
+    if error:
+        assert f'error="{error}"' in challenge, r
+
+
+class _auth_Session(Session):
+    """A legacy Streamable HTTP session that sends a real Host and, when given, a bearer token."""
+
+    def __init__(self, port: int, token: str | None = None, **kwargs):
+        super().__init__(port, **kwargs)
+        self.token = token
+
+    def headers(self, extra: dict | None = None) -> dict:
+        base = {"Host": f"127.0.0.1:{self.port}"}
+        if self.token:
+            base["Authorization"] = f"Bearer {self.token}"
+        return super().headers(merge_headers(base, extra))
+
+
+class _auth_Stub:
+    """A tiny HTTP server on 127.0.0.1 in a thread: ``routes`` maps (method, path) to a function of
+    the recorded request returning (status, headers, body); every request is recorded."""
+
+    def __init__(self, routes: dict | None = None):
+        self.routes = dict(routes or {})
+        self.requests: list = []
+
+    def __enter__(self) -> "_auth_Stub":
+        stub = self
+
+        class Handler(_auth_httpserver.BaseHTTPRequestHandler):
+            def _serve(self):
+                length = int(self.headers.get("content-length") or 0)
+                body = self.rfile.read(length) if length else b""
+                path, _, query = self.path.partition("?")
+                request = {"method": self.command, "path": path, "query": query,
+                           "headers": {k.lower(): v for k, v in self.headers.items()}, "body": body}
+                stub.requests.append(request)
+                route = stub.routes.get((self.command, path))
+                status, headers, payload = route(request) if route else (404, {}, b"not found")
+                headers = dict(headers)
+                if isinstance(payload, (dict, list)):
+                    payload = json.dumps(payload).encode()
+                    headers.setdefault("Content-Type", "application/json")
+                self.send_response(status)
+                for name, value in headers.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _serve
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = _auth_httpserver.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="test-stub", daemon=True)
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(WAIT)
+
+    def hits(self, path: str) -> list:
+        return [r for r in self.requests if r["path"] == path]
+
+
+def _auth_closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class _auth_SharedStore(mcp_server.Store):
+    """Another instance's view of one shared store (as with Redis): not a MemoryStore, so the
+    server takes its shared-store paths; pub/sub stays local to the instance."""
+
+    name = "shared"
+
+    def __init__(self, inner: MemoryStore):
+        self.inner = inner
+        for method in ("get", "get_touch", "set", "add", "delete", "take", "incr", "append", "read_after",
+                       "delete_log"):
+            setattr(self, method, getattr(inner, method))
+
+    async def publish(self, channel, message):
+        pass
+
+    def subscribe(self, channel, callback):
+        return lambda: None
+
+    async def ping(self):
+        return True
+
+    async def close(self):
+        pass
+
+
+class TestOAuth:
+    """The built-in authorization server and the bearer checks, as an OAuth client sees them."""
+
+    @pytest.fixture
+    def oauth(self, make_server):
+        """A protected server that approves without a consent page; no rate limit in the way."""
+        return make_server(auth="builtin", consent="never", auth_rate_limit=0)
+
+    # -- discovery ---------------------------------------------------------------------------------
+
+    def test_discovery_starts_from_the_401_challenge(self, oauth):
+        port, base = oauth.port, _auth_base(oauth.port)
+        r = _auth_Session(port).post({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                                      "params": {"protocolVersion": LEGACY, "capabilities": {}}})
+        assert r.status == 401 and r.header("mcp-session-id") is None, r
+        challenge = r.header("www-authenticate")
+        match = re.fullmatch(r'Bearer resource_metadata="([^"]+)", scope="([^"]*)"', challenge)
+        assert match, challenge
+        assert match.group(2) == "mcp"
+        prm_url = match.group(1)
+        assert prm_url == base + "/.well-known/oauth-protected-resource/mcp"
+        prm = _auth_get(port, prm_url)
+        assert prm.status == 200, prm
+        metadata = prm.json()
+        assert metadata["resource"] == base + "/mcp"
+        assert metadata["bearer_methods_supported"] == ["header"]
+        assert "mcp" in metadata["scopes_supported"]
+        assert _auth_get(port, "/.well-known/oauth-protected-resource").json() == metadata  # root form too
+        issuer = metadata["authorization_servers"][0]
+        assert issuer == base
+        # RFC 8414: the well-known segment goes between the origin and the issuer's path
+        parts = urllib.parse.urlsplit(issuer)
+        as_meta = _auth_get(port, f"{parts.scheme}://{parts.netloc}/.well-known/oauth-authorization-server"
+                                  f"{parts.path}")
+        assert as_meta.status == 200, as_meta
+        meta = as_meta.json()
+        assert meta["issuer"] == issuer
+        assert meta["code_challenge_methods_supported"] == ["S256"]
+        assert meta["authorization_response_iss_parameter_supported"] is True
+        assert meta["client_id_metadata_document_supported"] is True
+        assert meta["response_types_supported"] == ["code"]
+        assert {"authorization_code", "refresh_token"} <= set(meta["grant_types_supported"])
+        for field, path in (("authorization_endpoint", "/authorize"), ("token_endpoint", "/token"),
+                            ("registration_endpoint", "/register"), ("revocation_endpoint", "/revoke")):
+            assert meta[field] == issuer + path
+        oidc = _auth_get(port, "/.well-known/openid-configuration")
+        assert oidc.status == 200 and oidc.json()["issuer"] == issuer
+
+    # -- registration ------------------------------------------------------------------------------
+
+    def test_registration_returns_201_with_a_client_id(self, oauth):
+        r = _auth_post_json(oauth.port, "/register", {"redirect_uris": [_AUTH_CB, "https://app.example.com/cb",
+                                                                          "com.example.app:/oauth"],
+                                                      "client_name": "Pytest Client"})
+        assert r.status == 201, r
+        assert "no-store" in r.header("cache-control")
+        body = r.json()
+        assert body["client_id"] and body["token_endpoint_auth_method"] == "none"
+        assert "client_secret" not in body
+        assert body["redirect_uris"] == [_AUTH_CB, "https://app.example.com/cb", "com.example.app:/oauth"]
+
+    @pytest.mark.parametrize("uri", [
+        "http://app.example.com/cb",          # plain http off loopback
+        "javascript:alert(1)",                # script scheme
+        "https://app.example.com/cb#frag",    # fragment
+        "data:text/html,hi",
+        "/relative/cb",
+    ])
+    def test_registration_refuses_unsafe_redirect_uris(self, oauth, uri):
+        r = _auth_post_json(oauth.port, "/register", {"redirect_uris": [_AUTH_CB, uri]})
+        assert r.status == 400, r
+        assert r.json()["error"] == "invalid_redirect_uri"
+
+    @pytest.mark.parametrize("body", [[], {"redirect_uris": []}, {"redirect_uris": "https://a.example/cb"},
+                                      {"redirect_uris": [_AUTH_CB], "token_endpoint_auth_method": "private_key_jwt"},
+                                      {"redirect_uris": [_AUTH_CB], "grant_types": ["password"]}])
+    def test_registration_refuses_bad_metadata(self, oauth, body):
+        r = _auth_post_json(oauth.port, "/register", body)
+        assert r.status == 400, r
+        assert r.json()["error"] in ("invalid_client_metadata", "invalid_redirect_uri")
+
+    # -- the code flow -------------------------------------------------------------------------------
+
+    def test_code_flow_issues_a_bound_jwt_that_opens_mcp_and_http(self, oauth):
+        import jwt
+        port, base = oauth.port, _auth_base(oauth.port)
+        client = _auth_register(port)
+        code, verifier = _auth_code(port, client)
+        r = _auth_exchange(port, client["client_id"], code, verifier)
+        assert r.status == 200, r
+        assert "no-store" in r.header("cache-control")
+        tokens = r.json()
+        assert tokens["token_type"] == "Bearer" and tokens["expires_in"] > 0 and tokens["refresh_token"]
+        header = jwt.get_unverified_header(tokens["access_token"])
+        assert header["alg"] == "HS256" and header["typ"] == "at+jwt"
+        claims = _auth_claims(tokens["access_token"])
+        assert claims["iss"] == base and claims["aud"] == base + "/mcp"
+        assert claims["sub"] and claims["sid"] and claims["jti"]
+        assert claims["exp"] > claims["iat"]
+        assert claims["scope"] == "mcp" and claims["client_id"] == client["client_id"]
+        # the token opens /mcp (a legacy session) and /http
+        s = _auth_Session(port, tokens["access_token"])
+        s.initialize()
+        assert s.sid
+        assert s.call("echo", {"text": "via mcp"})["content"] == [{"type": "text", "text": "via mcp"}]
+        _auth_assert_ok(port, tokens["access_token"])
+        # and nothing works without it
+        _auth_assert_refused(port, None, error=None)
+
+    def test_consent_page_form_with_csrf_cookie_approves(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        port = st.port
+        client = _auth_register(port)
+        verifier, challenge = _auth_pkce()
+        r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, state="s-1")
+        page = _auth_assert_page(r, 200)
+        assert "Pytest Client" in page and "test-server" in page and "loopback" in page
+        fields = _auth_hidden_fields(page)
+        assert set(fields) == {"request", "csrf"}
+        cookies = _auth_cookies(r)
+        assert cookies["mcp_csrf"] == fields["csrf"]
+        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Lax" in r.header("set-cookie")
+        answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={cookies['mcp_csrf']}", "Origin": _auth_base(port)})
+        query = _auth_location(answer, _AUTH_CB)
+        assert query["state"] == "s-1" and query["iss"] == _auth_base(port)
+        assert "mcp_browser" in _auth_cookies(answer)
+        t = _auth_exchange(port, client["client_id"], query["code"], verifier)
+        assert t.status == 200, t
+        _auth_assert_ok(port, t.json()["access_token"])
+
+    @pytest.mark.parametrize("case", ["no cookie", "wrong cookie", "wrong field", "no request", "forged request"])
+    def test_consent_post_without_matching_csrf_is_an_error_page(self, make_server, case):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge)
+        fields = {**_auth_hidden_fields(r.body.decode()), "decision": "approve"}
+        cookie = f"mcp_csrf={fields['csrf']}"
+        if case == "no cookie":
+            cookie = None
+        elif case == "wrong cookie":
+            cookie = "mcp_csrf=" + secrets.token_urlsafe(24)
+        elif case == "wrong field":
+            fields["csrf"] = secrets.token_urlsafe(24)
+            cookie = f"mcp_csrf={fields['csrf']}"
+        elif case == "no request":
+            del fields["request"]
+        else:
+            fields["request"] = flip(fields["request"], 20)
+        answer = _auth_post_form(port, "/authorize", fields, {"Cookie": cookie})
+        page = _auth_assert_page(answer, 400)
+        assert "expired" in page
+
+    def test_consent_deny_redirects_with_access_denied_and_iss(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, state="deny-me")
+        fields = _auth_hidden_fields(r.body.decode())
+        answer = _auth_post_form(port, "/authorize", {**fields, "decision": "deny"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}"})
+        query = _auth_location(answer, _AUTH_CB)
+        assert query["error"] == "access_denied" and query["state"] == "deny-me"
+        assert query["iss"] == _auth_base(port) and "code" not in query
+
+    def test_consent_remember_skips_the_page_for_an_approved_client(self, make_server):
+        st = make_server(auth="builtin", consent="remember", auth_rate_limit=0)
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        first = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge)
+        fields = _auth_hidden_fields(first.body.decode())
+        answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}"})
+        remembered = _auth_cookies(answer)["mcp_consent"]
+        again = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge,
+                                headers={"Cookie": f"mcp_consent={remembered}"})
+        assert "code" in _auth_location(again, _AUTH_CB)
+        other = _auth_register(port)
+        page = _auth_authorize(port, other["client_id"], _AUTH_CB, challenge,
+                               headers={"Cookie": f"mcp_consent={remembered}"})
+        _auth_assert_page(page, 200)  # another client still asks
+        forged = _auth_authorize(port, other["client_id"], _AUTH_CB, challenge,
+                                 headers={"Cookie": f"mcp_consent={flip(remembered)}"})
+        _auth_assert_page(forged, 200)
+
+    # -- refresh and revocation ----------------------------------------------------------------------
+
+    def test_refresh_rotates_and_keeps_the_mcp_session(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        s = _auth_Session(port, first["access_token"])
+        s.initialize()
+        r = _auth_refresh(port, client_id, first["refresh_token"])
+        assert r.status == 200, r
+        assert "no-store" in r.header("cache-control")
+        second = r.json()
+        assert second["refresh_token"] != first["refresh_token"]
+        assert second["access_token"] != first["access_token"]
+        assert _auth_claims(second["access_token"])["sid"] == _auth_claims(first["access_token"])["sid"]
+        s.token = second["access_token"]  # same grant: the legacy session stays the caller's
+        assert s.call("echo", {"text": "refreshed"})["content"][0]["text"] == "refreshed"
+        _auth_assert_ok(port, second["access_token"])
+
+    def test_refresh_grace_for_the_just_rotated_token(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        lost = _auth_refresh(port, client_id, first["refresh_token"])  # the client never saw this answer
+        assert lost.status == 200, lost
+        retry = _auth_refresh(port, client_id, first["refresh_token"])
+        assert retry.status == 200, retry
+        current = retry.json()
+        # (presenting the lost answer's token now would be reuse and revoke the family: see
+        # test_replacement_superseded_by_a_retry_is_detected_as_reuse)
+        nxt = _auth_refresh(port, client_id, current["refresh_token"])
+        assert nxt.status == 200, nxt
+        _auth_assert_ok(port, nxt.json()["access_token"])
+
+    def test_reuse_of_an_older_refresh_token_revokes_the_family(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        second = _auth_refresh(port, client_id, first["refresh_token"]).json()
+        third = _auth_refresh(port, client_id, second["refresh_token"]).json()
+        _auth_assert_ok(port, third["access_token"])
+        stolen = _auth_refresh(port, client_id, first["refresh_token"])  # two generations old
+        assert stolen.status == 400 and stolen.json()["error"] == "invalid_grant", stolen
+        for token in (third["refresh_token"], second["refresh_token"]):
+            again = _auth_refresh(port, client_id, token)
+            assert again.status == 400 and again.json()["error"] == "invalid_grant", again
+        _auth_assert_refused(port, third["access_token"])
+        _auth_assert_refused(port, first["access_token"])
+
+    def test_refresh_token_of_another_client_is_refused(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        other = _auth_register(port)
+        r = _auth_refresh(port, other["client_id"], first["refresh_token"])
+        assert r.status == 400 and r.json()["error"] == "invalid_grant"
+        assert _auth_refresh(port, first["client"]["client_id"], first["refresh_token"]).status == 200
+
+    def test_revoking_the_access_token_ends_it(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        _auth_assert_ok(port, first["access_token"])
+        r = _auth_post_form(port, "/revoke", {"token": first["access_token"],
+                                              "client_id": first["client"]["client_id"]})
+        assert r.status == 200, r
+        _auth_assert_refused(port, first["access_token"])
+        # the grant itself lives on: a refresh gives a working token
+        fresh = _auth_refresh(port, first["client"]["client_id"], first["refresh_token"])
+        assert fresh.status == 200, fresh
+        _auth_assert_ok(port, fresh.json()["access_token"])
+
+    def test_revoking_the_refresh_token_ends_the_grant(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        r = _auth_post_form(port, "/revoke", {"token": first["refresh_token"], "client_id": client_id,
+                                              "token_type_hint": "refresh_token"})
+        assert r.status == 200, r
+        again = _auth_refresh(port, client_id, first["refresh_token"])
+        assert again.status == 400 and again.json()["error"] == "invalid_grant"
+        _auth_assert_refused(port, first["access_token"])  # RFC 7009 2.1: its access tokens go too
+
+    def test_revoking_an_unknown_token_is_200(self, oauth):
+        port = oauth.port
+        client = _auth_register(port)
+        r = _auth_post_form(port, "/revoke", {"token": "not-a-token", "client_id": client["client_id"]})
+        assert r.status == 200, r
+
+    # -- confidential clients --------------------------------------------------------------------------
+
+    @pytest.mark.parametrize("method", ["client_secret_basic", "client_secret_post"])
+    def test_confidential_client_authenticates_at_the_token_endpoint(self, oauth, method):
+        port = oauth.port
+        client = _auth_register(port, token_endpoint_auth_method=method)
+        assert client["client_secret"] and client["token_endpoint_auth_method"] == method
+        client_id, secret = client["client_id"], client["client_secret"]
+
+        def credentials(the_secret):
+            if method == "client_secret_basic":
+                pair = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(the_secret, safe='')}"
+                return {"Authorization": "Basic " + base64.b64encode(pair.encode()).decode()}, {}
+            return {}, {"client_secret": the_secret}
+
+        code, verifier = _auth_code(port, client)
+        headers, extra = credentials(secret[:-1] + ("A" if secret[-1] != "A" else "B"))
+        wrong = _auth_exchange(port, client_id, code, verifier, headers=headers, **extra)
+        assert wrong.status == 401 and wrong.json()["error"] == "invalid_client", wrong
+        assert "no-store" in wrong.header("cache-control")
+        missing = _auth_exchange(port, client_id, code, verifier)
+        assert missing.status == 401 and missing.json()["error"] == "invalid_client", missing
+        headers, extra = credentials(secret)
+        ok = _auth_exchange(port, client_id, code, verifier, headers=headers, **extra)
+        assert ok.status == 200, ok
+        tokens = ok.json()
+        _auth_assert_ok(port, tokens["access_token"])
+        refreshed = _auth_post_form(port, "/token", {"grant_type": "refresh_token", "client_id": client_id,
+                                                     "refresh_token": tokens["refresh_token"], **extra}, headers)
+        assert refreshed.status == 200, refreshed
+        unauth = _auth_refresh(port, client_id, refreshed.json()["refresh_token"])
+        assert unauth.status == 401 and unauth.json()["error"] == "invalid_client"
+
+    # -- attacks on /authorize and /token ----------------------------------------------------------------
+
+    @pytest.mark.parametrize("challenge, method", [(None, None), ("from-verifier", None),
+                                                   ("from-verifier", "plain"), ("short", "S256")])
+    def test_authorize_without_s256_pkce_redirects_invalid_request(self, oauth, challenge, method):
+        port = oauth.port
+        client = _auth_register(port)
+        verifier, s256 = _auth_pkce()
+        challenge = {"from-verifier": verifier[:43], "short": "abc"}.get(challenge, challenge)
+        r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, method=method, state="pk")
+        query = _auth_location(r, _AUTH_CB)
+        assert query["error"] == "invalid_request" and query["state"] == "pk" and "code" not in query
+        assert query["iss"] == _auth_base(port)
+
+    def test_wrong_verifier_is_invalid_grant(self, oauth):
+        port = oauth.port
+        client = _auth_register(port)
+        code, verifier = _auth_code(port, client)
+        other_verifier, _ = _auth_pkce()
+        r = _auth_exchange(port, client["client_id"], code, other_verifier)
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+        none = _auth_exchange(port, client["client_id"], code, "")
+        assert none.status == 400 and none.json()["error"] == "invalid_grant", none
+
+    @pytest.mark.parametrize("presented", ["http://127.0.0.1:9/other", "https://evil.example/cb",
+                                           "http://127.0.0.1.evil.example:9/cb", "http://localhost:9/cb"])
+    def test_unregistered_redirect_uri_is_an_error_page_never_a_redirect(self, oauth, presented):
+        port = oauth.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(port, client["client_id"], presented, challenge)
+        page = _auth_assert_page(r, 400)
+        assert "redirect" in page.lower() and "evil" not in (r.header("location") or "")
+
+    def test_unknown_client_is_an_error_page(self, oauth):
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(oauth.port, "no-such-client", _AUTH_CB, challenge)
+        assert "not registered" in _auth_assert_page(r, 400)
+        # a bad request that would otherwise redirect still does not, for an unknown client
+        r = _auth_authorize(oauth.port, "no-such-client", _AUTH_CB, None)
+        _auth_assert_page(r, 400)
+
+    def test_duplicate_parameter_is_an_error_page(self, oauth):
+        client = _auth_register(oauth.port)
+        _verifier, challenge = _auth_pkce()
+        query = urllib.parse.urlencode([("response_type", "code"), ("client_id", client["client_id"]),
+                                        ("redirect_uri", _AUTH_CB), ("redirect_uri", "https://evil.example/cb"),
+                                        ("code_challenge", challenge), ("code_challenge_method", "S256")])
+        _auth_assert_page(_auth_get(oauth.port, "/authorize?" + query), 400)
+
+    def test_loopback_redirect_may_change_its_port(self, oauth):
+        port = oauth.port
+        client = _auth_register(port, ["http://127.0.0.1:1234/cb"])
+        moved = "http://127.0.0.1:5555/cb"
+        code, verifier = _auth_code(port, client, moved)
+        r = _auth_exchange(port, client["client_id"], code, verifier, moved)
+        assert r.status == 200, r
+        # the path must still match exactly
+        _verifier, challenge = _auth_pkce()
+        _auth_assert_page(_auth_authorize(port, client["client_id"], "http://127.0.0.1:5555/other", challenge), 400)
+
+    def test_token_redirect_uri_must_match_the_authorization_request(self, oauth):
+        port = oauth.port
+        client = _auth_register(port, [_AUTH_CB, "http://127.0.0.1:9/cb2"])
+        code, verifier = _auth_code(port, client)
+        r = _auth_exchange(port, client["client_id"], code, verifier, "http://127.0.0.1:9/cb2")
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+
+    def test_code_issued_to_another_client_is_refused(self, oauth):
+        port = oauth.port
+        client, other = _auth_register(port), _auth_register(port)
+        code, verifier = _auth_code(port, client)
+        r = _auth_exchange(port, other["client_id"], code, verifier)
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+
+    def test_replayed_code_is_refused_and_revokes_what_it_issued(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        _auth_assert_ok(port, first["access_token"])
+        replay = _auth_exchange(port, client_id, first["code"], first["verifier"])
+        assert replay.status == 400 and replay.json()["error"] == "invalid_grant", replay
+        _auth_assert_refused(port, first["access_token"])
+        r = _auth_refresh(port, client_id, first["refresh_token"])
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+
+    def test_expired_code_is_invalid_grant(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), auth="builtin", consent="never",
+                                      auth_rate_limit=0))
+        port = st.port
+        client = _auth_register(port)
+        code, verifier = _auth_code(port, client)
+        clock.advance(601)  # codes live 10 minutes
+        r = _auth_exchange(port, client["client_id"], code, verifier)
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+        code, verifier = _auth_code(port, client)
+        clock.advance(599)
+        assert _auth_exchange(port, client["client_id"], code, verifier).status == 200
+
+    def test_unsupported_grant_type(self, oauth):
+        client = _auth_register(oauth.port)
+        r = _auth_post_form(oauth.port, "/token", {"grant_type": "password", "client_id": client["client_id"],
+                                                   "username": "u", "password": "p"})
+        assert r.status == 400 and r.json()["error"] == "unsupported_grant_type"
+
+    def test_resource_of_another_server_redirects_invalid_target(self, oauth):
+        port = oauth.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, state="rs",
+                            resource="http://other.example/mcp")
+        query = _auth_location(r, _AUTH_CB)
+        assert query["error"] == "invalid_target" and query["iss"] == _auth_base(port) and query["state"] == "rs"
+        code, verifier = _auth_code(port, client, resource=_auth_base(port) + "/mcp")  # its own: fine
+        bad = _auth_exchange(port, client["client_id"], code, verifier, resource="http://other.example/mcp")
+        assert bad.status == 400 and bad.json()["error"] == "invalid_target", bad
+
+    def test_unknown_scope_redirects_invalid_scope(self, oauth):
+        client = _auth_register(oauth.port)
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(oauth.port, client["client_id"], _AUTH_CB, challenge, scope="mcp admin")
+        assert _auth_location(r, _AUTH_CB)["error"] == "invalid_scope"
+
+    # -- attacks on the bearer -----------------------------------------------------------------------
+
+    def test_token_for_another_audience_is_refused(self, oauth):
+        port = oauth.port
+        tokens = _auth_login(port)
+        claims = _auth_claims(tokens["access_token"])
+        key = oauth.server.keys.token_key
+        _auth_assert_ok(port, _auth_mint(key, claims))  # the minting is right: same claims pass
+        _auth_assert_refused(port, _auth_mint(key, claims, aud="http://other/mcp"))
+        _auth_assert_refused(port, _auth_mint(key, claims, iss="http://other"))
+
+    def test_tampered_expired_and_unsigned_tokens_are_refused(self, oauth):
+        import jwt
+        port = oauth.port
+        tokens = _auth_login(port)
+        access = tokens["access_token"]
+        claims = _auth_claims(access)
+        key = oauth.server.keys.token_key
+        head, payload, signature = access.split(".")
+        _auth_assert_refused(port, f"{head}.{payload}.{flip(signature, 3)}")
+        widened = _auth_b64url(json.dumps({**claims, "scope": "mcp admin"}).encode())
+        _auth_assert_refused(port, f"{head}.{widened}.{signature}")
+        now = int(time.time())
+        _auth_assert_refused(port, _auth_mint(key, claims, iat=now - 7200, nbf=now - 7200, exp=now - 3600))
+        unsigned_head = _auth_b64url(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+        _auth_assert_refused(port, f"{unsigned_head}.{payload}.")
+        _auth_assert_refused(port, jwt.encode({**claims, "jti": "x"}, "another-key-of-32-bytes-or-more!", "HS256"))
+        _auth_assert_refused(port, "not-a-jwt")
+        no_exp = {k: v for k, v in claims.items() if k != "exp"}
+        _auth_assert_refused(port, jwt.encode({**no_exp, "jti": "y"}, key, "HS256"))
+        _auth_assert_ok(port, access)
+
+    def test_token_of_an_unknown_session_is_refused(self, oauth):
+        port = oauth.port
+        claims = _auth_claims(_auth_login(port)["access_token"])
+        ghost = _auth_mint(oauth.server.keys.token_key, claims, sid="no-such-session", sub="no-such-session")
+        _auth_assert_refused(port, ghost)
+
+    def test_legacy_session_belongs_to_the_token_that_created_it(self, oauth):
+        port = oauth.port
+        alice, mallory = _auth_login(port), _auth_login(port)
+        s = _auth_Session(port, alice["access_token"])
+        s.initialize()
+        assert s.call("echo", {"text": "mine"})["content"][0]["text"] == "mine"
+        s.token = mallory["access_token"]
+        r = s.post(s.body("tools/call", {"name": "echo", "arguments": {"text": "theirs"}}))
+        assert r.status == 404, r
+        s.token = None
+        assert s.post(s.body("tools/list")).status == 401
+        s.token = alice["access_token"]
+        assert s.call("echo", {"text": "still mine"})["content"][0]["text"] == "still mine"
+
+    def test_insufficient_scope_is_403(self, oauth):
+        port = oauth.port
+        claims = _auth_claims(_auth_login(port)["access_token"])
+        r = _auth_call(port, _auth_mint(oauth.server.keys.token_key, claims, scope="other"))
+        assert r.status == 403, r
+        assert 'error="insufficient_scope"' in r.header("www-authenticate")
+
+    def test_every_transport_needs_the_bearer(self, oauth):
+        port = oauth.port
+        for method, path in (("POST", "/mcp"), ("GET", "/mcp"), ("DELETE", "/mcp"), ("GET", "/sse"),
+                             ("POST", "/messages"), ("POST", "/http")):
+            r = http(port, method, path, _auth_headers(port, {"Accept": ACCEPT_BOTH}),
+                     b"{}" if method == "POST" else None)
+            assert r.status == 401 and r.header("www-authenticate").startswith("Bearer "), (method, path, r)
+        token = _auth_login(port)["access_token"]
+        with Conn(port) as conn:
+            conn.request("GET", "/sse", _auth_headers(port, {"Accept": "text/event-stream",
+                                                             "Authorization": f"Bearer {token}"}))
+            head = conn.read_head()
+            assert head.status == 200 and head.content_type == "text/event-stream", head
+
+    def test_duplicate_form_parameters_are_refused_not_a_server_error(self, oauth):
+        """A repeated form parameter is a 400 (invalid_request, or an error page), never a 500
+        (bugs-auth.md #1)."""
+        port = oauth.port
+        client = _auth_register(port)
+        code, verifier = _auth_code(port, client)
+        body = urllib.parse.urlencode([("grant_type", "authorization_code"), ("client_id", client["client_id"]),
+                                       ("code", code), ("code", "another"), ("code_verifier", verifier)])
+        r = http(port, "POST", "/token", _auth_headers(port, {"Content-Type": "application/x-www-form-urlencoded"}),
+                 body)
+        assert r.status == 400 and r.json()["error"] == "invalid_request", r
+        consent = _auth_post_form(port, "/authorize", {"csrf": "a"})  # a well-formed post: the page
+        _auth_assert_page(consent, 400)
+        r = http(port, "POST", "/authorize", _auth_headers(port, {"Content-Type": "application/x-www-form-urlencoded",
+                                                                  "Cookie": "mcp_csrf=a"}), "csrf=a&csrf=a")
+        _auth_assert_page(r, 400)
+        r = http(port, "POST", "/revoke", _auth_headers(port, {"Content-Type": "application/x-www-form-urlencoded"}),
+                 f"token=a&token=b&client_id={client['client_id']}")
+        assert r.status == 400 and r.json()["error"] == "invalid_request", r
+
+    def test_revoke_by_another_client_leaves_the_tokens_alone(self, oauth):
+        """RFC 7009 2.1: a client may revoke only tokens issued to it (bugs-auth.md #2)."""
+        port = oauth.port
+        victim = _auth_login(port)
+        intruder = _auth_register(port)
+        for token in (victim["access_token"], victim["refresh_token"]):
+            r = _auth_post_form(port, "/revoke", {"token": token, "client_id": intruder["client_id"]})
+            assert r.status in (200, 400), r
+        _auth_assert_ok(port, victim["access_token"])
+        assert _auth_refresh(port, victim["client"]["client_id"], victim["refresh_token"]).status == 200
+
+    def test_refresh_token_outlives_an_idle_period_longer_than_the_session_ttl(self, make_server):
+        """MCP_REFRESH_TTL applies even when the session idled out after SESSION_TTL (bugs-auth.md #3)."""
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), auth="builtin", consent="never",
+                                      auth_rate_limit=0))
+        first = _auth_login(st.port)
+        clock.advance(st.server.settings.session_ttl + 60)  # the access token (1 hour) expired too
+        r = _auth_refresh(st.port, first["client"]["client_id"], first["refresh_token"])
+        assert r.status == 200, r
+        _auth_assert_ok(st.port, r.json()["access_token"])
+
+    def test_revoked_access_token_stays_revoked_when_a_refresh_restarts_an_idle_session(self, make_server):
+        """A revoked access token that has not expired (MCP_TOKEN_TTL above SESSION_TTL) stays
+        revoked when a refresh restarts the idled-out session (bugs-auth.md #9)."""
+        clock = FakeClock()  # the store's clock: the session idles out, the JWT's exp is real time
+        st = make_server(build_server(store=MemoryStore(clock=clock), auth="builtin", consent="never",
+                                      auth_rate_limit=0, token_ttl=7200, session_ttl=3600))
+        first = _auth_login(st.port)
+        client_id = first["client"]["client_id"]
+        r = _auth_post_form(st.port, "/revoke", {"token": first["access_token"], "client_id": client_id})
+        assert r.status == 200, r
+        _auth_assert_refused(st.port, first["access_token"])
+        clock.advance(3601)
+        fresh = _auth_refresh(st.port, client_id, first["refresh_token"])
+        assert fresh.status == 200, fresh
+        _auth_assert_ok(st.port, fresh.json()["access_token"])
+        _auth_assert_refused(st.port, first["access_token"])
+
+    def test_replacement_superseded_by_a_retry_is_detected_as_reuse(self, oauth):
+        """The replacement a grace retry cancelled is reuse when presented: two holders exist, so
+        the family is revoked (bugs-auth.md #4)."""
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        rotated = _auth_refresh(port, client_id, first["refresh_token"]).json()  # holder A
+        retried = _auth_refresh(port, client_id, first["refresh_token"]).json()  # holder B, via the grace
+        r = _auth_refresh(port, client_id, rotated["refresh_token"])
+        assert r.status == 400 and r.json()["error"] == "invalid_grant", r
+        again = _auth_refresh(port, client_id, retried["refresh_token"])
+        assert again.status == 400 and again.json()["error"] == "invalid_grant", again
+        _auth_assert_refused(port, retried["access_token"])
+
+    @pytest.mark.parametrize("returning_browser", [False, True])
+    def test_instances_sharing_a_store_without_a_secret_agree_on_the_token_key(self, make_server,
+                                                                                returning_browser):
+        """Without MCP_SECRET on a shared store every instance uses the secret kept in the store,
+        whatever request first needs a key (a returning browser's consent cookie: bugs-auth.md #6)."""
+        inner = MemoryStore()
+        first, second = (make_server(build_server(store=_auth_SharedStore(inner), auth="builtin",
+                                                  consent="remember", auth_rate_limit=0,
+                                                  public_url="http://mcp.example"))
+                         for _ in range(2))
+        client = _auth_register(first.port)
+        verifier, challenge = _auth_pkce()
+        cookie = {"Cookie": "mcp_consent=" + _auth_b64url(b"someone-else") + ".AAAA"} if returning_browser else {}
+        page = _auth_authorize(first.port, client["client_id"], _AUTH_CB, challenge, headers=cookie)
+        fields = _auth_hidden_fields(_auth_assert_page(page, 200))
+        answer = _auth_post_form(first.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}"})
+        code = _auth_location(answer, _AUTH_CB)["code"]
+        tokens = _auth_exchange(first.port, client["client_id"], code, verifier)
+        assert tokens.status == 200, tokens
+        access = tokens.json()["access_token"]
+        assert _auth_claims(access)["aud"] == "http://mcp.example/mcp"
+        _auth_assert_ok(first.port, access)
+        _auth_assert_ok(second.port, access)
+
+    def test_html_pages_have_one_content_type(self, make_server):
+        """Content-Type is a singleton header (bugs-auth.md #7)."""
+        server = build_server(auth="builtin", consent="always", auth_rate_limit=0)
+        server.add_login_tools()  # the sandbox provider too
+        st = make_server(server)
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        pages = [_auth_authorize(port, client["client_id"], _AUTH_CB, challenge),  # consent
+                 _auth_authorize(port, "nobody", _AUTH_CB, challenge),  # error page
+                 _auth_get(port, "/login/never-issued"), _auth_get(port, "/redirect?state=x&code=y"),
+                 _auth_get(port, "/sandbox/authorize?state=x&redirect_uri=http://127.0.0.1:9/cb")]
+        for page in pages:
+            assert page.content_type == "text/html", page
+            _auth_assert_page_headers(page)
+            assert [n for n, _v in page.headers].count("content-type") == 1, page
+
+    # -- Client ID Metadata Documents -------------------------------------------------------------------
+
+    @staticmethod
+    def _cimd_stub(document_for):
+        def serve(request):
+            return 200, {"Cache-Control": "no-store"}, document_for(request)
+        return _auth_Stub({("GET", "/client.json"): serve})
+
+    def test_metadata_document_client_authorizes_and_is_named(self, make_server):
+        st = make_server(auth="builtin", consent="always", allow_private_fetch=True, auth_rate_limit=0)
+        port = st.port
+        with self._cimd_stub(lambda r: {"client_id": f"http://127.0.0.1:{stub.port}/client.json",
+                                        "client_name": "Doc Client <b>", "redirect_uris": [_AUTH_CB]}) as stub:
+            client_id = stub.url + "/client.json"
+            verifier, challenge = _auth_pkce()
+            r = _auth_authorize(port, client_id, _AUTH_CB, challenge, state="doc")
+            page = _auth_assert_page(r, 200)
+            assert "Doc Client &lt;b&gt;" in page and "verified" in page
+            assert stub.hits("/client.json")
+            fields = _auth_hidden_fields(page)
+            answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                     {"Cookie": f"mcp_csrf={fields['csrf']}"})
+            query = _auth_location(answer, _AUTH_CB)
+            t = _auth_exchange(port, client_id, query["code"], verifier)
+            assert t.status == 200, t
+            assert _auth_claims(t.json()["access_token"])["client_id"] == client_id
+            _auth_assert_ok(port, t.json()["access_token"])
+            # a redirect URI the document does not list is refused with a page
+            _auth_assert_page(_auth_authorize(port, client_id, "http://127.0.0.1:9/elsewhere", challenge), 400)
+
+    @pytest.mark.parametrize("document", [
+        {"client_id": "http://127.0.0.1:1/someone-else.json", "redirect_uris": [_AUTH_CB]},
+        {"redirect_uris": [_AUTH_CB]},
+        {"client_id": "SELF", "redirect_uris": ["javascript:alert(1)"]},
+        {"client_id": "SELF"},
+        ["not", "an", "object"],
+    ])
+    def test_invalid_metadata_document_is_an_error_page(self, make_server, document):
+        st = make_server(auth="builtin", consent="never", allow_private_fetch=True, auth_rate_limit=0)
+        with self._cimd_stub(lambda r: {**document, "client_id": stub.url + "/client.json"}
+                             if isinstance(document, dict) and document.get("client_id") == "SELF"
+                             else document) as stub:
+            _verifier, challenge = _auth_pkce()
+            r = _auth_authorize(st.port, stub.url + "/client.json", _AUTH_CB, challenge)
+            assert "not registered" in _auth_assert_page(r, 400)
+            assert stub.hits("/client.json")
+
+    def test_metadata_document_on_a_private_address_is_not_fetched(self, oauth):
+        with self._cimd_stub(lambda r: {"client_id": stub.url + "/client.json",
+                                        "redirect_uris": [_AUTH_CB]}) as stub:
+            _verifier, challenge = _auth_pkce()
+            for client_id in (stub.url + "/client.json", f"https://127.0.0.1:{stub.port}/client.json",
+                              f"https://localhost:{stub.port}/client.json"):
+                r = _auth_authorize(oauth.port, client_id, _AUTH_CB, challenge)
+                _auth_assert_page(r, 400)
+            assert stub.requests == []
+            with pytest.raises(ValueError, match="non-public"):
+                mcp_server._fetch_client_document(f"https://127.0.0.1:{stub.port}/client.json", False)
+            with pytest.raises(ValueError, match="https"):
+                mcp_server._fetch_client_document(stub.url + "/client.json", False)
+            assert stub.requests == []
+
+    # -- limits and modes ---------------------------------------------------------------------------------
+
+    def test_registration_rate_limit_answers_429_with_retry_after(self, make_server, monkeypatch):
+        frozen = 1_700_000_010.0  # one fixed minute window, whatever the wall clock does
+        monkeypatch.setattr(mcp_server, "_now", lambda: frozen)
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=3)
+        for _ in range(3):
+            _auth_register(st.port)
+        r = _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]})
+        assert r.status == 429, r
+        assert r.header("retry-after") == str(60 - int(frozen) % 60)
+        # other routes count on their own
+        t = _auth_post_form(st.port, "/token", {"grant_type": "refresh_token", "refresh_token": "x",
+                                                "client_id": "nobody"})
+        assert t.status == 401, t
+
+    def test_auth_none_has_no_metadata_and_no_token_checks(self, make_server):
+        st = make_server(auth="none")
+        port = st.port
+        for path in ("/.well-known/oauth-protected-resource", "/.well-known/oauth-protected-resource/mcp",
+                     "/.well-known/oauth-authorization-server"):
+            assert _auth_get(port, path).status == 404, path
+        assert _auth_post_json(port, "/register", {"redirect_uris": [_AUTH_CB]}).status == 404
+        s = _auth_Session(port)
+        s.initialize()
+        assert s.call("echo", {"text": "open"})["content"][0]["text"] == "open"
+        assert _auth_call(port, None).status == 200
+
+    def test_token_parameter_signs_the_tokens(self, make_server):
+        import jwt
+        seed_key = "seed-signing-key-0123456789abcdef"
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, token_parameter=seed_key)
+        port, base = st.port, _auth_base(st.port)
+        access = _auth_login(port)["access_token"]
+        claims = jwt.decode(access, seed_key, algorithms=["HS256"], audience=base + "/mcp", issuer=base)
+        assert claims["scope"] == "mcp"
+        with pytest.raises(jwt.InvalidSignatureError):
+            jwt.decode(access, mcp_server._KeyRing("").key("token"), algorithms=["HS256"], audience=base + "/mcp")
+        _auth_assert_ok(port, access)
+        _auth_assert_ok(port, _auth_mint(seed_key, claims))  # what the seed signs is accepted
+
+    def test_tokens_of_the_previous_secret_stay_valid(self, make_server):
+        import jwt
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, secret="new-secret",
+                         previous_secret="old-secret")
+        port = st.port
+        access = _auth_login(port)["access_token"]
+        new_key = mcp_server._KeyRing("new-secret").token_key
+        old_key = mcp_server._KeyRing("old-secret").token_key
+        claims = jwt.decode(access, new_key, algorithms=["HS256"], audience=_auth_base(port) + "/mcp")
+        _auth_assert_ok(port, _auth_mint(old_key, claims))
+        _auth_assert_refused(port, _auth_mint(mcp_server._KeyRing("unrelated").token_key, claims))
+        _auth_assert_ok(port, access)
+
+
+# =================================================================================================
+# The upstream login flow (against the sandbox provider run as a separate process)
+# =================================================================================================
+
+_LOGIN_KEY_1 = "11" * 32
+_LOGIN_KEY_2 = "22" * 32
+_LOGIN_KEY_3 = "33" * 32
+_LOGIN_RAW_ASHA = ("asha.rao@example.com", "+91-98765-43210", "ABCPR1234K", "ACC-00012345", "001234567890",
+                   "IN30012345678901", "AB1234")
+
+
+def _login_port_of(proc: Proc) -> int:
+    """The port a ``mcp_server.py --port 0`` process listens on (from its first lines)."""
+    for _ in range(50):
+        line = proc.err_line()
+        assert line is not None, bytes(proc.stderr)
+        match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/", line)
+        if match:
+            return int(match.group(1))
+    raise AssertionError(f"no listening line: {bytes(proc.stderr)!r}")
+
+
+def _login_raw_values() -> set:
+    """Every value of a masked field in the sandbox's demo data."""
+    found = set()
+
+    def walk(value):
+        if isinstance(value, dict):
+            for key, item in value.items():
+                if key.lower() in mcp_server._DEFAULT_MASK_FIELDS and not isinstance(item, (dict, list)):
+                    found.add(str(item))
+                else:
+                    walk(item)
+        elif isinstance(value, list):
+            for item in value:
+                walk(item)
+
+    walk(mcp_server._SANDBOX_USERS)
+    return found
+
+
+class _login_NoRedirect(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs):
+        return None  # the test looks at every 302 itself
+
+
+class _login_Browser:
+    """A browser: a cookie jar, no automatic redirects, an Origin on form posts; every HTML page it
+    sees must carry the page security headers."""
+
+    def __init__(self):
+        self.jar = _login_cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(self.jar), _login_NoRedirect)
+        self.pages: list = []
+
+    def open(self, url: str, form: dict | None = None) -> Response:
+        data = urllib.parse.urlencode(form).encode() if form is not None else None
+        headers = {}
+        if form is not None:
+            parts = urllib.parse.urlsplit(url)
+            headers["Origin"] = f"{parts.scheme}://{parts.netloc}"
+        request = urllib.request.Request(url, data=data, headers=headers)
+        try:
+            raw = self.opener.open(request, timeout=WAIT)
+        except urllib.error.HTTPError as exc:
+            raw = exc
+        with raw:
+            resp = Response(raw.status if hasattr(raw, "status") else raw.code, raw.reason,
+                            [(k.lower(), v) for k, v in raw.headers.items()])
+            resp.body = raw.read()
+        if resp.content_type == "text/html":
+            _auth_assert_page_headers(resp)
+            self.pages.append(resp)
+        if resp.status in (301, 302, 303, 307):
+            assert "no-store" in (resp.header("cache-control") or ""), resp
+        return resp
+
+    def cookie(self, name: str) -> str | None:
+        for cookie in self.jar:
+            if cookie.name == name:
+                return cookie.value
+        return None
+
+    def pair(self, url: str, code: str) -> Response:
+        """Open the login link and enter the pairing code (as typed by a person)."""
+        page = self.open(url)
+        assert page.status == 200, page
+        fields = _auth_hidden_fields(page.body.decode())
+        return self.open(url, {"csrf": fields["csrf"], "code": code})
+
+
+def _login_text(result: dict) -> str:
+    return "".join(block.get("text", "") for block in result.get("content", []))
+
+
+def _login_assert_not_logged_in(session, *names) -> None:
+    for name in names or ("profile", "holdings", "orders"):
+        result = session.call(name)
+        assert result.get("isError") is True, result
+        assert "Not logged in" in _login_text(result), result
+    result = session.call("service", {"path": "holdings"})
+    assert result.get("isError") is True and "Not logged in" in _login_text(result), result
+
+
+class TestLogin:
+    """The seed's login flow through the generic UPSTREAM_* path, with a real browser's cookies."""
+
+    @pytest.fixture(scope="class")
+    def provider(self):
+        """The sandbox provider: ``mcp_server.py --no-auth`` in its own process."""
+        with Proc([SERVER_FILE, "--no-auth", "--port", "0"]) as proc:
+            port = _login_port_of(proc)
+            yield {"base": f"http://127.0.0.1:{port}/sandbox", "port": port, "proc": proc}
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.wait(WAIT)
+
+    @staticmethod
+    def _settings(base: str, **overrides) -> Settings:
+        values = {"auth": "none", "upstream_authorize_url": base + "/authorize",
+                  "upstream_token_url": base + "/token",
+                  "upstream_revoke_url": base + "/revoke", "upstream_api_base": base + "/api",
+                  "upstream_client_id": "sandbox-client", "upstream_client_secret": "sandbox-secret",
+                  "encryption_key": _LOGIN_KEY_1, **overrides}
+        return Settings(**values)
+
+    @pytest.fixture
+    def start(self, make_server, provider):
+        """start(**settings) -> a running MCP server under test configured for the provider."""
+        def make(store=None, base=None, **overrides):
+            server = mcp_server._builtin_server(self._settings(base or provider["base"], **overrides))
+            if store is not None:
+                server.store = store
+            return make_server(server)
+        return make
+
+    @staticmethod
+    def _begin(st, session=None) -> tuple:
+        """(session, login result) after the login tool ran."""
+        if session is None:
+            session = _auth_Session(st.port)
+            session.initialize()
+        result = session.call("login")
+        assert not result.get("isError"), result
+        return session, result["structuredContent"]
+
+    def _sign_in(self, st, browser=None, session=None, user="asha") -> tuple:
+        """The whole login as a person does it: (session, browser, redirect URL used)."""
+        browser = browser or _login_Browser()
+        session, started = self._begin(st, session)
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        sign_in_page = browser.open(to_provider.header("location"))
+        assert sign_in_page.status == 200 and b"SANDBOX" in sign_in_page.body, sign_in_page
+        fields = _auth_hidden_fields(sign_in_page.body.decode())
+        back = browser.open(to_provider.header("location"), {**fields, "user": user})
+        assert back.status == 302, back
+        redirect_url = back.header("location")
+        assert redirect_url.startswith(_auth_base(st.port) + "/redirect?"), redirect_url
+        done = browser.open(redirect_url)
+        assert done.status == 200 and b"You are signed in" in done.body, done
+        return session, browser, redirect_url
+
+    def _stored_credentials(self, st, session) -> dict:
+        uid = "session:" + session.sid
+        record = st.run(st.server.store.get(mcp_server._user_key(uid)))
+        return json.loads(st.server._login.vault().decrypt(record["cred"], uid.encode()))
+
+    # -- the login tool and the pairing page -----------------------------------------------------------
+
+    def test_login_tool_returns_a_link_and_a_pairing_code(self, start):
+        st = start()
+        session, started = self._begin(st)
+        assert re.fullmatch(re.escape(_auth_base(st.port)) + r"/login/[A-Za-z0-9_-]{20,}", started["url"]), started
+        assert re.fullmatch(r"[A-HJ-NP-Z2-9]{4}-[A-HJ-NP-Z2-9]{4}", started["pairing_code"]), started
+        assert started["expires_in"] == 600
+        result = session.call("login")
+        text = _login_text(result)
+        assert result["structuredContent"]["url"] in text and result["structuredContent"]["pairing_code"] in text
+        assert result["structuredContent"]["url"] != started["url"]  # a fresh link every time
+
+    def test_tools_before_login_say_not_logged_in(self, start):
+        st = start()
+        session = _auth_Session(st.port)
+        session.initialize()
+        _login_assert_not_logged_in(session)
+        assert session.call("logout")["content"][0]["text"] == "You were not logged in."
+
+    def test_wrong_pairing_code_shows_the_form_again_and_five_burn_the_link(self, start):
+        st = start()
+        session, started = self._begin(st)
+        browser = _login_Browser()
+        form = browser.open(started["url"])
+        assert form.status == 200 and b"pairing code" in form.body
+        assert browser.cookie("mcp_csrf")
+        for attempt in range(1, 5):
+            again = browser.pair(started["url"], "WRONG-CODE")
+            assert again.status == 200 and b"not right" in again.body, (attempt, again)
+        burnt = browser.pair(started["url"], "ZZZZ-ZZZZ")
+        assert burnt.status == 400 and b"Too many wrong codes" in burnt.body, burnt
+        gone = browser.open(started["url"])
+        assert gone.status == 400 and b"expired" in gone.body, gone
+        right = browser.open(started["url"], {"csrf": browser.cookie("mcp_csrf") or "",
+                                              "code": started["pairing_code"]})
+        assert right.status == 400 and right.header("location") is None, right
+        _login_assert_not_logged_in(session)
+
+    def test_pairing_post_needs_the_csrf_cookie(self, start):
+        st = start()
+        _session, started = self._begin(st)
+        browser = _login_Browser()
+        fields = _auth_hidden_fields(browser.open(started["url"]).body.decode())
+        stranger = _login_Browser()  # a cross-site post carries no cookie of ours
+        r = stranger.open(started["url"], {"csrf": fields["csrf"], "code": started["pairing_code"]})
+        assert r.status == 400 and r.header("location") is None, r
+        ok = browser.open(started["url"], {"csrf": fields["csrf"], "code": started["pairing_code"]})
+        assert ok.status == 302, ok  # the failed post did not use up the link
+
+    def test_right_code_redirects_to_the_provider_with_state_and_s256(self, start, provider):
+        st = start()
+        _session, started = self._begin(st)
+        browser = _login_Browser()
+        typed = started["pairing_code"].lower().replace("-", " ")  # people type it loosely
+        r = browser.pair(started["url"], typed)
+        query = _auth_location(r, provider["base"] + "/authorize")
+        assert query["response_type"] == "code" and query["client_id"] == "sandbox-client"
+        assert query["redirect_uri"] == _auth_base(st.port) + "/redirect"
+        assert len(query["state"]) >= 32
+        assert query["code_challenge_method"] == "S256"
+        assert re.fullmatch(r"[A-Za-z0-9_-]{43}", query["code_challenge"])
+        assert browser.cookie("mcp_login")
+
+    # -- signed in ---------------------------------------------------------------------------------------
+
+    def test_full_login_gives_masked_data_and_never_the_raw_identifiers(self, start):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        raw = _login_raw_values()
+        assert set(_LOGIN_RAW_ASHA) <= raw
+        bodies = []
+        for name, arguments in (("profile", {}), ("holdings", {}), ("orders", {}),
+                                ("service", {"path": "positions"}), ("service", {"path": "/profile"})):
+            message = session.body("tools/call", {"name": name, "arguments": arguments})
+            r = session.post(message)
+            assert r.status == 200, r
+            bodies.append(r.body)
+            result = final_message(r, message["id"])["result"]
+            assert not result.get("isError"), (name, result)
+            assert result["structuredContent"]["sandbox"] is True
+        everything = b"".join(bodies).decode("utf-8")
+        for value in raw:
+            assert value not in everything, value
+        profile = session.call("profile")["structuredContent"]["data"]
+        assert profile["name"] == "Asha Rao (sandbox)"
+        assert profile["email"] == "X" * 16 + ".com" and profile["pan"] == "XXXXXX234K"
+        assert profile["bank_account"].endswith("7890") and set(profile["bank_account"][:-4]) == {"X"}
+        holdings = session.call("holdings")["structuredContent"]["data"]
+        assert [h["symbol"] for h in holdings] == ["INFY", "TCS"] and holdings[0]["quantity"] == 40
+        orders = session.call("orders")["structuredContent"]["data"]
+        assert {o["order_id"] for o in orders} == {"SBX-1001", "SBX-1002"}
+        assert all(o["account_id"] == "XXXXXXXX2345" for o in orders)
+
+    @pytest.mark.parametrize("path", ["../x", "profile/../../admin", "//evil.com/x", "http://evil",
+                                      "https://evil.com/profile",
+                                      "secret", "profiles", "profile\\..\\x", "", "holdings?x=1", "%2e%2e/x"])
+    def test_service_refuses_paths_outside_the_allowed_ones(self, start, path):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        result = session.call("service", {"path": path})
+        assert result.get("isError") is True, (path, result)
+        text = _login_text(result)
+        # refused by the server before any call to the provider (which would answer with an HTTP status)
+        assert "is not an API path" in text or "is not one of the allowed API paths" in text, (path, text)
+
+    def test_logout_revokes_upstream_and_forgets_the_login(self, start, provider):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        cred = self._stored_credentials(st, session)
+        api = provider["base"] + "/api/profile"
+        check = urllib.request.Request(api, headers={"Authorization": f"Bearer {cred['access_token']}"})
+        with urllib.request.urlopen(check, timeout=WAIT) as r:
+            assert r.status == 200
+        assert session.call("logout")["content"][0]["text"].startswith("Logged out")
+        _login_assert_not_logged_in(session)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(check, timeout=WAIT)
+        assert refused.value.code == 401  # the provider revoked the token
+        record = st.run(st.server.store.get(mcp_server._user_key("session:" + session.sid)))
+        assert "cred" not in record and record["state"] == "ANONYMOUS"
+
+    def test_each_session_has_its_own_login(self, start):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        other = _auth_Session(st.port)
+        other.initialize()
+        _login_assert_not_logged_in(other)
+        assert not session.call("holdings").get("isError")
+
+    def test_expired_upstream_access_token_is_refreshed_once(self, start, provider):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        before = self._stored_credentials(st, session)
+        urllib.request.urlopen(urllib.request.Request(provider["base"] + "/revoke", data=urllib.parse.urlencode(
+            {"token": before["access_token"]}).encode()), timeout=WAIT).close()
+        result = session.call("holdings")
+        assert not result.get("isError"), result
+        after = self._stored_credentials(st, session)
+        assert after["access_token"] != before["access_token"]
+        # both tokens gone upstream: the login ends, with a clear message
+        for token in (after["access_token"], after["refresh_token"]):
+            urllib.request.urlopen(urllib.request.Request(provider["base"] + "/revoke", data=urllib.parse.urlencode(
+                {"token": token}).encode()), timeout=WAIT).close()
+        result = session.call("holdings")
+        assert result.get("isError") is True and "no longer accepts" in _login_text(result), result
+        _login_assert_not_logged_in(session)
+
+    def test_the_browser_that_authorized_the_client_skips_the_pairing_code(self, start, provider):
+        st = start(auth="builtin", consent="never", auth_rate_limit=0)
+        port = st.port
+        browser = _login_Browser()
+        client = _auth_register(port)
+        verifier, challenge = _auth_pkce()
+        query = urllib.parse.urlencode({"response_type": "code", "client_id": client["client_id"],
+                                        "redirect_uri": _AUTH_CB, "code_challenge": challenge,
+                                        "code_challenge_method": "S256"})
+        approved = browser.open(f"{_auth_base(port)}/authorize?{query}")
+        code = _auth_location(approved, _AUTH_CB)["code"]
+        assert browser.cookie("mcp_browser")
+        tokens = _auth_exchange(port, client["client_id"], code, verifier).json()
+        session = _auth_Session(port, tokens["access_token"])
+        session.initialize()
+        _session, started = self._begin(st, session)
+        stranger = _login_Browser().open(started["url"])
+        assert stranger.status == 200 and b"pairing code" in stranger.body
+        # a browser that authorized someone else (a valid cookie, for another session) must pair too
+        other = _login_Browser()
+        _verifier, other_challenge = _auth_pkce()
+        other.open(f"{_auth_base(port)}/authorize?" + urllib.parse.urlencode({
+            "response_type": "code", "client_id": client["client_id"], "redirect_uri": _AUTH_CB,
+            "code_challenge": other_challenge, "code_challenge_method": "S256"}))
+        assert other.cookie("mcp_browser") and other.cookie("mcp_browser") != browser.cookie("mcp_browser")
+        assert other.open(started["url"]).status == 200
+        direct = browser.open(started["url"])
+        _auth_location(direct, provider["base"] + "/authorize")
+        # finish the login: the user of the token is signed in
+        page = browser.open(direct.header("location"))
+        back = browser.open(direct.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "ben"})
+        assert browser.open(back.header("location")).status == 200
+        profile = session.call("profile")
+        assert profile["structuredContent"]["data"]["name"] == "Ben Okafor (sandbox)"
+        assert "ben.okafor@example.com" not in json.dumps(profile)
+
+    def test_login_completing_after_revocation_does_not_revive_the_session(self, start, provider):
+        """A sign-in that completes after the OAuth grant was revoked must not recreate the revoked
+        session (bugs-auth.md #8)."""
+        st = start(auth="builtin", consent="never", auth_rate_limit=0)
+        port = st.port
+        tokens = _auth_login(port)
+        session = _auth_Session(port, tokens["access_token"])
+        session.initialize()
+        _session, started = self._begin(st, session)
+        browser = _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        page = browser.open(to_provider.header("location"))
+        back = browser.open(to_provider.header("location"), {**_auth_hidden_fields(page.body.decode()),
+                                                             "user": "asha"})
+        revoked = _auth_post_form(port, "/revoke", {"token": tokens["refresh_token"],
+                                                    "client_id": tokens["client"]["client_id"]})
+        assert revoked.status == 200
+        _auth_assert_refused(port, tokens["access_token"], tool="server_info")
+        browser.open(back.header("location"))  # the sign-in finishes after the revocation
+        _auth_assert_refused(port, tokens["access_token"], tool="server_info")
+
+    # -- attacks on /redirect ----------------------------------------------------------------------------
+
+    def test_replayed_redirect_is_an_error_page(self, start):
+        st = start()
+        session, browser, redirect_url = self._sign_in(st)
+        again = browser.open(redirect_url)
+        assert again.status == 400 and b"expired" in again.body, again
+        assert not session.call("holdings").get("isError")  # the first sign-in stands
+
+    @pytest.mark.parametrize("query", ["?code=abc&state=never-issued", "?code=abc", "", "?state=&code=abc"])
+    def test_unknown_state_is_an_error_page(self, start, query):
+        st = start()
+        r = _login_Browser().open(_auth_base(st.port) + "/redirect" + query)
+        assert r.status == 400 and b"expired" in r.body, r
+
+    def test_expired_state_is_an_error_page(self, start):
+        clock = FakeClock()
+        st = start(store=MemoryStore(clock=clock))
+        session, started = self._begin(st)
+        browser = _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        page = browser.open(to_provider.header("location"))
+        back = browser.open(to_provider.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "asha"})
+        clock.advance(601)  # states live 10 minutes
+        late = browser.open(back.header("location"))
+        assert late.status == 400 and b"expired" in late.body, late
+        _login_assert_not_logged_in(session)
+
+    def test_redirect_in_another_browser_is_refused(self, start):
+        st = start()
+        session, started = self._begin(st)
+        browser = _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        page = browser.open(to_provider.header("location"))
+        back = browser.open(to_provider.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "asha"})
+        stolen = _login_Browser().open(back.header("location"))
+        assert stolen.status == 400 and b"same browser" in stolen.body, stolen
+        _login_assert_not_logged_in(session)
+
+    def test_provider_error_is_shown_escaped(self, start):
+        st = start()
+        session, started = self._begin(st)
+        browser = _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        state = _auth_location(to_provider, to_provider.header("location"))["state"]
+        r = browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode(
+            {"state": state, "code": "c0de", "error": "access_denied", "error_description": "<script>x</script>"}))
+        assert r.status == 400 and b"not completed" in r.body and b"<script>" not in r.body, r
+        _login_assert_not_logged_in(session)
+
+    # -- the credentials at rest ------------------------------------------------------------------------
+
+    def test_tampered_credentials_in_the_store_are_refused(self, start):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        key = mcp_server._user_key("session:" + session.sid)
+        record = st.run(st.server.store.get(key))
+        assert record["cred"].startswith("v1.")
+        assert "access_token" not in record["cred"]
+        st.run(st.server.store.set(key, {**record, "cred": flip(record["cred"], 30)}, 3600))
+        result = session.call("holdings")
+        assert result.get("isError") is True and "cannot be decrypted" in _login_text(result), result
+        assert session.call("logout")["content"][0]["text"].startswith("Logged out")  # still possible
+        _login_assert_not_logged_in(session)
+
+    def test_credentials_are_bound_to_their_session(self, start):
+        st = start()
+        session, _browser, _url = self._sign_in(st)
+        other = _auth_Session(st.port)
+        other.initialize()
+        store = st.server.store
+        mine = st.run(store.get(mcp_server._user_key("session:" + session.sid)))
+        st.run(store.set(mcp_server._user_key("session:" + other.sid), dict(mine), 3600))  # copied ciphertext
+        result = other.call("holdings")
+        assert result.get("isError") is True and "cannot be decrypted" in _login_text(result), result
+
+    def test_restart_with_another_key_refuses_and_the_previous_key_list_decrypts(self, start):
+        store = MemoryStore()
+        first = start(store=store, encryption_key=_LOGIN_KEY_1)
+        session, _browser, _url = self._sign_in(first)
+        first.close()
+        second = start(store=store, encryption_key=_LOGIN_KEY_2)
+        moved = _auth_Session(second.port)
+        moved.sid, moved._id = session.sid, 100
+        result = moved.call("holdings")
+        assert result.get("isError") is True and "cannot be decrypted" in _login_text(result), result
+        second.close()
+        third = start(store=store, encryption_key=_LOGIN_KEY_3, previous_encryption_keys=(_LOGIN_KEY_2, _LOGIN_KEY_1))
+        moved.port = third.port
+        assert not moved.call("holdings").get("isError")
+
+    def test_vault_keys(self):
+        sealed = mcp_server._Vault(_LOGIN_KEY_1).encrypt("secret-value", b"session:a")
+        assert "secret-value" not in sealed
+        assert mcp_server._Vault(_LOGIN_KEY_1).decrypt(sealed, b"session:a") == "secret-value"
+        assert mcp_server._Vault(_LOGIN_KEY_2).decrypt(sealed, b"session:a") is None
+        assert mcp_server._Vault(_LOGIN_KEY_1).decrypt(sealed, b"session:b") is None
+        assert mcp_server._Vault(_LOGIN_KEY_2, [_LOGIN_KEY_1]).decrypt(sealed, b"session:a") == "secret-value"
+        b64_key = base64.b64encode(bytes.fromhex(_LOGIN_KEY_1)).decode()
+        assert mcp_server._Vault(b64_key).decrypt(sealed, b"session:a") == "secret-value"  # same key, base64
+        assert mcp_server._Vault(_LOGIN_KEY_1).decrypt(flip(sealed), b"session:a") is None
+        with pytest.raises(SystemExit):
+            mcp_server._Vault("too-short")
+
+    # -- the provider misbehaving -----------------------------------------------------------------------
+
+    def _to_redirect(self, st, browser=None) -> tuple:
+        """Pair, then stop where the provider would take over: (session, browser, state, its URL)."""
+        session, started = self._begin(st)
+        browser = browser or _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        state = urllib.parse.parse_qs(urllib.parse.urlsplit(to_provider.header("location")).query)["state"][0]
+        return session, browser, state, to_provider.header("location")
+
+    def test_provider_down_is_an_error_page_and_the_server_keeps_serving(self, start, provider):
+        closed = f"http://127.0.0.1:{_auth_closed_port()}"
+        st = start(upstream_token_url=closed + "/token")
+        session, browser, state, _location = self._to_redirect(st)
+        r = browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode({"code": "c0de", "state": state}))
+        assert r.status == 502 and b"did not answer" in r.body, r
+        _login_assert_not_logged_in(session)
+        assert session.call("server_info")["structuredContent"]["name"] == "mcp_server"
+        assert not session.call("login").get("isError")
+
+    @pytest.mark.parametrize("status", [500, 401, 200])
+    def test_provider_refusing_the_code_is_an_error_page(self, start, status):
+        body = {"error": "server_error"} if status != 200 else {"token_type": "Bearer"}  # 200 without a token
+        with _auth_Stub({("POST", "/token"): lambda r: (status, {}, body)}) as stub:
+            st = start(base=stub.url)
+            session, browser, state, _location = self._to_redirect(st)
+            r = browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode(
+                {"code": "c0de", "state": state}))
+            assert r.status == 502 and f"HTTP {status}".encode() in r.body, r
+            assert len(stub.hits("/token")) == 1
+        _login_assert_not_logged_in(session)
+        assert session.call("server_info")["structuredContent"]["name"] == "mcp_server"
+
+    def test_provider_api_errors_are_tool_errors(self, start):
+        tokens = {"access_token": "stub-at-" + secrets.token_hex(8),
+                  "refresh_token": "stub-rt-" + secrets.token_hex(8),
+                  "expires_in": 3600}
+        with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens),
+                         ("GET", "/api/holdings"): lambda r: (503, {}, {"error": "maintenance"}),
+                         ("GET", "/api/profile"): lambda r: (200, {}, b"not json")}) as stub:
+            st = start(base=stub.url)
+            session, browser, state, _location = self._to_redirect(st)
+            done = browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode(
+                {"code": "c", "state": state}))
+            assert done.status == 200, done
+            result = session.call("holdings")
+            assert result.get("isError") is True and "HTTP 503" in _login_text(result), result
+            orders = session.call("orders")  # no such API path at the provider: 404
+            assert orders.get("isError") is True and "HTTP 404" in _login_text(orders), orders
+            profile = session.call("profile")  # 200, but not JSON: the model must not see an empty success
+            assert profile.get("isError") is True, profile
+            assert "stub-at-" not in json.dumps(profile)
+
+    # -- enc: settings ----------------------------------------------------------------------------------
+
+    def test_encrypt_command_and_enc_settings(self, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)  # no stray .env
+        done = run_cli(["encrypt", "sandbox-secret"], env=clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1))
+        assert done.returncode == 0, done.stderr
+        value = done.stdout.strip()
+        assert value.startswith("enc:v1.") and "sandbox-secret" not in value
+        settings = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": value})
+        assert settings.upstream_client_secret == "sandbox-secret"
+        rotated = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_2, "ENCRYPTION_KEY_PREVIOUS": _LOGIN_KEY_1,
+                                             "UPSTREAM_CLIENT_SECRET": value})
+        assert rotated.upstream_client_secret == "sandbox-secret"
+        with pytest.raises(SystemExit) as missing:
+            Settings.load([], environ={"UPSTREAM_CLIENT_SECRET": value})
+        assert "ENCRYPTION_KEY" in str(missing.value.code) and "\n" not in str(missing.value.code)
+        with pytest.raises(SystemExit) as wrong:
+            Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_2, "UPSTREAM_CLIENT_SECRET": value})
+        assert "does not decrypt" in str(wrong.value.code) and "sandbox-secret" not in str(wrong.value.code)
+
+    def test_enc_setting_without_key_exits_with_one_line(self):
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        result = run_cli(["--no-auth"], env=clean_env(UPSTREAM_CLIENT_SECRET=value))
+        assert result.returncode == 2 and result.stdout == ""
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "ENCRYPTION_KEY" in lines[0] and "Traceback" not in result.stderr, result.stderr
+        no_key = run_cli(["encrypt", "x"], env=clean_env())
+        assert no_key.returncode == 2 and len(no_key.stderr.splitlines()) == 1 and "ENCRYPTION_KEY" in no_key.stderr
+
+    def test_enc_client_secret_reaches_the_provider_decrypted(self, start, tmp_path, monkeypatch):
+        monkeypatch.chdir(tmp_path)
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        tokens = {"access_token": "stub-at-" + secrets.token_hex(8), "expires_in": 60}
+        with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens)}) as stub:
+            loaded = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": value})
+            st = start(base=stub.url, upstream_client_secret=loaded.upstream_client_secret)
+            _session, browser, state, _location = self._to_redirect(st)
+            r = browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode(
+                {"code": "c", "state": state}))
+            assert r.status == 200, r
+            basic = stub.hits("/token")[0]["headers"]["authorization"]
+            assert base64.b64decode(basic[6:]).decode() == "sandbox-client:sandbox-secret"
+
+    def test_duplicate_form_parameters_on_login_pages_are_refused_not_a_server_error(self, start, provider):
+        """Repeated form parameters on the login and sandbox forms are a 400, not a 500 (bugs-auth.md #1)."""
+        st = start()
+        _session, started = self._begin(st)
+        browser = _login_Browser()
+        csrf = _auth_hidden_fields(browser.open(started["url"]).body.decode())["csrf"]
+        request = urllib.request.Request(started["url"], data=urllib.parse.urlencode(
+            [("csrf", csrf), ("code", "AAAA-AAAA"), ("code", started["pairing_code"])]).encode())
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            browser.opener.open(request, timeout=WAIT)
+        assert refused.value.code == 400, refused.value.read()
+        sandbox = http(provider["port"], "POST", "/sandbox/token",
+                       {"Host": f"127.0.0.1:{provider['port']}", "Content-Type": "application/x-www-form-urlencoded"},
+                       "grant_type=authorization_code&code=a&code=b")
+        assert sandbox.status == 400, sandbox
+
+    # -- pages and logs ---------------------------------------------------------------------------------
+
+    def test_every_page_carries_the_security_headers(self, start, provider):
+        st = start()
+        base = _auth_base(st.port)
+        browser = _login_Browser()
+        self._sign_in(st, browser)
+        _session, started = self._begin(st)
+        browser.pair(started["url"], "WRONG-CODE")
+        browser.open(base + "/redirect?state=nope&code=x")
+        browser.open(base + "/login/never-issued")
+        titles = {re.search(rb"<title>(.*?)</title>", page.body).group(1) for page in browser.pages}
+        assert {b"Enter your pairing code", b"You are signed in", b"This sign-in has expired",
+                b"This sign-in link has expired", b"Sandbox Securities - sign in"} <= titles, titles
+        # the MCP server under test runs no sandbox: the generic provider path is what ran
+        assert _auth_get(st.port, "/sandbox/authorize?state=x&redirect_uri=y").status == 404
+
+    def test_logs_hold_no_codes_or_tokens(self, tmp_path):
+        secret_bits = {"at": "stub-at-" + secrets.token_hex(12), "rt": "stub-rt-" + secrets.token_hex(12),
+                       "code": "stub-code-" + secrets.token_hex(12)}
+        tokens = {"access_token": secret_bits["at"], "refresh_token": secret_bits["rt"], "expires_in": 3600}
+
+        def api(request):
+            ok = request["headers"].get("authorization") == f"Bearer {secret_bits['at']}"
+            return (200, {}, {"data": [{"symbol": "INFY", "account_id": "ACC-99991234"}]}) if ok else (401, {}, {})
+
+        with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens), ("GET", "/api/holdings"): api,
+                         ("POST", "/revoke"): lambda r: (200, {}, b"")}) as stub:
+            env = clean_env(UPSTREAM_AUTHORIZE_URL=stub.url + "/authorize", UPSTREAM_TOKEN_URL=stub.url + "/token",
+                            UPSTREAM_REVOKE_URL=stub.url + "/revoke", UPSTREAM_API_BASE=stub.url + "/api",
+                            UPSTREAM_CLIENT_ID="sandbox-client", UPSTREAM_CLIENT_SECRET="sandbox-secret",
+                            ENCRYPTION_KEY=_LOGIN_KEY_1, ENCRYPTION_IV="00" * 16, LOG_LEVEL="debug")
+            with Proc([SERVER_FILE, "--no-auth", "--port", "0"], env=env) as proc:
+                port = _login_port_of(proc)
+                session = _auth_Session(port)
+                session.initialize()
+                started = session.call("login")["structuredContent"]
+                browser = _login_Browser()
+                assert browser.pair(started["url"], "WRONG-CODE").status == 200
+                to_provider = browser.pair(started["url"], started["pairing_code"])
+                query = _auth_location(to_provider, stub.url + "/authorize")
+                done = browser.open(f"{_auth_base(port)}/redirect?" + urllib.parse.urlencode(
+                    {"code": secret_bits["code"], "state": query["state"]}))
+                assert done.status == 200, done
+                # PKCE on the generic path: the verifier sent matches the challenge shown to the provider
+                form = dict(urllib.parse.parse_qsl(stub.hits("/token")[0]["body"].decode()))
+                assert form["code"] == secret_bits["code"] and form["redirect_uri"] == query["redirect_uri"]
+                verifier_digest = hashlib.sha256(form["code_verifier"].encode()).digest()
+                assert _auth_b64url(verifier_digest) == query["code_challenge"]
+                holdings = session.call("holdings")
+                assert holdings["structuredContent"]["data"][0]["account_id"] == "XXXXXXXX1234", holdings
+                assert session.call("logout")["content"][0]["text"].startswith("Logged out")
+                revoked = {dict(urllib.parse.parse_qsl(r["body"].decode()))["token"] for r in stub.hits("/revoke")}
+                assert revoked == {secret_bits["at"], secret_bits["rt"]}
+                proc.proc.send_signal(signal.SIGTERM)
+                assert proc.proc.wait(WAIT) == 0
+                for thread in proc._threads:
+                    thread.join(WAIT)
+            stderr = bytes(proc.stderr).decode("utf-8", "replace")
+        assert "ENCRYPTION_IV is ignored" in stderr, stderr  # accepted, with a warning
+        assert "upstream login completed" in stderr  # the log is there, and says what happened
+        tx = started["url"].rsplit("/", 1)[1]
+        pairing = started["pairing_code"]
+        for secret in (*secret_bits.values(), tx, pairing, pairing.replace("-", ""), query["state"],
+                       form["code_verifier"], "sandbox-secret", _LOGIN_KEY_1):
+            assert secret not in stderr, f"{secret!r} reached the log"
+
+
 # ==== Operations: request ids, logs, metrics, health, rate limits, graceful shutdown ==============
 
 
