@@ -56,6 +56,19 @@ from mcp_server import (
     ToolError,
 )
 
+# Every log line the suite produces (in-process records and subprocess stderr), for the final
+# check that none of them carries a secret (TestLogHygiene, last in this file).
+_LOG_LINES: list = []
+
+
+def _record_log(record: logging.LogRecord) -> bool:
+    _LOG_LINES.append(record.getMessage() + " " + json.dumps(getattr(record, "fields", None) or {}, default=str)
+                      + (" " + repr(record.exc_info[1]) if record.exc_info else ""))
+    return True
+
+
+mcp_server.log.addFilter(_record_log)  # a logger filter survives handler reconfiguration
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NEUTRAL_CWD = tempfile.mkdtemp(prefix="mcp-test-cwd-")  # subprocesses run here: no stray .env
 atexit.register(shutil.rmtree, NEUTRAL_CWD, True)
@@ -701,6 +714,9 @@ class Proc:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(WAIT)
+        for t in self._threads:
+            t.join(WAIT)
+        _LOG_LINES.extend(bytes(self.stderr).decode("utf-8", "replace").splitlines())
 
     def send(self, message) -> None:
         data = message if isinstance(message, bytes) else (json.dumps(message) + "\n").encode()
@@ -5036,3 +5052,85 @@ class TestOperations:
             final = [m for m in messages if m.get("id") == body["id"]]
             assert final and final[0]["result"]["content"], messages
             assert proc.proc.wait(WAIT) == 0
+
+
+class TestShipping:
+    """The README, the Dockerfile and the code agree."""
+
+    def test_the_readme_settings_table_is_the_code(self):
+        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+        start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+        table = readme[readme.index(start) + len(start):readme.index(end)].strip()
+        assert table == mcp_server._settings_table(), "regenerate it: python mcp_server.py settings"
+        for _attr, _flag, names, *_ in mcp_server._SETTING_SPECS:
+            assert f"`{names[0]}`" in table
+
+    def test_the_seed_setting_names_are_accepted(self, tmp_path):
+        settings = Settings.load([], environ={
+            "MASK_MCP_HOST": "127.0.0.2", "MASK_MCP_PORT": "7001", "APP_VERSION": "9.1",
+            "REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_P": "p@ss", "REDIS_DB": "3",
+            "ENCRYPTION_KEY": "00" * 32, "ENCRYPTION_IV": "legacy", "LOG_FILE": str(tmp_path / "x.log"),
+            "TOKEN_PARAMETER": "seed-key", "ENCRYPTION_KEY_PREVIOUS": ""})
+        assert (settings.host, settings.port, settings.app_version) == ("127.0.0.2", 7001, "9.1")
+        assert settings.redis_url == "redis://:p%40ss@cache:6380/3"
+        assert settings.token_parameter == "seed-key" and settings.log_file.endswith("x.log")
+
+    def _dockerfile(self) -> str:
+        return open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
+
+    def test_the_dockerfile_installs_the_requirements_and_runs_the_readme_command(self):
+        docker, readme = self._dockerfile(), open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+        assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
+        assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
+        assert re.search(r'^CMD \["python", "mcp_server.py"\]$', docker, re.M)
+        assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
+        assert "HEALTHCHECK" in docker and "/healthz" in docker
+        assert "pip install -r requirements.txt" in readme and "python mcp_server.py" in readme
+        assert "docker build -t mcp-server ." in readme and "docker run" in readme and "services:" in readme
+
+    def test_the_image_command_serves_with_the_image_environment(self):
+        docker = self._dockerfile()
+        env_block = re.search(r"^ENV ((?:.*\\\n)*.*)$", docker, re.M).group(1)
+        image_env = dict(re.findall(r"(\w+)=(\S+)", env_block))
+        assert image_env["MCP_HOST"] == "0.0.0.0" and image_env["MCP_PORT"] == "6901"
+        command = json.loads(re.search(r"^CMD (\[.*\])$", docker, re.M).group(1))
+        env = clean_env(**{**image_env, "MCP_PORT": "0"})  # any free port: the rest as in the image
+        proc = Proc(command[1:], cwd=ROOT, env=env)
+        with proc:
+            line = proc.err_line()
+            match = re.search(r"listening on http://0\.0\.0\.0:(\d+)/mcp .*store: memory", line or "")
+            assert match, line
+            port = match.group(1)
+            assert http(int(port), "GET", "/healthz").status == 200
+            probe = re.search(r'CMD python -c "(.*)"$', docker, re.M).group(1)
+            check = subprocess.run([sys.executable, "-c", probe], env={**env, "MCP_PORT": port},
+                                   timeout=WAIT, capture_output=True)
+            assert check.returncode == 0, check.stderr
+            unauthenticated = http(int(port), "POST", "/mcp", {"Content-Type": "application/json"},
+                                   {"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
+            assert unauthenticated.status == 401  # the image serves with OAuth on
+
+
+class TestLogHygiene:
+    """Last in the file: no log line of the whole suite carries a secret or an unmasked value."""
+
+    SECRET_PATTERNS = (
+        re.compile(r"eyJ[A-Za-z0-9_-]{10,}\.[A-Za-z0-9_-]{10,}\."),  # a JWT
+        re.compile(r"[Bb]earer [A-Za-z0-9._~+/=-]{12,}"),
+        re.compile(r"(?:access_token|refresh_token|client_secret|code_verifier|id_token)[\"']?\s*[:=]\s*[\"']?[A-Za-z0-9._~-]{8,}"),
+        re.compile(r"[?&](?:code|state)=[A-Za-z0-9._~-]{8,}"),
+        re.compile(r"enc:v1\.[0-9a-f]{8}\.[A-Za-z0-9_-]{20,}"),
+    )
+
+    def test_no_log_line_carries_a_secret(self):
+        assert _LOG_LINES, "the suite produced no log line to check"
+        raw_values = [v for user in mcp_server._SANDBOX_USERS.values() for v in (
+            user["profile"]["email"], user["profile"]["phone"], user["profile"]["pan"],
+            user["profile"]["bank_account"], user["profile"]["account_id"])]
+        leaks = []
+        for line in _LOG_LINES:
+            for pattern in self.SECRET_PATTERNS:
+                if pattern.search(line):
+                    leaks.append(line[:300])
+            leaks.extend(line[:300] for value in raw_values if value in line)
+        assert not leaks, "\n".join(dict.fromkeys(leaks))
