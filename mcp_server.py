@@ -2249,8 +2249,8 @@ class Context:
             need, shape = "elicitation.url", {"elicitation": {"url": {}}}
         elif method == "sampling/createMessage" and params.get("tools"):
             need, shape = "sampling.tools", {"sampling": {"tools": {}}}
-        if self.supports(need):
-            return
+        if self.supports(need) and not (head == "elicitation" and self.protocol_version < "2025-06-18"):
+            return  # (elicitation exists from 2025-06-18 on, whatever an older client declares)
         if self.modern:
             raise _missing_capability(shape, need)
         raise ToolError(f"The client did not declare the {need} capability, so it cannot be asked.")
@@ -4254,18 +4254,34 @@ class _LegacySSE:
                 await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
-        if session is None and message.get("method") not in ("initialize", "ping"):
-            raise _HttpError(400, "Bad Request: send initialize first.", request_id=message.get("id"))
-        await http.respond(202)
+        await http.respond(202)  # the answer, or the error, travels on the stream
         hub.spawn(self._process(session_id, session, message, kind, http.principal, http.base))
 
     async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
         server, hub = self.server, self.server._hub()
         channel = _SessionChannel(hub, session_id)
+        request_id = message.get("id") if kind == "request" else None
+        if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
+            try:
+                version, caps = _modern_context_facts(message, None, http=False)
+            except RpcError as exc:
+                if request_id is not None:
+                    await channel.send(_error_response(request_id, exc))
+                return
+            ctx = Context(server, message["method"], message.get("params") or {}, request_id, version=version,
+                          modern=True, capabilities=caps, out=channel, principal=principal, base_url=base_url)
+            response, _status = await server._respond(ctx)
+            if response is not None:
+                await channel.send(response)
+            return
+        if session is None and message.get("method") not in ("initialize", "ping"):
+            if request_id is not None:  # before initialize: a clear error, on the stream like any answer
+                await channel.send(_error_response(request_id, RpcError(
+                    INVALID_REQUEST, f"Send initialize before {message.get('method')}.")))
+            return
         version = session["v"] if session else LATEST_LEGACY
-        ctx = Context(server, message["method"], message.get("params") or {},
-                      message.get("id") if kind == "request" else None, version=version,
+        ctx = Context(server, message["method"], message.get("params") or {}, request_id, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
                       out=channel, principal=principal, base_url=base_url)
         hub.track(ctx)
@@ -4691,11 +4707,22 @@ class _OAuth:
             return self.settings.public_url
         return self.origin(http) + http.scope.get("root_path", "")
 
-    def resource(self, http: _Http) -> str:
-        return self.issuer(http) + self.settings.mcp_path
+    def _endpoints(self) -> tuple:
+        """The protected endpoints, each its own resource URI (RFC 9728): /mcp, /sse, /http."""
+        return (self.settings.mcp_path, "/sse", "/http")
 
-    def metadata_url(self, http: _Http) -> str:
-        path = urllib.parse.urlsplit(self.resource(http)).path
+    def resource(self, http: _Http, endpoint: str | None = None) -> str:
+        """The resource URI of ``endpoint`` (a protected path), by default the MCP endpoint."""
+        if endpoint in ("/messages", "/messages/"):
+            endpoint = "/sse"  # the legacy transport's two halves are one resource
+        endpoint = (endpoint or "").rstrip("/")
+        return self.issuer(http) + (endpoint if endpoint in self._endpoints() else self.settings.mcp_path)
+
+    def resources(self, http: _Http) -> list:
+        return [self.issuer(http) + endpoint for endpoint in self._endpoints()]
+
+    def metadata_url(self, http: _Http, endpoint: str | None = None) -> str:
+        path = urllib.parse.urlsplit(self.resource(http, endpoint)).path
         return self.origin(http) + "/.well-known/oauth-protected-resource" + path
 
     def secure(self, http: _Http) -> bool:
@@ -4703,10 +4730,18 @@ class _OAuth:
 
     # -- discovery documents -------------------------------------------------------------------
 
-    async def protected_resource_metadata(self, http: _Http) -> None:
+    async def protected_resource_metadata(self, http: _Http, suffix: str = "") -> None:
+        """RFC 9728 metadata: the root document names the MCP endpoint; a path-suffixed one names
+        the endpoint its suffix is (``/.well-known/oauth-protected-resource/sse`` -> ``.../sse``)."""
         issuer = self.settings.auth_issuer if self.settings.auth == "external" else self.issuer(http)
+        endpoint = None
+        if suffix:
+            root = urllib.parse.urlsplit(self.issuer(http)).path
+            endpoint = suffix[len(root):] if root and suffix.startswith(root) else suffix
+            if endpoint.rstrip("/") not in self._endpoints():
+                raise _HttpError(404, f"Not Found: no protected resource at {suffix}.")
         await http.respond_json(200, {
-            "resource": self.resource(http), "authorization_servers": [issuer],
+            "resource": self.resource(http, endpoint), "authorization_servers": [issuer],
             "scopes_supported": list(self.settings.scopes), "bearer_methods_supported": ["header"],
             "resource_name": self.server.name})
 
@@ -4874,11 +4909,11 @@ class _OAuth:
             raise _OAuthError("invalid_request", "Only code_challenge_method=S256 is accepted.")
         if not re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge):
             raise _OAuthError("invalid_request", "code_challenge must be a base64url SHA-256 digest (43 characters).")
-        resource = params.get("resource") or self.resource(http)
-        if resource.rstrip("/") != self.resource(http):
-            raise _OAuthError("invalid_target", f"This server issues tokens only for {self.resource(http)}.")
+        resource = (params.get("resource") or self.resource(http)).rstrip("/")
+        if resource not in self.resources(http):
+            raise _OAuthError("invalid_target", f"This server issues tokens only for {', '.join(self.resources(http))}.")
         granted = self._scopes(params.get("scope"))
-        return {"challenge": challenge, "resource": self.resource(http), "scope": granted}
+        return {"challenge": challenge, "resource": resource, "scope": granted}
 
     def _scopes(self, requested: str | None) -> str:
         allowed = set(self.settings.scopes) | {"offline_access"}
@@ -5191,7 +5226,7 @@ class _OAuth:
             candidates.append(_KeyRing(self.settings.previous_secret).token_key)
         for key in candidates:
             try:
-                return jwt.decode(token, key, algorithms=["HS256"], audience=self.resource(http),
+                return jwt.decode(token, key, algorithms=["HS256"], audience=self.resources(http),
                                   issuer=self.issuer(http),
                                   options={"require": ["exp", "iat", "sub", "jti", "aud", "iss"],
                                            "verify_exp": verify_exp})
@@ -5201,37 +5236,43 @@ class _OAuth:
                 return None
         return None
 
-    def _challenge(self, http: _Http, error: str | None, description: str, status: int = 401) -> _HttpError:
-        parts = [f'resource_metadata="{self.metadata_url(http)}"', f'scope="{" ".join(self.settings.scopes)}"']
+    def _challenge(self, http: _Http, error: str | None, description: str, status: int = 401,
+                   endpoint: str | None = None) -> _HttpError:
+        parts = [f'resource_metadata="{self.metadata_url(http, endpoint)}"',
+                 f'scope="{" ".join(self.settings.scopes)}"']
         if error:
             parts.insert(0, f'error="{error}", error_description="{description}"')
         return _HttpError(status, f"{'Unauthorized' if status == 401 else 'Forbidden'}: {description}",
                           headers=((b"www-authenticate", ("Bearer " + ", ".join(parts)).encode()),))
 
-    async def authenticate(self, http: _Http) -> str | None:
-        """The principal of a protected request, or a 401/403 challenge."""
+    async def authenticate(self, http: _Http, endpoint: str | None = None) -> str | None:
+        """The principal of a protected request to ``endpoint``, or a 401/403 challenge."""
         if self.settings.auth == "none":
             return None
         header = http.headers.get("authorization", "")
         if header[:7].lower() != "bearer " or not header[7:].strip():
             raise self._challenge(http, None, "this endpoint needs a bearer token (OAuth 2.1); "
-                                  "see the resource metadata for how to get one")
+                                  "see the resource metadata for how to get one", endpoint=endpoint)
         token = header[7:].strip()
         if self.settings.auth == "external":
             claims = await self._decode_external(http, token)
             if claims is None:
-                raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server")
+                raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server",
+                                      endpoint=endpoint)
             return f"ext:{claims['sub']}"
         claims = await self._decode(http, token)
         if claims is None:
-            raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server")
+            raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server",
+                                  endpoint=endpoint)
         session = await self.server._hub().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
         if (session is None or claims["jti"] in session.get("revoked", ())
                 or claims.get("gen") != session.get("gen")):
-            raise self._challenge(http, "invalid_token", "the token was revoked or its session ended")
+            raise self._challenge(http, "invalid_token", "the token was revoked or its session ended",
+                                  endpoint=endpoint)
         granted = set(str(claims.get("scope", "")).split())
         if not set(self.settings.scopes) & granted and self.settings.scopes:
-            raise self._challenge(http, "insufficient_scope", "the token lacks the scope this server needs", 403)
+            raise self._challenge(http, "insufficient_scope", "the token lacks the scope this server needs", 403,
+                                  endpoint=endpoint)
         return claims["sid"]
 
     async def _decode_external(self, http: _Http, token: str) -> dict | None:
@@ -5246,7 +5287,7 @@ class _OAuth:
                 signing = await asyncio.get_running_loop().run_in_executor(
                     None, self._jwks.get_signing_key_from_jwt, token)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
-            return jwt.decode(token, key, algorithms=algorithms, audience=self.resource(http),
+            return jwt.decode(token, key, algorithms=algorithms, audience=self.resources(http),
                               issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
         except Exception:
             return None
@@ -5958,7 +5999,7 @@ class _App:
         if login is not None:
             http.base = self.oauth.issuer(http)  # the login tool hands out links to this server
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
-            http.principal = await self.oauth.authenticate(http)
+            http.principal = await self.oauth.authenticate(http, path)
             if self.server.settings.rate_limit:
                 await self._rate_limit(http)
         elif login is not None and path.startswith("/login/") and path.count("/") == 2:
@@ -5977,7 +6018,7 @@ class _App:
         elif path.startswith("/.well-known/") or path.endswith("/.well-known/openid-configuration"):
             _require_method(method, "GET", path)
             if path.startswith("/.well-known/oauth-protected-resource") and auth != "none":
-                await self.oauth.protected_resource_metadata(http)
+                await self.oauth.protected_resource_metadata(http, path[len("/.well-known/oauth-protected-resource"):])
             elif path.startswith(("/.well-known/oauth-authorization-server", "/.well-known/openid-configuration")) \
                     or path.endswith("/.well-known/openid-configuration"):
                 await self.oauth.server_metadata(http)

@@ -16,10 +16,12 @@ How these tests work:
 import asyncio
 import atexit
 import base64
+import collections
 import contextlib
 import dataclasses
 import enum
 import hashlib
+import importlib.util
 import json
 import logging
 import os
@@ -2562,11 +2564,32 @@ class TestLegacySSE:
         assert http(live.port, "POST", "/messages", body=body).status == 400
         assert http(live.port, "GET", "/sse?session_id=nope", {"Accept": "text/event-stream"}).status == 404
 
-    def test_requests_before_initialize_are_refused(self, live):
+    def test_requests_before_initialize_are_refused_on_the_stream(self, live):
+        """The POST is accepted (202); the refusal is the answer on the stream, as every answer
+        there is: dual-era clients probing first (server/discover) then read it and fall back."""
         c = LegacySSEClient(live.port)
         try:
             r = c.post({"jsonrpc": "2.0", "id": 1, "method": "tools/list"})
-            assert r.status == 400
+            assert r.status == 202
+            answer = c.next_message()
+            assert answer["id"] == 1 and answer["error"]["code"] == mcp_server.INVALID_REQUEST
+            assert "initialize" in answer["error"]["message"]
+        finally:
+            c.close()
+
+    def test_a_2026_request_on_the_stream_is_served_statelessly(self, live):
+        c = LegacySSEClient(live.port)
+        try:
+            r = c.post(modern_body("server/discover", request_id=5))
+            assert r.status == 202
+            answer = c.next_message()
+            assert answer["id"] == 5 and "2026-07-28" in answer["result"]["supportedVersions"]
+            bad = dict(modern_body("tools/list", request_id=6))
+            bad["params"] = {"_meta": {"io.modelcontextprotocol/protocolVersion": "2099-01-01",
+                                       "io.modelcontextprotocol/clientCapabilities": {}}}
+            c.post(bad)
+            answer = c.next_message()
+            assert answer["id"] == 6 and answer["error"]["code"] == mcp_server.UNSUPPORTED_VERSION
         finally:
             c.close()
 
@@ -4947,6 +4970,1226 @@ class TestLogin:
         for secret in (*secret_bits.values(), tx, pairing, pairing.replace("-", ""), query["state"],
                        form["code_verifier"], "sandbox-secret", _LOGIN_KEY_1):
             assert secret not in stderr, f"{secret!r} reached the log"
+
+
+# ==== Real clients: the official SDK's own message sequences, replayed ========================
+#
+# Replays of what a real client sends: the official MCP Python SDK (`mcp` 2.3.0, `mcp.Client`).
+#
+# The sequences below were recorded by `examples/sdk_client_check.py --capture DIR` (a logging TCP
+# proxy in front of examples/everything_server.py for HTTP; `tee` on the stdio subprocess's stdin)
+# and are embedded verbatim, so these tests need no SDK. Each test replays the same bytes against
+# a fresh everything_server and checks every answer the way the SDK would have. Replaying changes
+# only what the server chooses anew on each run:
+#   - the Host header (the proxy's port becomes the test server's),
+#   - the Mcp-Session-Id (taken from the replayed initialize answer),
+#   - the id of a JSON-RPC response to a server request (taken from that request),
+#   - a 2026-07-28 requestState (taken from the input_required result it answers).
+# A body that changes gets a matching Content-Length; nothing else is touched.
+
+SDK_CLIENT_INFO = {'name': 'mcp', 'version': '0.1.0'}  # what mcp.Client sends unless told otherwise
+
+# (a) stdio, Client(mode="legacy") at 2025-11-25: every line written to the server's stdin.
+SDK_STDIO_LEGACY_LINES = [
+    '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"clientInfo":{"name":"mcp","version":"0.1.0"}}}',
+    '{"jsonrpc":"2.0","method":"notifications/initialized"}',
+    '{"jsonrpc":"2.0","id":2,"method":"ping"}',
+    '{"jsonrpc":"2.0","id":3,"method":"tools/list"}',
+    '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"test_simple_text","arguments":{}}}',
+    '{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"greet","arguments":{"name":"SDK"}}}',
+    '{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"test_x_mcp_header","arguments":{"region":"eu-west-1"}}}',
+    '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"test_elicitation","arguments":{"message":"Your answer?"}}}',
+    '{"jsonrpc":"2.0","id":"sbc7de9-1","result":{"action":"accept","content":{"response":"sdk-response"}}}',
+    '{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"test_sampling","arguments":{"prompt":"Capital of France?"}}}',
+    '{"jsonrpc":"2.0","id":"sbc7de9-2","result":{"role":"assistant","content":{"type":"text","text":"Paris"},"model":"sdk-check-model"}}',
+    '{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"test_input_required_result_list_roots","arguments":{}}}',
+    '{"jsonrpc":"2.0","id":"sbc7de9-3","result":{"roots":[{"uri":"file:///tmp/sdk-check","name":"scratch"}]}}',
+    '{"jsonrpc":"2.0","id":10,"method":"logging/setLevel","params":{"level":"debug"}}',
+    '{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"test_tool_with_logging","arguments":{}}}',
+    '{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"test_tool_with_progress","arguments":{},"_meta":{"progressToken":12}}}',
+    '{"jsonrpc":"2.0","id":13,"method":"resources/list"}',
+    '{"jsonrpc":"2.0","id":14,"method":"resources/read","params":{"uri":"test://static-text"}}',
+    '{"jsonrpc":"2.0","id":15,"method":"resources/read","params":{"uri":"test://static-binary"}}',
+    '{"jsonrpc":"2.0","id":16,"method":"resources/templates/list"}',
+    '{"jsonrpc":"2.0","id":17,"method":"resources/read","params":{"uri":"test://template/42/data"}}',
+    '{"jsonrpc":"2.0","id":18,"method":"prompts/list"}',
+    '{"jsonrpc":"2.0","id":19,"method":"prompts/get","params":{"name":"test_prompt_with_arguments","arguments":{"arg1":"a","arg2":"b"}}}',
+    '{"jsonrpc":"2.0","id":20,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"test_prompt_with_arguments"},"argument":{"name":"arg1","value":"x"}}}',
+    '{"jsonrpc":"2.0","id":21,"method":"resources/subscribe","params":{"uri":"test://watched-resource"}}',
+    '{"jsonrpc":"2.0","id":22,"method":"tools/call","params":{"name":"test_trigger_tool_change","arguments":{}}}',
+    '{"jsonrpc":"2.0","id":23,"method":"resources/unsubscribe","params":{"uri":"test://watched-resource"}}',
+]
+
+# (b) Streamable HTTP, Client(mode="legacy"): every request, in the order its first byte arrived.
+SDK_HTTP_LEGACY = [
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('Content-Length', '229'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"clientInfo":{"name":"mcp","version":"0.1.0"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '54'),
+        ],
+        "body": '{"jsonrpc":"2.0","method":"notifications/initialized"}',
+    },
+    {
+        "method": 'GET', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('Cache-Control', 'no-store'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+        ],
+        "body": '',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '40'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":2,"method":"ping"}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '46'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":3,"method":"tools/list"}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '98'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"test_simple_text","arguments":{}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '99'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"greet","arguments":{"name":"SDK"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '119'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"test_x_mcp_header","arguments":{"region":"eu-west-1"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '122'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"test_elicitation","arguments":{"message":"Your answer?"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '101'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":"s23fb51-1","result":{"action":"accept","content":{"response":"sdk-response"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '124'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"name":"test_sampling","arguments":{"prompt":"Capital of France?"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '131'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":"s23fb51-2","result":{"role":"assistant","content":{"type":"text","text":"Paris"},"model":"sdk-check-model"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '119'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"test_input_required_result_list_roots","arguments":{}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '104'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":"s23fb51-3","result":{"roots":[{"uri":"file:///tmp/sdk-check","name":"scratch"}]}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '80'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":10,"method":"logging/setLevel","params":{"level":"debug"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '105'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"test_tool_with_logging","arguments":{}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '135'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"name":"test_tool_with_progress","arguments":{},"_meta":{"progressToken":12}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '51'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":13,"method":"resources/list"}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '89'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":14,"method":"resources/read","params":{"uri":"test://static-text"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '91'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":15,"method":"resources/read","params":{"uri":"test://static-binary"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '61'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":16,"method":"resources/templates/list"}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '94'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":17,"method":"resources/read","params":{"uri":"test://template/42/data"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '49'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":18,"method":"prompts/list"}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '131'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":19,"method":"prompts/get","params":{"name":"test_prompt_with_arguments","arguments":{"arg1":"a","arg2":"b"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '170'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":20,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"test_prompt_with_arguments"},"argument":{"name":"arg1","value":"x"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '99'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":21,"method":"resources/subscribe","params":{"uri":"test://watched-resource"}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '107'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":22,"method":"tools/call","params":{"name":"test_trigger_tool_change","arguments":{}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+            ('Content-Length', '101'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":23,"method":"resources/unsubscribe","params":{"uri":"test://watched-resource"}}',
+    },
+    {
+        "method": 'DELETE', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:38217'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-session-id', 'Xzd1ouP7RKjxzMpVS6oKdNUokRv1u7xp'),
+            ('mcp-protocol-version', '2025-11-25'),
+        ],
+        "body": '',
+    },
+]
+
+# (c) Streamable HTTP, Client(mode="auto") -> server/discover -> 2026-07-28: every request.
+SDK_HTTP_MODERN = [
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'server/discover'),
+            ('Content-Length', '322'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}}}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/list'),
+            ('Content-Length', '360'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":2,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_simple_text'),
+            ('Content-Length', '401'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"test_simple_text","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'greet'),
+            ('Content-Length', '402'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"greet","arguments":{"name":"SDK"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_x_mcp_header'),
+            ('Mcp-Param-Region', 'eu-west-1'),
+            ('Content-Length', '422'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"test_x_mcp_header","arguments":{"region":"eu-west-1"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_elicitation'),
+            ('Content-Length', '425'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":6,"method":"tools/call","params":{"name":"test_elicitation","arguments":{"message":"Your answer?"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_elicitation'),
+            ('Content-Length', '425'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"test_elicitation","arguments":{"message":"Your answer?"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_elicitation'),
+            ('Content-Length', '738'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":8,"method":"tools/call","params":{"inputResponses":{"ask1":{"action":"accept","content":{"response":"sdk-response"}}},"requestState":"hMumt5S0W5OdZlZE2EsgLZ7stNgGgV7SGpAIPJMsstffCfMaK-OIse33jykORmddTMpoLQcH6JrfyJ4B3KORyoTc7QTKyyVXzRB4GQugdGw2mp7e4SIQiM4Lz9z9aWcbow96TYxy8Eo6w41FSb55_biIAKUoe83n6pQ0BByRCJqyF0Xm6kMHlFm8X2wH9lKMuIq7X4q9asXJT9U81Dk","name":"test_elicitation","arguments":{"message":"Your answer?"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_sampling'),
+            ('Content-Length', '427'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"test_sampling","arguments":{"prompt":"Capital of France?"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_sampling'),
+            ('Content-Length', '767'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":10,"method":"tools/call","params":{"inputResponses":{"ask1":{"role":"assistant","content":{"type":"text","text":"Paris"},"model":"sdk-check-model"}},"requestState":"KX9yN5fRQ8DnTYlq2TNGw28fmL_0FMrEYnP0W7MFprcEALVhfMB4QCkL_NBN1RGo85yJJeANkFJH7M-eafMKq-hjRIF4GjodK4nZADlqWS5bucZP0p6599MgAl8YZTPE1-iY2nSiVfVJ5-v-XXnA7IKfU4Wty7_FJrGfbjFJTnmKsxHdA1F0FBJiOgkfrCe-9BGadCcFyospDms","name":"test_sampling","arguments":{"prompt":"Capital of France?"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_input_required_result_list_roots'),
+            ('Content-Length', '423'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":11,"method":"tools/call","params":{"name":"test_input_required_result_list_roots","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_input_required_result_list_roots'),
+            ('Content-Length', '775'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"inputResponses":{"client_roots":{"roots":[{"uri":"file:///tmp/sdk-check","name":"scratch"}]}},"requestState":"lm8cE0D3j6d6o2AMNgD2yES-YCDrk6ddP1uT0a2YQcdNUiWgbM_d2NJqRUDBBLsHoHpClBFulkTLsUXbfbKGkYerkJN-gbzUGRWFMIJtN3ynblcvAoIEp4xGIlg_NyrGwveY2OxH0SvvSE09FB2_60TFl56X-yHfs-fyHaN3RPRgfdyiEWQ8kKYRDjSXHFeTmZ6StLIxqj2AydO5ZbWJ3OE-DOmPRGSIbDVlFOvuKagcWRA","name":"test_input_required_result_list_roots","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_tool_with_logging'),
+            ('Content-Length', '408'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":13,"method":"tools/call","params":{"name":"test_tool_with_logging","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_tool_with_progress'),
+            ('Content-Length', '428'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":14,"method":"tools/call","params":{"name":"test_tool_with_progress","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug","progressToken":14}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'resources/list'),
+            ('Content-Length', '365'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":15,"method":"resources/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'resources/read'),
+            ('mcp-name', 'test://static-text'),
+            ('Content-Length', '392'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":16,"method":"resources/read","params":{"uri":"test://static-text","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'resources/read'),
+            ('mcp-name', 'test://static-binary'),
+            ('Content-Length', '394'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":17,"method":"resources/read","params":{"uri":"test://static-binary","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'resources/templates/list'),
+            ('Content-Length', '375'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":18,"method":"resources/templates/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'resources/read'),
+            ('mcp-name', 'test://template/42/data'),
+            ('Content-Length', '397'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":19,"method":"resources/read","params":{"uri":"test://template/42/data","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'prompts/list'),
+            ('Content-Length', '363'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":20,"method":"prompts/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'prompts/get'),
+            ('mcp-name', 'test_prompt_with_arguments'),
+            ('Content-Length', '434'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":21,"method":"prompts/get","params":{"name":"test_prompt_with_arguments","arguments":{"arg1":"a","arg2":"b"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'completion/complete'),
+            ('Content-Length', '473'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":22,"method":"completion/complete","params":{"ref":{"type":"ref/prompt","name":"test_prompt_with_arguments"},"argument":{"name":"arg1","value":"x"},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'subscriptions/listen'),
+            ('Content-Length', '473'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":"listen-1","method":"subscriptions/listen","params":{"notifications":{"toolsListChanged":true,"resourceSubscriptions":["test://watched-resource"]},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+    {
+        "method": 'POST', "path": '/mcp',
+        "headers": [
+            ('Host', '127.0.0.1:37837'),
+            ('Accept-Encoding', 'gzip, deflate'),
+            ('Connection', 'keep-alive'),
+            ('User-Agent', 'python-httpx2/2.16.2'),
+            ('accept', 'application/json, text/event-stream'),
+            ('content-type', 'application/json'),
+            ('mcp-protocol-version', '2026-07-28'),
+            ('mcp-method', 'tools/call'),
+            ('mcp-name', 'test_trigger_tool_change'),
+            ('Content-Length', '410'),
+        ],
+        "body": '{"jsonrpc":"2.0","id":23,"method":"tools/call","params":{"name":"test_trigger_tool_change","arguments":{},"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"mcp","version":"0.1.0"},"io.modelcontextprotocol/clientCapabilities":{"sampling":{},"elicitation":{"form":{},"url":{}},"roots":{"listChanged":true}},"io.modelcontextprotocol/logLevel":"debug"}}}',
+    },
+]
+
+EXPECTED_TEXT = {
+    "test_simple_text": "This is a simple text response for testing.",
+    "greet": "Hello, SDK!",
+    "test_x_mcp_header": "region=eu-west-1",
+    "test_elicitation": 'User response: action=accept, content={"response":"sdk-response"}',
+    "test_sampling": "LLM response: Paris",
+    "test_input_required_result_list_roots": "Found 1 root(s)",
+    "test_tool_with_logging": "Tool with logging executed successfully",
+    "test_trigger_tool_change": "Tool list change announced",
+}
+LOG_LINES = ["Tool execution started", "Tool processing data", "Tool execution completed"]
+
+
+def _load_everything():
+    spec = importlib.util.spec_from_file_location("everything_server_under_replay", EVERYTHING_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.server
+
+
+def _is_answer(message: dict) -> bool:
+    """A JSON-RPC response the client sends to a server request."""
+    return "method" not in message and "id" in message and ("result" in message or "error" in message)
+
+
+def _check_result(request: dict, result: dict, notifications: list, modern: bool) -> None:
+    """What the SDK relies on in each answer (its result models, and the texts it got)."""
+    method, params = request["method"], request.get("params") or {}
+    if modern:
+        assert result["resultType"] in ("complete", "input_required"), result
+        assert result["_meta"][META_SERVERINFO]["name"] == "mcp-conformance-test-server", result
+    if method == "initialize":
+        assert result["protocolVersion"] == params["protocolVersion"]
+        assert result["serverInfo"]["name"] == "mcp-conformance-test-server"
+        assert {"tools", "resources", "prompts", "logging", "completions"} <= set(result["capabilities"])
+    elif method == "server/discover":
+        assert MODERN in result["supportedVersions"] and LEGACY in result["supportedVersions"]
+        assert isinstance(result["capabilities"], dict) and result["ttlMs"] >= 0
+    elif method in ("ping", "logging/setLevel", "resources/subscribe", "resources/unsubscribe"):
+        assert result == {}, result
+    elif method == "tools/list":
+        names = {tool["name"] for tool in result["tools"]}
+        assert {"test_simple_text", "test_elicitation", "test_sampling", "greet"} <= names
+        assert all(isinstance(tool["inputSchema"], dict) for tool in result["tools"])
+    elif method == "tools/call":
+        if result.get("resultType") == "input_required":
+            assert result["inputRequests"] and isinstance(result["requestState"], str), result
+            return
+        assert result.get("isError") is not True, result
+        text = result["content"][0]["text"]
+        name = params["name"]
+        if name == "test_tool_with_progress":
+            token = params["_meta"]["progressToken"]
+            assert text == str(token)
+            progress = [n["params"] for n in notifications if n["method"] == "notifications/progress"]
+            assert [(p["progressToken"], p["progress"], p["total"]) for p in progress] == [
+                (token, 0, 100), (token, 50, 100), (token, 100, 100)], progress
+        else:
+            assert text == EXPECTED_TEXT[name], (name, text)
+        if name == "test_tool_with_logging":
+            logs = [n["params"]["data"] for n in notifications if n["method"] == "notifications/message"]
+            assert logs == LOG_LINES, logs
+    elif method == "resources/list":
+        assert {"test://static-text", "test://static-binary"} <= {r["uri"] for r in result["resources"]}
+    elif method == "resources/read":
+        content = result["contents"][0]
+        assert content["uri"] == params["uri"] and ("text" in content or "blob" in content), content
+    elif method == "resources/templates/list":
+        assert "test://template/{id}/data" in {t["uriTemplate"] for t in result["resourceTemplates"]}
+    elif method == "prompts/list":
+        assert "test_prompt_with_arguments" in {p["name"] for p in result["prompts"]}
+    elif method == "prompts/get":
+        assert result["messages"][0]["content"]["text"] == "Prompt with arguments: arg1='a', arg2='b'"
+    elif method == "completion/complete":
+        assert isinstance(result["completion"]["values"], list)
+    else:
+        raise AssertionError(f"no check for {method}")
+
+
+# ---- HTTP replay ----------------------------------------------------------------------------------
+
+
+class _Background:
+    """A long-lived response (the GET stream, a subscriptions/listen POST) read by a thread."""
+
+    def __init__(self, port: int, raw: bytes):
+        self.conn = Conn(port)
+        self.conn.send(raw)
+        self.head = self.conn.read_head()
+        self.messages: list = []
+        self.arrived = threading.Condition()
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(OSError, EOFError, AssertionError, ValueError):
+            stream = SSEStream(self.conn, self.head)
+            while (message := stream.next_message()) is not None:
+                with self.arrived:
+                    self.messages.append(message)
+                    self.arrived.notify_all()
+
+    def wait_for(self, predicate) -> dict:
+        with self.arrived:
+            assert self.arrived.wait_for(lambda: any(predicate(m) for m in self.messages), WAIT), self.messages
+            return next(m for m in self.messages if predicate(m))
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.sock.shutdown(socket.SHUT_RDWR)  # wakes the reader blocked in recv()
+        self.conn.close()
+        self.thread.join(WAIT)
+        assert not self.thread.is_alive()
+
+
+class _HttpReplay:
+    def __init__(self, port: int, captured: list, modern: bool):
+        self.port, self.modern = port, modern
+        self.pending = collections.deque(captured)
+        self.sid = None
+        self.request_state = {}  # tool name -> the latest requestState the server handed out
+        self.background: list = []
+        self.checked: list = []  # methods whose answers were checked, in order
+
+    def build(self, captured: dict, body: str | None = None) -> bytes:
+        body = captured["body"] if body is None else body
+        data = body.encode()
+        lines = [f"{captured['method']} {captured['path']} HTTP/1.1"]
+        for name, value in captured["headers"]:
+            if name.lower() == "host":
+                value = f"127.0.0.1:{self.port}"
+            elif name.lower() == "mcp-session-id":
+                assert self.sid, "a session header before initialize"
+                value = self.sid
+            elif name.lower() == "content-length":
+                value = str(len(data))
+            lines.append(f"{name}: {value}")
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + data
+
+    def body_of(self, captured: dict) -> str:
+        body = captured["body"]
+        message = json.loads(body) if body else None
+        if isinstance(message, dict) and "requestState" in (message.get("params") or {}):
+            old = message["params"]["requestState"]
+            body = body.replace(old, self.request_state[message["params"]["name"]])
+        return body
+
+    def answer(self, server_request: dict) -> None:
+        """Send the client's captured answer to this server request, with the server's new id."""
+        captured = self.pending.popleft()
+        message = json.loads(captured["body"])
+        assert _is_answer(message), f"expected the client's answer to {server_request}, got {message}"
+        old_id, new_id = json.dumps(message["id"]), json.dumps(server_request["id"])
+        body = captured["body"].replace(f'"id":{old_id}', f'"id":{new_id}', 1)
+        with Conn(self.port) as conn:
+            conn.send(self.build(captured, body))
+            resp = conn.read_response()
+        assert resp.status == 202 and resp.body == b"", resp
+
+    def run(self) -> None:
+        while self.pending:
+            self.step(self.pending.popleft())
+
+    def close(self) -> None:
+        for stream in self.background:
+            stream.close()
+
+    def step(self, captured: dict) -> None:
+        body = self.body_of(captured)
+        message = json.loads(body) if body else None
+        raw = self.build(captured, body)
+        if captured["method"] == "GET":  # the legacy GET stream
+            self.background.append(_Background(self.port, raw))
+            head = self.background[-1].head
+            assert head.status == 200 and head.content_type == "text/event-stream", head
+            return
+        if captured["method"] == "DELETE":
+            with Conn(self.port) as conn:
+                conn.send(raw)
+                resp = conn.read_response()
+            assert resp.status == 200, resp
+            self.checked.append("DELETE")
+            return
+        assert not _is_answer(message), f"an answer nobody asked for: {message}"
+        if message.get("method") == "subscriptions/listen":
+            stream = _Background(self.port, raw)
+            self.background.append(stream)
+            assert stream.head.status == 200 and stream.head.content_type == "text/event-stream", stream.head
+            stream.wait_for(lambda m: m.get("method") == "notifications/subscriptions/acknowledged")
+            self.checked.append("subscriptions/listen")
+            return
+        with Conn(self.port) as conn:
+            conn.send(raw)
+            resp = conn.read_head()
+            if "id" not in message:  # a notification
+                resp.body = b"".join(conn.iter_body(resp))
+                assert resp.status == 202 and resp.body == b"", resp
+                return
+            assert resp.status == 200, resp
+            notifications, final = [], None
+            if resp.content_type == "text/event-stream":
+                stream = SSEStream(conn, resp)
+                while final is None:
+                    incoming = stream.next_message()
+                    assert incoming is not None, f"the stream ended without an answer to {message['id']}"
+                    if "method" in incoming and "id" in incoming:
+                        self.answer(incoming)
+                    elif "method" in incoming:
+                        notifications.append(incoming)
+                    else:
+                        final = incoming
+            else:
+                assert resp.content_type == "application/json", resp
+                resp.body = b"".join(conn.iter_body(resp))
+                final = resp.json()
+        assert final.get("jsonrpc") == "2.0" and final.get("id") == message["id"], final
+        assert "result" in final, final
+        result = final["result"]
+        if message["method"] == "initialize":
+            self.sid = resp.header("mcp-session-id")
+            assert self.sid and VISIBLE_ASCII.fullmatch(self.sid), resp
+        if message["method"] == "tools/call" and result.get("resultType") == "input_required":
+            self.request_state[message["params"]["name"]] = result["requestState"]
+        _check_result(message, result, notifications, self.modern)
+        self.checked.append(message["method"])
+
+
+# ---- stdio replay ---------------------------------------------------------------------------------
+
+
+def _replay_stdio(lines: list) -> tuple[list, list]:
+    """Send the captured lines to a fresh `everything_server.py --stdio`; returns (checked, notifications)."""
+    pending = collections.deque(lines)
+    checked, notifications = [], []
+    with Proc([EVERYTHING_FILE, "--stdio"]) as proc:
+        while pending:
+            line = pending.popleft()
+            message = json.loads(line)
+            assert not _is_answer(message), f"an answer nobody asked for: {message}"
+            proc.send(line + b"\n")  # the SDK ends every message with one newline
+            if "id" not in message:
+                continue
+            mine = []
+            while True:
+                incoming = proc.recv()
+                if "method" in incoming and "id" in incoming:  # the server asks the client
+                    answer_line = pending.popleft()
+                    answer = json.loads(answer_line)
+                    assert _is_answer(answer), f"expected the client's answer to {incoming}, got {answer}"
+                    old_id, new_id = json.dumps(answer["id"]), json.dumps(incoming["id"])
+                    proc.send(answer_line.replace(f'"id":{old_id}'.encode(), f'"id":{new_id}'.encode(), 1) + b"\n")
+                elif "method" in incoming:
+                    mine.append(incoming)
+                else:
+                    break
+            assert incoming.get("jsonrpc") == "2.0" and incoming["id"] == message["id"], incoming
+            assert "result" in incoming, incoming
+            _check_result(message, incoming["result"], mine, modern=False)
+            checked.append(message["method"])
+            notifications += mine
+        assert proc.finish() == 0, bytes(proc.stderr)[-2000:]
+        stderr = bytes(proc.stderr)
+    while not proc.out_lines.empty():  # anything after the last answer (a late notification)
+        line = proc.out_lines.get()
+        if line is not None:
+            notifications.append(json.loads(line))
+    assert b"Traceback" not in stderr, stderr[-2000:]
+    return checked, notifications
+
+
+def _answered_methods(captured: list) -> list:
+    """The requests of a capture that get an answer of their own, in order (DELETE included)."""
+    methods = []
+    for request in captured:
+        if request["method"] == "DELETE":
+            methods.append("DELETE")
+        elif request["body"]:
+            message = json.loads(request["body"])
+            if "method" in message and "id" in message:
+                methods.append(message["method"])
+    return methods
+
+
+class TestRealClients:
+    """Byte-for-byte replays of the official Python SDK client (mcp 2.3.0) against everything_server."""
+
+    @pytest.fixture(scope="class")
+    def everything(self):
+        st = ServerThread(_load_everything()).start()
+        yield st
+        st.close()
+
+    def test_captures_are_sdk_traffic(self):
+        """The fixtures are what the SDK sends, not hand-written: its identity and its headers."""
+        init = json.loads(SDK_STDIO_LEGACY_LINES[0])
+        assert init["method"] == "initialize" and init["params"]["protocolVersion"] == LEGACY
+        assert init["params"]["clientInfo"] == SDK_CLIENT_INFO
+        for captured in SDK_HTTP_LEGACY + SDK_HTTP_MODERN:
+            headers = {name.lower(): value for name, value in captured["headers"]}
+            assert headers["user-agent"].startswith("python-httpx2/"), headers
+            assert headers["accept"] == ACCEPT_BOTH, headers
+        assert json.loads(SDK_HTTP_MODERN[0]["body"])["method"] == "server/discover"
+        # The SDK mirrors the x-mcp-header argument into Mcp-Param-Region on 2026-07-28.
+        region = next(c for c in SDK_HTTP_MODERN if '"test_x_mcp_header"' in c["body"])
+        assert ("Mcp-Param-Region", "eu-west-1") in [tuple(h) for h in region["headers"]]
+
+    def test_stdio_legacy_session(self):
+        """(a) One stdio session at 2025-11-25, every line the SDK wrote, in order."""
+        checked, notifications = _replay_stdio([line.encode() for line in SDK_STDIO_LEGACY_LINES])
+        sent = [json.loads(line) for line in SDK_STDIO_LEGACY_LINES]
+        assert checked == [m["method"] for m in sent if "method" in m and "id" in m]
+        # Server requests were answered in-band (elicitation, sampling, roots); the tool-list change
+        # the client subscribed to arrived as a notification.
+        assert "notifications/tools/list_changed" in [n["method"] for n in notifications]
+
+    def test_http_legacy_session(self, everything):
+        """(b) One Streamable HTTP session at 2025-11-25: initialize, GET stream, calls, DELETE."""
+        replay = _HttpReplay(everything.port, SDK_HTTP_LEGACY, modern=False)
+        try:
+            replay.run()
+            assert replay.checked == _answered_methods(SDK_HTTP_LEGACY)
+            assert replay.checked[0] == "initialize" and replay.checked[-1] == "DELETE"
+            assert "resources/subscribe" in replay.checked and "completion/complete" in replay.checked
+            # The tools/list_changed notification travelled on the session's GET stream.
+            get_stream = replay.background[0]
+            get_stream.wait_for(lambda m: m.get("method") == "notifications/tools/list_changed")
+        finally:
+            replay.close()
+
+    def test_http_modern_exchange(self, everything):
+        """(c) mode="auto": server/discover, then stateless 2026-07-28 requests, input_required
+        rounds for elicitation, sampling and roots, and a subscriptions/listen stream."""
+        replay = _HttpReplay(everything.port, SDK_HTTP_MODERN, modern=True)
+        try:
+            replay.run()
+            assert replay.checked == _answered_methods(SDK_HTTP_MODERN)
+            assert replay.checked[0] == "server/discover"
+            assert replay.checked.count("tools/call") >= 10
+            listen = next(s for s in replay.background if s.head.status == 200)
+            event = listen.wait_for(lambda m: m.get("method") == "notifications/tools/list_changed")
+            assert event["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"] == "listen-1", event
+        finally:
+            replay.close()
+        assert replay.sid is None  # no session on 2026-07-28
+
+    def test_http_modern_requests_carry_no_session(self):
+        """The modern capture is stateless: no Mcp-Session-Id, the version in every request."""
+        for captured in SDK_HTTP_MODERN:
+            headers = {name.lower(): value for name, value in captured["headers"]}
+            assert "mcp-session-id" not in headers
+            assert headers["mcp-protocol-version"] == MODERN
+            assert json.loads(captured["body"])["params"]["_meta"][META_VERSION] == MODERN
 
 
 # ==== Operations: request ids, logs, metrics, health, rate limits, graceful shutdown ==============
