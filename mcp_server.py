@@ -2065,7 +2065,7 @@ class Context:
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
                  "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
-                 "_task", "_log_threshold", "_task_run", "base_url")
+                 "_task", "_log_threshold", "_task_run", "base_url", "round_state")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
                  version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
@@ -2084,6 +2084,9 @@ class Context:
         self.session = session
         self.principal = principal
         self.base_url = base_url  # this server's external address, for links a tool hands out
+        # What a tool keeps across 2026-07-28 input rounds (sealed into requestState with the
+        # answers): e.g. an id it made in round 1 that its retry must reuse, not make again.
+        self.round_state: dict = {}
         self._out = out
         self._answers: dict = {}
         self._responses: dict = {}
@@ -2551,10 +2554,12 @@ class MCPServer:
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
             your browser and a pairing code to enter there if asked."""
-            started = await flow.start(ctx)
-            if not ctx.modern and ctx.supports("elicitation.url"):
+            # a 2026 client retries after the URL elicitation: the retry must reuse the same link
+            started = ctx.round_state.get("login") or await flow.start(ctx)
+            if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
+                ctx.round_state["login"] = started
                 await ctx.elicit_url("Sign in to your account in the browser (pairing code "
-                                     f"{started['pairing_code']}).", started["url"])
+                                     f"{started['pairing_code']}).", started["url"], key="login")
             return {"__mcp_result__": True, "structuredContent": started, "content": [{
                 "type": "text", "text": f"Open {started['url']} and, if asked, enter the pairing code "
                                         f"{started['pairing_code']}. The link works for 10 minutes."}]}
@@ -2789,11 +2794,14 @@ class MCPServer:
             raise _invalid_params("requestState is invalid, expired or belongs to another request; "
                                   "retry the request without it.")
         ctx._answers = dict(state.get("a") or {})
+        ctx.round_state = dict(state.get("c") or {})
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
         target, digest = self._round_target(ctx)
         state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
+        if ctx.round_state:
+            state["c"] = ctx.round_state
         return {"resultType": "input_required", "inputRequests": requests,
                 "requestState": (await self._keyring()).seal(state)}
 

@@ -4972,6 +4972,44 @@ class TestLogin:
             assert secret not in stderr, f"{secret!r} reached the log"
 
 
+class TestLoginRounds:
+    """The login tool offers its link as a URL-mode elicitation where the client supports it."""
+
+    def _server(self):
+        server = mcp_server._builtin_server(Settings(auth="none"))
+        server._local_base = "http://127.0.0.1:9"
+        return server
+
+    def _call(self, server, params, caps):
+        async def go():
+            ctx = Context(server, "tools/call", params, 1, version=MODERN, modern=True, capabilities=caps,
+                          principal="user-1", base_url="https://mcp.example.com")
+            return await server._respond(ctx)
+        return asyncio.run(go())
+
+    def test_a_2026_client_gets_an_input_round_and_its_retry_keeps_the_same_link(self):
+        server = self._server()
+        caps = {"elicitation": {"url": {}}}
+        first, _ = self._call(server, {"name": "login", "arguments": {}}, caps)
+        result = first["result"]
+        assert result["resultType"] == "input_required"
+        ask = result["inputRequests"]["login"]
+        assert ask["method"] == "elicitation/create" and ask["params"]["mode"] == "url"
+        assert ask["params"]["url"].startswith("https://mcp.example.com/login/")
+        assert "pairing code" in ask["params"]["message"]
+        second, _ = self._call(server, {"name": "login", "arguments": {}, "requestState": result["requestState"],
+                                        "inputResponses": {"login": {"action": "accept"}}}, caps)
+        done = second["result"]
+        assert done["resultType"] == "complete"
+        assert done["structuredContent"]["url"] == ask["params"]["url"]  # the same transaction
+        assert done["structuredContent"]["pairing_code"] in ask["params"]["message"]
+
+    def test_without_url_elicitation_the_link_comes_at_once(self):
+        done, _ = self._call(self._server(), {"name": "login", "arguments": {}}, {"elicitation": {}})
+        assert done["result"]["resultType"] == "complete"
+        assert done["result"]["structuredContent"]["url"].startswith("https://mcp.example.com/login/")
+
+
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
 #
 # Replays of what a real client sends: the official MCP Python SDK (`mcp` 2.3.0, `mcp.Client`).
