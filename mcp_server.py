@@ -688,6 +688,9 @@ class Store:
     def subscribe(self, channel: str, callback: typing.Callable) -> typing.Callable:
         """Call ``callback(message)`` for each message published on ``channel``; returns an unsubscribe."""
         raise NotImplementedError
+    async def subscribed(self) -> None:
+        """Return once every ``subscribe`` made so far is in effect (Redis subscribes in the background)."""
+        return None
     async def ping(self) -> bool: return True
     async def close(self) -> None: return None
 
@@ -859,6 +862,7 @@ class RedisStore(Store):
         self._subscribed: set = set()
         self._kick: asyncio.Event | None = None
         self._pump_task = None
+        self._synced: asyncio.Event | None = None  # set when Redis has every wanted subscription
         self._scripts: dict = {}
         self._errors = None
 
@@ -945,6 +949,8 @@ class RedisStore(Store):
 
     def subscribe(self, channel, callback):
         self._callbacks.setdefault(channel, []).append(callback)
+        if channel not in self._subscribed and self._synced is not None:
+            self._synced.clear()
         self._wake()
 
         def unsubscribe():
@@ -963,6 +969,9 @@ class RedisStore(Store):
             return  # no loop yet: the pump starts with the first subscription made in one
         if self._kick is None:
             self._kick = asyncio.Event()
+            self._synced = asyncio.Event()
+            if set(self._callbacks) <= self._subscribed:
+                self._synced.set()
         self._kick.set()
         if self._pump_task is None or self._pump_task.done():
             self._pump_task = loop.create_task(self._pump())
@@ -985,6 +994,8 @@ class RedisStore(Store):
                 if self._subscribed - wanted:
                     await pubsub.unsubscribe(*(self._subscribed - wanted))
                 self._subscribed = wanted
+                if set(self._callbacks) <= wanted:
+                    self._synced.set()
                 if not wanted:
                     self._kick.clear()
                     await self._kick.wait()
@@ -1013,6 +1024,14 @@ class RedisStore(Store):
                 pubsub = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
+
+    async def subscribed(self):
+        if self._synced is not None and not self._synced.is_set():
+            try:
+                async with asyncio.timeout(self.timeout * 2):
+                    await self._synced.wait()
+            except TimeoutError:
+                raise StoreUnavailable("subscribe") from None
 
     async def ping(self):
         try:
@@ -3397,6 +3416,7 @@ class _Hub:
         # the answer may be POSTed to another instance: it arrives on the session's reply channel
         unsubscribe = self.store.subscribe(_reply_channel(session_id), lambda m: self.resolve(session_id, m))
         try:
+            await self.store.subscribed()  # the answer may come through another instance at once
             await write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
             timeout = self.settings.client_timeout or None
             try:
@@ -3461,8 +3481,6 @@ class _Hub:
             raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
                             "send Accept: text/event-stream.", status=400)
         tag = {_META_SUBSCRIPTION: ctx.request_id}
-        await out.send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
-                        "params": {"_meta": tag, "notifications": honored}})
         queue: asyncio.Queue = asyncio.Queue()
 
         def on_event(event):
@@ -3475,9 +3493,11 @@ class _Hub:
             elif event.get("kind") == "shutdown":
                 queue.put_nowait(None)
 
-        self.listeners.add(on_event)
+        self.listeners.add(on_event)  # before the acknowledgement: nothing after it is missed
         _metrics.inc("mcp_open_streams", kind="listen")
         try:
+            await out.send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
+                            "params": {"_meta": tag, "notifications": honored}})
             while not self.closing:
                 try:
                     async with asyncio.timeout(self.settings.sse_keepalive):
@@ -4077,6 +4097,8 @@ class _StreamableHTTP:
             unsubscribe = hub.store.subscribe(_stream_channel(session_id, stream_id),
                                               lambda item: queue.put_nowait(tuple(item)))
         try:
+            if unsubscribe is not None:
+                await hub.store.subscribed()  # then the log read below misses nothing
             events = await hub.store.read_after(_events_key(session_id, stream_id), after)
             await http.start_sse()
             last = after
@@ -4091,8 +4113,15 @@ class _StreamableHTTP:
                     async with asyncio.timeout(hub.settings.sse_keepalive):
                         item = await queue.get()
                 except TimeoutError:
-                    if live is None and not await hub.store.read_after(_events_key(session_id, stream_id), last):
-                        break  # nothing new and nobody here produces it: let the client poll again
+                    if live is None:  # pub/sub may have dropped something: the log has it all
+                        missed = await hub.store.read_after(_events_key(session_id, stream_id), last)
+                        for seq, message in missed:
+                            await http.write(_sse(message, f"{stream_id}:{seq}"))
+                            last = seq
+                            finished = finished or ("id" in message and "method" not in message)
+                        if missed:
+                            continue
+                        break  # quiet, and produced elsewhere (maybe by nobody now): the client polls again
                     await http.write(_SSE_KEEPALIVE)
                     continue
                 if item is None:

@@ -19,6 +19,7 @@ import base64
 import collections
 import contextlib
 import dataclasses
+import datetime
 import enum
 import hashlib
 import importlib.util
@@ -44,6 +45,7 @@ from typing import Annotated, Literal, Optional, TypedDict, Union
 import pytest
 
 import mcp_server
+from mcp_server import RedisStore, StoreUnavailable
 from mcp_server import (
     Audio,
     Context,
@@ -3298,6 +3300,1900 @@ class TestCLI:
                                 timeout=WAIT * 3, env=clean_env(), cwd=NEUTRAL_CWD)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
         assert "--nope" in result.stderr
+
+
+# ==== 2 and 6 across instances: the Redis store, scale-out, revisions, tasks ==================
+
+# =================================================================================================
+# Redis: throwaway servers, and waits on facts Redis can report
+# =================================================================================================
+#
+# The Redis tests start their own ``redis-server`` processes (from PATH, no persistence) on free
+# ports: one standalone server per module, a three-master Redis Cluster per module, and a private
+# server for the tests that stop and restart Redis.  A server is ready when it logs "Ready to
+# accept connections" (read from its stdout, not guessed with a sleep).
+#
+# Redis SUBSCRIBE completes asynchronously: an instance that has just opened a stream may not be
+# subscribed to its channel yet.  Where a test must know that an instance listens before it makes
+# another instance publish, it waits (bounded) until ``PUBSUB NUMSUB`` reports the subscriber:
+# a fact the Redis server states, not a guess about timing.
+
+_REDIS_SERVER = shutil.which("redis-server")
+_REDIS_CLI = shutil.which("redis-cli")
+try:
+    import redis as _redis_py  # the client library RedisStore uses
+except ImportError:  # pragma: no cover - requirements.txt lists it
+    _redis_py = None
+
+
+def _redis_skip_reason() -> str | None:
+    if _REDIS_SERVER is None:
+        return "redis-server is not on PATH (install Redis 6.2+ to run the Redis and scale-out tests)"
+    if _redis_py is None:
+        return "the redis Python package is not installed (pip install -r requirements.txt)"
+    return None
+
+
+def _redis_free_port(cluster: bool = False) -> int:
+    """A free TCP port; for a cluster node, one whose bus port (+10000) is free too."""
+    for _ in range(200):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        if not cluster:
+            return port
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as bus:
+            try:
+                bus.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a cluster node")
+
+
+def _redis_wait(predicate, what: str, bound: float = WAIT):
+    """Poll ``predicate`` until it returns something truthy; fail after ``bound`` (a hang detector)."""
+    deadline = time.monotonic() + bound
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what} after {bound} s")
+        time.sleep(0.01)
+
+
+class _redis_Server:
+    """One redis-server process (no RDB, no AOF) whose log is read to know when it is ready."""
+
+    def __init__(self, workdir: str, port: int | None = None, cluster: bool = False):
+        self.workdir, self.cluster = workdir, cluster
+        self.port = port or _redis_free_port(cluster)
+        self.proc = None
+        self.log = bytearray()
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "_redis_Server":
+        argv = [_REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self.workdir, "--logfile", "", "--daemonize", "no"]
+        if self.cluster:
+            argv += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
+                     "--cluster-node-timeout", "1000"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, cwd=self.workdir)
+        lines: queue.Queue = queue.Queue()
+
+        def pump(stream):
+            for line in stream:
+                self.log.extend(line)
+                lines.put(line)
+            lines.put(None)
+        threading.Thread(target=pump, args=(self.proc.stdout,), daemon=True).start()
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            except queue.Empty:
+                self.stop()
+                pytest.fail(f"redis-server on {self.port} did not get ready: {bytes(self.log)[-1500:]!r}")
+            if line is None:
+                pytest.fail(f"redis-server on {self.port} exited: {bytes(self.log)[-1500:]!r}")
+            if b"Ready to accept connections" in line:
+                return self
+
+    def client(self):
+        return _redis_py.Redis(host="127.0.0.1", port=self.port, socket_timeout=WAIT)
+
+    def stop(self, sig=signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(WAIT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(WAIT)
+
+
+def _redis_numsub(url: str, channel: str) -> int:
+    client = _redis_py.Redis.from_url(url, socket_timeout=WAIT)
+    try:
+        return int(dict(client.pubsub_numsub(channel)).get(channel.encode(), 0))
+    finally:
+        client.close()
+
+
+def _redis_wait_subscribed(url: str, channel: str, count: int = 1) -> None:
+    """Wait until ``count`` connections subscribe to ``channel`` (Redis's own word for it)."""
+    _redis_wait(lambda: _redis_numsub(url, channel) >= count, f"{count} subscriber(s) of {channel}")
+
+
+@pytest.fixture(scope="module")
+def redis_workdir():
+    path = tempfile.mkdtemp(prefix="mcp-redis-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def redis_server(redis_workdir):
+    """A throwaway standalone redis-server for this module."""
+    reason = _redis_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    server = _redis_Server(redis_workdir).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_url(redis_server) -> str:
+    return redis_server.url
+
+
+@pytest.fixture(scope="module")
+def redis_cluster_url(redis_workdir) -> str:
+    """A three-master Redis Cluster (no replicas); the URL names one node, the client finds the rest."""
+    reason = _redis_skip_reason() or (None if _REDIS_CLI else "redis-cli is not on PATH (needed to create a cluster)")
+    if reason:
+        pytest.skip(reason)
+    nodes = [_redis_Server(redis_workdir, cluster=True) for _ in range(3)]
+    try:
+        for node in nodes:
+            node.start()
+        created = subprocess.run([_REDIS_CLI, "--cluster", "create", *(f"127.0.0.1:{n.port}" for n in nodes),
+                                  "--cluster-replicas", "0", "--cluster-yes"],
+                                 capture_output=True, text=True, timeout=WAIT * 3, stdin=subprocess.DEVNULL)
+        assert created.returncode == 0, created.stdout + created.stderr
+
+        def all_ok():
+            for node in nodes:
+                client = node.client()
+                try:
+                    info = client.execute_command("CLUSTER INFO")
+                finally:
+                    client.close()
+                text = info.decode() if isinstance(info, bytes) else str(info)
+                if "cluster_state:ok" not in text and not (isinstance(info, dict) and info.get("cluster_state") == "ok"):
+                    return False
+            return True
+        _redis_wait(all_ok, "cluster_state:ok on every node")
+        yield nodes[0].url
+    finally:
+        for node in nodes:
+            node.stop()
+
+
+# =================================================================================================
+# 2. Store: one contract, three stores
+# =================================================================================================
+
+
+def _redis_key(name: str) -> str:
+    """A key unique to one test; the hash tag keeps a test's keys in one cluster slot."""
+    return f"t:{{{uuid.uuid4().hex[:12]}}}:{name}"
+
+
+@pytest.fixture(params=["memory", "redis", "cluster"])
+def redis_store_factory(request):
+    """Makes the store under test inside the running event loop (a RedisStore binds to its loop)."""
+    if request.param == "memory":
+        return MemoryStore
+    if request.param == "redis":
+        url = request.getfixturevalue("redis_url")
+        return lambda: RedisStore(url, timeout=WAIT / 4)
+    url = request.getfixturevalue("redis_cluster_url")
+    return lambda: RedisStore(url, cluster=True, timeout=WAIT / 4)
+
+
+def _redis_run(factory, body):
+    """Run ``body(store)`` on a fresh event loop with a fresh store; close the store after."""
+    async def main():
+        store = factory()
+        try:
+            async with asyncio.timeout(WAIT * 2):
+                return await body(store)
+        finally:
+            await store.close()
+    return asyncio.run(main())
+
+
+async def _redis_until(predicate, what: str, bound: float = WAIT):
+    """Await ``predicate()`` until truthy (a real TTL running out); bounded."""
+    deadline = time.monotonic() + bound
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what} after {bound} s")
+        await asyncio.sleep(0.01)
+
+
+class _redis_Inbox:
+    """A subscriber that files what it receives, with a way to know its subscription is live."""
+
+    def __init__(self, store, channel: str):
+        self.store, self.channel = store, channel
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.received: list = []
+        self._probes = 0
+
+    def __call__(self, message):
+        self.received.append(message)
+        self.queue.put_nowait(message)
+
+    async def next(self):
+        return await self.queue.get()
+
+    async def ready(self, *others: "_redis_Inbox") -> None:
+        """Publish numbered probes until one arrives (Redis subscribes asynchronously), then drain
+        every probe sent, here and in ``others`` on the same channel: later messages arrive clean."""
+        while True:
+            self._probes += 1
+            await self.store.publish(self.channel, {"probe": self._probes})
+            try:
+                first = await asyncio.wait_for(self.queue.get(), 0.05)
+            except TimeoutError:
+                continue
+            assert isinstance(first, dict) and "probe" in first, first
+            break
+        last = {"probe": self._probes}
+        while first != last:
+            first = await self.queue.get()
+        for other in others:
+            while (await other.queue.get()) != last:
+                pass
+
+
+class TestRedisStore:
+    """The Store contract, run against MemoryStore, RedisStore and RedisStore on a cluster."""
+
+    def test_set_get_delete_and_ttl_expiry(self, redis_store_factory):
+        async def body(store):
+            k, forever, short = _redis_key("k"), _redis_key("forever"), _redis_key("short")
+            assert await store.get(k) is None
+            await store.set(k, {"v": [1, "two", None, True]}, ttl=60)
+            assert await store.get(k) == {"v": [1, "two", None, True]}
+            await store.set(k, {"v": 2}, ttl=60)  # overwrite
+            assert await store.get(k) == {"v": 2}
+            await store.set(forever, "no ttl")
+            await store.set(short, "soon gone", ttl=0.05)
+            await _redis_until(lambda: _redis_is_none(store.get(short)), "the short TTL to expire")
+            assert await store.get(forever) == "no ttl"
+            assert await store.delete(k) is True
+            assert await store.delete(k) is False
+            assert await store.get(k) is None
+            await store.delete(forever)
+        _redis_run(redis_store_factory, body)
+
+    def test_get_touch_slides_the_expiry(self, redis_store_factory):
+        async def body(store):
+            touched, witness = _redis_key("touched"), _redis_key("witness")
+            await store.set(touched, "session", ttl=0.3)
+            await store.set(witness, "w", ttl=0.3)  # set after: it expires no earlier than the first TTL
+            assert await store.get_touch(touched, 60) == "session"
+            await _redis_until(lambda: _redis_is_none(store.get(witness)), "the witness to expire")
+            assert await store.get(touched) == "session"  # the touch gave it a new TTL
+            assert await store.get_touch(_redis_key("never-set"), 60) is None
+            await store.delete(touched)
+        _redis_run(redis_store_factory, body)
+
+    def test_add_only_if_absent(self, redis_store_factory):
+        async def body(store):
+            k = _redis_key("lock")
+            assert await store.add(k, {"owner": 1}, ttl=60) is True
+            assert await store.add(k, {"owner": 2}, ttl=60) is False
+            assert await store.get(k) == {"owner": 1}
+            short = _redis_key("short-lock")
+            assert await store.add(short, 1, ttl=0.05) is True
+            await _redis_until(lambda: _redis_is_none(store.get(short)), "the lock to expire")
+            assert await store.add(short, 2, ttl=60) is True  # absent again once expired
+            assert await store.get(short) == 2
+            for key in (k, short):
+                await store.delete(key)
+        _redis_run(redis_store_factory, body)
+
+    def test_take_is_single_use(self, redis_store_factory):
+        async def body(store):
+            k = _redis_key("code")
+            await store.set(k, {"code": "abc"}, ttl=60)
+            assert await store.take(k) == {"code": "abc"}
+            assert await store.take(k) is None
+            assert await store.get(k) is None
+            assert await store.take(_redis_key("never-set")) is None
+        _redis_run(redis_store_factory, body)
+
+    def test_incr_counts_and_its_ttl_starts_with_the_first_increment(self, redis_store_factory):
+        async def body(store):
+            k = _redis_key("count")
+            assert [await store.incr(k, 60) for _ in range(3)] == [1, 2, 3]
+            short = _redis_key("window")
+            assert await store.incr(short, 0.05) == 1
+            await _redis_until(lambda: _redis_is_none(store.get(short)), "the counter window to expire")
+            assert await store.incr(short, 60) == 1  # a new window counts from one
+            for key in (k, short):
+                await store.delete(key)
+        _redis_run(redis_store_factory, body)
+
+    def test_append_and_read_after_a_bounded_log_then_delete_log(self, redis_store_factory):
+        async def body(store):
+            k = _redis_key("events")  # on a cluster the log and its counter share the hash tag
+            seqs = [await store.append(k, {"n": i}, maxlen=3, ttl=60) for i in range(1, 6)]
+            assert seqs == [1, 2, 3, 4, 5]
+            assert await store.read_after(k, 0) == [(3, {"n": 3}), (4, {"n": 4}), (5, {"n": 5})]
+            assert await store.read_after(k, 4) == [(5, {"n": 5})]
+            assert await store.read_after(k, 5) == []
+            assert await store.read_after(_redis_key("no-log"), 0) == []
+            await store.delete_log(k)
+            assert await store.read_after(k, 0) == []
+            assert await store.append(k, "again", maxlen=3, ttl=60) == 1  # the numbering went with it
+            short = _redis_key("short-log")
+            await store.append(short, "x", maxlen=3, ttl=0.05)
+            await _redis_until(lambda: _redis_is_empty(store.read_after(short, 0)), "the log to expire")
+            await store.delete_log(k)
+        _redis_run(redis_store_factory, body)
+
+    def test_publish_subscribe_and_unsubscribe(self, redis_store_factory):
+        async def body(store):
+            channel = _redis_key("chan")
+            leaving, staying = _redis_Inbox(store, channel), _redis_Inbox(store, channel)
+            unsubscribe_leaving = store.subscribe(channel, leaving)
+            unsubscribe_staying = store.subscribe(channel, staying)
+            await staying.ready(leaving)
+            await store.publish(channel, {"n": 1, "nested": {"list": [1, 2]}})
+            assert await leaving.next() == {"n": 1, "nested": {"list": [1, 2]}}
+            assert await staying.next() == {"n": 1, "nested": {"list": [1, 2]}}
+            await store.publish(_redis_key("other"), {"n": "elsewhere"})
+            unsubscribe_leaving()
+            unsubscribe_leaving()  # twice is harmless
+            await store.publish(channel, {"n": 2})
+            assert await staying.next() == {"n": 2}
+            # both callbacks of a channel are fed by the same dispatch: the one that left got nothing
+            assert {"n": 2} not in leaving.received and {"n": "elsewhere"} not in leaving.received
+            unsubscribe_staying()  # the channel has no subscriber left
+            again = _redis_Inbox(store, channel)
+            unsubscribe_again = store.subscribe(channel, again)  # and can be subscribed anew
+            await again.ready()
+            await store.publish(channel, "third")
+            assert await again.next() == "third"
+            assert "third" not in staying.received
+            unsubscribe_again()
+        _redis_run(redis_store_factory, body)
+
+    def test_store_unavailable_is_raised_within_a_bounded_time(self):
+        if _redis_py is None:
+            pytest.skip(_redis_skip_reason())
+        port = _redis_free_port()  # nothing listens there
+
+        async def body():
+            store = RedisStore(f"redis://127.0.0.1:{port}/0", timeout=0.2)
+            try:
+                for operation in (lambda: store.get("k"), lambda: store.set("k", 1, ttl=5),
+                                  lambda: store.append("l", 1, 3, 5), lambda: store.publish("c", 1)):
+                    with pytest.raises(StoreUnavailable) as caught:
+                        await asyncio.wait_for(operation(), WAIT)
+                    assert caught.value.status == 503 and "session store" in caught.value.message
+                assert await asyncio.wait_for(store.ping(), WAIT) is False
+            finally:
+                await store.close()
+        asyncio.run(body())
+
+    def test_ping(self, redis_store_factory):
+        assert _redis_run(redis_store_factory, lambda store: store.ping()) is True
+
+
+async def _redis_is_none(awaitable) -> bool:
+    return (await awaitable) is None
+
+
+async def _redis_is_empty(awaitable) -> bool:
+    return (await awaitable) == []
+
+
+# =================================================================================================
+# Scale-out: several server processes on one Redis (any instance serves any request)
+# =================================================================================================
+
+_REDIS_SECRET = "scale-out-test-secret-0123456789abcdef"  # shared MCP_SECRET: sealed state opens anywhere
+_REDIS_LISTENING = re.compile(r"mcp_server: listening on http://127\.0\.0\.1:(\d+)/mcp ")
+
+
+class _redis_Instance:
+    """``examples/everything_server.py`` as a process on a free port, its state in Redis."""
+
+    def __init__(self, redis_url: str, **env):
+        settings = {"REDIS_URL": redis_url, "MCP_SECRET": _REDIS_SECRET, "MCP_SSE_KEEPALIVE": "0.5", **env}
+        self.proc = Proc([EVERYTHING_FILE, "--port", "0", "--host", "127.0.0.1"], env=clean_env(**settings))
+        self.port = None
+        self.lines: list = []
+
+    def wait_listening(self) -> "_redis_Instance":
+        while self.port is None:
+            line = self.proc.err_line()
+            if line is None:
+                pytest.fail(f"the server exited before listening: {''.join(self.lines)}")
+            self.lines.append(line)
+            match = _REDIS_LISTENING.search(line)
+            if match:
+                assert "store: redis" in line, line
+                self.port = int(match.group(1))
+        return self
+
+    def kill(self) -> None:
+        self.proc.proc.kill()
+        self.proc.proc.wait(WAIT)
+
+    def stop(self) -> None:
+        if self.proc.proc.poll() is None:
+            self.proc.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.proc.wait(WAIT + 12)
+            except subprocess.TimeoutExpired:
+                self.proc.proc.kill()
+                self.proc.proc.wait(WAIT)
+
+
+def _redis_instances(redis_url: str, count: int, **env) -> list:
+    started = [_redis_Instance(redis_url, **env) for _ in range(count)]  # they start in parallel
+    try:
+        return [instance.wait_listening() for instance in started]
+    except BaseException:
+        for instance in started:
+            instance.stop()
+        raise
+
+
+@pytest.fixture(scope="module")
+def redis_trio(redis_url):
+    """Three instances of the everything server sharing the module's Redis: A, B and C."""
+    trio = _redis_instances(redis_url, 3)
+    # every instance subscribes to the server-wide channel at startup; wait until Redis says so
+    _redis_wait_subscribed(redis_url, "mcp:bus", 3)
+    yield [instance.port for instance in trio]
+    for instance in trio:
+        instance.stop()
+
+
+def _redis_on(session: Session, port: int) -> Session:
+    """The next requests of ``session`` go to another instance (a round-robin load balancer)."""
+    session.port = port
+    return session
+
+
+def _redis_text(result: dict) -> str:
+    return result["content"][0]["text"]
+
+
+def _redis_modern_call(port: int, name: str, arguments: dict | None = None, **kw) -> Response:
+    return modern_post(port, "tools/call", {"name": name, "arguments": arguments or {}}, **kw)
+
+
+_TASK_EXTENSION = "io.modelcontextprotocol/tasks"
+_TASK_CAPS = {"extensions": {_TASK_EXTENSION: {}}}
+
+
+def _task_post(port: int, method: str, task_id: str, params: dict | None = None, caps=_TASK_CAPS) -> Response:
+    """tasks/get, tasks/update or tasks/cancel (Mcp-Name carries the task id)."""
+    return modern_post(port, method, {"taskId": task_id, **(params or {})}, caps=caps,
+                       headers={"Mcp-Name": task_id})
+
+
+def _task_result(resp: Response) -> dict:
+    assert resp.status == 200, resp
+    body = resp.json()
+    assert "result" in body, body
+    return body["result"]
+
+
+def _task_poll(port: int, task_id: str, until, what: str) -> dict:
+    """tasks/get until ``until(record)`` (the protocol's own way to follow a task); bounded, and
+    a task that ended otherwise fails at once."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        record = _task_result(_task_post(port, "tasks/get", task_id))
+        if until(record):
+            return record
+        if record["status"] in ("completed", "failed", "cancelled"):
+            pytest.fail(f"the task ended before {what}: {record}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"gave up waiting for {what} after {WAIT} s: {record}")
+        time.sleep(0.01)
+
+
+class TestScaleOut:
+    """Round-robin any request of a client to any instance: sessions, streams, answers to server
+    requests, sealed MRTR state and tasks all live in Redis or travel on its channels."""
+
+    def test_a_session_started_on_one_instance_is_served_by_the_others(self, redis_trio, redis_url):
+        a, b, c = redis_trio
+        s = Session(a)
+        s.initialize()
+        assert s.sid
+        _redis_on(s, b)
+        names = [t["name"] for t in s.request("tools/list")["result"]["tools"]]
+        assert "test_simple_text" in names and "slow_compute" in names
+        assert _redis_text(s.call("greet", {"name": "Ada"})) == "Hello, Ada!"
+        _redis_on(s, c)
+        assert s.request("logging/setLevel", {"level": "debug"})["result"] == {}
+        assert s.request("ping")["result"] == {}
+        # a GET stream held on A ends when the session is deleted on C
+        with Conn(a) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            stream = SSEStream(conn, conn.read_head())
+            assert not stream.next_event().get("data")  # the priming event
+            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:chan")
+            assert s.delete().status == 200  # on C
+            assert stream.next_message() is None  # the stream on A ended
+        for port in (a, b, c):
+            r = _redis_on(s, port).post(s.body("tools/list"))
+            assert r.status == 404, r
+        assert s.delete().status == 404
+
+    def test_list_changed_from_a_call_on_one_instance_reaches_a_stream_on_another(self, redis_trio, redis_url):
+        a, b, c = redis_trio
+        s = Session(a)
+        s.initialize()
+        with Conn(c) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            resp = conn.read_head()
+            assert resp.status == 200
+            stream = SSEStream(conn, resp)
+            assert not stream.next_event().get("data")  # priming: the stream is open on C
+            r = _redis_modern_call(a, "test_trigger_tool_change")  # a 2026 call on A announces the change
+            assert r.status == 200 and _redis_text(r.json()["result"]) == "Tool list change announced"
+            assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+            _redis_on(s, b).call("test_trigger_prompt_change")  # and a legacy call on B
+            assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/prompts/list_changed"}
+
+    def test_subscriptions_listen_on_one_instance_hears_a_change_made_on_another(self, redis_trio):
+        a, b, _c = redis_trio
+        body = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}}, request_id="L1")
+        with Conn(b) as conn:
+            conn.request("POST", "/mcp", modern_headers(body), body)
+            stream = SSEStream(conn, conn.read_head())
+            ack = stream.next_message()
+            assert ack["method"] == "notifications/subscriptions/acknowledged"
+            assert ack["params"]["notifications"] == {"toolsListChanged": True}
+            assert _redis_modern_call(a, "test_trigger_tool_change").status == 200
+            note = stream.next_message()
+            assert note["method"] == "notifications/tools/list_changed"
+            assert note["params"]["_meta"] == {"io.modelcontextprotocol/subscriptionId": "L1"}
+
+    def test_legacy_elicitation_answered_through_another_instance(self, redis_trio, redis_url):
+        a, b, _c = redis_trio
+        s = Session(a, capabilities={"elicitation": {}})
+        s.initialize()
+        call = s.body("tools/call", {"name": "test_elicitation", "arguments": {"message": "Your name?"}})
+        with Conn(a) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            resp = conn.read_head()
+            assert resp.status == 200
+            stream = SSEStream(conn, resp)
+            ask = stream.next_message()
+            assert ask["method"] == "elicitation/create" and ask["params"]["message"] == "Your name?"
+            # A waits for the answer on the session's reply channel; the answer goes to B
+            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:replies")
+            answer = _redis_on(s, b).post({"jsonrpc": "2.0", "id": ask["id"],
+                                           "result": {"action": "accept", "content": {"response": "Ada"}}})
+            assert answer.status == 202 and answer.body == b""
+            final = stream.next_message()
+            assert final["id"] == call["id"], final
+            assert _redis_text(final["result"]) == 'User response: action=accept, content={"response":"Ada"}'
+
+    def test_a_2026_input_round_started_on_one_instance_completes_on_others(self, redis_trio):
+        a, b, c = redis_trio
+        caps = {"elicitation": {}}
+        name = "test_input_required_result_multi_round"
+        first = _redis_modern_call(a, name, caps=caps).json()["result"]
+        assert first["resultType"] == "input_required" and set(first["inputRequests"]) == {"step1"}
+        body = modern_body("tools/call", {"name": name, "arguments": {}, "requestState": first["requestState"],
+                                          "inputResponses": {"step1": {"action": "accept",
+                                                                       "content": {"name": "Ada"}}}}, caps=caps)
+        second = http(b, "POST", "/mcp", modern_headers(body), body).json()["result"]
+        assert second["resultType"] == "input_required" and set(second["inputRequests"]) == {"step2"}
+        body = modern_body("tools/call", {"name": name, "arguments": {}, "requestState": second["requestState"],
+                                          "inputResponses": {"step2": {"action": "accept",
+                                                                       "content": {"color": "teal"}}}}, caps=caps)
+        done = http(c, "POST", "/mcp", modern_headers(body), body).json()["result"]
+        assert done["resultType"] == "complete"
+        assert _redis_text(done) == "Multi-round complete for Ada who likes teal"
+
+    def test_a_task_created_on_one_instance_is_polled_and_cancelled_on_others(self, redis_trio, redis_url):
+        a, b, c = redis_trio
+        created = _task_result(_redis_modern_call(a, "slow_compute", {"seconds": 60, "label": "x"}, caps=_TASK_CAPS))
+        assert created["resultType"] == "task" and created["status"] == "working"
+        task_id = created["taskId"]
+        seen = _task_result(_task_post(b, "tasks/get", task_id))
+        assert seen["taskId"] == task_id and seen["status"] == "working"
+        _redis_wait_subscribed(redis_url, f"mcp:task:{{{task_id}}}:ctl")  # A listens for control messages
+        assert _task_result(_task_post(c, "tasks/cancel", task_id))["resultType"] == "complete"
+        for port in (a, b, c):
+            record = _task_result(_task_post(port, "tasks/get", task_id))
+            assert record["status"] == "cancelled", record
+        # a finished task is polled anywhere too
+        quick = _task_result(_redis_modern_call(b, "slow_compute", {"seconds": 0, "label": "q"}, caps=_TASK_CAPS))
+        done = _task_poll(c, quick["taskId"], lambda r: r["status"] == "completed", "the quick task to complete")
+        assert done["result"]["resultType"] == "complete"
+        assert _redis_text(done["result"]) == "Computed q after 0.0 seconds"
+
+    def test_a_stream_closed_by_the_server_is_resumed_on_another_instance(self, redis_trio):
+        a, b, _c = redis_trio
+        s = Session(a)
+        s.initialize()
+        call = s.body("tools/call", {"name": "test_reconnection", "arguments": {}})
+        r = s.post(call)
+        assert r.status == 200 and r.content_type == "text/event-stream"
+        events = r.events()
+        assert events and all(not e.get("data") for e in events)  # closed before the result
+        g = http(b, "GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                              "Last-Event-ID": events[-1]["id"]}))
+        assert g.status == 200, g
+        final = final_message(g, call["id"])
+        assert _redis_text(final["result"]) == "Reconnection test completed successfully"
+
+    def test_kill_9_of_an_instance_mid_stream_the_client_resumes_elsewhere(self, redis_trio, redis_url):
+        _a, b, c = redis_trio
+        doomed = _redis_instances(redis_url, 1)[0]
+        try:
+            s = Session(doomed.port, capabilities={"elicitation": {}})
+            s.initialize()
+            call = s.body("tools/call", {"name": "test_elicitation", "arguments": {"message": "Still there?"}})
+            replies = f"mcp:{{{s.sid}}}:replies"
+            with Conn(doomed.port) as post_conn, Conn(doomed.port) as get_conn:
+                post_conn.request("POST", "/mcp", s.headers(), call)
+                post_stream = SSEStream(post_conn, post_conn.read_head())
+                priming = post_stream.next_event()
+                assert not priming.get("data") and priming["id"].endswith(":0")
+                asked = post_stream.next_event()
+                ask = json.loads(asked["data"])
+                assert ask["method"] == "elicitation/create"
+                get_conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+                get_stream = SSEStream(get_conn, get_conn.read_head())
+                assert not get_stream.next_event().get("data")
+                doomed.kill()  # kill -9: no goodbye on either stream
+                for stream in (post_stream, get_stream):
+                    with pytest.raises((EOFError, ConnectionError)):
+                        while stream.next_event() is not None:
+                            pass
+            _redis_wait(lambda: _redis_numsub(redis_url, replies) == 0, "Redis to drop the dead instance's subscription")
+            # the client resumes the dropped POST stream on B: it gets what it missed, from the log
+            resumed = http(b, "GET", "/mcp", _redis_on(s, b).headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                                      "Last-Event-ID": priming["id"]}))
+            assert resumed.status == 200, resumed
+            assert [(e["id"], json.loads(e["data"])) for e in resumed.events() if e.get("data")] == [(asked["id"], ask)]
+            # nobody will answer on that stream any more (its instance is gone): the client retries on B
+            with Conn(b) as conn:
+                conn.request("POST", "/mcp", s.headers(), call)
+                stream = SSEStream(conn, conn.read_head())
+                again = stream.next_message()
+                assert again["method"] == "elicitation/create" and again["params"]["message"] == "Still there?"
+                _redis_wait_subscribed(redis_url, replies)
+                assert _redis_on(s, c).post({"jsonrpc": "2.0", "id": again["id"], "result": {
+                    "action": "accept", "content": {"response": "yes"}}}).status == 202
+                final = stream.next_message()
+                assert final["id"] == call["id"]
+                assert _redis_text(final["result"]) == 'User response: action=accept, content={"response":"yes"}'
+            # and its session stream reopens on B, where notifications from anywhere reach it
+            with Conn(b) as conn:
+                conn.request("GET", "/mcp", _redis_on(s, b).headers({"Accept": "text/event-stream", "Content-Type": None}))
+                stream = SSEStream(conn, conn.read_head())
+                assert not stream.next_event().get("data")
+                assert _redis_modern_call(c, "test_trigger_tool_change").status == 200
+                assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        finally:
+            doomed.stop()
+
+    def test_workers_2_with_redis_serve_one_port_from_two_processes(self, redis_url):
+        port = _redis_free_port()
+        env = clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET)
+        with Proc([EVERYTHING_FILE, "--port", str(port), "--workers", "2"], env=env) as supervisor:
+            try:
+                lines = []
+                while not any("listening on" in line for line in lines):
+                    line = supervisor.err_line()
+                    assert line is not None, "".join(lines)
+                    lines.append(line)
+                assert any("supervising 2 workers" in line for line in lines), lines
+                workers = _redis_wait(lambda: _redis_listening_workers(supervisor.proc.pid, port, 2),
+                                      "both workers to listen on the port")
+                assert len(workers) == 2 and len(set(workers.values())) == 2  # two processes, one port each
+                for _ in range(10):
+                    ready = http(port, "GET", "/readyz")
+                    assert ready.status == 200 and ready.json() == {"status": "ready", "store": "redis"}
+                s = Session(port)
+                s.initialize()
+                for i in range(12):  # each request on a new connection: the kernel spreads them over both
+                    assert _redis_text(s.call("greet", {"name": f"n{i}"})) == f"Hello, n{i}!"
+            finally:
+                supervisor.proc.send_signal(signal.SIGTERM)
+                assert supervisor.proc.wait(WAIT + 20) == 0
+        assert "Traceback" not in supervisor.stderr.decode()
+
+    @pytest.mark.parametrize("script", [EVERYTHING_FILE, SERVER_FILE], ids=["everything_server", "mcp_server"])
+    def test_workers_without_redis_are_refused_with_one_line(self, script):
+        result = subprocess.run([sys.executable, script, "--port", str(_redis_free_port()), "--workers", "2"],
+                                capture_output=True, text=True, timeout=WAIT * 3, env=clean_env(MCP_NO_AUTH="1"),
+                                cwd=NEUTRAL_CWD, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2, result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1, result.stderr
+        assert "--workers" in lines[0] and "Redis" in lines[0] and "REDIS_URL" in lines[0]
+        assert result.stdout == ""
+
+    def test_redis_down_means_503_and_redis_back_means_service_without_a_restart(self, redis_workdir):
+        if _redis_skip_reason():
+            pytest.skip(_redis_skip_reason())
+        store = _redis_Server(redis_workdir).start()
+        instance = None
+        try:
+            instance = _redis_instances(store.url, 1, MCP_STORE_TIMEOUT="0.5")[0]
+            port = instance.port
+            assert http(port, "GET", "/readyz").json() == {"status": "ready", "store": "redis"}
+            s = Session(port)
+            s.initialize()
+            store.stop()
+            ready = http(port, "GET", "/readyz")
+            assert ready.status == 503 and ready.json()["status"] == "unavailable", ready
+            r = s.post(s.body("tools/list"))
+            assert r.status == 503, r
+            assert r.header("retry-after") is not None
+            error = r.json()["error"]
+            assert error["code"] == -32603 and "session store" in error["message"], error
+            r = Session(port).post(Session(port).body("initialize", {"protocolVersion": LEGACY}))
+            assert r.status == 503 and "session store" in r.json()["error"]["message"], r
+            # a 2026 request keeps no state: it is served while the store is down
+            modern = _redis_modern_call(port, "greet", {"name": "stateless"})
+            assert modern.status == 200 and _redis_text(modern.json()["result"]) == "Hello, stateless!"
+            # Redis comes back on the same address (empty: it kept nothing); the server reconnects
+            store = _redis_Server(redis_workdir, port=store.port).start()
+            _redis_wait(lambda: http(port, "GET", "/readyz").status == 200, "/readyz to answer 200 again")
+            assert s.post(s.body("tools/list")).status == 404  # that session died with Redis's memory
+            fresh = Session(port)
+            fresh.initialize()
+            assert _redis_text(fresh.call("greet", {"name": "again"})) == "Hello, again!"
+            # and its pub/sub connection resubscribed on its own
+            _redis_wait_subscribed(store.url, "mcp:bus")
+            with Conn(port) as conn:
+                conn.request("GET", "/mcp", fresh.headers({"Accept": "text/event-stream", "Content-Type": None}))
+                stream = SSEStream(conn, conn.read_head())
+                assert not stream.next_event().get("data")
+                assert _redis_modern_call(port, "test_trigger_tool_change").status == 200
+                assert stream.next_message() == {"jsonrpc": "2.0", "method": "notifications/tools/list_changed"}
+        finally:
+            if instance is not None:
+                instance.stop()
+            store.stop()
+
+
+    def test_a_resumed_stream_delivers_what_reached_the_log_while_its_subscription_was_down(self, redis_workdir):
+        """B follows a stream that lives on A.  Its pub/sub connection drops (B frozen meanwhile),
+        and A's final response is logged and published to nobody: B must still deliver it, from
+        the log, once it runs again."""
+        if _redis_skip_reason():
+            pytest.skip(_redis_skip_reason())
+        store = _redis_Server(redis_workdir).start()
+        instances = []
+        frozen = None
+        try:
+            instances = _redis_instances(store.url, 2)
+            a, b = (instance.port for instance in instances)
+            s = Session(a, capabilities={"elicitation": {}})
+            s.initialize()
+            call = s.body("tools/call", {"name": "test_elicitation", "arguments": {"message": "Name?"}})
+            with Conn(a) as conn:  # the client starts the call on A, then loses that connection
+                conn.request("POST", "/mcp", s.headers(), call)
+                stream = SSEStream(conn, conn.read_head())
+                priming = stream.next_event()
+                ask = stream.next_message()
+            stream_id = priming["id"].rpartition(":")[0]
+            with Conn(b) as resumed:
+                resumed.request("GET", "/mcp", _redis_on(s, b).headers(
+                    {"Accept": "text/event-stream", "Content-Type": None, "Last-Event-ID": priming["id"]}))
+                follow = SSEStream(resumed, resumed.read_head())
+                assert follow.next_message() == ask  # replayed from the log
+                _redis_wait_subscribed(store.url, f"mcp:{{{s.sid}}}:stream:{stream_id}")  # B follows
+                frozen = instances[1].proc.proc
+                frozen.send_signal(signal.SIGSTOP)
+                client = store.client()
+                try:
+                    client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # B's subscription is gone
+                    answer = _redis_on(s, a).post({"jsonrpc": "2.0", "id": ask["id"], "result": {
+                        "action": "accept", "content": {"response": "Ada"}}})
+                    assert answer.status == 202
+                    events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
+                    _redis_wait(lambda: any(b'"result"' in row for row in client.lrange(events_key, 0, -1)),
+                                "A's final response in the stream's log")
+                finally:
+                    client.close()
+                frozen.send_signal(signal.SIGCONT)
+                frozen = None
+                final = _redis_read_until_response(resumed, follow, call["id"], WAIT / 2)
+                assert _redis_text(final["result"]) == 'User response: action=accept, content={"response":"Ada"}'
+        finally:
+            if frozen is not None:
+                frozen.send_signal(signal.SIGCONT)
+            for instance in instances:
+                instance.stop()
+            store.stop()
+
+
+def _redis_read_until_response(conn: Conn, stream: SSEStream, request_id, bound: float) -> dict:
+    """Read a stream that sends keep-alive comments until the response to ``request_id``; fail
+    after ``bound`` seconds (a hang detector: keep-alives would otherwise keep it waiting)."""
+    deadline = time.monotonic() + bound
+    conn.sock.settimeout(bound)
+    while True:
+        text = stream.text.replace("\r\n", "\n")
+        while "\n\n" in text:
+            block, text = text.split("\n\n", 1)
+            event = parse_sse_block(block)
+            if event and event.get("data"):
+                message = json.loads(event["data"])
+                if message.get("id") == request_id and ("result" in message or "error" in message):
+                    stream.text = text
+                    return message
+        stream.text = text
+        if time.monotonic() > deadline:
+            pytest.fail(f"no response to {request_id!r} within {bound} s, although it is in the stream's log")
+        try:
+            stream.text += next(stream.pieces).decode("utf-8")
+        except StopIteration:
+            pytest.fail(f"the stream ended without the response to {request_id!r}")
+
+
+def _redis_listening_workers(supervisor_pid: int, port: int, count: int) -> dict | None:
+    """{socket inode: worker pid} of the LISTEN sockets on ``port`` owned by the supervisor's
+    children, once there are ``count`` of them (read from /proc, Linux)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(fields[9])
+    owners = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != supervisor_pid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    owners[target[8:-1]] = int(pid)
+        except OSError:
+            continue
+    return owners if len(owners) >= count else None
+
+
+# =================================================================================================
+# Revisions: every message a client of each revision receives, against that revision's schema
+# =================================================================================================
+#
+# The official JSON Schemas (shared/spec/schema/<revision>.json beside the repository) allow
+# properties they do not declare.  This validator does not: in an object definition that lists
+# its ``properties`` and says nothing about ``additionalProperties``, an undeclared property is a
+# failure, so a field a revision does not define fails the test.  Definitions that say
+# ``additionalProperties`` explicitly keep their openness (capabilities, ``arguments``,
+# ``structuredContent``), and so do two kinds of value whose keys are free by definition: ``_meta``
+# objects (MetaObject: any key with a valid name) and a tool's ``inputSchema``/``outputSchema``
+# (JSON Schema documents: any JSON Schema keyword).
+
+_REV_SCHEMA_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
+_REV_OPEN_PROPERTIES = ("_meta", "inputSchema", "outputSchema")
+_REV_TYPES = {
+    "null": lambda v: v is None,
+    "boolean": lambda v: isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool)
+    or (isinstance(v, float) and v.is_integer()),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+    "array": lambda v: isinstance(v, list),
+    "object": lambda v: isinstance(v, dict),
+}
+
+
+def _rev_equal(a, b) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_rev_equal(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_rev_equal(a[k], b[k]) for k in a)
+    return a == b
+
+
+class _rev_Schema:
+    """One revision's schema file with a strict validator (see above)."""
+
+    def __init__(self, revision: str):
+        self.revision = revision
+        with open(os.path.join(_REV_SCHEMA_DIR, f"{revision}.json")) as f:
+            self.root = json.load(f)
+        self.defs = self.root.get("definitions") or self.root.get("$defs")
+
+    def has(self, name: str) -> bool:
+        return name in self.defs
+
+    def resolve(self, ref: str) -> dict:
+        assert ref.startswith("#/"), f"only local references are used: {ref}"
+        node = self.root
+        for part in ref[2:].split("/"):
+            node = node[part.replace("~1", "/").replace("~0", "~")]
+        return node
+
+    def errors(self, instance, name: str, path: str = "") -> list:
+        """Every problem of ``instance`` as the definition ``name``; [] when it conforms."""
+        return self._check(instance, self.defs[name], path or name, open_object=False)
+
+    def _declared(self, schema: dict) -> tuple:
+        """(property names, open?) of an object schema, through $ref and allOf."""
+        names, is_open = set(schema.get("properties", ())), False
+        if "additionalProperties" in schema and schema["additionalProperties"] is not False:
+            is_open = True
+        if "properties" not in schema and "additionalProperties" not in schema and "allOf" not in schema \
+                and "$ref" not in schema:
+            is_open = True  # a bare {"type": "object"} is a free map
+        if "$ref" in schema:
+            more, more_open = self._declared(self.resolve(schema["$ref"]))
+            names |= more
+            is_open = is_open or more_open
+        for branch in schema.get("allOf", ()):
+            more, more_open = self._declared(branch)
+            names |= more
+            is_open = is_open or more_open
+        return names, is_open
+
+    def _check(self, value, schema, path: str, open_object: bool, in_all_of: bool = False) -> list:
+        if schema is True or schema == {}:
+            return []
+        if schema is False:
+            return [f"{path}: no value is allowed here"]
+        problems = []
+        if "$ref" in schema:
+            problems += self._check(value, self.resolve(schema["$ref"]), path, open_object, in_all_of=True)
+        types = schema.get("type")
+        if types is not None:
+            names = types if isinstance(types, list) else [types]
+            if not any(_REV_TYPES[t](value) for t in names):
+                return problems + [f"{path}: expected {'/'.join(names)}, got {json.dumps(value)[:80]}"]
+        if "const" in schema and not _rev_equal(value, schema["const"]):
+            problems.append(f"{path}: must be {json.dumps(schema['const'])}, got {json.dumps(value)[:80]}")
+        if "enum" in schema and not any(_rev_equal(value, option) for option in schema["enum"]):
+            problems.append(f"{path}: {json.dumps(value)[:80]} is not one of {schema['enum']}")
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if "minimum" in schema and value < schema["minimum"]:
+                problems.append(f"{path}: {value} is below the minimum {schema['minimum']}")
+            if "maximum" in schema and value > schema["maximum"]:
+                problems.append(f"{path}: {value} is above the maximum {schema['maximum']}")
+        if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+            problems.append(f"{path}: {value!r} does not match {schema['pattern']}")
+        if isinstance(value, list):
+            if "maxItems" in schema and len(value) > schema["maxItems"]:
+                problems.append(f"{path}: more than {schema['maxItems']} items")
+            if "minItems" in schema and len(value) < schema["minItems"]:
+                problems.append(f"{path}: fewer than {schema['minItems']} items")
+            if isinstance(schema.get("items"), dict):
+                for i, item in enumerate(value):
+                    problems += self._check(item, schema["items"], f"{path}[{i}]", False)
+        if isinstance(value, dict):
+            properties = schema.get("properties", {})
+            for key in schema.get("required", ()):
+                if key not in value:
+                    problems.append(f"{path}: the required property {key!r} is missing")
+            extra = schema.get("additionalProperties")
+            for key, item in value.items():
+                if key in properties:
+                    problems += self._check(item, properties[key], f"{path}.{key}", key in _REV_OPEN_PROPERTIES)
+                elif extra is False:
+                    problems.append(f"{path}: the property {key!r} is not allowed")
+                elif isinstance(extra, dict) and extra:
+                    problems += self._check(item, extra, f"{path}.{key}", False)
+            if not in_all_of and not open_object and ("properties" in schema or "allOf" in schema
+                                                       or "$ref" in schema):
+                declared, is_open = self._declared(schema)
+                if not is_open:
+                    for key in value:
+                        if key not in declared:
+                            problems.append(f"{path}: the property {key!r} is not defined by {self.revision}")
+        for branch in schema.get("allOf", ()):
+            problems += self._check(value, branch, path, open_object, in_all_of=True)
+        if "anyOf" in schema or "oneOf" in schema:
+            branches = schema.get("anyOf") or schema.get("oneOf")
+            results = [self._check(value, branch, path, open_object) for branch in branches]
+            passing = sum(1 for r in results if not r)
+            if passing == 0:
+                best = min(results, key=len)
+                problems.append(f"{path}: matches none of {len(branches)} forms; the closest: {'; '.join(best)}")
+            elif "oneOf" in schema and passing > 1:
+                problems.append(f"{path}: matches {passing} forms of a oneOf")
+        return problems
+
+
+_REV_SCHEMAS: dict = {}
+
+
+def _rev_schema(revision: str) -> _rev_Schema:
+    if not os.path.isdir(_REV_SCHEMA_DIR):
+        pytest.skip(f"the official schemas are not at {_REV_SCHEMA_DIR} (shared/spec/schema beside the "
+                    "repository); these tests validate against them and the repository keeps no copy")
+    if revision not in _REV_SCHEMAS:
+        _REV_SCHEMAS[revision] = _rev_Schema(revision)
+    return _REV_SCHEMAS[revision]
+
+
+_REV_RESULTS = {
+    "initialize": "InitializeResult", "ping": "EmptyResult", "logging/setLevel": "EmptyResult",
+    "resources/subscribe": "EmptyResult", "resources/unsubscribe": "EmptyResult",
+    "tools/list": "ListToolsResult", "tools/call": "CallToolResult", "resources/list": "ListResourcesResult",
+    "resources/templates/list": "ListResourceTemplatesResult", "resources/read": "ReadResourceResult",
+    "prompts/list": "ListPromptsResult", "prompts/get": "GetPromptResult", "completion/complete": "CompleteResult",
+    "server/discover": "DiscoverResult", "subscriptions/listen": "SubscriptionsListenResult",
+}
+_REV_NOTIFICATIONS = {
+    "notifications/progress": "ProgressNotification", "notifications/message": "LoggingMessageNotification",
+    "notifications/tools/list_changed": "ToolListChangedNotification",
+    "notifications/prompts/list_changed": "PromptListChangedNotification",
+    "notifications/resources/list_changed": "ResourceListChangedNotification",
+    "notifications/resources/updated": "ResourceUpdatedNotification",
+    "notifications/subscriptions/acknowledged": "SubscriptionsAcknowledgedNotification",
+    "notifications/cancelled": "CancelledNotification",
+}
+_REV_REQUESTS = {"elicitation/create": "ElicitRequest", "sampling/createMessage": "CreateMessageRequest",
+                 "roots/list": "ListRootsRequest", "ping": "PingRequest"}
+
+
+def _rev_problems(revision: str, message: dict, answering: str | None) -> list:
+    """Problems of one message a server sent to a client of ``revision``.  ``answering`` is the
+    method of the request a response answers."""
+    schema = _rev_schema(revision)
+
+    def first(*names):
+        return next(n for n in names if schema.has(n))
+
+    def body_of(definition: str) -> dict:  # 2024-2025-06-18 definitions leave the envelope out
+        declared = schema.defs[definition].get("properties", {})
+        return {k: v for k, v in message.items() if k in declared or k not in ("jsonrpc", "id")}
+
+    if "method" in message:
+        method = message["method"]
+        envelope = "JSONRPCRequest" if "id" in message else "JSONRPCNotification"
+        table = _REV_REQUESTS if "id" in message else _REV_NOTIFICATIONS
+        problems = schema.errors(message, envelope)
+        definition = table.get(method)
+        if definition is None or not schema.has(definition):
+            return problems + [f"{method} is not a {'request' if 'id' in message else 'notification'} "
+                               f"{revision} defines"]
+        return problems + schema.errors(body_of(definition), definition)
+    if "error" in message:
+        return schema.errors(message, first("JSONRPCErrorResponse", "JSONRPCError"))
+    problems = schema.errors(message, first("JSONRPCResultResponse", "JSONRPCResponse"))
+    result = message.get("result")
+    if not isinstance(result, dict):
+        return problems + ["the result is not an object"]
+    definition = _REV_RESULTS.get(answering)
+    if isinstance(result.get("resultType"), str) and result["resultType"] == "input_required":
+        definition = "InputRequiredResult"
+    if definition is None or not schema.has(definition):
+        return problems + [f"{answering} has no result type in {revision}"]
+    if definition == "EmptyResult":  # EmptyResult is Result, which is open; empty means empty
+        allowed = set(schema.defs["Result"].get("properties", ()))
+        problems += [f"EmptyResult: the property {k!r} is not defined by {revision}" for k in result
+                     if k not in allowed]
+        definition = "Result"
+    return problems + schema.errors(result, definition, f"{definition}")
+
+
+# ---- a server with every kind of thing a revision may or may not define --------------------------
+
+_REV_PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8DwHwAFBQIAX8jx0gAAAABJRU5ErkJggg=="
+_REV_WAV = "UklGRiYAAABXQVZFZm10IBAAAAABAAEAQB8AAAB9AAACABAAZGF0YQIAAAA="
+_REV_ICONS = [{"src": "https://example.com/icon.png", "mimeType": "image/png", "sizes": ["48x48"]}]
+_REV_ANNOTATIONS = {"audience": ["user", "assistant"], "priority": 0.5, "lastModified": "2025-01-01T00:00:00Z"}
+_REV_NAME_FORM = {"type": "object", "properties": {"name": {"type": "string", "title": "Name"}}, "required": ["name"]}
+
+
+class _rev_Point(TypedDict):
+    x: int
+    y: int
+
+
+def _rev_link() -> ResourceLink:
+    return ResourceLink("test://static", "static", title="Static", description="The static resource",
+                        mime_type="text/plain", size=11, annotations=_REV_ANNOTATIONS)
+
+
+def _rev_build_server() -> MCPServer:
+    server = MCPServer("rev-server", version="1.2.3", title="Revision Server", description="Serves every revision",
+                       website_url="https://example.com", icons=_REV_ICONS, instructions="Call the rev_* tools.",
+                       settings=Settings(auth="none"))
+
+    @server.tool(title="Text tool", icons=_REV_ICONS, meta={"com.example/kind": "text"},
+                 annotations={"title": "Text", "readOnlyHint": True, "destructiveHint": False,
+                              "idempotentHint": True, "openWorldHint": False})
+    def rev_text(word: Annotated[str, Param(title="Word", description="A word to echo")] = "hi") -> str:
+        """Echo a word."""
+        return f"text {word}"
+
+    @server.tool(title="Image tool")
+    def rev_image() -> Image:
+        """An image with annotations."""
+        return Image(base64=_REV_PNG, mime_type="image/png", annotations=_REV_ANNOTATIONS)
+
+    @server.tool(title="Audio tool")
+    def rev_audio() -> Audio:
+        """An audio clip."""
+        return Audio(base64=_REV_WAV, mime_type="audio/wav", annotations=_REV_ANNOTATIONS)
+
+    @server.tool(title="Link tool")
+    def rev_link() -> ResourceLink:
+        """A link to a resource."""
+        return _rev_link()
+
+    @server.tool(title="Embedded tool")
+    def rev_embedded() -> list:
+        """Embedded text and blob resources."""
+        return [EmbeddedResource("test://static", text="static text", mime_type="text/plain",
+                                 annotations=_REV_ANNOTATIONS),
+                EmbeddedResource("test://binary", blob=b"\x00\x01\x02", mime_type="application/octet-stream")]
+
+    @server.tool(title="Mixed tool")
+    def rev_mixed() -> list:
+        """Every kind of content block at once."""
+        return ["some text", Image(base64=_REV_PNG), Audio(base64=_REV_WAV), _rev_link(),
+                EmbeddedResource("test://static", text="static text", mime_type="text/plain")]
+
+    @server.tool(title="Point tool")
+    def rev_point() -> _rev_Point:
+        """Structured content with an output schema."""
+        return {"x": 1, "y": 2}
+
+    @server.tool()
+    def rev_dict() -> dict:
+        """A dict: structured content."""
+        return {"a": 1, "b": [1, 2]}
+
+    @server.tool()
+    def rev_array() -> list[int]:
+        """A list: array structured content."""
+        return [1, 2, 3]
+
+    @server.tool(output_schema={"type": "array", "items": {"type": "integer"}})
+    def rev_array_schema() -> list:
+        """A list with an array output schema."""
+        return [4, 5]
+
+    @server.tool()
+    def rev_error() -> str:
+        """Fails as a tool error."""
+        raise ToolError("rev_error failed on purpose")
+
+    @server.tool(task="optional")
+    def rev_task() -> str:
+        """May run as a task (2026 tasks extension)."""
+        return "task-capable"
+
+    @server.tool()
+    async def rev_notify(ctx: Context) -> str:
+        """Progress and log notifications."""
+        for step in (1, 2, 3):
+            await ctx.report_progress(step, 3, f"step {step}")
+        await ctx.log("debug", "debug line")
+        await ctx.log("info", "info line", logger="rev")
+        await ctx.log("warning", {"structured": True, "n": 1})
+        return "notified"
+
+    @server.tool()
+    async def rev_elicit(ctx: Context) -> str:
+        """Asks the user for a name."""
+        answer = await ctx.elicit("Your name?", _REV_NAME_FORM, key="who")
+        return f"Hello, {(answer.get('content') or {}).get('name')}"
+
+    @server.tool()
+    async def rev_sample(ctx: Context) -> str:
+        """Asks the client's model."""
+        answer = await ctx.sample("Say hi", max_tokens=10, key="llm")
+        return f"model said {answer['content']['text']}"
+
+    @server.tool()
+    async def rev_roots(ctx: Context) -> str:
+        """Asks the client for its roots."""
+        return f"{len(await ctx.list_roots(key='roots'))} root(s)"
+
+    @server.resource("test://static", name="static", title="Static", description="A static resource",
+                     mime_type="text/plain", size=11, annotations=_REV_ANNOTATIONS, icons=_REV_ICONS,
+                     meta={"com.example/x": 1})
+    def static() -> str:
+        return "static text"
+
+    @server.resource("test://binary", name="binary", description="Some bytes", mime_type="application/octet-stream")
+    def binary() -> bytes:
+        return b"\x00\x01\x02"
+
+    @server.resource("test://items/{id}", name="item", title="Item", description="An item by id",
+                     mime_type="text/plain", icons=_REV_ICONS, annotations=_REV_ANNOTATIONS)
+    def item(id: str) -> str:
+        return f"item {id}"
+
+    @server.prompt(title="City prompt", icons=_REV_ICONS)
+    def rev_prompt(city: Annotated[str, Param(title="City", description="The city")],
+                   style: Annotated[str, Param(title="Style", description="How to write")] = "plain") -> str:
+        """Describe a city."""
+        return f"Describe {city} in a {style} style."
+
+    @server.prompt(title="Rich prompt")
+    def rev_rich_prompt() -> list:
+        """A prompt with every kind of content."""
+        return [Image(base64=_REV_PNG), Audio(base64=_REV_WAV),
+                EmbeddedResource("test://static", text="static text", mime_type="text/plain"), _rev_link(),
+                "Please look at the above.", {"role": "assistant", "content": {"type": "text", "text": "Sure."}}]
+
+    @server.completion("ref/prompt", "rev_prompt")
+    def complete_city(argument: str, value: str, context: dict) -> list:
+        return [c for c in ("Paris", "Perth", "Oslo") if c.startswith(value)]
+
+    @server.completion("ref/resource", "test://items/{id}")
+    def complete_item(argument: str, value: str, context: dict) -> list:
+        return ["1", "2", "3"]
+
+    return server
+
+
+@pytest.fixture(scope="module")
+def redis_rev_server():
+    st = ServerThread(_rev_build_server()).start()
+    st.transcripts = {}
+    yield st
+    st.close()
+
+
+# ---- clients that record every message they receive -------------------------------------------
+
+
+def _rev_answer(request: dict) -> dict:
+    """What the client answers to a server request (or an MRTR input request)."""
+    method = request["method"]
+    if method == "elicitation/create":
+        return {"action": "accept", "content": {"name": "Ada"}}
+    if method == "sampling/createMessage":
+        return {"role": "assistant", "content": {"type": "text", "text": "hi"}, "model": "test-model",
+                "stopReason": "endTurn"}
+    if method == "roots/list":
+        return {"roots": [{"uri": "file:///tmp/project", "name": "project"}]}
+    raise AssertionError(f"unexpected server request {method}")
+
+
+class _rev_Legacy:
+    """A Streamable HTTP client of a legacy revision; answers server requests on the side."""
+
+    def __init__(self, port: int, revision: str, transcript: list):
+        caps = {"sampling": {}, "roots": {"listChanged": True}}
+        if revision >= "2025-06-18":
+            caps["elicitation"] = {}
+        self.session = Session(port, revision, caps)
+        self.port, self.revision, self.transcript = port, revision, transcript
+
+    def initialize(self) -> dict:
+        final, resp = self._exchange("initialize", {"protocolVersion": self.revision,
+                                                    "capabilities": self.session.capabilities,
+                                                    "clientInfo": {"name": "pytest", "version": "1.0"}})
+        self.session.sid = resp.header("mcp-session-id")
+        assert self.session.sid, resp
+        assert self.session.post({"jsonrpc": "2.0", "method": "notifications/initialized"}).status == 202
+        return final
+
+    def request(self, method: str, params: dict | None = None) -> dict:
+        return self._exchange(method, params)[0]
+
+    def _exchange(self, method: str, params: dict | None) -> tuple:
+        body = self.session.body(method, params)
+        with Conn(self.port) as conn:
+            conn.request("POST", "/mcp", self.session.headers(), body)
+            resp = conn.read_head()
+            assert resp.status == 200, (method, resp, b"".join(conn.iter_body(resp)))
+            if resp.content_type != "text/event-stream":
+                resp.body = b"".join(conn.iter_body(resp))
+                final = resp.json()
+                self.transcript.append((final, method))
+                return final, resp
+            stream = SSEStream(conn, resp)
+            while True:
+                message = stream.next_message()
+                assert message is not None, f"the {method} stream ended without a response"
+                if "method" in message:
+                    self.transcript.append((message, None))
+                    if "id" in message:
+                        answer = self.session.post({"jsonrpc": "2.0", "id": message["id"],
+                                                    "result": _rev_answer(message)})
+                        assert answer.status == 202, answer
+                    continue
+                self.transcript.append((message, method))
+                if message.get("id") == body["id"]:
+                    return message, resp
+
+    def listen(self, trigger, count: int, registered) -> None:
+        """Open the session's GET stream, run ``trigger()``, record ``count`` notifications."""
+        with Conn(self.port) as conn:
+            conn.request("GET", "/mcp", self.session.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            # before 2025-11-25 the stream starts with no event: ask the in-process server whether the
+            # stream is registered before causing notifications
+            _redis_wait(lambda: registered(self.session.sid), "the GET stream to be registered")
+            trigger()
+            resp = conn.read_head()
+            assert resp.status == 200, resp
+            stream = SSEStream(conn, resp)
+            for _ in range(count):
+                message = stream.next_message()
+                assert message is not None
+                self.transcript.append((message, None))
+
+
+class _rev_HttpSSE:
+    """A 2024-11-05 client on the HTTP+SSE transport: every answer arrives on the /sse stream."""
+
+    def __init__(self, port: int, transcript: list):
+        self.client = LegacySSEClient(port)
+        assert self.client.status == 200
+        self.transcript, self._id = transcript, 0
+        self.capabilities = {"sampling": {}, "roots": {"listChanged": True}}
+
+    def initialize(self) -> dict:
+        final = self.request("initialize", {"protocolVersion": "2024-11-05", "capabilities": self.capabilities,
+                                            "clientInfo": {"name": "pytest", "version": "1.0"}})
+        assert self.client.post({"jsonrpc": "2.0", "method": "notifications/initialized"}).status == 202
+        return final
+
+    def request(self, method: str, params: dict | None = None) -> dict:
+        self._id += 1
+        message = {"jsonrpc": "2.0", "id": self._id, "method": method}
+        if params is not None:
+            message["params"] = params
+        assert self.client.post(message).status == 202
+        while True:
+            received = self.client.next_message()
+            assert received is not None, f"the /sse stream ended before the answer to {method}"
+            if "method" in received:
+                self.transcript.append((received, None))
+                if "id" in received:
+                    answer = {"jsonrpc": "2.0", "id": received["id"], "result": _rev_answer(received)}
+                    assert self.client.post(answer).status == 202
+                continue
+            self.transcript.append((received, method))
+            if received.get("id") == self._id:
+                return received
+
+    def listen(self, trigger, count: int, registered) -> None:
+        trigger()  # the /sse stream is registered: its endpoint event came first
+        for _ in range(count):
+            message = self.client.next_message()
+            assert message is not None
+            self.transcript.append((message, None))
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class _rev_Modern:
+    """A 2026-07-28 client: stateless requests, MRTR rounds answered and retried."""
+
+    caps = {"elicitation": {}, "sampling": {}, "roots": {}}
+
+    def __init__(self, port: int, transcript: list):
+        self.port, self.transcript, self._id = port, transcript, 0
+
+    def request(self, method: str, params: dict | None = None) -> dict:
+        params = dict(params or {})
+        params["_meta"] = {"io.modelcontextprotocol/logLevel": "debug", **params.get("_meta", {})}
+        while True:
+            self._id += 1
+            body = modern_body(method, params, request_id=self._id, caps=self.caps)
+            resp = http(self.port, "POST", "/mcp", modern_headers(body), body)
+            assert resp.status == 200, (method, resp)
+            final = None
+            for message in resp.messages():
+                self.transcript.append((message, None if "method" in message else method))
+                if "method" not in message:
+                    final = message
+            assert final is not None and final.get("id") == self._id, resp
+            result = final.get("result") or {}
+            if result.get("resultType") != "input_required":
+                return final
+            params = {**params, "requestState": result["requestState"],
+                      "inputResponses": {k: _rev_answer(r) for k, r in result["inputRequests"].items()}}
+
+    def listen(self, trigger, count: int, registered) -> None:
+        self._id += 1
+        body = modern_body("subscriptions/listen", {"notifications": {
+            "toolsListChanged": True, "promptsListChanged": True, "resourcesListChanged": True,
+            "resourceSubscriptions": ["test://static"]}}, request_id=self._id, caps=self.caps)
+        with Conn(self.port) as conn:
+            conn.request("POST", "/mcp", modern_headers(body), body)
+            resp = conn.read_head()
+            assert resp.status == 200, resp
+            stream = SSEStream(conn, resp)
+            ack = stream.next_message()  # the listener is registered when the acknowledgement is sent
+            self.transcript.append((ack, None))
+            trigger()
+            for _ in range(count):
+                message = stream.next_message()
+                assert message is not None
+                self.transcript.append((message, None))
+
+
+_REV_CLIENTS = [("2024-11-05", "sse"), ("2024-11-05", "mcp"), ("2025-03-26", "mcp"), ("2025-06-18", "mcp"),
+                ("2025-11-25", "mcp"), ("2026-07-28", "mcp")]
+_REV_IDS = [f"{rev}-{transport}" for rev, transport in _REV_CLIENTS]
+
+
+def _rev_transcript(st, revision: str, transport: str) -> list:
+    """Drive one client of ``revision`` through everything the server offers; every message it
+    received, as (message, method answered or None).  Cached per module server."""
+    key = (revision, transport)
+    if key in st.transcripts:
+        return st.transcripts[key]
+    _rev_schema(revision)  # skip early when the schemas are absent
+    transcript: list = []
+    modern = revision >= "2026-07-28"
+    if modern:
+        client = _rev_Modern(st.port, transcript)
+        client.request("server/discover")
+    elif transport == "sse":
+        client = _rev_HttpSSE(st.port, transcript)
+        client.initialize()
+    else:
+        client = _rev_Legacy(st.port, revision, transcript)
+        client.initialize()
+    try:
+        if not modern:
+            client.request("ping")
+            client.request("logging/setLevel", {"level": "debug"})
+        tools = client.request("tools/list")["result"]["tools"]
+        for tool in tools:
+            params = {"name": tool["name"], "arguments": {"word": "hello"} if tool["name"] == "rev_text" else {}}
+            if tool["name"] == "rev_notify":
+                params["_meta"] = {"progressToken": f"progress-{revision}"}
+            client.request("tools/call", params)
+        client.request("tools/call", {"name": "rev_text", "arguments": {"word": 42}})  # invalid: a tool error
+        resources = client.request("resources/list")["result"]["resources"]
+        client.request("resources/templates/list")
+        for uri in [r["uri"] for r in resources] + ["test://items/7"]:
+            client.request("resources/read", {"uri": uri})
+        for prompt in client.request("prompts/list")["result"]["prompts"]:
+            arguments = {"city": "Paris"} if prompt["name"] == "rev_prompt" else {}
+            client.request("prompts/get", {"name": prompt["name"], "arguments": arguments})
+        client.request("completion/complete", {"ref": {"type": "ref/prompt", "name": "rev_prompt"},
+                                               "argument": {"name": "city", "value": "P"}})
+        client.request("completion/complete", {"ref": {"type": "ref/resource", "uri": "test://items/{id}"},
+                                               "argument": {"name": "id", "value": ""}})
+        if not modern:
+            client.request("resources/subscribe", {"uri": "test://static"})
+
+        def trigger():
+            st.run(st.server.notify_tools_changed())
+            st.run(st.server.notify_resource_updated("test://static"))
+        client.listen(trigger, 2, lambda sid: _rev_stream_registered(st, sid))
+    finally:
+        if transport == "sse" and not modern:
+            client.close()
+    st.transcripts[key] = transcript
+    return transcript
+
+
+def _rev_stream_registered(st, sid: str) -> bool:
+    async def check():
+        return sid in st.server._runtime.session_streams
+    return st.run(check())
+
+
+def _rev_walk(value, path: str = ""):
+    """(path, key, value) of every object member, outside tools' JSON Schema documents."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield path, key, item
+            if key not in ("inputSchema", "outputSchema", "requestedSchema"):
+                yield from _rev_walk(item, f"{path}.{key}")
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _rev_walk(item, f"{path}[{i}]")
+
+
+def _rev_results(transcript: list, method: str) -> list:
+    return [m["result"] for m, answering in transcript if answering == method and "result" in m]
+
+
+def _rev_call_results(transcript: list) -> dict:
+    """{tool name: CallToolResult} of the calls in order (the invalid rev_text call excluded)."""
+    results = _rev_results(transcript, "tools/call")
+    tools = _rev_results(transcript, "tools/list")[0]["tools"]
+    return {tool["name"]: result for tool, result in zip(tools, results)}
+
+
+class TestRevisions:
+    """Revision-shaped results, validated against the official schemas with undeclared fields
+    refused: what a client of one revision receives is exactly what that revision defines."""
+
+    @pytest.mark.parametrize("revision, transport", _REV_CLIENTS, ids=_REV_IDS)
+    def test_every_message_conforms_to_the_revision_schema(self, redis_rev_server, revision, transport):
+        transcript = _rev_transcript(redis_rev_server, revision, transport)
+        problems = []
+        for message, answering in transcript:
+            for problem in _rev_problems(revision, message, answering):
+                problems.append(f"{answering or message.get('method')}: {problem}")
+        assert not problems, "\n".join(dict.fromkeys(problems))
+        # and the transcript covers what it must: nothing vacuous passes
+        answered = {answering for _m, answering in transcript if answering}
+        expected = {"tools/list", "tools/call", "resources/list", "resources/templates/list", "resources/read",
+                    "prompts/list", "prompts/get", "completion/complete"}
+        expected |= {"server/discover"} if revision >= "2026" else {"initialize", "ping", "logging/setLevel",
+                                                                      "resources/subscribe"}
+        assert expected <= answered, expected - answered
+        sent = {m["method"] for m, answering in transcript if answering is None}
+        assert {"notifications/progress", "notifications/message", "notifications/tools/list_changed",
+                "notifications/resources/updated"} <= sent, sent
+        if revision < "2026":
+            assert {"sampling/createMessage", "roots/list"} <= sent, sent
+            assert ("elicitation/create" in sent) == (revision >= "2025-06-18"), sent
+        else:
+            rounds = [m["result"] for m, a in transcript if a == "tools/call"
+                      and m["result"].get("resultType") == "input_required"]
+            asked = {r["method"] for result in rounds for r in result["inputRequests"].values()}
+            assert asked == {"elicitation/create", "sampling/createMessage", "roots/list"}, asked
+
+    @pytest.mark.parametrize("transport", ["sse", "mcp"])
+    def test_a_2024_11_05_client_never_sees_newer_fields(self, redis_rev_server, transport):
+        transcript = _rev_transcript(redis_rev_server, "2024-11-05", transport)
+        newer = {"title", "icons", "structuredContent", "outputSchema", "resultType", "websiteUrl",
+                 "lastModified", "execution"}
+        found = []
+        for message, _answering in transcript:
+            for path, key, value in _rev_walk(message):
+                if key in newer or (key == "type" and value in ("audio", "resource_link")):
+                    found.append(f"{path}.{key}={json.dumps(value)[:60]}")
+        assert not found, found
+        results = _rev_call_results(transcript)
+        assert results["rev_audio"]["content"][0]["type"] == "text"  # audio became a placeholder text
+        assert results["rev_link"]["content"][0]["type"] == "text"
+        assert "Resource: static <test://static>" in results["rev_link"]["content"][0]["text"]
+
+    @pytest.mark.parametrize("revision", ["2025-03-26", "2025-06-18", "2025-11-25"])
+    def test_a_2025_client_never_receives_array_structured_content(self, redis_rev_server, revision):
+        transcript = _rev_transcript(redis_rev_server, revision, "mcp")
+        structured = [(path, value) for message, _a in transcript for path, key, value in _rev_walk(message)
+                      if key == "structuredContent"]
+        assert all(isinstance(value, dict) for _path, value in structured), structured
+        results = _rev_call_results(transcript)
+        assert "structuredContent" not in results["rev_array"] and "structuredContent" not in results["rev_array_schema"]
+        assert results["rev_array"]["content"] == [{"type": "text", "text": "[1,2,3]"}]
+        tools = {t["name"]: t for t in _rev_results(transcript, "tools/list")[0]["tools"]}
+        assert "outputSchema" not in tools["rev_array_schema"]  # legacy output schemas are objects
+        if revision >= "2025-06-18":  # the positive control: dicts do arrive
+            assert results["rev_point"]["structuredContent"] == {"x": 1, "y": 2}
+            assert tools["rev_point"]["outputSchema"]["type"] == "object"
+
+    def test_a_2026_client_receives_array_structured_content_and_result_types(self, redis_rev_server):
+        transcript = _rev_transcript(redis_rev_server, "2026-07-28", "mcp")
+        results = _rev_call_results(transcript)
+        assert results["rev_array"]["structuredContent"] == [1, 2, 3]
+        assert results["rev_array_schema"]["structuredContent"] == [4, 5]
+        tools = {t["name"]: t for t in _rev_results(transcript, "tools/list")[0]["tools"]}
+        assert tools["rev_array_schema"]["outputSchema"] == {"type": "array", "items": {"type": "integer"}}
+        assert "execution" not in tools["rev_task"]  # 2026 has no Tool.execution
+        for message, answering in transcript:
+            if answering and "result" in message:
+                assert message["result"]["resultType"] in ("complete", "input_required"), message
+                assert message["result"]["_meta"][META_SERVERINFO]["name"] == "rev-server"
+
+    @pytest.mark.parametrize("revision, fields", [
+        ("2025-03-26", {"tool": {"annotations"}, "block": {"audio"}}),
+        ("2025-06-18", {"tool": {"annotations", "title", "outputSchema", "_meta"},
+                        "block": {"audio", "resource_link"}}),
+        ("2025-11-25", {"tool": {"annotations", "title", "outputSchema", "_meta", "icons", "execution"},
+                        "block": {"audio", "resource_link"}}),
+        ("2026-07-28", {"tool": {"annotations", "title", "outputSchema", "_meta", "icons"},
+                        "block": {"audio", "resource_link"}}),
+    ])
+    def test_newer_fields_reach_the_revisions_that_define_them(self, redis_rev_server, revision, fields):
+        transcript = _rev_transcript(redis_rev_server, revision, "mcp")
+        tools = {t["name"]: t for t in _rev_results(transcript, "tools/list")[0]["tools"]}
+        seen = set(tools["rev_text"]) | set(tools["rev_point"]) | set(tools["rev_task"])
+        assert fields["tool"] <= seen, fields["tool"] - seen
+        blocks = {b["type"] for b in _rev_call_results(transcript)["rev_mixed"]["content"]}
+        assert fields["block"] <= blocks, blocks
+        info = (_rev_results(transcript, "initialize") or _rev_results(transcript, "server/discover"))[0]
+        if revision >= "2025-11-25" and revision < "2026":
+            assert info["serverInfo"]["icons"] == _REV_ICONS and info["serverInfo"]["websiteUrl"]
+
+    def test_prompt_argument_titles_reach_2025_06_18_and_later(self, redis_rev_server):
+        for revision in ("2025-06-18", "2025-11-25", "2026-07-28"):
+            prompts = _rev_results(_rev_transcript(redis_rev_server, revision, "mcp"), "prompts/list")[0]["prompts"]
+            arguments = {a["name"]: a for p in prompts if p["name"] == "rev_prompt" for a in p["arguments"]}
+            assert arguments["city"].get("title") == "City", (revision, arguments)
+            assert arguments["style"].get("title") == "Style", (revision, arguments)
+
+    @pytest.mark.parametrize("revision", ["2024-11-05", "2025-03-26"])
+    def test_resource_annotations_are_shaped_for_older_revisions(self, redis_rev_server, revision):
+        transcript = _rev_transcript(redis_rev_server, revision, "mcp")
+        listed = _rev_results(transcript, "resources/list")[0]["resources"] + \
+            _rev_results(transcript, "resources/templates/list")[0]["resourceTemplates"]
+        for entry in listed:
+            assert set(entry.get("annotations", {})) <= {"audience", "priority"}, entry
+
+    @pytest.mark.parametrize("revision", ["2025-03-26", "2025-06-18"])
+    def test_a_get_stream_answers_its_head_before_the_first_event(self, redis_rev_server, revision):
+        """Before 2025-11-25 a GET stream opens without an event; its 200 must still reach the
+        client at once, or the client cannot tell that the stream is open."""
+        st = redis_rev_server
+        client = _rev_Legacy(st.port, revision, [])
+        client.initialize()
+        with Conn(st.port) as conn:
+            conn.request("GET", "/mcp", client.session.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            _redis_wait(lambda: _rev_stream_registered(st, client.session.sid), "the GET stream to be registered")
+            # the stream is registered and its handler waits for events: everything it wrote is on the
+            # wire now (loopback delivers during the write), so a zero-timeout select tells the truth
+            readable, _w, _x = select.select([conn.sock], [], [], 0)
+            assert readable, "the server holds the GET response head back until the first event or keep-alive"
+            resp = conn.read_head()
+            assert resp.status == 200 and resp.content_type == "text/event-stream"
+
+    def test_the_validator_refuses_what_a_revision_does_not_define(self):
+        old, new = _rev_schema("2024-11-05"), _rev_schema("2026-07-28")
+        assert old.errors({"name": "s", "version": "1"}, "Implementation") == []
+        assert old.errors({"name": "s", "version": "1", "title": "T"}, "Implementation") == [
+            "Implementation: the property 'title' is not defined by 2024-11-05"]
+        assert old.errors({"content": [{"type": "audio", "data": "", "mimeType": "audio/wav"}]}, "CallToolResult")
+        assert old.errors({"content": []}, "CallToolResult") == []
+        assert old.errors({}, "CallToolResult") == ["CallToolResult: the required property 'content' is missing"]
+        assert old.errors({"content": [], "structuredContent": {}}, "CallToolResult")
+        assert old.errors({"tools": [{"name": "t", "inputSchema": {"type": "object", "$defs": {}, "anyOf": []}}]},
+                          "ListToolsResult") == []  # a tool's JSON Schema may use any keyword
+        assert new.errors({"resultType": "complete", "content": [], "_meta": {"com.example/any": 1}},
+                          "CallToolResult") == []
+        assert new.errors({"resultType": "complete", "content": [], "_meta": {META_SERVERINFO: {
+            "name": "s", "version": "1", "extra": 1}}}, "CallToolResult")
+        assert new.errors({"resultType": "complete", "content": [], "ttlMs": 5}, "CallToolResult")
+        assert new.errors({"jsonrpc": "2.0", "id": 1, "error": {"code": -32021, "message": "m", "data": {
+            "requiredCapabilities": {"extensions": {}}}}}, "MissingRequiredClientCapabilityError") == []
+        assert new.errors({"type": "text", "text": 1}, "TextContent") == ["TextContent.text: expected string, got 1"]
+        assert new.errors({"type": "image", "data": "", "mimeType": "x", "annotations": {"priority": 2}},
+                          "ImageContent") == ["ImageContent.annotations.priority: 2 is above the maximum 1"]
+
+
+# =================================================================================================
+# Tasks: the io.modelcontextprotocol/tasks extension over the 2026 wire
+# =================================================================================================
+
+_TASK_FORM = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+def _task_build_server() -> MCPServer:
+    server = MCPServer("task-server", version="1.0.0", settings=Settings(auth="none"))
+
+    @server.tool(task="optional")
+    async def task_gated(token: str, ctx: Context) -> str:
+        """Runs until the test opens its gate."""
+        p = probe(token)
+        p.gate = asyncio.Event()
+        p.gate_ready.set()
+        try:
+            await p.gate.wait()
+        finally:
+            p.cancelled = ctx.cancelled
+            p.finished.set()
+        return f"done {token}"
+
+    @server.tool(task="optional")
+    async def task_tool_error() -> str:
+        """Ends with a tool error."""
+        raise ToolError("the task tool failed")
+
+    @server.tool(task="optional")
+    async def task_rpc_error() -> str:
+        """Ends with a protocol error."""
+        raise RpcError(-32001, "protocol-level failure", {"why": "testing"})
+
+    @server.tool(task="optional")
+    async def task_two_questions(ctx: Context) -> str:
+        """Asks two questions at once."""
+        answers = await ctx.ask({
+            "first": {"method": "elicitation/create", "params": {"message": "First?", "requestedSchema": _TASK_FORM}},
+            "second": {"method": "elicitation/create", "params": {"message": "Second?", "requestedSchema": _TASK_FORM}},
+        })
+        return f"{answers['first']['content']['name']} and {answers['second']['content']['name']}"
+
+    @server.tool(task="required")
+    async def task_required() -> str:
+        """Runs only as a task."""
+        return "required ran"
+
+    @server.tool(task="required", task_start="explicit")
+    async def task_explicit(ctx: Context) -> str:
+        """Asks over MRTR, then becomes a task."""
+        answer = await ctx.elicit("Who?", _TASK_FORM, key="who")
+        await ctx.run_as_task()
+        return f"explicit for {answer['content']['name']}"
+
+    @server.tool()
+    def task_never(text: str) -> str:
+        """No task support."""
+        return f"plain {text}"
+
+    return server
+
+
+@pytest.fixture(scope="module")
+def redis_task_server():
+    st = ServerThread(_task_build_server()).start()
+    yield st
+    st.close()
+
+
+def _task_iso(text: str) -> datetime.datetime:
+    assert isinstance(text, str) and re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", text), text
+    return datetime.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def _task_create(port: int, name: str, arguments: dict | None = None, caps=_TASK_CAPS) -> dict:
+    result = _task_result(_redis_modern_call(port, name, arguments, caps=caps))
+    assert result["resultType"] == "task", result
+    return result
+
+
+class TestTasks:
+    """Tasks end to end over real HTTP: create, poll, results, errors, cancel, input, refusals."""
+
+    def test_a_task_is_created_polled_and_completes_with_the_result_inlined(self, redis_task_server):
+        st = redis_task_server
+        discover = _task_result(modern_post(st.port, "server/discover", caps=_TASK_CAPS))
+        assert _TASK_EXTENSION in discover["capabilities"]["extensions"]
+        token = new_token("task")
+        created = _task_create(st.port, "task_gated", {"token": token})
+        assert created["status"] == "working" and isinstance(created["taskId"], str) and created["taskId"]
+        assert isinstance(created["ttlMs"], int) and created["ttlMs"] > 0
+        assert isinstance(created["pollIntervalMs"], int) and created["pollIntervalMs"] > 0
+        created_at = _task_iso(created["createdAt"])
+        assert created_at.tzinfo is not None
+        assert not {"sub", "tool", "result", "error"} & set(created), created
+        p = probe(token)
+        assert p.gate_ready.wait(WAIT)  # the tool runs in the background after the handle was sent
+        working = _task_result(_task_post(st.port, "tasks/get", created["taskId"]))
+        assert working["status"] == "working" and working["taskId"] == created["taskId"]
+        assert working["createdAt"] == created["createdAt"] and "result" not in working
+        st.call_soon(p.gate.set)
+        done = _task_poll(st.port, created["taskId"], lambda r: r["status"] == "completed", "completion")
+        assert done["result"] == {"resultType": "complete", "content": [{"type": "text", "text": f"done {token}"}]}
+        assert _task_iso(done["lastUpdatedAt"]) >= created_at and done["createdAt"] == created["createdAt"]
+        assert not {"sub", "tool"} & set(done)
+
+    def test_a_tool_error_completes_the_task_with_is_error(self, redis_task_server):
+        st = redis_task_server
+        created = _task_create(st.port, "task_tool_error")
+        done = _task_poll(st.port, created["taskId"], lambda r: r["status"] != "working", "the task to end")
+        assert done["status"] == "completed", done
+        assert done["result"]["isError"] is True
+        assert done["result"]["content"] == [{"type": "text", "text": "the task tool failed"}]
+
+    def test_a_protocol_error_fails_the_task_with_the_error(self, redis_task_server):
+        st = redis_task_server
+        created = _task_create(st.port, "task_rpc_error")
+        done = _task_poll(st.port, created["taskId"], lambda r: r["status"] != "working", "the task to end")
+        assert done["status"] == "failed", done
+        assert done["error"] == {"code": -32001, "message": "protocol-level failure", "data": {"why": "testing"}}
+        assert "result" not in done
+
+    def test_cancel_stops_the_tool_and_the_task_stays_cancelled(self, redis_task_server):
+        st = redis_task_server
+        token = new_token("cancel")
+        created = _task_create(st.port, "task_gated", {"token": token})
+        p = probe(token)
+        assert p.gate_ready.wait(WAIT)
+        cancel = _task_result(_task_post(st.port, "tasks/cancel", created["taskId"]))
+        assert set(cancel) <= {"resultType", "_meta"}, cancel
+        assert p.finished.wait(WAIT) and p.cancelled is True  # the running tool was cancelled
+        record = _task_result(_task_post(st.port, "tasks/get", created["taskId"]))
+        assert record["status"] == "cancelled" and "result" not in record, record
+        assert _task_result(_task_post(st.port, "tasks/cancel", created["taskId"]))  # again: harmless
+        assert _task_result(_task_post(st.port, "tasks/get", created["taskId"]))["status"] == "cancelled"
+
+    def test_input_required_answered_in_parts_with_tasks_update(self, redis_task_server):
+        st = redis_task_server
+        created = _task_create(st.port, "task_two_questions", caps={**_TASK_CAPS, "elicitation": {}})
+        task_id = created["taskId"]
+        asking = _task_poll(st.port, task_id, lambda r: r["status"] == "input_required", "the questions")
+        assert set(asking["inputRequests"]) == {"first", "second"}
+        assert asking["inputRequests"]["first"]["method"] == "elicitation/create"
+        assert asking["inputRequests"]["first"]["params"]["message"] == "First?"
+        ack = _task_result(_task_post(st.port, "tasks/update", task_id, {"inputResponses": {
+            "first": {"action": "accept", "content": {"name": "Ada"}}, "unknown-key": {"action": "decline"}}}))
+        assert set(ack) <= {"resultType", "_meta"}
+        # the update is acknowledged once the still-pending question is stored
+        partial = _task_result(_task_post(st.port, "tasks/get", task_id))
+        assert partial["status"] == "input_required" and set(partial["inputRequests"]) == {"second"}, partial
+        _task_result(_task_post(st.port, "tasks/update", task_id, {"inputResponses": {
+            "second": {"action": "accept", "content": {"name": "Grace"}}}}))
+        done = _task_poll(st.port, task_id, lambda r: r["status"] == "completed", "completion")
+        assert _redis_text(done["result"]) == "Ada and Grace"
+        assert "inputRequests" not in done
+
+    def test_explicit_start_asks_over_mrtr_then_runs_as_a_task(self, redis_task_server):
+        st = redis_task_server
+        caps = {**_TASK_CAPS, "elicitation": {}}
+        first = _task_result(_redis_modern_call(st.port, "task_explicit", caps=caps))
+        assert first["resultType"] == "input_required" and set(first["inputRequests"]) == {"who"}
+        body = modern_body("tools/call", {"name": "task_explicit", "arguments": {},
+                                          "requestState": first["requestState"],
+                                          "inputResponses": {"who": {"action": "accept", "content": {"name": "Ada"}}}},
+                           caps=caps)
+        created = _task_result(http(st.port, "POST", "/mcp", modern_headers(body), body))
+        assert created["resultType"] == "task", created
+        done = _task_poll(st.port, created["taskId"], lambda r: r["status"] == "completed", "completion")
+        assert _redis_text(done["result"]) == "explicit for Ada"
+
+    def test_unknown_task_id_is_invalid_params(self, redis_task_server):
+        for method, params in (("tasks/get", None), ("tasks/cancel", None),
+                               ("tasks/update", {"inputResponses": {}})):
+            r = _task_post(redis_task_server.port, method, "no-such-task", params)
+            assert r.status == 200, r
+            error = r.json()["error"]
+            assert error["code"] == -32602 and "no-such-task" in error["message"], error
+
+    def test_tasks_methods_without_the_capability_are_32021(self, redis_task_server):
+        created = _task_create(redis_task_server.port, "task_tool_error")
+        for method, params in (("tasks/get", None), ("tasks/cancel", None),
+                               ("tasks/update", {"inputResponses": {}})):
+            r = _task_post(redis_task_server.port, method, created["taskId"], params, caps={})
+            error = assert_rpc_error(r, 400, -32021)
+            assert error["data"]["requiredCapabilities"] == {"extensions": {_TASK_EXTENSION: {}}}, error
+
+    def test_a_required_task_tool_needs_the_capability(self, redis_task_server):
+        r = _redis_modern_call(redis_task_server.port, "task_required", caps={})
+        error = assert_rpc_error(r, 400, -32021)
+        assert error["data"]["requiredCapabilities"] == {"extensions": {_TASK_EXTENSION: {}}}, error
+        created = _task_create(redis_task_server.port, "task_required")
+        done = _task_poll(redis_task_server.port, created["taskId"], lambda r: r["status"] == "completed", "completion")
+        assert _redis_text(done["result"]) == "required ran"
+
+    def test_optional_and_plain_tools_answer_directly_without_a_task(self, redis_task_server):
+        port = redis_task_server.port
+        plain = _task_result(_redis_modern_call(port, "task_never", {"text": "x"}, caps=_TASK_CAPS))
+        assert plain["resultType"] == "complete" and _redis_text(plain) == "plain x"
+        token = new_token("direct")
+        with Conn(port) as conn:  # an optional task tool called without the extension: an ordinary call
+            body = modern_body("tools/call", {"name": "task_gated", "arguments": {"token": token}}, caps={})
+            conn.request("POST", "/mcp", modern_headers(body), body)
+            p = probe(token)
+            assert p.gate_ready.wait(WAIT)
+            redis_task_server.call_soon(p.gate.set)
+            result = conn.read_response().json()["result"]
+        assert result["resultType"] == "complete" and _redis_text(result) == f"done {token}"
 
 
 # ==== 7. OAuth and login =====================================================================
