@@ -3694,7 +3694,7 @@ class _PostChannel:
     them, then an SSE response (logged in the store for 2025-11-25 resumption)."""
 
     __slots__ = ("http", "hub", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
-                 "followers", "extra_headers", "done")
+                 "followers", "extra_headers", "done", "must_stream")
 
     def __init__(self, http: _Http, hub: _Hub, session_id: str | None, sse_ok: bool, resumable: bool,
                  extra_headers: list):
@@ -3704,6 +3704,7 @@ class _PostChannel:
         self.stream_id = None
         self.followers: list = []
         self.extra_headers = extra_headers
+        self.must_stream = False  # answer with SSE even if nothing streams (SSE-only clients, sse mode)
 
     @property
     def can_stream(self) -> bool:
@@ -3762,6 +3763,9 @@ class _PostChannel:
     async def finish(self, response: dict | None, status: int, headers: list) -> None:
         """Send the final response (or nothing, for a cancelled request)."""
         try:
+            if not self.streaming and self.must_stream and response is not None:
+                self.extra_headers = self.extra_headers + headers  # e.g. the new Mcp-Session-Id
+                await self._start()
             if self.streaming:
                 if response is not None:
                     await self._emit(response)
@@ -3991,7 +3995,9 @@ class _StreamableHTTP:
         channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
         if sse_first:
-            await channel._start()
+            channel.must_stream = True
+            if method != "initialize":  # initialize's stream waits for the new session's id
+                await channel._start()
         hub.track(ctx)
         try:
             response, status = await server._respond(ctx)

@@ -2497,6 +2497,13 @@ class TestStreamableHTTP:
 # 6. Transports: legacy HTTP+SSE
 # =================================================================================================
 
+    def test_an_sse_only_initialize_still_gets_its_session_id(self, live):
+        body = {"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                "params": {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}}}
+        r = http(live.port, "POST", "/mcp", {"Content-Type": "application/json", "Accept": "text/event-stream"}, body)
+        assert r.status == 200 and r.content_type == "text/event-stream", r
+        assert r.header("mcp-session-id") and final_message(r, 1)["result"]["protocolVersion"] == LEGACY
+
     def test_a_client_that_accepts_only_sse_gets_sse(self, live):
         session = Session(live.port)
         session.initialize()
