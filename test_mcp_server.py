@@ -8241,6 +8241,11 @@ class TestOperations:
 class TestShipping:
     """The README, the Dockerfile and the code agree."""
 
+    def test_every_setting_is_one_field_with_one_default(self):
+        fields = {f.name: f.default for f in dataclasses.fields(Settings)}
+        specs = {attr: default for attr, _flag, _names, _parse, default, _help in mcp_server._SETTING_SPECS}
+        assert fields == specs  # the dataclass and the table (flags, env, --help, README) never drift
+
     def test_the_readme_settings_table_is_the_code(self):
         readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
         start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
