@@ -5911,7 +5911,9 @@ class _App:
         allowed = self.server.settings.allowed_origins
         ok = "*" in allowed or origin in allowed or (
             origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname)) or (
-            path.startswith(_OAUTH_BROWSER_PATHS) and origin == self.oauth.origin(http))
+            # the browser pages' own forms: same origin, or "null", which browsers send for a form
+            # POST from a page with Referrer-Policy: no-referrer (those forms carry CSRF tokens)
+            path.startswith(_OAUTH_BROWSER_PATHS) and origin in (self.oauth.origin(http), "null"))
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")

@@ -6913,6 +6913,37 @@ class TestLoginRounds:
         assert done["result"]["structuredContent"]["url"].startswith("https://mcp.example.com/login/")
 
 
+class TestBrowserForms:
+    """What a real browser sends: a form POST from a page with Referrer-Policy: no-referrer carries
+    ``Origin: null`` (Fetch spec), so the login and consent forms accept it (their CSRF tokens
+    protect them) while the MCP endpoint still refuses it.  Found by driving headless Chromium."""
+
+    def _asgi(self, app, method, path, headers, body=b""):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": method, "path": path, "root_path": "", "query_string": b"",
+                 "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
+                 "server": ("127.0.0.1", 6901), "client": ("127.0.0.1", 5000), "scheme": "http",
+                 "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    def test_origin_null_reaches_the_login_form_but_not_the_mcp_endpoint(self):
+        server = mcp_server._builtin_server(Settings(auth="none"))
+        host = {"Host": "127.0.0.1:6901", "Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
+        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction", host, b"csrf=x&code=y")
+        assert status == 400 and b"expired" in body  # the page itself answers: no Origin refusal
+        status, body = self._asgi(server.asgi, "POST", "/mcp", {**host, "Content-Type": "application/json"},
+                                  b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
+        assert status == 403 and b"Origin" in body
+
+
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
 #
 # Replays of what a real client sends: the official MCP Python SDK (`mcp` 2.3.0, `mcp.Client`).
