@@ -4130,7 +4130,7 @@ class TestScaleOut:
                         "action": "accept", "content": {"response": "Ada"}}})
                     assert answer.status == 202
                     events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
-                    _redis_wait(lambda: any(b'"result"' in row for row in client.lrange(events_key, 0, -1)),
+                    _redis_wait(lambda: any(b'result' in row for row in client.lrange(events_key, 0, -1)),
                                 "A's final response in the stream's log")
                 finally:
                     client.close()
