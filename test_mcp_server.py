@@ -8331,6 +8331,35 @@ class TestShipping:
             assert unauthenticated.status == 401  # the image serves with OAuth on
 
 
+class TestReadmeCommands:
+    """The README's curl walk-through (section 2) runs as written against a fresh server."""
+
+    def test_the_quick_start_curl_commands_work(self):
+        if shutil.which("curl") is None:
+            pytest.skip("curl is not installed")
+        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+        start = readme.index("### Talking to it with curl")
+        end = readme.index("## 3. Tests")
+        blocks = re.findall(r"```sh\n(.*?)```", readme[start:end], re.S)
+        assert len(blocks) >= 6, blocks
+        proc = Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0"))
+        with proc:
+            line = proc.err_line()
+            port = re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "").group(1)
+            script = "set -e\n" + "\n".join(blocks).replace("127.0.0.1:6901", f"127.0.0.1:{port}")
+            run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=WAIT * 3)
+        out = run.stdout
+        assert run.returncode == 0, run.stderr
+        assert re.search(r"(?i)^mcp-session-id: [\x21-\x7e]+", out, re.M)  # initialize
+        assert re.search(r"(^|[}\n])202\n", out)  # notifications/initialized (curl -w after a body)
+        assert '"name":"server_info"' in out and '"tools":[' in out  # tools/list
+        assert '"protocolVersion":"2025-11-25"' in out  # tools/call server_info
+        assert re.search(r"HTTP/1.1 200 OK\r?\ncontent-length: 0", out)  # DELETE
+        assert '"protocolVersion":"2026-07-28"' in out and '"resultType":"complete"' in out  # stateless call
+        assert '"supportedVersions":["2026-07-28"' in out  # server/discover
+        assert '{"error":{"code":-32601,"message":"Method not found: nope."}}' in out  # /http short form
+
+
 class TestLogHygiene:
     """Last in the file: no log line of the whole suite carries a secret or an unmasked value."""
 
