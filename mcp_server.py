@@ -113,15 +113,12 @@ LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
 SUPPORTED_VERSIONS = MODERN_VERSIONS + LEGACY_VERSIONS
 LATEST_LEGACY = LEGACY_VERSIONS[0]
-_VERSION_RANK = {v: i for i, v in enumerate(sorted(SUPPORTED_VERSIONS))}  # dates sort as strings
 
 _META_VERSION = "io.modelcontextprotocol/protocolVersion"
 _META_CAPS = "io.modelcontextprotocol/clientCapabilities"
-_META_CLIENT = "io.modelcontextprotocol/clientInfo"
 _META_LOGLEVEL = "io.modelcontextprotocol/logLevel"
 _META_SERVERINFO = "io.modelcontextprotocol/serverInfo"
 _META_SUBSCRIPTION = "io.modelcontextprotocol/subscriptionId"
-_META_RELATED_TASK = "io.modelcontextprotocol/related-task"
 _TASKS_EXTENSION = "io.modelcontextprotocol/tasks"
 
 PARSE_ERROR = -32700
@@ -130,7 +127,6 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 RESOURCE_NOT_FOUND = -32002  # legacy revisions only
-URL_ELICITATION_REQUIRED = -32042  # 2025-11-25 only
 HEADER_MISMATCH = -32020
 MISSING_CAPABILITY = -32021
 UNSUPPORTED_VERSION = -32022
@@ -3986,7 +3982,7 @@ class _StreamableHTTP:
             if session_id is None:
                 raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required; "
                                  "send initialize first to get one.", request_id=request_id)
-            session = _owned(await hub.store.get_touch(_session_key(session_id), settings.session_ttl), http)
+            session = await _session_of(hub, http, session_id)
             if session is None:
                 raise _HttpError(404, "Session not found: it expired or was deleted. Send initialize "
                                  "to start a new session.", request_id=request_id)
@@ -4038,7 +4034,7 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         session = None
         if session_id is not None:
-            session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
+            session = await _session_of(hub, http, session_id)
             if session is None:
                 raise _HttpError(404, "Session not found: send initialize to start a new session.")
         if session is None or session["v"] not in ("2025-03-26", "2024-11-05") or not messages:
@@ -4085,7 +4081,7 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required for a GET stream.")
-        session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
+        session = await _session_of(hub, http, session_id)
         if session is None:
             raise _HttpError(404, "Session not found: send initialize to start a new session.")
         last_event = http.headers.get("last-event-id")
@@ -4168,7 +4164,7 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        if _owned(await hub.store.get(_session_key(session_id)), http) is None:
+        if await _session_of(hub, http, session_id) is None:
             raise _HttpError(404, "Session not found.")
         await hub.store.delete(_session_key(session_id))
         _metrics.inc("mcp_sessions_deleted_total")
@@ -4180,11 +4176,11 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-def _owned(session: dict | None, http: _Http) -> dict | None:
-    """A legacy session, if it belongs to the caller's token (a session id alone proves nothing)."""
-    if session is None or session.get("owner") != http.principal:
-        return None
-    return session
+async def _session_of(hub: _Hub, http: _Http, session_id: str) -> dict | None:
+    """A legacy session, its expiry slid forward, if it belongs to the caller's token (a session
+    id alone proves nothing)."""
+    session = await hub.store.get_touch(_session_key(session_id), hub.settings.session_ttl)
+    return session if session is not None and session.get("owner") == http.principal else None
 
 
 def _classify_http(message) -> str:
@@ -4194,7 +4190,6 @@ def _classify_http(message) -> str:
         raise _HttpError(400, exc.message, exc.code) from None
 
 
-_TOKEN_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEADER_VALUE_RE = re.compile(r"[\x20-\x7e\t]*")
 
 
@@ -4281,7 +4276,7 @@ class _LegacySSE:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
-            session = _owned(await hub.store.get_touch(_session_key(session_id), self.server.settings.session_ttl), http)
+            session = await _session_of(hub, http, session_id)
             if session is None and session_id not in hub.session_streams:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
         else:
@@ -4295,7 +4290,7 @@ class _LegacySSE:
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        session = _owned(await hub.store.get_touch(_session_key(session_id), server.settings.session_ttl), http)
+        session = await _session_of(hub, http, session_id)
         if session is None and session_id not in hub.session_streams:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
         body = await http.read_body(server.settings.max_body)
@@ -5853,7 +5848,6 @@ class _Sandbox:
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 
-_LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")
 _CORS_ALLOW_HEADERS = (b"content-type, accept, authorization, mcp-session-id, mcp-protocol-version, "
                        b"mcp-method, mcp-name, last-event-id, x-request-id")
 
