@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import collections.abc
 import contextvars
 import dataclasses
 import datetime
@@ -1780,6 +1781,24 @@ def _param_descriptions(fn) -> dict:
     return found
 
 
+# How a sync function runs (``inline``): True on the event loop, False in a worker thread, None
+# (the default) decided by measurement.  A thread hand-off costs tens of microseconds and
+# several context switches, more than most small functions take; blocking the loop costs every
+# other request.  So a sync function starts in the worker pool, timed there; after
+# _AUTO_INLINE_RUNS calls in a row that each took under _AUTO_INLINE_FAST seconds it runs on
+# the loop, still timed, and the first call that takes over _AUTO_INLINE_SLOW sends it back to
+# the pool for good (logged).  Whatever waits on I/O, sleeps or takes real work stays in a thread.
+_AUTO_INLINE_RUNS = 16
+_AUTO_INLINE_FAST = 0.0001
+_AUTO_INLINE_SLOW = 0.002
+
+
+def _timed_call(fn, kwargs: dict) -> tuple:
+    started = time.perf_counter()
+    result = fn(**kwargs)
+    return result, time.perf_counter() - started
+
+
 class _Callable:
     """What tools, resources and prompts share: how to call the user's function."""
 
@@ -1790,7 +1809,8 @@ class _Callable:
             getattr(fn, "__call__", None))
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
-        self.inline = False  # sync functions run in a worker thread unless declared cheap
+        self.inline = None  # sync functions: True on the loop, False in a thread, None measured
+        self.fast_runs = 0  # auto mode: calls in a row under _AUTO_INLINE_FAST (-1: never inline)
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -1806,10 +1826,21 @@ class _Callable:
             result = await self.fn(**kwargs)
         elif self.inline:
             result = self.fn(**kwargs)  # declared cheap: no thread hand-off
+        elif self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS:
+            started = time.perf_counter()
+            result = self.fn(**kwargs)  # measured cheap
+            took = time.perf_counter() - started
+            if took > _AUTO_INLINE_SLOW:
+                self.fast_runs = -1
+                log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now on "
+                         "(inline=False/True on its decorator decides for it)",
+                         getattr(self.fn, "__name__", "a function"), took * 1000)
         else:
             loop = asyncio.get_running_loop()
-            call = functools.partial(contextvars.copy_context().run, self.fn, **kwargs)
-            result = await loop.run_in_executor(None, call)
+            context = contextvars.copy_context()
+            result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
+            if self.fast_runs >= 0:
+                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else 0
         if inspect.isawaitable(result):
             result = await result
         return result
@@ -2481,7 +2512,7 @@ class MCPServer:
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
              task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
-             inline: bool = False):
+             inline: bool | None = None):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -2494,9 +2525,11 @@ class MCPServer:
         the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
         and any names given; login-required tools mask by default, ``mask=False`` turns it off).
 
-        A sync function runs in a worker thread so that it never blocks the event loop;
-        ``inline=True`` runs it on the loop instead, for functions that are cheap and never block
-        (it saves the thread hand-off, tens of microseconds a call)."""
+        A sync function starts in a worker thread so that it never blocks the event loop; one
+        that proves cheap (16 calls in a row under 0.1 ms each) then runs on the loop, which
+        saves the thread hand-off, and goes back to the thread for good if a call ever takes
+        over 2 ms.  ``inline=False`` keeps it in the thread, ``inline=True`` puts it on the loop
+        from the first call."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
@@ -3568,27 +3601,37 @@ _REASONS = {200: "OK", 201: "Created", 202: "Accepted", 204: "No Content", 302: 
             431: "Request Header Fields Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
 
 
+def _header_dict(pairs: list) -> dict:
+    """Lower-cased names to values; a repeated header's values joined, as HTTP allows."""
+    headers = dict(pairs)
+    if len(headers) != len(pairs):
+        headers = {}
+        for key, text in pairs:
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+    return headers
+
+
 class _Http:
-    """One HTTP exchange seen through ASGI, with the helpers every transport needs."""
+    """One HTTP exchange, with the helpers every transport needs: seen through ASGI, or, under
+    the bundled server, through its ``_Cycle`` directly (``cycle``; no ASGI message dicts)."""
 
     __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal", "base", "status")
+                 "_callbacks", "_watcher", "_native", "principal", "base", "status", "cycle")
 
-    def __init__(self, scope, receive, send, extra_headers: list):
+    def __init__(self, scope, receive, send, extra_headers: list, cycle: "_Cycle | None" = None):
         self.scope, self.receive, self.send = scope, receive, send
-        raw = scope.get("headers", ())
-        headers = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in raw}
-        if len(headers) != len(raw):  # repeated headers: join their values, as HTTP allows
-            headers = {}
-            for name, value in raw:
-                key, text = name.decode("latin-1").lower(), value.decode("latin-1")
-                headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self.headers = headers
+        self.cycle = cycle
+        if cycle is not None:
+            self.headers = _header_dict(cycle.headers)
+            self._native = cycle.on_disconnect
+        else:
+            self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
+                                         for name, value in scope.get("headers", ())])
+            self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
         self.extra_headers = extra_headers  # CORS and the like, added to every response
         self.started = self.ended = False
         self._callbacks: list = []
         self._watcher = None
-        self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
@@ -3601,6 +3644,12 @@ class _Http:
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+        if self.cycle is not None:
+            whole = self.cycle.take_body()
+            if whole is not None:  # it has all arrived
+                if len(whole) > limit:
+                    raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+                return whole
         chunks, size = [], 0
         while True:
             message = await self.receive()
@@ -3617,24 +3666,42 @@ class _Http:
     async def start(self, status: int, headers: list) -> None:
         self.started = True
         self.status = status
-        await self.send({"type": "http.response.start", "status": status,
-                         "headers": headers + self.extra_headers})
+        if self.cycle is not None:
+            self.cycle.start(status, headers + self.extra_headers)
+        else:
+            await self.send({"type": "http.response.start", "status": status,
+                             "headers": headers + self.extra_headers})
 
     async def write(self, data: bytes) -> None:
         if not self.ended:
-            await self.send({"type": "http.response.body", "body": data, "more_body": True})
+            if self.cycle is not None:
+                await self.cycle.write(data, True)
+            else:
+                await self.send({"type": "http.response.body", "body": data, "more_body": True})
 
     async def end(self, data: bytes = b"") -> None:
         if not self.ended:
             self.ended = True
-            await self.send({"type": "http.response.body", "body": data, "more_body": False})
+            if self.cycle is not None:
+                await self.cycle.write(data, False)
+            else:
+                await self.send({"type": "http.response.body", "body": data, "more_body": False})
         self.stop_watching()
 
     async def respond(self, status: int, body: bytes = b"", content_type: str = "application/json",
                       headers: list | None = None) -> None:
         head = [(b"content-type", content_type.encode())] if body or status >= 400 else []
-        head.append((b"content-length", str(len(body)).encode()))
-        await self.start(status, head + (headers or []))
+        head.append((b"content-length", b"%d" % len(body)))
+        if headers:
+            head += headers
+        if self.cycle is not None:  # one write, no awaits on the way (the common answer)
+            self.started = self.ended = True
+            self.status = status
+            self.cycle.start(status, head + self.extra_headers)
+            await self.cycle.write(body, False)
+            self.stop_watching()
+            return
+        await self.start(status, head)
         await self.end(body)
 
     async def respond_json(self, status: int, value, headers: list | None = None) -> None:
@@ -5969,33 +6036,47 @@ class _App:
         raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
                          "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
+    async def _serve_native(self, cycle: "_Cycle") -> None:
+        """The bundled server's entry: the same as ASGI's, without its message dicts."""
+        await self._handle(_Http(cycle.scope, cycle.receive, cycle.send, [], cycle))
+
     async def _http(self, scope, receive, send) -> None:
-        started = time.perf_counter()
-        http = _Http(scope, receive, send, [])
+        await self._handle(_Http(scope, receive, send, []))
+
+    async def _handle(self, http: _Http) -> None:
+        scope, server = http.scope, self.server
+        settings = server.settings
+        started = time.perf_counter() if settings.access_log else 0.0
         root = scope.get("root_path", "")
         path = scope.get("path", "/")
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
-        request_id = http.headers.get("x-request-id")
+        headers = http.headers
+        request_id = headers.get("x-request-id")
         if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
             request_id = _next_request_id()
         _request_id.set(request_id)
-        traceparent = http.headers.get("traceparent")
+        traceparent = headers.get("traceparent")
         if traceparent is not None:
             traceparent = _TRACEPARENT_RE.fullmatch(traceparent)
-        _trace_id.set(traceparent.group(1) if traceparent else None)
+            _trace_id.set(traceparent.group(1) if traceparent else None)
+        elif _trace_id.get() is not None:
+            _trace_id.set(None)
         request_header = [(b"x-request-id", request_id.encode())]
         http.extra_headers = request_header
-        self._apply_forwarded(http)
-        if self.server._local_base is None and scope.get("server"):
+        if settings.trusted_proxies:
+            self._apply_forwarded(http)
+        if server._local_base is None and scope.get("server"):
             host, port = scope["server"][:2]
             host = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
-            self.server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
+            server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
         try:
-            await self.server._ready()
+            if server._runtime is None or not server._runtime.started:
+                await server._ready()
             self._check_host(http)
-            http.extra_headers = self._check_origin(http, path) + request_header
+            if "origin" in headers:
+                http.extra_headers = self._check_origin(http, path) + request_header
             if method == "OPTIONS":
                 await http.respond(204, headers=[
                     (b"access-control-allow-methods", b"GET, POST, DELETE, OPTIONS"),
@@ -6034,9 +6115,9 @@ class _App:
                 await http.end()
         finally:
             http.stop_watching()
-            route = _route_label(path, self.server.settings.mcp_path)
+            route = _route_label(path, settings.mcp_path)
             _metrics.add(("mcp_http_requests_total", (("route", route), ("method", method), ("status", http.status))))
-            if self.server.settings.access_log:
+            if settings.access_log:
                 log.info("request", extra={"fields": {
                     "method": method, "route": route, "status": http.status,
                     "duration_ms": round((time.perf_counter() - started) * 1000, 2),
@@ -6044,14 +6125,18 @@ class _App:
                     "client": (scope.get("client") or ("-",))[0]}})
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
-        mcp_path = self.server.settings.mcp_path
-        auth = self.server.settings.auth
+        settings = self.server.settings
+        mcp_path, auth = settings.mcp_path, settings.auth
         login = self.server._login
         if login is not None:
             http.base = self.oauth.issuer(http)  # the login tool hands out links to this server
+        if path == mcp_path and method == "POST" and auth == "none" and not settings.rate_limit:
+            await self.streamable.post(http)  # the hot path: nothing to check on the way
+            return
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
-            http.principal = await self.oauth.authenticate(http, path)
-            if self.server.settings.rate_limit:
+            if auth != "none":
+                http.principal = await self.oauth.authenticate(http, path)
+            if settings.rate_limit:
                 await self._rate_limit(http)
         elif login is not None and path.startswith("/login/") and path.count("/") == 2:
             if method not in ("GET", "POST"):
@@ -6192,7 +6277,7 @@ async def _shutdown(server: MCPServer) -> None:
 
 _MAX_REQUEST_LINE = 8192
 _HEADER_BLOCK_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*)*")
-_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection", b"expect"))
+_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "expect"))
 _ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -6206,6 +6291,9 @@ class _BadRequest(Exception):
 class _ServerState:
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
+        # Our own app is called without ASGI's message dicts (same code, one layer less); any
+        # other ASGI app gets standard ASGI.
+        self.native = app._serve_native if isinstance(app, _App) else None
         self.connections: set = set()
         self.draining = False
         self.root_path = ""
@@ -6250,12 +6338,49 @@ class _LazyEvent:
         await self._event.wait()
 
 
+# Running a request eagerly (see _HttpProtocol._start) needs the loop's notion of the current
+# task to point at the request while it runs outside one; CPython 3.11+ exposes these hooks.
+_enter_task = getattr(asyncio.tasks, "_enter_task", None)
+_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+
+
+class _Resumed(collections.abc.Coroutine):
+    """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
+    coroutine, its first step hands the task that future, and every later step goes on."""
+
+    __slots__ = ("_coroutine", "_waiting")
+
+    def __init__(self, coroutine, waiting):
+        self._coroutine, self._waiting = coroutine, [waiting]
+
+    def send(self, value):
+        if self._waiting:
+            return self._waiting.pop()
+        return self._coroutine.send(value)
+
+    def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
+        self._waiting = None
+        return self._coroutine.throw(*exc)
+
+    def close(self):
+        self._coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
 class _Cycle:
     """One request/response on a connection."""
 
     __slots__ = ("protocol", "scope", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head")
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers")
 
     def __init__(self, protocol: "_HttpProtocol", scope: dict, expect_continue: bool, keep_alive: bool):
         self.protocol = protocol
@@ -6274,6 +6399,28 @@ class _Cycle:
         self.received = 0
         self.body_finished = False
         self._head = None
+        self.headers = None  # (name, value) text pairs, for our own app
+
+    # While its app runs eagerly, the cycle stands in for the task it becomes if it waits
+    # (``asyncio.current_task()`` returns the cycle): timeouts, cancellation and task groups
+    # entered then act on that task.
+    def cancel(self, msg=None) -> bool:
+        return self.task.cancel(msg) if self.task is not None else False
+
+    def cancelling(self) -> int:
+        return self.task.cancelling() if self.task is not None else 0
+
+    def uncancel(self) -> int:
+        return self.task.uncancel() if self.task is not None else 0
+
+    def take_body(self) -> bytes | None:
+        """The whole body, if it has arrived and nobody took it (our own app's shortcut)."""
+        if self.more_body or self.body_finished:
+            return None
+        self.body_finished = True
+        chunk = bytes(self.body)
+        self.body.clear()
+        return chunk
 
     def on_disconnect(self, callback) -> None:
         if self.disconnected:
@@ -6318,21 +6465,30 @@ class _Cycle:
         return {"type": "http.request", "body": chunk, "more_body": self.more_body}
 
     async def send(self, message: dict) -> None:
+        """ASGI ``send``."""
+        kind = message["type"]
+        if kind == "http.response.start":
+            self.start(message["status"], message.get("headers", []))
+        elif kind == "http.response.body":
+            await self.write(message.get("body", b""), message.get("more_body", False))
+        else:
+            raise RuntimeError(f"unexpected ASGI message {kind!r}")
+
+    def start(self, status: int, headers: list) -> None:
+        if self.disconnected or self.response_done:
+            return
+        if self.response_started:
+            raise RuntimeError("response already started")
+        self.response_started = True
+        self.status = status
+        self._head = headers
+
+    async def write(self, body: bytes, more: bool) -> None:
         protocol = self.protocol
         if self.disconnected or self.response_done:
             return
-        kind = message["type"]
-        if kind == "http.response.start":
-            if self.response_started:
-                raise RuntimeError("response already started")
-            self.response_started = True
-            self.status = message["status"]
-            self._head = message.get("headers", [])
-            return
-        if kind != "http.response.body" or not self.response_started:
-            raise RuntimeError(f"unexpected ASGI message {kind!r}")
-        body = message.get("body", b"")
-        more = message.get("more_body", False)
+        if not self.response_started:
+            raise RuntimeError("a response body before its start")
         head = self._head
         if head is not None:
             self._head = None
@@ -6501,6 +6657,10 @@ class _HttpProtocol(asyncio.Protocol):
                 if self.cycle is None:
                     if not self._parse_head():
                         return
+                    cycle = self.cycle
+                    if cycle.more_body:
+                        self._feed_body()  # what already arrived, so that the app finds it
+                    self._start(cycle)
                 elif self.cycle.more_body:
                     if not self._feed_body():
                         return
@@ -6543,30 +6703,31 @@ class _HttpProtocol(asyncio.Protocol):
         headers, content_length, transfer_encoding = [], None, None
         keep_alive = version == b"HTTP/1.1"
         expect = False
-        for line in block.split(b"\r\n") if block else ():
-            name, _, value = line.partition(b":")
-            name, value = name.lower(), value.strip(b" \t")
+        # one latin-1 decode for the whole block (HTTP header bytes map 1:1 onto it)
+        for line in block.decode("latin-1").split("\r\n") if block else ():
+            name, _, value = line.partition(":")
+            name, value = name.lower(), value.strip(" \t")
             headers.append((name, value))
             if name in _FRAMING_HEADERS:
-                if name == b"content-length":
+                if name == "content-length":
                     if content_length is not None:
                         raise _BadRequest(400, "Several Content-Length headers are not accepted.")
                     if not value.isdigit() or len(value) > 18:
                         raise _BadRequest(400, "Malformed Content-Length.")
                     content_length = int(value)
-                elif name == b"transfer-encoding":
+                elif name == "transfer-encoding":
                     if transfer_encoding is not None:
                         raise _BadRequest(400, "Several Transfer-Encoding headers are not accepted.")
                     transfer_encoding = value.lower()
-                elif name == b"connection":
+                elif name == "connection":
                     tokens = value.lower()
-                    keep_alive = (b"close" not in tokens) if version == b"HTTP/1.1" else (b"keep-alive" in tokens)
-                elif name == b"expect":
-                    expect = value.lower() == b"100-continue"
+                    keep_alive = ("close" not in tokens) if version == b"HTTP/1.1" else ("keep-alive" in tokens)
+                elif name == "expect":
+                    expect = value.lower() == "100-continue"
         if transfer_encoding is not None:
             if content_length is not None:
                 raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
-            if transfer_encoding != b"chunked":
+            if transfer_encoding != "chunked":
                 raise _BadRequest(400, "Only the chunked transfer coding is accepted.")
         if content_length is not None and content_length > self.settings.max_body:
             raise _BadRequest(413, f"Request body is larger than the limit of {self.settings.max_body} "
@@ -6586,11 +6747,15 @@ class _HttpProtocol(asyncio.Protocol):
         scope = {
             "type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if version == b"HTTP/1.1" else "1.0",
             "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
-            "query_string": query, "root_path": self.state.root_path, "headers": headers,
+            "query_string": query, "root_path": self.state.root_path,
             "client": self.client, "server": self.server,
         }
         cycle = _Cycle(self, scope, expect, keep_alive)
-        scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
+        if self.state.native is not None:
+            cycle.headers = headers
+        else:
+            scope["headers"] = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+            scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
         self.cycle = cycle
         if transfer_encoding is not None:
             self.chunk_state = [0, False]  # bytes left in the current chunk; in trailers
@@ -6603,8 +6768,27 @@ class _HttpProtocol(asyncio.Protocol):
             self._arm(self.settings.body_timeout, self._body_timeout)
         else:
             self._disarm()
-        cycle.task = asyncio.get_running_loop().create_task(self._run(cycle))
         return True
+
+    def _start(self, cycle: _Cycle) -> None:
+        """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
+        then does it become a task.  A request whose body has arrived and whose handler never
+        waits (most tools/call) is answered without a task or a trip through the event loop."""
+        coroutine, loop = self._run(cycle), asyncio.get_running_loop()
+        if _enter_task is None or asyncio.current_task() is not None:  # (called from a task: no eager run)
+            cycle.task = loop.create_task(coroutine)
+            return
+        _enter_task(loop, cycle)
+        try:
+            waiting = coroutine.send(None)
+        except StopIteration:
+            return
+        except BaseException:
+            coroutine.close()
+            raise
+        finally:
+            _leave_task(loop, cycle)
+        cycle.task = loop.create_task(_Resumed(coroutine, waiting))
 
     def _feed_body(self) -> bool:
         """Move body bytes from the buffer to the cycle; False when more input is needed."""
@@ -6682,7 +6866,10 @@ class _HttpProtocol(asyncio.Protocol):
 
     async def _run(self, cycle: _Cycle) -> None:
         try:
-            await self.state.app(cycle.scope, cycle.receive, cycle.send)
+            if self.state.native is not None:
+                await self.state.native(cycle)
+            else:
+                await self.state.app(cycle.scope, cycle.receive, cycle.send)
         except Exception:
             log.error("the ASGI app raised", exc_info=True)
             if not cycle.response_started and not self.closed:
