@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import bisect
 import collections
 import collections.abc
 import contextvars
@@ -590,12 +591,9 @@ class _Metrics:
     def observe(self, name: str, seconds: float, **labels) -> None:
         key = (name, tuple(labels.items()))
         counts = self.histograms.get(key)
-        if counts is None:
+        if counts is None:  # per bucket (made cumulative when rendered), +Inf, sum
             counts = self.histograms[key] = [0] * (len(self.BUCKETS) + 1) + [0.0]
-        for i, bound in enumerate(self.BUCKETS):
-            if seconds <= bound:
-                counts[i] += 1
-        counts[len(self.BUCKETS)] += 1
+        counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
     def render(self) -> str:
@@ -612,11 +610,12 @@ class _Metrics:
                 for (metric, pairs), counts in sorted(self.histograms.items()):
                     if metric != name:
                         continue
+                    cumulative = list(itertools.accumulate(counts[:-1]))
                     for i, bound in enumerate(self.BUCKETS):
-                        lines.append(f"{name}_bucket{labels(pairs, [('le', bound)])} {counts[i]}")
-                    lines.append(f"{name}_bucket{labels(pairs, [('le', '+Inf')])} {counts[len(self.BUCKETS)]}")
+                        lines.append(f"{name}_bucket{labels(pairs, [('le', bound)])} {cumulative[i]}")
+                    lines.append(f"{name}_bucket{labels(pairs, [('le', '+Inf')])} {cumulative[-1]}")
                     lines.append(f"{name}_sum{labels(pairs)} {counts[-1]:.6f}")
-                    lines.append(f"{name}_count{labels(pairs)} {counts[len(self.BUCKETS)]}")
+                    lines.append(f"{name}_count{labels(pairs)} {cumulative[-1]}")
                 continue
             for (metric, pairs), value in sorted(self.values.items()):
                 if metric == name:
@@ -632,7 +631,27 @@ def _hash_id(value: str | None) -> str | None:
     return hashlib.sha256(value.encode()).hexdigest()[:12] if value else None
 
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+def _json_encoder():
+    """Compact JSON text, with the C encoder made once (``JSONEncoder.encode`` builds one per
+    call).  Circular data raises RecursionError instead of ValueError."""
+    encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+    make = getattr(json.encoder, "c_make_encoder", None)
+    if make is None:
+        return encoder.encode
+    iterate = make(None, encoder.default, json.encoder.encode_basestring, None, ":", ",", False, False, True)
+
+    def dumps(value) -> str:
+        return "".join(iterate(value, 0))
+    return dumps
+
+
+_dumps = _json_encoder()
+_decode_json = json.JSONDecoder().decode
+
+
+def _loads(data: bytes | str):
+    """JSON from UTF-8 bytes (what MCP sends; skips ``json.loads``'s encoding detection)."""
+    return _decode_json(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
 
 
 def _now() -> float:
@@ -1786,11 +1805,14 @@ def _param_descriptions(fn) -> dict:
 # several context switches, more than most small functions take; blocking the loop costs every
 # other request.  So a sync function starts in the worker pool, timed there; after
 # _AUTO_INLINE_RUNS calls in a row that each took under _AUTO_INLINE_FAST seconds it runs on
-# the loop, still timed, and the first call that takes over _AUTO_INLINE_SLOW sends it back to
-# the pool for good (logged).  Whatever waits on I/O, sleeps or takes real work stays in a thread.
+# the loop, still timed, and a call that takes over _AUTO_INLINE_SLOW sends it back to the pool
+# to earn its place again (a pause of the whole process can make a cheap call look slow once);
+# the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever waits on I/O, sleeps or does
+# real work stays in a thread.
 _AUTO_INLINE_RUNS = 16
 _AUTO_INLINE_FAST = 0.0001
 _AUTO_INLINE_SLOW = 0.002
+_AUTO_INLINE_STRIKES = 3
 
 
 def _timed_call(fn, kwargs: dict) -> tuple:
@@ -1811,9 +1833,16 @@ class _Callable:
                                 for p in self.signature.parameters.values())
         self.inline = None  # sync functions: True on the loop, False in a thread, None measured
         self.fast_runs = 0  # auto mode: calls in a row under _AUTO_INLINE_FAST (-1: never inline)
+        self.slow_strikes = 0  # auto mode: inline calls that took over _AUTO_INLINE_SLOW
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+
+    @property
+    def on_loop(self) -> bool:
+        """A sync function that runs on the event loop now (declared or measured cheap)."""
+        return not self.is_async and (self.inline is True or (
+            self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS))
 
     async def invoke(self, arguments: dict, ctx):
         kwargs = {name: _convert(arguments[name], self.hints.get(name, inspect.Parameter.empty))
@@ -1831,10 +1860,12 @@ class _Callable:
             result = self.fn(**kwargs)  # measured cheap
             took = time.perf_counter() - started
             if took > _AUTO_INLINE_SLOW:
-                self.fast_runs = -1
-                log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now on "
-                         "(inline=False/True on its decorator decides for it)",
-                         getattr(self.fn, "__name__", "a function"), took * 1000)
+                self.slow_strikes += 1
+                self.fast_runs = -1 if self.slow_strikes >= _AUTO_INLINE_STRIKES else 0
+                if self.fast_runs < 0:
+                    log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now "
+                             "on (inline=True/False on its decorator decides for it)",
+                             getattr(self.fn, "__name__", "a function"), took * 1000)
         else:
             loop = asyncio.get_running_loop()
             context = contextvars.copy_context()
@@ -2339,6 +2370,11 @@ _ADDED_IN = {
 }
 
 
+# from this revision on, content blocks need no shaping
+_CONTENT_STABLE_SINCE = max(date for kind in ("content", "annotations", "contents")
+                            for date in _ADDED_IN[kind].values())
+
+
 def _trim(obj: dict, kind: str, version: str) -> dict:
     added = _ADDED_IN[kind]
     if not any(key in added and version < added[key] for key in obj):
@@ -2364,7 +2400,8 @@ def _shape_block(block: dict, version: str) -> dict:
 def _shape_call_result(result: dict, version: str) -> dict:
     if version >= "2026-07-28":
         return result
-    shaped = {"content": [_shape_block(b, version) for b in result.get("content", ())]}
+    content = result.get("content", ())
+    shaped = {"content": content if version >= _CONTENT_STABLE_SINCE else [_shape_block(b, version) for b in content]}
     if result.get("isError"):
         shaped["isError"] = True
     if "_meta" in result:
@@ -2748,10 +2785,11 @@ class MCPServer:
 
     async def _respond(self, ctx: Context) -> tuple:
         """Run one request or notification: (JSON-RPC response or None, HTTP status)."""
-        trace = ctx.meta.get("traceparent")
-        if isinstance(trace, str) and len(trace) == 55:
-            _trace_id.set(trace[3:35])
-        response, status = await self._respond_inner(ctx)
+        if ctx.meta:
+            trace = ctx.meta.get("traceparent")
+            if isinstance(trace, str) and len(trace) == 55:
+                _trace_id.set(trace[3:35])
+        response, status = await self._outcome(ctx)
         if ctx.request_id is not None:
             outcome = ("cancelled" if response is None else "error" if "error" in response
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
@@ -2759,7 +2797,7 @@ class MCPServer:
             _metrics.add(("mcp_rpc_calls_total", (("method", method), ("outcome", outcome))))
         return response, status
 
-    async def _respond_inner(self, ctx: Context) -> tuple:
+    async def _outcome(self, ctx: Context) -> tuple:
         try:
             if self.middleware:
                 result = await self._call_chain(ctx, 0)
@@ -2807,19 +2845,25 @@ class MCPServer:
             _META_SERVERINFO: self.info}
         return result
 
-    async def _dispatch(self, ctx: Context):
+    def _dispatch(self, ctx: Context) -> typing.Awaitable:
+        """The handler's coroutine for ``ctx`` (the caller awaits it: one frame less a request)."""
         table = _MODERN_METHODS if ctx.modern else _LEGACY_METHODS
         handler = table.get(ctx.method)
         if handler is None:
             if ctx.request_id is None:
-                return None  # unknown notifications are ignored
+                return _nothing()  # unknown notifications are ignored
             known = ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
             message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
                        if known else f"Method not found: {ctx.method}.")
             raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
-        if ctx.modern and ctx.method in _MRTR_METHODS:
-            await self._restore_round(ctx)
+        if ctx.modern and ctx.method in _MRTR_METHODS and (
+                "requestState" in ctx.params or "inputResponses" in ctx.params):
+            return self._next_round(ctx, handler)
+        return handler(self, ctx)
+
+    async def _next_round(self, ctx: Context, handler):
+        await self._restore_round(ctx)
         return await handler(self, ctx)
 
     # -- Multi Round-Trip Requests (2026) ------------------------------------------------------
@@ -2969,7 +3013,8 @@ class MCPServer:
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
         limit = self.settings.tool_timeout
         timer, expired = None, []
-        if limit:  # a bare timer handle: cheaper than asyncio.timeout() on every call
+        if limit and not tool.on_loop:  # (a sync call on the loop cannot be interrupted anyway)
+            # a bare timer handle: cheaper than asyncio.timeout() on every call
             task = ctx._task or asyncio.current_task()
 
             def expire():
@@ -3169,6 +3214,10 @@ class MCPServer:
 _TASK_TERMINAL = ("completed", "failed", "cancelled")
 _TASK_PRIVATE = ("sub", "tool")
 _TASK_TTL_MS = 3600000
+
+
+async def _nothing() -> None:
+    return None
 
 
 def _has_tasks_extension(ctx: Context) -> bool:
@@ -3622,7 +3671,7 @@ class _Http:
         self.scope, self.receive, self.send = scope, receive, send
         self.cycle = cycle
         if cycle is not None:
-            self.headers = _header_dict(cycle.headers)
+            self.headers = cycle.headers
             self._native = cycle.on_disconnect
         else:
             self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
@@ -3741,6 +3790,11 @@ class _Http:
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
+
+
+@functools.lru_cache(maxsize=64)
+def _media_type(content_type: str) -> str:
+    return content_type.split(";")[0].strip().lower()
 
 
 @functools.lru_cache(maxsize=256)
@@ -3961,9 +4015,9 @@ class _StreamableHTTP:
     # -- POST ------------------------------------------------------------------------------------
 
     async def post(self, http: _Http) -> None:
-        server, hub = self.server, self.server._hub()
+        server = self.server
         settings = server.settings
-        content_type = http.headers.get("content-type", "application/json").split(";")[0].strip().lower()
+        content_type = _media_type(http.headers.get("content-type", "application/json"))
         if content_type != "application/json":
             raise _HttpError(415, f"Content-Type must be application/json, not {content_type!r}.")
         json_ok, sse_ok = _accepts(http.headers.get("accept"))
@@ -3974,7 +4028,7 @@ class _StreamableHTTP:
             sse_ok = False
         body = await http.read_body(settings.max_body)
         try:
-            message = json.loads(body)
+            message = _loads(body)
         except (ValueError, UnicodeDecodeError):
             raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
         header_version = http.headers.get("mcp-protocol-version")
@@ -6277,7 +6331,6 @@ async def _shutdown(server: MCPServer) -> None:
 
 _MAX_REQUEST_LINE = 8192
 _HEADER_BLOCK_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*(?:\r\n[!#$%&'*+.^_`|~0-9A-Za-z-]+:[^\r\n\x00]*)*")
-_FRAMING_HEADERS = frozenset(("content-length", "transfer-encoding", "connection", "expect"))
 _ASGI_VERSION = {"version": "3.0", "spec_version": "2.3"}
 _METHOD_RE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
@@ -6399,7 +6452,7 @@ class _Cycle:
         self.received = 0
         self.body_finished = False
         self._head = None
-        self.headers = None  # (name, value) text pairs, for our own app
+        self.headers = None  # lower-cased name -> value, for our own app
 
     # While its app runs eagerly, the cycle stands in for the task it becomes if it waits
     # (``asyncio.current_task()`` returns the cycle): timeouts, cancellation and task groups
@@ -6700,30 +6753,34 @@ class _HttpProtocol(asyncio.Protocol):
             if re.search(rb"(?:^|\r\n)[ \t]", block):
                 raise _BadRequest(400, "Obsolete header line folding is not accepted.")
             raise _BadRequest(400, "Malformed header line.")
-        headers, content_length, transfer_encoding = [], None, None
-        keep_alive = version == b"HTTP/1.1"
-        expect = False
-        # one latin-1 decode for the whole block (HTTP header bytes map 1:1 onto it)
+        # (name, value) text pairs, from one latin-1 decode of the block (header bytes map 1:1
+        # onto it; measured faster than a findall)
+        pairs = []
         for line in block.decode("latin-1").split("\r\n") if block else ():
             name, _, value = line.partition(":")
-            name, value = name.lower(), value.strip(" \t")
-            headers.append((name, value))
-            if name in _FRAMING_HEADERS:
-                if name == "content-length":
-                    if content_length is not None:
-                        raise _BadRequest(400, "Several Content-Length headers are not accepted.")
-                    if not value.isdigit() or len(value) > 18:
-                        raise _BadRequest(400, "Malformed Content-Length.")
-                    content_length = int(value)
-                elif name == "transfer-encoding":
-                    if transfer_encoding is not None:
-                        raise _BadRequest(400, "Several Transfer-Encoding headers are not accepted.")
-                    transfer_encoding = value.lower()
-                elif name == "connection":
-                    tokens = value.lower()
-                    keep_alive = ("close" not in tokens) if version == b"HTTP/1.1" else ("keep-alive" in tokens)
-                elif name == "expect":
-                    expect = value.lower() == "100-continue"
+            pairs.append((name.lower(), value.strip(" \t")))
+        fields = dict(pairs)
+        if len(fields) != len(pairs):
+            names = [name for name, _ in pairs]
+            for name in ("content-length", "transfer-encoding"):
+                if names.count(name) > 1:
+                    raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
+            fields = _header_dict(pairs)
+        content_length = fields.get("content-length")
+        if content_length is not None:
+            if not content_length.isdigit() or len(content_length) > 18:
+                raise _BadRequest(400, "Malformed Content-Length.")
+            content_length = int(content_length)
+        transfer_encoding = fields.get("transfer-encoding")
+        if transfer_encoding is not None:
+            transfer_encoding = transfer_encoding.lower()
+        keep_alive = version == b"HTTP/1.1"
+        tokens = fields.get("connection")
+        if tokens is not None:
+            tokens = tokens.lower()
+            keep_alive = ("close" not in tokens) if keep_alive else ("keep-alive" in tokens)
+        expect = fields.get("expect")
+        expect = expect is not None and expect.lower() == "100-continue"
         if transfer_encoding is not None:
             if content_length is not None:
                 raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
@@ -6752,9 +6809,9 @@ class _HttpProtocol(asyncio.Protocol):
         }
         cycle = _Cycle(self, scope, expect, keep_alive)
         if self.state.native is not None:
-            cycle.headers = headers
+            cycle.headers = fields
         else:
-            scope["headers"] = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers]
+            scope["headers"] = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
             scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
         self.cycle = cycle
         if transfer_encoding is not None:
