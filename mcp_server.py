@@ -589,7 +589,10 @@ class _Metrics:
         self.values[key] += 1
 
     def observe(self, name: str, seconds: float, **labels) -> None:
-        key = (name, tuple(labels.items()))
+        self.observe_key((name, tuple(labels.items())), seconds)
+
+    def observe_key(self, key: tuple, seconds: float) -> None:
+        """``observe`` for a key built by the caller: ``(name, ((label, value), ...))``."""
         counts = self.histograms.get(key)
         if counts is None:  # per bucket (made cumulative when rendered), +Inf, sum
             counts = self.histograms[key] = [0] * (len(self.BUCKETS) + 1) + [0.0]
@@ -1837,6 +1840,9 @@ class _Callable:
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
+        # (name, the type to convert to, or None for JSON values taken as they are)
+        self.arg_types = tuple((name, None if self.hints.get(name, inspect.Parameter.empty) in _AS_IS
+                                else self.hints[name]) for name in self.arg_names)
 
     @property
     def on_loop(self) -> bool:
@@ -1845,8 +1851,8 @@ class _Callable:
             self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS))
 
     async def invoke(self, arguments: dict, ctx):
-        kwargs = {name: _convert(arguments[name], self.hints.get(name, inspect.Parameter.empty))
-                  for name in self.arg_names if name in arguments}
+        kwargs = {name: arguments[name] if tp is None else _convert(arguments[name], tp)
+                  for name, tp in self.arg_types if name in arguments}
         if self.takes_kwargs:
             kwargs.update({k: v for k, v in arguments.items() if k not in kwargs})
         if self.ctx_param:
@@ -1882,6 +1888,9 @@ class _Tool(_Callable):
                  input_schema=None, output_schema=None, meta=None, task=None, task_start="call"):
         super().__init__(fn)
         self.name = name
+        self.metric_keys = {outcome: ("mcp_tool_calls_total", (("tool", name), ("outcome", outcome)))
+                            for outcome in ("ok", "error")}
+        self.metric_keys["duration"] = ("mcp_tool_duration_seconds", (("tool", name),))
         if task_start not in ("call", "explicit"):
             raise ValueError(f"tool {name!r}: task_start must be 'call' or 'explicit'")
         self.task_start = task_start
@@ -3006,8 +3015,8 @@ class MCPServer:
             result = await self._run_tool(tool, arguments, ctx)
             outcome = "error" if result.get("isError") else "ok"
         finally:
-            _metrics.add(("mcp_tool_calls_total", (("tool", name), ("outcome", outcome))))
-            _metrics.observe("mcp_tool_duration_seconds", time.perf_counter() - started, tool=name)
+            _metrics.add(tool.metric_keys[outcome])
+            _metrics.observe_key(tool.metric_keys["duration"], time.perf_counter() - started)
         return _shape_call_result(result, ctx.protocol_version)
 
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
@@ -4327,11 +4336,17 @@ def _decode_header_value(value: str) -> str:
     return value
 
 
+_NAME_FIELDS = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
+                "tasks/get": "taskId", "tasks/update": "taskId", "tasks/cancel": "taskId"}
+
+
+def _header_mismatch(text: str) -> RpcError:
+    return RpcError(HEADER_MISMATCH, text, status=400)
+
+
 def _check_modern_headers(headers: dict, message: dict, server: MCPServer) -> None:
     """SEP-2243: ``Mcp-Method``, ``Mcp-Name`` and ``Mcp-Param-*`` must mirror the body (-32020)."""
-    def mismatch(text):
-        return RpcError(HEADER_MISMATCH, text, status=400)
-
+    mismatch = _header_mismatch
     method = message.get("method")
     if "id" not in message:
         return  # notifications: header rules are undefined in 2026; accept
@@ -4341,8 +4356,7 @@ def _check_modern_headers(headers: dict, message: dict, server: MCPServer) -> No
     if header_method.strip(" \t") != method:
         raise mismatch(f"The Mcp-Method header ({header_method.strip()}) does not match the body ({method}).")
     params = message.get("params") or {}
-    name_field = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri",
-                  "tasks/get": "taskId", "tasks/update": "taskId", "tasks/cancel": "taskId"}.get(method)
+    name_field = _NAME_FIELDS.get(method)
     if name_field is not None:
         raw = headers.get("mcp-name")
         if raw is None:
@@ -6350,7 +6364,8 @@ class _ServerState:
         self.connections: set = set()
         self.draining = False
         self.root_path = ""
-        self.clock = asyncio.get_running_loop().time
+        self.loop = asyncio.get_running_loop()
+        self.clock = self.loop.time
         self.sweeper = None
 
     async def sweep(self) -> None:
@@ -6831,8 +6846,8 @@ class _HttpProtocol(asyncio.Protocol):
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
-        coroutine, loop = self._run(cycle), asyncio.get_running_loop()
-        if _enter_task is None or asyncio.current_task() is not None:  # (called from a task: no eager run)
+        coroutine, loop = self._run(cycle), self.state.loop
+        if _enter_task is None or asyncio.current_task(loop) is not None:  # (called from a task: no eager run)
             cycle.task = loop.create_task(coroutine)
             return
         _enter_task(loop, cycle)
