@@ -285,6 +285,10 @@ _SETTING_SPECS = (
     ("redis_cluster", None, ("REDIS_CLUSTER",), _truthy, False, "the Redis URL points at a Redis Cluster"),
     ("store_timeout", None, ("MCP_STORE_TIMEOUT",), float, 2.0,
      "seconds a store operation may take before the request fails with 503"),
+    ("session_cache", None, ("MCP_SESSION_CACHE",), float, 5.0,
+     "with Redis: seconds an instance may answer from its copy of a session (changes and ends "
+     "reach every instance at once over pub/sub; this bounds staleness if pub/sub breaks; 0: "
+     "read Redis on every request)"),
     ("workers", "--workers", ("MCP_WORKERS",), int, 1,
      "HTTP worker processes sharing the port (needs Redis when more than 1)"),
     ("expose_errors", None, ("MCP_EXPOSE_ERRORS",), _truthy, False,
@@ -355,6 +359,7 @@ class Settings:
     redis_url: str = ""
     redis_cluster: bool = False
     store_timeout: float = 2.0
+    session_cache: float = 5.0
     workers: int = 1
     expose_errors: bool = False
     app_version: str = ""
@@ -430,6 +435,8 @@ class Settings:
                  "kept in memory")
         if self.workers > 1 and self.stdio:
             fail("--workers applies to HTTP, not --stdio")
+        if self.session_cache < 0:
+            fail("session_cache must be 0 or more")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
@@ -572,6 +579,8 @@ class _Metrics:
         "mcp_open_streams": ("gauge", "open SSE streams by kind"),
         "mcp_sessions_created_total": ("counter", "legacy MCP sessions created"),
         "mcp_sessions_deleted_total": ("counter", "legacy MCP sessions ended by DELETE"),
+        "mcp_session_cache_drops_total": ("counter", "session copies dropped because another instance "
+                                          "changed or ended the session"),
         "mcp_store_errors_total": ("counter", "store operations that failed (the store was unavailable)"),
         "mcp_logins_total": ("counter", "upstream logins by outcome"),
         "mcp_rate_limited_total": ("counter", "requests refused by a rate limit"),
@@ -681,6 +690,11 @@ class Store:
     """What the server needs from a store.  Every method but ``subscribe`` is a coroutine."""
 
     name = "abstract"
+    # Whether published messages reach this process now, and a count of the times that link
+    # broke (what others published meanwhile is lost): copies of shared state are kept only
+    # while it holds.
+    link_up = True
+    link_epoch = 0
 
     async def get(self, key: str) -> typing.Any: raise NotImplementedError
     async def get_touch(self, key: str, ttl: float) -> typing.Any:
@@ -879,6 +893,7 @@ class RedisStore(Store):
 
     def __init__(self, url: str, *, cluster: bool = False, timeout: float = 2.0):
         self.url, self.cluster, self.timeout = url, cluster, timeout
+        self.link_up = False  # until the pub/sub connection is subscribed
         self._client = None
         self._callbacks: dict = {}
         self._subscribed: set = set()
@@ -1018,6 +1033,7 @@ class RedisStore(Store):
                 self._subscribed = wanted
                 if set(self._callbacks) <= wanted:
                     self._synced.set()
+                self.link_up = True
                 if not wanted:
                     self._kick.clear()
                     await self._kick.wait()
@@ -1037,6 +1053,8 @@ class RedisStore(Store):
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self.link_up = False  # what was published meanwhile is lost: copies are untrusted
+                self.link_epoch += 1
                 log.warning("redis pub/sub connection lost (%s); reconnecting in %.1fs", type(exc).__name__, backoff)
                 try:
                     if pubsub is not None:
@@ -1092,6 +1110,8 @@ def _reply_channel(sid: str) -> str:
 
 _BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
 _CANCEL_CHANNEL = "mcp:cancel"  # notifications/cancelled for a request running on another instance
+_SESSIONS_CHANNEL = "mcp:sessions"  # a legacy session changed or ended: instances drop their copy
+_SESSION_CACHE_MAX = 50000  # sessions an instance keeps copies of (oldest dropped first)
 
 
 def _stream_channel(sid: str, stream_id: str) -> str:
@@ -3478,12 +3498,59 @@ class _Hub:
         self.shared = not isinstance(store, MemoryStore)  # other processes may hold streams
         self.started = False
         self._unsubscribes: list = []
+        # Copies of legacy sessions read from a shared store: session id -> (record, when read).
+        # A request in a known session then costs no store round trip; every change or end of a
+        # session is published on _SESSIONS_CHANNEL and drops the copies everywhere, and a copy
+        # older than MCP_SESSION_CACHE seconds is read again (which also slides the expiry).
+        self.session_cache: dict = {}
+        self.cache_seconds = self.settings.session_cache if self.shared else 0.0
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
         self.started = True
         self._unsubscribes = [self.store.subscribe(_BUS_CHANNEL, self._on_bus),
                               self.store.subscribe(_CANCEL_CHANNEL, self._on_cancel)]
+        if self.cache_seconds:
+            self._unsubscribes.append(self.store.subscribe(_SESSIONS_CHANNEL, self._on_session_changed))
+
+    # -- legacy sessions ---------------------------------------------------------------------------
+
+    async def session(self, session_id: str) -> dict | None:
+        """A legacy session's record, its expiry slid forward (or this instance's fresh copy)."""
+        cache, store = self.session_cache, self.store
+        trusted = self.cache_seconds and store.link_up  # copies need the invalidations to arrive
+        if trusted:
+            entry = cache.get(session_id)
+            if (entry is not None and time.monotonic() - entry[1] < self.cache_seconds
+                    and entry[2] == store.link_epoch):
+                return entry[0]
+        epoch = store.link_epoch
+        record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+        if record is None or not trusted or epoch != store.link_epoch:
+            cache.pop(session_id, None)
+        else:
+            if len(cache) >= _SESSION_CACHE_MAX and session_id not in cache:
+                del cache[next(iter(cache))]
+            cache[session_id] = (record, time.monotonic(), epoch)
+        return record
+
+    async def save_session(self, session_id: str, record: dict, new: bool = False) -> None:
+        await self.store.set(_session_key(session_id), record, self.settings.session_ttl)
+        if not new:
+            await self._session_changed(session_id)
+
+    async def drop_session(self, session_id: str) -> None:
+        await self.store.delete(_session_key(session_id))
+        await self._session_changed(session_id)
+
+    async def _session_changed(self, session_id: str) -> None:
+        if self.cache_seconds:
+            self.session_cache.pop(session_id, None)
+            await self.store.publish(_SESSIONS_CHANNEL, {"sid": session_id})
+
+    def _on_session_changed(self, message: dict) -> None:
+        if isinstance(message, dict) and self.session_cache.pop(message.get("sid"), None) is not None:
+            _metrics.inc("mcp_session_cache_drops_total")
 
     def spawn(self, coro) -> asyncio.Task:
         task = asyncio.get_running_loop().create_task(coro)
@@ -4152,10 +4219,9 @@ class _StreamableHTTP:
             session_id = secrets.token_urlsafe(24)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.store.set(_session_key(session_id), {**ctx.session, "owner": http.principal},
-                                settings.session_ttl)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal}, new=True)
         elif ctx._session_changed and session_id is not None:
-            await hub.store.set(_session_key(session_id), ctx.session, settings.session_ttl)
+            await hub.save_session(session_id, ctx.session)
         await channel.finish(response, status, headers)
 
     async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
@@ -4189,7 +4255,7 @@ class _StreamableHTTP:
             response, _status = await server._respond(ctx)
             if ctx._session_changed:
                 session = ctx.session
-                await hub.store.set(_session_key(session_id), session, server.settings.session_ttl)
+                await hub.save_session(session_id, session)
             if response is not None:
                 answers.append(response)
         if answers:
@@ -4296,7 +4362,7 @@ class _StreamableHTTP:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
         if await _session_of(hub, http, session_id) is None:
             raise _HttpError(404, "Session not found.")
-        await hub.store.delete(_session_key(session_id))
+        await hub.drop_session(session_id)
         _metrics.inc("mcp_sessions_deleted_total")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
@@ -4309,7 +4375,7 @@ class _StreamableHTTP:
 async def _session_of(hub: _Hub, http: _Http, session_id: str) -> dict | None:
     """A legacy session, its expiry slid forward, if it belongs to the caller's token (a session
     id alone proves nothing)."""
-    session = await hub.store.get_touch(_session_key(session_id), hub.settings.session_ttl)
+    session = await hub.session(session_id)
     return session if session is not None and session.get("owner") == http.principal else None
 
 
@@ -4475,8 +4541,7 @@ class _LegacySSE:
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.store.set(_session_key(session_id), {**ctx.session, "owner": principal},
-                                server.settings.session_ttl)
+            await hub.save_session(session_id, {**ctx.session, "owner": principal})
         if response is not None:
             await channel.send(response)
 

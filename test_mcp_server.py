@@ -3853,10 +3853,45 @@ class TestScaleOut:
             _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:chan")
             assert s.delete().status == 200  # on C
             assert stream.next_message() is None  # the stream on A ended
+        # the instances that served the session drop their copies when C's message arrives
         for port in (a, b, c):
-            r = _redis_on(s, port).post(s.body("tools/list"))
-            assert r.status == 404, r
+            _redis_wait(lambda: _redis_on(s, port).post(s.body("tools/list")).status == 404,
+                        f"the deleted session to be gone on port {port}")
         assert s.delete().status == 404
+
+    def test_a_known_session_costs_no_redis_round_trip(self, redis_url):
+        """Requests in a session an instance holds a copy of read nothing from Redis; with
+        MCP_SESSION_CACHE=0 every request reads it (and slides the expiry)."""
+        client = _redis_py.Redis.from_url(redis_url)
+
+        def getex_calls() -> int:
+            return int(client.info("commandstats").get("cmdstat_getex", {}).get("calls", 0))
+        for cache, expected in (("5", (0, 1)), ("0", (20,))):  # (a copy older than 5 s is read again)
+            instance = _redis_instances(redis_url, 1, MCP_SESSION_CACHE=cache)[0]
+            try:
+                _redis_wait_subscribed(redis_url, "mcp:sessions", 1) if cache != "0" else None
+                s = Session(instance.port)
+                s.initialize()
+                before = getex_calls()
+                for i in range(20):
+                    assert _redis_text(s.call("greet", {"name": f"n{i}"})) == f"Hello, n{i}!"
+                assert getex_calls() - before in expected, cache
+            finally:
+                instance.stop()
+
+    def test_a_session_changed_on_one_instance_is_read_again_by_the_others(self, redis_trio, redis_url):
+        a, b, _c = redis_trio
+        _redis_wait_subscribed(redis_url, "mcp:sessions", 3)
+        s = Session(a)
+        s.initialize()
+        assert _redis_text(_redis_on(s, b).call("greet", {"name": "Ada"})) == "Hello, Ada!"  # B copies it
+        assert _redis_on(s, a).request("logging/setLevel", {"level": "error"})["result"] == {}
+        client = _redis_py.Redis.from_url(redis_url)
+        # B dropped its copy: its next request reads the changed session from Redis
+        before = int(client.info("commandstats").get("cmdstat_getex", {}).get("calls", 0))
+        _redis_wait(lambda: _redis_on(s, b).request("ping")["result"] == {} and int(
+            client.info("commandstats").get("cmdstat_getex", {}).get("calls", 0)) > before,
+            "B to read the changed session again")
 
     def test_list_changed_from_a_call_on_one_instance_reaches_a_stream_on_another(self, redis_trio, redis_url):
         a, b, c = redis_trio
