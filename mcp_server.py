@@ -6513,7 +6513,8 @@ class _Cycle:
 
     __slots__ = ("protocol", "scope", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers")
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
+                 "_pending", "_pending_size")
 
     def __init__(self, protocol: "_HttpProtocol", scope: dict, expect_continue: bool, keep_alive: bool):
         self.protocol = protocol
@@ -6533,6 +6534,8 @@ class _Cycle:
         self.body_finished = False
         self._head = None
         self.headers = None  # lower-cased name -> value, for our own app
+        self._pending = None  # streamed parts not yet handed to the transport
+        self._pending_size = 0
 
     # While its app runs eagerly, the cycle stands in for the task it becomes if it waits
     # (``asyncio.current_task()`` returns the cycle): timeouts, cancellation and task groups
@@ -6625,21 +6628,41 @@ class _Cycle:
         head = self._head
         if head is not None:
             self._head = None
-            protocol.transport.write(self._encode_head(head, body, more) + (body if not self.chunked else (
-                b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (b"0\r\n\r\n" if self.chunked and not more else b""))
+            out = self._encode_head(head, body, more) + (body if not self.chunked else (
+                b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (b"0\r\n\r\n" if self.chunked and not more else b"")
         elif self.chunked:
-            if body:
-                protocol.transport.write(b"%x\r\n%s\r\n" % (len(body), body))
-            if not more:
-                protocol.transport.write(b"0\r\n\r\n")
-        elif body:
-            protocol.transport.write(body)
+            out = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
+        else:
+            out = body
+        # A streamed part waits for the end of this loop iteration: what a handler writes in one
+        # go (an SSE head, a priming event, the answer, the end) leaves in one send.
+        pending = self._pending
+        if more:
+            if out:
+                if pending is None:
+                    self._pending = pending = [out]
+                    protocol.state.loop.call_soon(self._flush)
+                else:
+                    pending.append(out)
+                self._pending_size += len(out)
+                if self._pending_size > 65536:
+                    self._flush()
+        elif pending is not None:
+            pending.append(out)
+            self._flush()
+        elif out:
+            protocol.transport.write(out)
         if protocol.write_paused:
             await protocol.drain()
         if not more:
             self.response_done = True
             self.body_event.set()
             protocol.cycle_done(self)
+
+    def _flush(self) -> None:
+        pending, self._pending, self._pending_size = self._pending, None, 0
+        if pending and not self.disconnected:
+            self.protocol.transport.write(b"".join(pending))
 
     def _encode_head(self, headers: list, body: bytes, more: bool) -> bytes:
         has_length = False
