@@ -1592,6 +1592,56 @@ class TestRegistry:
         assert sync != loop_thread
         assert async_ == loop_thread
 
+    def test_a_sync_tool_that_proves_cheap_moves_onto_the_loop_and_back_when_it_blocks(self, monkeypatch):
+        # generous bounds, so that a busy machine cannot make a cheap call look slow or a slow one cheap
+        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_FAST", 1.0)
+        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_SLOW", 0.05)
+        server = mcp_server.MCPServer("auto-inline")
+        delay = [0.0]
+
+        @server.tool()
+        def where() -> dict:
+            if delay[0]:
+                time.sleep(delay[0])
+            return {"thread": threading.get_ident()}
+
+        @server.tool(inline=False)
+        def pinned() -> dict:
+            return {"thread": threading.get_ident()}
+
+        async def calls(name, count):
+            ctx = mcp_server.Context(server, "tools/call", {})
+            return [(await server._tools[name].invoke({}, ctx))["thread"] for _ in range(count)]
+
+        async def scenario():
+            loop_thread = threading.get_ident()
+            first = await calls("where", mcp_server._AUTO_INLINE_RUNS)  # timed in the pool
+            assert loop_thread not in first
+            assert await calls("where", 3) == [loop_thread] * 3  # then on the loop
+            assert loop_thread not in await calls("pinned", 40)  # inline=False: always the pool
+            strikes = []
+            for _ in range(mcp_server._AUTO_INLINE_STRIKES):
+                delay[0] = mcp_server._AUTO_INLINE_SLOW * 2
+                strikes.append(await calls("where", 1))  # blocks the loop once: back to the pool
+                delay[0] = 0.0
+                assert loop_thread not in await calls("where", mcp_server._AUTO_INLINE_RUNS)
+            assert strikes == [[loop_thread]] * mcp_server._AUTO_INLINE_STRIKES
+            # the last strike was final: however cheap it is now, it stays in the pool
+            assert loop_thread not in await calls("where", mcp_server._AUTO_INLINE_RUNS * 2)
+        asyncio.run(scenario())
+
+    def test_inline_true_runs_on_the_loop_from_the_first_call(self):
+        server = mcp_server.MCPServer("inline")
+
+        @server.tool(inline=True)
+        def where() -> dict:
+            return {"thread": threading.get_ident()}
+
+        async def scenario():
+            ctx = mcp_server.Context(server, "tools/call", {})
+            assert (await server._tools["where"].invoke({}, ctx))["thread"] == threading.get_ident()
+        asyncio.run(scenario())
+
     def test_tool_error_becomes_is_error_with_its_message(self):
         result = core_result(build_server(), "tools/call", {"name": "refuse"})
         assert result == {"content": [{"type": "text", "text": "nope, not today"}], "isError": True}
@@ -2968,7 +3018,76 @@ def ping_http(i: int = 1) -> dict:
     return {"jsonrpc": "2.0", "id": i, "method": "ping"}
 
 
+class _RecordingTransport:
+    """Stands in for asyncio's socket transport under ``_HttpProtocol``: records what is written."""
+
+    def __init__(self):
+        self.writes = []
+        self.closed = False
+
+    def get_extra_info(self, name):
+        return ("127.0.0.1", 40000)
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+
+    def close(self):
+        self.closed = True
+
+    def pause_reading(self):
+        pass
+
+    def resume_reading(self):
+        pass
+
+
 class TestHTTPServer:
+    def test_timeouts_entered_before_a_request_waits_still_fire_and_the_connection_goes_on(self, make_server):
+        server = build_server()
+
+        @server.tool()
+        async def bounded(seconds: float) -> str:
+            try:
+                async with asyncio.timeout(0.05):  # entered while the request still runs eagerly
+                    await asyncio.sleep(seconds)
+                return "finished"
+            except TimeoutError:
+                return "timed out"
+        st = make_server(server)
+        with Conn(st.port) as conn:
+            for seconds, expected in ((0, "finished"), (30, "timed out"), (0, "finished")):
+                conn.request("POST", "/http", body={"method": "tools/call", "params": {
+                    "name": "bounded", "arguments": {"seconds": seconds}}})
+                answer = conn.read_response()
+                assert answer.status == 200 and answer.json()["content"][0]["text"] == expected, answer
+
+    def test_an_answer_written_in_one_go_leaves_in_one_write(self):
+        """An SSE answer (head, event, end) and a JSON answer are each one write to the socket, made
+        in the callback that received the request (no task, no trip through the loop)."""
+        server = build_server(response_mode="sse")
+        server._tools["echo"].inline = True  # answered without waiting (a pool hand-off would flush the head)
+
+        async def scenario():
+            state = mcp_server._ServerState(server.asgi, server.settings)
+            transport = _RecordingTransport()
+            protocol = mcp_server._HttpProtocol(state)
+            protocol.connection_made(transport)
+            body = modern_body("tools/call", {"name": "echo", "arguments": {"text": "one write"}})
+            loop = asyncio.get_running_loop()
+            for accept in (ACCEPT_BOTH, "application/json"):
+                transport.writes.clear()
+                data = raw_request("POST", "/mcp", modern_headers(body, {"Accept": accept}), body)
+                seen = []  # writes made by the time the receiving callback returned
+                loop.call_soon(lambda: (protocol.data_received(data), seen.append(len(transport.writes))))
+                for _ in range(20):  # let anything scheduled run
+                    await asyncio.sleep(0)
+                assert seen == [1], seen  # answered eagerly, inside the callback that received it
+                assert len(transport.writes) == 1, transport.writes
+                assert b"one write" in transport.writes[0]
+                assert (b"text/event-stream" in transport.writes[0]) == (accept == ACCEPT_BOTH)
+            await server._runtime.close()
+        asyncio.run(scenario())
+
     def test_keep_alive_two_requests_on_one_connection(self, live):
         with Conn(live.port) as conn:
             conn.request("POST", "/http", body=ping_http(1))
