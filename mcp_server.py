@@ -3747,7 +3747,7 @@ class _Http:
         self.scope, self.receive, self.send = scope, receive, send
         self.cycle = cycle
         if cycle is not None:
-            self.headers = cycle.headers
+            self.headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
             self._native = cycle.on_disconnect
         else:
             self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
@@ -3836,6 +3836,17 @@ class _Http:
         await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                                (b"x-accel-buffering", b"no")] + (headers or []))
         await self.write(b"")  # an empty chunk sends the head now: the client knows the stream is open
+
+    def forget_request(self) -> None:
+        """For a long-lived response: drop the request's headers, which nothing reads any more
+        (idle streams are many; each kept ~1 KB of them).  The session id stays for the access
+        log.  The scope's raw header list is emptied only under the bundled server, which never
+        reads it after the head; another ASGI server's scope is left alone."""
+        session_id = self.headers.get("mcp-session-id")
+        self.headers = {} if session_id is None else {"mcp-session-id": session_id}
+        raw = self.scope.get("headers")
+        if self._native is not None and type(raw) is list:
+            raw.clear()
 
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
@@ -3987,20 +3998,38 @@ class _PostChannel:
                 self.hub.live_posts.pop((self.session_id, self.stream_id), None)
 
 
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class _SessionStream:
     """A session's long-lived stream: GET /mcp (Streamable HTTP) or GET /sse (HTTP+SSE).
 
     It carries session-wide notifications, server requests routed to it, and, for /sse, every
     response.  A newer stream for the same session takes over and this one ends."""
 
+    # Idle streams are the common case, thousands per process: a list, and a future only while
+    # waiting, instead of an asyncio.Queue (four deques, ~3 KB) and an asyncio.timeout each.
+    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "_waiter")
+
     def __init__(self, hub: _Hub, http: _Http, session_id: str, version: str | None, log_events: bool):
         self.hub, self.http, self.session_id = hub, http, session_id
         self.version = version
         self.log_events = log_events
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self._items: list | None = None  # what put() delivered and run() has not taken yet
+        self._waiter: asyncio.Future | None = None  # while run() waits
 
     def put(self, item) -> None:
-        self.queue.put_nowait(item)
+        if self._items is None:
+            self._items = [item]
+        else:
+            self._items.append(item)
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _end(self) -> None:
+        self.put(None)
 
     async def run(self, first: bytes = b"", replay: list = ()) -> None:
         hub, http = self.hub, self.http
@@ -4010,21 +4039,29 @@ class _SessionStream:
         hub.session_streams[self.session_id] = self
         _metrics.inc("mcp_open_streams", kind="session")
         unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
-        http.on_disconnect(lambda: self.put(None))
+        http.on_disconnect(self._end)
         hub.listeners.add(self._on_bus)
         try:
             await http.start_sse()
+            http.forget_request()
             if first:
                 await http.write(first)
             for event_id, message in replay:
                 await http.write(_sse(message, event_id))
+            loop = asyncio.get_running_loop()
             while not http.ended and not hub.closing:
-                try:
-                    async with asyncio.timeout(hub.settings.sse_keepalive):
-                        item = await self.queue.get()
-                except TimeoutError:
-                    await http.write(_SSE_KEEPALIVE)
-                    continue
+                if not self._items:
+                    self._waiter = waiter = loop.create_future()
+                    timer = loop.call_later(hub.settings.sse_keepalive, _wake, waiter)
+                    try:
+                        await waiter
+                    finally:
+                        timer.cancel()
+                        self._waiter = None
+                    if not self._items:
+                        await http.write(_SSE_KEEPALIVE)
+                        continue
+                item = self._items.pop(0)
                 if item is None or item.get("close"):
                     break  # taken over, session deleted, client gone, or shutdown
                 message = await self._render(item)
@@ -4265,7 +4302,7 @@ class _StreamableHTTP:
 
     # -- GET: the session's standalone stream, or a resumed one --------------------------------
 
-    async def get(self, http: _Http) -> None:
+    async def get(self, http: _Http) -> typing.Awaitable | None:
         server, hub = self.server, self.server._hub()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -4284,8 +4321,7 @@ class _StreamableHTTP:
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and seq.isdigit():
-                await self._resume(http, session_id, stream_id, int(seq))
-                return
+                return self._resume(http, session_id, stream_id, int(seq))  # a tail call
             replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
@@ -4293,7 +4329,7 @@ class _StreamableHTTP:
         stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        await stream.run(first, replay)
+        return stream.run(first, replay)  # a tail call: _App._handle awaits it, without this frame
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
@@ -4473,7 +4509,7 @@ class _LegacySSE:
     def __init__(self, server: MCPServer):
         self.server = server
 
-    async def get(self, http: _Http, root_path: str) -> None:
+    async def get(self, http: _Http, root_path: str) -> typing.Awaitable | None:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
@@ -4484,7 +4520,7 @@ class _LegacySSE:
             session_id = secrets.token_urlsafe(24)
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
-        await stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())
+        return stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())  # a tail call
 
     async def post(self, http: _Http) -> None:
         server, hub = self.server, self.server._hub()
@@ -6169,9 +6205,9 @@ class _App:
         raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
                          "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
-    async def _serve_native(self, cycle: "_Cycle") -> None:
+    async def _serve_native(self, cycle: "_Cycle", scope: dict) -> None:
         """The bundled server's entry: the same as ASGI's, without its message dicts."""
-        await self._handle(_Http(cycle.scope, cycle.receive, cycle.send, [], cycle))
+        await self._handle(_Http(scope, cycle.receive, cycle.send, [], cycle))
 
     async def _http(self, scope, receive, send) -> None:
         await self._handle(_Http(scope, receive, send, []))
@@ -6217,7 +6253,11 @@ class _App:
                         "access-control-request-headers", "").encode("latin-1") or _CORS_ALLOW_HEADERS),
                     (b"access-control-max-age", b"86400")])
                 return
-            await self._route(http, path, method, root)
+            # A handler may end by returning the coroutine to run next (a tail call): a long-lived
+            # stream then waits without the frames of _route and the handler above it.
+            step = await self._route(http, path, method, root)
+            while step is not None:
+                step = await step
         except _HttpError as exc:
             if not http.started:
                 await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
@@ -6257,7 +6297,7 @@ class _App:
                     "session": _hash_id(http.headers.get("mcp-session-id")),
                     "client": (scope.get("client") or ("-",))[0]}})
 
-    async def _route(self, http: _Http, path: str, method: str, root: str) -> None:
+    async def _route(self, http: _Http, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings
         mcp_path, auth = settings.mcp_path, settings.auth
         login = self.server._login
@@ -6311,10 +6351,10 @@ class _App:
             if handler is None:
                 raise _HttpError(405, f"Method Not Allowed: {mcp_path} takes POST, GET and DELETE.",
                                  headers=[(b"allow", b"GET, POST, DELETE, OPTIONS")])
-            await handler(http)
+            return handler(http)  # awaited by _handle (a tail call)
         elif path == "/sse":
             _require_method(method, "GET", path)
-            await self.legacy_sse.get(http, root)
+            return self.legacy_sse.get(http, root)
         elif path in ("/messages", "/messages/"):
             _require_method(method, "POST", path)
             await self.legacy_sse.post(http)
@@ -6432,17 +6472,54 @@ class _ServerState:
         self.loop = asyncio.get_running_loop()
         self.clock = self.loop.time
         self.sweeper = None
+        self.ended = 0  # connections closed since the start
 
     async def sweep(self) -> None:
-        """Enforce header, body and idle deadlines of every connection, a few times a second."""
+        """Enforce header, body and idle deadlines of every connection, a few times a second; and
+        give memory back once many connections ended (``_give_back_memory``)."""
         settings = self.settings
         interval = max(0.02, min(0.5, settings.header_timeout / 4, settings.body_timeout / 4,
                                  settings.idle_timeout / 4))
+        ended_then, trimmed_at, last_trim, cost = 0, 0, -1e9, 0.0
         while True:
             await asyncio.sleep(interval)
             now = self.clock()
             for connection in list(self.connections):
                 connection.check_deadline(now)
+            # _TRIM_AFTER connections ended since the last time, none in the last tick (the wave
+            # is over), and at most 1% of the time spent on it (one costs 5-40 ms)
+            if (self.ended - trimmed_at >= _TRIM_AFTER and self.ended == ended_then
+                    and now - last_trim >= 100 * cost):
+                started = time.perf_counter()
+                _give_back_memory()
+                cost = time.perf_counter() - started
+                trimmed_at, last_trim = self.ended, now
+            ended_then = self.ended
+
+
+_TRIM_AFTER = 1000
+
+
+def _give_back_memory() -> None:
+    """Free what ended connections left in reference cycles (asyncio's transports keep one), then
+    hand glibc's free pages back to the OS.  Python's small-object allocator returns only whole
+    empty 1 MiB arenas, which seldom happens; under PYTHONMALLOC=malloc (the Docker image sets
+    it) every freed object is glibc's, and most of it comes back."""
+    import gc
+    gc.collect()
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.lru_cache(maxsize=1)
+def _malloc_trim():
+    """glibc's ``malloc_trim``, or None (musl, macOS, Windows)."""
+    try:
+        import ctypes
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError, ImportError):
+        return None
 
 
 class _LazyEvent:
@@ -6511,14 +6588,17 @@ class _Resumed(collections.abc.Coroutine):
 class _Cycle:
     """One request/response on a connection."""
 
-    __slots__ = ("protocol", "scope", "body", "body_event", "more_body", "expect_continue",
+    # No reference to the scope: a foreign app's scope holds the disconnect extension, a bound
+    # method of the cycle, and a cycle -> scope -> cycle loop would leave every finished request
+    # to the garbage collector.
+    __slots__ = ("protocol", "http11", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
                  "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
                  "_pending", "_pending_size")
 
-    def __init__(self, protocol: "_HttpProtocol", scope: dict, expect_continue: bool, keep_alive: bool):
+    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool):
         self.protocol = protocol
-        self.scope = scope
+        self.http11 = http11
         self.body = bytearray()
         self.body_event = _LazyEvent()
         self.more_body = True
@@ -6656,6 +6736,7 @@ class _Cycle:
             await protocol.drain()
         if not more:
             self.response_done = True
+            self.callbacks = []  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
 
@@ -6680,7 +6761,7 @@ class _Cycle:
             self.keep_alive = False
         if not has_length:
             if more:
-                self.chunked = self.scope["http_version"] == "1.1"
+                self.chunked = self.http11
                 if self.chunked:
                     lines.append(b"transfer-encoding: chunked\r\n")
                 else:
@@ -6729,9 +6810,11 @@ class _HttpProtocol(asyncio.Protocol):
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        self.state.ended += 1
         self._disarm()
         if self.cycle is not None:
             self.cycle.lost()
+            self.cycle = None  # no protocol <-> cycle loop: both go by reference counting
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
 
@@ -6811,12 +6894,13 @@ class _HttpProtocol(asyncio.Protocol):
         try:
             while not self.closed:
                 if self.cycle is None:
-                    if not self._parse_head():
+                    scope = self._parse_head()
+                    if scope is None:
                         return
                     cycle = self.cycle
                     if cycle.more_body:
                         self._feed_body()  # what already arrived, so that the app finds it
-                    self._start(cycle)
+                    self._start(cycle, scope)
                 elif self.cycle.more_body:
                     if not self._feed_body():
                         return
@@ -6827,7 +6911,10 @@ class _HttpProtocol(asyncio.Protocol):
         except _BadRequest as exc:
             self._reject(exc.status, exc.message)
 
-    def _parse_head(self) -> bool:
+    def _parse_head(self) -> dict | None:
+        """The next request's ASGI scope (its cycle made), or None while its head is incomplete."""
+        if not self.buffer:
+            return None
         end = self.buffer.find(b"\r\n\r\n")
         if end < 0:
             first = self.buffer.find(b"\r\n")
@@ -6837,7 +6924,7 @@ class _HttpProtocol(asyncio.Protocol):
                 raise _BadRequest(431, f"The request head is larger than {self.settings.max_header} bytes.")
             if self.buffer.lstrip(b"\r\n") == b"" and self.buffer:
                 self.buffer.clear()  # stray line breaks between requests are tolerated
-            return False
+            return None
         if end > self.settings.max_header:
             raise _BadRequest(431, f"The request head is larger than {self.settings.max_header} bytes.")
         head = bytes(self.buffer[:end])
@@ -6910,7 +6997,7 @@ class _HttpProtocol(asyncio.Protocol):
             "query_string": query, "root_path": self.state.root_path,
             "client": self.client, "server": self.server,
         }
-        cycle = _Cycle(self, scope, expect, keep_alive)
+        cycle = _Cycle(self, version == b"HTTP/1.1", expect, keep_alive)
         if self.state.native is not None:
             cycle.headers = fields
         else:
@@ -6928,13 +7015,13 @@ class _HttpProtocol(asyncio.Protocol):
             self._arm(self.settings.body_timeout, self._body_timeout)
         else:
             self._disarm()
-        return True
+        return scope
 
-    def _start(self, cycle: _Cycle) -> None:
+    def _start(self, cycle: _Cycle, scope: dict) -> None:
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
-        coroutine, loop = self._run(cycle), self.state.loop
+        coroutine, loop = self._run(cycle, scope), self.state.loop
         if _enter_task is None or asyncio.current_task(loop) is not None:  # (called from a task: no eager run)
             cycle.task = loop.create_task(coroutine)
             return
@@ -7024,12 +7111,12 @@ class _HttpProtocol(asyncio.Protocol):
         cycle.body_event.set()
         self._disarm()
 
-    async def _run(self, cycle: _Cycle) -> None:
+    async def _run(self, cycle: _Cycle, scope: dict) -> None:
         try:
             if self.state.native is not None:
-                await self.state.native(cycle)
+                await self.state.native(cycle, scope)
             else:
-                await self.state.app(cycle.scope, cycle.receive, cycle.send)
+                await self.state.app(scope, cycle.receive, cycle.send)
         except Exception:
             log.error("the ASGI app raised", exc_info=True)
             if not cycle.response_started and not self.closed:
