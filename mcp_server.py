@@ -3504,6 +3504,7 @@ class _Hub:
         # older than MCP_SESSION_CACHE seconds is read again (which also slides the expiry).
         self.session_cache: dict = {}
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
+        self._ticker = None  # the keep-alive ticker of idle session streams
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
@@ -3566,6 +3567,24 @@ class _Hub:
     def _on_bus(self, event: dict) -> None:
         for listener in list(self.listeners):
             listener(event)
+
+    def watch_idle_streams(self) -> None:
+        """Make sure the keep-alive ticker runs (one timer for every stream, not one each)."""
+        if self._ticker is None or self._ticker.done():
+            self._ticker = self.spawn(self._keep_alive())
+
+    async def _keep_alive(self) -> None:
+        """Wake the streams that were quiet for MCP_SSE_KEEPALIVE seconds; they send a comment."""
+        period = self.settings.sse_keepalive
+        tick = min(1.0, period / 4)
+        loop = asyncio.get_running_loop()
+        while self.session_streams and not self.closing:
+            await asyncio.sleep(tick)
+            now = loop.time()
+            for stream in list(self.session_streams.values()):
+                waiter = stream._waiter
+                if waiter is not None and not waiter.done() and now - stream.idle_since >= period:
+                    waiter.set_result(None)
 
     # -- requests the server sends to a legacy client ------------------------------------------------
 
@@ -3998,11 +4017,6 @@ class _PostChannel:
                 self.hub.live_posts.pop((self.session_id, self.stream_id), None)
 
 
-def _wake(waiter: asyncio.Future) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class _SessionStream:
     """A session's long-lived stream: GET /mcp (Streamable HTTP) or GET /sse (HTTP+SSE).
 
@@ -4010,8 +4024,9 @@ class _SessionStream:
     response.  A newer stream for the same session takes over and this one ends."""
 
     # Idle streams are the common case, thousands per process: a list, and a future only while
-    # waiting, instead of an asyncio.Queue (four deques, ~3 KB) and an asyncio.timeout each.
-    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "_waiter")
+    # waiting, instead of an asyncio.Queue (four deques, ~3 KB) and an asyncio.timeout each;
+    # the hub's one ticker wakes a stream that has been quiet for the keep-alive period.
+    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "_waiter", "idle_since")
 
     def __init__(self, hub: _Hub, http: _Http, session_id: str, version: str | None, log_events: bool):
         self.hub, self.http, self.session_id = hub, http, session_id
@@ -4019,6 +4034,7 @@ class _SessionStream:
         self.log_events = log_events
         self._items: list | None = None  # what put() delivered and run() has not taken yet
         self._waiter: asyncio.Future | None = None  # while run() waits
+        self.idle_since = 0.0  # loop time of the last write, while waiting
 
     def put(self, item) -> None:
         if self._items is None:
@@ -4052,11 +4068,11 @@ class _SessionStream:
             while not http.ended and not hub.closing:
                 if not self._items:
                     self._waiter = waiter = loop.create_future()
-                    timer = loop.call_later(hub.settings.sse_keepalive, _wake, waiter)
+                    self.idle_since = loop.time()
+                    hub.watch_idle_streams()
                     try:
                         await waiter
                     finally:
-                        timer.cancel()
                         self._waiter = None
                     if not self._items:
                         await http.write(_SSE_KEEPALIVE)
@@ -6486,10 +6502,7 @@ class _ServerState:
             now = self.clock()
             for connection in list(self.connections):
                 connection.check_deadline(now)
-            # _TRIM_AFTER connections ended since the last time, none in the last tick (the wave
-            # is over), and at most 1% of the time spent on it (one costs 5-40 ms)
-            if (self.ended - trimmed_at >= _TRIM_AFTER and self.ended == ended_then
-                    and now - last_trim >= 100 * cost):
+            if _time_to_trim(self.ended, ended_then, trimmed_at, now - last_trim, cost):
                 started = time.perf_counter()
                 _give_back_memory()
                 cost = time.perf_counter() - started
@@ -6498,6 +6511,14 @@ class _ServerState:
 
 
 _TRIM_AFTER = 1000
+
+
+def _time_to_trim(ended: int, ended_a_tick_ago: int, ended_at_last_trim: int, since_last_trim: float,
+                  last_cost: float) -> bool:
+    """_TRIM_AFTER connections ended since the last trim, none in the last tick (the wave is
+    over), and at most 1% of the time spent trimming (one costs 5-40 ms)."""
+    return (ended - ended_at_last_trim >= _TRIM_AFTER and ended == ended_a_tick_ago
+            and since_last_trim >= 100 * last_cost)
 
 
 def _give_back_memory() -> None:
@@ -7302,7 +7323,9 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
 
     def start(index: int):
-        env = dict(os.environ, MCP_WORKER_ID=str(index))
+        # glibc's allocator, so that a worker's trims give memory back (README: Memory); the
+        # operator's own PYTHONMALLOC wins
+        env = {"PYTHONMALLOC": "malloc", **os.environ, "MCP_WORKER_ID": str(index)}
         return subprocess.Popen(command, env=env)
 
     workers = {i: start(i) for i in range(settings.workers)}

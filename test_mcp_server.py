@@ -38,6 +38,7 @@ import sys
 import tempfile
 import textwrap
 import threading
+import weakref
 import time
 import uuid
 from typing import Annotated, Literal, Optional, TypedDict, Union
@@ -2422,6 +2423,29 @@ class TestStreamableHTTP:
             assert s.delete().status == 200
             assert stream.next_event() is None  # DELETE ends the session's stream
 
+    def test_idle_streams_get_keep_alive_comments_and_still_deliver(self, make_server):
+        st = make_server(sse_keepalive=0.2)
+        sessions = [Session(st.port) for _ in range(3)]
+        conns = [Conn(st.port) for _ in sessions]
+        try:
+            streams = []
+            for s, conn in zip(sessions, conns):
+                s.initialize()
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+                streams.append((conn, conn.iter_body(conn.read_head())))
+            for conn, pieces in streams:  # each idle stream gets comments (one ticker wakes them all)
+                text = b""
+                while text.count(b": keep-alive\n\n") < 2:
+                    text += next(pieces)
+            st.run(st.server.notify_tools_changed())  # and a waiting stream still delivers at once
+            for conn, pieces in streams:
+                text = b""
+                while b"notifications/tools/list_changed" not in text:
+                    text += next(pieces)
+        finally:
+            for conn in conns:
+                conn.close()
+
     def test_get_stream_needs_sse_accept_and_a_session(self, live):
         s = Session(live.port)
         s.initialize()
@@ -3087,6 +3111,24 @@ class TestHTTPServer:
                 assert (b"text/event-stream" in transport.writes[0]) == (accept == ACCEPT_BOTH)
             await server._runtime.close()
         asyncio.run(scenario())
+
+    def test_memory_is_given_back_once_a_wave_of_connections_has_ended(self):
+        ready = mcp_server._time_to_trim
+        assert ready(1000, 1000, 0, 60.0, 0.01)
+        assert not ready(999, 999, 0, 60.0, 0.01)  # not enough ended
+        assert not ready(1500, 1400, 0, 60.0, 0.01)  # still ending: wait for the wave to pass
+        assert not ready(2500, 2500, 2000, 60.0, 0.01)  # 500 since the last trim
+        assert not ready(3000, 3000, 1000, 0.5, 0.01)  # the last trim was 1 s of every 100 s
+        assert ready(3000, 3000, 1000, 1.0, 0.01)
+
+        class Node:
+            pass
+        node = Node()
+        node.loop = node  # garbage only the collector frees
+        gone = weakref.ref(node)
+        del node
+        mcp_server._give_back_memory()  # a full collection, then malloc_trim where glibc has it
+        assert gone() is None
 
     def test_keep_alive_two_requests_on_one_connection(self, live):
         with Conn(live.port) as conn:
