@@ -44,8 +44,9 @@ META = {"io.modelcontextprotocol/protocolVersion": MODERN,
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"}}
 ACCEPT_BOTH = "application/json, text/event-stream"
-PEERS = ("ours", "ours_inline", "sdk", "fastmcp")
-PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "sdk": "sdk.py", "fastmcp": "fastmcp_server.py"}
+PEERS = ("ours", "ours_inline", "ours_malloc", "sdk", "fastmcp")
+PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "ours_malloc": "ours.py", "sdk": "sdk.py",
+               "fastmcp": "fastmcp_server.py"}
 TMP = tempfile.mkdtemp(prefix="mcp-bench-")
 STARTED: list = []  # every process group this run started, for cleanup at exit
 # Byte code of every server (ours and the peers alike) is cached here, outside the repository, so
@@ -115,9 +116,17 @@ def rss_bytes(pid: int) -> int:
 def base_env(**extra) -> dict:
     env = dict(os.environ, PYTHONPYCACHEPREFIX=PYCACHE, PYTHONUNBUFFERED="1")
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    for key in ("REDIS_URL", "MCP_REDIS_URL", "MCP_WORKERS", "MCP_RESPONSE_MODE", "MCP_PORT"):
+    for key in ("REDIS_URL", "MCP_REDIS_URL", "MCP_WORKERS", "MCP_RESPONSE_MODE", "MCP_PORT", "PYTHONMALLOC"):
         env.pop(key, None)
     env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def ours_env(peer: str) -> dict:
+    """What the harness sets for one of our variants (ours, ours_inline, ours_malloc)."""
+    env = {"LOG_LEVEL": "warning", "MCP_ACCESS_LOG": "0", "BENCH_INLINE": "1" if peer == "ours_inline" else "0"}
+    if peer == "ours_malloc":  # glibc malloc instead of pymalloc, as the Docker image and --workers run it
+        env["PYTHONMALLOC"] = "malloc"
     return env
 
 
@@ -151,8 +160,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> "Server":
         env = base_env(**self.extra_env)
         if self.peer.startswith("ours"):
-            env.update(MCP_ACCESS_LOG="0", LOG_LEVEL="warning", MCP_SECRET="bench-secret-not-for-production",
-                       BENCH_INLINE="1" if self.peer == "ours_inline" else "0")
+            env.update(ours_env(self.peer), MCP_SECRET="bench-secret-not-for-production")
             if self.redis_url:
                 env["REDIS_URL"] = self.redis_url
         self._log = open(self.log_path, "w")
@@ -662,7 +670,7 @@ def stdio_command(peer: str) -> list:
 def stdio_env(peer: str) -> dict:
     env = base_env()
     if peer.startswith("ours"):
-        env.update(LOG_LEVEL="warning", MCP_ACCESS_LOG="0", BENCH_INLINE="1" if peer == "ours_inline" else "0")
+        env.update(ours_env(peer))
     return env
 
 
@@ -1031,6 +1039,17 @@ def build_rows(res: Results, peers: list, args) -> list:
            "int", True, ratio=False)
     metric("d_memory", "regrowth_on_reopen_pct", "d. RSS growth when N more sessions are opened after "
            "that, % of the first growth (≈0: memory reused, ≈100: leaked)", "int", False, ratio=False)
+    if "ours_malloc" in peers:
+        malloc, tag = {"ours": "ours_malloc"}, "[ours PYTHONMALLOC=malloc]"
+        metric("d_memory", "rss_start_mb", f"d. RSS at start, MB {tag}", "f1", False, malloc)
+        metric("d_memory", "kb_per_session", f"d. RSS per idle session with open GET stream, KB {tag}", "f1",
+               False, malloc)
+        metric("d_memory", "returned_after_close_pct", f"d. RSS returned after closing the streams, % {tag}",
+               "int", True, malloc, ratio=False)
+        metric("d_memory", "returned_after_delete_pct", f"d. RSS returned after DELETE, % {tag}", "int", True,
+               malloc, ratio=False)
+        metric("d_memory", "regrowth_on_reopen_pct", f"d. RSS growth when N more are opened, % {tag}", "int",
+               False, malloc, ratio=False)
     if "d_streams_10k" in raw:
         n = raw["d_streams_10k"]["ours"][0]["n"]
         metric("d_streams_10k", "alive_at_end", f"d. concurrent open GET streams held, of {n:,}", "int", True,
@@ -1123,7 +1142,9 @@ def main():
     ap.add_argument("--big-streams", type=int, default=10000)
     ap.add_argument("--cold-starts", type=int, default=10)
     ap.add_argument("--stdio-messages", type=int, default=2000)
-    ap.add_argument("--peers", default="ours,ours_inline,sdk,fastmcp")
+    ap.add_argument("--peers", default="ours,ours_inline,ours_malloc,sdk,fastmcp",
+                    help="servers to run, of " + ",".join(PEERS) + " (ours_inline runs a and b only, "
+                    "ours_malloc d only)")
     ap.add_argument("--only", default="a,b,c,d,e,f,g,10k", help="workload letters to run (comma-separated)")
     ap.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--no-write", action="store_true", help="print only; write no results files")
@@ -1154,14 +1175,14 @@ def main():
     t_start = time.monotonic()
     for rnd in range(1, args.rounds + 1):
         log(f"== round {rnd}/{args.rounds} ({time.monotonic() - t_start:.0f} s)")
-        for peer in peers:
-            if only & {"a", "c"}:
+        for peer in peers:  # ours_inline: a and b only; ours_malloc: d only
+            if only & {"a", "c"} and peer != "ours_malloc":
                 run_http_json(res, peer, args, with_sessions="c" in only and peer != "ours_inline")
-            if "b" in only:
+            if "b" in only and peer != "ours_malloc":
                 run_http_sse(res, peer, args)
             if "d" in only and peer != "ours_inline":
                 run_memory(res, peer, args)
-            if "e" in only and peer != "ours_inline":
+            if "e" in only and peer not in ("ours_inline", "ours_malloc"):
                 run_stdio(res, peer, args)
         if "f" in only and "ours" in peers:
             run_redis(res, args)
@@ -1220,6 +1241,9 @@ def notes_md(res: Results, args, facts: dict | None = None) -> str:
         "take part of the CPU the second worker could use; a 1-worker server that may migrate between cores "
         "is also slower than the pinned one in a.",
     ]
+    if "ours_malloc" in res.raw.get("d_memory", {}):
+        lines.append("[ours PYTHONMALLOC=malloc]: ours with glibc malloc instead of pymalloc, as the Docker image "
+                     "and --workers run it; the server's malloc_trim can then hand freed memory back.")
     foreign = facts.get("foreign_cpu_cores_median")
     if foreign is not None and foreign > 0.1:
         lines.append(f"WARNING: other processes used a median {foreign} cores (max "
