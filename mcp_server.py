@@ -1898,9 +1898,12 @@ class _Callable:
             result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
             if self.fast_runs >= 0:
                 self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else 0
-        if inspect.isawaitable(result):
+        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
             result = await result
         return result
+
+
+_PLAIN_RESULTS = frozenset((str, dict, list, int, float, bool, bytes, type(None)))  # never awaitable
 
 
 class _Tool(_Callable):
@@ -2822,8 +2825,7 @@ class MCPServer:
         if ctx.request_id is not None:
             outcome = ("cancelled" if response is None else "error" if "error" in response
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
-            method = ctx.method if ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS else "other"
-            _metrics.add(("mcp_rpc_calls_total", (("method", method), ("outcome", outcome))))
+            _metrics.add(_rpc_metric_key(ctx.method, outcome))
         return response, status
 
     async def _outcome(self, ctx: Context) -> tuple:
@@ -3247,6 +3249,12 @@ _TASK_TTL_MS = 3600000
 
 async def _nothing() -> None:
     return None
+
+
+@functools.lru_cache(maxsize=256)
+def _rpc_metric_key(method: str, outcome: str) -> tuple:
+    method = method if method in _LEGACY_METHODS or method in _MODERN_METHODS else "other"
+    return ("mcp_rpc_calls_total", (("method", method), ("outcome", outcome)))
 
 
 def _has_tasks_extension(ctx: Context) -> bool:
@@ -6120,6 +6128,17 @@ def _is_loopback(host: str | None) -> bool:
 
 
 @functools.lru_cache(maxsize=1024)
+def _host_allowed(value: str, bound, allowed: tuple) -> bool:
+    """A Host header on a server bound to ``bound``, given MCP_ALLOWED_HOSTS."""
+    if "*" in allowed:
+        return True
+    if not allowed and not _is_loopback(str(bound)):
+        return True  # DNS-rebinding protection guards loopback binds unless hosts are listed
+    name = _split_host(value).lower()
+    return value in allowed or name in allowed or _is_loopback(name)
+
+
+@functools.lru_cache(maxsize=1024)
 def _split_host(value: str) -> str:
     if value.startswith("["):
         return value[1:value.find("]")] if "]" in value else value
@@ -6208,18 +6227,12 @@ class _App:
         http.scope = scope
 
     def _check_host(self, http: _Http) -> None:
-        allowed = self.server.settings.allowed_hosts
-        if "*" in allowed:
-            return
         value = http.headers.get("host", "")
-        name = _split_host(value).lower()
         bound = (http.scope.get("server") or (self.server.settings.host,))[0]
-        if not allowed and not _is_loopback(str(bound)):
-            return  # DNS-rebinding protection guards loopback binds unless hosts are listed
-        if value in allowed or name in allowed or _is_loopback(name):
-            return
-        raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
-                         "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
+        allowed = self.server.settings.allowed_hosts
+        if not _host_allowed(value, bound, allowed if type(allowed) is tuple else tuple(allowed)):
+            raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
+                             "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
     async def _serve_native(self, cycle: "_Cycle", scope: dict) -> None:
         """The bundled server's entry: the same as ASGI's, without its message dicts."""
@@ -6305,7 +6318,7 @@ class _App:
         finally:
             http.stop_watching()
             route = _route_label(path, settings.mcp_path)
-            _metrics.add(("mcp_http_requests_total", (("route", route), ("method", method), ("status", http.status))))
+            _metrics.add(_http_metric_key(route, method, http.status))
             if settings.access_log:
                 log.info("request", extra={"fields": {
                     "method": method, "route": route, "status": http.status,
@@ -6417,6 +6430,15 @@ def _next_request_id() -> str:
 
 _FIXED_ROUTES = ("/sse", "/messages", "/http", "/healthz", "/readyz", "/metrics", "/authorize", "/token",
                  "/register", "/revoke", "/redirect", "/")
+
+
+@functools.lru_cache(maxsize=1024)
+def _http_metric_key(route: str, method: str, status: int) -> tuple:
+    method = method if method in _HTTP_METHODS else "other"  # (label values must stay few)
+    return ("mcp_http_requests_total", (("route", route), ("method", method), ("status", status)))
+
+
+_HTTP_METHODS = frozenset(("GET", "POST", "DELETE", "OPTIONS", "HEAD", "PUT", "PATCH"))
 
 
 def _route_label(path: str, mcp_path: str) -> str:
@@ -6625,7 +6647,7 @@ class _Cycle:
         self.more_body = True
         self.expect_continue = expect_continue
         self.disconnected = False
-        self.callbacks: list = []
+        self.callbacks: tuple | list = ()  # a list once one is added
         self.response_started = self.response_done = False
         self.chunked = False
         self.keep_alive = keep_alive
@@ -6662,15 +6684,17 @@ class _Cycle:
     def on_disconnect(self, callback) -> None:
         if self.disconnected:
             asyncio.get_running_loop().call_soon(callback)
-        else:
+        elif self.callbacks:
             self.callbacks.append(callback)
+        else:
+            self.callbacks = [callback]
 
     def lost(self) -> None:
         if self.disconnected:
             return
         self.disconnected = True
         self.body_event.set()
-        callbacks, self.callbacks = self.callbacks, []
+        callbacks, self.callbacks = self.callbacks, ()
         if not self.response_done:
             for callback in callbacks:
                 try:
@@ -6757,7 +6781,7 @@ class _Cycle:
             await protocol.drain()
         if not more:
             self.response_done = True
-            self.callbacks = []  # (they hold the exchange, which holds this cycle)
+            self.callbacks = ()  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
 
