@@ -2541,6 +2541,14 @@ def _modern_context_facts(message: dict, header_version: str | None, http: bool)
     return version, caps
 
 
+def _modern_context(server: "MCPServer", message: dict, header_version: str | None, *, http: bool,
+                    **context) -> "Context":
+    """The Context of a 2026-07-28 request (every transport's), or its RpcError (HTTP 400)."""
+    version, caps = _modern_context_facts(message, header_version, http=http)
+    return Context(server, message["method"], message.get("params") or {}, message.get("id"),
+                   version=version, modern=True, capabilities=caps, **context)
+
+
 def _args_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
@@ -4185,13 +4193,12 @@ class _StreamableHTTP:
         server, hub = self.server, self.server._hub()
         request_id = message.get("id")
         try:
-            version, caps = _modern_context_facts(message, header_version, http=True)
+            ctx = _modern_context(server, message, header_version, http=True, principal=http.principal,
+                                  base_url=http.base)
             _check_modern_headers(http.headers, message, server)
         except RpcError as exc:
             await http.respond_json(exc.status, _error_response(request_id, exc))
             return
-        ctx = Context(server, message["method"], message.get("params") or {}, request_id,
-                      version=version, modern=True, capabilities=caps, principal=http.principal, base_url=http.base)
         if kind == "notification":
             await server._respond(ctx)
             await http.respond(202)
@@ -4575,13 +4582,12 @@ class _LegacySSE:
         request_id = message.get("id") if kind == "request" else None
         if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
             try:
-                version, caps = _modern_context_facts(message, None, http=False)
+                ctx = _modern_context(server, message, None, http=False, out=channel, principal=principal,
+                                      base_url=base_url)
             except RpcError as exc:
                 if request_id is not None:
                     await channel.send(_error_response(request_id, exc))
                 return
-            ctx = Context(server, message["method"], message.get("params") or {}, request_id, version=version,
-                          modern=True, capabilities=caps, out=channel, principal=principal, base_url=base_url)
             response, _status = await server._respond(ctx)
             if response is not None:
                 await channel.send(response)
@@ -4633,16 +4639,15 @@ class _DirectHTTP:
         header_version = http.headers.get("mcp-protocol-version")
         if _modern_meta(message) is not None:
             try:
-                version, caps = _modern_context_facts(message, header_version, http=False)
+                ctx = _modern_context(server, message, header_version, http=False, principal=http.principal,
+                                      base_url=http.base)
             except RpcError as exc:
                 await http.respond_json(exc.status, _error_body(exc, message.get("id")))
                 return
-            modern = True
         else:
             version = header_version if header_version in LEGACY_VERSIONS else LATEST_LEGACY
-            caps, modern = {}, False
-        ctx = Context(server, message["method"], message.get("params") or {}, message["id"],
-                      version=version, modern=modern, capabilities=caps, principal=http.principal, base_url=http.base)
+            ctx = Context(server, message["method"], message.get("params") or {}, message["id"],
+                          version=version, principal=http.principal, base_url=http.base)
         response, status = await server._respond(ctx)
         if not short:
             await http.respond_json(status, response)
@@ -4780,12 +4785,10 @@ class _Stdio:
         request_id = message.get("id")
         if _modern_meta(message) is not None:
             try:
-                version, caps = _modern_context_facts(message, None, http=False)
+                ctx = _modern_context(self.server, message, None, http=False, session_id=self.SESSION, out=self,
+                                      principal=self.uid, base_url=self.server._local_base)
             except RpcError as exc:
                 return self._answer(_error_response(request_id, exc), batch) if kind == "request" else None
-            ctx = Context(self.server, message["method"], message.get("params") or {}, request_id,
-                          version=version, modern=True, capabilities=caps, session_id=self.SESSION, out=self,
-                          principal=self.uid, base_url=self.server._local_base)
         else:
             method = message["method"]
             if self.session is None and method not in ("initialize", "ping", "server/discover") and kind == "request":
