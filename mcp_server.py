@@ -2604,9 +2604,9 @@ class MCPServer:
 
         A sync function starts in a worker thread so that it never blocks the event loop; one
         that proves cheap (16 calls in a row under 0.1 ms each) then runs on the loop, which
-        saves the thread hand-off, and goes back to the thread for good if a call ever takes
-        over 2 ms.  ``inline=False`` keeps it in the thread, ``inline=True`` puts it on the loop
-        from the first call."""
+        saves the thread hand-off, and goes back to the thread when a call takes over 2 ms
+        (for good the third time).  ``inline=False`` keeps it in the thread, ``inline=True``
+        puts it on the loop from the first call."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
@@ -3520,6 +3520,7 @@ class _Hub:
         # older than MCP_SESSION_CACHE seconds is read again (which also slides the expiry).
         self.session_cache: dict = {}
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
+        self._drops = 0  # changes announced on _SESSIONS_CHANNEL so far
         self._ticker = None  # the keep-alive ticker of idle session streams
 
     def start(self) -> None:
@@ -3541,9 +3542,10 @@ class _Hub:
             if (entry is not None and time.monotonic() - entry[1] < self.cache_seconds
                     and entry[2] == store.link_epoch):
                 return entry[0]
-        epoch = store.link_epoch
+        epoch, drops = store.link_epoch, self._drops
         record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
-        if record is None or not trusted or epoch != store.link_epoch:
+        # (a change announced while the read was on its way may be newer than what it read)
+        if record is None or not trusted or epoch != store.link_epoch or drops != self._drops:
             cache.pop(session_id, None)
         else:
             if len(cache) >= _SESSION_CACHE_MAX and session_id not in cache:
@@ -3566,6 +3568,7 @@ class _Hub:
             await self.store.publish(_SESSIONS_CHANNEL, {"sid": session_id})
 
     def _on_session_changed(self, message: dict) -> None:
+        self._drops += 1
         if isinstance(message, dict) and self.session_cache.pop(message.get("sid"), None) is not None:
             _metrics.inc("mcp_session_cache_drops_total")
 
@@ -4050,7 +4053,7 @@ class _SessionStream:
         self.log_events = log_events
         self._items: list | None = None  # what put() delivered and run() has not taken yet
         self._waiter: asyncio.Future | None = None  # while run() waits
-        self.idle_since = 0.0  # loop time of the last write, while waiting
+        self.idle_since = 0.0  # loop time when it began to wait
 
     def put(self, item) -> None:
         if self._items is None:
