@@ -3475,6 +3475,95 @@ _MODERN_METHODS = {
 #   futures awaiting a client's answer.
 
 
+# ---- Running a request eagerly ---------------------------------------------------------------
+#
+# A request runs at once, in the callback that received it, until it first has to wait; only
+# then does it become a task.  Most tools/call never wait, and a task costs more than they do.
+# Meanwhile asyncio.current_task() returns a stand-in that forwards to the task the request
+# becomes, so timeouts, cancellation and task groups entered early act on it.  CPython exposes
+# the hooks for that (3.11+); without them every request is a task from the start.
+
+_enter_task = getattr(asyncio.tasks, "_enter_task", None)
+_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+
+
+class _Resumed(collections.abc.Coroutine):
+    """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
+    coroutine, its first step hands the task that future, and every later step goes on."""
+
+    __slots__ = ("_coroutine", "_waiting")
+
+    def __init__(self, coroutine, waiting):
+        self._coroutine, self._waiting = coroutine, [waiting]
+
+    def send(self, value):
+        if self._waiting:
+            return self._waiting.pop()
+        return self._coroutine.send(value)
+
+    def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
+        self._waiting = None
+        return self._coroutine.throw(*exc)
+
+    def close(self):
+        self._coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
+class _TaskStandIn:
+    """What ``asyncio.current_task()`` returns while a request runs eagerly; ``task`` is the
+    task the request became, once it had to wait."""
+
+    __slots__ = ()  # (subclasses hold ``task``)
+
+    def cancel(self, msg=None) -> bool:
+        return self.task.cancel(msg) if self.task is not None else False
+
+    def cancelling(self) -> int:
+        return self.task.cancelling() if self.task is not None else 0
+
+    def uncancel(self) -> int:
+        return self.task.uncancel() if self.task is not None else 0
+
+
+class _EagerRequest(_TaskStandIn):
+    __slots__ = ("task",)
+
+    def __init__(self):
+        self.task = None
+
+
+def _run_eagerly(coroutine, loop, stand_in: _TaskStandIn) -> "asyncio.Task | None":
+    """Run ``coroutine`` until it first waits; then hand the rest to a task, which is returned
+    (None: it finished).  Inside a running task (stdio's reader), that task steps aside."""
+    if _enter_task is None:
+        return loop.create_task(coroutine)
+    current = asyncio.current_task(loop)
+    if current is not None:
+        _leave_task(loop, current)
+    _enter_task(loop, stand_in)
+    try:
+        waiting = coroutine.send(None)
+    except StopIteration:
+        return None
+    except BaseException:
+        coroutine.close()
+        raise
+    finally:
+        _leave_task(loop, stand_in)
+        if current is not None:
+            _enter_task(loop, current)
+    return loop.create_task(_Resumed(coroutine, waiting))
+
+
 def _sse(message: dict | str | None, event_id: str | None = None, event: str = "message") -> bytes:
     """One SSE event; ``message`` is a JSON-RPC message, or its JSON text already made."""
     head = f"event: {event}\n"
@@ -4669,6 +4758,9 @@ _CONCURRENT_METHODS = frozenset(("tools/call", "prompts/get", "resources/read", 
                                  "subscriptions/listen", "tasks/get", "tasks/update", "tasks/cancel"))
 
 
+_OVERSIZED_LINE = b"\n"  # stands in for a stdin line that was too long (identity matters)
+
+
 class _Stdio:
     """Newline-delimited JSON-RPC on stdin/stdout; the process is the (legacy) session.
 
@@ -4719,26 +4811,51 @@ class _Stdio:
         self._guard_stdout()
         loop = asyncio.get_running_loop()
         hub = await self.server._ready()
-        lines: asyncio.Queue = asyncio.Queue()
+        batches: asyncio.Queue = asyncio.Queue()
         stdin = self._stdin or sys.stdin.buffer
+        limit = self.server.settings.max_body
 
         def read():
+            # What arrived together goes over together: one wake-up of the loop for a batch of
+            # lines, not one per line (each is a system call and a hand-over of the GIL).
             try:
-                for line in stdin:
-                    loop.call_soon_threadsafe(lines.put_nowait, line)
+                read1 = getattr(stdin, "read1", None)
+                if read1 is None:
+                    for line in stdin:
+                        loop.call_soon_threadsafe(batches.put_nowait, [line])
+                else:
+                    pending, oversized = bytearray(), False
+                    while chunk := read1(65536):
+                        pending += chunk
+                        end = pending.rfind(b"\n")
+                        if end < 0:
+                            if len(pending) > limit:  # a line beyond MCP_MAX_BODY: refused, skipped
+                                pending.clear()
+                                oversized = True
+                            continue
+                        batch = bytes(pending[:end]).split(b"\n")
+                        del pending[:end + 1]
+                        if oversized:
+                            batch[0], oversized = _OVERSIZED_LINE, False
+                        loop.call_soon_threadsafe(batches.put_nowait, batch)
+                    if pending and not oversized:
+                        loop.call_soon_threadsafe(batches.put_nowait, [bytes(pending)])
             except (OSError, ValueError):
                 pass
-            loop.call_soon_threadsafe(lines.put_nowait, None)
+            loop.call_soon_threadsafe(batches.put_nowait, None)
 
         threading.Thread(target=read, name="mcp-stdin", daemon=True).start()
         hub.listeners.add(self._on_bus)
         try:
-            while True:
-                line = await lines.get()
-                if line is None:
-                    break
-                if line.strip():
-                    await self._line(line)
+            while (batch := await batches.get()) is not None:
+                for line in batch:
+                    if line is _OVERSIZED_LINE:
+                        self._write(_error_response(None, RpcError(
+                            INVALID_REQUEST, f"Invalid Request: the message is larger than the limit of "
+                            f"{limit} bytes (MCP_MAX_BODY).")))
+                    elif line.strip():
+                        await self._line(line)
+                        await asyncio.sleep(0)  # let what the line started (and finished) go on
         finally:
             hub.listeners.discard(self._on_bus)
             pending = list(self.tasks.values())
@@ -4804,9 +4921,12 @@ class _Stdio:
                           base_url=self.server._local_base)
         if kind == "notification" or batch or ctx.method not in _CONCURRENT_METHODS:
             return await self._run(ctx, batch)  # cheap and ordered: initialize, lists, ping...
-        task = asyncio.get_running_loop().create_task(self._run(ctx, batch))
-        self.tasks[request_id] = task
-        task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
+        stand_in = _EagerRequest()
+        task = _run_eagerly(self._run(ctx, batch), asyncio.get_running_loop(), stand_in)
+        if task is not None:  # it waits (on the client, a thread, I/O): reading goes on meanwhile
+            stand_in.task = task
+            self.tasks[request_id] = task
+            task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
         return None
 
     async def _run(self, ctx: Context, batch: bool):
@@ -6597,45 +6717,9 @@ class _LazyEvent:
         await self._event.wait()
 
 
-# Running a request eagerly (see _HttpProtocol._start) needs the loop's notion of the current
-# task to point at the request while it runs outside one; CPython 3.11+ exposes these hooks.
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
-
-
-class _Resumed(collections.abc.Coroutine):
-    """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
-    coroutine, its first step hands the task that future, and every later step goes on."""
-
-    __slots__ = ("_coroutine", "_waiting")
-
-    def __init__(self, coroutine, waiting):
-        self._coroutine, self._waiting = coroutine, [waiting]
-
-    def send(self, value):
-        if self._waiting:
-            return self._waiting.pop()
-        return self._coroutine.send(value)
-
-    def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
-        self._waiting = None
-        return self._coroutine.throw(*exc)
-
-    def close(self):
-        self._coroutine.close()
-
-    def __await__(self):
-        return self
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.send(None)
-
-
-class _Cycle:
-    """One request/response on a connection."""
+class _Cycle(_TaskStandIn):
+    """One request/response on a connection (and, while its app runs eagerly, the stand-in for
+    the task it becomes: ``_run_eagerly``)."""
 
     # No reference to the scope: a foreign app's scope holds the disconnect extension, a bound
     # method of the cycle, and a cycle -> scope -> cycle loop would leave every finished request
@@ -6665,18 +6749,6 @@ class _Cycle:
         self.headers = None  # lower-cased name -> value, for our own app
         self._pending = None  # streamed parts not yet handed to the transport
         self._pending_size = 0
-
-    # While its app runs eagerly, the cycle stands in for the task it becomes if it waits
-    # (``asyncio.current_task()`` returns the cycle): timeouts, cancellation and task groups
-    # entered then act on that task.
-    def cancel(self, msg=None) -> bool:
-        return self.task.cancel(msg) if self.task is not None else False
-
-    def cancelling(self) -> int:
-        return self.task.cancelling() if self.task is not None else 0
-
-    def uncancel(self) -> int:
-        return self.task.uncancel() if self.task is not None else 0
 
     def take_body(self) -> bytes | None:
         """The whole body, if it has arrived and nobody took it (our own app's shortcut)."""
@@ -7072,21 +7144,7 @@ class _HttpProtocol(asyncio.Protocol):
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
-        coroutine, loop = self._run(cycle, scope), self.state.loop
-        if _enter_task is None or asyncio.current_task(loop) is not None:  # (called from a task: no eager run)
-            cycle.task = loop.create_task(coroutine)
-            return
-        _enter_task(loop, cycle)
-        try:
-            waiting = coroutine.send(None)
-        except StopIteration:
-            return
-        except BaseException:
-            coroutine.close()
-            raise
-        finally:
-            _leave_task(loop, cycle)
-        cycle.task = loop.create_task(_Resumed(coroutine, waiting))
+        cycle.task = _run_eagerly(self._run(cycle, scope), self.state.loop, cycle)
 
     def _feed_body(self) -> bool:
         """Move body bytes from the buffer to the cycle; False when more input is needed."""

@@ -2773,6 +2773,22 @@ class TestStdio:
             assert result["content"] == [{"type": "text", "text": "This is a simple text response for testing."}]
             assert p.finish() == 0
 
+    def test_a_line_beyond_the_body_limit_is_refused_and_the_next_one_served(self):
+        with Proc([EVERYTHING_FILE, "--stdio"], env=clean_env(MCP_MAX_BODY="100000")) as p:
+            p.initialize()
+            huge = {"jsonrpc": "2.0", "id": 99, "method": "tools/call",
+                    "params": {"name": "greet", "arguments": {"name": "x" * 300000}}}
+            p.send(huge)
+            refused = p.recv()
+            assert refused["id"] is None and refused["error"]["code"] == -32600, refused
+            assert "larger than the limit of 100000 bytes" in refused["error"]["message"]
+            # many requests written at once are all answered, in order for the ordered methods
+            p.send(b"".join((json.dumps({"jsonrpc": "2.0", "id": 1000 + i, "method": "ping"}) + "\n").encode()
+                            for i in range(200)))
+            assert [p.recv()["id"] for _ in range(200)] == list(range(1000, 1200))
+            assert p.request("ping")["result"] == {}
+            assert p.finish() == 0
+
     def test_discover_before_initialize(self):
         with Proc([EVERYTHING_FILE, "--stdio"]) as p:
             legacy = p.request("server/discover", {})
