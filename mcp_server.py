@@ -2829,43 +2829,47 @@ class MCPServer:
             trace = ctx.meta.get("traceparent")
             if isinstance(trace, str) and len(trace) == 55:
                 _trace_id.set(trace[3:35])
-        response, status = await self._outcome(ctx)
+        try:
+            result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+        except RpcError as exc:
+            if ctx.request_id is None:
+                response, status = None, exc.status if exc.status != 200 else 202
+            else:
+                response, status = _error_response(ctx.request_id, exc), exc.status
+        except _InputRequired as exc:
+            response, status = await self._input_round(ctx, exc.requests)
+        except _Cancelled:
+            response, status = None, 0
+        except Exception as exc:
+            error_id = uuid.uuid4().hex[:12]
+            log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
+            detail = f": {exc!r}" if self.settings.expose_errors else ""
+            error = RpcError(INTERNAL_ERROR, f"Internal error while handling {ctx.method} (error id {error_id}){detail}.")
+            response, status = (None, 500) if ctx.request_id is None else (_error_response(ctx.request_id, error), 500)
+        else:
+            if ctx.request_id is None:
+                response, status = None, 202
+            else:
+                if ctx.modern:
+                    result = self._finish_modern(result, ctx.method)
+                response, status = {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
         if ctx.request_id is not None:
             outcome = ("cancelled" if response is None else "error" if "error" in response
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
             _metrics.add(_rpc_metric_key(ctx.method, outcome))
         return response, status
 
-    async def _outcome(self, ctx: Context) -> tuple:
+    async def _input_round(self, ctx: Context, requests: dict) -> tuple:
+        """A handler asked the client for input: a 2026 input_required result, or an error."""
+        if ctx.method not in _MRTR_METHODS or not ctx.modern:
+            error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
+            return _error_response(ctx.request_id, error), 500
         try:
-            if self.middleware:
-                result = await self._call_chain(ctx, 0)
-            else:
-                result = await self._dispatch(ctx)
-        except RpcError as exc:
-            if ctx.request_id is None:
-                return None, exc.status if exc.status != 200 else 202
-            return _error_response(ctx.request_id, exc), exc.status
-        except _InputRequired as exc:
-            if ctx.method not in _MRTR_METHODS or not ctx.modern:
-                error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
-                return _error_response(ctx.request_id, error), 500
-            try:
-                result = await self._input_required(ctx, exc.requests)
-            except RpcError as error:
-                return _error_response(ctx.request_id, error), error.status
-        except _Cancelled:
-            return None, 0
-        except Exception as exc:
-            error_id = uuid.uuid4().hex[:12]
-            log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
-            detail = f": {exc!r}" if self.settings.expose_errors else ""
-            error = RpcError(INTERNAL_ERROR, f"Internal error while handling {ctx.method} (error id {error_id}){detail}.")
-            return (None, 500) if ctx.request_id is None else (_error_response(ctx.request_id, error), 500)
+            result = self._finish_modern(await self._input_required(ctx, requests), ctx.method)
+        except RpcError as error:
+            return _error_response(ctx.request_id, error), error.status
         if ctx.request_id is None:
             return None, 202
-        if ctx.modern:
-            result = self._finish_modern(result, ctx.method)
         return {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
 
     async def _call_chain(self, ctx: Context, index: int):
@@ -3956,8 +3960,8 @@ class _Http:
         await self.start(status, head)
         await self.end(body)
 
-    async def respond_json(self, status: int, value, headers: list | None = None) -> None:
-        await self.respond(status, _dumps(value).encode(), headers=headers)
+    def respond_json(self, status: int, value, headers: list | None = None) -> typing.Awaitable:
+        return self.respond(status, _dumps(value).encode(), headers=headers)
 
     async def start_sse(self, headers: list | None = None) -> None:
         await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
@@ -6360,9 +6364,9 @@ class _App:
             raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
                              "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
-    async def _serve_native(self, cycle: "_Cycle", scope: dict) -> None:
+    def _serve_native(self, cycle: "_Cycle", scope: dict) -> typing.Awaitable:
         """The bundled server's entry: the same as ASGI's, without its message dicts."""
-        await self._handle(_Http(scope, cycle.receive, cycle.send, [], cycle))
+        return self._handle(_Http(scope, cycle.receive, cycle.send, [], cycle))
 
     async def _http(self, scope, receive, send) -> None:
         await self._handle(_Http(scope, receive, send, []))
@@ -6459,8 +6463,7 @@ class _App:
         if login is not None:
             http.base = self.oauth.issuer(http)  # the login tool hands out links to this server
         if path == mcp_path and method == "POST" and auth == "none" and not settings.rate_limit:
-            await self.streamable.post(http)  # the hot path: nothing to check on the way
-            return
+            return self.streamable.post(http)  # the hot path: nothing to check on the way
         if path in (mcp_path, mcp_path + "/", "/sse", "/messages", "/messages/", "/http", "/http/"):
             if auth != "none":
                 http.principal = await self.oauth.authenticate(http, path)
