@@ -1826,12 +1826,13 @@ def _param_descriptions(fn) -> dict:
 # How a sync function runs (``inline``): True on the event loop, False in a worker thread, None
 # (the default) decided by measurement.  A thread hand-off costs tens of microseconds and
 # several context switches, more than most small functions take; blocking the loop costs every
-# other request.  So a sync function starts in the worker pool, timed there; after
-# _AUTO_INLINE_RUNS calls in a row that each took under _AUTO_INLINE_FAST seconds it runs on
-# the loop, still timed, and a call that takes over _AUTO_INLINE_SLOW sends it back to the pool
-# to earn its place again (a pause of the whole process can make a cheap call look slow once);
-# the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever waits on I/O, sleeps or does
-# real work stays in a thread.
+# other request.  So a sync function starts in the worker pool, timed there.  Once it has
+# _AUTO_INLINE_RUNS calls under _AUTO_INLINE_FAST seconds, less two for each slower one (a
+# paused thread makes a cheap call look slow now and then; what waits on I/O is slow every
+# time), it runs on the loop, still timed.  A call there that takes over _AUTO_INLINE_SLOW
+# sends it back to the pool to earn its place again (a pause of the whole process can make a
+# cheap call look slow once); the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever
+# waits on I/O, sleeps or does real work stays in a thread.
 _AUTO_INLINE_RUNS = 16
 _AUTO_INLINE_FAST = 0.0001
 _AUTO_INLINE_SLOW = 0.002
@@ -1855,7 +1856,7 @@ class _Callable:
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
         self.inline = None  # sync functions: True on the loop, False in a thread, None measured
-        self.fast_runs = 0  # auto mode: calls in a row under _AUTO_INLINE_FAST (-1: never inline)
+        self.fast_runs = 0  # auto mode: fast calls minus twice the slow ones, at least 0 (-1: never inline)
         self.slow_strikes = 0  # auto mode: inline calls that took over _AUTO_INLINE_SLOW
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
@@ -1896,8 +1897,8 @@ class _Callable:
             loop = asyncio.get_running_loop()
             context = contextvars.copy_context()
             result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
-            if self.fast_runs >= 0:
-                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else 0
+            if self.fast_runs >= 0:  # (a slower call counts against it; an outlier does not reset it)
+                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else max(0, self.fast_runs - 2)
         if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
             result = await result
         return result
@@ -2603,7 +2604,7 @@ class MCPServer:
         and any names given; login-required tools mask by default, ``mask=False`` turns it off).
 
         A sync function starts in a worker thread so that it never blocks the event loop; one
-        that proves cheap (16 calls in a row under 0.1 ms each) then runs on the loop, which
+        that proves cheap (16 calls under 0.1 ms, less two for each slower one) then runs on the loop, which
         saves the thread hand-off, and goes back to the thread when a call takes over 2 ms
         (for good the third time).  ``inline=False`` keeps it in the thread, ``inline=True``
         puts it on the loop from the first call."""

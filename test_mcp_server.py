@@ -1631,6 +1631,37 @@ class TestRegistry:
             assert loop_thread not in await calls("where", mcp_server._AUTO_INLINE_RUNS * 2)
         asyncio.run(scenario())
 
+    def test_a_function_that_waits_every_time_stays_in_the_pool_and_an_outlier_does_not_reset(self, monkeypatch):
+        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_FAST", 0.01)
+        server = mcp_server.MCPServer("auto-inline-score")
+        calls = [0]
+
+        @server.tool()
+        def waits() -> dict:
+            time.sleep(0.02)  # like I/O: slow every time
+            return {"thread": threading.get_ident()}
+
+        @server.tool()
+        def mostly_cheap() -> dict:
+            calls[0] += 1
+            if calls[0] % 4 == 0:
+                time.sleep(0.02)  # now and then slow
+            return {"thread": threading.get_ident()}
+
+        async def threads(name, count):
+            ctx = mcp_server.Context(server, "tools/call", {})
+            return [(await server._tools[name].invoke({}, ctx))["thread"] for _ in range(count)]
+
+        async def scenario():
+            loop_thread = threading.get_ident()
+            assert loop_thread not in await threads("waits", 24)
+            assert server._tools["waits"].fast_runs == 0
+            # 3 fast and 1 slow in every 4: never 16 fast in a row, yet it earns the loop (at call
+            # 55 at the earliest; later if the machine slows a cheap call too)
+            ran_on = await threads("mostly_cheap", 120)
+            assert loop_thread in ran_on and loop_thread not in ran_on[:54]
+        asyncio.run(scenario())
+
     def test_inline_true_runs_on_the_loop_from_the_first_call(self):
         server = mcp_server.MCPServer("inline")
 
