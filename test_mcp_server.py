@@ -659,6 +659,12 @@ def core(server: MCPServer, method: str, params: dict | None = None, *, request_
     return asyncio.run(go())
 
 
+async def _threads_of(server, tool_name: str, count: int) -> list:
+    """The thread each of ``count`` calls of a tool that returns {"thread": ...} ran on."""
+    ctx = mcp_server.Context(server, "tools/call", {})
+    return [(await server._tools[tool_name].invoke({}, ctx))["thread"] for _ in range(count)]
+
+
 def core_result(server, method, params=None, **kw) -> dict:
     response, status = core(server, method, params, **kw)
     assert status == 200 and "result" in response, (status, response)
@@ -1610,25 +1616,21 @@ class TestRegistry:
         def pinned() -> dict:
             return {"thread": threading.get_ident()}
 
-        async def calls(name, count):
-            ctx = mcp_server.Context(server, "tools/call", {})
-            return [(await server._tools[name].invoke({}, ctx))["thread"] for _ in range(count)]
-
         async def scenario():
             loop_thread = threading.get_ident()
-            first = await calls("where", mcp_server._AUTO_INLINE_RUNS)  # timed in the pool
+            first = await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS)  # timed in the pool
             assert loop_thread not in first
-            assert await calls("where", 3) == [loop_thread] * 3  # then on the loop
-            assert loop_thread not in await calls("pinned", 40)  # inline=False: always the pool
+            assert await _threads_of(server, "where", 3) == [loop_thread] * 3  # then on the loop
+            assert loop_thread not in await _threads_of(server, "pinned", 40)  # inline=False: always the pool
             strikes = []
             for _ in range(mcp_server._AUTO_INLINE_STRIKES):
                 delay[0] = mcp_server._AUTO_INLINE_SLOW * 2
-                strikes.append(await calls("where", 1))  # blocks the loop once: back to the pool
+                strikes.append(await _threads_of(server, "where", 1))  # blocks the loop once: back to the pool
                 delay[0] = 0.0
-                assert loop_thread not in await calls("where", mcp_server._AUTO_INLINE_RUNS)
+                assert loop_thread not in await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS)
             assert strikes == [[loop_thread]] * mcp_server._AUTO_INLINE_STRIKES
             # the last strike was final: however cheap it is now, it stays in the pool
-            assert loop_thread not in await calls("where", mcp_server._AUTO_INLINE_RUNS * 2)
+            assert loop_thread not in await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS * 2)
         asyncio.run(scenario())
 
     def test_a_function_that_waits_every_time_stays_in_the_pool_and_an_outlier_does_not_reset(self, monkeypatch):
@@ -1648,17 +1650,13 @@ class TestRegistry:
                 time.sleep(0.02)  # now and then slow
             return {"thread": threading.get_ident()}
 
-        async def threads(name, count):
-            ctx = mcp_server.Context(server, "tools/call", {})
-            return [(await server._tools[name].invoke({}, ctx))["thread"] for _ in range(count)]
-
         async def scenario():
             loop_thread = threading.get_ident()
-            assert loop_thread not in await threads("waits", 24)
+            assert loop_thread not in await _threads_of(server, "waits", 24)
             assert server._tools["waits"].fast_runs == 0
             # 3 fast and 1 slow in every 4: never 16 fast in a row, yet it earns the loop (at call
             # 55 at the earliest; later if the machine slows a cheap call too)
-            ran_on = await threads("mostly_cheap", 120)
+            ran_on = await _threads_of(server, "mostly_cheap", 120)
             assert loop_thread in ran_on and loop_thread not in ran_on[:54]
         asyncio.run(scenario())
 
