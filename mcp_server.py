@@ -658,12 +658,21 @@ def _json_encoder():
 
 
 _dumps = _json_encoder()
-_decode_json = json.JSONDecoder().decode
+_json_decoder = json.JSONDecoder()
 
 
 def _loads(data: bytes | str):
-    """JSON from UTF-8 bytes (what MCP sends; skips ``json.loads``'s encoding detection)."""
-    return _decode_json(data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data)
+    """JSON from UTF-8 bytes (what MCP sends): the C scanner straight away, skipping
+    ``json.loads``'s encoding detection and whitespace passes; anything unusual (white space
+    around it, an error) goes to the full decoder, which says what is wrong."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    try:
+        value, end = _json_decoder.scan_once(text, 0)
+    except (StopIteration, ValueError):
+        return _json_decoder.decode(text)
+    if end != len(text):
+        return _json_decoder.decode(text)
+    return value
 
 
 def _now() -> float:
@@ -4302,7 +4311,8 @@ class _StreamableHTTP:
             return
         channel = _PostChannel(http, hub, None, sse_ok, False, [])
         ctx._out = channel
-        ctx._task = asyncio.current_task()
+        # under the bundled server its cycle stands in for the task (no system call to find it)
+        ctx._task = http.cycle if http.cycle is not None else asyncio.current_task()
 
         def cancel():  # 2026: closing the response stream cancels the request
             ctx._cancelled = True
