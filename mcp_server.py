@@ -3749,7 +3749,8 @@ class _Hub:
     # -- running requests and cancellation -------------------------------------------------------
 
     def track(self, ctx: Context) -> None:
-        ctx._task = asyncio.current_task()
+        if ctx._task is None:
+            ctx._task = asyncio.current_task()
         self.running[(ctx.session_id, ctx.request_id)] = ctx
 
     def untrack(self, ctx: Context) -> None:
@@ -4374,6 +4375,7 @@ class _StreamableHTTP:
         extra = []
         channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
+        ctx._task = http.cycle  # (None under other ASGI servers: track() finds the task)
         if sse_first:
             channel.must_stream = True
             if method != "initialize":  # initialize's stream waits for the new session's id
