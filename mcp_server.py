@@ -3639,7 +3639,9 @@ class _Hub:
     async def session(self, session_id: str) -> dict | None:
         """A legacy session's record, its expiry slid forward (or this instance's fresh copy)."""
         cache, store = self.session_cache, self.store
-        trusted = self.cache_seconds and store.link_up  # copies need the invalidations to arrive
+        if not self.cache_seconds:  # the in-memory store, or copies turned off
+            return await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+        trusted = store.link_up  # copies need the invalidations to arrive
         if trusted:
             entry = cache.get(session_id)
             if (entry is not None and time.monotonic() - entry[1] < self.cache_seconds
@@ -3878,6 +3880,10 @@ def _header_dict(pairs: list) -> dict:
     return headers
 
 
+def _body_too_large(limit: int) -> "_HttpError":
+    return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+
+
 class _Http:
     """One HTTP exchange, with the helpers every transport needs: seen through ASGI, or, under
     the bundled server, through its ``_Cycle`` directly (``cycle``; no ASGI message dicts)."""
@@ -3910,12 +3916,12 @@ class _Http:
     async def read_body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+            raise _body_too_large(limit)
         if self.cycle is not None:
             whole = self.cycle.take_body()
             if whole is not None:  # it has all arrived
                 if len(whole) > limit:
-                    raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+                    raise _body_too_large(limit)
                 return whole
         chunks, size = [], 0
         while True:
@@ -3925,10 +3931,23 @@ class _Http:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                raise _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
+                raise _body_too_large(limit)
             chunks.append(chunk)
             if not message.get("more_body"):
                 return b"".join(chunks)
+
+    async def read_message(self, limit: int):
+        """The body as a JSON-RPC message (or batch); 400 with -32700 when it is not JSON."""
+        body = await self.read_body(limit)
+        try:
+            return _loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+
+    def running_task(self):
+        """What cancels this exchange's handler: under the bundled server its cycle, which stands
+        in for the task (no system call to find it); elsewhere the running task."""
+        return self.cycle if self.cycle is not None else asyncio.current_task()
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
@@ -4278,11 +4297,7 @@ class _StreamableHTTP:
                              "or text/event-stream.")
         if settings.response_mode == "json":
             sse_ok = False
-        body = await http.read_body(settings.max_body)
-        try:
-            message = _loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        message = await http.read_message(settings.max_body)
         header_version = http.headers.get("mcp-protocol-version")
         if isinstance(message, list):
             await self._batch(http, message, header_version, json_ok)
@@ -4312,8 +4327,7 @@ class _StreamableHTTP:
             return
         channel = _PostChannel(http, hub, None, sse_ok, False, [])
         ctx._out = channel
-        # under the bundled server its cycle stands in for the task (no system call to find it)
-        ctx._task = http.cycle if http.cycle is not None else asyncio.current_task()
+        ctx._task = http.running_task()
 
         def cancel():  # 2026: closing the response stream cancels the request
             ctx._cancelled = True
@@ -4375,7 +4389,7 @@ class _StreamableHTTP:
         extra = []
         channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
-        ctx._task = http.cycle  # (None under other ASGI servers: track() finds the task)
+        ctx._task = http.running_task()
         if sse_first:
             channel.must_stream = True
             if method != "initialize":  # initialize's stream waits for the new session's id
@@ -4670,11 +4684,7 @@ class _LegacySSE:
         session = await _session_of(hub, http, session_id)
         if session is None and session_id not in hub.session_streams:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
-        body = await http.read_body(server.settings.max_body)
-        try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        message = await http.read_message(server.settings.max_body)
         kind = _classify_http(message)
         if kind == "response":
             if not hub.resolve(session_id, message):
@@ -4733,11 +4743,7 @@ class _DirectHTTP:
     async def post(self, http: _Http) -> None:
         server = self.server
         server._hub()
-        body = await http.read_body(server.settings.max_body)
-        try:
-            message = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+        message = await http.read_message(server.settings.max_body)
         short = isinstance(message, dict) and "jsonrpc" not in message and "method" in message
         if short:
             message = {"jsonrpc": "2.0", "id": 1, "method": message["method"],
@@ -4836,27 +4842,22 @@ class _Stdio:
             # What arrived together goes over together: one wake-up of the loop for a batch of
             # lines, not one per line (each is a system call and a hand-over of the GIL).
             try:
-                read1 = getattr(stdin, "read1", None)
-                if read1 is None:
-                    for line in stdin:
-                        loop.call_soon_threadsafe(batches.put_nowait, [line])
-                else:
-                    pending, oversized = bytearray(), False
-                    while chunk := read1(65536):
-                        pending += chunk
-                        end = pending.rfind(b"\n")
-                        if end < 0:
-                            if len(pending) > limit:  # a line beyond MCP_MAX_BODY: refused, skipped
-                                pending.clear()
-                                oversized = True
-                            continue
-                        batch = bytes(pending[:end]).split(b"\n")
-                        del pending[:end + 1]
-                        if oversized:
-                            batch[0], oversized = _OVERSIZED_LINE, False
-                        loop.call_soon_threadsafe(batches.put_nowait, batch)
-                    if pending and not oversized:
-                        loop.call_soon_threadsafe(batches.put_nowait, [bytes(pending)])
+                pending, oversized = bytearray(), False
+                while chunk := stdin.read1(65536):  # what is there, up to 64 KiB (a binary stream)
+                    pending += chunk
+                    end = pending.rfind(b"\n")
+                    if end < 0:
+                        if len(pending) > limit:  # a line beyond MCP_MAX_BODY: refused, skipped
+                            pending.clear()
+                            oversized = True
+                        continue
+                    batch = bytes(pending[:end]).split(b"\n")
+                    del pending[:end + 1]
+                    if oversized:
+                        batch[0], oversized = _OVERSIZED_LINE, False
+                    loop.call_soon_threadsafe(batches.put_nowait, batch)
+                if pending and not oversized:
+                    loop.call_soon_threadsafe(batches.put_nowait, [bytes(pending)])
             except (OSError, ValueError):
                 pass
             loop.call_soon_threadsafe(batches.put_nowait, None)
@@ -4894,7 +4895,7 @@ class _Stdio:
 
     async def _line(self, line: bytes) -> None:
         try:
-            message = json.loads(line)
+            message = _loads(line)
         except (ValueError, UnicodeDecodeError):
             self._write(_error_response(None, RpcError(PARSE_ERROR, "Parse error: the line is not valid JSON.")))
             return
@@ -5508,7 +5509,7 @@ class _OAuth:
     async def token(self, http: _Http) -> None:
         await self._rate_limit(http, "token")
         try:
-            kind = http.headers.get("content-type", "").split(";")[0].strip().lower()
+            kind = _media_type(http.headers.get("content-type", ""))
             body = await http.read_body(64 * 1024)
             if kind == "application/json":
                 fields = json.loads(body)
