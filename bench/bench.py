@@ -44,9 +44,13 @@ META = {"io.modelcontextprotocol/protocolVersion": MODERN,
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"}}
 ACCEPT_BOTH = "application/json, text/event-stream"
-PEERS = ("ours", "ours_inline", "ours_malloc", "sdk", "fastmcp")
-PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "ours_malloc": "ours.py", "sdk": "sdk.py",
-               "fastmcp": "fastmcp_server.py"}
+PEERS = ("ours", "ours_inline", "ours_asyncio", "ours_malloc", "sdk", "fastmcp")
+PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "ours_asyncio": "ours.py", "ours_malloc": "ours.py",
+               "sdk": "sdk.py",
+               "fastmcp": "fastmcp_server.py",
+               # workload r: calibration servers, not MCP (the issue's "raw limit" column)
+               "raw_protocol": "raw_protocol.py", "raw_asgi": "raw_asgi.py"}
+RAW_ANCHOR_US = {"raw_protocol": 7, "raw_asgi": 19}  # the issue's anchor machine, µs per request
 TMP = tempfile.mkdtemp(prefix="mcp-bench-")
 STARTED: list = []  # every process group this run started, for cleanup at exit
 # Byte code of every server (ours and the peers alike) is cached here, outside the repository, so
@@ -123,8 +127,10 @@ def base_env(**extra) -> dict:
 
 
 def ours_env(peer: str) -> dict:
-    """What the harness sets for one of our variants (ours, ours_inline, ours_malloc)."""
-    env = {"LOG_LEVEL": "warning", "MCP_ACCESS_LOG": "0", "BENCH_INLINE": "1" if peer == "ours_inline" else "0"}
+    """What the harness sets for one of our variants (ours, ours_inline, ours_asyncio, ours_malloc)."""
+    env = {"LOG_LEVEL": "warning", "MCP_ACCESS_LOG": "0", "BENCH_INLINE": "1" if peer == "ours_inline" else "0",
+           # auto: uvloop when the venv has it (it does: uvicorn[standard]); ours_asyncio: asyncio's own loop
+           "MCP_LOOP": "asyncio" if peer == "ours_asyncio" else "auto"}
     if peer == "ours_malloc":  # glibc malloc instead of pymalloc, as the Docker image and --workers run it
         env["PYTHONMALLOC"] = "malloc"
     return env
@@ -821,7 +827,7 @@ def machine_facts() -> dict:
         "import importlib.metadata as m, json\n"
         "out = {}\n"
         "for p in ('mcp','mcp-types','fastmcp','fastmcp-slim','uvicorn','starlette','sse-starlette','pydantic',"
-        "'pydantic-core','anyio','redis','cryptography','h11'):\n"
+        "'pydantic-core','anyio','redis','cryptography','h11','uvloop','httptools'):\n"
         "    try: out[p] = m.version(p)\n"
         "    except m.PackageNotFoundError: out[p] = None\n"
         "print(json.dumps(out))")]) or "{}")
@@ -921,6 +927,20 @@ def run_memory(res: Results, peer: str, args):
         res.fail("memory", peer, exc)
 
 
+def run_raw(res: Results, args):
+    """Workload r: the floor servers (not MCP) under the same wrk run as a, to calibrate the machine."""
+    for peer in RAW_ANCHOR_US:
+        try:
+            with Server(peer) as srv:
+                r = wrk(srv, modern=False, sid="calibration", expect_sse=False, duration=args.duration,
+                        warmup=args.warmup)
+                res.add("r_raw", peer, r)
+                log(f"  {peer:12s} r floor        {r['rps']:8.0f} req/s  cpu {r['cpu_us_per_call']:.1f} us/request  "
+                    f"errors {r['errors']}")
+        except Exception as exc:  # noqa: BLE001
+            res.fail("raw floor", peer, exc)
+
+
 def run_stdio(res: Results, peer: str, args):
     try:
         c = stdio_cold_start(peer, args.cold_starts)
@@ -1008,7 +1028,7 @@ def build_rows(res: Results, peers: list, args) -> list:
         values["ratio"] = ratio
         rows.append((label, values, fmt, higher, note))
 
-    inline = {"ours": "ours_inline"}
+    inline, plain_loop = {"ours": "ours_inline"}, {"ours": "ours_asyncio"}
     for key, title in (("a_legacy_json", "a. tools/call JSON, 2025-11-25 session"),
                        ("a_modern_json", "a. tools/call JSON, 2026-07-28 stateless")):
         metric(key, "rps", f"{title}: req/s", "int", True)
@@ -1018,6 +1038,10 @@ def build_rows(res: Results, peers: list, args) -> list:
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
             metric(key, "cpu_us_per_call", f"{title}: CPU µs/call [ours inline=True]", "int", False, inline)
+        if "ours_asyncio" in peers:
+            metric(key, "rps", f"{title}: req/s [ours MCP_LOOP=asyncio]", "int", True, plain_loop)
+            metric(key, "cpu_us_per_call", f"{title}: CPU µs/call [ours MCP_LOOP=asyncio]", "int", False,
+                   plain_loop)
     for key, title in (("b_legacy_sse", "b. tools/call SSE, 2025-11-25 session"),
                        ("b_modern_sse", "b. tools/call SSE, 2026-07-28 stateless")):
         metric(key, "rps", f"{title}: req/s", "int", True)
@@ -1026,6 +1050,8 @@ def build_rows(res: Results, peers: list, args) -> list:
         metric(key, "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
+        if "ours_asyncio" in peers:
+            metric(key, "rps", f"{title}: req/s [ours MCP_LOOP=asyncio]", "int", True, plain_loop)
     metric("c_sessions_1", "sessions_per_s", "c. session setup (init, initialized, list, call), 1 at a time: "
            "sessions/s", "f1", True)
     metric("c_sessions_32", "sessions_per_s", "c. session setup, 32 in parallel: sessions/s", "f1", True)
@@ -1117,7 +1143,8 @@ def facts_md(f: dict) -> str:
         f"{' + uncommitted changes' if f['ours_mcp_server_py_modified'] else ''} "
         f"(sha256 {f['ours_mcp_server_py_sha256']}); inline=True supported: {f['ours_inline_supported']}",
         f"- peers: mcp {p.get('mcp')} (mcp-types {p.get('mcp-types')}), fastmcp {p.get('fastmcp')} "
-        f"(fastmcp-slim {p.get('fastmcp-slim')}), uvicorn {p.get('uvicorn')} (h11 {p.get('h11')}, asyncio loop), "
+        f"(fastmcp-slim {p.get('fastmcp-slim')}), uvicorn {p.get('uvicorn')} ("
+        f"{'uvloop ' + p['uvloop'] + ' and httptools ' + str(p.get('httptools')) if p.get('uvloop') else 'h11 ' + str(p.get('h11')) + ', asyncio loop'}), "
         f"starlette {p.get('starlette')}, sse-starlette {p.get('sse-starlette')}, pydantic {p.get('pydantic')}, "
         f"anyio {p.get('anyio')}; redis-py {p.get('redis')}",
     ] + ([
@@ -1142,10 +1169,10 @@ def main():
     ap.add_argument("--big-streams", type=int, default=10000)
     ap.add_argument("--cold-starts", type=int, default=10)
     ap.add_argument("--stdio-messages", type=int, default=2000)
-    ap.add_argument("--peers", default="ours,ours_inline,ours_malloc,sdk,fastmcp",
-                    help="servers to run, of " + ",".join(PEERS) + " (ours_inline runs a and b only, "
+    ap.add_argument("--peers", default="ours,ours_inline,ours_asyncio,ours_malloc,sdk,fastmcp",
+                    help="servers to run, of " + ",".join(PEERS) + " (ours_inline and ours_asyncio run a and b only, "
                     "ours_malloc d only)")
-    ap.add_argument("--only", default="a,b,c,d,e,f,g,10k", help="workload letters to run (comma-separated)")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,r,10k", help="workload letters to run (comma-separated)")
     ap.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = ap.parse_args()
@@ -1175,15 +1202,17 @@ def main():
     t_start = time.monotonic()
     for rnd in range(1, args.rounds + 1):
         log(f"== round {rnd}/{args.rounds} ({time.monotonic() - t_start:.0f} s)")
-        for peer in peers:  # ours_inline: a and b only; ours_malloc: d only
+        for peer in peers:  # ours_inline, ours_asyncio: a and b only; ours_malloc: d only
             if only & {"a", "c"} and peer != "ours_malloc":
-                run_http_json(res, peer, args, with_sessions="c" in only and peer != "ours_inline")
+                run_http_json(res, peer, args, with_sessions="c" in only and peer not in ("ours_inline", "ours_asyncio"))
             if "b" in only and peer != "ours_malloc":
                 run_http_sse(res, peer, args)
-            if "d" in only and peer != "ours_inline":
+            if "d" in only and peer not in ("ours_inline", "ours_asyncio"):
                 run_memory(res, peer, args)
-            if "e" in only and peer not in ("ours_inline", "ours_malloc"):
+            if "e" in only and peer not in ("ours_inline", "ours_asyncio", "ours_malloc"):
                 run_stdio(res, peer, args)
+        if "r" in only:
+            run_raw(res, args)
         if "f" in only and "ours" in peers:
             run_redis(res, args)
         if "g" in only and "ours" in peers:
@@ -1227,6 +1256,33 @@ def main():
     return 1 if res.failures else 0
 
 
+def calibration_notes(res: Results) -> list:
+    """Workload r in words: this machine against the issue's anchor machine, and every server's CPU
+    per call in units of the asyncio floor (which cancels most of the machine's speed out)."""
+    raw = res.raw.get("r_raw", {})
+    floors = {peer: med([r.get("cpu_us_per_call") for r in runs]) for peer, runs in raw.items()}
+    if not floors.get("raw_protocol"):
+        return []
+    parts = []
+    for peer, label in (("raw_protocol", "the 60-line asyncio.Protocol server with a fixed body"),
+                        ("raw_asgi", "a raw ASGI app under uvicorn")):
+        if floors.get(peer):
+            rps = med([r.get("rps") for r in raw[peer]])
+            parts.append(f"{label}: {rps:,.0f} req/s, {floors[peer]:.1f} µs/request "
+                         f"(the issue's anchor machine: {RAW_ANCHOR_US[peer]} µs)")
+    line = "r. machine calibration (not MCP servers; the issue's \"raw limit\" column): " + "; ".join(parts) + "."
+    calls = res.raw.get("a_legacy_json", {})
+    per_floor = []
+    for peer, name in (("ours", "ours"), ("sdk", "SDK"), ("fastmcp", "FastMCP")):
+        cpu = med([r.get("cpu_us_per_call") for r in calls.get(peer, [])])
+        if cpu:
+            per_floor.append(f"{name} {cpu / floors['raw_protocol']:.1f}")
+    if per_floor:
+        line += (" Server CPU per tools/call (a, 2025-11-25), in units of that asyncio floor: "
+                 + ", ".join(per_floor) + ".")
+    return [line]
+
+
 def notes_md(res: Results, args, facts: dict | None = None) -> str:
     facts = facts or {}
     lines = [
@@ -1241,6 +1297,10 @@ def notes_md(res: Results, args, facts: dict | None = None) -> str:
         "take part of the CPU the second worker could use; a 1-worker server that may migrate between cores "
         "is also slower than the pinned one in a.",
     ]
+    lines += calibration_notes(res)
+    if any("ours_asyncio" in runs for runs in res.raw.values()):
+        lines.append("[ours MCP_LOOP=asyncio]: ours on asyncio's own loop; the plain rows run MCP_LOOP=auto, which takes "
+                     "uvloop because this venv has it (uvicorn[standard] brings it for the peers).")
     if "ours_malloc" in res.raw.get("d_memory", {}):
         lines.append("[ours PYTHONMALLOC=malloc]: ours with glibc malloc instead of pymalloc, as the Docker image "
                      "and --workers run it; the server's malloc_trim can then hand freed memory back.")
