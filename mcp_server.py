@@ -289,8 +289,8 @@ _SETTING_SPECS = (
      "with Redis: seconds an instance may answer from its copy of a session (changes and ends "
      "reach every instance at once over pub/sub; this bounds staleness if pub/sub breaks; 0: "
      "read Redis on every request)"),
-    ("loop", "--loop", ("MCP_LOOP",), str, "auto",
-     "event loop of the bundled server and stdio: auto (uvloop when it is installed), asyncio, or uvloop"),
+    ("loop", "--loop", ("MCP_LOOP",), str, "asyncio",
+     "event loop of the bundled server and stdio: asyncio, uvloop, or auto (uvloop when it is installed)"),
     ("workers", "--workers", ("MCP_WORKERS",), int, 1,
      "HTTP worker processes sharing the port (needs Redis when more than 1)"),
     ("expose_errors", None, ("MCP_EXPOSE_ERRORS",), _truthy, False,
@@ -362,7 +362,7 @@ class Settings:
     redis_cluster: bool = False
     store_timeout: float = 2.0
     session_cache: float = 5.0
-    loop: str = "auto"
+    loop: str = "asyncio"
     workers: int = 1
     expose_errors: bool = False
     app_version: str = ""
@@ -7421,10 +7421,11 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
 def _loop_factory(choice: str):
     """The event loop ``serve`` runs on: None for asyncio's own, or uvloop's constructor.
 
-    uvloop is optional (never a requirement): with ``auto`` it is used when it is installed, as
-    uvicorn does.  Its transports and loop are C, which takes about a fifth off the CPU of a
-    tools/call on the bundled server (bench/README.md).  The server uses only public loop APIs
-    and asyncio's task bookkeeping, which uvloop shares; the test suite runs on both loops."""
+    uvloop is optional and opt-in (never a requirement; ``auto`` takes it when installed, as
+    uvicorn does).  asyncio stays the default because uvloop bought no measurable CPU per call
+    here: a request costs one recv and one send, and the rest is this module's Python either way
+    (bench/RESULTS.md).  The server uses only public loop APIs and asyncio's task bookkeeping,
+    which uvloop shares; the test suite runs on both loops."""
     if choice == "asyncio":
         return None
     try:

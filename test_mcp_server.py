@@ -916,8 +916,8 @@ class TestSettings:
         assert capsys.readouterr().err == ""  # argparse printed no usage block
 
     def test_loop_choice_is_checked(self):
-        assert Settings.load([], environ={}).loop == "auto"
-        assert Settings.load(["--loop", "asyncio"], environ={}).loop == "asyncio"
+        assert Settings.load([], environ={}).loop == "asyncio"
+        assert Settings.load(["--loop", "auto"], environ={}).loop == "auto"
         with pytest.raises(SystemExit) as info:
             Settings.load(["--loop", "trio"], environ={})
         assert "is not auto, asyncio or uvloop" in info.value.code
