@@ -6368,7 +6368,8 @@ class _App:
         client = http.scope.get("client")
         if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
             return
-        headers, scope = http.headers, dict(http.scope)
+        headers, scope = dict(http.headers), dict(http.scope)  # (a header dict may be shared: _HEAD_BLOCKS)
+        http.headers = headers
         if headers.get("x-forwarded-for"):
             scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
         if headers.get("x-forwarded-proto") in ("http", "https"):
@@ -6921,6 +6922,61 @@ class _Cycle(_TaskStandIn):
         return b"".join(lines)
 
 
+# Parsed header blocks by their exact bytes: a client repeats the same head (the same session,
+# Accept, Content-Type, and often the same length) request after request, and a hit skips the
+# validation and the split.  Bounded in entries and in block size; the values are shared, so
+# nothing may change a request's header dict in place (``_apply_forwarded`` copies it first).
+_HEAD_BLOCKS: dict = {}
+_HEAD_BLOCKS_MAX, _HEAD_BLOCK_CACHED_SIZE = 512, 2048
+
+
+def _parse_header_block(block: bytes) -> tuple:
+    """(fields, pairs, content length, transfer coding, connection tokens, expects 100-continue)
+    of a request's header lines, validated; _BadRequest for what HTTP/1.1 does not allow."""
+    # One C-level match validates every header line: a token, a colon, a value without CR,
+    # LF or NUL.  A line that starts with white space (obsolete folding) cannot match.
+    if block and not _HEADER_BLOCK_RE.fullmatch(block):
+        if re.search(rb"(?:^|\r\n)[ \t]", block):
+            raise _BadRequest(400, "Obsolete header line folding is not accepted.")
+        raise _BadRequest(400, "Malformed header line.")
+    # (name, value) text pairs, from one latin-1 decode of the block (header bytes map 1:1
+    # onto it; measured faster than a findall)
+    pairs = []
+    for line in block.decode("latin-1").split("\r\n") if block else ():
+        name, _, value = line.partition(":")
+        pairs.append((name.lower(), value.strip(" \t")))
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        names = [name for name, _ in pairs]
+        for name in ("content-length", "transfer-encoding"):
+            if names.count(name) > 1:
+                raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
+        fields = _header_dict(pairs)
+    content_length = fields.get("content-length")
+    if content_length is not None:
+        if not content_length.isdigit() or len(content_length) > 18:
+            raise _BadRequest(400, "Malformed Content-Length.")
+        content_length = int(content_length)
+    transfer_encoding = fields.get("transfer-encoding")
+    if transfer_encoding is not None:
+        transfer_encoding = transfer_encoding.lower()
+        if content_length is not None:
+            raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
+        if transfer_encoding != "chunked":
+            raise _BadRequest(400, "Only the chunked transfer coding is accepted.")
+    tokens = fields.get("connection")
+    if tokens is not None:
+        tokens = tokens.lower()
+    expect = fields.get("expect")
+    expect = expect is not None and expect.lower() == "100-continue"
+    parsed = (fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
+    if len(block) <= _HEAD_BLOCK_CACHED_SIZE:
+        if len(_HEAD_BLOCKS) >= _HEAD_BLOCKS_MAX:
+            _HEAD_BLOCKS.clear()
+        _HEAD_BLOCKS[block] = parsed
+    return parsed
+
+
 class _HttpProtocol(asyncio.Protocol):
     """One client connection of the bundled HTTP/1.1 server."""
 
@@ -7084,45 +7140,13 @@ class _HttpProtocol(asyncio.Protocol):
         if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
             raise _BadRequest(400, "Malformed request line.")
         method, target, version = parts
-        # One C-level match validates every header line: a token, a colon, a value without CR,
-        # LF or NUL.  A line that starts with white space (obsolete folding) cannot match.
-        if block and not _HEADER_BLOCK_RE.fullmatch(block):
-            if re.search(rb"(?:^|\r\n)[ \t]", block):
-                raise _BadRequest(400, "Obsolete header line folding is not accepted.")
-            raise _BadRequest(400, "Malformed header line.")
-        # (name, value) text pairs, from one latin-1 decode of the block (header bytes map 1:1
-        # onto it; measured faster than a findall)
-        pairs = []
-        for line in block.decode("latin-1").split("\r\n") if block else ():
-            name, _, value = line.partition(":")
-            pairs.append((name.lower(), value.strip(" \t")))
-        fields = dict(pairs)
-        if len(fields) != len(pairs):
-            names = [name for name, _ in pairs]
-            for name in ("content-length", "transfer-encoding"):
-                if names.count(name) > 1:
-                    raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
-            fields = _header_dict(pairs)
-        content_length = fields.get("content-length")
-        if content_length is not None:
-            if not content_length.isdigit() or len(content_length) > 18:
-                raise _BadRequest(400, "Malformed Content-Length.")
-            content_length = int(content_length)
-        transfer_encoding = fields.get("transfer-encoding")
-        if transfer_encoding is not None:
-            transfer_encoding = transfer_encoding.lower()
+        parsed = _HEAD_BLOCKS.get(block)
+        if parsed is None:
+            parsed = _parse_header_block(block)
+        fields, pairs, content_length, transfer_encoding, tokens, expect = parsed
         keep_alive = version == b"HTTP/1.1"
-        tokens = fields.get("connection")
         if tokens is not None:
-            tokens = tokens.lower()
             keep_alive = ("close" not in tokens) if keep_alive else ("keep-alive" in tokens)
-        expect = fields.get("expect")
-        expect = expect is not None and expect.lower() == "100-continue"
-        if transfer_encoding is not None:
-            if content_length is not None:
-                raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
-            if transfer_encoding != "chunked":
-                raise _BadRequest(400, "Only the chunked transfer coding is accepted.")
         if content_length is not None and content_length > self.settings.max_body:
             raise _BadRequest(413, f"Request body is larger than the limit of {self.settings.max_body} "
                               "bytes (MCP_MAX_BODY).")

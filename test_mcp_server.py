@@ -3182,6 +3182,40 @@ class TestHTTPServer:
             await server._runtime.close()
         asyncio.run(scenario())
 
+    def test_a_repeated_head_is_parsed_once_and_a_refused_one_is_not_remembered(self, make_server):
+        st = make_server()
+        body = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "same head"}}}
+        data = raw_request("POST", "/http", {"Host": f"127.0.0.1:{st.port}", "X-Head-Test": "repeat"}, body)
+        block = data[data.index(b"\r\n") + 2:data.index(b"\r\n\r\n")]
+        with Conn(st.port) as conn:
+            for _ in range(3):  # the same bytes each time: the second and third come from the cache
+                conn.sock.sendall(data)
+                answer = conn.read_response()
+                assert answer.status == 200 and answer.json()["content"][0]["text"] == "same head", answer
+        fields = mcp_server._HEAD_BLOCKS[block][0]
+        assert fields["x-head-test"] == "repeat" and fields["content-length"] == str(len(json.dumps(body)))
+        bad = (b"POST /http HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
+               b"Transfer-Encoding: chunked\r\nX-Head-Test: refused\r\n\r\n")
+        for _ in range(2):
+            with Conn(st.port) as conn:
+                conn.sock.sendall(bad)
+                assert conn.read_response().status == 400
+        assert not any(b"X-Head-Test: refused" in key for key in mcp_server._HEAD_BLOCKS)
+
+    def test_forwarded_headers_count_only_from_a_trusted_proxy_and_never_reach_another_request(
+            self, make_server):
+        proxied = make_server(trusted_proxies=("127.0.0.1",), allowed_hosts=("mcp.example.com",))
+        direct = make_server(allowed_hosts=("mcp.example.com",))
+        body = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "via proxy"}}}
+        # identical bytes to both servers: the Host is not allowed, the forwarded one is
+        headers = {"Host": "evil.example", "X-Forwarded-Host": "mcp.example.com", "X-Forwarded-For": "203.0.113.9"}
+        assert http(proxied.port, "POST", "/http", headers, body).status == 200  # believed from 127.0.0.1
+        data = raw_request("POST", "/http", headers, body)
+        block = data[data.index(b"\r\n") + 2:data.index(b"\r\n\r\n")]
+        assert mcp_server._HEAD_BLOCKS[block][0]["host"] == "evil.example"  # the shared parse is untouched
+        assert http(direct.port, "POST", "/http", headers, body).status == 403  # not believed here
+        assert http(direct.port, "POST", "/http", {"Host": "mcp.example.com"}, body).status == 200
+
     def test_memory_is_given_back_once_a_wave_of_connections_has_ended(self):
         ready = mcp_server._time_to_trim
         assert ready(1000, 1000, 0, 60.0, 0.01)
