@@ -6368,7 +6368,7 @@ class _App:
         client = http.scope.get("client")
         if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
             return
-        headers, scope = dict(http.headers), dict(http.scope)  # (a header dict may be shared: _HEAD_BLOCKS)
+        headers, scope = dict(http.headers), dict(http.scope)  # (a header dict may be shared: _REQUEST_HEADS)
         http.headers = headers
         if headers.get("x-forwarded-for"):
             scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
@@ -6922,17 +6922,25 @@ class _Cycle(_TaskStandIn):
         return b"".join(lines)
 
 
-# Parsed header blocks by their exact bytes: a client repeats the same head (the same session,
-# Accept, Content-Type, and often the same length) request after request, and a hit skips the
-# validation and the split.  Bounded in entries and in block size; the values are shared, so
-# nothing may change a request's header dict in place (``_apply_forwarded`` copies it first).
-_HEAD_BLOCKS: dict = {}
-_HEAD_BLOCKS_MAX, _HEAD_BLOCK_CACHED_SIZE = 512, 2048
+# Parsed request heads by their exact bytes: a client repeats the same head (the same path,
+# session, Accept, Content-Type, and often the same length) request after request, and a hit
+# skips the validation and the splitting.  Bounded in entries and in head size; the values are
+# shared, so nothing may change a request's header dict in place (``_apply_forwarded`` copies it).
+_REQUEST_HEADS: dict = {}
+_REQUEST_HEADS_MAX, _REQUEST_HEAD_CACHED_SIZE = 512, 2048
 
 
-def _parse_header_block(block: bytes) -> tuple:
-    """(fields, pairs, content length, transfer coding, connection tokens, expects 100-continue)
-    of a request's header lines, validated; _BadRequest for what HTTP/1.1 does not allow."""
+def _parse_request_head(head: bytes) -> tuple:
+    """(scope template, HTTP/1.1?, fields, pairs, content length, transfer coding, connection
+    tokens, expects 100-continue) of a request head without its blank line, validated;
+    _BadRequest for what HTTP/1.1 does not allow.  Remembered in _REQUEST_HEADS."""
+    request_line, _, block = head.partition(b"\r\n")
+    if len(request_line) > _MAX_REQUEST_LINE:
+        raise _BadRequest(414, "The request line is too long.")
+    parts = request_line.split(b" ")
+    if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
+        raise _BadRequest(400, "Malformed request line.")
+    method, target, version = parts
     # One C-level match validates every header line: a token, a colon, a value without CR,
     # LF or NUL.  A line that starts with white space (obsolete folding) cannot match.
     if block and not _HEADER_BLOCK_RE.fullmatch(block):
@@ -6969,11 +6977,27 @@ def _parse_header_block(block: bytes) -> tuple:
         tokens = tokens.lower()
     expect = fields.get("expect")
     expect = expect is not None and expect.lower() == "100-continue"
-    parsed = (fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
-    if len(block) <= _HEAD_BLOCK_CACHED_SIZE:
-        if len(_HEAD_BLOCKS) >= _HEAD_BLOCKS_MAX:
-            _HEAD_BLOCKS.clear()
-        _HEAD_BLOCKS[block] = parsed
+    raw_path, _, query = target.partition(b"?")
+    if not raw_path.startswith(b"/") and raw_path != b"*":
+        if raw_path.startswith((b"http://", b"https://")):  # absolute form
+            raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
+        else:
+            raise _BadRequest(400, "Malformed request target.")
+    try:
+        path = raw_path.decode("ascii")
+    except UnicodeDecodeError:
+        raise _BadRequest(400, "The request target must be ASCII.") from None
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    http11 = version == b"HTTP/1.1"
+    template = {"type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if http11 else "1.0",
+                "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
+                "query_string": query, "root_path": "", "client": None, "server": None}
+    parsed = (template, http11, fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
+    if len(head) <= _REQUEST_HEAD_CACHED_SIZE:
+        if len(_REQUEST_HEADS) >= _REQUEST_HEADS_MAX:
+            _REQUEST_HEADS.clear()
+        _REQUEST_HEADS[head] = parsed
     return parsed
 
 
@@ -7132,43 +7156,21 @@ class _HttpProtocol(asyncio.Protocol):
             raise _BadRequest(431, f"The request head is larger than {self.settings.max_header} bytes.")
         head = bytes(self.buffer[:end])
         del self.buffer[:end + 4]
-        head = head.lstrip(b"\r\n")
-        request_line, _, block = head.partition(b"\r\n")
-        if len(request_line) > _MAX_REQUEST_LINE:
-            raise _BadRequest(414, "The request line is too long.")
-        parts = request_line.split(b" ")
-        if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
-            raise _BadRequest(400, "Malformed request line.")
-        method, target, version = parts
-        parsed = _HEAD_BLOCKS.get(block)
+        if head[:1] in (b"\r", b"\n"):
+            head = head.lstrip(b"\r\n")  # stray line breaks before a request are tolerated
+        parsed = _REQUEST_HEADS.get(head)
         if parsed is None:
-            parsed = _parse_header_block(block)
-        fields, pairs, content_length, transfer_encoding, tokens, expect = parsed
-        keep_alive = version == b"HTTP/1.1"
+            parsed = _parse_request_head(head)
+        template, http11, fields, pairs, content_length, transfer_encoding, tokens, expect = parsed
+        keep_alive = http11
         if tokens is not None:
             keep_alive = ("close" not in tokens) if keep_alive else ("keep-alive" in tokens)
         if content_length is not None and content_length > self.settings.max_body:
             raise _BadRequest(413, f"Request body is larger than the limit of {self.settings.max_body} "
                               "bytes (MCP_MAX_BODY).")
-        raw_path, _, query = target.partition(b"?")
-        if not raw_path.startswith(b"/") and raw_path != b"*":
-            if raw_path.startswith((b"http://", b"https://")):  # absolute form
-                raw_path = b"/" + raw_path.split(b"/", 3)[-1] if raw_path.count(b"/") >= 3 else b"/"
-            else:
-                raise _BadRequest(400, "Malformed request target.")
-        try:
-            path = raw_path.decode("ascii")
-        except UnicodeDecodeError:
-            raise _BadRequest(400, "The request target must be ASCII.") from None
-        if "%" in path:
-            path = urllib.parse.unquote(path)
-        scope = {
-            "type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if version == b"HTTP/1.1" else "1.0",
-            "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
-            "query_string": query, "root_path": self.state.root_path,
-            "client": self.client, "server": self.server,
-        }
-        cycle = _Cycle(self, version == b"HTTP/1.1", expect, keep_alive)
+        scope = template.copy()
+        scope["root_path"], scope["client"], scope["server"] = self.state.root_path, self.client, self.server
+        cycle = _Cycle(self, http11, expect, keep_alive)
         if self.state.native is not None:
             cycle.headers = fields
         else:

@@ -3186,13 +3186,13 @@ class TestHTTPServer:
         st = make_server()
         body = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "same head"}}}
         data = raw_request("POST", "/http", {"Host": f"127.0.0.1:{st.port}", "X-Head-Test": "repeat"}, body)
-        block = data[data.index(b"\r\n") + 2:data.index(b"\r\n\r\n")]
+        head = data[:data.index(b"\r\n\r\n")]
         with Conn(st.port) as conn:
             for _ in range(3):  # the same bytes each time: the second and third come from the cache
                 conn.sock.sendall(data)
                 answer = conn.read_response()
                 assert answer.status == 200 and answer.json()["content"][0]["text"] == "same head", answer
-        fields = mcp_server._HEAD_BLOCKS[block][0]
+        fields = mcp_server._REQUEST_HEADS[head][2]
         assert fields["x-head-test"] == "repeat" and fields["content-length"] == str(len(json.dumps(body)))
         bad = (b"POST /http HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2\r\n"
                b"Transfer-Encoding: chunked\r\nX-Head-Test: refused\r\n\r\n")
@@ -3200,7 +3200,7 @@ class TestHTTPServer:
             with Conn(st.port) as conn:
                 conn.sock.sendall(bad)
                 assert conn.read_response().status == 400
-        assert not any(b"X-Head-Test: refused" in key for key in mcp_server._HEAD_BLOCKS)
+        assert not any(b"X-Head-Test: refused" in key for key in mcp_server._REQUEST_HEADS)
 
     def test_forwarded_headers_count_only_from_a_trusted_proxy_and_never_reach_another_request(
             self, make_server):
@@ -3211,8 +3211,8 @@ class TestHTTPServer:
         headers = {"Host": "evil.example", "X-Forwarded-Host": "mcp.example.com", "X-Forwarded-For": "203.0.113.9"}
         assert http(proxied.port, "POST", "/http", headers, body).status == 200  # believed from 127.0.0.1
         data = raw_request("POST", "/http", headers, body)
-        block = data[data.index(b"\r\n") + 2:data.index(b"\r\n\r\n")]
-        assert mcp_server._HEAD_BLOCKS[block][0]["host"] == "evil.example"  # the shared parse is untouched
+        head = data[:data.index(b"\r\n\r\n")]
+        assert mcp_server._REQUEST_HEADS[head][2]["host"] == "evil.example"  # the shared parse is untouched
         assert http(direct.port, "POST", "/http", headers, body).status == 403  # not believed here
         assert http(direct.port, "POST", "/http", {"Host": "mcp.example.com"}, body).status == 200
 
