@@ -6742,6 +6742,10 @@ class _LazyEvent:
         await self._event.wait()
 
 
+_STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) for status, reason in _REASONS.items()}
+_FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encoding"))
+
+
 class _Cycle(_TaskStandIn):
     """One request/response on a connection (and, while its app runs eagerly, the stand-in for
     the task it becomes: ``_run_eagerly``)."""
@@ -6895,15 +6899,20 @@ class _Cycle(_TaskStandIn):
 
     def _encode_head(self, headers: list, body: bytes, more: bool) -> bytes:
         has_length = False
-        lines = [b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())]
+        status_line = _STATUS_LINES.get(self.status)
+        if status_line is None:
+            status_line = b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())
+        lines = [status_line]
         for name, value in headers:
-            lower = name.lower()
-            if lower == b"content-length":
-                has_length = True
-            elif lower == b"connection" and value.lower() == b"close":
-                self.keep_alive = False
-            elif lower == b"transfer-encoding":
-                continue
+            # (our own names are lower-case and seldom about framing: one set lookup for them)
+            if name in _FRAMING_NAMES or not name.islower():
+                lower = name.lower()
+                if lower == b"content-length":
+                    has_length = True
+                elif lower == b"connection" and value.lower() == b"close":
+                    self.keep_alive = False
+                elif lower == b"transfer-encoding":
+                    continue
             lines.append(name + b": " + value + b"\r\n")
         if self.protocol.state.draining:
             self.keep_alive = False
