@@ -289,8 +289,6 @@ _SETTING_SPECS = (
      "with Redis: seconds an instance may answer from its copy of a session (changes and ends "
      "reach every instance at once over pub/sub; this bounds staleness if pub/sub breaks; 0: "
      "read Redis on every request)"),
-    ("loop", "--loop", ("MCP_LOOP",), str, "asyncio",
-     "event loop of the bundled server and stdio: asyncio, uvloop, or auto (uvloop when it is installed)"),
     ("workers", "--workers", ("MCP_WORKERS",), int, 1,
      "HTTP worker processes sharing the port (needs Redis when more than 1)"),
     ("expose_errors", None, ("MCP_EXPOSE_ERRORS",), _truthy, False,
@@ -362,7 +360,6 @@ class Settings:
     redis_cluster: bool = False
     store_timeout: float = 2.0
     session_cache: float = 5.0
-    loop: str = "asyncio"
     workers: int = 1
     expose_errors: bool = False
     app_version: str = ""
@@ -418,10 +415,6 @@ class Settings:
             fail(f"log level {self.log_level!r} is not debug, info, warning, error or critical")
         if not self.mcp_path.startswith("/"):
             fail(f"path {self.mcp_path!r} must start with /")
-        if self.loop not in ("auto", "asyncio", "uvloop"):
-            fail(f"loop {self.loop!r} is not auto, asyncio or uvloop")
-        if self.loop == "uvloop" and _loop_factory("uvloop") is None:
-            fail("MCP_LOOP=uvloop, but uvloop is not installed (pip install uvloop, or use auto)")
         if self.no_auth:
             self.auth = "none"
         if self.auth not in ("builtin", "external", "none"):
@@ -7372,8 +7365,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     worker = os.environ.get("MCP_WORKER_ID")
     if worker in (None, "0"):
         print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
-              f"(also /sse, /messages, /http); store: {store_name}; loop: {_loop_name()}",
-              file=sys.stderr, flush=True)
+              f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
     try:
@@ -7446,35 +7438,12 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     gc.freeze()
     gc.set_threshold(max(gc.get_threshold()[0], 50000), 20, 20)
     try:
-        with asyncio.Runner(loop_factory=_loop_factory(settings.loop)) as runner:
-            if settings.stdio:
-                runner.run(_serve_stdio(server))
-            else:
-                runner.run(_serve_http(server.asgi, settings, server))
+        if settings.stdio:
+            asyncio.run(_serve_stdio(server))
+        else:
+            asyncio.run(_serve_http(server.asgi, settings, server))
     except KeyboardInterrupt:
         pass
-
-
-def _loop_factory(choice: str):
-    """The event loop ``serve`` runs on: None for asyncio's own, or uvloop's constructor.
-
-    uvloop is optional and opt-in (never a requirement; ``auto`` takes it when installed, as
-    uvicorn does).  asyncio stays the default because uvloop bought no measurable CPU per call
-    here: a request costs one recv and one send, and the rest is this module's Python either way
-    (bench/RESULTS.md).  The server uses only public loop APIs and asyncio's task bookkeeping,
-    which uvloop shares; the test suite runs on both loops."""
-    if choice == "asyncio":
-        return None
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
-def _loop_name() -> str:
-    """What the running loop is, for the startup line (asyncio or uvloop)."""
-    return "uvloop" if type(asyncio.get_running_loop()).__module__.startswith("uvloop") else "asyncio"
 
 
 def _supervise(settings: Settings) -> int:

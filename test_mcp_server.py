@@ -74,13 +74,6 @@ def _record_log(record: logging.LogRecord) -> bool:
 
 mcp_server.log.addFilter(_record_log)  # a logger filter survives handler reconfiguration
 
-# MCP_TEST_LOOP=uvloop runs the whole suite on uvloop (.ci/run does, in a venv that has it): the
-# in-process servers through the event loop policy, the subprocess servers through MCP_LOOP.
-TEST_LOOP = os.environ.get("MCP_TEST_LOOP", "asyncio")
-if TEST_LOOP == "uvloop":
-    import uvloop
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 NEUTRAL_CWD = tempfile.mkdtemp(prefix="mcp-test-cwd-")  # subprocesses run here: no stray .env
 atexit.register(shutil.rmtree, NEUTRAL_CWD, True)
@@ -695,7 +688,6 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MCP_", "MASK_MCP_", "REDIS_"))
            and k not in ("LOG_LEVEL", "SESSION_TTL", "APP_VERSION", "TOKEN_PARAMETER")}
-    env["MCP_LOOP"] = TEST_LOOP
     env.update(extra)
     return env
 
@@ -914,23 +906,6 @@ class TestSettings:
         assert "\n" not in message and message.startswith("mcp_server.py: error:")
         assert fragment in message
         assert capsys.readouterr().err == ""  # argparse printed no usage block
-
-    def test_loop_choice_is_checked(self):
-        assert Settings.load([], environ={}).loop == "asyncio"
-        assert Settings.load(["--loop", "auto"], environ={}).loop == "auto"
-        with pytest.raises(SystemExit) as info:
-            Settings.load(["--loop", "trio"], environ={})
-        assert "is not auto, asyncio or uvloop" in info.value.code
-
-    def test_asyncio_choice_never_takes_uvloop(self):
-        assert mcp_server._loop_factory("asyncio") is None
-
-    def test_uvloop_asked_for_but_missing_is_a_startup_error_and_auto_falls_back(self, monkeypatch):
-        monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
-        assert mcp_server._loop_factory("auto") is None
-        with pytest.raises(SystemExit) as info:
-            Settings.load([], environ={"MCP_LOOP": "uvloop"})
-        assert "uvloop is not installed" in info.value.code and "\n" not in info.value.code
 
     def test_bad_dotenv_value_names_the_variable(self, tmp_path):
         (tmp_path / ".env").write_text("MCP_PORT=eighty\n")
@@ -3492,28 +3467,11 @@ def trickle_until_response(conn: Conn, data: bytes, bound: float = WAIT) -> Resp
 # =================================================================================================
 
 
-def _uvloop_installed() -> bool:
-    return importlib.util.find_spec("uvloop") is not None
-
-
 class TestCLI:
-    @pytest.mark.parametrize("choice", ["asyncio", "uvloop", "auto"])
-    def test_the_server_runs_on_the_loop_it_was_given(self, choice):
-        if choice == "uvloop" and not _uvloop_installed():
-            pytest.skip("uvloop is not installed (optional; .ci/run runs the suite on it)")
-        expected = "uvloop" if choice == "uvloop" or (choice == "auto" and _uvloop_installed()) else "asyncio"
-        with Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_LOOP=choice)) as p:
-            line = p.err_line()
-            match = re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp .*; loop: (\w+)\n", line)
-            assert match and match.group(2) == expected, line
-            r = http(int(match.group(1)), "POST", "/http", body={"method": "tools/call", "params": {"name": "server_info"}})
-            assert r.status == 200 and r.json()["structuredContent"]["store"] == "memory"
-
     def test_port_zero_prints_one_line_with_the_url_and_store(self):
         with Proc([SERVER_FILE, "--port", "0", "--no-auth"]) as p:
             line = p.err_line()
-            match = re.fullmatch(r"mcp_server: listening on (http://127\.0\.0\.1:(\d+)/mcp) .*; store: memory; "
-                                 r"loop: (asyncio|uvloop)\n", line)
+            match = re.fullmatch(r"mcp_server: listening on (http://127\.0\.0\.1:(\d+)/mcp) .*; store: memory\n", line)
             assert match, line
             port = int(match.group(2))
             r = http(port, "POST", "/http", body={"method": "tools/call", "params": {"name": "server_info"}})

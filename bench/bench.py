@@ -44,9 +44,8 @@ META = {"io.modelcontextprotocol/protocolVersion": MODERN,
         "io.modelcontextprotocol/clientCapabilities": {},
         "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"}}
 ACCEPT_BOTH = "application/json, text/event-stream"
-PEERS = ("ours", "ours_inline", "ours_uvloop", "ours_malloc", "sdk", "fastmcp")
-PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "ours_uvloop": "ours.py", "ours_malloc": "ours.py",
-               "sdk": "sdk.py",
+PEERS = ("ours", "ours_inline", "ours_malloc", "sdk", "fastmcp")
+PEER_SCRIPT = {"ours": "ours.py", "ours_inline": "ours.py", "ours_malloc": "ours.py", "sdk": "sdk.py",
                "fastmcp": "fastmcp_server.py",
                # workload r: calibration servers, not MCP (the issue's "raw limit" column)
                "raw_protocol": "raw_protocol.py", "raw_asgi": "raw_asgi.py"}
@@ -127,10 +126,8 @@ def base_env(**extra) -> dict:
 
 
 def ours_env(peer: str) -> dict:
-    """What the harness sets for one of our variants (ours, ours_inline, ours_uvloop, ours_malloc)."""
-    env = {"LOG_LEVEL": "warning", "MCP_ACCESS_LOG": "0", "BENCH_INLINE": "1" if peer == "ours_inline" else "0",
-           # the default loop (asyncio), or uvloop, which the venv has through uvicorn[standard]
-           "MCP_LOOP": "uvloop" if peer == "ours_uvloop" else "asyncio"}
+    """What the harness sets for one of our variants (ours, ours_inline, ours_malloc)."""
+    env = {"LOG_LEVEL": "warning", "MCP_ACCESS_LOG": "0", "BENCH_INLINE": "1" if peer == "ours_inline" else "0"}
     if peer == "ours_malloc":  # glibc malloc instead of pymalloc, as the Docker image and --workers run it
         env["PYTHONMALLOC"] = "malloc"
     return env
@@ -1028,7 +1025,7 @@ def build_rows(res: Results, peers: list, args) -> list:
         values["ratio"] = ratio
         rows.append((label, values, fmt, higher, note))
 
-    inline, uvloop_rows = {"ours": "ours_inline"}, {"ours": "ours_uvloop"}
+    inline = {"ours": "ours_inline"}
     for key, title in (("a_legacy_json", "a. tools/call JSON, 2025-11-25 session"),
                        ("a_modern_json", "a. tools/call JSON, 2026-07-28 stateless")):
         metric(key, "rps", f"{title}: req/s", "int", True)
@@ -1038,10 +1035,6 @@ def build_rows(res: Results, peers: list, args) -> list:
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
             metric(key, "cpu_us_per_call", f"{title}: CPU µs/call [ours inline=True]", "int", False, inline)
-        if "ours_uvloop" in peers:
-            metric(key, "rps", f"{title}: req/s [ours MCP_LOOP=uvloop]", "int", True, uvloop_rows)
-            metric(key, "cpu_us_per_call", f"{title}: CPU µs/call [ours MCP_LOOP=uvloop]", "int", False,
-                   uvloop_rows)
     for key, title in (("b_legacy_sse", "b. tools/call SSE, 2025-11-25 session"),
                        ("b_modern_sse", "b. tools/call SSE, 2026-07-28 stateless")):
         metric(key, "rps", f"{title}: req/s", "int", True)
@@ -1050,8 +1043,6 @@ def build_rows(res: Results, peers: list, args) -> list:
         metric(key, "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
-        if "ours_uvloop" in peers:
-            metric(key, "rps", f"{title}: req/s [ours MCP_LOOP=uvloop]", "int", True, uvloop_rows)
     metric("c_sessions_1", "sessions_per_s", "c. session setup (init, initialized, list, call), 1 at a time: "
            "sessions/s", "f1", True)
     metric("c_sessions_32", "sessions_per_s", "c. session setup, 32 in parallel: sessions/s", "f1", True)
@@ -1169,8 +1160,8 @@ def main():
     ap.add_argument("--big-streams", type=int, default=10000)
     ap.add_argument("--cold-starts", type=int, default=10)
     ap.add_argument("--stdio-messages", type=int, default=2000)
-    ap.add_argument("--peers", default="ours,ours_inline,ours_uvloop,ours_malloc,sdk,fastmcp",
-                    help="servers to run, of " + ",".join(PEERS) + " (ours_inline and ours_uvloop run a and b only, "
+    ap.add_argument("--peers", default="ours,ours_inline,ours_malloc,sdk,fastmcp",
+                    help="servers to run, of " + ",".join(PEERS) + " (ours_inline runs a and b only, "
                     "ours_malloc d only)")
     ap.add_argument("--only", default="a,b,c,d,e,f,g,r,10k", help="workload letters to run (comma-separated)")
     ap.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
@@ -1202,14 +1193,14 @@ def main():
     t_start = time.monotonic()
     for rnd in range(1, args.rounds + 1):
         log(f"== round {rnd}/{args.rounds} ({time.monotonic() - t_start:.0f} s)")
-        for peer in peers:  # ours_inline, ours_uvloop: a and b only; ours_malloc: d only
+        for peer in peers:  # ours_inline: a and b only; ours_malloc: d only
             if only & {"a", "c"} and peer != "ours_malloc":
-                run_http_json(res, peer, args, with_sessions="c" in only and peer not in ("ours_inline", "ours_uvloop"))
+                run_http_json(res, peer, args, with_sessions="c" in only and peer != "ours_inline")
             if "b" in only and peer != "ours_malloc":
                 run_http_sse(res, peer, args)
-            if "d" in only and peer not in ("ours_inline", "ours_uvloop"):
+            if "d" in only and peer != "ours_inline":
                 run_memory(res, peer, args)
-            if "e" in only and peer not in ("ours_inline", "ours_uvloop", "ours_malloc"):
+            if "e" in only and peer not in ("ours_inline", "ours_malloc"):
                 run_stdio(res, peer, args)
         if "r" in only:
             run_raw(res, args)
@@ -1298,9 +1289,6 @@ def notes_md(res: Results, args, facts: dict | None = None) -> str:
         "is also slower than the pinned one in a.",
     ]
     lines += calibration_notes(res)
-    if any("ours_uvloop" in runs for runs in res.raw.values()):
-        lines.append("[ours MCP_LOOP=uvloop]: ours on uvloop (the venv has it through uvicorn[standard], which the peers "
-                     "use); the plain rows run ours on its default, asyncio's own loop.")
     if "ours_malloc" in res.raw.get("d_memory", {}):
         lines.append("[ours PYTHONMALLOC=malloc]: ours with glibc malloc instead of pymalloc, as the Docker image "
                      "and --workers run it; the server's malloc_trim can then hand freed memory back.")
