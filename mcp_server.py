@@ -6361,8 +6361,7 @@ class _App:
         client = http.scope.get("client")
         if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
             return
-        headers, scope = dict(http.headers), dict(http.scope)  # (a header dict may be shared: _REQUEST_HEADS)
-        http.headers = headers
+        headers, scope = http.headers, dict(http.scope)
         if headers.get("x-forwarded-for"):
             scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
         if headers.get("x-forwarded-proto") in ("http", "https"):
@@ -6927,9 +6926,9 @@ class _Cycle(_TaskStandIn):
 # Parsed request heads by their exact bytes: a client repeats the same head (the same path,
 # session, Accept, Content-Type, and often the same length) request after request, and a hit
 # skips the validation and the splitting.  Bounded in entries and in head size (at most about
-# 0.4 MB: with 512 entries, a thousand one-off sessions kept 1 KB each of heads alive).  The
-# values are shared, so nothing may change a request's header dict in place
-# (``_apply_forwarded`` copies it).
+# 0.4 MB: with 512 entries, a thousand one-off sessions kept 1 KB each of heads alive).  Each
+# request gets its own copy of the header dict, so a handler may change it (``_apply_forwarded``
+# does) without reaching the next request with the same head.
 _REQUEST_HEADS: dict = {}
 _REQUEST_HEADS_MAX, _REQUEST_HEAD_CACHED_SIZE = 128, 2048
 
@@ -7176,7 +7175,7 @@ class _HttpProtocol(asyncio.Protocol):
         scope["root_path"], scope["client"], scope["server"] = self.state.root_path, self.client, self.server
         cycle = _Cycle(self, http11, expect, keep_alive)
         if self.state.native is not None:
-            cycle.headers = fields
+            cycle.headers = fields.copy()
         else:
             scope["headers"] = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in pairs]
             scope["extensions"] = {"mcp_server.disconnect": cycle.on_disconnect}
