@@ -6654,6 +6654,12 @@ class _ServerState:
         self.clock = self.loop.time
         self.sweeper = None
         self.ended = 0  # connections closed since the start
+        self.unsent: list = []  # connections with output that waits for the end of this loop iteration
+
+    def send_unsent(self) -> None:
+        connections, self.unsent = self.unsent, []
+        for connection in connections:
+            connection.send_now()
 
     async def sweep(self) -> None:
         """Enforce header, body and idle deadlines of every connection, a few times a second; and
@@ -6747,8 +6753,7 @@ class _Cycle(_TaskStandIn):
     # to the garbage collector.
     __slots__ = ("protocol", "http11", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
-                 "_pending", "_pending_size")
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers")
 
     def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool):
         self.protocol = protocol
@@ -6768,8 +6773,6 @@ class _Cycle(_TaskStandIn):
         self.body_finished = False
         self._head = None
         self.headers = None  # lower-cased name -> value, for our own app
-        self._pending = None  # streamed parts not yet handed to the transport
-        self._pending_size = 0
 
     def take_body(self) -> bytes | None:
         """The whole body, if it has arrived and nobody took it (our own app's shortcut)."""
@@ -6804,7 +6807,7 @@ class _Cycle(_TaskStandIn):
     async def receive(self) -> dict:
         if self.expect_continue and not self.response_started and not self.disconnected:
             self.expect_continue = False
-            self.protocol.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            self.protocol.send_now(b"HTTP/1.1 100 Continue\r\n\r\n")
         if self.body_finished:
             # the body was delivered: the next message is the disconnect (or the response's end)
             while not self.disconnected and not self.response_done:
@@ -6858,24 +6861,8 @@ class _Cycle(_TaskStandIn):
             out = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
         else:
             out = body
-        # A streamed part waits for the end of this loop iteration: what a handler writes in one
-        # go (an SSE head, a priming event, the answer, the end) leaves in one send.
-        pending = self._pending
-        if more:
-            if out:
-                if pending is None:
-                    self._pending = pending = [out]
-                    protocol.state.loop.call_soon(self._flush)
-                else:
-                    pending.append(out)
-                self._pending_size += len(out)
-                if self._pending_size > 65536:
-                    self._flush()
-        elif pending is not None:
-            pending.append(out)
-            self._flush()
-        elif out:
-            protocol.transport.write(out)
+        if out:
+            protocol.send_soon(out)
         if protocol.write_paused:
             await protocol.drain()
         if not more:
@@ -6883,11 +6870,6 @@ class _Cycle(_TaskStandIn):
             self.callbacks = ()  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
-
-    def _flush(self) -> None:
-        pending, self._pending, self._pending_size = self._pending, None, 0
-        if pending and not self.disconnected:
-            self.protocol.transport.write(b"".join(pending))
 
     def _encode_head(self, headers: list, body: bytes, more: bool) -> bytes:
         has_length = False
@@ -7021,6 +7003,8 @@ class _HttpProtocol(asyncio.Protocol):
         self.timer = None
         self.peer = self.client = self.server = None
         self.closed = False
+        self.unsent: list | None = None  # output for send_soon, not yet handed to the transport
+        self.unsent_size = 0
 
     # -- connection lifecycle --------------------------------------------------------------------
 
@@ -7073,6 +7057,44 @@ class _HttpProtocol(asyncio.Protocol):
         if self.buffer and self.cycle is not None and self.cycle.more_body:
             self._advance()  # body bytes already buffered while reading was paused
 
+    # -- writing -----------------------------------------------------------------------------------
+
+    def send_soon(self, data: bytes) -> None:
+        """Send ``data`` at the end of this loop iteration, with whatever else this connection and
+        the others write until then.  Each send to a peer that sleeps wakes it, and on loopback
+        (a proxy or a load generator on the same host) that wake-up costs the server more than the
+        send itself; answers that leave together wake the peer once.  (bench: 12 -> 5 µs of
+        kernel time per tools/call; the wait is at most one pass over the ready connections.)"""
+        unsent = self.unsent
+        if unsent is None:
+            self.unsent, self.unsent_size = [data], len(data)
+            state = self.state
+            if not state.unsent:
+                state.loop.call_soon(state.send_unsent)
+            state.unsent.append(self)
+        else:
+            unsent.append(data)
+            self.unsent_size += len(data)
+        if self.unsent_size > 65536:
+            self.send_now()
+
+    def send_now(self, data: bytes = b"") -> None:
+        """Send what waits, then ``data``.  Every write goes through here or ``send_soon``, so the
+        bytes leave in the order they were written."""
+        unsent = self.unsent
+        if unsent is not None:
+            self.unsent, self.unsent_size = None, 0
+            if data:
+                unsent.append(data)
+            data = unsent[0] if len(unsent) == 1 else b"".join(unsent)
+        if data and not self.closed:
+            self.transport.write(data)
+
+    def close(self) -> None:
+        """Close once what waits has been sent."""
+        self.send_now()
+        self.transport.close()
+
     def _arm(self, seconds: float, callback) -> None:
         """Set this connection's deadline; the server's sweeper calls ``callback`` once it passes.
         (One float per request instead of a timer handle each: the sweeper does the waiting.)"""
@@ -7094,19 +7116,19 @@ class _HttpProtocol(asyncio.Protocol):
         if self.buffer:
             self._reject(408, "The request head did not arrive in time.")
         else:
-            self.transport.close()  # an idle keep-alive connection
+            self.close()  # an idle keep-alive connection
 
     def _body_timeout(self) -> None:
         if self.cycle is not None and not self.cycle.response_started:
             self._reject(408, "The request body did not arrive in time.")
         else:
-            self.transport.close()
+            self.close()
 
     def _reject(self, status: int, message: str) -> None:
         body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(),
-                                                             len(body), body))
+        self.send_now(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                      b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(),
+                                                      len(body), body))
         self.transport.close()
         self.buffer.clear()
 
@@ -7288,14 +7310,14 @@ class _HttpProtocol(asyncio.Protocol):
             if not cycle.response_started:
                 self._reject(500, "The application sent no response.")
             else:
-                self.transport.close()  # a response cut short cannot be framed
+                self.close()  # a response cut short cannot be framed
 
     def cycle_done(self, cycle: _Cycle) -> None:
         """The response ended: close, or go on with the next (maybe pipelined) request."""
         if cycle.more_body and not self.closed:
             cycle.keep_alive = False  # the app ignored the rest of the body: the framing is lost
         if not cycle.keep_alive or self.state.draining:
-            self.transport.close()
+            self.close()
             return
         self.cycle = None
         self.resume_reading()
@@ -7374,7 +7396,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         listener.close()
         for connection in list(state.connections):
             if connection.cycle is None:
-                connection.transport.close()  # idle keep-alive connections go at once
+                connection.close()  # idle keep-alive connections go at once
         await _lifespan(app, "shutdown", life)  # ends streams; in-flight requests finish
         deadline = loop.time() + 10
         while state.connections and loop.time() < deadline:

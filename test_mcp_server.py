@@ -3132,7 +3132,8 @@ class TestHTTPServer:
 
     def test_an_answer_written_in_one_go_leaves_in_one_write(self):
         """An SSE answer (head, event, end) and a JSON answer are each one write to the socket, made
-        in the callback that received the request (no task, no trip through the loop)."""
+        in the callback that received the request (no task) and sent at the end of that pass of
+        the loop."""
         server = build_server(response_mode="sse")
         server._tools["echo"].inline = True  # answered without waiting (a pool hand-off would flush the head)
 
@@ -3146,14 +3147,67 @@ class TestHTTPServer:
             for accept in (ACCEPT_BOTH, "application/json"):
                 transport.writes.clear()
                 data = raw_request("POST", "/mcp", modern_headers(body, {"Accept": accept}), body)
-                seen = []  # writes made by the time the receiving callback returned
-                loop.call_soon(lambda: (protocol.data_received(data), seen.append(len(transport.writes))))
+                seen = []  # (writes made, an answer waiting) by the time the receiving callback returned
+                loop.call_soon(lambda: (protocol.data_received(data),
+                                        seen.append((len(transport.writes), bool(protocol.unsent)))))
                 for _ in range(20):  # let anything scheduled run
                     await asyncio.sleep(0)
-                assert seen == [1], seen  # answered eagerly, inside the callback that received it
+                assert seen == [(0, True)], seen  # answered eagerly, inside the callback that received it
                 assert len(transport.writes) == 1, transport.writes
                 assert b"one write" in transport.writes[0]
                 assert (b"text/event-stream" in transport.writes[0]) == (accept == ACCEPT_BOTH)
+            await server._runtime.close()
+        asyncio.run(scenario())
+
+    def test_answers_made_in_one_pass_of_the_loop_leave_together_and_in_order(self):
+        """Answers to several connections wait for the end of the loop pass that made them, then
+        leave one write each; a connection that closes sends what waits first."""
+        server = build_server()
+        server._tools["echo"].inline = True
+
+        async def scenario():
+            state = mcp_server._ServerState(server.asgi, server.settings)
+            pairs = []
+            for _ in range(3):
+                transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+                protocol.connection_made(transport)
+                pairs.append((transport, protocol))
+
+            def request(text):
+                return raw_request("POST", "/http", {"Host": "127.0.0.1"}, {
+                    "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}})
+            during = []
+
+            def one_pass():
+                for i, (transport, protocol) in enumerate(pairs):
+                    protocol.data_received(request(f"answer {i}"))
+                during.append([len(t.writes) for t, _ in pairs])
+            asyncio.get_running_loop().call_soon(one_pass)
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert during == [[0, 0, 0]]  # all three answered in that pass; nothing sent yet
+            for i, (transport, protocol) in enumerate(pairs):
+                assert len(transport.writes) == 1 and f"answer {i}".encode() in transport.writes[0]
+                assert protocol.unsent is None and not transport.closed
+            assert state.unsent == []
+            # an answer, then (pipelined behind it) a head the server refuses: 200, then 400, then close
+            transport, protocol = pairs[0]
+            transport.writes.clear()
+            protocol.data_received(request("before the refusal") + b"BROKEN\r\n\r\n")
+            for _ in range(5):
+                await asyncio.sleep(0)
+            sent = b"".join(transport.writes)
+            assert sent.startswith(b"HTTP/1.1 200 OK") and sent.index(b"before the refusal") < sent.index(
+                b"HTTP/1.1 400 Bad Request") and transport.closed
+            # a connection closed while its answer waits sends it before closing
+            transport, protocol = pairs[1]
+            transport.writes.clear()
+            protocol.data_received(request("sent before close"))
+            assert transport.writes == [] and protocol.unsent
+            protocol.close()
+            assert len(transport.writes) == 1 and b"sent before close" in transport.writes[0] and transport.closed
+            await asyncio.sleep(0)
+            assert len(transport.writes) == 1  # not sent twice
             await server._runtime.close()
         asyncio.run(scenario())
 
