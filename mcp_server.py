@@ -4579,6 +4579,7 @@ def _classify_http(message) -> str:
 _HEADER_VALUE_RE = re.compile(r"[\x20-\x7e\t]*")
 
 
+@functools.lru_cache(maxsize=256)  # (clients repeat their values; a bad one raises and is not kept)
 def _decode_header_value(value: str) -> str:
     """An ``Mcp-Name``/``Mcp-Param-*`` value, trimmed and Base64-sentinel decoded (SEP-2243)."""
     value = value.strip(" \t")
