@@ -455,6 +455,7 @@ def wrk(server: Server, *, modern: bool, sid: str | None, expect_sse: bool, dura
     n = max(r["requests"], 1)
     r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
     r["cpu_us_per_call"] = (cpu1 - cpu0) / n * 1e6
+    r["wrk_cpu_us_per_call"] = (kids1 - kids0) / n * 1e6
     r["errors"] = (r["requests"] - r["ok"]) + r["connect_errors"] + r["read_errors"] + r["write_errors"] \
         + r["timeouts"]
     r["sse_framing_ok"] = r["framing"] == 0
@@ -1088,6 +1089,8 @@ def build_rows(res: Results, peers: list, args) -> list:
                False)
         metric(f"g_w2_{key}_json", "cpu_us_per_call", f"g. Redis, --workers 2: {title} server CPU µs/call "
                "(supervisor + workers)", "int", False)
+        metric(f"g_w2_{key}_json", "wrk_cpu_us_per_call", f"g. Redis, --workers 2: {title} wrk's own CPU "
+               "µs/request", "int", False)
     return rows
 
 
@@ -1274,6 +1277,23 @@ def calibration_notes(res: Results) -> list:
     return [line]
 
 
+def workers_notes(res: Results) -> list:
+    """What --workers 2 can reach when wrk shares the two cores: 2 cores / (server + wrk CPU per
+    request) against 1 worker's 1 core / server CPU per request, i.e. at most 2s/(s+w)."""
+    lines = []
+    for key, title in (("legacy", "2025-11-25"), ("modern", "2026-07-28")):
+        one, two = res.raw.get(f"g_w1_{key}_json", {}).get("ours"), res.raw.get(f"g_w2_{key}_json", {}).get("ours")
+        if not one or not two:
+            continue
+        s, w = med([r.get("cpu_us_per_call") for r in two]), med([r.get("wrk_cpu_us_per_call") for r in two])
+        r1, r2 = med([r.get("rps") for r in one]), med([r.get("rps") for r in two])
+        if s and w and r1 and r2:
+            lines.append(f"{title}: measured {r2 / r1:.2f}x; with wrk spending {w:.0f} µs and the server {s:.0f} µs "
+                         f"of CPU per request on the same two cores, two workers can reach at most "
+                         f"2*{s:.0f}/({s:.0f}+{w:.0f}) = {2 * s / (s + w):.2f}x")
+    return ["g. --workers 2 against 1 worker: " + "; ".join(lines) + "."] if lines else []
+
+
 def notes_md(res: Results, args, facts: dict | None = None) -> str:
     facts = facts or {}
     lines = [
@@ -1289,6 +1309,7 @@ def notes_md(res: Results, args, facts: dict | None = None) -> str:
         "is also slower than the pinned one in a.",
     ]
     lines += calibration_notes(res)
+    lines += workers_notes(res)
     if "ours_malloc" in res.raw.get("d_memory", {}):
         lines.append("[ours PYTHONMALLOC=malloc]: ours with glibc malloc instead of pymalloc, as the Docker image "
                      "and --workers run it; the server's malloc_trim can then hand freed memory back.")
