@@ -6741,6 +6741,10 @@ class _LazyEvent:
         await self._event.wait()
 
 
+def _status_line(status: int) -> bytes:
+    return _STATUS_LINES.get(status) or b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, "Status").encode())
+
+
 _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) for status, reason in _REASONS.items()}
 _FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encoding"))
 
@@ -6874,10 +6878,7 @@ class _Cycle(_TaskStandIn):
 
     def _encode_head(self, headers: list, body: bytes, more: bool) -> bytes:
         has_length = False
-        status_line = _STATUS_LINES.get(self.status)
-        if status_line is None:
-            status_line = b"HTTP/1.1 %d %s\r\n" % (self.status, _REASONS.get(self.status, "Status").encode())
-        lines = [status_line]
+        lines = [_status_line(self.status)]
         for name, value in headers:
             # (our own names are lower-case and seldom about framing: one set lookup for them)
             if name in _FRAMING_NAMES or not name.islower():
@@ -7091,9 +7092,9 @@ class _HttpProtocol(asyncio.Protocol):
         if data and not self.closed:
             self.transport.write(data)
 
-    def close(self) -> None:
-        """Close once what waits has been sent."""
-        self.send_now()
+    def close(self, last: bytes = b"") -> None:
+        """Close once what waits, then ``last``, has been sent."""
+        self.send_now(last)
         self.transport.close()
 
     def _arm(self, seconds: float, callback) -> None:
@@ -7127,10 +7128,8 @@ class _HttpProtocol(asyncio.Protocol):
 
     def _reject(self, status: int, message: str) -> None:
         body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
-        self.send_now(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                      b"connection: close\r\n\r\n%s" % (status, _REASONS.get(status, "Error").encode(),
-                                                      len(body), body))
-        self.transport.close()
+        self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
+                   b"connection: close\r\n\r\n%s" % (len(body), body))
         self.buffer.clear()
 
     # -- reading -----------------------------------------------------------------------------------
