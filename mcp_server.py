@@ -4865,6 +4865,7 @@ class _Stdio:
 
         threading.Thread(target=read, name="mcp-stdin", daemon=True).start()
         hub.listeners.add(self._on_bus)
+        first_batch = True
         try:
             while (batch := await batches.get()) is not None:
                 for line in batch:
@@ -4875,6 +4876,9 @@ class _Stdio:
                     elif line.strip():
                         await self._line(line)
                         await asyncio.sleep(0)  # let what the line started (and finished) go on
+                if first_batch:  # once the first answers are out, not before (cold start)
+                    first_batch = False
+                    _give_back_memory()
         finally:
             hub.listeners.discard(self._on_bus)
             pending = list(self.tasks.values())
@@ -6697,7 +6701,9 @@ def _give_back_memory() -> None:
     """Free what ended connections left in reference cycles (asyncio's transports keep one), then
     hand glibc's free pages back to the OS.  Python's small-object allocator returns only whole
     empty 1 MiB arenas, which seldom happens; under PYTHONMALLOC=malloc (the Docker image sets
-    it) every freed object is glibc's, and most of it comes back."""
+    it) every freed object is glibc's, and most of it comes back.  Also run once at start: where
+    no cached byte code could be used (PYTHONDONTWRITEBYTECODE, a read-only checkout) the import
+    compiled this module, and the compiler's ~17 MB of freed work space would stay in RSS."""
     import gc
     gc.collect()
     trim = _malloc_trim()
@@ -7462,6 +7468,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         if settings.stdio:
             asyncio.run(_serve_stdio(server))
         else:
+            _give_back_memory()  # what starting up left behind (_Stdio.run does it after its first answers)
             asyncio.run(_serve_http(server.asgi, settings, server))
     except KeyboardInterrupt:
         pass
@@ -7477,7 +7484,9 @@ def _supervise(settings: Settings) -> int:
     if not hasattr(socket, "SO_REUSEPORT"):
         print("mcp_server: error: --workers needs SO_REUSEPORT, which this platform lacks", file=sys.stderr)
         return 2
-    command = [sys.executable] + sys.argv
+    # the parent's own command line, interpreter options and all: ``-m mcp_server`` stays a module
+    # run (cached byte code), where sys.argv would make each worker compile the file anew
+    command = [sys.executable, *sys.orig_argv[1:]]
     stopping = threading.Event()
 
     def stop(_signum, _frame):

@@ -3263,6 +3263,31 @@ class TestHTTPServer:
         mcp_server._give_back_memory()  # a full collection, then malloc_trim where glibc has it
         assert gone() is None
 
+    def test_a_start_from_source_serves_in_about_the_memory_of_a_start_from_cached_byte_code(self, tmp_path):
+        # With no cached byte code (PYTHONDONTWRITEBYTECODE, a fresh checkout) the import compiles
+        # the module, and the compiler's freed work space (~17 MB) would stay in RSS: serve() hands
+        # it back before it listens.
+        if mcp_server._malloc_trim() is None:
+            pytest.skip("no glibc malloc_trim here")
+        shutil.copy(SERVER_FILE, tmp_path)
+        env = clean_env(MCP_ACCESS_LOG="0", PYTHONDONTWRITEBYTECODE="1")
+        for name in ("PYTHONPYCACHEPREFIX", "PYTHONMALLOC"):
+            env.pop(name, None)
+
+        def rss_when_listening() -> int:
+            start = ["-c", "import mcp_server; mcp_server.main()", "--port", "0", "--no-auth"]
+            with Proc(start, cwd=str(tmp_path), env=env) as proc:
+                line = proc.err_line()
+                assert line is not None and "listening on" in line, proc.stderr
+                with open(f"/proc/{proc.proc.pid}/status") as f:
+                    return int(f.read().split("VmRSS:")[1].split()[0])
+        from_source = rss_when_listening()
+        assert not (tmp_path / "__pycache__").exists()  # it really was compiled from source
+        subprocess.run([sys.executable, "-m", "compileall", "-q", "mcp_server.py"], cwd=tmp_path, check=True,
+                       timeout=WAIT)
+        from_cache = rss_when_listening()
+        assert from_source - from_cache < 8 * 1024, (from_cache, from_source)  # KB; ~17 MB without
+
     def test_keep_alive_two_requests_on_one_connection(self, live):
         with Conn(live.port) as conn:
             conn.request("POST", "/http", body=ping_http(1))
@@ -4344,7 +4369,8 @@ class TestScaleOut:
     def test_workers_2_with_redis_serve_one_port_from_two_processes(self, redis_url):
         port = _redis_free_port()
         env = clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET)
-        with Proc([EVERYTHING_FILE, "--port", str(port), "--workers", "2"], env=env) as supervisor:
+        argv = ["-X", "utf8", EVERYTHING_FILE, "--port", str(port), "--workers", "2"]
+        with Proc(argv, env=env) as supervisor:
             try:
                 lines = []
                 while not any("listening on" in line for line in lines):
@@ -4355,6 +4381,9 @@ class TestScaleOut:
                 workers = _redis_wait(lambda: _redis_listening_workers(supervisor.proc.pid, port, 2),
                                       "both workers to listen on the port")
                 assert len(workers) == 2 and len(set(workers.values())) == 2  # two processes, one port each
+                for pid in workers.values():  # each runs the supervisor's own command, interpreter options too
+                    with open(f"/proc/{pid}/cmdline", "rb") as f:
+                        assert f.read().split(b"\0")[1:-1] == [a.encode() for a in argv]
                 for _ in range(10):
                     ready = http(port, "GET", "/readyz")
                     assert ready.status == 200 and ready.json() == {"status": "ready", "store": "redis"}
@@ -8631,7 +8660,8 @@ class TestShipping:
         docker, readme = self._dockerfile(), open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
         assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
         assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
-        assert re.search(r'^CMD \["python", "mcp_server.py"\]$', docker, re.M)
+        assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
+        assert "RUN python -m compileall -q mcp_server.py" in docker  # the byte code that command loads
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
         assert "HEALTHCHECK" in docker and "/healthz" in docker
         assert "pip install -r requirements.txt" in readme and "python mcp_server.py" in readme

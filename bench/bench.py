@@ -29,6 +29,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 
 sys.dont_write_bytecode = True
 
@@ -678,8 +679,8 @@ def stdio_env(peer: str) -> dict:
     return env
 
 
-def _spawn_stdio(peer):
-    proc = subprocess.Popen(stdio_command(peer), env=stdio_env(peer), stdin=subprocess.PIPE,
+def _spawn_stdio(peer, command: list | None = None, env: dict | None = None):
+    proc = subprocess.Popen(command or stdio_command(peer), env=env or stdio_env(peer), stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=TMP, start_new_session=True)
     STARTED.append(proc)
     return proc
@@ -712,11 +713,11 @@ def _read_response(proc, request_id, timeout=30.0):
     raise RuntimeError("timeout")
 
 
-def stdio_cold_start(peer: str, samples: int) -> dict:
+def stdio_cold_start(peer: str, samples: int, command: list | None = None, env: dict | None = None) -> dict:
     times = []
     for _ in range(samples):
         t0 = time.perf_counter()
-        proc = _spawn_stdio(peer)
+        proc = _spawn_stdio(peer, command, env)
         proc.stdin.write(json.dumps(INIT).encode() + b"\n")
         proc.stdin.flush()
         result = _read_response(proc, 0)
@@ -725,6 +726,51 @@ def stdio_cold_start(peer: str, samples: int) -> dict:
             raise RuntimeError(f"initialize result {result}")
         _end_stdio(proc)
     return {"samples_ms": [t * 1000 for t in times], "median_ms": statistics.median(times) * 1000}
+
+
+def _rss_when_healthy(command: list, env: dict, port: int, timeout: float = 60.0) -> float:
+    """MB of RSS of an HTTP server started with ``command`` once /healthz answers."""
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=TMP, start_new_session=True)
+    STARTED.append(proc)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"{command} exited with {proc.returncode}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        time.sleep(0.5)  # what the first moments of serving add
+                        return rss_bytes(proc.pid) / 2**20
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"{command} not healthy after {timeout}s")
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(10)
+
+
+def start_modes(samples: int) -> dict:
+    """Ours started the two ways that cannot use cached byte code: the module compiled from source
+    at import (PYTHONDONTWRITEBYTECODE, nothing cached), and ``python mcp_server.py`` (a script is
+    compiled at every start, and Python keeps its syntax tree while it runs).  Stdio cold start
+    as in stdio_cold_start; RSS of the HTTP server once it answers."""
+    copy = tempfile.mkdtemp(prefix="uncached-", dir=TMP)  # a path with no byte code cached for it
+    os.makedirs(os.path.join(copy, "bench", "servers"))
+    shutil.copy(os.path.join(REPO, "mcp_server.py"), copy)
+    shutil.copy(os.path.join(SERVERS, PEER_SCRIPT["ours"]), os.path.join(copy, "bench", "servers"))
+    modes = {"source": (os.path.join(copy, "bench", "servers", PEER_SCRIPT["ours"]),
+                        dict(stdio_env("ours"), PYTHONDONTWRITEBYTECODE="1")),
+             "script": (os.path.join(REPO, "mcp_server.py"), stdio_env("ours"))}
+    out = {}
+    for mode, (path, env) in modes.items():
+        cold = stdio_cold_start("ours", samples, ["taskset", "-c", "0", PY, path, "--no-auth", "--stdio"], env)
+        port = free_port()
+        out[f"{mode}_cold_ms"] = cold["median_ms"]
+        out[f"{mode}_rss_mb"] = _rss_when_healthy(["taskset", "-c", "0", PY, path, "--no-auth", "--port", str(port)],
+                                                  env, port)
+    return out
 
 
 def stdio_throughput(peer: str, n: int) -> dict:
@@ -947,6 +993,11 @@ def run_stdio(res: Results, peer: str, args):
         res.add("e_stdio_tput", peer, t)
         log(f"  {peer:12s} e stdio cold start {c['median_ms']:.0f} ms, {t['msgs_per_s']:.0f} msgs/s "
             f"({t['errors']} errors)")
+        if peer == "ours":
+            m = start_modes(args.cold_starts)
+            res.add("e_start_modes", peer, m)
+            log(f"  {peer:12s} e compiled from source: cold start {m['source_cold_ms']:.0f} ms, RSS "
+                f"{m['source_rss_mb']:.1f} MB; as a script: {m['script_cold_ms']:.0f} ms, {m['script_rss_mb']:.1f} MB")
     except Exception as exc:  # noqa: BLE001
         res.fail("stdio", peer, exc)
 
@@ -1075,6 +1126,10 @@ def build_rows(res: Results, peers: list, args) -> list:
         metric("d_streams_10k", "kb_per_session", f"d. RSS per session at {n:,} streams, KB", "f1", False)
     metric("e_stdio_cold", "median_ms", f"e. stdio cold start to initialize answer, ms (median of {args.cold_starts})", "int",
            False)
+    for mode, tag in (("source", "[ours compiled from source at import: no cached byte code]"),
+                      ("script", "[ours as a script: python mcp_server.py]")):
+        metric("e_start_modes", f"{mode}_cold_ms", f"e. stdio cold start, ms {tag}", "int", False)
+        metric("e_start_modes", f"{mode}_rss_mb", f"d. RSS at start, MB {tag}", "f1", False)
     metric("e_stdio_tput", "msgs_per_s", f"e. stdio tools/call throughput ({args.stdio_messages} piped), msgs/s",
            "int", True)
     metric("e_stdio_tput", "cpu_us_per_call", "e. stdio server CPU µs/call", "int", False)
