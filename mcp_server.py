@@ -4870,7 +4870,6 @@ class _Stdio:
 
         threading.Thread(target=read, name="mcp-stdin", daemon=True).start()
         hub.listeners.add(self._on_bus)
-        first_batch = True
         try:
             while (batch := await batches.get()) is not None:
                 for line in batch:
@@ -4881,9 +4880,6 @@ class _Stdio:
                     elif line.strip():
                         await self._line(line)
                         await asyncio.sleep(0)  # let what the line started (and finished) go on
-                if first_batch:  # once the first answers are out, not before (cold start)
-                    first_batch = False
-                    _give_back_memory()
         finally:
             hub.listeners.discard(self._on_bus)
             pending = list(self.tasks.values())
@@ -6706,9 +6702,10 @@ def _give_back_memory() -> None:
     """Free what ended connections left in reference cycles (asyncio's transports keep one), then
     hand glibc's free pages back to the OS.  Python's small-object allocator returns only whole
     empty 1 MiB arenas, which seldom happens; under PYTHONMALLOC=malloc (the Docker image sets
-    it) every freed object is glibc's, and most of it comes back.  Also run once at start: where
-    no cached byte code could be used (PYTHONDONTWRITEBYTECODE, a read-only checkout) the import
-    compiled this module, and the compiler's ~17 MB of freed work space would stay in RSS."""
+    it) every freed object is glibc's, and most of it comes back.  Also run once after start
+    (``serve``): where no cached byte code could be used (PYTHONDONTWRITEBYTECODE, a read-only
+    checkout) the import compiled this module, and the compiler's ~17 MB of freed work space
+    would stay in RSS."""
     import gc
     gc.collect()
     trim = _malloc_trim()
@@ -7433,6 +7430,9 @@ async def _serve_stdio(server: MCPServer) -> None:
                 break
             await asyncio.sleep(0.01)
     stdio = asyncio.get_running_loop().create_task(_Stdio(server).run())
+    # What starting up left behind goes back to the OS (_give_back_memory), once the client's
+    # opening exchange is over: not before the first answer (cold start), nor inside it (~4 ms)
+    asyncio.get_running_loop().call_later(1.0, _give_back_memory)
     stopped = asyncio.get_running_loop().create_task(stop.wait())
     await asyncio.wait({stdio, stopped}, return_when=asyncio.FIRST_COMPLETED)
     stop.set()
@@ -7467,13 +7467,14 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     # made halves the tail latency under load (bench: SSE p99 60 ms -> 31 ms).  Only here, where
     # this module owns the process; an application that mounts ``server.asgi`` keeps its own.
     import gc
+    if not settings.stdio:
+        _give_back_memory()  # what starting up left behind (before the freeze, which would keep its cycles)
     gc.freeze()
     gc.set_threshold(max(gc.get_threshold()[0], 50000), 20, 20)
     try:
         if settings.stdio:
             asyncio.run(_serve_stdio(server))
         else:
-            _give_back_memory()  # what starting up left behind (_Stdio.run does it after its first answers)
             asyncio.run(_serve_http(server.asgi, settings, server))
     except KeyboardInterrupt:
         pass
@@ -7492,6 +7493,10 @@ def _supervise(settings: Settings) -> int:
     # the parent's own command line, interpreter options and all: ``-m mcp_server`` stays a module
     # run (cached byte code), where sys.argv would make each worker compile the file anew
     command = [sys.executable, *sys.orig_argv[1:]]
+    if len(command) == 1:
+        print("mcp_server: error: --workers needs a command line to start the workers with (this "
+              "interpreter is embedded)", file=sys.stderr)
+        return 2
     stopping = threading.Event()
 
     def stop(_signum, _frame):

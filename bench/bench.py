@@ -747,7 +747,10 @@ def _rss_when_healthy(command: list, env: dict, port: int, timeout: float = 60.0
                 time.sleep(0.05)
         raise RuntimeError(f"{command} not healthy after {timeout}s")
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass  # it exited already (the error above says how)
         proc.wait(10)
 
 

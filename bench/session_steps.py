@@ -19,11 +19,13 @@ Run each server pinned to core 0 and this client to core 1, as the harness does:
 import argparse
 import json
 import os
+import shutil
 import socket
 import statistics
 import sys
 import time
 
+sys.dont_write_bytecode = True  # no __pycache__ in the repository
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402  (the harness's request bodies and headers)
 
@@ -44,7 +46,10 @@ def exchange(sock: socket.socket, headers: dict, body: bytes) -> tuple:
     head, _, rest = data.partition(b"\r\n\r\n")
     length = int(header(head, b"content-length"))
     while len(rest) < length:
-        rest += sock.recv(65536)
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection in the middle of a body")
+        rest += chunk
     return head, rest
 
 
@@ -114,4 +119,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        shutil.rmtree(bench.TMP, ignore_errors=True)  # made when bench is imported
