@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 
 sys.dont_write_bytecode = True
 
@@ -261,10 +260,10 @@ INIT = {"jsonrpc": "2.0", "id": 0, "method": "initialize",
 INITIALIZED = {"jsonrpc": "2.0", "method": "notifications/initialized"}
 
 
-def post(port: int, body: bytes, headers: dict, timeout: float = 10, method: str = "POST"):
+def post(port: int, body: bytes, headers: dict, timeout: float = 10, method: str = "POST", path: str = "/mcp"):
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, "/mcp", body=body, headers=headers)
+        conn.request(method, path, body=body, headers=headers)
         resp = conn.getresponse()
         return resp.status, {k.lower(): v for k, v in resp.getheaders()}, resp.read()
     finally:
@@ -739,10 +738,9 @@ def _rss_when_healthy(command: list, env: dict, port: int, timeout: float = 60.0
             if proc.poll() is not None:
                 raise RuntimeError(f"{command} exited with {proc.returncode}")
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        time.sleep(0.5)  # what the first moments of serving add
-                        return rss_bytes(proc.pid) / 2**20
+                if post(port, b"", {}, timeout=2, method="GET", path="/healthz")[0] == 200:
+                    time.sleep(0.5)  # what the first moments of serving add
+                    return rss_bytes(proc.pid) / 2**20
             except OSError:
                 time.sleep(0.05)
         raise RuntimeError(f"{command} not healthy after {timeout}s")
