@@ -8595,6 +8595,26 @@ class TestOperations:
             assert 'mcp_tool_duration_seconds_bucket{tool="test_simple_text",le="+Inf"} 1' in text
             assert re.search(r'mcp_sessions_created_total [1-9]', text)
 
+    def test_nothing_is_counted_until_a_server_that_serves_metrics_starts(self, monkeypatch):
+        monkeypatch.setattr(mcp_server._metrics, "on", False)
+        monkeypatch.setattr(mcp_server._metrics, "values", collections.defaultdict(float))
+        monkeypatch.setattr(mcp_server._metrics, "histograms", {})
+        call = json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call",
+                           "params": {"name": "echo", "arguments": {"text": "count me"}}}).encode()
+
+        async def one_call(server):
+            headers = {"content-type": "application/json", "accept": ACCEPT_BOTH}
+            _s, h, _b = await asgi_request(server.asgi, "POST", "/mcp", headers=headers, body=init_body())
+            headers["mcp-session-id"] = h["mcp-session-id"]
+            status, _h, body = await asgi_request(server.asgi, "POST", "/mcp", headers=headers, body=call)
+            assert status == 200 and json.loads(body)["result"]["content"][0]["text"] == "count me"
+        asyncio.run(one_call(build_server()))
+        assert not mcp_server._metrics.values and not mcp_server._metrics.histograms
+        asyncio.run(one_call(build_server(metrics_token="scrape-secret")))
+        text = mcp_server._metrics.render()
+        assert re.search(r'mcp_tool_calls_total\{tool="echo",outcome="ok"\} 1\b', text)
+        assert re.search(r'mcp_http_requests_total\{route="/mcp",method="POST",status="200"\} 2\b', text)  # initialize, call
+
     def test_readyz_reports_the_store(self, live):
         r = http(live.port, "GET", "/readyz")
         assert r.status == 200 and r.json() == {"status": "ready", "store": "memory"}
