@@ -931,6 +931,125 @@ class TestSettings:
         assert RpcError(-32601, "No.").to_dict() == {"code": -32601, "message": "No."}
 
 
+class _Writes:
+    """A text stream that remembers each write (what a handler hands the operating system)."""
+
+    def __init__(self):
+        self.writes = []
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        pass
+
+    def lines(self):
+        return "".join(self.writes).splitlines()
+
+
+class TestLogLines:
+    @pytest.fixture
+    def logger(self):
+        stream = _Writes()
+        handler = mcp_server._StderrLog(stream)
+        handler.setFormatter(mcp_server._JsonFormatter())
+        logger = logging.Logger("test-log-lines")
+        logger.addHandler(handler)
+        logger.setLevel("INFO")
+        return logger, handler, stream
+
+    def test_stamps_match_datetime_across_seconds_days_and_years(self):
+        rng = random.Random(20261124)
+        json_formatter, text_formatter = mcp_server._JsonFormatter(), mcp_server._TextFormatter()
+        created = 1.7e9
+        for _ in range(3000):  # ascending, mostly within the second just stamped, now and then far on
+            created = int(created + (rng.choice((0.0, 0.0, 1.0, 86400.0 * rng.randint(1, 900))))) \
+                + rng.randint(0, 999) / 1000 + 0.0004  # (mid-millisecond: no rounding at the edge)
+            made = json.loads(json_formatter.line(created, "info", "e", {}))["time"]
+            assert made == datetime.datetime.fromtimestamp(created, datetime.timezone.utc).isoformat(
+                timespec="milliseconds").replace("+00:00", "Z")
+            assert text_formatter.line(created, "info", "e", {}).split(" ")[0] == \
+                time.strftime("%H:%M:%S", time.localtime(created))
+
+    def test_a_record_and_a_line_made_from_its_parts_read_the_same(self):
+        formatter = mcp_server._JsonFormatter()
+        record = logging.makeLogRecord({"msg": "request", "levelname": "INFO", "levelno": 20,
+                                        "fields": {"status": 200, "route": "/mcp", "odd": object}})
+        assert formatter.format(record) == formatter.line(record.created, "info", "request",
+                                                          {"status": 200, "route": "/mcp", "odd": object})
+        assert json.loads(formatter.format(record))["odd"] == str(object)  # any type: its str()
+
+    def test_the_event_loops_lines_leave_together_at_the_end_of_its_iteration(self, logger):
+        log, _handler, stream = logger
+
+        async def go():
+            for n in range(3):
+                log.info("line %d", n)
+            assert stream.writes == []  # still inside this iteration
+            await asyncio.sleep(0)
+            assert len(stream.writes) == 1 and [json.loads(s)["event"] for s in stream.lines()] == \
+                ["line 0", "line 1", "line 2"]
+            log.info("before")
+            log.warning("at once")  # a warning does not wait, and what waited goes first
+            assert [json.loads(s)["event"] for s in stream.lines()[3:]] == ["before", "at once"]
+        asyncio.run(go())
+
+    def test_lines_from_another_thread_and_outside_a_loop_are_written_at_once(self, logger):
+        log, _handler, stream = logger
+        log.info("no loop")
+        assert len(stream.writes) == 1
+
+        async def go():
+            thread = threading.Thread(target=log.info, args=("from a thread",))
+            thread.start()
+            thread.join(WAIT)
+            assert [json.loads(s)["event"] for s in stream.lines()] == ["no loop", "from a thread"]
+        asyncio.run(go())
+
+    def test_what_waits_is_written_when_logging_shuts_down(self, logger):
+        log, handler, stream = logger
+
+        async def go():
+            log.info("last words")
+            logging.shutdown([weakref.ref(handler)])
+            assert [json.loads(s)["event"] for s in stream.lines()] == ["last words"]
+        asyncio.run(go())
+
+    def test_access_lines_reach_anyone_elses_handler_the_standard_way(self, monkeypatch):
+        stderr, records = _Writes(), []
+        monkeypatch.setattr(sys, "stderr", stderr)
+        logger = mcp_server.log
+        saved = logger.handlers[:], logger.level, logger.propagate
+        call = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "ping"}).encode()
+
+        async def ping(server, request_id):
+            headers = {"content-type": "application/json", "accept": ACCEPT_BOTH, "x-request-id": request_id}
+            status, _h, _b = await asgi_request(server.asgi, "POST", "/http", headers=headers, body=call)
+            assert status == 200
+        try:
+            mcp_server._configure_logging("info", "json")
+            server = build_server(access_log=True)
+            asyncio.run(ping(server, "ours-only"))
+            collector = logging.Handler()
+            collector.emit = records.append
+            logger.addHandler(collector)
+            asyncio.run(ping(server, "and-theirs"))
+            logger.removeHandler(collector)
+            logger.handlers[0].setFormatter(logging.Formatter("%(levelname)s %(message)s"))  # their format
+            asyncio.run(ping(server, "their-format"))
+        finally:
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
+        assert stderr.lines()[2:] == ["INFO request"]
+        lines = [json.loads(line) for line in stderr.lines()[:2]]
+        assert [(e["event"], e["request_id"], e["route"], e["status"]) for e in lines] == \
+            [("request", "ours-only", "/http", 200), ("request", "and-theirs", "/http", 200)]
+        assert list(lines[0]) == list(lines[1]) == ["time", "level", "event", "request_id", "method", "route",
+                                                    "status", "duration_ms", "session", "client"]
+        assert [(r.getMessage(), r.fields["route"]) for r in records] == [("request", "/http")]
+
+
 # =================================================================================================
 # 2. Store
 # =================================================================================================
