@@ -7700,10 +7700,36 @@ def _settings_table() -> str:
     return "\n".join(rows)
 
 
+# CPython keeps a script's syntax tree until the script's code returns: ~18 MB for this file, which
+# an HTTP server, running for good, would carry all its life (RSS at start 43 MB, as a module 25).
+# So ``python mcp_server.py`` serving HTTP starts over as the module, in the same process (exec):
+# the same interpreter options and arguments, the file's folder first on sys.path as for a
+# script.  Over stdio it stays a script: a client starts it for one session, and the second start
+# would delay the first answer.
+_RUN_AS_MODULE = ("import os, runpy, sys; folder, file = os.path.split(sys.argv.pop(1)); "
+                  "sys.path[:1] = [folder] if sys.path[:1] == [''] else [folder, *sys.path[:1]]; "
+                  "runpy.run_module(os.path.splitext(file)[0], run_name='__main__', alter_sys=True)")
+
+
+def _restart_as_module(settings: Settings) -> None:
+    if __name__ != "__main__" or __spec__ is not None or settings.stdio or os.name != "posix":
+        return  # imported, already a module, stdio, or no exec that keeps the process
+    path = os.path.abspath(__file__)  # (on the new command line too: ``pkill -f mcp_server.py`` finds it)
+    name, suffix = os.path.splitext(os.path.basename(path))
+    if not name.isidentifier() or suffix != ".py" or not os.path.isfile(path) \
+            or len(sys.orig_argv) < len(sys.argv) + 1:
+        return
+    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *options, "-c", _RUN_AS_MODULE, path, *sys.argv[1:]])
+
+
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
     ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
     ``python mcp_server.py settings``: print every setting as a Markdown table."""
+    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["settings"]:
@@ -7718,6 +7744,8 @@ def main(argv: list | None = None) -> None:
             print("enc:" + _Vault(key).encrypt(argv[1], b"config"))
             return
         settings = Settings.load(argv)
+        if from_command_line:
+            _restart_as_module(settings)
         server = _builtin_server(settings)
     except SystemExit as exc:
         if exc.code not in (0, None):

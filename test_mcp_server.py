@@ -3696,6 +3696,34 @@ class TestCLI:
             entry = json.loads(extra)
             assert entry["event"] == "request" and entry["route"] == "/http" and entry["status"] == 200
 
+    def test_as_a_script_http_starts_over_as_the_module_and_stdio_stays_the_script(self, tmp_path):
+        # CPython keeps a script's syntax tree for as long as the script runs (~18 MB of RSS here)
+        shutil.copy(SERVER_FILE, tmp_path)
+        script = str(tmp_path / "mcp_server.py")
+        env = clean_env(MCP_ACCESS_LOG="0", PYTHONDONTWRITEBYTECODE="1")
+
+        def facts(proc: Proc) -> tuple:
+            with open(f"/proc/{proc.proc.pid}/cmdline", "rb") as f:
+                argv = [a.decode() for a in f.read().split(b"\0")[:-1]]
+            with open(f"/proc/{proc.proc.pid}/status") as f:
+                return argv, int(f.read().split("VmRSS:")[1].split()[0])  # KB
+        http_argv = ["--port", "0", "--no-auth"]
+        with Proc(["-X", "utf8", script, *http_argv], env=env) as as_script, \
+                Proc(["-m", "mcp_server", *http_argv], cwd=str(tmp_path), env=env) as as_module:
+            for proc in (as_script, as_module):
+                line = proc.err_line()
+                assert line is not None and "listening on" in line, proc.stderr
+            port = int(re.search(r":(\d+)/mcp ", line).group(1))
+            r = http(port, "POST", "/http", body={"method": "tools/call", "params": {"name": "server_info"}})
+            assert r.status == 200 and r.json()["structuredContent"]["store"] == "memory"
+            argv, _ = facts(as_script)  # the same process, its interpreter options and arguments kept
+            assert argv[1:] == ["-X", "utf8", "-c", mcp_server._RUN_AS_MODULE, script, *http_argv]
+            _redis_wait(lambda: facts(as_script)[1] - facts(as_module)[1] < 8 * 1024,
+                        "the script's server to settle within 8 MB of the module's (~18 MB apart as a script)")
+        with Proc([script, "--stdio"], env=env) as over_stdio:
+            assert over_stdio.initialize()["result"]["protocolVersion"] == LEGACY
+            assert facts(over_stdio)[0][1:] == [script, "--stdio"]
+
     def test_environment_configures_the_cli(self):
         env = clean_env(MASK_MCP_PORT="0", MCP_PATH="/rpc", APP_VERSION="7.7.7", MCP_NO_AUTH="1")
         with Proc([SERVER_FILE], env=env) as p:
