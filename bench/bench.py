@@ -141,8 +141,9 @@ class Server:
     """One peer's HTTP server in its own process group, pinned with taskset."""
 
     def __init__(self, peer: str, *, sse: bool = False, cpus: str | None = "0", redis_url: str = "",
-                 workers: int = 1, env: dict | None = None, label: str = ""):
+                 workers: int = 1, env: dict | None = None, label: str = "", default_logging: bool = False):
         self.peer, self.sse, self.cpus, self.redis_url, self.workers = peer, sse, cpus, redis_url, workers
+        self.default_logging = default_logging  # workload h: each server logs as it does out of the box
         self.extra_env = env or {}
         self.label = label or f"{peer}{'-sse' if sse else ''}"
         self.port = free_port()
@@ -158,12 +159,16 @@ class Server:
                 cmd += ["--workers", str(self.workers)]
         elif self.sse:
             cmd += ["--sse"]
+        if self.default_logging and self.peer == "sdk":
+            cmd += ["--default-logging"]
         return (["taskset", "-c", self.cpus] if self.cpus else []) + cmd
 
     def start(self, timeout: float = 60.0) -> "Server":
         env = base_env(**self.extra_env)
         if self.peer.startswith("ours"):
             env.update(ours_env(self.peer), MCP_SECRET="bench-secret-not-for-production")
+            if self.default_logging:  # our defaults: level info, one JSON access log line a request
+                env.update(LOG_LEVEL="info", MCP_ACCESS_LOG="1")
             if self.redis_url:
                 env["REDIS_URL"] = self.redis_url
         self._log = open(self.log_path, "w")
@@ -958,6 +963,19 @@ def run_http_sse(res: Results, peer: str, args):
         res.fail("HTTP SSE workloads", peer, exc)
 
 
+def run_default_logging(res: Results, peer: str, args):
+    """Workload h: a (2026-07-28, JSON) with each server logging as it does out of the box, to a
+    file (the harness's server log), as a deployment's log collector would take it."""
+    try:
+        with Server(peer, default_logging=True, label=f"{peer}-default-logging") as srv:
+            r = wrk(srv, modern=True, sid=None, expect_sse=False, duration=args.duration, warmup=args.warmup)
+            res.add("h_modern_json_default_logging", peer, r)
+            log(f"  {peer:12s} h 2026 JSON, default logging {r['rps']:8.0f} req/s  cpu {r['cpu_us_per_call']:.0f} "
+                f"us/call  errors {r['errors']}")
+    except Exception as exc:  # noqa: BLE001
+        res.fail("default logging", peer, exc)
+
+
 def run_memory(res: Results, peer: str, args):
     try:
         with Server(peer) as srv:
@@ -1096,6 +1114,9 @@ def build_rows(res: Results, peers: list, args) -> list:
         metric(key, "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
+    title = "h. tools/call JSON, 2026-07-28, each server's default logging (ours: info, access log; SDK: INFO, uvicorn's access log)"
+    metric("h_modern_json_default_logging", "rps", f"{title}: req/s", "int", True)
+    metric("h_modern_json_default_logging", "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
     metric("c_sessions_1", "sessions_per_s", "c. session setup (init, initialized, list, call), 1 at a time: "
            "sessions/s", "f1", True)
     metric("c_sessions_32", "sessions_per_s", "c. session setup, 32 in parallel: sessions/s", "f1", True)
@@ -1222,7 +1243,7 @@ def main():
     ap.add_argument("--peers", default="ours,ours_inline,ours_malloc,sdk,fastmcp",
                     help="servers to run, of " + ",".join(PEERS) + " (ours_inline runs a and b only, "
                     "ours_malloc d only)")
-    ap.add_argument("--only", default="a,b,c,d,e,f,g,r,10k", help="workload letters to run (comma-separated)")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h,r,10k", help="workload letters to run (comma-separated)")
     ap.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = ap.parse_args()
@@ -1257,6 +1278,8 @@ def main():
                 run_http_json(res, peer, args, with_sessions="c" in only and peer != "ours_inline")
             if "b" in only and peer != "ours_malloc":
                 run_http_sse(res, peer, args)
+            if "h" in only and peer in ("ours", "sdk"):
+                run_default_logging(res, peer, args)
             if "d" in only and peer != "ours_inline":
                 run_memory(res, peer, args)
             if "e" in only and peer not in ("ours_inline", "ours_malloc"):
