@@ -4019,7 +4019,8 @@ class _Http:
         self.cycle = cycle
         if cycle is not None:
             self.headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
-            self._native = cycle.on_disconnect
+            self._native = None
+            cycle.http = self  # (it calls _fire if the client goes before the response ends)
         else:
             self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
                                          for name, value in scope.get("headers", ())])
@@ -4137,7 +4138,10 @@ class _Http:
         self._callbacks.append(callback)
         if len(self._callbacks) > 1:
             return
-        if self._native is not None:
+        if self.cycle is not None:  # nothing to register: the cycle knows this exchange
+            if self.cycle.disconnected:
+                asyncio.get_running_loop().call_soon(self._fire)  # gone already
+        elif self._native is not None:
             self._native(self._fire)
         else:  # a foreign ASGI server: watch receive() for http.disconnect
             async def watch():
@@ -4149,7 +4153,7 @@ class _Http:
             self._watcher = asyncio.get_running_loop().create_task(watch())
 
     def _fire(self) -> None:
-        if self.ended:
+        if self.ended or not self._callbacks:
             return
         self.ended = True  # nothing more can be written
         callbacks, self._callbacks = self._callbacks, []
@@ -6933,7 +6937,10 @@ class _Cycle(_TaskStandIn):
         self.disconnected = True
         self.body_event.set()
         callbacks, self.callbacks = self.callbacks, ()
+        http, self.http = self.http, None
         if not self.response_done:
+            if http is not None:
+                callbacks = (http._fire, *callbacks)
             for callback in callbacks:
                 try:
                     callback()
@@ -7003,7 +7010,7 @@ class _Cycle(_TaskStandIn):
             await protocol.drain()
         if not more:
             self.response_done = True
-            self.callbacks = ()  # (they hold the exchange, which holds this cycle)
+            self.callbacks, self.http = (), None  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
 
@@ -7020,7 +7027,7 @@ class _Cycle(_TaskStandIn):
                     self.keep_alive = False
                 elif lower == b"transfer-encoding":
                     continue
-            lines.append(name + b": " + value + b"\r\n")
+            lines += (name, b": ", value, b"\r\n")
         if self.protocol.state.draining:
             self.keep_alive = False
         if not has_length:

@@ -3418,6 +3418,44 @@ class TestHTTPServer:
                         "the give-back)")
         assert not (source / "__pycache__").exists()  # it really was compiled from source
 
+    def test_disconnect_callbacks_fire_before_the_response_ends_even_when_registered_late(self):
+        class _SocketStandIn(asyncio.Transport):  # what the event loop would hand the protocol
+            def get_extra_info(self, name, default=None):
+                return ("127.0.0.1", 9) if name in ("peername", "sockname") else default
+
+            def write(self, data):
+                pass
+
+            def close(self):
+                pass
+
+        async def go():
+            state = mcp_server._ServerState(build_server().asgi, Settings(auth="none"))
+
+            def exchange():
+                protocol = mcp_server._HttpProtocol(state)
+                protocol.connection_made(_SocketStandIn())
+                cycle = mcp_server._Cycle(protocol, True, False, True)
+                cycle.headers, cycle.more_body = {}, False
+                return cycle, mcp_server._Http({}, cycle.receive, cycle.send, [], cycle)
+            fired = []
+            cycle, early = exchange()  # registered, then the client goes: at once
+            early.on_disconnect(lambda: fired.append("early"))
+            cycle.lost()
+            assert fired == ["early"] and early.ended
+            cycle, late = exchange()  # the client went first: it still runs, on the next pass
+            cycle.lost()
+            gone = asyncio.Event()
+            late.on_disconnect(gone.set)
+            await asyncio.wait_for(gone.wait(), WAIT)
+            cycle, answered = exchange()  # the response ended first: never
+            answered.on_disconnect(lambda: fired.append("answered"))
+            await answered.respond(204)
+            cycle.lost()
+            await asyncio.sleep(0)
+            assert fired == ["early"]
+        asyncio.run(go())
+
     def test_keep_alive_two_requests_on_one_connection(self, live):
         with Conn(live.port) as conn:
             conn.request("POST", "/http", body=ping_http(1))
