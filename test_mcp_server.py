@@ -978,6 +978,14 @@ class TestLogLines:
         assert formatter.format(record) == formatter.line(record.created, "info", "request",
                                                           {"status": 200, "route": "/mcp", "odd": object})
         assert json.loads(formatter.format(record))["odd"] == str(object)  # any type: its str()
+        try:
+            raise ValueError('a "quoted" failure')
+        except ValueError:
+            failed = logging.makeLogRecord({"msg": "it \"broke\"", "levelname": "ERROR", "exc_info": sys.exc_info(),
+                                            "fields": {"tool": "t"}})
+        entry = json.loads(formatter.format(failed))
+        assert list(entry) == ["time", "level", "event", "tool", "error"] and entry["event"] == 'it "broke"'
+        assert entry["level"] == "error" and entry["error"].endswith('ValueError: a "quoted" failure')
 
     def test_the_event_loops_lines_leave_together_at_the_end_of_its_iteration(self, logger):
         log, _handler, stream = logger
