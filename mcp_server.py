@@ -559,19 +559,45 @@ class _LineFormatter(logging.Formatter):
     def line(self, created: float, level: str, event: str, fields: dict, error: str | None = None) -> str:
         raise NotImplementedError
 
+    def access_line(self, created: float, values: tuple) -> str:
+        """The access log's line for ``values`` (``_ACCESS_FIELDS``, in that order)."""
+        return self.line(created, "info", "request", _log_fields(dict(zip(_ACCESS_FIELDS, values))))
+
+
+_ACCESS_FIELDS = ("method", "route", "status", "duration_ms", "session", "client")
+
 
 class _JsonFormatter(_LineFormatter):
     """One JSON object per line: time, level, event, the request's id, and the record's fields."""
 
     SECOND_FORMAT, CLOCK = "%Y-%m-%dT%H:%M:%S", time.gmtime
 
+    def head(self, created: float, level: str, event: str) -> str:
+        """The line up to its fields, without the closing brace."""
+        return (f'{{"time":"{self.stamp(created)}.{int(created % 1 * 1000):03d}Z","level":{_json_string(level)},'
+                f'"event":{_json_string(event)}')
+
     def line(self, created, level, event, fields, error=None):
         # (the fixed head as text, then the fields: a third cheaper than one dict for all of it)
-        head = (f'{{"time":"{self.stamp(created)}.{int(created % 1 * 1000):03d}Z","level":{_json_string(level)},'
-                f'"event":{_json_string(event)}')
+        head = self.head(created, level, event)
         if error:
             fields = {**fields, "error": error}
         return head + "," + _dumps_any(fields)[1:] if fields else head + "}"
+
+    def access_line(self, created, values):
+        # A line a request: written out field by field, a quarter of what line() costs with its
+        # dicts (bench: ~4 µs of a tools/call's CPU); a test holds it equal to line()'s.
+        method, route, status, duration_ms, session, client = values
+        request_id, trace_id = _request_id.get(), _trace_id.get()
+        try:
+            ids = (',"request_id":' + _json_string(request_id) if request_id else "") + (
+                ',"trace_id":' + _json_string(trace_id) if trace_id else "")
+            return (f'{self.head(created, "info", "request")}{ids},"method":{_json_string(method)},'
+                    f'"route":{_json_string(route)},"status":{status:d},"duration_ms":{float(duration_ms)!r},'
+                    f'"session":{"null" if session is None else _json_string(session)},'
+                    f'"client":{_json_string(client)}}}')
+        except (TypeError, ValueError):  # a value of another type than a request's: the general way
+            return super().access_line(created, values)
 
 
 class _TextFormatter(_LineFormatter):
@@ -638,12 +664,13 @@ class _FileLog(_Batching, logging.FileHandler):
     pass
 
 
-def _log_access(fields: dict) -> None:
-    """The access log's line for a request, at level info.  Straight to this module's handlers
-    when only they are set (``_configure_logging``), unfiltered and with this module's formats:
-    ``log.info`` would cost more than twice as much (a LogRecord, the caller's frame, the filter
-    passes; bench: 18 against 8 µs of a tools/call's CPU).  Anyone else's handler, filter or
-    format gets it the standard way."""
+def _log_access(values: tuple) -> None:
+    """The access log's line for a request (``values``: ``_ACCESS_FIELDS``, in that order), at
+    level info.  Straight to this module's handlers when only they are set
+    (``_configure_logging``), unfiltered and with this module's formats: ``log.info`` would cost
+    several times as much (a LogRecord, the caller's frame, the filter passes; bench: 18 against
+    8 µs of a tools/call's CPU, before ``access_line``).  Anyone else's handler, filter or format
+    gets it the standard way."""
     if not log.isEnabledFor(logging.INFO):
         return
     handlers = log.handlers
@@ -653,12 +680,12 @@ def _log_access(fields: dict) -> None:
             direct = False
             break
     if not direct:
-        log.info("request", extra={"fields": fields})
+        log.info("request", extra={"fields": dict(zip(_ACCESS_FIELDS, values))})
         return
-    created, fields, loop = time.time(), _log_fields(fields), asyncio.get_running_loop()
+    created, loop = time.time(), asyncio.get_running_loop()
     for handler in handlers:
         if handler.level <= logging.INFO:
-            handler.queue(loop, handler.formatter.line(created, "info", "request", fields))
+            handler.queue(loop, handler.formatter.access_line(created, values))
 
 
 def _configure_logging(level: str, fmt: str = "auto", path: str = "") -> None:
@@ -6600,11 +6627,9 @@ class _App:
                 route = _route_label(path, settings.mcp_path)
                 if _metrics.on:
                     _metrics.add(_http_metric_key(route, method, http.status))
-                if started:
-                    _log_access({"method": method, "route": route, "status": http.status,
-                                 "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                                 "session": _hash_id(http.headers.get("mcp-session-id")),
-                                 "client": (scope.get("client") or ("-",))[0]})
+                if started:  # (_ACCESS_FIELDS)
+                    _log_access((method, route, http.status, round((time.perf_counter() - started) * 1000, 2),
+                                 _hash_id(http.headers.get("mcp-session-id")), (scope.get("client") or ("-",))[0]))
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings

@@ -987,6 +987,29 @@ class TestLogLines:
         assert list(entry) == ["time", "level", "event", "tool", "error"] and entry["event"] == 'it "broke"'
         assert entry["level"] == "error" and entry["error"].endswith('ValueError: a "quoted" failure')
 
+    def test_an_access_line_reads_as_the_general_line_of_the_same_fields(self):
+        rng = random.Random(7)
+        texts = ["POST", "/mcp", "127.0.0.1", "-", 'a "quoted" \\ one', "é\u2028\x01", "0123abcd"]
+
+        async def lines():  # (the request and trace ids are the context's, as in a request)
+            made = []
+            for n in range(300):
+                mcp_server._request_id.set(rng.choice([None, "req-1", 'id"with\\quote']))
+                mcp_server._trace_id.set(rng.choice([None, "4bf92f3577b34da6a3ce929d0e0e4736"]))
+                values = (rng.choice(texts), rng.choice(texts), rng.choice([200, 404, 500]),
+                          rng.choice([0.0, 0.12, 15.5, 1234.57]), rng.choice([None, "3f2a9c1b7e4d"]),
+                          rng.choice(texts))
+                if n % 50 == 0:  # another type than a request's: the general way, the same text
+                    values = values[:5] + ((rng.choice(texts), 1),)
+                created = 1.7e9 + rng.random() * 1e6
+                for formatter in (mcp_server._JsonFormatter(), mcp_server._TextFormatter()):
+                    fields = mcp_server._log_fields(dict(zip(mcp_server._ACCESS_FIELDS, values)))
+                    made.append((formatter.access_line(created, values),
+                                 formatter.line(created, "info", "request", fields)))
+            return made
+        for fast, general in asyncio.run(lines()):
+            assert fast == general
+
     def test_the_event_loops_lines_leave_together_at_the_end_of_its_iteration(self, logger):
         log, _handler, stream = logger
 
