@@ -4056,7 +4056,7 @@ class _Http:
             self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
         self.extra_headers = extra_headers  # CORS and the like, added to every response
         self.started = self.ended = False
-        self._callbacks: list = []
+        self._callbacks: tuple = ()  # (a tuple: most exchanges add none, and the rest one)
         self._watcher = None
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
@@ -4164,7 +4164,7 @@ class _Http:
 
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
-        self._callbacks.append(callback)
+        self._callbacks += (callback,)
         if len(self._callbacks) > 1:
             return
         if self.cycle is not None:  # nothing to register: the cycle knows this exchange
@@ -4185,12 +4185,12 @@ class _Http:
         if self.ended or not self._callbacks:
             return
         self.ended = True  # nothing more can be written
-        callbacks, self._callbacks = self._callbacks, []
+        callbacks, self._callbacks = self._callbacks, ()
         for callback in callbacks:
             callback()
 
     def stop_watching(self) -> None:
-        self._callbacks = []
+        self._callbacks = ()
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
