@@ -4041,7 +4041,7 @@ class _Http:
     the bundled server, through its ``_Cycle`` directly (``cycle``; no ASGI message dicts)."""
 
     __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal", "base", "status", "cycle")
+                 "_callbacks", "_watcher", "_native", "principal", "base", "status", "cycle", "cancels")
 
     def __init__(self, scope, receive, send, extra_headers: list, cycle: "_Cycle | None" = None):
         self.scope, self.receive, self.send = scope, receive, send
@@ -4057,6 +4057,7 @@ class _Http:
         self.extra_headers = extra_headers  # CORS and the like, added to every response
         self.started = self.ended = False
         self._callbacks: tuple = ()  # (a tuple: most exchanges add none, and the rest one)
+        self.cancels: Context | None = None  # the 2026 request that ends if the client goes
         self._watcher = None
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
@@ -4165,14 +4166,24 @@ class _Http:
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
         self._callbacks += (callback,)
-        if len(self._callbacks) > 1:
-            return
+        if len(self._callbacks) == 1 and self.cancels is None:
+            self._watch()
+
+    def cancel_on_disconnect(self, ctx: "Context") -> None:
+        """2026-07-28: closing the response stream cancels the request (until ``stop_watching``).
+        One attribute, where a callback would cost a closure and its registration a request."""
+        self.cancels = ctx
+        if not self._callbacks:
+            self._watch()
+
+    def _watch(self) -> None:
+        """Have ``_fire`` called when the client goes."""
         if self.cycle is not None:  # nothing to register: the cycle knows this exchange
             if self.cycle.disconnected:
                 asyncio.get_running_loop().call_soon(self._fire)  # gone already
         elif self._native is not None:
             self._native(self._fire)
-        else:  # a foreign ASGI server: watch receive() for http.disconnect
+        elif self._watcher is None:  # a foreign ASGI server: watch receive() for http.disconnect
             async def watch():
                 while True:
                     message = await self.receive()
@@ -4182,15 +4193,20 @@ class _Http:
             self._watcher = asyncio.get_running_loop().create_task(watch())
 
     def _fire(self) -> None:
-        if self.ended or not self._callbacks:
+        if self.ended or not (self._callbacks or self.cancels):
             return
         self.ended = True  # nothing more can be written
         callbacks, self._callbacks = self._callbacks, ()
+        ctx, self.cancels = self.cancels, None
+        if ctx is not None:
+            ctx._cancelled = True
+            if ctx._task is not None:
+                ctx._task.cancel()
         for callback in callbacks:
             callback()
 
     def stop_watching(self) -> None:
-        self._callbacks = ()
+        self._callbacks, self.cancels = (), None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None
@@ -4488,12 +4504,7 @@ class _StreamableHTTP:
         channel = _PostChannel(http, hub, None, sse_ok, False, [])
         ctx._out = channel
         ctx._task = http.running_task()
-
-        def cancel():  # 2026: closing the response stream cancels the request
-            ctx._cancelled = True
-            if ctx._task is not None and not channel.done:
-                ctx._task.cancel()
-        http.on_disconnect(cancel)
+        http.cancel_on_disconnect(ctx)
         if sse_first:
             await channel._start()
         try:
@@ -4508,8 +4519,10 @@ class _StreamableHTTP:
         if response is None or ctx._cancelled:
             if not ctx._cancelled:
                 await channel.finish(None, status, [])
-            return
-        await channel.finish(response, status, [])
+        elif channel.streaming:
+            await channel.finish(response, status, [])
+        else:  # (the common answer: JSON, straight out)
+            await http.respond_json(status, response)
 
     async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:

@@ -3449,7 +3449,7 @@ class TestHTTPServer:
                         "the give-back)")
         assert not (source / "__pycache__").exists()  # it really was compiled from source
 
-    def test_disconnect_callbacks_fire_before_the_response_ends_even_when_registered_late(self):
+    def test_disconnect_callbacks_and_2026_cancels_fire_before_the_response_ends_even_when_registered_late(self):
         class _SocketStandIn(asyncio.Transport):  # what the event loop would hand the protocol
             def get_extra_info(self, name, default=None):
                 return ("127.0.0.1", 9) if name in ("peername", "sockname") else default
@@ -3485,6 +3485,31 @@ class TestHTTPServer:
             cycle.lost()
             await asyncio.sleep(0)
             assert fired == ["early"]
+
+            class Running:  # the task a 2026 request runs in
+                cancelled = 0
+
+                def cancel(self):
+                    self.cancelled += 1
+            for late in (False, True):  # a 2026 request ends with its stream, registered before or after
+                cycle, modern = exchange()
+                ctx = mcp_server.Context(state.app.server, "tools/call", {}, 1, modern=True)
+                ctx._task = Running()
+                if late:
+                    cycle.lost()
+                modern.cancel_on_disconnect(ctx)
+                if not late:
+                    cycle.lost()
+                await asyncio.sleep(0)
+                assert ctx.cancelled and ctx._task.cancelled == 1
+            cycle, finished = exchange()  # the handler had finished (stop_watching): left alone
+            ctx = mcp_server.Context(state.app.server, "tools/call", {}, 1, modern=True)
+            ctx._task = Running()
+            finished.cancel_on_disconnect(ctx)
+            finished.stop_watching()
+            cycle.lost()
+            await asyncio.sleep(0)
+            assert not ctx.cancelled and ctx._task.cancelled == 0
         asyncio.run(go())
 
     def test_keep_alive_two_requests_on_one_connection(self, live):
