@@ -4309,12 +4309,16 @@ class _PostChannel:
             self.detached = True
             await self.http.end()
 
-    async def finish(self, response: dict | None, status: int, headers: list) -> None:
-        """Send the final response (or nothing, for a cancelled request)."""
+    def finish(self, response: dict | None, status: int, headers: list) -> typing.Awaitable:
+        """Send the final response (or nothing, for a cancelled request).  The common answer, JSON
+        without a stream, goes straight out: no followers or live post to end, and no coroutine
+        of its own."""
         if not self.streaming and not self.must_stream and response is not None:
-            self.done = True  # the common answer, JSON: no stream, so no followers and no live post
-            await self.http.respond_json(status, response, headers=headers)
-            return
+            self.done = True
+            return self.http.respond_json(status, response, headers=headers)
+        return self._end(response, status, headers)
+
+    async def _end(self, response: dict | None, status: int, headers: list) -> None:
         try:
             if not self.streaming and self.must_stream and response is not None:
                 self.extra_headers = self.extra_headers + headers  # e.g. the new Mcp-Session-Id
@@ -4323,10 +4327,8 @@ class _PostChannel:
                 if response is not None:
                     await self._emit(response)
                 await self.http.end()
-            elif response is None:
+            else:  # nothing to answer: a notification's 202, a cancelled request's 204
                 await self.http.respond(status if status in (202, 204) else 204, headers=headers)
-            else:
-                await self.http.respond_json(status, response, headers=headers)
         finally:
             self.done = True
             for follower in self.followers:
@@ -4519,10 +4521,8 @@ class _StreamableHTTP:
         if response is None or ctx._cancelled:
             if not ctx._cancelled:
                 await channel.finish(None, status, [])
-        elif channel.streaming:
-            await channel.finish(response, status, [])
-        else:  # (the common answer: JSON, straight out)
-            await http.respond_json(status, response)
+            return
+        await channel.finish(response, status, [])
 
     async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
