@@ -612,11 +612,73 @@ class _TextFormatter(_LineFormatter):
         return text
 
 
+class _PassEnd:
+    """Writes that wait for the end of the event loop's current pass, so that what the pass's
+    callbacks write leaves in one system call: the bundled server's answers (section 9) and the
+    log lines of ``_Batching``.  One callback at the end of the pass runs them all, in the order
+    they were added (answers before the lines that log them).  While a connection's data arrives
+    (``hold``) nothing is scheduled; if, as it returns (``release``), the loop has nothing else
+    ready, the pass ends there and the writes go at once: a client that sent one request and
+    waits for it gets its answer without a trip through the loop (an ``epoll_wait`` and a pass
+    more; bench: 5% of the requests one connection makes in a second)."""
+
+    __slots__ = ("loop", "ready", "writes", "scheduled", "holding")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        # asyncio's queue of callbacks ready to run; None on a loop without one (all writes then
+        # wait for the scheduled callback)
+        self.ready = getattr(loop, "_ready", None)
+        self.writes: list = []
+        self.scheduled = False
+        self.holding = False
+
+    def add(self, write) -> None:
+        """Call ``write`` at the end of this pass.  (Each writer adds itself when it first has
+        something waiting, and again only after ``write`` ran.)"""
+        self.writes.append(write)
+        if not self.scheduled and not self.holding:
+            self.scheduled = True
+            self.loop.call_soon(self.run)
+
+    def hold(self) -> None:
+        self.holding = True
+
+    def release(self) -> None:
+        self.holding = False
+        if self.writes and not self.scheduled:
+            if self.ready is not None and not self.ready:
+                self.run()
+            else:
+                self.scheduled = True
+                self.loop.call_soon(self.run)
+
+    def run(self) -> None:
+        self.scheduled = False
+        writes, self.writes = self.writes, []
+        for write in writes:
+            try:
+                write()
+            except Exception as exc:  # one failed write must not keep the others' bytes back
+                self.loop.call_exception_handler({"message": "a deferred write failed", "exception": exc})
+
+
+_PASS_ENDS = threading.local()  # one event loop runs in a thread at a time: its _PassEnd
+
+
+def _pass_end(loop: asyncio.AbstractEventLoop) -> _PassEnd:
+    """The ``_PassEnd`` of ``loop``, the loop running in this thread."""
+    end = getattr(_PASS_ENDS, "end", None)
+    if end is None or end.loop is not loop:
+        end = _PASS_ENDS.end = _PassEnd(loop)
+    return end
+
+
 class _Batching:
     """A stream handler whose lines, when the event loop's thread writes them, wait for the end of
-    that loop iteration and leave in one write: one system call for every access log line the
-    iteration's requests wrote, not one each.  Lines from other threads, warnings and worse, and
-    whatever waits when logging shuts down are written at once."""
+    that loop pass (``_PassEnd``) and leave in one write: one system call for every access log
+    line the pass's requests wrote, not one each.  Lines from other threads, warnings and worse,
+    and whatever waits when logging shuts down are written at once."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -640,7 +702,7 @@ class _Batching:
     def queue(self, loop, line: str) -> None:
         with self.lock:
             if not self.waiting:
-                loop.call_soon(self.flush)
+                _pass_end(loop).add(self.flush)
             self.waiting.append(line + self.terminator)
             if len(self.waiting) >= 512:
                 self.flush()
@@ -6828,7 +6890,8 @@ class _ServerState:
         self.clock = self.loop.time
         self.sweeper = None
         self.ended = 0  # connections closed since the start
-        self.unsent: list = []  # connections with output that waits for the end of this loop iteration
+        self.unsent: list = []  # connections with output that waits for the end of this loop pass
+        self.pass_end = _pass_end(self.loop)
 
     def send_unsent(self) -> None:
         connections, self.unsent = self.unsent, []
@@ -7242,8 +7305,8 @@ class _HttpProtocol(asyncio.Protocol):
     # -- writing -----------------------------------------------------------------------------------
 
     def send_soon(self, data: bytes) -> None:
-        """Send ``data`` at the end of this loop iteration, with whatever else this connection and
-        the others write until then.  Each send to a peer that sleeps wakes it, and on loopback
+        """Send ``data`` at the end of this loop pass (``_PassEnd``), with whatever else this
+        connection and the others write until then.  Each send to a peer that sleeps wakes it, and on loopback
         (a proxy or a load generator on the same host) that wake-up costs the server more than the
         send itself; answers that leave together wake the peer once.  (bench: 12 -> 5 µs of
         kernel time per tools/call; the wait is at most one pass over the ready connections.)"""
@@ -7252,7 +7315,7 @@ class _HttpProtocol(asyncio.Protocol):
             self.unsent, self.unsent_size = [data], len(data)
             state = self.state
             if not state.unsent:
-                state.loop.call_soon(state.send_unsent)
+                state.pass_end.add(state.send_unsent)
             state.unsent.append(self)
         else:
             unsent.append(data)
@@ -7320,7 +7383,12 @@ class _HttpProtocol(asyncio.Protocol):
         if self.cycle is None and not self.buffer:
             self._arm(self.settings.header_timeout, self._head_timeout)  # a new head starts: its clock runs
         self.buffer += data
-        self._advance()
+        pass_end = self.state.pass_end
+        pass_end.hold()
+        try:
+            self._advance()
+        finally:
+            pass_end.release()
 
     def _advance(self) -> None:
         try:

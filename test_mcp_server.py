@@ -1025,6 +1025,42 @@ class TestLogLines:
             assert [json.loads(s)["event"] for s in stream.lines()[3:]] == ["before", "at once"]
         asyncio.run(go())
 
+    def test_writes_wait_for_the_end_of_the_pass_which_a_held_pass_with_nothing_else_ready_reaches_at_once(self):
+        async def go():
+            loop = asyncio.get_running_loop()
+            end = mcp_server._pass_end(loop)
+            assert mcp_server._pass_end(loop) is end
+            done = []
+            end.add(lambda: done.append("a"))
+            end.add(lambda: done.append("b"))
+            assert done == []
+            await asyncio.sleep(0)
+            assert done == ["a", "b"]  # one callback, in the order added
+            end.hold()  # (as while a connection's data arrives)
+            end.add(lambda: done.append("c"))
+            assert done == ["a", "b"]
+            end.release()  # nothing else is ready: the pass ends now
+            assert done == ["a", "b", "c"]
+            loop.call_soon(lambda: done.append("other"))
+            end.hold()
+            end.add(lambda: done.append("d"))
+            end.release()  # something else is ready: the pass goes on
+            assert done == ["a", "b", "c"]
+            await asyncio.sleep(0)
+            assert done[3:] == ["other", "d"]
+            errors = []
+            loop.set_exception_handler(lambda _loop, context: errors.append(context["exception"]))
+
+            def fail():
+                raise OSError("the disk is full")
+            end.add(fail)
+            end.add(lambda: done.append("e"))
+            await asyncio.sleep(0)
+            assert done[-1] == "e" and [type(e) for e in errors] == [OSError]  # the others still ran
+            return end
+        first = asyncio.run(go())
+        assert asyncio.run(go()) is not first  # each loop has its own
+
     def test_lines_from_another_thread_and_outside_a_loop_are_written_at_once(self, logger):
         log, _handler, stream = logger
         log.info("no loop")
@@ -3349,9 +3385,11 @@ class TestHTTPServer:
             sent = b"".join(transport.writes)
             assert sent.startswith(b"HTTP/1.1 200 OK") and sent.index(b"before the refusal") < sent.index(
                 b"HTTP/1.1 400 Bad Request") and transport.closed
-            # a connection closed while its answer waits sends it before closing
+            # a connection closed while its answer waits sends it before closing (the answer waits:
+            # something else is ready, so the pass goes on after data_received)
             transport, protocol = pairs[1]
             transport.writes.clear()
+            asyncio.get_running_loop().call_soon(lambda: None)
             protocol.data_received(request("sent before close"))
             assert transport.writes == [] and protocol.unsent
             protocol.close()
@@ -3360,6 +3398,52 @@ class TestHTTPServer:
             assert len(transport.writes) == 1  # not sent twice
             await server._runtime.close()
         asyncio.run(scenario())
+
+    def test_a_lone_request_is_answered_then_logged_before_its_data_callback_returns(self, monkeypatch):
+        """With nothing else ready, the loop's pass ends as data_received returns: the answer, then
+        its access line, leave then, not after another pass; with something else ready both wait
+        for the end of the pass."""
+        events = []
+
+        class Stream:
+            def write(self, text):
+                events.append(("log", text))
+
+            def flush(self):
+                pass
+        monkeypatch.setattr(sys, "stderr", Stream())
+        logger = mcp_server.log
+        saved = logger.handlers[:], logger.level, logger.propagate
+
+        async def scenario(server):
+            state = mcp_server._ServerState(server.asgi, server.settings)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            transport.write = lambda data: events.append(("answer", bytes(data)))
+            protocol.connection_made(transport)
+
+            def request(text):
+                return raw_request("POST", "/http", {"Host": "127.0.0.1"}, {
+                    "method": "tools/call", "params": {"name": "echo", "arguments": {"text": text}}})
+            protocol.data_received(request("alone"))
+            assert [kind for kind, _ in events] == ["answer", "log"]
+            assert b'"text":"alone"' in events[0][1] and json.loads(events[1][1])["status"] == 200
+            events.clear()
+            asyncio.get_running_loop().call_soon(lambda: events.append(("other", None)))
+            protocol.data_received(request("not alone"))
+            assert events == []
+            await asyncio.sleep(0)
+            assert [kind for kind, _ in events] == ["other", "answer", "log"]
+            assert b'"text":"not alone"' in events[1][1]
+            await server._runtime.close()
+        try:
+            mcp_server._configure_logging("info", "json")
+            server = build_server(access_log=True)
+            server._tools["echo"].inline = True
+            asyncio.run(scenario(server))
+        finally:
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+            logger.propagate = saved[2]
 
     def test_a_repeated_head_is_parsed_once_and_a_refused_one_is_not_remembered(self, make_server):
         st = make_server()
