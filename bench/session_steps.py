@@ -15,6 +15,8 @@ Run each server pinned to core 0 and this client to core 1, as the harness does:
     taskset -c 0 python bench/servers/raw_protocol.py --port 7202 &
     taskset -c 1 python bench/session_steps.py 7201 --pid <ours' pid>
     taskset -c 1 python bench/session_steps.py 7202 --floor
+
+The official SDK's server (``servers/sdk.py`` in the bench venv) takes the same client.
 """
 import argparse
 import json
@@ -33,9 +35,9 @@ STEPS = ("connect", "initialize", "initialized", "tools/list", "tools/call", "cl
 
 
 def exchange(sock: socket.socket, headers: dict, body: bytes) -> tuple:
-    """One POST /mcp on ``sock``: (response head, response body)."""
+    """One POST /mcp on ``sock``: (response head, response body).  ``headers`` include Host."""
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-    sock.sendall(f"POST /mcp HTTP/1.1\r\nHost: 127.0.0.1\r\n{lines}Content-Length: {len(body)}\r\n\r\n"
+    sock.sendall(f"POST /mcp HTTP/1.1\r\n{lines}Content-Length: {len(body)}\r\n\r\n"
                  .encode() + body)
     data = b""
     while b"\r\n\r\n" not in data:
@@ -68,7 +70,9 @@ def one_session(port: int, floor: bool) -> list:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     marks.append(time.perf_counter())
-    head, body = exchange(sock, bench.legacy_headers(bench.ACCEPT_BOTH, None), json.dumps(bench.INIT).encode())
+    host = {"Host": f"127.0.0.1:{port}"}  # with the port, as clients send it (the SDK refuses it without)
+    head, body = exchange(sock, {**host, **bench.legacy_headers(bench.ACCEPT_BOTH, None)},
+                          json.dumps(bench.INIT).encode())
     marks.append(time.perf_counter())
     if floor:
         session_id = "floor"
@@ -76,7 +80,7 @@ def one_session(port: int, floor: bool) -> list:
         if b" 200 " not in head.split(b"\r\n")[0] or b'"protocolVersion"' not in body:
             raise RuntimeError(f"initialize answered {head[:200]!r} {body[:200]!r}")
         session_id = header(head, b"mcp-session-id").decode()
-    headers = bench.legacy_headers(bench.ACCEPT_BOTH, session_id)
+    headers = {**host, **bench.legacy_headers(bench.ACCEPT_BOTH, session_id)}
     for body, expected in ((json.dumps(bench.INITIALIZED).encode(), b"HTTP/1.1 202"),
                            (b'{"jsonrpc":"2.0","id":1,"method":"tools/list"}', b'"name":"echo"'),
                            (json.dumps(bench.call_body(2, False)).encode(), bench.TEXT.encode())):
