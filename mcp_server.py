@@ -616,9 +616,10 @@ class _PassEnd:
     """Writes that wait for the end of the event loop's current pass, so that what the pass's
     callbacks write leaves in one system call: the bundled server's answers (section 9) and the
     log lines of ``_Batching``.  One callback at the end of the pass runs them all, in the order
-    they were added (answers before the lines that log them).  While a connection's data arrives
-    (``hold``) nothing is scheduled; if, as it returns (``release``), the loop has nothing else
-    ready, the pass ends there and the writes go at once: a client that sent one request and
+    they were added (answers before the lines that log them).  While a connection's data arrives,
+    and through each step of a request that had to wait (``_Resumed``), nothing is scheduled
+    (``hold``); if, as it returns (``release``), the loop has nothing else ready, the pass ends
+    there and the writes go at once: a client that sent one request and
     waits for it gets its answer without a trip through the loop (an ``epoll_wait`` and a pass
     more; bench: 5% of the requests one connection makes in a second)."""
 
@@ -3719,19 +3720,28 @@ class _Resumed(collections.abc.Coroutine):
     """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
     coroutine, its first step hands the task that future, and every later step goes on."""
 
-    __slots__ = ("_coroutine", "_waiting")
+    __slots__ = ("_coroutine", "_waiting", "_pass_end")
 
-    def __init__(self, coroutine, waiting):
+    def __init__(self, coroutine, waiting, pass_end: _PassEnd):
         self._coroutine, self._waiting = coroutine, [waiting]
+        self._pass_end = pass_end  # held through each step, as data_received holds it
 
     def send(self, value):
         if self._waiting:
             return self._waiting.pop()
-        return self._coroutine.send(value)
+        self._pass_end.hold()
+        try:
+            return self._coroutine.send(value)
+        finally:
+            self._pass_end.release()
 
     def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
         self._waiting = None
-        return self._coroutine.throw(*exc)
+        self._pass_end.hold()
+        try:
+            return self._coroutine.throw(*exc)
+        finally:
+            self._pass_end.release()
 
     def close(self):
         self._coroutine.close()
@@ -3789,7 +3799,7 @@ def _run_eagerly(coroutine, loop, stand_in: _TaskStandIn) -> "asyncio.Task | Non
         _leave_task(loop, stand_in)
         if current is not None:
             _enter_task(loop, current)
-    return loop.create_task(_Resumed(coroutine, waiting))
+    return loop.create_task(_Resumed(coroutine, waiting, _pass_end(loop)))
 
 
 def _sse(message: dict | str | None, event_id: str | None = None, event: str = "message") -> bytes:

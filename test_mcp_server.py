@@ -3445,6 +3445,37 @@ class TestHTTPServer:
             logger.setLevel(saved[1])
             logger.propagate = saved[2]
 
+    def test_a_request_that_had_to_wait_is_answered_within_the_step_that_finishes_it(self):
+        """A request that waited goes on as a task; the step that finishes it holds the pass end as
+        data_received does, so with nothing else ready its answer leaves inside that step."""
+        server = build_server()
+
+        async def scenario():
+            gate = asyncio.Event()
+
+            @server.tool()
+            async def gated(text: str) -> str:
+                await gate.wait()
+                return text
+            state = mcp_server._ServerState(server.asgi, server.settings)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            written_in = []
+
+            def write(data):
+                written_in.append(asyncio.current_task())
+                transport.writes.append(bytes(data))
+            transport.write = write
+            protocol.connection_made(transport)
+            protocol.data_received(raw_request("POST", "/http", {"Host": "127.0.0.1"}, {
+                "method": "tools/call", "params": {"name": "gated", "arguments": {"text": "after the gate"}}}))
+            task = protocol.cycle.task
+            assert isinstance(task, asyncio.Task) and transport.writes == []
+            gate.set()
+            await task
+            assert written_in == [task] and b'"text":"after the gate"' in transport.writes[0]
+            await server._runtime.close()
+        asyncio.run(scenario())
+
     def test_a_repeated_head_is_parsed_once_and_a_refused_one_is_not_remembered(self, make_server):
         st = make_server()
         body = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "same head"}}}
