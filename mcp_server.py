@@ -619,9 +619,9 @@ class _PassEnd:
     they were added (answers before the lines that log them).  While a connection's data arrives,
     and through each step of a request that had to wait (``_Resumed``), nothing is scheduled
     (``hold``); if, as it returns (``release``), the loop has nothing else ready, the pass ends
-    there and the writes go at once: a client that sent one request and
-    waits for it gets its answer without a trip through the loop (an ``epoll_wait`` and a pass
-    more; bench: 5% of the requests one connection makes in a second)."""
+    there and the writes go at once: a client that sent one request and waits for it gets its
+    answer without a trip through the loop (an ``epoll_wait`` and a pass more; bench: 5% more
+    requests a second on one connection)."""
 
     __slots__ = ("loop", "ready", "writes", "scheduled", "holding")
 
