@@ -7316,10 +7316,11 @@ class _HttpProtocol(asyncio.Protocol):
 
     def send_soon(self, data: bytes) -> None:
         """Send ``data`` at the end of this loop pass (``_PassEnd``), with whatever else this
-        connection and the others write until then.  Each send to a peer that sleeps wakes it, and on loopback
-        (a proxy or a load generator on the same host) that wake-up costs the server more than the
-        send itself; answers that leave together wake the peer once.  (bench: 12 -> 5 µs of
-        kernel time per tools/call; the wait is at most one pass over the ready connections.)"""
+        connection and the others write until then.  Each send to a peer that sleeps wakes it,
+        and on loopback (a proxy or a load generator on the same host) that wake-up costs the
+        server more than the send itself; answers that leave together wake the peer once.  (bench:
+        12 -> 5 µs of kernel time per tools/call; the wait is at most one pass over the ready
+        connections.)"""
         unsent = self.unsent
         if unsent is None:
             self.unsent, self.unsent_size = [data], len(data)
