@@ -924,20 +924,26 @@ class Results:
         self.failures.append(msg)
 
 
-def run_http_json(res: Results, peer: str, args, with_sessions: bool):
-    """Workloads a (JSON) and c (session setup) on one server start."""
+def run_http_json(res: Results, peer: str, args, workloads: set):
+    """Workloads a (JSON, 64 connections), i (the same with one client) and c (session setup), those
+    of them in ``workloads``, on one server start."""
     try:
         with Server(peer) as srv:
             sid = open_legacy_session(srv.port)
-            r = wrk(srv, modern=False, sid=sid, expect_sse=False, duration=args.duration, warmup=args.warmup)
-            res.add("a_legacy_json", peer, r)
-            log(f"  {peer:12s} a legacy JSON  {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
-                f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
-            r = wrk(srv, modern=True, sid=None, expect_sse=False, duration=args.duration, warmup=args.warmup)
-            res.add("a_modern_json", peer, r)
-            log(f"  {peer:12s} a 2026 JSON    {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
-                f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
-            if with_sessions:
+            for letter, connections in (("a", 64), ("i", 1)):
+                if letter not in workloads:
+                    continue
+                r = wrk(srv, modern=False, sid=sid, expect_sse=False, duration=args.duration, warmup=args.warmup,
+                        connections=connections)
+                res.add(f"{letter}_legacy_json", peer, r)
+                log(f"  {peer:12s} {letter} legacy JSON  {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
+                    f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
+                r = wrk(srv, modern=True, sid=None, expect_sse=False, duration=args.duration, warmup=args.warmup,
+                        connections=connections)
+                res.add(f"{letter}_modern_json", peer, r)
+                log(f"  {peer:12s} {letter} 2026 JSON    {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
+                    f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
+            if "c" in workloads:
                 for parallel in (1, 32):
                     s = asyncio.run(sessions_per_second(srv.port, parallel, args.session_seconds))
                     res.add(f"c_sessions_{parallel}", peer, s)
@@ -1114,6 +1120,10 @@ def build_rows(res: Results, peers: list, args) -> list:
         metric(key, "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
         if "ours_inline" in peers:
             metric(key, "rps", f"{title}: req/s [ours inline=True]", "int", True, inline)
+    for key, title in (("i_legacy_json", "i. tools/call JSON, one client (1 connection), 2025-11-25 session"),
+                       ("i_modern_json", "i. tools/call JSON, one client (1 connection), 2026-07-28 stateless")):
+        metric(key, "rps", f"{title}: req/s", "int", True)
+        metric(key, "p50_us", f"{title}: p50 ms", "ms", False, scale=1e-3)
     title = "h. tools/call JSON, 2026-07-28, each server's default logging (ours: info, access log; SDK: INFO, uvicorn's access log)"
     metric("h_modern_json_default_logging", "rps", f"{title}: req/s", "int", True)
     metric("h_modern_json_default_logging", "cpu_us_per_call", f"{title}: server CPU µs/call", "int", False)
@@ -1243,7 +1253,7 @@ def main():
     ap.add_argument("--peers", default="ours,ours_inline,ours_malloc,sdk,fastmcp",
                     help="servers to run, of " + ",".join(PEERS) + " (ours_inline runs a and b only, "
                     "ours_malloc d only)")
-    ap.add_argument("--only", default="a,b,c,d,e,f,g,h,r,10k", help="workload letters to run (comma-separated)")
+    ap.add_argument("--only", default="a,b,c,d,e,f,g,h,i,r,10k", help="workload letters to run (comma-separated)")
     ap.add_argument("--results-dir", default=os.path.join(BENCH_DIR, "results"))
     ap.add_argument("--no-write", action="store_true", help="print only; write no results files")
     args = ap.parse_args()
@@ -1274,8 +1284,9 @@ def main():
     for rnd in range(1, args.rounds + 1):
         log(f"== round {rnd}/{args.rounds} ({time.monotonic() - t_start:.0f} s)")
         for peer in peers:  # ours_inline: a and b only; ours_malloc: d only
-            if only & {"a", "c"} and peer != "ours_malloc":
-                run_http_json(res, peer, args, with_sessions="c" in only and peer != "ours_inline")
+            json_workloads = only & ({"a"} if peer == "ours_inline" else {"a", "c", "i"})
+            if json_workloads and peer != "ours_malloc":
+                run_http_json(res, peer, args, json_workloads)
             if "b" in only and peer != "ours_malloc":
                 run_http_sse(res, peer, args)
             if "h" in only and peer in ("ours", "sdk"):
@@ -1377,7 +1388,7 @@ def notes_md(res: Results, args, facts: dict | None = None) -> str:
     facts = facts or {}
     lines = [
         "↑ higher is better, ↓ lower is better; ours/SDK is the plain ratio of the two medians.",
-        f"Medians of {args.rounds} interleaved rounds; wrk -t1 -c64 -d{args.duration:g}s (after a "
+        f"Medians of {args.rounds} interleaved rounds; wrk -t1 -c64 (i: -c1) -d{args.duration:g}s (after a "
         f"{args.warmup:g}s warm-up) pinned to core 1, each server pinned to core 0 (g: server, redis-server and wrk -t2 all on both cores).",
         "† the peer answered JSON although the request allowed SSE and the server was in its SSE mode "
         "(the SDK's 2026-07-28 path commits to SSE only when the handler sends a notification).",
