@@ -933,16 +933,12 @@ def run_http_json(res: Results, peer: str, args, workloads: set):
             for letter, connections in (("a", 64), ("i", 1)):
                 if letter not in workloads:
                     continue
-                r = wrk(srv, modern=False, sid=sid, expect_sse=False, duration=args.duration, warmup=args.warmup,
-                        connections=connections)
-                res.add(f"{letter}_legacy_json", peer, r)
-                log(f"  {peer:12s} {letter} legacy JSON  {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
-                    f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
-                r = wrk(srv, modern=True, sid=None, expect_sse=False, duration=args.duration, warmup=args.warmup,
-                        connections=connections)
-                res.add(f"{letter}_modern_json", peer, r)
-                log(f"  {peer:12s} {letter} 2026 JSON    {r['rps']:8.0f} req/s  p50 {r['p50_us']/1000:.2f} ms  "
-                    f"cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
+                for era, modern in (("legacy", False), ("modern", True)):
+                    r = wrk(srv, modern=modern, sid=None if modern else sid, expect_sse=False,
+                            duration=args.duration, warmup=args.warmup, connections=connections)
+                    res.add(f"{letter}_{era}_json", peer, r)
+                    log(f"  {peer:12s} {letter} {'2026' if modern else 'legacy':6s} JSON  {r['rps']:8.0f} req/s  "
+                        f"p50 {r['p50_us']/1000:.2f} ms  cpu {r['cpu_us_per_call']:.0f} us/call  errors {r['errors']}")
             if "c" in workloads:
                 for parallel in (1, 32):
                     s = asyncio.run(sessions_per_second(srv.port, parallel, args.session_seconds))
