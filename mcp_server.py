@@ -68,6 +68,7 @@ import logging
 import os
 import re
 import secrets
+import selectors
 import signal
 import socket
 import sys
@@ -233,6 +234,8 @@ _SETTING_SPECS = (
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
     ("idle_timeout", None, ("MCP_IDLE_TIMEOUT",), float, 30.0, "seconds a keep-alive connection may idle"),
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
+    ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
+     "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
@@ -326,6 +329,7 @@ class Settings:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     max_connections: int = 10000
+    busy_poll_us: int = 100
     session_ttl: int = 3600
     max_sessions: int = 100000
     sse_keepalive: float = 15.0
@@ -442,6 +446,8 @@ class Settings:
             fail("--workers applies to HTTP, not --stdio")
         if self.session_cache < 0:
             fail("session_cache must be 0 or more")
+        if not 0 <= self.busy_poll_us <= 10000:
+            fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
@@ -7616,6 +7622,56 @@ async def _lifespan(app, phase: str, state: dict) -> None:
     await asyncio.wait({state["shutdown"], task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
 
 
+class _BusyPollSelector(selectors.DefaultSelector):
+    """The event loop's selector, polling for up to ``window`` seconds before it sleeps, when the
+    wait before was short.
+
+    A process that sleeps in ``epoll_wait`` pays when woken: the wake-up itself, then the request
+    that woke it runs on cold caches (in-process: a tools/call costs 45 µs one at a time against
+    22 µs with 64 connections busy).  A client that sends its next request as soon as it has the
+    answer (most MCP clients) waits for all of that each time.  So while the waits are short the
+    loop polls first, yielding the core to anyone else runnable between polls, and sleeps only if
+    nothing came within the window; a wait the window would not have covered turns polling off
+    until a short one is seen again, so sparse traffic costs at most one window per busy spell.
+    (bench: one client 6,070 -> 9,950 tools/call a second; 64 connections unchanged.)"""
+
+    def __init__(self, window: float):
+        super().__init__()
+        self.window = window
+        self.polling = True  # the last wait was short: poll before sleeping on the next
+
+    def select(self, timeout=None):
+        if timeout is not None and timeout <= 0:
+            return super().select(0)
+        clock = time.perf_counter
+        started = clock()
+        if self.polling:
+            deadline = started + (self.window if timeout is None else min(self.window, timeout))
+            while True:
+                ready = super().select(0)
+                if ready:
+                    return ready
+                if clock() >= deadline:
+                    break
+                os.sched_yield()
+            self.polling = False
+            if timeout is not None:
+                timeout = max(0.0, timeout - (clock() - started))
+            return super().select(timeout)
+        ready = super().select(timeout)
+        self.polling = bool(ready) and clock() - started < self.window
+        return ready
+
+
+def _http_loop_factory(settings: Settings) -> typing.Callable | None:
+    """The event loop the bundled HTTP server runs on: asyncio's, with ``_BusyPollSelector``
+    unless MCP_BUSY_POLL_US=0 (or the platform has no ``sched_yield``); None: asyncio's default."""
+    if settings.busy_poll_us <= 0 or not hasattr(os, "sched_yield") or sys.platform == "win32":
+        return None
+    window = settings.busy_poll_us / 1e6
+    return lambda: asyncio.SelectorEventLoop(_BusyPollSelector(window))
+
+
 async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
                       ready: typing.Callable | None = None, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
@@ -7726,7 +7782,8 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         if settings.stdio:
             asyncio.run(_serve_stdio(server))
         else:
-            asyncio.run(_serve_http(server.asgi, settings, server))
+            with asyncio.Runner(loop_factory=_http_loop_factory(settings)) as runner:
+                runner.run(_serve_http(server.asgi, settings, server))
     except KeyboardInterrupt:
         pass
 

@@ -30,6 +30,7 @@ import queue
 import random
 import re
 import select
+import selectors
 import shutil
 import signal
 import socket
@@ -897,6 +898,8 @@ class TestSettings:
         ([], {"MCP_STDIO": "maybe"}, "MCP_STDIO"),
         ([], {"MCP_MAX_BODY": "0"}, "max_body"),
         ([], {"MCP_HEADER_TIMEOUT": "soon"}, "MCP_HEADER_TIMEOUT"),
+        ([], {"MCP_BUSY_POLL_US": "-1"}, "MCP_BUSY_POLL_US"),
+        ([], {"MCP_BUSY_POLL_US": "20000"}, "MCP_BUSY_POLL_US"),
     ])
     def test_bad_input_is_one_line_system_exit(self, argv, environ, fragment, capsys):
         with pytest.raises(SystemExit) as info:
@@ -3475,6 +3478,41 @@ class TestHTTPServer:
             assert written_in == [task] and b'"text":"after the gate"' in transport.writes[0]
             await server._runtime.close()
         asyncio.run(scenario())
+
+    def test_the_loop_polls_before_sleeping_only_while_its_waits_are_short(self):
+        """``_BusyPollSelector``: polls first while the last wait was short; a wait its window would
+        not have covered turns polling off, and the next short wait turns it on again.  (A 0.2 s
+        window: long enough that an answer already there is always "short".)"""
+        selector = mcp_server._BusyPollSelector(0.2)
+        reader, writer = socket.socketpair()
+        try:
+            selector.register(reader, selectors.EVENT_READ)
+            assert selector.polling
+            writer.send(b"x")
+            assert [key.fileobj for key, _ in selector.select(5)] == [reader]
+            assert selector.polling  # found at once
+            reader.recv(16)
+            assert selector.select(0) == [] and selector.polling  # a look without waiting changes nothing
+            assert selector.select(0.3) == []  # polled the window, then slept out the rest: nothing came
+            assert not selector.polling
+            assert selector.select(0.01) == [] and not selector.polling  # (a timer, not I/O)
+            writer.send(b"y")
+            assert [key.fileobj for key, _ in selector.select(5)] == [reader]
+            assert selector.polling  # a short wait again
+        finally:
+            selector.close()
+            reader.close()
+            writer.close()
+
+    def test_the_servers_loop_polls_unless_turned_off(self):
+        settings = Settings.load([], environ={})
+        assert settings.busy_poll_us == 100
+        loop = mcp_server._http_loop_factory(settings)()
+        try:
+            assert isinstance(loop._selector, mcp_server._BusyPollSelector) and loop._selector.window == 1e-4
+        finally:
+            loop.close()
+        assert mcp_server._http_loop_factory(Settings.load([], environ={"MCP_BUSY_POLL_US": "0"})) is None
 
     def test_a_repeated_head_is_parsed_once_and_a_refused_one_is_not_remembered(self, make_server):
         st = make_server()
