@@ -7666,7 +7666,7 @@ class _BusyPollSelector(selectors.DefaultSelector):
 def _http_loop_factory(settings: Settings) -> typing.Callable | None:
     """The event loop the bundled HTTP server runs on: asyncio's, with ``_BusyPollSelector``
     unless MCP_BUSY_POLL_US=0 (or the platform has no ``sched_yield``); None: asyncio's default."""
-    if settings.busy_poll_us <= 0 or not hasattr(os, "sched_yield") or sys.platform == "win32":
+    if settings.busy_poll_us <= 0 or not hasattr(os, "sched_yield"):
         return None
     window = settings.busy_poll_us / 1e6
     return lambda: asyncio.SelectorEventLoop(_BusyPollSelector(window))
