@@ -6906,13 +6906,7 @@ class _ServerState:
         self.clock = self.loop.time
         self.sweeper = None
         self.ended = 0  # connections closed since the start
-        self.unsent: list = []  # connections with output that waits for the end of this loop pass
-        self.pass_end = _pass_end(self.loop)
-
-    def send_unsent(self) -> None:
-        connections, self.unsent = self.unsent, []
-        for connection in connections:
-            connection.send_now()
+        self.pass_end = _pass_end(self.loop)  # where the connections' output waits (send_soon)
 
     async def sweep(self) -> None:
         """Enforce header, body and idle deadlines of every connection, a few times a second; and
@@ -7330,10 +7324,7 @@ class _HttpProtocol(asyncio.Protocol):
         unsent = self.unsent
         if unsent is None:
             self.unsent, self.unsent_size = [data], len(data)
-            state = self.state
-            if not state.unsent:
-                state.pass_end.add(state.send_unsent)
-            state.unsent.append(self)
+            self.state.pass_end.add(self.send_now)
         else:
             unsent.append(data)
             self.unsent_size += len(data)

@@ -3378,7 +3378,7 @@ class TestHTTPServer:
             for i, (transport, protocol) in enumerate(pairs):
                 assert len(transport.writes) == 1 and f"answer {i}".encode() in transport.writes[0]
                 assert protocol.unsent is None and not transport.closed
-            assert state.unsent == []
+            assert state.pass_end.writes == []
             # an answer, then (pipelined behind it) a head the server refuses: 200, then 400, then close
             transport, protocol = pairs[0]
             transport.writes.clear()
