@@ -7707,6 +7707,24 @@ class TestBrowserForms:
         assert status == 403 and b"Origin" in body
 
 
+# ==== Attacks: the chains of the security review (issue 18), one class per surface =============
+#
+# Each test here is an attack that worked against main at 15f6fa4 (or a member of the same class),
+# driven through real HTTP (and a real redis-server where the store matters).  A test names what the
+# attacker does and asserts what the server refuses.
+
+# ---- attacks on the authorization server (redirect URIs, cookies, refresh tokens, redirects, CIMD)
+
+
+# ---- attacks on the upstream login (pairing, masking, keys and secrets)
+
+
+# ---- attacks on sessions and quotas (owners on every route and instance, caps per principal)
+
+
+# ==== Hostile input (issue 19): bad bytes, bad JSON, bad headers, across instances =============
+
+
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
 #
 # Replays of what a real client sends: the official MCP Python SDK (`mcp` 2.3.0, `mcp.Client`).
