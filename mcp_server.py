@@ -5057,13 +5057,19 @@ class _Stdio:
     def can_stream(self) -> bool:
         return True
 
-    def _guard_stdout(self) -> None:
-        if self._out_fd is not None:
-            return
-        sys.stdout.flush()
-        self._out_fd = os.dup(1)
-        os.dup2(2, 1)  # anything written to fd 1 from now on goes to stderr
-        sys.stdout = sys.stderr
+    def _guard_stdio(self) -> None:
+        """Keep fds 0 and 1 for the protocol alone: a child process a tool starts inherits them,
+        and one that read stdin would swallow the client's next message, one that wrote stdout
+        would corrupt the stream.  Children and stray reads get /dev/null, stray writes stderr."""
+        if self._out_fd is None:
+            sys.stdout.flush()
+            self._out_fd = os.dup(1)
+            os.dup2(2, 1)  # anything written to fd 1 from now on goes to stderr
+            sys.stdout = sys.stderr
+        if self._stdin is None:
+            self._stdin = open(os.dup(0), "rb")  # the protocol's own handle on the client's pipe
+            with open(os.devnull, "rb") as nothing:
+                os.dup2(nothing.fileno(), 0)
 
     def _write(self, message) -> None:
         data = (_dumps(message) + "\n").encode()
@@ -5083,11 +5089,11 @@ class _Stdio:
         return await self.server._hub().ask_client(self.SESSION, method, params, self.send)
 
     async def run(self) -> None:
-        self._guard_stdout()
+        self._guard_stdio()
         loop = asyncio.get_running_loop()
         hub = await self.server._ready()
         batches: asyncio.Queue = asyncio.Queue()
-        stdin = self._stdin or sys.stdin.buffer
+        stdin = self._stdin
         limit = self.server.settings.max_body
 
         def read():

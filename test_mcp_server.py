@@ -3033,6 +3033,40 @@ class TestStdio:
         assert "NOISE from print() t" in err and "more noise" in err and "raw fd noise" in err
         assert "async noise" in err
 
+    def test_a_tools_child_process_cannot_read_the_clients_messages(self, tmp_path):
+        # The child inherits fd 0: on the client's pipe it would take the next message (here the
+        # ping), which the server then never answers.  It must find stdin empty instead.
+        script = tmp_path / "child_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import subprocess, sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer
+            server = MCPServer("children", version="1.0.0")
+
+            @server.tool()
+            def child_reads_stdin() -> str:
+                """Run a child that reads one line of its inherited stdin."""
+                done = subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.stdin.readline()))"],
+                                      stdout=subprocess.PIPE, text=True, timeout=30)
+                return done.stdout.strip()
+
+            if __name__ == "__main__":
+                server.run()
+        '''))
+        with Proc([str(script), "--stdio"]) as p:
+            p.initialize()
+            p.send({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                    "params": {"name": "child_reads_stdin", "arguments": {}}})
+            p.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+            answers = {}
+            while len(answers) < 2:
+                reply = p.recv()
+                if "id" in reply:
+                    answers[reply["id"]] = reply
+            assert answers[7]["result"]["content"][0]["text"] == "''"  # end of file at once
+            assert answers[8]["result"] == {}
+            assert p.finish() == 0
+
     def test_parse_error_then_keeps_serving(self):
         with Proc([SERVER_FILE, "--stdio"]) as p:
             p.send(b"this is not json\n")
