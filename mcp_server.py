@@ -266,6 +266,8 @@ _SETTING_SPECS = (
     ("auth_issuer", None, ("MCP_AUTH_ISSUER",), str, "", "external mode: the issuer tokens must name"),
     ("auth_jwks_url", None, ("MCP_AUTH_JWKS_URL",), str, "", "external mode: the issuer's JWKS URL"),
     ("auth_secret", None, ("MCP_AUTH_SECRET",), str, "", "external mode: a shared HS256 secret instead of JWKS"),
+    ("auth_audience", None, ("MCP_AUTH_AUDIENCE",), str, "",
+     "external mode: the audience tokens must name (default: the resource URIs under MCP_PUBLIC_URL)"),
     ("allow_private_fetch", None, ("MCP_ALLOW_PRIVATE_FETCH",), _truthy, False,
      "let client metadata documents be fetched from private/loopback addresses and http (tests only)"),
     ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
@@ -351,6 +353,7 @@ class Settings:
     auth_issuer: str = ""
     auth_jwks_url: str = ""
     auth_secret: str = ""
+    auth_audience: str = ""
     allow_private_fetch: bool = False
     auth_rate_limit: int = 60
     upstream_authorize_url: str = ""
@@ -432,6 +435,13 @@ class Settings:
             fail("MCP_AUTH=external needs MCP_AUTH_ISSUER (and MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET)")
         if self.auth == "external" and not (self.auth_jwks_url or self.auth_secret):
             fail("MCP_AUTH=external needs MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET to verify tokens")
+        # The audience says which server a token is for; taken from the request's Host it would be
+        # whatever the bearer of a token minted for another server claims this one is called.
+        if self.auth == "external" and not (self.public_url or self.auth_audience):
+            fail("MCP_AUTH=external needs MCP_PUBLIC_URL (or MCP_AUTH_AUDIENCE): the audience tokens must "
+                 "name cannot come from the request's Host header")
+        if self.auth == "external" and self.auth_secret and len(self.auth_secret.encode()) < 32:
+            fail("MCP_AUTH_SECRET must be at least 32 bytes (RFC 7518 3.2: an HS256 key is 256 bits or more)")
         if self.consent not in ("always", "remember", "never"):
             fail(f"MCP_CONSENT={self.consent!r} is not always, remember or never")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
@@ -5995,11 +6005,15 @@ class _OAuth:
                 key, algorithms = settings.auth_secret, ["HS256"]
             else:
                 if getattr(self, "_jwks", None) is None:
-                    self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5)
+                    # cooldown: a token naming an unknown key id refetches the key set at most
+                    # once in that many seconds, so bogus tokens cannot make this server a fetcher
+                    self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5,
+                                                 cooldown_duration=30)
                 signing = await asyncio.get_running_loop().run_in_executor(
                     None, self._jwks.get_signing_key_from_jwt, token)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
-            return jwt.decode(token, key, algorithms=algorithms, audience=self.resources(http),
+            audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
+            return jwt.decode(token, key, algorithms=algorithms, audience=audience,
                               issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
         except Exception:
             return None

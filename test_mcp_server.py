@@ -7747,6 +7747,97 @@ class TestBrowserForms:
 # driven through real HTTP (and a real redis-server where the store matters).  A test names what the
 # attacker does and asserts what the server refuses.
 
+
+class TestAttackExternalIssuer:
+    """MCP_AUTH=external: tokens of another identity provider; the audience is configuration."""
+
+    ISSUER = "https://idp.example"
+    AUDIENCE = "https://mcp.example/mcp"
+    SECRET = "external-issuer-shared-secret-0123456789-abcdefghij"
+
+    def _server(self, make_server, **settings):
+        return make_server(auth="external", auth_issuer=self.ISSUER, auth_secret=self.SECRET,
+                           auth_audience=self.AUDIENCE, allowed_hosts=("*",), **settings)
+
+    def _token(self, key=None, algorithm="HS256", **claims):
+        import jwt
+        now = int(time.time())
+        body = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice", "iat": now, "nbf": now,
+                "exp": now + 300, **claims}
+        return jwt.encode({k: v for k, v in body.items() if v is not None}, key or self.SECRET,
+                          algorithm=algorithm)
+
+    def test_a_token_for_another_resource_server_is_refused_whatever_host_the_request_names(self, make_server):
+        st = self._server(make_server)
+        _auth_assert_ok(st.port, self._token())
+        for audience, host in (("http://other-rs.example/mcp", "other-rs.example"),
+                               ("http://127.0.0.1/mcp", "127.0.0.1"),
+                               (f"http://127.0.0.1:{st.port}/mcp", f"127.0.0.1:{st.port}")):
+            token = self._token(aud=audience)
+            r = _auth_post_json(st.port, "/http", {"method": "tools/call", "params": {
+                "name": "echo", "arguments": {"text": "x"}}}, {"Authorization": f"Bearer {token}", "Host": host})
+            assert r.status == 401, (audience, r)
+
+    def test_forged_expired_and_foreign_tokens_are_refused(self, make_server):
+        st = self._server(make_server)
+        past = int(time.time()) - 3600
+        for token in (self._token(iss="https://evil.example"), self._token(aud=None), self._token(exp=past),
+                      self._token(exp=None), self._token(nbf=int(time.time()) + 3600),
+                      self._token(key="another-secret-of-thirty-two-bytes-or-more", sub="admin"),
+                      self._token(algorithm="HS384"),
+                      self._token().rsplit(".", 1)[0] + ".",  # the signature removed
+                      _auth_unsigned({"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice",
+                                      "exp": int(time.time()) + 300})):
+            _auth_assert_refused(st.port, token)
+
+    def test_the_audience_cannot_come_from_the_host_header(self):
+        with pytest.raises(SystemExit, match="MCP_PUBLIC_URL"):
+            Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                       "MCP_AUTH_SECRET": self.SECRET})
+        with pytest.raises(SystemExit, match="at least 32 bytes"):
+            Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                       "MCP_AUTH_SECRET": "short", "MCP_PUBLIC_URL": "https://mcp.example"})
+        settings = Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                              "MCP_AUTH_SECRET": self.SECRET,
+                                              "MCP_PUBLIC_URL": "https://mcp.example"})
+        assert settings.auth == "external" and settings.auth_audience == ""
+
+    def test_keys_from_a_jwks_url_and_no_refetch_storm_for_unknown_key_ids(self, make_server):
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+        jwks = {"keys": [{**public_jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}
+        with _auth_Stub({("GET", "/jwks"): lambda request: (200, {}, jwks)}) as idp:
+            st = make_server(auth="external", auth_issuer=self.ISSUER, auth_jwks_url=idp.url + "/jwks",
+                             auth_audience=self.AUDIENCE)
+            now = int(time.time())
+            claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "bob", "iat": now, "exp": now + 300}
+            _auth_assert_ok(st.port, jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
+            # the public key used as an HMAC secret (algorithm confusion) is no key at all
+            pem = private.public_key().public_bytes(
+                encoding=__import__("cryptography.hazmat.primitives.serialization", fromlist=["x"]).Encoding.PEM,
+                format=__import__("cryptography.hazmat.primitives.serialization", fromlist=["x"])
+                .PublicFormat.SubjectPublicKeyInfo)
+            confused = _auth_unsigned(claims, header={"alg": "HS256", "kid": "k1"}, hmac_key=pem)
+            _auth_assert_refused(st.port, confused)
+            for i in range(20):  # every token names a key id the issuer never had
+                _auth_assert_refused(st.port, jwt.encode(claims, private, algorithm="RS256",
+                                                         headers={"kid": f"unknown-{i}"}))
+            assert len(idp.hits("/jwks")) <= 2, len(idp.hits("/jwks"))
+
+
+def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
+    """A JWT built by hand: ``alg: none`` with no signature, or HS256 under ``hmac_key``."""
+    def part(value) -> str:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    head = part(header or {"alg": "none", "typ": "JWT"}) + "." + part(claims)
+    if hmac_key is None:
+        return head + "."
+    import hmac as _hmac
+    return head + "." + part(_hmac.new(hmac_key, head.encode(), hashlib.sha256).digest())
+
 # ---- attacks on the authorization server (redirect URIs, cookies, refresh tokens, redirects, CIMD)
 
 
