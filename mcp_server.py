@@ -7690,7 +7690,10 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         log.warning("AUTHENTICATION IS OFF (MCP_AUTH=none) while listening on %s: anyone who can reach "
                     "this port can use every tool", settings.host)
     worker = os.environ.get("MCP_WORKER_ID")
-    if worker in (None, "0"):
+    if settings.stdio:  # the side listener of stdio: it is there for the browser, not for MCP
+        print(f"mcp_server: login pages listening on http://{host}:{port}/login/ (for the login "
+              "tool's browser sign-in; MCP itself is on stdio)", file=sys.stderr, flush=True)
+    elif worker in (None, "0"):
         print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
@@ -7745,7 +7748,7 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
     def ready(port):
         server._local_base = f"http://127.0.0.1:{port}"
     for port in (server.settings.port, 0):  # the configured port, else any free one
-        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port, stdio=False)
+        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port)
         try:
             await _serve_http(server.asgi, settings, server, ready=ready, stop=stop)
             return

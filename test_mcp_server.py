@@ -3943,6 +3943,18 @@ class TestCLI:
             entry = json.loads(extra)
             assert entry["event"] == "request" and entry["route"] == "/http" and entry["status"] == 200
 
+    def test_stdio_says_its_http_listener_is_for_the_login_pages_not_a_second_mcp_endpoint(self):
+        with Proc([SERVER_FILE, "--stdio", "--port", "0"]) as p:
+            line = p.err_line()
+            match = re.fullmatch(r"mcp_server: login pages listening on (http://127\.0\.0\.1:(\d+))/login/ "
+                                 r"\(for the login tool's browser sign-in; MCP itself is on stdio\)\n", line or "")
+            assert match, line
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY  # MCP: on stdio
+            call = p.request("tools/call", {"name": "login", "arguments": {}})
+            link = call["result"]["structuredContent"]["url"]
+            assert link.startswith(match.group(1) + "/login/")  # the pages it names are the ones it serves
+            assert http(int(match.group(2)), "GET", link[len(match.group(1)):]).status == 200
+
     def test_as_a_script_http_starts_over_as_the_module_and_stdio_stays_the_script(self, tmp_path):
         # CPython keeps a script's syntax tree for as long as the script runs (~18 MB of RSS here)
         shutil.copy(SERVER_FILE, tmp_path)
@@ -4978,7 +4990,8 @@ def _redis_listening_workers(supervisor_pid: int, port: int, count: int) -> dict
 # objects (MetaObject: any key with a valid name) and a tool's ``inputSchema``/``outputSchema``
 # (JSON Schema documents: any JSON Schema keyword).
 
-_REV_SCHEMA_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
+# MCP_SCHEMA_DIR points at another folder of <revision>.json files (no published package ships them)
+_REV_SCHEMA_DIR = os.environ.get("MCP_SCHEMA_DIR") or os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
 _REV_OPEN_PROPERTIES = ("_meta", "inputSchema", "outputSchema")
 _REV_TYPES = {
     "null": lambda v: v is None,
@@ -7089,7 +7102,8 @@ class TestLogin:
     """The seed's login flow through the generic UPSTREAM_* path, with a real browser's cookies."""
 
     @pytest.fixture(scope="class")
-    def provider(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def provider(cls):
         """The sandbox provider: ``mcp_server.py --no-auth`` in its own process."""
         with Proc([SERVER_FILE, "--no-auth", "--port", "0"]) as proc:
             port = _login_port_of(proc)
@@ -8878,7 +8892,8 @@ class TestRealClients:
     """Byte-for-byte replays of the official Python SDK client (mcp 2.3.0) against everything_server."""
 
     @pytest.fixture(scope="class")
-    def everything(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def everything(cls):
         st = ServerThread(_load_everything()).start()
         yield st
         st.close()
