@@ -5127,8 +5127,9 @@ _REV_SCHEMAS: dict = {}
 
 def _rev_schema(revision: str) -> _rev_Schema:
     if not os.path.isdir(_REV_SCHEMA_DIR):
-        pytest.skip(f"the official schemas are not at {_REV_SCHEMA_DIR} (shared/spec/schema beside the "
-                    "repository); these tests validate against them and the repository keeps no copy")
+        pytest.skip(f"the MCP specification's schema files (<revision>.json) are not at {_REV_SCHEMA_DIR}: no "
+                    "published package ships them and the repository keeps no copy; put them in "
+                    "../shared/spec/schema beside the repository, or name their folder in MCP_SCHEMA_DIR")
     if revision not in _REV_SCHEMAS:
         _REV_SCHEMAS[revision] = _rev_Schema(revision)
     return _REV_SCHEMAS[revision]
