@@ -9257,6 +9257,23 @@ class TestDocsExamples:
             assert refused["isError"] and "arguments.a" in refused["content"][0]["text"]
             assert proc.finish() == 0
 
+    def test_the_claude_desktop_entries_start_a_server_that_answers(self):
+        entries = [json.loads(block)["mcpServers"]["mcp_server"]
+                   for page in ("README.md", "docs/operations.md")
+                   for block in re.findall(r"```json\n(.*?)```", _doc(page), re.S) if "mcpServers" in block]
+        assert len(entries) == 2 and {tuple(e["args"]) for e in entries} == {
+            ("/absolute/path/to/mcp_server.py", "--stdio"), ("-m", "mcp_server", "--stdio")}
+        for entry in entries:
+            assert entry["command"] == "python"  # (the test runs its own interpreter)
+            args = [SERVER_FILE if a == "/absolute/path/to/mcp_server.py" else a for a in entry["args"]]
+            env = {k: ROOT if v == "/absolute/path/to/the/folder/of/mcp_server.py" else v
+                   for k, v in entry.get("env", {}).items()}
+            with Proc([*args, "--port", "0"], env=clean_env(**env)) as proc:
+                assert proc.initialize()["result"]["serverInfo"]["name"] == "mcp_server"
+                info = proc.request("tools/call", {"name": "server_info", "arguments": {}})["result"]
+                assert info["structuredContent"]["protocolVersion"] == LEGACY
+                assert proc.finish() == 0
+
     def test_the_protocol_pages_curl_walk_through_works(self, tmp_path):
         self._need("curl")
         page = _doc("docs/protocol.md")
