@@ -4991,7 +4991,8 @@ def _redis_listening_workers(supervisor_pid: int, port: int, count: int) -> dict
 # (JSON Schema documents: any JSON Schema keyword).
 
 # MCP_SCHEMA_DIR points at another folder of <revision>.json files (no published package ships them)
-_REV_SCHEMA_DIR = os.environ.get("MCP_SCHEMA_DIR") or os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
+_REV_SCHEMA_DIR = (os.environ.get("MCP_SCHEMA_DIR")
+                   or os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema")))
 _REV_OPEN_PROPERTIES = ("_meta", "inputSchema", "outputSchema")
 _REV_TYPES = {
     "null": lambda v: v is None,
@@ -9307,7 +9308,8 @@ class TestDocsExamples:
             assert names == {"list_notes", "add_note", "delete_note", "summarize", "file_into_workspace",
                              "reindex", "thumbnail"}
             assert session.call("list_notes")["structuredContent"] == {"titles": ["welcome"], "count": 1}
-            assert session.call("add_note", {"title": "todo", "body": "buy milk"})["content"][0]["text"] == "Added todo."
+            added = session.call("add_note", {"title": "todo", "body": "buy milk"})
+            assert added["content"] == [{"type": "text", "text": "Added todo."}]
             assert session.call("add_note", {"title": "todo", "body": "again"})["isError"]
             index = session.request("resources/read", {"uri": "notes://index"})["result"]
             assert index["contents"][0]["text"] == "todo\nwelcome"
