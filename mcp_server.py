@@ -109,7 +109,8 @@ __all__ = [
 # - A protocol error is an ``RpcError``: JSON-RPC code, a message a person understands, optional
 #   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
-#   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+#   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and docs/configuration.md
+#   (``python mcp_server.py settings --write docs/configuration.md``).
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -1362,7 +1363,7 @@ def _task_channel(task_id: str) -> str:
 #
 # Rules:
 # - One server secret feeds a key ring: each purpose gets its own key, derived with HKDF-SHA256
-#   and a label, so no key ever serves two purposes (labels are listed in the README).
+#   and a label, so no key ever serves two purposes (labels are listed in docs/security.md).
 # - State handed to a client and trusted when it comes back (``requestState``, cursors) is sealed
 #   or signed; anything that fails verification is refused, never half-trusted.
 # - Comparisons of secrets are constant-time (``hmac.compare_digest``).
@@ -6402,8 +6403,8 @@ def _service_path(path: str, allowed: typing.Iterable) -> str:
 # ---- The sandbox provider -------------------------------------------------------------------------
 #
 # A demo OAuth provider and trading API under /sandbox/, used when no UPSTREAM_* is configured, so
-# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in the
-# README) and every page says it is a sandbox.
+# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in
+# docs/login.md) and every page says it is a sandbox.
 
 _SANDBOX_USERS = {
     "asha": {"profile": {"user_id": "AB1234", "name": "Asha Rao (sandbox)", "email": "asha.rao@example.com",
@@ -7710,7 +7711,10 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         log.warning("AUTHENTICATION IS OFF (MCP_AUTH=none) while listening on %s: anyone who can reach "
                     "this port can use every tool", settings.host)
     worker = os.environ.get("MCP_WORKER_ID")
-    if worker in (None, "0"):
+    if settings.stdio:  # the side listener of stdio: it is there for the browser, not for MCP
+        print(f"mcp_server: login pages listening on http://{host}:{port}/login/ (for the login "
+              "tool's browser sign-in; MCP itself is on stdio)", file=sys.stderr, flush=True)
+    elif worker in (None, "0"):
         print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
@@ -7765,7 +7769,7 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
     def ready(port):
         server._local_base = f"http://127.0.0.1:{port}"
     for port in (server.settings.port, 0):  # the configured port, else any free one
-        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port, stdio=False)
+        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port)
         try:
             await _serve_http(server.asgi, settings, server, ready=ready, stop=stop)
             return
@@ -7824,7 +7828,7 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
 
     def start(index: int):
-        # glibc's allocator, so that a worker's trims give memory back (README: Memory); the
+        # glibc's allocator, so that a worker's trims give memory back (docs/operations.md: Memory); the
         # operator's own PYTHONMALLOC wins
         env = {"PYTHONMALLOC": "malloc", **os.environ, "MCP_WORKER_ID": str(index)}
         return subprocess.Popen(command, env=env)
@@ -7880,7 +7884,7 @@ def _builtin_server(settings: Settings) -> MCPServer:
 
 
 def _settings_table() -> str:
-    """Every setting as a Markdown table (the README's configuration reference is this output)."""
+    """Every setting as a Markdown table (docs/configuration.md is this output)."""
     def cell(value):
         if isinstance(value, bool):
             return "`true`" if value else "`false`"
@@ -7894,6 +7898,24 @@ def _settings_table() -> str:
         rows.append(f"| {f'`{flag}`' if flag else '(env only)'} | {', '.join(f'`{n}`' for n in names)} "
                     f"| {cell(default)} | {help_text.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+_TABLE_START, _TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def _write_settings_table(path: str) -> None:
+    """Put the settings table between the markers of the page at ``path`` (docs/configuration.md)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            page = f.read()
+    except OSError as exc:
+        raise SystemExit(f"mcp_server: error: cannot read {path}: {exc.strerror or exc}")
+    start, end = page.find(_TABLE_START), page.find(_TABLE_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"mcp_server: error: {path} has no {_TABLE_START} ... {_TABLE_END} markers")
+    page = page[:start + len(_TABLE_START)] + "\n" + _settings_table() + "\n" + page[end:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
 
 
 # CPython keeps a script's syntax tree until the script's code returns: ~18 MB for this file, which
@@ -7924,12 +7946,18 @@ def _restart_as_module(settings: Settings) -> None:
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
     ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
-    ``python mcp_server.py settings``: print every setting as a Markdown table."""
+    ``python mcp_server.py settings``: print every setting as a Markdown table;
+    ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["settings"]:
-            print(_settings_table())
+            if argv[1:2] == ["--write"] and len(argv) == 3:
+                _write_settings_table(argv[2])
+            elif len(argv) == 1:
+                print(_settings_table())
+            else:
+                raise SystemExit("mcp_server: error: usage: python mcp_server.py settings [--write PAGE.md]")
             return
         if argv[:1] == ["encrypt"]:
             if len(argv) != 2:

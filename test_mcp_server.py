@@ -3977,6 +3977,18 @@ class TestCLI:
             entry = json.loads(extra)
             assert entry["event"] == "request" and entry["route"] == "/http" and entry["status"] == 200
 
+    def test_stdio_says_its_http_listener_is_for_the_login_pages_not_a_second_mcp_endpoint(self):
+        with Proc([SERVER_FILE, "--stdio", "--port", "0"]) as p:
+            line = p.err_line()
+            match = re.fullmatch(r"mcp_server: login pages listening on (http://127\.0\.0\.1:(\d+))/login/ "
+                                 r"\(for the login tool's browser sign-in; MCP itself is on stdio\)\n", line or "")
+            assert match, line
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY  # MCP: on stdio
+            call = p.request("tools/call", {"name": "login", "arguments": {}})
+            link = call["result"]["structuredContent"]["url"]
+            assert link.startswith(match.group(1) + "/login/")  # the pages it names are the ones it serves
+            assert http(int(match.group(2)), "GET", link[len(match.group(1)):]).status == 200
+
     def test_as_a_script_http_starts_over_as_the_module_and_stdio_stays_the_script(self, tmp_path):
         # CPython keeps a script's syntax tree for as long as the script runs (~18 MB of RSS here)
         shutil.copy(SERVER_FILE, tmp_path)
@@ -5012,7 +5024,9 @@ def _redis_listening_workers(supervisor_pid: int, port: int, count: int) -> dict
 # objects (MetaObject: any key with a valid name) and a tool's ``inputSchema``/``outputSchema``
 # (JSON Schema documents: any JSON Schema keyword).
 
-_REV_SCHEMA_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
+# MCP_SCHEMA_DIR points at another folder of <revision>.json files (no published package ships them)
+_REV_SCHEMA_DIR = (os.environ.get("MCP_SCHEMA_DIR")
+                   or os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema")))
 _REV_OPEN_PROPERTIES = ("_meta", "inputSchema", "outputSchema")
 _REV_TYPES = {
     "null": lambda v: v is None,
@@ -5148,8 +5162,9 @@ _REV_SCHEMAS: dict = {}
 
 def _rev_schema(revision: str) -> _rev_Schema:
     if not os.path.isdir(_REV_SCHEMA_DIR):
-        pytest.skip(f"the official schemas are not at {_REV_SCHEMA_DIR} (shared/spec/schema beside the "
-                    "repository); these tests validate against them and the repository keeps no copy")
+        pytest.skip(f"the MCP specification's schema files (<revision>.json) are not at {_REV_SCHEMA_DIR}: no "
+                    "published package ships them and the repository keeps no copy; put them in "
+                    "../shared/spec/schema beside the repository, or name their folder in MCP_SCHEMA_DIR")
     if revision not in _REV_SCHEMAS:
         _REV_SCHEMAS[revision] = _rev_Schema(revision)
     return _REV_SCHEMAS[revision]
@@ -7123,7 +7138,8 @@ class TestLogin:
     """The seed's login flow through the generic UPSTREAM_* path, with a real browser's cookies."""
 
     @pytest.fixture(scope="class")
-    def provider(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def provider(cls):
         """The sandbox provider: ``mcp_server.py --no-auth`` in its own process."""
         with Proc([SERVER_FILE, "--no-auth", "--port", "0"]) as proc:
             port = _login_port_of(proc)
@@ -9003,7 +9019,8 @@ class TestRealClients:
     """Byte-for-byte replays of the official Python SDK client (mcp 2.3.0) against everything_server."""
 
     @pytest.fixture(scope="class")
-    def everything(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def everything(cls):
         st = ServerThread(_load_everything()).start()
         yield st
         st.close()
@@ -9195,6 +9212,42 @@ class TestOperations:
             assert proc.proc.wait(WAIT) == 0
 
 
+def _doc(name: str) -> str:
+    """A page of the repository: README.md or docs/<page>.md."""
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _doc_blocks(text: str, lang: str, start: str, end: str | None = None) -> list:
+    """The ``lang`` code blocks of ``text`` between the headings ``start`` and ``end``."""
+    part = text[text.index(start):]
+    part = part[:part.index(end)] if end else part
+    return re.findall(rf"```{lang}\n(.*?)```", part, re.S)
+
+
+def _doc_run(script: str, port: int, workdir) -> subprocess.CompletedProcess:
+    """A page's shell commands, as printed, against the server on ``port`` (files in ``workdir``)."""
+    script = script.replace("127.0.0.1:6901", f"127.0.0.1:{port}").replace("/tmp/", f"{workdir}/")
+    run = subprocess.run(["bash", "-c", "set -e\n" + script], capture_output=True, text=True, timeout=WAIT * 3,
+                         cwd=str(workdir), stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+def _doc_port(proc: Proc) -> int:
+    line = proc.err_line()
+    return int(re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "").group(1))
+
+
+def _doc_slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _doc_outside_code(text: str) -> str:
+    return re.sub(r"(?ms)^```.*?^```", "", text)
+
+
 class TestShipping:
     """The README, the Dockerfile and the code agree."""
 
@@ -9203,13 +9256,29 @@ class TestShipping:
         specs = {attr: default for attr, _flag, _names, _parse, default, _help in mcp_server._SETTING_SPECS}
         assert fields == specs  # the dataclass and the table (flags, env, --help, README) never drift
 
-    def test_the_readme_settings_table_is_the_code(self):
-        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    def test_the_configuration_page_is_the_code(self):
+        page = _doc("docs/configuration.md")
         start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
-        table = readme[readme.index(start) + len(start):readme.index(end)].strip()
-        assert table == mcp_server._settings_table(), "regenerate it: python mcp_server.py settings"
+        table = page[page.index(start) + len(start):page.index(end)].strip()
+        assert table == mcp_server._settings_table(), \
+            "regenerate it: python mcp_server.py settings --write docs/configuration.md"
         for _attr, _flag, names, *_ in mcp_server._SETTING_SPECS:
             assert f"`{names[0]}`" in table
+
+    def test_one_command_regenerates_a_stale_configuration_page(self, tmp_path):
+        page = _doc("docs/configuration.md")
+        stale = tmp_path / "configuration.md"
+        port_row = next(line for line in page.splitlines() if line.startswith("| `--port` |"))
+        stale.write_text(page.replace(port_row + "\n", "").replace("| `--host` |", "| `--old-host` |"),
+                         encoding="utf-8")  # a setting gone from the code, one not yet in the table
+        done = run_cli(["settings", "--write", str(stale)])
+        assert done.returncode == 0 and done.stdout == "", done.stderr
+        assert stale.read_text(encoding="utf-8") == page  # only the table changed, and back to the code's
+        unmarked = tmp_path / "unmarked.md"
+        unmarked.write_text("# no markers\n", encoding="utf-8")
+        refused = run_cli(["settings", "--write", str(unmarked)])
+        assert refused.returncode == 2 and "has no <!-- settings-table:start -->" in refused.stderr
+        assert unmarked.read_text(encoding="utf-8") == "# no markers\n"
 
     def test_the_seed_setting_names_are_accepted(self, tmp_path):
         settings = Settings.load([], environ={
@@ -9224,8 +9293,8 @@ class TestShipping:
     def _dockerfile(self) -> str:
         return open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
 
-    def test_the_dockerfile_installs_the_requirements_and_runs_the_readme_command(self):
-        docker, readme = self._dockerfile(), open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    def test_the_dockerfile_installs_the_requirements_and_runs_the_documented_command(self):
+        docker, readme, operations = self._dockerfile(), _doc("README.md"), _doc("docs/operations.md")
         assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
         assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
         assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
@@ -9233,7 +9302,8 @@ class TestShipping:
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
         assert "HEALTHCHECK" in docker and "/healthz" in docker
         assert "pip install -r requirements.txt" in readme and "python mcp_server.py" in readme
-        assert "docker build -t mcp-server ." in readme and "docker run" in readme and "services:" in readme
+        assert "docker build -t mcp-server ." in operations and "docker run" in operations
+        assert "services:" in operations
 
     def test_the_image_command_serves_with_the_image_environment(self):
         docker = self._dockerfile()
@@ -9258,25 +9328,85 @@ class TestShipping:
             assert unauthenticated.status == 401  # the image serves with OAuth on
 
 
-class TestReadmeCommands:
-    """The README's curl walk-through (section 2) runs as written against a fresh server."""
+class TestDocsExamples:
+    """The README's and the manual's examples run as printed, and their links lead somewhere."""
 
-    def test_the_quick_start_curl_commands_work(self):
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed")
-        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-        start = readme.index("### Talking to it with curl")
-        end = readme.index("## 3. Tests")
-        blocks = re.findall(r"```sh\n(.*?)```", readme[start:end], re.S)
+    PAGES = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs"))
+                                  if name.endswith(".md"))]
+
+    @staticmethod
+    def _need(*tools: str) -> None:
+        for tool in tools:
+            if shutil.which(tool) is None:
+                pytest.skip(f"{tool} is not installed")
+
+    def test_the_readme_is_a_readme(self):
+        readme = _doc("README.md")
+        assert len(readme.splitlines()) <= 300
+        assert "pip install -r requirements.txt && python mcp_server.py" in readme  # the server
+        assert "pip install -r requirements.txt && python -m pytest -q" in readme  # the tests
+        assert "bench/RESULTS.md" in readme and '"mcpServers"' in readme
+
+    def test_every_link_of_the_readme_and_the_manual_leads_to_a_page_and_a_heading(self):
+        headings = {page: {_doc_slug(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", _doc_outside_code(_doc(page)))}
+                    for page in self.PAGES}
+        broken = []
+        for page in self.PAGES:
+            for target in re.findall(r"\]\(([^)\s]+)\)", _doc_outside_code(_doc(page))):
+                if re.match(r"[a-z]+:", target):
+                    continue  # an outside address
+                path, _, anchor = target.partition("#")
+                name = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+                if not os.path.exists(os.path.join(ROOT, name)):
+                    broken.append(f"{page}: {target} (no such file)")
+                elif anchor and anchor not in headings.get(name, set()):
+                    broken.append(f"{page}: {target} (no such heading)")
+        assert not broken, broken
+        assert set(headings) - {"README.md"} == {f"docs/{name}" for name in (
+            "README.md", "writing-servers.md", "protocol.md", "oauth.md", "login.md", "scaling.md",
+            "operations.md", "configuration.md", "security.md", "troubleshooting.md", "testing.md")}
+
+    def test_the_readme_first_tool_runs_as_printed(self, tmp_path):
+        readme = _doc("README.md")
+        blocks = _doc_blocks(readme, "python", "## Your first tool", "## How it compares")
+        assert len(blocks) == 1 and len([line for line in blocks[0].splitlines() if line.strip()]) <= 10
+        (tmp_path / "hello_server.py").write_text(blocks[0], encoding="utf-8")
+        with Proc(["hello_server.py", "--stdio"], cwd=str(tmp_path), env=clean_env(PYTHONPATH=ROOT)) as proc:
+            assert proc.initialize()["result"]["serverInfo"]["name"] == "hello"
+            (tool,) = proc.request("tools/list")["result"]["tools"]
+            assert tool["name"] == "add" and tool["description"] == "Add two integers."
+            assert tool["inputSchema"]["required"] == ["a", "b"]
+            assert tool["inputSchema"]["properties"]["a"]["type"] == "integer"
+            added = proc.request("tools/call", {"name": "add", "arguments": {"a": 2, "b": 3}})["result"]
+            assert added["content"] == [{"type": "text", "text": "5"}] and not added.get("isError")
+            refused = proc.request("tools/call", {"name": "add", "arguments": {"a": "two", "b": 3}})["result"]
+            assert refused["isError"] and "arguments.a" in refused["content"][0]["text"]
+            assert proc.finish() == 0
+
+    def test_the_claude_desktop_entries_start_a_server_that_answers(self):
+        entries = [json.loads(block)["mcpServers"]["mcp_server"]
+                   for page in ("README.md", "docs/operations.md")
+                   for block in re.findall(r"```json\n(.*?)```", _doc(page), re.S) if "mcpServers" in block]
+        assert len(entries) == 2 and {tuple(e["args"]) for e in entries} == {
+            ("/absolute/path/to/mcp_server.py", "--stdio"), ("-m", "mcp_server", "--stdio")}
+        for entry in entries:
+            assert entry["command"] == "python"  # (the test runs its own interpreter)
+            args = [SERVER_FILE if a == "/absolute/path/to/mcp_server.py" else a for a in entry["args"]]
+            env = {k: ROOT if v == "/absolute/path/to/the/folder/of/mcp_server.py" else v
+                   for k, v in entry.get("env", {}).items()}
+            with Proc([*args, "--port", "0"], env=clean_env(**env)) as proc:
+                assert proc.initialize()["result"]["serverInfo"]["name"] == "mcp_server"
+                info = proc.request("tools/call", {"name": "server_info", "arguments": {}})["result"]
+                assert info["structuredContent"]["protocolVersion"] == LEGACY
+                assert proc.finish() == 0
+
+    def test_the_protocol_pages_curl_walk_through_works(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/protocol.md")
+        blocks = _doc_blocks(page, "sh", "### Talking to it with curl", "## How the era of a request is decided")
         assert len(blocks) >= 6, blocks
-        proc = Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0"))
-        with proc:
-            line = proc.err_line()
-            port = re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "").group(1)
-            script = "set -e\n" + "\n".join(blocks).replace("127.0.0.1:6901", f"127.0.0.1:{port}")
-            run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=WAIT * 3)
-        out = run.stdout
-        assert run.returncode == 0, run.stderr
+        with Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0")) as proc:
+            out = _doc_run("\n".join(blocks), _doc_port(proc), tmp_path).stdout
         assert re.search(r"(?i)^mcp-session-id: [\x21-\x7e]+", out, re.M)  # initialize
         assert re.search(r"(^|[}\n])202\n", out)  # notifications/initialized (curl -w after a body)
         assert '"name":"server_info"' in out and '"tools":[' in out  # tools/list
@@ -9285,6 +9415,72 @@ class TestReadmeCommands:
         assert '"protocolVersion":"2026-07-28"' in out and '"resultType":"complete"' in out  # stateless call
         assert '"supportedVersions":["2026-07-28"' in out  # server/discover
         assert '{"error":{"code":-32601,"message":"Method not found: nope."}}' in out  # /http short form
+
+    def test_the_notes_server_of_writing_servers_serves_what_the_page_shows(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/writing-servers.md")
+        source = _doc_blocks(page, "python", "# Writing servers", "## Tools")[0]
+        (tmp_path / "notes_server.py").write_text(source, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location("notes_server_of_the_docs", tmp_path / "notes_server.py")
+        notes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(notes)
+        notes.server.settings = Settings(auth="none")  # as `python notes_server.py --no-auth`
+        st = ServerThread(notes.server).start()
+        try:
+            session = Session(st.port)
+            session.initialize()
+            names = {tool["name"] for tool in session.request("tools/list")["result"]["tools"]}
+            assert names == {"list_notes", "add_note", "delete_note", "summarize", "file_into_workspace",
+                             "reindex", "thumbnail"}
+            assert session.call("list_notes")["structuredContent"] == {"titles": ["welcome"], "count": 1}
+            added = session.call("add_note", {"title": "todo", "body": "buy milk"})
+            assert added["content"] == [{"type": "text", "text": "Added todo."}]
+            assert session.call("add_note", {"title": "todo", "body": "again"})["isError"]
+            index = session.request("resources/read", {"uri": "notes://index"})["result"]
+            assert index["contents"][0]["text"] == "todo\nwelcome"
+            completion = session.request("completion/complete", {"ref": {"type": "ref/prompt", "name": "review"},
+                                                                 "argument": {"name": "title", "value": "w"}})
+            assert completion["result"]["completion"]["values"] == ["welcome"]
+            # the page's two MRTR rounds of delete_note, as printed
+            rounds = [b for b in _doc_blocks(page, "sh", "## Asking the client", "## Notifications")
+                      if "delete_note" in b]
+            assert len(rounds) == 2, rounds
+            first = json.loads(_doc_run(rounds[0], st.port, tmp_path).stdout)["result"]
+            assert first["resultType"] == "input_required" and "confirm" in first["inputRequests"]
+            second = _doc_run(f"STATE='{first['requestState']}'\n" + rounds[1], st.port, tmp_path).stdout
+            assert json.loads(second)["result"]["content"] == [{"type": "text", "text": "Deleted welcome."}]
+            assert notes.NOTES == {"todo": "buy milk"}
+        finally:
+            st.close()
+
+    def test_the_oauth_pages_whole_flow_with_curl_works(self, tmp_path):
+        self._need("curl", "openssl")
+        page = _doc("docs/oauth.md")
+        blocks = _doc_blocks(page, "bash", "## The whole flow with curl", "## Tokens")
+        assert len(blocks) == 2, blocks
+        with Proc([SERVER_FILE, "--port", "0"], env=clean_env(MCP_CONSENT="never", MCP_ACCESS_LOG="0")) as proc:
+            port = _doc_port(proc)
+            out = _doc_run("\n".join(blocks), port, tmp_path).stdout
+        assert '"token_endpoint_auth_method":"none"' in out  # 1. registered
+        assert "HTTP/1.1 302 Found" in out and "location: http://127.0.0.1:9999/callback?code=" in out  # 3.
+        assert '"token_type":"Bearer"' in out and '"refresh_token":' in out  # 4. and the refresh
+        assert '"protocolVersion":"2025-11-25"' in out  # 5. the token works
+        assert "\n200\n" in out and "Unauthorized: the token was revoked or its session ended" in out
+
+    def test_the_login_pages_sandbox_walk_through_works(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/login.md")
+        blocks = _doc_blocks(page, "bash", "## Walk-through: the sandbox with curl", "## The sandbox's demo data")
+        assert len(blocks) == 3, blocks
+        with Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0")) as proc:
+            port = _doc_port(proc)
+            out = _doc_run("\n".join(blocks), port, tmp_path).stdout
+        assert "Not logged in: call the login tool" in out
+        assert '"pairing_code":' in out and "<h1>Enter your pairing code</h1>" in out
+        assert f"http://127.0.0.1:{port}/sandbox/authorize?response_type=code" in out
+        assert "<option value='asha'>Asha Rao (sandbox)</option>" in out
+        assert "<h1>You are signed in</h1>" in out
+        assert '"demat_id":"XXXXXXXXXXXX8901"' in out and "IN30012345678901" not in out
 
 
 class TestLogHygiene:
