@@ -6055,7 +6055,7 @@ def _auth_assert_page_headers(resp) -> None:
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, resp
     assert resp.header("x-frame-options") == "DENY", resp
     assert "no-store" in (resp.header("cache-control") or ""), resp
-    assert resp.header("referrer-policy") == "no-referrer", resp
+    assert resp.header("referrer-policy") == "same-origin", resp
 
 
 def _auth_hidden_fields(page: str) -> dict:
@@ -6364,7 +6364,7 @@ class TestOAuth:
         assert set(fields) == {"request", "csrf"}
         cookies = _auth_cookies(r)
         assert cookies["mcp_csrf"] == fields["csrf"]
-        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Lax" in r.header("set-cookie")
+        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Strict" in r.header("set-cookie")
         answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
                                  {"Cookie": f"mcp_csrf={cookies['mcp_csrf']}", "Origin": _auth_base(port)})
         query = _auth_location(answer, _AUTH_CB)
@@ -7677,9 +7677,10 @@ class TestLoginRounds:
 
 
 class TestBrowserForms:
-    """What a real browser sends: a form POST from a page with Referrer-Policy: no-referrer carries
-    ``Origin: null`` (Fetch spec), so the login and consent forms accept it (their CSRF tokens
-    protect them) while the MCP endpoint still refuses it.  Found by driving headless Chromium."""
+    """What a real browser sends: a form POST from a page with Referrer-Policy: same-origin carries
+    the page's real Origin (Fetch spec), so the login, consent and sandbox forms accept exactly their
+    own origin and refuse ``Origin: null`` (what a sandboxed iframe or data: URL of an attacker
+    sends; under the old no-referrer policy browsers sent it too, which is why it used to pass)."""
 
     def _asgi(self, app, method, path, headers, body=b""):
         sent = []
@@ -7697,14 +7698,22 @@ class TestBrowserForms:
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
-    def test_origin_null_reaches_the_login_form_but_not_the_mcp_endpoint(self):
-        server = mcp_server._builtin_server(Settings(auth="none"))
-        host = {"Host": "127.0.0.1:6901", "Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
-        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction", host, b"csrf=x&code=y")
-        assert status == 400 and b"expired" in body  # the page itself answers: no Origin refusal
-        status, body = self._asgi(server.asgi, "POST", "/mcp", {**host, "Content-Type": "application/json"},
+    def test_origin_null_is_refused_by_the_browser_forms_and_the_mcp_endpoint(self):
+        """(This test asserted the opposite for the login form before issue 18: null reached it.)"""
+        server = mcp_server._builtin_server(Settings(auth="builtin", auth_rate_limit=0))
+        form = {"Host": "127.0.0.1:6901", "Content-Type": "application/x-www-form-urlencoded"}
+        for origin in ("null", "http://localhost:6902", "https://evil.example"):
+            for path in ("/login/unknown-transaction", "/authorize", "/sandbox/authorize"):
+                status, body = self._asgi(server.asgi, "POST", path, {**form, "Origin": origin}, b"csrf=x&code=y")
+                assert status == 403 and b"Origin" in body, (origin, path, status, body)
+        status, body = self._asgi(server.asgi, "POST", "/mcp", {**form, "Origin": "null",
+                                                                "Content-Type": "application/json"},
                                   b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
         assert status == 403 and b"Origin" in body
+        # the page's own origin reaches the form, which answers for itself
+        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction",
+                                  {**form, "Origin": "http://127.0.0.1:6901"}, b"csrf=x&code=y")
+        assert status == 400 and b"expired" in body
 
 
 # ==== Attacks: the chains of the security review (issue 18), one class per surface =============
