@@ -5244,9 +5244,19 @@ class _Stdio:
 # - Discovery satisfies every client generation: Protected Resource Metadata (RFC 9728) at the
 #   root and path-suffixed well-known URLs, authorization-server metadata (RFC 8414 and OIDC) at
 #   the origin, and /authorize, /token, /register at the root for 2025-03-26 clients.
-# - PKCE S256 only; redirect URIs match exactly (a loopback URI may change its port, RFC 8252);
-#   codes are single use and a replayed code revokes what it issued; refresh tokens rotate with a
-#   one-step grace and reuse of an older one revokes the family; ``iss`` is in every redirect.
+# - PKCE S256 only; redirect URIs are compared as strings, exactly (only the port of a loopback
+#   URI may change, RFC 8252), and hold no userinfo, backslash, fragment, control or non-ASCII
+#   character; codes are single use and a replayed code revokes what it issued; refresh tokens
+#   rotate, the replaced one works once within _REFRESH_GRACE seconds, and any other reuse
+#   revokes the family; ``iss`` is in every redirect.
+# - No redirect before the person acted goes to a web client they never approved (registration
+#   is open, so a registered URI proves nothing): errors then show a page (RFC 9700 4.11.2).
+# - Browser cookies: ``__Host-`` names on an https issuer, plain names on http, never both;
+#   SameSite=Strict except the login nonce.  Forms post only from their own Origin (section 8).
+# - Client metadata documents: fetched on their own few threads under a total deadline, a size
+#   cap, global addresses only, no redirects; failures are cached.  Registrations expire unused
+#   (MCP_CLIENT_TTL) and are capped per address (MCP_REGISTRATIONS_PER_HOUR); every endpoint
+#   that may fetch is rate limited.
 # - Access tokens are HS256 JWTs bound to this resource (``aud``) and to a user session (``sid``);
 #   a request needs the signature, issuer, audience, expiry and a live, unrevoked session.
 # - Codes, refresh tokens and client secrets are stored as SHA-256 hashes: a dump of the store
@@ -5851,9 +5861,12 @@ class _OAuth:
         return (b"set-cookie", text.encode())
 
     async def _remembered(self, http: _Http) -> list:
+        """The clients this browser approved.  The signed text starts with ``consent:`` so that no
+        other cookie signed with the same key (``mcp_browser``) can stand in for it."""
         value = self._cookie(http, "mcp_consent")
         text = (await self.server._keyring()).verify(value, "cookie") if value else None
-        return text.split(" ") if text else []
+        kind, _, approved = (text or "").partition(" ")
+        return approved.split(" ") if kind == "consent:" and approved else []
 
     async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
         import html
@@ -5904,7 +5917,7 @@ class _OAuth:
         remember = None
         if self.settings.consent == "remember":
             remember = self._set_cookie(http, "mcp_consent", keys.sign(
-                _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
+                "consent: " + _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
     async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
@@ -6737,7 +6750,9 @@ class _Sandbox:
 #   or without lifespan events (the runtime starts on first use).
 # - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
 #   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
-#   Host must be loopback or allow-listed.  The 403 names the header and the setting to change.
+#   Host must be loopback or allow-listed.  A form POST to the authorization server's browser
+#   pages must come from their own origin (no allow-list, no loopback, no null: section 7).
+#   The 403 names the header and the setting to change.
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 

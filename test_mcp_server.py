@@ -7771,7 +7771,9 @@ class _attack_DripServer:
 
 def _attack_consent_cookie(value: str) -> list:
     """The client ids a signed consent cookie lists (its text half, decoded)."""
-    return mcp_server._unb64url(value.split(".")[0]).decode().split(" ")
+    kind, *approved = mcp_server._unb64url(value.split(".")[0]).decode().split(" ")
+    assert kind == "consent:", kind
+    return approved
 
 
 class TestAttackOAuth:
@@ -7802,6 +7804,28 @@ class TestAttackOAuth:
         _verifier, challenge = _auth_pkce()
         r = _auth_authorize(oauth.port, client["client_id"], presented, challenge)
         assert "did not register" in _auth_assert_page(r, 400)
+
+    def test_no_string_but_the_registered_one_matches(self):
+        """Seeded: strings near a registered URI (a character inserted, replaced or removed) match
+        only when they are that URI, or the loopback URI with another port."""
+        rng = random.Random(18)
+        alphabet = "\\@#:/?.%\t\r\n aA1\u00e9[]"
+        registered = [self.CALLBACK, "https://app.example/cb", "com.example.app:/cb"]
+        for _ in range(3000):
+            base = rng.choice(registered)
+            i = rng.randrange(len(base) + 1)
+            text = base[:i] + rng.choice(alphabet) * rng.randint(0, 2) + base[i + rng.randint(0, 1):]
+            if mcp_server._redirect_matches(text, registered):
+                assert text in registered or re.fullmatch(r"http://127\.0\.0\.1(:[0-9]{1,5})?/callback", text), text
+
+    def test_a_browser_cookie_cannot_stand_in_for_the_consent_cookie(self, make_server):
+        st = make_server(auth="builtin", consent="remember", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        keys = st.run(st.server._keyring())
+        _verifier, challenge = _auth_pkce()
+        forged = keys.sign(client["client_id"], "cookie")  # what an mcp_browser cookie looks like
+        r = _auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge, headers={"Cookie": f"mcp_consent={forged}"})
+        _auth_assert_page(r, 200)
 
     def test_only_the_port_of_a_loopback_redirect_may_differ(self, oauth):
         client = _auth_register(oauth.port, [self.CALLBACK, "https://app.example/cb"])
