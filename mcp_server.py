@@ -5771,9 +5771,11 @@ class _OAuth:
             await self._error_page(http, "Try again in a moment", exc.description, exc.status)
             return
         if client is None:
+            document = str(params.get("client_id") or "").startswith(("https://", "http://"))
             await self._error_page(http, "Unknown application",
-                                   "The application that sent you here is not registered with this server. "
-                                   "Go back to it and connect again.")
+                                   "The application that sent you here is not registered with this server"
+                                   + (" (its client metadata document could not be fetched in time, or is "
+                                      "not valid)" if document else "") + ". Go back to it and connect again.")
             return
         redirect = params.get("redirect_uri")
         if redirect is None and len(client["redirect_uris"]) == 1:
