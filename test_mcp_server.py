@@ -7936,6 +7936,33 @@ class TestAttackOAuth:
 
     # -- cookies and Origin ----------------------------------------------------------------------------
 
+    def test_the_whole_sandbox_login_works_from_its_own_origin_and_not_from_null(self, sandbox):
+        port = sandbox.port
+        token = _auth_login(port)["access_token"]
+        session = _auth_Session(port, token)
+        session.initialize()
+        started = session.call("login")["structuredContent"]
+        page = _auth_get(port, started["url"])
+        csrf = _auth_hidden_fields(page.body.decode())["csrf"]
+        assert "SameSite=Strict" in page.header("set-cookie")
+        form = {"csrf": csrf, "code": started["pairing_code"]}
+        null = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                               {"Cookie": f"mcp_csrf={csrf}", "Origin": "null"})
+        assert null.status == 403, null
+        to_provider = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                                      {"Cookie": f"mcp_csrf={csrf}", "Origin": _auth_base(port)})
+        assert to_provider.status == 302, to_provider
+        # the nonce must come back on the provider's top-level redirect: Lax, the only one
+        assert "mcp_login=" in to_provider.header("set-cookie") and "SameSite=Lax" in to_provider.header("set-cookie")
+        sign_in = _auth_get(port, to_provider.header("location"))
+        fields = _auth_hidden_fields(sign_in.body.decode())
+        back = _auth_post_form(port, to_provider.header("location")[len(_auth_base(port)):],
+                               {**fields, "user": "asha"}, {"Origin": _auth_base(port)})
+        done = _auth_get(port, back.header("location"),
+                         {"Cookie": "mcp_login=" + _auth_cookies(to_provider)["mcp_login"]})
+        assert b"You are signed in" in done.body, done
+        assert session.call("profile").get("isError") is not True
+
     def test_an_https_issuer_reads_only_host_prefixed_cookies(self, make_server):
         st = make_server(auth="builtin", auth_rate_limit=0, public_url="https://mcp.example")
         port = st.port
