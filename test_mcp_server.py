@@ -8078,6 +8078,22 @@ class TestAttackOAuth:
         _verifier, challenge = _auth_pkce()
         assert "not registered" in _auth_assert_page(_auth_authorize(st.port, unused["client_id"], _AUTH_CB, challenge))
 
+    def test_in_redis_registrations_expire_and_the_refresh_grace_is_single_use(self, make_server, redis_server,
+                                                                              redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/9"  # counters of its own (other tests register too)
+        _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).flushdb()
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, redis_url=own_db,
+                         secret="attack-oauth", client_ttl=5000, registrations_per_hour=2)
+        first = _auth_login(st.port)
+        ttl = _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).ttl(f"mcp:oauth:client:{first['client']['client_id']}")
+        assert 0 < ttl <= 5000, ttl  # no registration lives forever in Redis
+        client_id = first["client"]["client_id"]
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 400
+        _auth_register(st.port)
+        assert _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]}).status == 429
+
     # -- client metadata documents ------------------------------------------------------------------------
 
     def test_slow_metadata_documents_get_a_deadline_and_a_fetch_cap(self, make_server):
@@ -8118,6 +8134,15 @@ class TestAttackOAuth:
                 _auth_assert_page(_auth_authorize(st.port, stub.url + "/client.json", _AUTH_CB, challenge))
                 _auth_post_form(st.port, "/revoke", {"token": "x", "client_id": stub.url + "/client.json"})
             assert len(stub.hits("/client.json")) == 1
+
+    def test_a_metadata_document_larger_than_the_cap_is_refused(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True)
+        with _auth_Stub({("GET", "/big.json"): lambda r: (200, {}, {
+                "client_id": stub.url + "/big.json", "redirect_uris": [_AUTH_CB],
+                "padding": "x" * mcp_server._CIMD_LIMIT})}) as stub:
+            _verifier, challenge = _auth_pkce()
+            page = _auth_assert_page(_auth_authorize(st.port, stub.url + "/big.json", _AUTH_CB, challenge))
+            assert "not registered" in page and stub.hits("/big.json")
 
     @pytest.mark.parametrize("address", ["100.64.0.1", "[2002:7f00:1::1]", "[::ffff:127.0.0.1]",
                                          "[64:ff9b::7f00:1]", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",
