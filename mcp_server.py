@@ -260,6 +260,10 @@ _SETTING_SPECS = (
     ("scopes", None, ("MCP_SCOPES",), _csv, ("mcp",), "scopes this server grants"),
     ("token_ttl", None, ("MCP_TOKEN_TTL",), int, 3600, "access-token lifetime in seconds"),
     ("refresh_ttl", None, ("MCP_REFRESH_TTL",), int, 30 * 86400, "refresh-token lifetime in seconds"),
+    ("client_ttl", None, ("MCP_CLIENT_TTL",), int, 30 * 86400,
+     "seconds a dynamically registered client lives after its last use"),
+    ("registrations_per_hour", None, ("MCP_REGISTRATIONS_PER_HOUR",), int, 20,
+     "client registrations per hour per client IP, in the store (0: no limit)"),
     ("token_parameter", None, ("TOKEN_PARAMETER",), str, "",
      "the seed's HS256 token-signing key, used as is when set"),
     ("previous_secret", None, ("MCP_PREVIOUS_SECRET",), str, "",
@@ -271,8 +275,10 @@ _SETTING_SPECS = (
      "external mode: the audience tokens must name (default: the resource URIs under MCP_PUBLIC_URL)"),
     ("allow_private_fetch", None, ("MCP_ALLOW_PRIVATE_FETCH",), _truthy, False,
      "let client metadata documents be fetched from private/loopback addresses and http (tests only)"),
+    ("client_fetch_timeout", None, ("MCP_CLIENT_FETCH_TIMEOUT",), float, 5.0,
+     "seconds a client metadata document fetch may take in all"),
     ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
-     "requests per minute per client IP to /authorize, /token and /register (0: no limit)"),
+     "requests per minute per client IP to /authorize, /token, /register and /revoke (0: no limit)"),
     ("upstream_authorize_url", None, ("UPSTREAM_AUTHORIZE_URL",), str, "",
      "login: the upstream provider's OAuth authorize URL (unset: the built-in sandbox provider)"),
     ("upstream_token_url", None, ("UPSTREAM_TOKEN_URL",), str, "", "login: the provider's token URL"),
@@ -349,6 +355,8 @@ class Settings:
     scopes: tuple = ("mcp",)
     token_ttl: int = 3600
     refresh_ttl: int = 30 * 86400
+    client_ttl: int = 30 * 86400
+    registrations_per_hour: int = 20
     token_parameter: str = ""
     previous_secret: str = ""
     auth_issuer: str = ""
@@ -356,6 +364,7 @@ class Settings:
     auth_secret: str = ""
     auth_audience: str = ""
     allow_private_fetch: bool = False
+    client_fetch_timeout: float = 5.0
     auth_rate_limit: int = 60
     upstream_authorize_url: str = ""
     upstream_token_url: str = ""
@@ -463,6 +472,8 @@ class Settings:
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
+        if self.client_ttl <= 0 or self.client_fetch_timeout <= 0:
+            fail("client_ttl and client_fetch_timeout must be positive")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
 
 
@@ -5250,9 +5261,19 @@ class _Stdio:
 # - Discovery satisfies every client generation: Protected Resource Metadata (RFC 9728) at the
 #   root and path-suffixed well-known URLs, authorization-server metadata (RFC 8414 and OIDC) at
 #   the origin, and /authorize, /token, /register at the root for 2025-03-26 clients.
-# - PKCE S256 only; redirect URIs match exactly (a loopback URI may change its port, RFC 8252);
-#   codes are single use and a replayed code revokes what it issued; refresh tokens rotate with a
-#   one-step grace and reuse of an older one revokes the family; ``iss`` is in every redirect.
+# - PKCE S256 only; redirect URIs are compared as strings, exactly (only the port of a loopback
+#   URI may change, RFC 8252), and hold no userinfo, backslash, fragment, control or non-ASCII
+#   character; codes are single use and a replayed code revokes what it issued; refresh tokens
+#   rotate, the replaced one works once within _REFRESH_GRACE seconds, and any other reuse
+#   revokes the family; ``iss`` is in every redirect.
+# - No redirect before the person acted goes to a web client they never approved (registration
+#   is open, so a registered URI proves nothing): errors then show a page (RFC 9700 4.11.2).
+# - Browser cookies: ``__Host-`` names on an https issuer, plain names on http, never both;
+#   SameSite=Strict except the login nonce.  Forms post only from their own Origin (section 8).
+# - Client metadata documents: fetched on their own few threads under a total deadline, a size
+#   cap, global addresses only, no redirects; failures are cached.  Registrations expire unused
+#   (MCP_CLIENT_TTL) and are capped per address (MCP_REGISTRATIONS_PER_HOUR); every endpoint
+#   that may fetch is rate limited.
 # - Access tokens are HS256 JWTs bound to this resource (``aud``) and to a user session (``sid``);
 #   a request needs the signature, issuer, audience, expiry and a live, unrevoked session.
 # - Codes, refresh tokens and client secrets are stored as SHA-256 hashes: a dump of the store
@@ -5265,8 +5286,12 @@ class _Stdio:
 # the user's session (``mcp:{sid}:user``, ANONYMOUS until the upstream login), a hashed code, and
 # the browser-binding cookie the login flow uses.
 
+# Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends ``Origin: null``
+# on the pages' own form posts (Fetch), and null is also what a sandboxed iframe or data: URL of
+# an attacker sends; under same-origin the forms carry the real Origin, and nothing leaves for
+# another site.
 _HTML_HEADERS = [(b"cache-control", b"no-store"),
-                 (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                 (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
                  (b"x-content-type-options", b"nosniff"),
                  (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
                                               b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")]
@@ -5315,37 +5340,88 @@ class _OAuthError(Exception):
         self.error, self.description, self.status = error, description, status
 
 
+# Redirect URIs and client-id URLs are judged as the strings a browser will follow, never through
+# urlsplit's view of them (``http://evil.test\@127.0.0.1/`` is 127.0.0.1 to urlsplit, evil.test to
+# a browser).  Only printable ASCII without backslash or fragment passes, and the authority is a
+# bare host (no userinfo, no percent-encoding) with an optional port.
+_WEB_URI = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                      r"(:[0-9]{1,5})?((?:[/?][!-~]*)?)")
+_LOOPBACK_URI = re.compile(r"http://(127\.0\.0\.1|\[::1\]|localhost)(?::[0-9]{1,5})?((?:[/?][!-~]*)?)")
+_PRIVATE_USE_URI = re.compile(r"([A-Za-z][A-Za-z0-9+-]*(?:\.[A-Za-z0-9+-]+)+):([!-~]*)")
+
+
+def _uri_problem(uri) -> str | None:
+    """Why ``uri`` cannot be a redirect URI or client-id URL, or None: the checks both share."""
+    if not isinstance(uri, str) or not uri or len(uri) > 2000:
+        return "it must be a URL of at most 2000 characters"
+    if not re.fullmatch(r"[!-~]+", uri):
+        return "it holds a space, a control character or a non-ASCII character"
+    if "\\" in uri:
+        return "it holds a backslash"
+    if "#" in uri:
+        return "it holds a fragment (#)"
+    return None
+
+
 def _is_loopback_redirect(uri: str) -> bool:
-    parts = urllib.parse.urlsplit(uri)
-    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+    return isinstance(uri, str) and _LOOPBACK_URI.fullmatch(uri) is not None
 
 
-def _redirect_uri_allowed(uri: str) -> bool:
-    """https, loopback http (native apps), or a private-use scheme with a dot (RFC 8252 7.1)."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return False
-    if parts.fragment or not parts.scheme:
-        return False
-    if parts.scheme == "https":
-        return bool(parts.hostname)
-    if parts.scheme == "http":
-        return _is_loopback_redirect(uri)
-    return "." in parts.scheme and parts.scheme not in ("javascript", "data", "file", "vbscript")
+def _redirect_uri_problem(uri) -> str | None:
+    """None for https, loopback http (native apps) or a private-use scheme with a dot (RFC 8252
+    7.1); else why not."""
+    problem = _uri_problem(uri)
+    if problem:
+        return problem
+    if uri.startswith(("https:", "http:")):
+        web = _WEB_URI.fullmatch(uri)
+        if web is None:
+            return "its address is not a plain host[:port] (no user name, no percent-encoding)"
+        if web.group(1) == "http" and not _is_loopback_redirect(uri):
+            return "http is allowed only for loopback addresses (127.0.0.1, [::1], localhost)"
+        return None
+    private = _PRIVATE_USE_URI.fullmatch(uri)
+    if private is None:
+        return "use https, a loopback http URI, or a private-use scheme such as com.example.app:/callback"
+    rest = private.group(2)
+    if rest.startswith("//") and "@" in re.split(r"[/?]", rest[2:], maxsplit=1)[0]:
+        return "it holds a user name (@) in its address"
+    return None
+
+
+def _redirect_uri_allowed(uri) -> bool:
+    return _redirect_uri_problem(uri) is None
 
 
 def _redirect_matches(presented: str, registered: list) -> bool:
+    """Exact string equality with a registered URI; only the port of a loopback http URI may
+    differ (RFC 8252 7.3), compared on the strings with the port removed."""
+    if _redirect_uri_problem(presented) is not None:
+        return False
     if presented in registered:
         return True
-    if not _is_loopback_redirect(presented):
+    loopback = _LOOPBACK_URI.fullmatch(presented)
+    if loopback is None:
         return False
-    p = urllib.parse.urlsplit(presented)
-    for uri in registered:
-        r = urllib.parse.urlsplit(uri)
-        if _is_loopback_redirect(uri) and (r.hostname, r.path, r.query) == (p.hostname, p.path, p.query):
-            return True  # RFC 8252 7.3: the port of a loopback redirect may vary
-    return False
+    return any((m := _LOOPBACK_URI.fullmatch(uri)) is not None and m.groups() == loopback.groups()
+               for uri in registered if isinstance(uri, str))
+
+
+def _redirect_target(uri: str) -> str:
+    """What a person should read as the receiver of a redirect: host[:port], or the app's scheme."""
+    web = _WEB_URI.fullmatch(uri)
+    if web is not None:
+        return web.group(2) + (web.group(3) or "")
+    return "the app that opens " + uri.split(":", 1)[0] + ": links"
+
+
+def _display_name(name) -> str | None:
+    """A self-declared client name fit to show: no control or bidi-override characters."""
+    import unicodedata
+    if not isinstance(name, str):
+        return None
+    clean = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+    return clean[:200] or None
 
 
 def _with_query(uri: str, params: dict) -> str:
@@ -5355,56 +5431,121 @@ def _with_query(uri: str, params: dict) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
-def _fetch_client_document(url: str, allow_private: bool, limit: int = 65536, timeout: float = 5.0) -> tuple:
+_REFRESH_GRACE = 60       # seconds a just-replaced refresh token may be used, once, for a lost answer
+_CIMD_MAX_FETCHES = 4      # client metadata documents fetched at once, per process
+_CIMD_NEGATIVE_TTL = 300   # seconds a document that could not be fetched is not asked for again
+_CIMD_LIMIT = 65536        # largest document in bytes
+
+
+def _public_address(ip) -> bool:
+    """A globally routable unicast address, judged on the address itself: IPv6 forms that carry an
+    IPv4 address inside (mapped, compatible, 6to4, Teredo, NAT64) are refused outright."""
+    import ipaddress
+    if ip.version == 6 and (ip.ipv4_mapped or ip.sixtofour or ip.teredo or any(
+            ip in ipaddress.ip_network(net) for net in ("::/96", "64:ff9b::/96", "64:ff9b:1::/48"))):
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _client_id_url_problem(url, allow_private: bool) -> str | None:
+    problem = _uri_problem(url)
+    if problem:
+        return problem
+    web = _WEB_URI.fullmatch(url)
+    if web is None or not web.group(4).startswith("/"):
+        return "it must be an https URL with a path and a plain host (no user name)"
+    if web.group(1) != "https" and not allow_private:
+        return "client_id URLs must use https"
+    if re.search(r"/\.\.?(/|$|\?)", web.group(4)):
+        return "its path has . or .. segments"
+    return None
+
+
+def _fetch_client_document(url: str, allow_private: bool, limit: int = _CIMD_LIMIT, timeout: float = 5.0) -> tuple:
     """GET a Client ID Metadata Document under SSRF rules (runs in a worker thread).
 
-    https only; every resolved address must be public (no private, loopback, link-local, or
-    reserved ranges) and the connection goes to the address that was checked (no DNS rebinding
-    between check and use); no redirects; size and time limits.  Returns (document, max_age)."""
-    import http.client
+    https only; every resolved address must be public (``_public_address``) and the connection
+    goes to the address that was checked (no DNS rebinding between check and use); no redirects
+    are followed; the whole exchange must fit ``timeout`` seconds (each read gets only what is
+    left, so a server dripping a byte at a time cannot stretch it) and ``limit`` bytes.
+    Returns (document, max_age)."""
     import ipaddress
     import ssl
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "https" and not (allow_private and parts.scheme == "http"):
-        raise ValueError("client_id URLs must use https")
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    if not host:
-        raise ValueError("client_id URL has no host")
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    problem = _client_id_url_problem(url, allow_private)
+    if problem:
+        raise ValueError(f"client_id URL refused: {problem}")
+    scheme, host, port_text, target = _WEB_URI.fullmatch(url).groups()
+    port = int(port_text[1:]) if port_text else (443 if scheme == "https" else 80)
+    name = host.strip("[]")
     address = None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not allow_private and (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                                  or ip.is_multicast or ip.is_unspecified):
-            raise ValueError(f"client_id host {host} resolves to a non-public address")
+    for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM):
+        if not allow_private and not _public_address(ipaddress.ip_address(info[4][0].split("%")[0])):
+            raise ValueError(f"client_id host {name} resolves to a non-public address")
         address = address or info[4][0]
     if address is None:
-        raise ValueError(f"client_id host {host} does not resolve")
+        raise ValueError(f"client_id host {name} does not resolve")
 
-    class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
-        def connect(self):
-            sock = socket.create_connection((address, port), timeout)
-            if parts.scheme == "https":
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=host)
-            self.sock = sock
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ValueError(f"client metadata document took longer than {timeout:g} s")
+        return remaining
 
-    connection = Pinned(host, port, timeout=timeout)
+    data = bytearray()
+    sock = socket.create_connection((address, port), left())
     try:
-        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                           headers={"Accept": "application/json", "User-Agent": "mcp_server"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise ValueError(f"client_id URL answered HTTP {response.status}")
-        data = response.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError("client metadata document is too large")
-        cache = response.getheader("cache-control", "")
+        if scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=name)
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {host}{port_text or ''}\r\nAccept: application/json\r\n"
+                     "User-Agent: mcp_server\r\nConnection: close\r\n\r\n".encode("ascii"))
+        while True:
+            sock.settimeout(left())
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > limit + 16384:
+                raise ValueError("client metadata document is too large")
+    except (socket.timeout, TimeoutError):
+        raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
     finally:
-        connection.close()
+        sock.close()
+    return _parse_document_response(bytes(data), limit)
+
+
+def _parse_document_response(data: bytes, limit: int) -> tuple:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    if status is None:
+        raise ValueError("client_id URL did not answer HTTP")
+    if status.group(1) != "200":
+        raise ValueError(f"client_id URL answered HTTP {status.group(1)}")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
+        if length < 0 or length > len(body):
+            raise ValueError("client metadata document was cut short")
+        body = body[:length]
+    if len(body) > limit:
+        raise ValueError("client metadata document is too large")
+    cache = headers.get("cache-control", "")
     match = re.search(r"max-age=(\d+)", cache)
     max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
-    return json.loads(data), max_age
+    return json.loads(body), max_age
+
+
+def _remember(approved: list, client_id: str, keep: int = 20, size: int = 3000) -> str:
+    """The consent cookie's list after approving ``client_id``: the newest ``keep`` clients, in
+    the order they were approved, within ``size`` characters (a browser drops a larger cookie)."""
+    newest = [c for c in approved if c != client_id][-(keep - 1):] + [client_id]
+    while len(newest) > 1 and len(" ".join(newest)) > size:
+        newest.pop(0)
+    return " ".join(newest)
 
 
 class _OAuth:
@@ -5412,6 +5553,12 @@ class _OAuth:
 
     def __init__(self, server: MCPServer):
         self.server = server
+        # Client metadata documents are fetched on threads of their own, at most
+        # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
+        # documents never hold the pool that runs tools and upstream calls.
+        self._fetch_slots = threading.BoundedSemaphore(_CIMD_MAX_FETCHES)
+        self._fetch_pool = None
+        self._fetches: dict = {}  # URL -> the fetch in flight, shared by concurrent requests
 
     @property
     def settings(self) -> Settings:
@@ -5486,22 +5633,22 @@ class _OAuth:
             "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
             "scopes_supported": list(self.settings.scopes) + ["offline_access"],
             "client_id_metadata_document_supported": True,
-            "authorization_response_iss_parameter_supported": True,
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["HS256"]})
+            "authorization_response_iss_parameter_supported": True})
 
     # -- rate limits -------------------------------------------------------------------------------
 
-    async def _rate_limit(self, http: _Http, route: str) -> None:
-        limit = self.settings.auth_rate_limit
+    async def _rate_limit(self, http: _Http, route: str, limit: int | None = None, window: int = 60,
+                          message: str = "") -> None:
+        limit = self.settings.auth_rate_limit if limit is None else limit
         if not limit:
             return
         client = (http.scope.get("client") or ("unknown",))[0]
-        window = int(_now() // 60)
-        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{window}", 60)
+        slot = int(_now() // window)
+        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
         if count > limit:
-            raise _HttpError(429, f"Too many requests to {route}; try again in a minute.",
-                             headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
+            wait = window - int(_now()) % window
+            raise _HttpError(429, message or f"Too many requests to {route}; try again in a minute.",
+                             headers=((b"retry-after", str(wait).encode()),))
 
     # -- clients -----------------------------------------------------------------------------------
 
@@ -5517,68 +5664,108 @@ class _OAuth:
         except _OAuthError as exc:
             await self._json_error(http, exc)
             return
+        # counted once the request is valid: a registration that will be stored (and live
+        # MCP_CLIENT_TTL unless used) is what the hourly cap per address limits
+        await self._rate_limit(http, "registered", self.settings.registrations_per_hour, 3600,
+                               "Too many client registrations from this address; try again within the hour "
+                               "(MCP_REGISTRATIONS_PER_HOUR).")
         response = {k: v for k, v in client.items() if k != "secret_hash"}
         if client["token_endpoint_auth_method"] != "none":
             secret = secrets.token_urlsafe(32)
             client["secret_hash"] = _sha256(secret)
             response["client_secret"] = secret
             response["client_secret_expires_at"] = 0
-        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client)
+        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client,
+                                           self.settings.client_ttl)
         await http.respond_json(201, response, headers=list(_NO_STORE))
 
     def _client_from_registration(self, body) -> dict:
         if not isinstance(body, dict):
             raise _OAuthError("invalid_client_metadata", "The body must be a JSON object.")
         uris = body.get("redirect_uris")
-        if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
-            raise _OAuthError("invalid_redirect_uri", "redirect_uris must be a non-empty list of URLs.")
+        if not isinstance(uris, list) or not 0 < len(uris) <= 20 or not all(isinstance(u, str) for u in uris):
+            raise _OAuthError("invalid_redirect_uri", "redirect_uris must be a list of 1 to 20 URLs.")
         for uri in uris:
-            if not _redirect_uri_allowed(uri):
-                raise _OAuthError("invalid_redirect_uri", f"Redirect URI {uri!r} is not allowed: use https, "
-                                  "a loopback http URI, or a private-use scheme.")
+            problem = _redirect_uri_problem(uri)
+            if problem:
+                raise _OAuthError("invalid_redirect_uri", f"Redirect URI {uri[:200]!r} is not allowed: {problem}.")
         method = body.get("token_endpoint_auth_method", "none")
         if method not in ("none", "client_secret_basic", "client_secret_post"):
             raise _OAuthError("invalid_client_metadata", f"token_endpoint_auth_method {method!r} is not supported.")
         grants = body.get("grant_types", ["authorization_code", "refresh_token"])
         if not isinstance(grants, list) or not set(grants) <= {"authorization_code", "refresh_token"}:
             raise _OAuthError("invalid_client_metadata", "grant_types may hold authorization_code and refresh_token.")
-        kind = body.get("application_type") or (
+        kind = body.get("application_type") if body.get("application_type") in ("native", "web") else (
             "native" if all(_is_loopback_redirect(u) or not u.startswith("https") for u in uris) else "web")
-        name = body.get("client_name") if isinstance(body.get("client_name"), str) else None
+        name = _display_name(body.get("client_name"))
         return {"client_id": secrets.token_urlsafe(18), "client_id_issued_at": int(_now()),
                 "redirect_uris": uris, "token_endpoint_auth_method": method, "grant_types": grants,
                 "response_types": ["code"], "application_type": kind,
-                **({"client_name": name[:200]} if name else {}),
+                **({"client_name": name} if name else {}),
                 **({"scope": body["scope"]} if isinstance(body.get("scope"), str) else {})}
 
     async def client(self, client_id) -> dict | None:
-        """A registered client, or a Client ID Metadata Document fetched (and cached) from its URL."""
+        """A registered client (its life restarts with each use), or a Client ID Metadata Document
+        fetched (and cached, failures too) from its URL."""
         if not isinstance(client_id, str) or not client_id or len(client_id) > 2048:
             return None
         store = self.server._hub().store
         if not client_id.startswith(("https://", "http://")):
-            return await store.get(f"mcp:oauth:client:{client_id}")
+            return await store.get_touch(f"mcp:oauth:client:{client_id}", self.settings.client_ttl)
         cache_key = f"mcp:oauth:cimd:{_sha256(client_id)}"
         cached = await store.get(cache_key)
         if cached is not None:
             return cached or None
         try:
-            document, max_age = await asyncio.get_running_loop().run_in_executor(
-                None, _fetch_client_document, client_id, self.settings.allow_private_fetch)
+            document, max_age = await self._fetch_document(client_id)
+            client = self._client_from_document(client_id, document)
+        except _OAuthError:
+            raise  # too many fetches at once: not the document's fault, nothing to remember
         except Exception as exc:
-            log.warning("client metadata document %s refused: %s", client_id, exc)
+            log.warning("client metadata document %s refused: %s", client_id[:200], exc)
+            await store.set(cache_key, {}, _CIMD_NEGATIVE_TTL)
             return None
-        uris = document.get("redirect_uris") if isinstance(document, dict) else None
-        if (not isinstance(document, dict) or document.get("client_id") != client_id
-                or not isinstance(uris, list) or not all(isinstance(u, str) and _redirect_uri_allowed(u) for u in uris)):
-            log.warning("client metadata document %s is invalid (client_id must equal its URL)", client_id)
-            return None
-        client = {"client_id": client_id, "redirect_uris": uris, "token_endpoint_auth_method": "none",
-                  "client_name": str(document.get("client_name") or urllib.parse.urlsplit(client_id).hostname)[:200],
-                  "metadata_document": True}
         if max_age:
             await store.set(cache_key, client, max_age)
         return client
+
+    async def _fetch_document(self, client_id: str) -> tuple:
+        """``_fetch_client_document`` on the fetch threads, within the fetch deadline; a fetch of
+        the same URL already under way is shared.  Past the cap: 503, at once."""
+        import concurrent.futures
+        running = self._fetches.get(client_id)
+        timeout = self.settings.client_fetch_timeout
+        if running is None:
+            if not self._fetch_slots.acquire(blocking=False):
+                raise _OAuthError("temporarily_unavailable", "Too many client metadata documents are being "
+                                  "fetched right now; try again in a moment.", 503)
+
+            def fetch():
+                try:
+                    return _fetch_client_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
+                finally:
+                    self._fetch_slots.release()
+
+            if self._fetch_pool is None:
+                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(_CIMD_MAX_FETCHES, "mcp-client-document")
+            running = asyncio.get_running_loop().run_in_executor(self._fetch_pool, fetch)
+            self._fetches[client_id] = running
+            running.add_done_callback(lambda _done: self._fetches.pop(client_id, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), timeout + 1)
+        except asyncio.TimeoutError:
+            raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
+
+    @staticmethod
+    def _client_from_document(client_id: str, document) -> dict:
+        uris = document.get("redirect_uris") if isinstance(document, dict) else None
+        if not isinstance(document, dict) or document.get("client_id") != client_id:
+            raise ValueError("the document's client_id must equal its URL")
+        if not isinstance(uris, list) or not 0 < len(uris) <= 20 or not all(_redirect_uri_allowed(u) for u in uris):
+            raise ValueError("redirect_uris must be 1 to 20 allowed redirect URIs")
+        return {"client_id": client_id, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+                "client_name": _display_name(document.get("client_name")) or _WEB_URI.fullmatch(client_id).group(2),
+                "metadata_document": True}
 
     # -- /authorize -------------------------------------------------------------------------------
 
@@ -5595,11 +5782,17 @@ class _OAuth:
                 await self._error_page(http, "Invalid request", f"The parameter {key} appears more than once.")
                 return
             params[key] = value
-        client = await self.client(params.get("client_id"))
+        try:
+            client = await self.client(params.get("client_id"))
+        except _OAuthError as exc:
+            await self._error_page(http, "Try again in a moment", exc.description, exc.status)
+            return
         if client is None:
+            document = str(params.get("client_id") or "").startswith(("https://", "http://"))
             await self._error_page(http, "Unknown application",
-                                   "The application that sent you here is not registered with this server. "
-                                   "Go back to it and connect again.")
+                                   "The application that sent you here is not registered with this server"
+                                   + (" (its client metadata document could not be fetched in time, or is "
+                                      "not valid)" if document else "") + ". Go back to it and connect again.")
             return
         redirect = params.get("redirect_uri")
         if redirect is None and len(client["redirect_uris"]) == 1:
@@ -5609,18 +5802,34 @@ class _OAuth:
                                    "The application asked to send you to an address it did not register, "
                                    "so this server will not send you there.")
             return
-        request = {"client_id": client["client_id"], "redirect_uri": redirect, "state": params.get("state"),
-                   "explicit_redirect": "redirect_uri" in params}
+        request = {"kind": "consent", "client_id": client["client_id"], "redirect_uri": redirect,
+                   "state": params.get("state"), "explicit_redirect": "redirect_uri" in params}
+        remembered = client["client_id"] in await self._remembered(http)
         try:
             request.update(self._validate_authorization(params, http))
         except _OAuthError as exc:
-            await self._redirect_error(http, redirect, exc, params.get("state"))
+            await self._authorize_error(http, redirect, exc, params.get("state"), trusted=remembered)
             return
-        if self.settings.consent == "never" or (
-                self.settings.consent == "remember" and client["client_id"] in await self._remembered(http)):
+        if self.settings.consent == "never" or (self.settings.consent == "remember" and remembered):
             await self._approve(http, request)
             return
         await self._consent_page(http, client, request)
+
+    async def _authorize_error(self, http: _Http, redirect: str, error: _OAuthError, state, trusted: bool) -> None:
+        """An error before the person said anything.  A registered redirect URI proves only that
+        someone registered it (registration is open), so this server redirects on its own only to
+        a client the person approved, a native app's URI, or when the operator trusts every client
+        (MCP_CONSENT=never); otherwise the person reads the error and decides (RFC 9700 4.11.2)."""
+        if trusted or self.settings.consent == "never" or not redirect.startswith("https:"):
+            await self._redirect_error(http, redirect, error, state)
+            return
+        import html
+        location = self._error_location(http, redirect, error, state)
+        await self._error_page(http, "The application's request was refused", error.description,
+                               extra=f"<p class=muted>It came from an application that answers at "
+                                     f"<code>{html.escape(_redirect_target(redirect))}</code>. "
+                                     f"<a href='{html.escape(location)}'>Tell it about the error</a> "
+                                     "only if you trust that address.</p>")
 
     def _validate_authorization(self, params: dict, http: _Http) -> dict:
         if params.get("response_type") != "code":
@@ -5646,40 +5855,56 @@ class _OAuth:
             raise _OAuthError("invalid_scope", f"Unknown scope(s): {', '.join(unknown)}.")
         return " ".join(s for s in wanted if s != "offline_access") or " ".join(self.settings.scopes)
 
+    # The binding cookies are SameSite=Strict: a cross-site page cannot make the browser send
+    # them.  Only the login nonce (mcp_login) must come back on the provider's top-level
+    # redirect to /redirect, which Strict would drop.
+    _LAX_COOKIES = frozenset(("mcp_login",))
+
+    def _cookie_name(self, http: _Http, name: str) -> str:
+        """``__Host-name`` on an https issuer (a sibling host cannot set or shadow it), the plain
+        name on http (loopback development): one name per deployment, never both."""
+        return ("__Host-" if self.secure(http) else "") + name
+
     def _cookie(self, http: _Http, name: str) -> str | None:
-        raw = http.headers.get("cookie", "")
-        for prefix in ("__Host-", ""):
-            for part in raw.split(";"):
-                key, _, value = part.strip().partition("=")
-                if key == prefix + name:
-                    return value
+        wanted = self._cookie_name(http, name)
+        for part in http.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == wanted:
+                return value
         return None
 
     def _set_cookie(self, http: _Http, name: str, value: str, max_age: int) -> tuple:
-        secure = self.secure(http)
-        text = (f"{'__Host-' if secure else ''}{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}"
-                + ("; Secure" if secure else ""))
+        same_site = "Lax" if name in self._LAX_COOKIES else "Strict"
+        text = (f"{self._cookie_name(http, name)}={value}; Path=/; HttpOnly; SameSite={same_site}; "
+                f"Max-Age={max_age}" + ("; Secure" if self.secure(http) else ""))
         return (b"set-cookie", text.encode())
 
     async def _remembered(self, http: _Http) -> list:
+        """The clients this browser approved.  The signed text starts with ``consent:`` so that no
+        other cookie signed with the same key (``mcp_browser``) can stand in for it."""
         value = self._cookie(http, "mcp_consent")
         text = (await self.server._keyring()).verify(value, "cookie") if value else None
-        return text.split(" ") if text else []
+        kind, _, approved = (text or "").partition(" ")
+        return approved.split(" ") if kind == "consent:" and approved else []
 
     async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
         import html
         keys = await self.server._keyring()
         csrf = secrets.token_urlsafe(24)
         sealed = keys.seal({**request, "csrf": csrf, "exp": int(_now()) + 600}, "consent")
-        host = urllib.parse.urlsplit(request["redirect_uri"]).hostname or request["redirect_uri"]
-        verified = (" <span class=ok>(verified: its identity is a web address it controls)</span>"
-                    if client.get("metadata_document") else "")
+        name = html.escape(client.get("client_name") or client["client_id"])
+        if client.get("metadata_document"):  # the client_id's host is the identity it proved
+            who = (f"<b>{name}</b> <span class=muted>(its own name for itself)</span>, "
+                   f"<span class=ok>verified as <code>{html.escape(_redirect_target(client['client_id']))}"
+                   "</code> (a web address it controls)</span>,")
+        else:
+            who = f"<b>{name}</b> <span class=muted>(its own name for itself)</span>"
         warning = ("<p class=muted>It runs on this computer (a loopback address): approve only if you "
                    "just started it yourself.</p>") if _is_loopback_redirect(request["redirect_uri"]) else ""
-        body = (f"<p><b>{html.escape(client.get('client_name') or client['client_id'])}</b>{verified} asks "
-                f"to use <b>{html.escape(self.server.name)}</b> on your behalf.</p>"
+        body = (f"<p>{who} asks to use <b>{html.escape(self.server.name)}</b> on your behalf.</p>"
                 f"<p>It will receive access to: <code>{html.escape(request['scope'])}</code></p>"
-                f"<p class=muted>After you approve, you return to <code>{html.escape(host)}</code>.</p>{warning}"
+                f"<p class=muted>After you approve, this server sends you and the access code to "
+                f"<code>{html.escape(_redirect_target(request['redirect_uri']))}</code>.</p>{warning}"
                 f"<form method=post action='{html.escape(self.issuer(http))}/authorize'>"
                 f"<input type=hidden name=request value='{html.escape(sealed)}'>"
                 f"<input type=hidden name=csrf value='{html.escape(csrf)}'>"
@@ -5697,7 +5922,7 @@ class _OAuth:
         keys = await self.server._keyring()
         request = keys.unseal(fields.get("request", ""), "consent")
         cookie = self._cookie(http, "mcp_csrf") or ""
-        if (request is None or request.get("exp", 0) < _now() or not cookie
+        if (request is None or request.get("kind") != "consent" or request.get("exp", 0) < _now() or not cookie
                 or not hmac.compare_digest(str(request.get("csrf")), fields.get("csrf", ""))
                 or not hmac.compare_digest(cookie, fields.get("csrf", ""))):
             await self._error_page(http, "This page has expired",
@@ -5710,8 +5935,8 @@ class _OAuth:
             return
         remember = None
         if self.settings.consent == "remember":
-            approved = sorted(set(await self._remembered(http)) | {request["client_id"]})[-20:]
-            remember = self._set_cookie(http, "mcp_consent", keys.sign(" ".join(approved), "cookie"), 180 * 86400)
+            remember = self._set_cookie(http, "mcp_consent", keys.sign(
+                "consent: " + _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
     async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
@@ -5733,14 +5958,17 @@ class _OAuth:
                                                          "iss": self.issuer(http)})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])
 
+    def _error_location(self, http: _Http, redirect: str, error: _OAuthError, state) -> str:
+        return _with_query(redirect, {"error": error.error, "error_description": error.description,
+                                      "state": state, "iss": self.issuer(http)})
+
     async def _redirect_error(self, http: _Http, redirect: str, error: _OAuthError, state) -> None:
-        location = _with_query(redirect, {"error": error.error, "error_description": error.description,
-                                          "state": state, "iss": self.issuer(http)})
+        location = self._error_location(http, redirect, error, state)
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
-    async def _error_page(self, http: _Http, title: str, message: str) -> None:
+    async def _error_page(self, http: _Http, title: str, message: str, status: int = 400, extra: str = "") -> None:
         import html
-        await http.respond(400, _html_page(title, f"<p class=bad>{html.escape(message)}</p>"),
+        await http.respond(status, _html_page(title, f"<p class=bad>{html.escape(message)}</p>{extra}"),
                            "text/html; charset=utf-8", list(_HTML_HEADERS))
 
     # -- /token and /revoke -----------------------------------------------------------------------
@@ -5864,13 +6092,14 @@ class _OAuth:
         await store.set(f"mcp:oauth:rt:{token_hash}", {"family": family_id, "client_id": client["client_id"],
                                                        "sid": sid, "scope": scope, "resource": resource}, ttl)
         await store.set(f"mcp:oauth:family:{family_id}", {"id": family_id, "current": token_hash,
-                                                          "previous": replaced, "sid": sid}, ttl)
+                                                          "previous": replaced, "rotated": int(_now()),
+                                                          "sid": sid}, ttl)
         return token
 
     async def _refresh_grant(self, http: _Http, client: dict, fields: dict) -> dict:
-        """Rotate: the presented token must be the family's newest, or the one it replaced as long
-        as that replacement was never used (a client retrying a lost answer).  Anything older is
-        reuse: the family and its session are revoked."""
+        """Rotate: the presented token must be the family's newest, or the one it replaced, once,
+        within _REFRESH_GRACE seconds of the rotation (a client retrying a lost answer; RFC 9700
+        4.14.2).  Anything else is reuse: the family and its session are revoked."""
         store = self.server._hub().store
         token_hash = _sha256(fields.get("refresh_token", ""))
         record = await store.get(f"mcp:oauth:rt:{token_hash}")
@@ -5886,12 +6115,16 @@ class _OAuth:
         session = await store.get(_user_key(record["sid"])) or {
             "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": [],
             "gen": secrets.token_hex(4)}
-        if token_hash == family.get("previous"):
+        in_grace = (token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE
+                    and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE))
+        if in_grace:
             pass  # the unused replacement is superseded; its record stays, so using it is reuse
         elif token_hash != family["current"]:
             await self._revoke_family(family)
             log.warning("refresh token reuse detected: the token family and its session were revoked")
             raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
+        if fields.get("resource") and fields["resource"].rstrip("/") != record["resource"]:
+            raise _OAuthError("invalid_target", "resource does not match the one this grant was issued for.")
         scope = record["scope"]
         if fields.get("scope"):
             narrower = self._scopes(fields["scope"]).split()
@@ -5911,6 +6144,7 @@ class _OAuth:
         await store.delete(_user_key(family["sid"]))
 
     async def revoke(self, http: _Http) -> None:
+        await self._rate_limit(http, "revoke")  # it may fetch a client metadata document
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
             client = await self._authenticate_client(http, fields)
@@ -6454,29 +6688,46 @@ class _Sandbox:
             raise _HttpError(404, f"Not Found: {path} (sandbox).")
 
     async def _authorize_page(self, http: _Http) -> None:
+        """The sign-in page.  What the sign-in will do (client, redirect URI, state, PKCE) is
+        sealed here into the form, so the POST redirects only where this GET was asked to."""
         import html
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
-        if not query.get("redirect_uri") or not query.get("state"):
-            raise _HttpError(400, "The sandbox authorize page needs redirect_uri and state.")
-        hidden = "".join(f"<input type=hidden name='{html.escape(k)}' value='{html.escape(v)}'>"
-                         for k, v in query.items() if k in ("redirect_uri", "state", "code_challenge", "client_id"))
+        problem = None
+        if not query.get("state") or not re.fullmatch(r"[A-Za-z0-9_-]{43}", query.get("code_challenge") or ""):
+            problem = "The sandbox authorize page needs state and a PKCE S256 code_challenge."
+        elif query.get("client_id") != "sandbox-client":
+            problem = "The sandbox knows one client: sandbox-client."
+        elif not _redirect_uri_allowed(query.get("redirect_uri")):
+            problem = "The sandbox redirects only to an https or loopback http redirect_uri."
+        if problem:
+            await http.respond(400, _html_page("Sandbox Securities - sign in", f"<p class=bad>{html.escape(problem)}</p>"),
+                               "text/html; charset=utf-8", list(_HTML_HEADERS))
+            return
+        keys = await self.server._keyring()
+        sealed = keys.seal({"kind": "sandbox", "exp": int(_now()) + 600,
+                            **{k: query[k] for k in ("redirect_uri", "state", "code_challenge", "client_id")}}, "consent")
         options = "".join(f"<option value='{name}'>{html.escape(user['profile']['name'])}</option>"
                           for name, user in _SANDBOX_USERS.items())
         body = ("<p class=muted><b>SANDBOX</b> - a demo provider with made-up accounts; nothing here is real.</p>"
-                "<form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
-                + hidden + "<div class=row><button class=primary>Sign in</button></div></form>")
+                f"<p class=muted>Signing in sends you back to <code>{html.escape(_redirect_target(query['redirect_uri']))}"
+                "</code>.</p><form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
+                f"<input type=hidden name=request value='{html.escape(sealed)}'>"
+                "<div class=row><button class=primary>Sign in</button></div></form>")
         await http.respond(200, _html_page("Sandbox Securities - sign in", body), "text/html; charset=utf-8",
                            list(_HTML_HEADERS))
 
     async def _sign_in(self, http: _Http) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
-        if fields.get("user") not in _SANDBOX_USERS or not fields.get("redirect_uri"):
+        request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
+        if request is None or request.get("kind") != "sandbox" or request.get("exp", 0) < _now():
+            raise _HttpError(400, "This sign-in form is stale or was not made by the sandbox; start again.")
+        if fields.get("user") not in _SANDBOX_USERS:
             raise _HttpError(400, "Choose one of the demo users.")
         code = secrets.token_urlsafe(24)
         await self.server._hub().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
-            "user": fields["user"], "challenge": fields.get("code_challenge"),
-            "redirect_uri": fields["redirect_uri"]}, 300)
-        location = _with_query(fields["redirect_uri"], {"code": code, "state": fields.get("state")})
+            "user": fields["user"], "challenge": request["code_challenge"], "client_id": request["client_id"],
+            "redirect_uri": request["redirect_uri"]}, 300)
+        location = _with_query(request["redirect_uri"], {"code": code, "state": request["state"]})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
     async def _token(self, http: _Http) -> None:
@@ -6487,6 +6738,7 @@ class _Sandbox:
             grant = await store.take(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
             verifier = fields.get("code_verifier", "")
             if (grant and grant["challenge"] and grant["redirect_uri"] == fields.get("redirect_uri")
+                    and grant.get("client_id") == fields.get("client_id")
                     and _b64url(hashlib.sha256(verifier.encode()).digest()) == grant["challenge"]):
                 user = grant["user"]
         elif fields.get("grant_type") == "refresh_token":
@@ -6521,7 +6773,9 @@ class _Sandbox:
 #   or without lifespan events (the runtime starts on first use).
 # - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
 #   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
-#   Host must be loopback or allow-listed.  The 403 names the header and the setting to change.
+#   Host must be loopback or allow-listed.  A form POST to the authorization server's browser
+#   pages must come from their own origin (no allow-list, no loopback, no null: section 7).
+#   The 403 names the header and the setting to change.
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 
@@ -6598,16 +6852,18 @@ class _App:
 
     def _check_origin(self, http: _Http, path: str) -> list:
         """CORS headers for an allowed Origin; raises 403 for a foreign one.  The browser pages of
-        the authorization server also accept their own origin (a form posting to itself)."""
+        the authorization server also accept their own origin, and a form posted to them only
+        their own origin (never ``null``, nor another allowed or loopback origin)."""
         origin = http.headers.get("origin")
         if origin is None:
             return []
         allowed = self.server.settings.allowed_origins
-        ok = "*" in allowed or origin in allowed or (
-            origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname)) or (
-            # the browser pages' own forms: same origin, or "null", which browsers send for a form
-            # POST from a page with Referrer-Policy: no-referrer (those forms carry CSRF tokens)
-            path.startswith(_OAUTH_BROWSER_PATHS) and origin in (self.oauth.origin(http), "null"))
+        own = path.startswith(_OAUTH_BROWSER_PATHS) and origin == self.oauth.origin(http)
+        if path.startswith(_OAUTH_BROWSER_PATHS) and http.scope.get("method") == "POST":
+            ok = own
+        else:
+            ok = own or "*" in allowed or origin in allowed or (
+                origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")

@@ -6104,7 +6104,7 @@ def _auth_assert_page_headers(resp) -> None:
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, resp
     assert resp.header("x-frame-options") == "DENY", resp
     assert "no-store" in (resp.header("cache-control") or ""), resp
-    assert resp.header("referrer-policy") == "no-referrer", resp
+    assert resp.header("referrer-policy") == "same-origin", resp
 
 
 def _auth_hidden_fields(page: str) -> dict:
@@ -6413,7 +6413,7 @@ class TestOAuth:
         assert set(fields) == {"request", "csrf"}
         cookies = _auth_cookies(r)
         assert cookies["mcp_csrf"] == fields["csrf"]
-        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Lax" in r.header("set-cookie")
+        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Strict" in r.header("set-cookie")
         answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
                                  {"Cookie": f"mcp_csrf={cookies['mcp_csrf']}", "Origin": _auth_base(port)})
         query = _auth_location(answer, _AUTH_CB)
@@ -7727,9 +7727,10 @@ class TestLoginRounds:
 
 
 class TestBrowserForms:
-    """What a real browser sends: a form POST from a page with Referrer-Policy: no-referrer carries
-    ``Origin: null`` (Fetch spec), so the login and consent forms accept it (their CSRF tokens
-    protect them) while the MCP endpoint still refuses it.  Found by driving headless Chromium."""
+    """What a real browser sends: a form POST from a page with Referrer-Policy: same-origin carries
+    the page's real Origin (Fetch spec), so the login, consent and sandbox forms accept exactly their
+    own origin and refuse ``Origin: null`` (what a sandboxed iframe or data: URL of an attacker
+    sends; under the old no-referrer policy browsers sent it too, which is why it used to pass)."""
 
     def _asgi(self, app, method, path, headers, body=b""):
         sent = []
@@ -7747,14 +7748,22 @@ class TestBrowserForms:
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
-    def test_origin_null_reaches_the_login_form_but_not_the_mcp_endpoint(self):
-        server = mcp_server._builtin_server(Settings(auth="none"))
-        host = {"Host": "127.0.0.1:6901", "Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
-        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction", host, b"csrf=x&code=y")
-        assert status == 400 and b"expired" in body  # the page itself answers: no Origin refusal
-        status, body = self._asgi(server.asgi, "POST", "/mcp", {**host, "Content-Type": "application/json"},
+    def test_origin_null_is_refused_by_the_browser_forms_and_the_mcp_endpoint(self):
+        """(This test asserted the opposite for the login form before issue 18: null reached it.)"""
+        server = mcp_server._builtin_server(Settings(auth="builtin", auth_rate_limit=0))
+        form = {"Host": "127.0.0.1:6901", "Content-Type": "application/x-www-form-urlencoded"}
+        for origin in ("null", "http://localhost:6902", "https://evil.example"):
+            for path in ("/login/unknown-transaction", "/authorize", "/sandbox/authorize"):
+                status, body = self._asgi(server.asgi, "POST", path, {**form, "Origin": origin}, b"csrf=x&code=y")
+                assert status == 403 and b"Origin" in body, (origin, path, status, body)
+        status, body = self._asgi(server.asgi, "POST", "/mcp", {**form, "Origin": "null",
+                                                                "Content-Type": "application/json"},
                                   b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
         assert status == 403 and b"Origin" in body
+        # the page's own origin reaches the form, which answers for itself
+        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction",
+                                  {**form, "Origin": "http://127.0.0.1:6901"}, b"csrf=x&code=y")
+        assert status == 400 and b"expired" in body
 
 
 # ==== Attacks: the chains of the security review (issue 18), one class per surface =============
@@ -7855,6 +7864,451 @@ def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | N
     return head + "." + part(_hmac.new(hmac_key, head.encode(), hashlib.sha256).digest())
 
 # ---- attacks on the authorization server (redirect URIs, cookies, refresh tokens, redirects, CIMD)
+
+class _attack_DripServer:
+    """A client-metadata host that answers every request one byte at a time, forever (until the
+    test ends), counting the connections it holds at once and in all."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.lock = threading.Condition()
+        self.open = self.peak = self.total = 0
+
+    def wait_for(self, connections: int) -> None:
+        with self.lock:
+            assert self.lock.wait_for(lambda: self.total >= connections, WAIT), self.total
+
+    def __enter__(self) -> "_attack_DripServer":
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, name="test-drip", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.open += 1
+                self.total += 1
+                self.peak = max(self.peak, self.open)
+                self.lock.notify_all()
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nX-Drip: ")
+            while not self.stop.wait(0.05):  # the attacker's pace, not a test assertion
+                conn.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+
+def _attack_consent_cookie(value: str) -> list:
+    """The client ids a signed consent cookie lists (its text half, decoded)."""
+    kind, *approved = mcp_server._unb64url(value.split(".")[0]).decode().split(" ")
+    assert kind == "consent:", kind
+    return approved
+
+
+class TestAttackOAuth:
+    """The authorization server as an attacker sees it: another registrant, a page in the victim's
+    browser, a hostile metadata host."""
+
+    CALLBACK = "http://127.0.0.1:9999/callback"
+
+    @pytest.fixture
+    def oauth(self, make_server):
+        return make_server(auth="builtin", consent="never", auth_rate_limit=0)
+
+    # -- redirect URIs are strings -------------------------------------------------------------------
+
+    @pytest.mark.parametrize("presented", [
+        "http://evil.test:8181\\@127.0.0.1:9999/callback",  # urlsplit: 127.0.0.1; a browser: evil.test
+        "http://evil.test@127.0.0.1:9999/callback",
+        "http://127.0.0.1:9999/callback#frag",
+        "http://127.0.0.1:9999/callback\t",
+        "http://127.0.0.1:9999/caf\u00e9",
+        "http://127.0.0.1:9999/Callback",
+        "http://localhost:9999/callback",
+        "http://127.0.0.1:9999/callback?extra=1",
+        "HTTP://127.0.0.1:9999/callback",
+    ])
+    def test_authorize_compares_the_redirect_uri_as_a_string(self, oauth, presented):
+        client = _auth_register(oauth.port, [self.CALLBACK])
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(oauth.port, client["client_id"], presented, challenge)
+        assert "did not register" in _auth_assert_page(r, 400)
+
+    def test_no_string_but_the_registered_one_matches(self):
+        """Seeded: strings near a registered URI (a character inserted, replaced or removed) match
+        only when they are that URI, or the loopback URI with another port."""
+        rng = random.Random(18)
+        alphabet = "\\@#:/?.%\t\r\n aA1\u00e9[]"
+        registered = [self.CALLBACK, "https://app.example/cb", "com.example.app:/cb"]
+        for _ in range(3000):
+            base = rng.choice(registered)
+            i = rng.randrange(len(base) + 1)
+            text = base[:i] + rng.choice(alphabet) * rng.randint(0, 2) + base[i + rng.randint(0, 1):]
+            if mcp_server._redirect_matches(text, registered):
+                assert text in registered or re.fullmatch(r"http://127\.0\.0\.1(:[0-9]{1,5})?/callback", text), text
+
+    def test_a_browser_cookie_cannot_stand_in_for_the_consent_cookie(self, make_server):
+        st = make_server(auth="builtin", consent="remember", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        keys = st.run(st.server._keyring())
+        _verifier, challenge = _auth_pkce()
+        forged = keys.sign(client["client_id"], "cookie")  # what an mcp_browser cookie looks like
+        r = _auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge, headers={"Cookie": f"mcp_consent={forged}"})
+        _auth_assert_page(r, 200)
+
+    def test_only_the_port_of_a_loopback_redirect_may_differ(self, oauth):
+        client = _auth_register(oauth.port, [self.CALLBACK, "https://app.example/cb"])
+        code, _verifier = _auth_code(oauth.port, client, "http://127.0.0.1:4321/callback")
+        assert code
+        _verifier, challenge = _auth_pkce()
+        for presented in ("https://app.example:8443/cb", "http://127.0.0.1:4321\\@app.example/cb"):
+            r = _auth_authorize(oauth.port, client["client_id"], presented, challenge)
+            _auth_assert_page(r, 400)
+
+    @pytest.mark.parametrize("uri", [
+        "https://evil.example@app.example/cb", "https://app.example\\@evil.example/cb",
+        "http://evil.test:8181\\@127.0.0.1:9999/callback", "https://app.example/cb#x",
+        "https://app.example/c b", "https://app.example/cb\r\nSet-Cookie: a=b", "https://app.ex\u00e4mple/cb",
+        "https://app%2eexample/cb", "com.example.app://evil@host/cb", "http://127.0.0.1.evil.example/cb",
+    ])
+    def test_registration_refuses_userinfo_backslash_fragment_and_odd_characters(self, oauth, uri):
+        r = _auth_post_json(oauth.port, "/register", {"redirect_uris": [uri]})
+        assert r.status == 400 and r.json()["error"] == "invalid_redirect_uri", r
+
+    def test_consent_page_names_the_host_that_receives_the_code(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port, ["https://app.example:8443/cb"], client_name="Trusted \u202eelpmaxe")
+        _verifier, challenge = _auth_pkce()
+        page = _auth_assert_page(_auth_authorize(st.port, client["client_id"], None, challenge), 200)
+        assert "<code>app.example:8443</code>" in page, page
+        assert "\u202e" not in page and "its own name for itself" in page
+
+    def test_metadata_document_names_its_host_and_may_not_list_tricky_redirects(self, make_server):
+        st = make_server(auth="builtin", consent="always", allow_private_fetch=True, auth_rate_limit=0)
+        documents = {"/good.json": [self.CALLBACK], "/bad.json": ["https://evil.example@app.example/cb"]}
+        with _auth_Stub({("GET", path): (lambda r, uris=uris: (200, {}, {
+                "client_id": f"http://127.0.0.1:{stub.port}{r['path']}", "client_name": "Official App",
+                "redirect_uris": uris})) for path, uris in documents.items()}) as stub:
+            _verifier, challenge = _auth_pkce()
+            page = _auth_assert_page(_auth_authorize(st.port, stub.url + "/good.json", self.CALLBACK, challenge), 200)
+            assert f"verified as <code>127.0.0.1:{stub.port}</code>" in page and "Official App" in page, page
+            bad = _auth_authorize(st.port, stub.url + "/bad.json", "https://evil.example@app.example/cb", challenge)
+            assert "not registered" in _auth_assert_page(bad, 400)
+
+    # -- open redirects --------------------------------------------------------------------------------
+
+    def test_an_error_never_bounces_the_browser_to_an_unapproved_web_client(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0)  # consent: remember (the default)
+        evil = _auth_register(st.port, ["https://evil.example/landing"])
+        r = _auth_get(st.port, "/authorize?" + urllib.parse.urlencode({
+            "client_id": evil["client_id"], "response_type": "x", "state": "<b>"}))
+        page = _auth_assert_page(r, 400)
+        assert "evil.example" in page and "response_type" in page and "<b>" not in page
+        # the person may follow the link; it goes to the registered URI with the error
+        link = _auth_html.unescape(re.search(r"href='([^']+)'", page).group(1))
+        assert link.startswith("https://evil.example/landing?error=unsupported_response_type&"), link
+
+    def test_error_redirects_go_to_the_registered_uri_of_an_approved_client(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0)
+        client = _auth_register(st.port, ["https://app.example/cb"])
+        _verifier, challenge = _auth_pkce()
+        page = _auth_authorize(st.port, client["client_id"], None, challenge)
+        fields = _auth_hidden_fields(page.body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", "Origin": _auth_base(st.port)})
+        remembered = _auth_cookies(answer)["mcp_consent"]
+        r = _auth_get(st.port, "/authorize?" + urllib.parse.urlencode({
+            "client_id": client["client_id"], "response_type": "x", "state": "s\r\nX: y"}),
+            {"Cookie": f"mcp_consent={remembered}"})
+        query = _auth_location(r, "https://app.example/cb")
+        assert query["error"] == "unsupported_response_type" and query["state"] == "s\r\nX: y"
+        assert "\r" not in r.header("location") and "\n" not in r.header("location")
+
+    @pytest.fixture
+    def sandbox(self, make_server):
+        server = build_server(auth="builtin", consent="never", auth_rate_limit=0)
+        server.add_login_tools()
+        return make_server(server)
+
+    def test_the_sandbox_sign_in_redirects_only_where_its_page_was_asked_to(self, sandbox):
+        port = sandbox.port
+        direct = _auth_post_form(port, "/sandbox/authorize", {
+            "user": "asha", "redirect_uri": "https://evil.example/x", "state": "s", "client_id": "sandbox-client"},
+            {"Origin": _auth_base(port)})
+        assert direct.status == 400 and direct.header("location") is None, direct
+        for query in ("redirect_uri=javascript:alert(1)", "redirect_uri=https://a@evil.example/",
+                      "redirect_uri=https://ok.example/cb&client_id=other"):
+            r = _auth_get(port, f"/sandbox/authorize?state=s&code_challenge={'a' * 43}&client_id=sandbox-client&"
+                          + query)
+            _auth_assert_page(r, 400)
+
+    def test_the_sandbox_code_is_bound_to_its_client_and_redirect_uri(self, sandbox):
+        port = sandbox.port
+        verifier, challenge = _auth_pkce()
+        target = "https://app.example/redirect"
+        query = urllib.parse.urlencode({"state": "s", "code_challenge": challenge, "client_id": "sandbox-client",
+                                        "redirect_uri": target})
+        page = _auth_get(port, "/sandbox/authorize?" + query)
+        assert "app.example" in _auth_assert_page(page, 200)
+        fields = _auth_hidden_fields(page.body.decode())
+        back = _auth_post_form(port, "/sandbox/authorize?" + query.replace("app.example", "evil.example"),
+                               {**fields, "user": "asha", "redirect_uri": "https://evil.example/"},
+                               {"Origin": _auth_base(port)})
+        code = _auth_location(back, target)["code"]
+        token = {"grant_type": "authorization_code", "code": code, "redirect_uri": target, "code_verifier": verifier}
+        assert _auth_post_form(port, "/sandbox/token", {**token, "client_id": "someone-else"}).status == 400
+
+    # -- cookies and Origin ----------------------------------------------------------------------------
+
+    def test_the_whole_sandbox_login_works_from_its_own_origin_and_not_from_null(self, sandbox):
+        port = sandbox.port
+        token = _auth_login(port)["access_token"]
+        session = _auth_Session(port, token)
+        session.initialize()
+        started = session.call("login")["structuredContent"]
+        page = _auth_get(port, started["url"])
+        csrf = _auth_hidden_fields(page.body.decode())["csrf"]
+        assert "SameSite=Strict" in page.header("set-cookie")
+        form = {"csrf": csrf, "code": started["pairing_code"]}
+        null = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                               {"Cookie": f"mcp_csrf={csrf}", "Origin": "null"})
+        assert null.status == 403, null
+        to_provider = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                                      {"Cookie": f"mcp_csrf={csrf}", "Origin": _auth_base(port)})
+        assert to_provider.status == 302, to_provider
+        # the nonce must come back on the provider's top-level redirect: Lax, the only one
+        assert "mcp_login=" in to_provider.header("set-cookie") and "SameSite=Lax" in to_provider.header("set-cookie")
+        sign_in = _auth_get(port, to_provider.header("location"))
+        fields = _auth_hidden_fields(sign_in.body.decode())
+        back = _auth_post_form(port, to_provider.header("location")[len(_auth_base(port)):],
+                               {**fields, "user": "asha"}, {"Origin": _auth_base(port)})
+        done = _auth_get(port, back.header("location"),
+                         {"Cookie": "mcp_login=" + _auth_cookies(to_provider)["mcp_login"]})
+        assert b"You are signed in" in done.body, done
+        assert session.call("profile").get("isError") is not True
+
+    def test_an_https_issuer_reads_only_host_prefixed_cookies(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, public_url="https://mcp.example")
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        page = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge)
+        assert "__Host-mcp_csrf=" in page.header("set-cookie") and "Secure" in page.header("set-cookie")
+        fields = _auth_hidden_fields(page.body.decode())
+        origin = {"Origin": "https://mcp.example"}
+        tossed = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", **origin})
+        assert "expired" in _auth_assert_page(tossed, 400)  # a plain name is someone else's cookie
+        answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"__Host-mcp_csrf={fields['csrf']}", **origin})
+        assert answer.status == 302, answer
+        cookies = [v for n, v in answer.headers if n == "set-cookie"]
+        assert all(c.startswith("__Host-") and "SameSite=Strict" in c and "; Secure" in c for c in cookies), cookies
+        remembered = _auth_cookies(answer)["__Host-mcp_consent"]
+        plain = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge,
+                                headers={"Cookie": f"mcp_consent={remembered}"})
+        _auth_assert_page(plain, 200)  # not skipped by a cookie any sibling host could have set
+        prefixed = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge,
+                                   headers={"Cookie": f"__Host-mcp_consent={remembered}"})
+        assert "code" in _auth_location(prefixed, _AUTH_CB)
+
+    def test_an_http_issuer_reads_only_plain_cookies(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        _verifier, challenge = _auth_pkce()
+        fields = _auth_hidden_fields(_auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge).body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"__Host-mcp_csrf={fields['csrf']}"})
+        _auth_assert_page(answer, 400)
+
+    @pytest.mark.parametrize("origin", ["null", "http://localhost:1", "https://evil.example"])
+    def test_a_consent_form_posted_from_another_origin_is_refused(self, make_server, origin):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        _verifier, challenge = _auth_pkce()
+        fields = _auth_hidden_fields(_auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge).body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", "Origin": origin})
+        assert answer.status == 403 and answer.header("location") is None, answer
+
+    def test_consent_remembers_the_newest_twenty_clients_in_order(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, registrations_per_hour=0)
+        cookie, approved = "", []
+        for _ in range(22):
+            client = _auth_register(st.port)
+            _verifier, challenge = _auth_pkce()
+            page = _auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge,
+                                   headers={"Cookie": cookie} if cookie else None)
+            fields = _auth_hidden_fields(page.body.decode())
+            answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                     {"Cookie": f"mcp_csrf={fields['csrf']}" + (f"; {cookie}" if cookie else "")})
+            cookie = "mcp_consent=" + _auth_cookies(answer)["mcp_consent"]
+            approved.append(client["client_id"])
+        assert _attack_consent_cookie(cookie.partition("=")[2]) == approved[-20:]
+
+    # -- refresh tokens --------------------------------------------------------------------------------
+
+    def test_a_replaced_refresh_token_works_once_then_revokes_the_family(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        assert _auth_refresh(port, client_id, first["refresh_token"]).status == 200  # the answer is lost
+        retry = _auth_refresh(port, client_id, first["refresh_token"])
+        assert retry.status == 200, retry
+        again = _auth_refresh(port, client_id, first["refresh_token"])
+        assert again.status == 400 and again.json()["error"] == "invalid_grant", again
+        assert _auth_refresh(port, client_id, retry.json()["refresh_token"]).status == 400  # family revoked
+        _auth_assert_refused(port, retry.json()["access_token"])
+
+    def test_a_replaced_refresh_token_is_dead_after_the_grace_window(self, oauth, monkeypatch):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        second = _auth_refresh(port, client_id, first["refresh_token"])
+        assert second.status == 200, second
+        later = time.time() + mcp_server._REFRESH_GRACE + 1
+        monkeypatch.setattr(mcp_server, "_now", lambda: later)
+        late = _auth_refresh(port, client_id, first["refresh_token"])
+        assert late.status == 400 and late.json()["error"] == "invalid_grant", late
+        assert _auth_refresh(port, client_id, second.json()["refresh_token"]).status == 400
+
+    def test_a_refresh_cannot_change_the_resource(self, oauth):
+        first = _auth_login(oauth.port)
+        r = _auth_post_form(oauth.port, "/token", {
+            "grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+            "client_id": first["client"]["client_id"], "resource": _auth_base(oauth.port) + "/sse"})
+        assert r.status == 400 and r.json()["error"] == "invalid_target", r
+
+    # -- registrations -----------------------------------------------------------------------------------
+
+    def test_registrations_are_capped_per_address(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, registrations_per_hour=3)
+        for _ in range(3):
+            _auth_register(st.port)
+        r = _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]})
+        assert r.status == 429 and "registrations" in r.json()["error"]["message"], r
+        assert int(r.header("retry-after")) <= 3600
+        bad = _auth_post_json(st.port, "/register", {"redirect_uris": ["https://a@b.example/"]})
+        assert bad.status == 400, bad  # an invalid one is answered as such, and not counted
+
+    def test_unused_registrations_expire_and_use_keeps_them(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), auth="builtin", consent="never",
+                                      auth_rate_limit=0, client_ttl=1000))
+        used, unused = _auth_register(st.port), _auth_register(st.port)
+        for _ in range(3):
+            clock.advance(600)
+            assert _auth_code(st.port, used)[0]
+        _verifier, challenge = _auth_pkce()
+        assert "not registered" in _auth_assert_page(_auth_authorize(st.port, unused["client_id"], _AUTH_CB, challenge))
+
+    def test_in_redis_registrations_expire_and_the_refresh_grace_is_single_use(self, make_server, redis_server,
+                                                                              redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/9"  # counters of its own (other tests register too)
+        _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).flushdb()
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, redis_url=own_db,
+                         secret="attack-oauth", client_ttl=5000, registrations_per_hour=2)
+        first = _auth_login(st.port)
+        ttl = _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).ttl(f"mcp:oauth:client:{first['client']['client_id']}")
+        assert 0 < ttl <= 5000, ttl  # no registration lives forever in Redis
+        client_id = first["client"]["client_id"]
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 400
+        _auth_register(st.port)
+        assert _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]}).status == 429
+
+    # -- client metadata documents ------------------------------------------------------------------------
+
+    def test_slow_metadata_documents_get_a_deadline_and_a_fetch_cap(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True,
+                         client_fetch_timeout=1.0)
+        token = _auth_login(st.port)["access_token"]
+        with _attack_DripServer() as drip:
+            answers: list = []
+            _verifier, challenge = _auth_pkce()
+
+            def authorize(i):
+                answers.append(_auth_authorize(st.port, f"http://127.0.0.1:{drip.port}/c{i}.json", _AUTH_CB,
+                                               challenge))
+
+            threads = [threading.Thread(target=authorize, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            drip.wait_for(mcp_server._CIMD_MAX_FETCHES)
+            _auth_assert_ok(st.port, token)  # tools do not wait for the fetches
+            for t in threads:
+                t.join(WAIT)
+            assert len(answers) == 8 and all(a.status in (400, 503) for a in answers), answers
+            assert all(a.content_type == "text/html" and a.header("location") is None for a in answers)
+            assert all(b"could not be fetched in time" in a.body for a in answers if a.status == 400)
+            busy = [a for a in answers if a.status == 503]
+            assert all(b"try again" in a.body for a in busy)
+            assert drip.total == 8 - len(busy) and drip.peak <= mcp_server._CIMD_MAX_FETCHES, (drip.total, drip.peak)
+            # a document that failed is remembered: no second fetch
+            total = drip.total
+            _auth_assert_page(_auth_authorize(st.port, f"http://127.0.0.1:{drip.port}/c0.json", _AUTH_CB, challenge))
+            assert drip.total == total
+
+    def test_a_failed_metadata_document_is_not_fetched_again(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True)
+        with _auth_Stub() as stub:  # every path: 404
+            _verifier, challenge = _auth_pkce()
+            for _ in range(3):
+                _auth_assert_page(_auth_authorize(st.port, stub.url + "/client.json", _AUTH_CB, challenge))
+                _auth_post_form(st.port, "/revoke", {"token": "x", "client_id": stub.url + "/client.json"})
+            assert len(stub.hits("/client.json")) == 1
+
+    def test_a_metadata_document_larger_than_the_cap_is_refused(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True)
+        with _auth_Stub({("GET", "/big.json"): lambda r: (200, {}, {
+                "client_id": stub.url + "/big.json", "redirect_uris": [_AUTH_CB],
+                "padding": "x" * mcp_server._CIMD_LIMIT})}) as stub:
+            _verifier, challenge = _auth_pkce()
+            page = _auth_assert_page(_auth_authorize(st.port, stub.url + "/big.json", _AUTH_CB, challenge))
+            assert "not registered" in page and stub.hits("/big.json")
+
+    @pytest.mark.parametrize("address", ["100.64.0.1", "[2002:7f00:1::1]", "[::ffff:127.0.0.1]",
+                                         "[64:ff9b::7f00:1]", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",
+                                         "169.254.169.254", "[fd00::1]", "0.0.0.0"])
+    def test_metadata_documents_are_fetched_only_from_global_addresses(self, address):
+        with pytest.raises(ValueError, match="non-public"):
+            mcp_server._fetch_client_document(f"https://{address}/client.json", False)
+
+    def test_every_endpoint_that_may_fetch_is_rate_limited(self, make_server, monkeypatch):
+        frozen = 1_700_000_010.0
+        monkeypatch.setattr(mcp_server, "_now", lambda: frozen)
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=2)
+        for path in ("/revoke", "/token"):
+            answers = [_auth_post_form(st.port, path, {"token": "x", "client_id": "nobody"}) for _ in range(3)]
+            assert [a.status for a in answers] == [401, 401, 429], (path, answers)
+            assert answers[2].header("retry-after") == str(60 - int(frozen) % 60)
+
+    # -- what the server says about itself ------------------------------------------------------------
+
+    def test_metadata_claims_no_openid_connect_features(self, oauth):
+        document = _auth_get(oauth.port, "/.well-known/oauth-authorization-server").json()
+        assert "id_token_signing_alg_values_supported" not in document
+        assert "subject_types_supported" not in document
+        assert document["code_challenge_methods_supported"] == ["S256"]
+
 
 
 # ---- attacks on the upstream login (pairing, masking, keys and secrets)
