@@ -1497,7 +1497,10 @@ class _Vault:
 # - A parameter annotated ``Context`` is injected and never appears in a schema.
 # - Return values become content blocks (``_to_call_result``); dict-like values also become
 #   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
-# - Sync functions run in a worker thread: a slow tool never blocks the event loop.
+# - Sync functions run in a worker thread: a slow tool never blocks the event loop.  Only one
+#   registered with ``inline=True`` runs on the loop; nothing moves there by itself, because a
+#   function fast a thousand times can still stall once (a network wait, a lock) and then stall
+#   every client of the process.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2049,28 +2052,6 @@ def _param_descriptions(fn) -> dict:
     return found
 
 
-# How a sync function runs (``inline``): True on the event loop, False in a worker thread, None
-# (the default) decided by measurement.  A thread hand-off costs tens of microseconds and
-# several context switches, more than most small functions take; blocking the loop costs every
-# other request.  So a sync function starts in the worker pool, timed there.  Once it has
-# _AUTO_INLINE_RUNS calls under _AUTO_INLINE_FAST seconds, less two for each slower one (a
-# paused thread makes a cheap call look slow now and then; what waits on I/O is slow every
-# time), it runs on the loop, still timed.  A call there that takes over _AUTO_INLINE_SLOW
-# sends it back to the pool to earn its place again (a pause of the whole process can make a
-# cheap call look slow once); the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever
-# waits on I/O, sleeps or does real work stays in a thread.
-_AUTO_INLINE_RUNS = 16
-_AUTO_INLINE_FAST = 0.0001
-_AUTO_INLINE_SLOW = 0.002
-_AUTO_INLINE_STRIKES = 3
-
-
-def _timed_call(fn, kwargs: dict) -> tuple:
-    started = time.perf_counter()
-    result = fn(**kwargs)
-    return result, time.perf_counter() - started
-
-
 class _Callable:
     """What tools, resources and prompts share: how to call the user's function."""
 
@@ -2081,9 +2062,9 @@ class _Callable:
             getattr(fn, "__call__", None))
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
-        self.inline = None  # sync functions: True on the loop, False in a thread, None measured
-        self.fast_runs = 0  # auto mode: fast calls minus twice the slow ones, at least 0 (-1: never inline)
-        self.slow_strikes = 0  # auto mode: inline calls that took over _AUTO_INLINE_SLOW
+        # sync functions: False in a worker thread; True on the event loop, only when declared
+        # (``inline=True``): a call that stalls there, even once, stalls every client
+        self.inline = False
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -2093,9 +2074,8 @@ class _Callable:
 
     @property
     def on_loop(self) -> bool:
-        """A sync function that runs on the event loop now (declared or measured cheap)."""
-        return not self.is_async and (self.inline is True or (
-            self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS))
+        """A sync function declared to run on the event loop (``inline=True``)."""
+        return self.inline and not self.is_async
 
     async def invoke(self, arguments: dict, ctx):
         kwargs = {name: arguments[name] if tp is None else _convert(arguments[name], tp)
@@ -2108,23 +2088,10 @@ class _Callable:
             result = await self.fn(**kwargs)
         elif self.inline:
             result = self.fn(**kwargs)  # declared cheap: no thread hand-off
-        elif self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS:
-            started = time.perf_counter()
-            result = self.fn(**kwargs)  # measured cheap
-            took = time.perf_counter() - started
-            if took > _AUTO_INLINE_SLOW:
-                self.slow_strikes += 1
-                self.fast_runs = -1 if self.slow_strikes >= _AUTO_INLINE_STRIKES else 0
-                if self.fast_runs < 0:
-                    log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now "
-                             "on (inline=True/False on its decorator decides for it)",
-                             getattr(self.fn, "__name__", "a function"), took * 1000)
         else:
-            loop = asyncio.get_running_loop()
             context = contextvars.copy_context()
-            result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
-            if self.fast_runs >= 0:  # (a slower call counts against it; an outlier does not reset it)
-                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else max(0, self.fast_runs - 2)
+            result = await asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(context.run, self.fn, **kwargs))
         if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
             result = await result
         return result
@@ -2816,7 +2783,7 @@ class MCPServer:
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
              task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
-             inline: bool | None = None):
+             inline: bool = False):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -2829,17 +2796,16 @@ class MCPServer:
         the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
         and any names given; login-required tools mask by default, ``mask=False`` turns it off).
 
-        A sync function starts in a worker thread so that it never blocks the event loop; one
-        that proves cheap (16 calls under 0.1 ms, less two for each slower one) then runs on the loop, which
-        saves the thread hand-off, and goes back to the thread when a call takes over 2 ms
-        (for good the third time).  ``inline=False`` keeps it in the thread, ``inline=True``
-        puts it on the loop from the first call."""
+        A sync function runs in a worker thread, so that it never blocks the event loop.
+        ``inline=True`` runs it on the loop instead, which saves the thread hand-off: only for a
+        function that never waits (no I/O, locks or sleeps), since while it runs no other
+        request of the process is served and the tool timeout cannot interrupt it."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
                          output_schema=output_schema, meta=meta, task=task, task_start=task_start)
             tool.login_required = login_required
-            tool.inline = inline
+            tool.inline = bool(inline)
             if mask is False or (mask is None and not login_required):
                 tool.mask = None
             else:
