@@ -2084,17 +2084,27 @@ class _Callable:
             kwargs.update({k: v for k, v in arguments.items() if k not in kwargs})
         if self.ctx_param:
             kwargs[self.ctx_param] = ctx
-        if self.is_async:
-            result = await self.fn(**kwargs)
-        elif self.inline:
-            result = self.fn(**kwargs)  # declared cheap: no thread hand-off
-        else:
-            context = contextvars.copy_context()
-            result = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(context.run, self.fn, **kwargs))
-        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
-            result = await result
+        try:
+            if self.is_async:
+                result = await self.fn(**kwargs)
+            elif self.inline:
+                result = self.fn(**kwargs)  # declared cheap: no thread hand-off
+            else:
+                context = contextvars.copy_context()
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(context.run, self.fn, **kwargs))
+            if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
+                result = await result
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # asyncio lets these two through every task and out of the event loop: one call
+            # (a library's sys.exit(), say) would end the process for every client
+            raise _FunctionExit(f"{getattr(self.fn, '__name__', 'the function')} raised {exc!r}") from exc
         return result
+
+
+class _FunctionExit(Exception):
+    """A tool, resource or prompt function raised SystemExit or KeyboardInterrupt: it fails that
+    one request, like any other exception, and the server keeps serving."""
 
 
 _PLAIN_RESULTS = frozenset((str, dict, list, int, float, bool, bytes, type(None)))  # never awaitable
@@ -2347,7 +2357,9 @@ def _to_call_result(value, tool: _Tool) -> dict:
 # Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
 # method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
 # transport), ``_InputRequired`` becomes an ``input_required`` result, ``_Cancelled`` means "say
-# nothing", and anything else is logged with a correlation id and reported as -32603.
+# nothing", and anything else, SystemExit and KeyboardInterrupt included, is logged with a
+# correlation id and reported as -32603 (a tool's, as an ``isError`` result): no request ends
+# the process.
 
 
 class _InputRequired(Exception):
@@ -3035,7 +3047,7 @@ class MCPServer:
             response, status = await self._input_round(ctx, exc.requests)
         except _Cancelled:
             response, status = None, 0
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # (middleware's too: never the process's end)
             error_id = _error_id()
             log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""

@@ -3073,6 +3073,81 @@ class TestStdio:
             assert isinstance(answers, list) and {a["id"] for a in answers} == {"x", "y"}
             assert p.finish() == 0
 
+    @pytest.mark.parametrize("transport", ["stdio", "http"])
+    def test_sys_exit_or_keyboard_interrupt_in_a_tool_fails_that_call_and_the_server_keeps_serving(
+            self, tmp_path, transport):
+        # issue 19: SystemExit and KeyboardInterrupt pass through asyncio's tasks and out of the
+        # event loop, so one tool calling sys.exit() (its own, or a library's) ended the process
+        script = tmp_path / "exiting_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import asyncio, sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer
+            server = MCPServer("exits")
+
+            @server.tool()
+            def exit_in_thread() -> str:
+                sys.exit(3)
+
+            @server.tool(inline=True)
+            def exit_inline() -> str:
+                sys.exit(3)
+
+            @server.tool()
+            async def exit_async() -> str:
+                await asyncio.sleep(0)
+                sys.exit(3)
+
+            @server.tool()
+            def interrupt_in_thread() -> str:
+                raise KeyboardInterrupt
+
+            @server.tool()
+            async def interrupt_async() -> str:
+                raise KeyboardInterrupt
+
+            @server.resource("test://exit")
+            def exit_resource() -> str:
+                sys.exit(4)
+
+            async def exit_on_prompts(ctx, call_next):
+                if ctx.method == "prompts/list":
+                    raise SystemExit(5)
+                return await call_next()
+            server.add_middleware(exit_on_prompts)
+
+            server.run()
+        '''))
+        tools = ("exit_in_thread", "exit_inline", "exit_async", "interrupt_in_thread", "interrupt_async")
+        argv = [str(script), "--stdio"] if transport == "stdio" else [str(script), "--port", "0", "--no-auth"]
+        with Proc(argv) as p:
+            if transport == "stdio":
+                p.initialize()
+                ask = p.request
+            else:
+                session = Session(_login_port_of(p))
+                session.initialize()
+
+                def ask(method, params=None):
+                    message = session.body(method, params)
+                    return final_message(session.post(message), message["id"])
+            for name in tools:
+                result = ask("tools/call", {"name": name, "arguments": {}})["result"]
+                assert result["isError"] is True and ERROR_ID.search(result["content"][0]["text"]), result
+                assert ask("ping")["result"] == {}
+            for method, params in (("resources/read", {"uri": "test://exit"}), ("prompts/list", {})):
+                error = ask(method, params)["error"]
+                assert error["code"] == -32603 and ERROR_ID.search(error["message"]), error
+            assert ask("ping")["result"] == {}
+            if transport == "stdio":
+                assert p.finish() == 0
+            else:
+                p.proc.send_signal(signal.SIGTERM)
+                assert p.proc.wait(WAIT) == 0
+        for line in bytes(p.stdout).splitlines():
+            json.loads(line)  # stdout carried nothing but JSON-RPC messages
+        assert "raised SystemExit(3)" in p.stderr.decode() and "KeyboardInterrupt" in p.stderr.decode()
+
 
 # =================================================================================================
 # 8. ASGI app
