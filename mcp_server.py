@@ -2372,6 +2372,16 @@ _CAPABILITY_OF = {
     "sampling/createMessage": "sampling",
     "roots/list": "roots",
 }
+# What a client can be asked, by the revision whose ClientCapabilities added it (sampling and
+# roots are in all of them): a client that speaks an older revision has no such thing, whatever
+# its capabilities say, and is told which revision it would need.
+_CLIENT_FEATURE_SINCE = {
+    "elicitation": ("Elicitation", "2025-06-18"),
+    "elicitation.form": ("Elicitation", "2025-06-18"),
+    "elicitation.url": ("URL-mode elicitation", "2025-11-25"),
+    "sampling.tools": ("Sampling with tools", "2025-11-25"),
+    "sampling.context": ("The sampling.context capability", "2025-11-25"),
+}
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
@@ -2428,8 +2438,11 @@ class Context:
         return self._cancelled
 
     def supports(self, capability: str) -> bool:
-        """Whether the client declared a capability: ``"sampling"``, ``"sampling.tools"``,
-        ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        """Whether the client declared a capability that its revision has: ``"sampling"``,
+        ``"sampling.tools"``, ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        feature = _CLIENT_FEATURE_SINCE.get(capability)
+        if feature is not None and self.protocol_version < feature[1]:
+            return False
         head, _, sub = capability.partition(".")
         caps = self.client_capabilities
         if not isinstance(caps, dict) or head not in caps:
@@ -2570,8 +2583,15 @@ class Context:
             need, shape = "elicitation.url", {"elicitation": {"url": {}}}
         elif method == "sampling/createMessage" and params.get("tools"):
             need, shape = "sampling.tools", {"sampling": {"tools": {}}}
-        if self.supports(need) and not (head == "elicitation" and self.protocol_version < "2025-06-18"):
-            return  # (elicitation exists from 2025-06-18 on, whatever an older client declares)
+        elif (method == "sampling/createMessage" and params.get("includeContext") in ("thisServer", "allServers")
+              and self.protocol_version >= _CLIENT_FEATURE_SINCE["sampling.context"][1]):
+            need, shape = "sampling.context", {"sampling": {"context": {}}}  # (before: plain sampling)
+        if self.supports(need):
+            return
+        feature, since = _CLIENT_FEATURE_SINCE.get(need, (need, ""))
+        if self.protocol_version < since:
+            raise ToolError(f"{feature} is not part of MCP {self.protocol_version}, the revision this client "
+                            f"speaks; it needs {since} or later, so the client cannot be asked.")
         if self.modern:
             raise _missing_capability(shape, need)
         raise ToolError(f"The client did not declare the {need} capability, so it cannot be asked.")

@@ -2260,6 +2260,60 @@ class TestCore:
             else:
                 assert kind in ("request", "notification", "response")
 
+    def test_asking_for_what_the_revision_lacks_names_the_revision_not_the_capability(self, make_server):
+        # issue 19, defect 7: on 2024-11-05 and 2025-03-26 a tool asking for elicitation was told
+        # "the client did not declare the elicitation capability" although it had: those revisions
+        # have no elicitation.  Same for URL mode and sampling with tools (2025-11-25).
+        server = MCPServer("revisions", settings=Settings(auth="none"))
+        asks = {"form": lambda ctx: ctx.elicit("Name?", NAME_SCHEMA),
+                "url": lambda ctx: ctx.elicit_url("Sign in", "https://example.com/sign-in"),
+                "sampling_tools": lambda ctx: ctx.sample("Hi", tools=[{"name": "t", "inputSchema": {"type": "object"}}]),
+                "sampling_context": lambda ctx: ctx.sample("Hi", include_context="thisServer")}
+
+        @server.tool()
+        async def ask(what: str, ctx: Context) -> str:
+            await asks[what](ctx)
+            return "asked"
+
+        @server.tool()
+        async def supported(ctx: Context) -> dict:
+            return {f: ctx.supports(f) for f in ("elicitation", "elicitation.url", "sampling", "sampling.tools", "roots")}
+
+        everything = {"elicitation": {"form": {}, "url": {}}, "sampling": {"tools": {}}, "roots": {}}
+        st = make_server(server)
+        form = ("Elicitation is not part of MCP {v}, the revision this client speaks; "
+                "it needs 2025-06-18 or later, so the client cannot be asked.")
+        url = ("URL-mode elicitation is not part of MCP {v}, the revision this client speaks; "
+               "it needs 2025-11-25 or later, so the client cannot be asked.")
+        tools = ("Sampling with tools is not part of MCP {v}, the revision this client speaks; "
+                 "it needs 2025-11-25 or later, so the client cannot be asked.")
+        expected = {"2024-11-05": {"form": form, "url": url, "sampling_tools": tools},
+                    "2025-03-26": {"form": form, "url": url, "sampling_tools": tools},
+                    "2025-06-18": {"url": url, "sampling_tools": tools}}
+        for version, refusals in expected.items():
+            session = Session(st.port, version, everything)
+            session.initialize()
+            for what, text in refusals.items():
+                reply = session.post(session.body("tools/call", {"name": "ask", "arguments": {"what": what}}))
+                assert reply.content_type == "application/json", reply  # no request went to the client
+                result = final_message(reply, session._id)["result"]
+                assert result["isError"] is True and result["content"][0]["text"] == text.format(v=version), result
+            assert json.loads(session.call("supported")["content"][0]["text"]) == {
+                "elicitation": version >= "2025-06-18", "elicitation.url": False, "sampling": True,
+                "sampling.tools": False, "roots": True}
+        # a revision that has the feature, a client that did not declare it: that is what it hears
+        bare = Session(st.port, "2025-11-25", {"sampling": {}})
+        bare.initialize()
+        for what, need in (("form", "elicitation"), ("url", "elicitation.url"), ("sampling_tools", "sampling.tools"),
+                           ("sampling_context", "sampling.context")):
+            result = bare.call("ask", {"what": what})
+            assert result["content"][0]["text"] == (
+                f"The client did not declare the {need} capability, so it cannot be asked."), result
+        # 2026-07-28 has them all: an undeclared one is -32021 with what it needs
+        error = assert_rpc_error(modern_post(st.port, "tools/call", {"name": "ask", "arguments": {"what": "sampling_context"}},
+                                             caps={"sampling": {}}), 400, -32021)
+        assert error["data"]["requiredCapabilities"] == {"sampling": {"context": {}}}
+
 
 # =================================================================================================
 # 6. Transports: Streamable HTTP
