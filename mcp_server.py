@@ -61,6 +61,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import importlib
 import inspect
 import itertools
 import json
@@ -110,6 +111,9 @@ __all__ = [
 #   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+# - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
+#   only: a missing one refuses the start where the settings need it, else fails the one tool
+#   call (a tool error) or request (-32603) with the package's name and the install command.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -160,6 +164,43 @@ class ToolError(Exception):
 
 class _Cancelled(Exception):
     """The client cancelled this request: the transport sends nothing more for it."""
+
+
+# What each feature that needs an optional package imports, and how a person would name it.
+_FEATURE_MODULES = {
+    "redis": ("redis.asyncio", "The Redis store (REDIS_URL)"),
+    "tokens": ("jwt", "OAuth (MCP_AUTH=builtin or external; --no-auth turns it off)"),
+    "sealing": ("cryptography.hazmat.primitives.ciphers.aead",
+                "Sealed state (2026-07-28 input rounds, the OAuth consent page)"),
+    "vault": ("cryptography.hazmat.primitives.ciphers.aead",
+              "The credential vault (the upstream login, enc: settings)"),
+}
+_PIP_NAMES = {"redis": "redis", "jwt": "pyjwt", "cryptography": "cryptography"}
+
+
+class _MissingPackage(ToolError, RpcError):
+    """A feature's package is missing: a tool error inside a tool call, a JSON-RPC error
+    (-32603 with this message) for any other request."""
+
+    def __init__(self, message: str):
+        RpcError.__init__(self, INTERNAL_ERROR, message)
+
+
+def _require(feature: str) -> types.ModuleType:
+    """The module ``feature`` needs (``_FEATURE_MODULES``), imported; or ``_MissingPackage``
+    naming the package to install."""
+    module, what = _FEATURE_MODULES[feature]
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        problem = ("is not installed" if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == top
+                   else f"does not load ({exc})")
+        raise _MissingPackage(f"{what} needs the Python package {_PIP_NAMES[top]}, which {problem}; "
+                              "install the server's packages with: pip install -r requirements.txt") from None
 
 
 def _error_id() -> str:
@@ -400,7 +441,10 @@ class Settings:
             if not values.get("encryption_key") or values["encryption_key"].startswith("enc:"):
                 raise SystemExit(f"{prog}: error: {', '.join(encrypted)} is encrypted (enc:...) but "
                                  "ENCRYPTION_KEY is not set")
-            vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
+            try:
+                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
+            except _MissingPackage as exc:
+                raise SystemExit(f"{prog}: error: {exc}") from None
             for attr in encrypted:
                 plain = vault.decrypt(values[attr][4:], b"config")
                 if plain is None:
@@ -1131,7 +1175,7 @@ class RedisStore(Store):
 
     def _redis(self):
         if self._client is None:
-            import redis.asyncio as aioredis
+            aioredis = _require("redis")
             import redis.exceptions
             from redis.asyncio.retry import Retry
             from redis.backoff import ExponentialBackoff
@@ -1356,7 +1400,7 @@ def _task_channel(task_id: str) -> str:
 # - State handed to a client and trusted when it comes back (``requestState``, cursors) is sealed
 #   or signed; anything that fails verification is refused, never half-trusted.
 # - Comparisons of secrets are constant-time (``hmac.compare_digest``).
-# - ``cryptography`` is imported on first use, so a stdio start does not pay for it.
+# - ``cryptography`` is imported on first use (``_require``), so a stdio start does not pay for it.
 
 _KEY_LABELS = {
     "request_state": b"mcp_server/v1 request-state AES-256-GCM",
@@ -1406,8 +1450,7 @@ class _KeyRing:
     def _cipher(self, purpose: str):
         cipher = self._aead.get(purpose)
         if cipher is None:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-            cipher = self._aead[purpose] = AESGCM(self._keys[purpose])
+            cipher = self._aead[purpose] = _require("sealing").AESGCM(self._keys[purpose])
         return cipher
 
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
@@ -1417,11 +1460,12 @@ class _KeyRing:
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        cipher = self._cipher(purpose)  # (a missing package is no bad token: it is said so)
         try:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            payload = json.loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()))
+            payload = json.loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()))
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -1463,14 +1507,14 @@ class _Vault:
     ciphertext to its owner (a session id), and a key id so that old keys still decrypt."""
 
     def __init__(self, key: str | bytes | None, previous: typing.Iterable = (), prog: str = "mcp_server"):
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        aes_gcm = _require("vault").AESGCM
         self.ephemeral = not key
         raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key, prog))
         self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
-        self._ciphers = {self.kid: AESGCM(raw)}
+        self._ciphers = {self.kid: aes_gcm(raw)}
         for old in previous:
             old_raw = _parse_key(old, prog)
-            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], AESGCM(old_raw))
+            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], aes_gcm(old_raw))
 
     def encrypt(self, plain: str, associated: bytes) -> str:
         nonce = secrets.token_bytes(12)
@@ -2519,6 +2563,7 @@ class Context:
             for key, value in (await self._task_run.wait_input(missing)).items():
                 answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
         elif missing:
+            _require("sealing")  # the answers so far travel sealed: without it, a tool error now
             raise _InputRequired(missing)
         return answers
 
@@ -2907,6 +2952,7 @@ class MCPServer:
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
             your browser and a pairing code to enter there if asked."""
+            flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
             # a 2026 client retries after the URL elicitation: the retry must reuse the same link
             started = ctx.round_state.get("login") or await flow.start(ctx)
             if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
@@ -3057,14 +3103,15 @@ class MCPServer:
             if isinstance(trace, str) and len(trace) == 55:
                 _trace_id.set(trace[3:35])
         try:
-            result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            try:
+                result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            except _InputRequired as exc:  # (inside: what fails while building the round is caught below)
+                result = await self._input_required(ctx, exc.requests)
         except RpcError as exc:
             if ctx.request_id is None:
                 response, status = None, exc.status if exc.status != 200 else 202
             else:
                 response, status = _error_response(ctx.request_id, exc), exc.status
-        except _InputRequired as exc:
-            response, status = await self._input_round(ctx, exc.requests)
         except _Cancelled:
             response, status = None, 0
         except (Exception, SystemExit, KeyboardInterrupt) as exc:  # (middleware's too: never the process's end)
@@ -3085,19 +3132,6 @@ class MCPServer:
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
             _metrics.add(_rpc_metric_key(ctx.method, outcome))
         return response, status
-
-    async def _input_round(self, ctx: Context, requests: dict) -> tuple:
-        """A handler asked the client for input: a 2026 input_required result, or an error."""
-        if ctx.method not in _MRTR_METHODS or not ctx.modern:
-            error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
-            return _error_response(ctx.request_id, error), 500
-        try:
-            result = self._finish_modern(await self._input_required(ctx, requests), ctx.method)
-        except RpcError as error:
-            return _error_response(ctx.request_id, error), error.status
-        if ctx.request_id is None:
-            return None, 202
-        return {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
 
     async def _call_chain(self, ctx: Context, index: int):
         if index == len(self.middleware):
@@ -3162,6 +3196,9 @@ class MCPServer:
         ctx.round_state = dict(state.get("c") or {})
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
+        """A handler asked the client for input: the 2026 input_required result, or an error."""
+        if ctx.method not in _MRTR_METHODS or not ctx.modern:
+            raise RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.", status=500)
         target, digest = self._round_target(ctx)
         state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
@@ -5823,7 +5860,7 @@ class _OAuth:
 
     async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family,
                      generation: str | None) -> dict:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         now = int(_now())
         claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
@@ -5923,7 +5960,7 @@ class _OAuth:
     # -- the protected resource --------------------------------------------------------------------
 
     async def _decode(self, http: _Http, token: str, verify_exp: bool = True) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         candidates = [keys.token_key]
         if self.settings.previous_secret:
@@ -5980,7 +6017,7 @@ class _OAuth:
         return claims["sid"]
 
     async def _decode_external(self, http: _Http, token: str) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         settings = self.settings
         try:
             if settings.auth_secret:
@@ -7751,10 +7788,26 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
             log.warning("%s", exc)
 
 
+def _check_packages(server: MCPServer, settings: Settings) -> None:
+    """Refuse to start, naming the package, when the configuration needs one that is missing:
+    better than a login that stops halfway or a 500 on the first token."""
+    needed = ["redis"] if settings.redis_url else []
+    if not settings.stdio and settings.auth in ("builtin", "external"):
+        needed += ["tokens", "sealing"] if settings.auth == "builtin" else ["tokens"]
+    if server._login is not None:
+        needed.append("vault")
+    for feature in needed:
+        try:
+            _require(feature)
+        except _MissingPackage as exc:
+            raise SystemExit(f"mcp_server: error: {exc}") from None
+
+
 def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
+    _check_packages(server, settings)
     _configure_logging(settings.log_level, settings.log_format, settings.log_file)
     if not settings.stdio:  # what starting up left behind (before the freeze, which would keep its cycles)
         _give_back_memory()
@@ -7921,6 +7974,9 @@ def main(argv: list | None = None) -> None:
         if from_command_line:
             _restart_as_module(settings)
         server = _builtin_server(settings)
+    except _MissingPackage as exc:
+        print(f"mcp_server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:
         if exc.code not in (0, None):
             print(exc.code, file=sys.stderr)

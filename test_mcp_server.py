@@ -2314,6 +2314,21 @@ class TestCore:
                                              caps={"sampling": {}}), 400, -32021)
         assert error["data"]["requiredCapabilities"] == {"sampling": {"context": {}}}
 
+    def test_a_failure_while_building_an_input_round_is_an_error_answer_not_an_escape(self):
+        # The round was built inside _respond's handler for _InputRequired, where nothing caught
+        # what failed: on stdio the process ended (here: a value requestState cannot carry)
+        server = MCPServer("rounds")
+
+        @server.tool()
+        async def ask(ctx: Context) -> str:
+            ctx.round_state["handle"] = object()
+            await ctx.elicit("Name?", NAME_SCHEMA)
+            return "asked"
+
+        response, status = modern_core(server, "tools/call", {"name": "ask"}, caps={"elicitation": {}})
+        assert status == 500 and response["error"]["code"] == -32603, response
+        assert ERROR_ID.search(response["error"]["message"]), response
+
 
 # =================================================================================================
 # 6. Transports: Streamable HTTP
@@ -3201,6 +3216,37 @@ class TestStdio:
         for line in bytes(p.stdout).splitlines():
             json.loads(line)  # stdout carried nothing but JSON-RPC messages
         assert "raised SystemExit(3)" in p.stderr.decode() and "KeyboardInterrupt" in p.stderr.decode()
+
+    def test_a_tool_whose_package_is_missing_answers_a_tool_error_naming_it_and_stdout_stays_clean(self, tmp_path):
+        # issue 19, defect 5: without cryptography, asking a 2026-07-28 client for input (the
+        # answers travel sealed) was a -32603 with an error id; now the call says what is missing
+        script = tmp_path / "asking_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer, Context
+            server = MCPServer("asking")
+
+            @server.tool()
+            async def ask(ctx: Context) -> str:
+                answer = await ctx.elicit("Name?", {{"type": "object", "properties": {{}}}})
+                return answer["action"]
+
+            server.run()
+        '''))
+        env = TestCLI.without_packages(tmp_path, "cryptography", "jwt", "redis")
+        with Proc([str(script), "--stdio"], env=env) as p:  # (stdio needs none of the three to start)
+            p.initialize()
+            modern = {"_meta": {META_VERSION: MODERN, META_CAPS: {"elicitation": {}}}}
+            result = p.request("tools/call", {"name": "ask", "arguments": {}, **modern})["result"]
+            assert result["isError"] is True, result
+            text = result["content"][0]["text"]
+            assert "needs the Python package cryptography, which is not installed" in text, text
+            assert text.endswith("pip install -r requirements.txt")
+            assert p.request("ping")["result"] == {}
+            assert p.finish() == 0
+        for line in bytes(p.stdout).splitlines():
+            json.loads(line)  # stdout carried nothing but JSON-RPC messages
 
 
 # =================================================================================================
@@ -4131,6 +4177,69 @@ class TestCLI:
                                 timeout=WAIT * 3, env=clean_env(), cwd=NEUTRAL_CWD)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
         assert "--nope" in result.stderr
+
+    @staticmethod
+    def without_packages(tmp_path, *packages: str, **extra) -> dict:
+        """An environment whose Python cannot import ``packages``: a ``sitecustomize`` on
+        PYTHONPATH puts a finder first on sys.meta_path that refuses them, as if not installed."""
+        shim = tmp_path / "no-packages"
+        shim.mkdir(exist_ok=True)
+        (shim / "sitecustomize.py").write_text(textwrap.dedent('''
+            import os, sys
+
+            class _NotInstalled:
+                blocked = set(os.environ["TEST_BLOCKED_PACKAGES"].split(","))
+
+                def find_spec(self, name, path=None, target=None):
+                    if name.partition(".")[0] in self.blocked:
+                        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                    return None
+
+            sys.meta_path.insert(0, _NotInstalled())
+        '''))
+        env = clean_env(TEST_BLOCKED_PACKAGES=",".join(packages), **extra)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+        return env
+
+    @pytest.mark.parametrize("blocked, args, env, package", [
+        ("cryptography", ["--stdio"], {}, "cryptography"),  # the built-in server has the login tools
+        ("jwt", ["--port", "0"], {}, "pyjwt"),  # OAuth (the default over HTTP)
+        ("redis", ["--port", "0", "--no-auth"], {"REDIS_URL": "redis://127.0.0.1:1", "ENCRYPTION_KEY": "11" * 32},
+         "redis"),
+        ("cryptography", ["encrypt", "secret"], {"ENCRYPTION_KEY": "11" * 32}, "cryptography"),
+        ("cryptography", ["--stdio"], {"ENCRYPTION_KEY": "11" * 32, "MCP_PUBLIC_URL": "enc:v1.x.y"}, "cryptography"),
+    ])
+    def test_a_missing_package_the_configuration_needs_refuses_the_start_naming_it(
+            self, tmp_path, blocked, args, env, package):
+        # issue 19, defect 5: a missing optional package surfaced later as a traceback, a 500 or a
+        # login that stopped halfway; now the start is refused with the package and the command
+        result = run_cli(args, env=self.without_packages(tmp_path, blocked, **env))
+        assert result.returncode != 0 and result.stdout == "", result
+        assert "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert f"needs the Python package {package}, which is not installed" in line, result.stderr
+        assert line.endswith("pip install -r requirements.txt"), result.stderr
+
+    def test_a_login_tool_without_cryptography_is_a_tool_error_not_a_link_to_a_500(self, tmp_path):
+        # An application that mounts server.asgi itself runs no start-up check: the login tool
+        # must refuse before it hands out a link whose /redirect could not store the credentials
+        script = tmp_path / "login_app.py"
+        script.write_text(textwrap.dedent(f'''
+            import asyncio, sys
+            sys.path.insert(0, {ROOT!r})
+            import mcp_server
+            server = mcp_server.MCPServer("login-app", settings=mcp_server.Settings(auth="none", port=0))
+            server.add_login_tools()
+            asyncio.run(mcp_server._serve_http(server.asgi, server.settings, server))
+        '''))
+        with Proc([str(script)], env=self.without_packages(tmp_path, "cryptography")) as p:
+            session = Session(_login_port_of(p))
+            session.initialize()
+            result = session.call("login")
+            assert result["isError"] is True, result
+            assert "needs the Python package cryptography, which is not installed" in result["content"][0]["text"]
+            assert "pip install -r requirements.txt" in result["content"][0]["text"]
+            assert session.request("ping")["result"] == {}
 
 
 # ==== 2 and 6 across instances: the Redis store, scale-out, revisions, tasks ==================
