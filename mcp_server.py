@@ -180,10 +180,10 @@ _PIP_NAMES = {"redis": "redis", "jwt": "pyjwt", "cryptography": "cryptography"}
 
 class _MissingPackage(ToolError, RpcError):
     """A feature's package is missing: a tool error inside a tool call, a JSON-RPC error
-    (-32603 with this message) for any other request."""
+    (-32603 with this message; HTTP 503, as for a store that is down) for any other request."""
 
     def __init__(self, message: str):
-        RpcError.__init__(self, INTERNAL_ERROR, message)
+        RpcError.__init__(self, INTERNAL_ERROR, message, status=503)
 
 
 def _require(feature: str) -> types.ModuleType:

@@ -4241,6 +4241,19 @@ class TestCLI:
             assert "pip install -r requirements.txt" in result["content"][0]["text"]
             assert session.request("ping")["result"] == {}
 
+    def test_a_request_whose_package_is_missing_is_503_naming_it_not_a_500(self, tmp_path):
+        # Over stdio OAuth is not needed to start, but the login's loopback listener still serves
+        # /mcp behind bearer tokens: without pyjwt a token there is refused naming the package
+        env = self.without_packages(tmp_path, "jwt", MCP_PORT="0")
+        with Proc([SERVER_FILE, "--stdio"], env=env) as p:
+            port = _login_port_of(p)
+            r = http(port, "POST", "/mcp", {"Authorization": "Bearer not-checked", "Accept": ACCEPT_BOTH},
+                     {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            assert r.status == 503, r
+            assert "needs the Python package pyjwt, which is not installed" in r.json()["error"]["message"], r.body
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY  # stdio serves on
+            assert p.finish() == 0
+
 
 # ==== 2 and 6 across instances: the Redis store, scale-out, revisions, tasks ==================
 
