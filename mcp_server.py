@@ -113,7 +113,7 @@ __all__ = [
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
 # - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
 #   only: a missing one refuses the start where the settings need it, else fails the one tool
-#   call (a tool error) or request (-32603) with the package's name and the install command.
+#   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -197,8 +197,8 @@ def _require(feature: str) -> types.ModuleType:
         return importlib.import_module(module)
     except ImportError as exc:
         top = module.partition(".")[0]
-        problem = ("is not installed" if isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == top
-                   else f"does not load ({exc})")
+        absent = isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == top
+        problem = "is not installed" if absent else f"does not load ({exc})"
         raise _MissingPackage(f"{what} needs the Python package {_PIP_NAMES[top]}, which {problem}; "
                               "install the server's packages with: pip install -r requirements.txt") from None
 

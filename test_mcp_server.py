@@ -2267,7 +2267,7 @@ class TestCore:
         server = MCPServer("revisions", settings=Settings(auth="none"))
         asks = {"form": lambda ctx: ctx.elicit("Name?", NAME_SCHEMA),
                 "url": lambda ctx: ctx.elicit_url("Sign in", "https://example.com/sign-in"),
-                "sampling_tools": lambda ctx: ctx.sample("Hi", tools=[{"name": "t", "inputSchema": {"type": "object"}}]),
+                "sampling_tools": lambda ctx: ctx.sample("Hi", tools=[{"name": "t", "inputSchema": NAME_SCHEMA}]),
                 "sampling_context": lambda ctx: ctx.sample("Hi", include_context="thisServer")}
 
         @server.tool()
@@ -2277,7 +2277,8 @@ class TestCore:
 
         @server.tool()
         async def supported(ctx: Context) -> dict:
-            return {f: ctx.supports(f) for f in ("elicitation", "elicitation.url", "sampling", "sampling.tools", "roots")}
+            features = ("elicitation", "elicitation.url", "sampling", "sampling.tools", "roots")
+            return {feature: ctx.supports(feature) for feature in features}
 
         everything = {"elicitation": {"form": {}, "url": {}}, "sampling": {"tools": {}}, "roots": {}}
         st = make_server(server)
@@ -2310,8 +2311,8 @@ class TestCore:
             assert result["content"][0]["text"] == (
                 f"The client did not declare the {need} capability, so it cannot be asked."), result
         # 2026-07-28 has them all: an undeclared one is -32021 with what it needs
-        error = assert_rpc_error(modern_post(st.port, "tools/call", {"name": "ask", "arguments": {"what": "sampling_context"}},
-                                             caps={"sampling": {}}), 400, -32021)
+        asked = {"name": "ask", "arguments": {"what": "sampling_context"}}
+        error = assert_rpc_error(modern_post(st.port, "tools/call", asked, caps={"sampling": {}}), 400, -32021)
         assert error["data"]["requiredCapabilities"] == {"sampling": {"context": {}}}
 
     def test_a_failure_while_building_an_input_round_is_an_error_answer_not_an_escape(self):
