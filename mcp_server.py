@@ -2427,6 +2427,7 @@ _CLIENT_FEATURE_SINCE = {
     "sampling.context": ("The sampling.context capability", "2025-11-25"),
 }
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
+_TASKS_2025_11_25 = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")  # (experimental there)
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
@@ -3160,6 +3161,9 @@ class MCPServer:
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
             message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
                        if known else f"Method not found: {ctx.method}.")
+            if ctx.method in _TASKS_2025_11_25 and not ctx.modern and era >= "2025-11-25":
+                message = (f"Method not found: {ctx.method}: this server declared no tasks capability for {era}; "
+                           f"it runs tasks for 2026-07-28 clients, as the {_TASKS_EXTENSION} extension.")
             raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
         if ctx.modern and ctx.method in _MRTR_METHODS and (
                 "requestState" in ctx.params or "inputResponses" in ctx.params):

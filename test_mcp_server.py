@@ -2330,6 +2330,24 @@ class TestCore:
         assert status == 500 and response["error"]["code"] == -32603, response
         assert ERROR_ID.search(response["error"]["message"]), response
 
+    def test_tasks_methods_on_2025_11_25_say_the_server_offers_no_tasks_there_not_that_the_revision_lacks_them(
+            self, make_server):
+        # 2025-11-25 defines tasks/* (experimental); this server declares no tasks capability
+        # there.  "not part of protocol version 2025-11-25" was untrue; on 2025-06-18 it is true.
+        st = make_server()
+        current = Session(st.port, "2025-11-25")
+        current.initialize()
+        assert "tasks" not in current.init_result["capabilities"]
+        for method in ("tasks/get", "tasks/list"):
+            error = current.request(method, {"taskId": "x"})["error"]
+            assert error["code"] == -32601 and error["message"] == (
+                f"Method not found: {method}: this server declared no tasks capability for 2025-11-25; it runs "
+                "tasks for 2026-07-28 clients, as the io.modelcontextprotocol/tasks extension."), error
+        older = Session(st.port, "2025-06-18")
+        older.initialize()
+        error = older.request("tasks/get", {"taskId": "x"})["error"]
+        assert error["message"] == "Method not found: tasks/get is not part of protocol version 2025-06-18.", error
+
 
 # =================================================================================================
 # 6. Transports: Streamable HTTP
