@@ -174,6 +174,8 @@ _FEATURE_MODULES = {
                 "Sealed state (2026-07-28 input rounds, the OAuth consent page)"),
     "vault": ("cryptography.hazmat.primitives.ciphers.aead",
               "The credential vault (the upstream login, enc: settings)"),
+    "jwks": ("cryptography.hazmat.primitives.asymmetric.rsa",
+             "Checking tokens against MCP_AUTH_JWKS_URL (RS256, ES256, PS256, EdDSA)"),
 }
 _PIP_NAMES = {"redis": "redis", "jwt": "pyjwt", "cryptography": "cryptography"}
 
@@ -6023,6 +6025,8 @@ class _OAuth:
     async def _decode_external(self, http: _Http, token: str) -> dict | None:
         jwt = _require("tokens")
         settings = self.settings
+        if not settings.auth_secret:
+            _require("jwks")  # (PyJWT needs it for these algorithms: else every token looks invalid)
         try:
             if settings.auth_secret:
                 key, algorithms = settings.auth_secret, ["HS256"]
@@ -7795,9 +7799,11 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
 def _check_packages(server: MCPServer, settings: Settings) -> None:
     """Refuse to start, naming the package, when the configuration needs one that is missing:
     better than a login that stops halfway or a 500 on the first token."""
-    needed = ["redis"] if settings.redis_url else []
+    needed = ["redis"] if settings.redis_url or isinstance(server.store, RedisStore) else []
     if not settings.stdio and settings.auth in ("builtin", "external"):
         needed += ["tokens", "sealing"] if settings.auth == "builtin" else ["tokens"]
+        if settings.auth == "external" and not settings.auth_secret:
+            needed.append("jwks")
     if server._login is not None:
         needed.append("vault")
     for feature in needed:

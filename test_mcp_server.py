@@ -4226,6 +4226,8 @@ class TestCLI:
         ("redis", ["--port", "0", "--no-auth"], {"REDIS_URL": "redis://127.0.0.1:1", "ENCRYPTION_KEY": "11" * 32},
          "redis"),
         ("cryptography", ["encrypt", "secret"], {"ENCRYPTION_KEY": "11" * 32}, "cryptography"),
+        ("cryptography", ["--port", "0"], {"MCP_AUTH": "external", "MCP_AUTH_ISSUER": "https://issuer.example",
+                                           "MCP_AUTH_JWKS_URL": "https://issuer.example/jwks"}, "cryptography"),
         ("cryptography", ["--stdio"], {"ENCRYPTION_KEY": "11" * 32, "MCP_PUBLIC_URL": "enc:v1.x.y"}, "cryptography"),
     ])
     def test_a_missing_package_the_configuration_needs_refuses_the_start_naming_it(
