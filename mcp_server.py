@@ -61,6 +61,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import importlib
 import inspect
 import itertools
 import json
@@ -111,6 +112,9 @@ __all__ = [
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and docs/configuration.md
 #   (``python mcp_server.py settings --write docs/configuration.md``).
+# - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
+#   only: a missing one refuses the start where the settings need it, else fails the one tool
+#   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -161,6 +165,45 @@ class ToolError(Exception):
 
 class _Cancelled(Exception):
     """The client cancelled this request: the transport sends nothing more for it."""
+
+
+# What each feature that needs an optional package imports, and how a person would name it.
+_FEATURE_MODULES = {
+    "redis": ("redis.asyncio", "The Redis store (REDIS_URL)"),
+    "tokens": ("jwt", "OAuth (MCP_AUTH=builtin or external; --no-auth turns it off)"),
+    "sealing": ("cryptography.hazmat.primitives.ciphers.aead",
+                "Sealed state (2026-07-28 input rounds, the OAuth consent page)"),
+    "vault": ("cryptography.hazmat.primitives.ciphers.aead",
+              "The credential vault (the upstream login, enc: settings)"),
+    "jwks": ("cryptography.hazmat.primitives.asymmetric.rsa",
+             "Checking tokens against MCP_AUTH_JWKS_URL (RS256, ES256, PS256, EdDSA)"),
+}
+_PIP_NAMES = {"redis": "redis", "jwt": "pyjwt", "cryptography": "cryptography"}
+
+
+class _MissingPackage(ToolError, RpcError):
+    """A feature's package is missing: a tool error inside a tool call, a JSON-RPC error
+    (-32603 with this message; HTTP 503, as for a store that is down) for any other request."""
+
+    def __init__(self, message: str):
+        RpcError.__init__(self, INTERNAL_ERROR, message, status=503)
+
+
+def _require(feature: str) -> types.ModuleType:
+    """The module ``feature`` needs (``_FEATURE_MODULES``), imported; or ``_MissingPackage``
+    naming the package to install."""
+    module, what = _FEATURE_MODULES[feature]
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        absent = isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == top
+        problem = "is not installed" if absent else f"does not load ({exc})"
+        raise _MissingPackage(f"{what} needs the Python package {_PIP_NAMES[top]}, which {problem}; "
+                              "install the server's packages with: pip install -r requirements.txt") from None
 
 
 def _error_id() -> str:
@@ -413,7 +456,10 @@ class Settings:
             if not values.get("encryption_key") or values["encryption_key"].startswith("enc:"):
                 raise SystemExit(f"{prog}: error: {', '.join(encrypted)} is encrypted (enc:...) but "
                                  "ENCRYPTION_KEY is not set")
-            vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
+            try:
+                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
+            except _MissingPackage as exc:
+                raise SystemExit(f"{prog}: error: {exc}") from None
             for attr in encrypted:
                 plain = vault.decrypt(values[attr][4:], b"config")
                 if plain is None:
@@ -1153,7 +1199,7 @@ class RedisStore(Store):
 
     def _redis(self):
         if self._client is None:
-            import redis.asyncio as aioredis
+            aioredis = _require("redis")
             import redis.exceptions
             from redis.asyncio.retry import Retry
             from redis.backoff import ExponentialBackoff
@@ -1378,7 +1424,7 @@ def _task_channel(task_id: str) -> str:
 # - State handed to a client and trusted when it comes back (``requestState``, cursors) is sealed
 #   or signed; anything that fails verification is refused, never half-trusted.
 # - Comparisons of secrets are constant-time (``hmac.compare_digest``).
-# - ``cryptography`` is imported on first use, so a stdio start does not pay for it.
+# - ``cryptography`` is imported on first use (``_require``), so a stdio start does not pay for it.
 
 _KEY_LABELS = {
     "request_state": b"mcp_server/v1 request-state AES-256-GCM",
@@ -1428,8 +1474,7 @@ class _KeyRing:
     def _cipher(self, purpose: str):
         cipher = self._aead.get(purpose)
         if cipher is None:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-            cipher = self._aead[purpose] = AESGCM(self._keys[purpose])
+            cipher = self._aead[purpose] = _require("sealing").AESGCM(self._keys[purpose])
         return cipher
 
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
@@ -1439,11 +1484,12 @@ class _KeyRing:
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        cipher = self._cipher(purpose)  # (a missing package is no bad token: it is said so)
         try:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            payload = json.loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()))
+            payload = json.loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()))
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -1485,14 +1531,14 @@ class _Vault:
     ciphertext to its owner (a session id), and a key id so that old keys still decrypt."""
 
     def __init__(self, key: str | bytes | None, previous: typing.Iterable = (), prog: str = "mcp_server"):
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        aes_gcm = _require("vault").AESGCM
         self.ephemeral = not key
         raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key, prog))
         self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
-        self._ciphers = {self.kid: AESGCM(raw)}
+        self._ciphers = {self.kid: aes_gcm(raw)}
         for old in previous:
             old_raw = _parse_key(old, prog)
-            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], AESGCM(old_raw))
+            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], aes_gcm(old_raw))
 
     def encrypt(self, plain: str, associated: bytes) -> str:
         nonce = secrets.token_bytes(12)
@@ -1519,7 +1565,10 @@ class _Vault:
 # - A parameter annotated ``Context`` is injected and never appears in a schema.
 # - Return values become content blocks (``_to_call_result``); dict-like values also become
 #   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
-# - Sync functions run in a worker thread: a slow tool never blocks the event loop.
+# - Sync functions run in a worker thread: a slow tool never blocks the event loop.  Only one
+#   registered with ``inline=True`` runs on the loop; nothing moves there by itself, because a
+#   function fast a thousand times can still stall once (a network wait, a lock) and then stall
+#   every client of the process.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2071,28 +2120,6 @@ def _param_descriptions(fn) -> dict:
     return found
 
 
-# How a sync function runs (``inline``): True on the event loop, False in a worker thread, None
-# (the default) decided by measurement.  A thread hand-off costs tens of microseconds and
-# several context switches, more than most small functions take; blocking the loop costs every
-# other request.  So a sync function starts in the worker pool, timed there.  Once it has
-# _AUTO_INLINE_RUNS calls under _AUTO_INLINE_FAST seconds, less two for each slower one (a
-# paused thread makes a cheap call look slow now and then; what waits on I/O is slow every
-# time), it runs on the loop, still timed.  A call there that takes over _AUTO_INLINE_SLOW
-# sends it back to the pool to earn its place again (a pause of the whole process can make a
-# cheap call look slow once); the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever
-# waits on I/O, sleeps or does real work stays in a thread.
-_AUTO_INLINE_RUNS = 16
-_AUTO_INLINE_FAST = 0.0001
-_AUTO_INLINE_SLOW = 0.002
-_AUTO_INLINE_STRIKES = 3
-
-
-def _timed_call(fn, kwargs: dict) -> tuple:
-    started = time.perf_counter()
-    result = fn(**kwargs)
-    return result, time.perf_counter() - started
-
-
 class _Callable:
     """What tools, resources and prompts share: how to call the user's function."""
 
@@ -2103,9 +2130,9 @@ class _Callable:
             getattr(fn, "__call__", None))
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
-        self.inline = None  # sync functions: True on the loop, False in a thread, None measured
-        self.fast_runs = 0  # auto mode: fast calls minus twice the slow ones, at least 0 (-1: never inline)
-        self.slow_strikes = 0  # auto mode: inline calls that took over _AUTO_INLINE_SLOW
+        # sync functions: False in a worker thread; True on the event loop, only when declared
+        # (``inline=True``): a call that stalls there, even once, stalls every client
+        self.inline = False
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -2115,9 +2142,8 @@ class _Callable:
 
     @property
     def on_loop(self) -> bool:
-        """A sync function that runs on the event loop now (declared or measured cheap)."""
-        return not self.is_async and (self.inline is True or (
-            self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS))
+        """A sync function declared to run on the event loop (``inline=True``)."""
+        return self.inline and not self.is_async
 
     async def invoke(self, arguments: dict, ctx):
         kwargs = {name: arguments[name] if tp is None else _convert(arguments[name], tp)
@@ -2126,30 +2152,27 @@ class _Callable:
             kwargs.update({k: v for k, v in arguments.items() if k not in kwargs})
         if self.ctx_param:
             kwargs[self.ctx_param] = ctx
-        if self.is_async:
-            result = await self.fn(**kwargs)
-        elif self.inline:
-            result = self.fn(**kwargs)  # declared cheap: no thread hand-off
-        elif self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS:
-            started = time.perf_counter()
-            result = self.fn(**kwargs)  # measured cheap
-            took = time.perf_counter() - started
-            if took > _AUTO_INLINE_SLOW:
-                self.slow_strikes += 1
-                self.fast_runs = -1 if self.slow_strikes >= _AUTO_INLINE_STRIKES else 0
-                if self.fast_runs < 0:
-                    log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now "
-                             "on (inline=True/False on its decorator decides for it)",
-                             getattr(self.fn, "__name__", "a function"), took * 1000)
-        else:
-            loop = asyncio.get_running_loop()
-            context = contextvars.copy_context()
-            result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
-            if self.fast_runs >= 0:  # (a slower call counts against it; an outlier does not reset it)
-                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else max(0, self.fast_runs - 2)
-        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
-            result = await result
+        try:
+            if self.is_async:
+                result = await self.fn(**kwargs)
+            elif self.inline:
+                result = self.fn(**kwargs)  # declared cheap: no thread hand-off
+            else:
+                context = contextvars.copy_context()
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(context.run, self.fn, **kwargs))
+            if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
+                result = await result
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # asyncio lets these two through every task and out of the event loop: one call
+            # (a library's sys.exit(), say) would end the process for every client
+            raise _FunctionExit(f"{getattr(self.fn, '__name__', 'the function')} raised {exc!r}") from exc
         return result
+
+
+class _FunctionExit(Exception):
+    """A tool, resource or prompt function raised SystemExit or KeyboardInterrupt: it fails that
+    one request, like any other exception, and the server keeps serving."""
 
 
 _PLAIN_RESULTS = frozenset((str, dict, list, int, float, bool, bytes, type(None)))  # never awaitable
@@ -2402,7 +2425,9 @@ def _to_call_result(value, tool: _Tool) -> dict:
 # Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
 # method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
 # transport), ``_InputRequired`` becomes an ``input_required`` result, ``_Cancelled`` means "say
-# nothing", and anything else is logged with a correlation id and reported as -32603.
+# nothing", and anything else, SystemExit and KeyboardInterrupt included, is logged with a
+# correlation id and reported as -32603 (a tool's, as an ``isError`` result): no request ends
+# the process.
 
 
 class _InputRequired(Exception):
@@ -2415,7 +2440,18 @@ _CAPABILITY_OF = {
     "sampling/createMessage": "sampling",
     "roots/list": "roots",
 }
+# What a client can be asked, by the revision whose ClientCapabilities added it (sampling and
+# roots are in all of them): a client that speaks an older revision has no such thing, whatever
+# its capabilities say, and is told which revision it would need.
+_CLIENT_FEATURE_SINCE = {
+    "elicitation": ("Elicitation", "2025-06-18"),
+    "elicitation.form": ("Elicitation", "2025-06-18"),
+    "elicitation.url": ("URL-mode elicitation", "2025-11-25"),
+    "sampling.tools": ("Sampling with tools", "2025-11-25"),
+    "sampling.context": ("The sampling.context capability", "2025-11-25"),
+}
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
+_TASKS_2025_11_25 = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")  # (experimental there)
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
@@ -2471,8 +2507,11 @@ class Context:
         return self._cancelled
 
     def supports(self, capability: str) -> bool:
-        """Whether the client declared a capability: ``"sampling"``, ``"sampling.tools"``,
-        ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        """Whether the client declared a capability that its revision has: ``"sampling"``,
+        ``"sampling.tools"``, ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        feature = _CLIENT_FEATURE_SINCE.get(capability)
+        if feature is not None and self.protocol_version < feature[1]:
+            return False
         head, _, sub = capability.partition(".")
         caps = self.client_capabilities
         if not isinstance(caps, dict) or head not in caps:
@@ -2549,6 +2588,7 @@ class Context:
             for key, value in (await self._task_run.wait_input(missing)).items():
                 answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
         elif missing:
+            _require("sealing")  # the answers so far travel sealed: without it, a tool error now
             raise _InputRequired(missing)
         return answers
 
@@ -2613,8 +2653,15 @@ class Context:
             need, shape = "elicitation.url", {"elicitation": {"url": {}}}
         elif method == "sampling/createMessage" and params.get("tools"):
             need, shape = "sampling.tools", {"sampling": {"tools": {}}}
-        if self.supports(need) and not (head == "elicitation" and self.protocol_version < "2025-06-18"):
-            return  # (elicitation exists from 2025-06-18 on, whatever an older client declares)
+        elif (method == "sampling/createMessage" and params.get("includeContext") in ("thisServer", "allServers")
+              and self.protocol_version >= _CLIENT_FEATURE_SINCE["sampling.context"][1]):
+            need, shape = "sampling.context", {"sampling": {"context": {}}}  # (before: plain sampling)
+        if self.supports(need):
+            return
+        feature, since = _CLIENT_FEATURE_SINCE.get(need, (need, ""))
+        if self.protocol_version < since:
+            raise ToolError(f"{feature} is not part of MCP {self.protocol_version}, the revision this client "
+                            f"speaks; it needs {since} or later, so the client cannot be asked.")
         if self.modern:
             raise _missing_capability(shape, need)
         raise ToolError(f"The client did not declare the {need} capability, so it cannot be asked.")
@@ -2838,7 +2885,7 @@ class MCPServer:
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
              task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
-             inline: bool | None = None):
+             inline: bool = False):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -2851,17 +2898,16 @@ class MCPServer:
         the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
         and any names given; login-required tools mask by default, ``mask=False`` turns it off).
 
-        A sync function starts in a worker thread so that it never blocks the event loop; one
-        that proves cheap (16 calls under 0.1 ms, less two for each slower one) then runs on the loop, which
-        saves the thread hand-off, and goes back to the thread when a call takes over 2 ms
-        (for good the third time).  ``inline=False`` keeps it in the thread, ``inline=True``
-        puts it on the loop from the first call."""
+        A sync function runs in a worker thread, so that it never blocks the event loop.
+        ``inline=True`` runs it on the loop instead, which saves the thread hand-off: only for a
+        function that never waits (no I/O, locks or sleeps), since while it runs no other
+        request of the process is served and the tool timeout cannot interrupt it."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
                          output_schema=output_schema, meta=meta, task=task, task_start=task_start)
             tool.login_required = login_required
-            tool.inline = inline
+            tool.inline = bool(inline)
             if mask is False or (mask is None and not login_required):
                 tool.mask = None
             else:
@@ -2931,6 +2977,7 @@ class MCPServer:
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
             your browser and a pairing code to enter there if asked."""
+            flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
             # a 2026 client retries after the URL elicitation: the retry must reuse the same link
             started = ctx.round_state.get("login") or await flow.start(ctx)
             if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
@@ -3081,17 +3128,18 @@ class MCPServer:
             if isinstance(trace, str) and len(trace) == 55:
                 _trace_id.set(trace[3:35])
         try:
-            result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            try:
+                result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            except _InputRequired as exc:  # (inside: what fails while building the round is caught below)
+                result = await self._input_required(ctx, exc.requests)
         except RpcError as exc:
             if ctx.request_id is None:
                 response, status = None, exc.status if exc.status != 200 else 202
             else:
                 response, status = _error_response(ctx.request_id, exc), exc.status
-        except _InputRequired as exc:
-            response, status = await self._input_round(ctx, exc.requests)
         except _Cancelled:
             response, status = None, 0
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # (middleware's too: never the process's end)
             error_id = _error_id()
             log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -3109,19 +3157,6 @@ class MCPServer:
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
             _metrics.add(_rpc_metric_key(ctx.method, outcome))
         return response, status
-
-    async def _input_round(self, ctx: Context, requests: dict) -> tuple:
-        """A handler asked the client for input: a 2026 input_required result, or an error."""
-        if ctx.method not in _MRTR_METHODS or not ctx.modern:
-            error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
-            return _error_response(ctx.request_id, error), 500
-        try:
-            result = self._finish_modern(await self._input_required(ctx, requests), ctx.method)
-        except RpcError as error:
-            return _error_response(ctx.request_id, error), error.status
-        if ctx.request_id is None:
-            return None, 202
-        return {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
 
     async def _call_chain(self, ctx: Context, index: int):
         if index == len(self.middleware):
@@ -3150,6 +3185,9 @@ class MCPServer:
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
             message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
                        if known else f"Method not found: {ctx.method}.")
+            if ctx.method in _TASKS_2025_11_25 and not ctx.modern and era >= "2025-11-25":
+                message = (f"Method not found: {ctx.method}: this server declared no tasks capability for {era}; "
+                           f"it runs tasks for 2026-07-28 clients, as the {_TASKS_EXTENSION} extension.")
             raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
         if ctx.modern and ctx.method in _MRTR_METHODS and (
                 "requestState" in ctx.params or "inputResponses" in ctx.params):
@@ -3186,6 +3224,9 @@ class MCPServer:
         ctx.round_state = dict(state.get("c") or {})
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
+        """A handler asked the client for input: the 2026 input_required result, or an error."""
+        if ctx.method not in _MRTR_METHODS or not ctx.modern:
+            raise RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.", status=500)
         target, digest = self._round_target(ctx)
         state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
@@ -6070,7 +6111,7 @@ class _OAuth:
 
     async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family,
                      generation: str | None) -> dict:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         now = int(_now())
         claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
@@ -6176,7 +6217,7 @@ class _OAuth:
     # -- the protected resource --------------------------------------------------------------------
 
     async def _decode(self, http: _Http, token: str, verify_exp: bool = True) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         candidates = [keys.token_key]
         if self.settings.previous_secret:
@@ -6233,8 +6274,10 @@ class _OAuth:
         return claims["sid"]
 
     async def _decode_external(self, http: _Http, token: str) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         settings = self.settings
+        if not settings.auth_secret:
+            _require("jwks")  # (PyJWT needs it for these algorithms: else every token looks invalid)
         try:
             if settings.auth_secret:
                 key, algorithms = settings.auth_secret, ["HS256"]
@@ -8033,10 +8076,28 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
             log.warning("%s", exc)
 
 
+def _check_packages(server: MCPServer, settings: Settings) -> None:
+    """Refuse to start, naming the package, when the configuration needs one that is missing:
+    better than a login that stops halfway or a 500 on the first token."""
+    needed = ["redis"] if settings.redis_url or isinstance(server.store, RedisStore) else []
+    if not settings.stdio and settings.auth in ("builtin", "external"):
+        needed += ["tokens", "sealing"] if settings.auth == "builtin" else ["tokens"]
+        if settings.auth == "external" and not settings.auth_secret:
+            needed.append("jwks")
+    if server._login is not None:
+        needed.append("vault")
+    for feature in needed:
+        try:
+            _require(feature)
+        except _MissingPackage as exc:
+            raise SystemExit(f"mcp_server: error: {exc}") from None
+
+
 def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
+    _check_packages(server, settings)
     _configure_logging(settings.log_level, settings.log_format, settings.log_file)
     if not settings.stdio:  # what starting up left behind (before the freeze, which would keep its cycles)
         _give_back_memory()
@@ -8227,6 +8288,9 @@ def main(argv: list | None = None) -> None:
         if from_command_line:
             _restart_as_module(settings)
         server = _builtin_server(settings)
+    except _MissingPackage as exc:
+        print(f"mcp_server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:
         if exc.code not in (0, None):
             print(exc.code, file=sys.stderr)
