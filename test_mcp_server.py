@@ -4273,7 +4273,8 @@ class TestCLI:
          "redis"),
         ("cryptography", ["encrypt", "secret"], {"ENCRYPTION_KEY": "11" * 32}, "cryptography"),
         ("cryptography", ["--port", "0"], {"MCP_AUTH": "external", "MCP_AUTH_ISSUER": "https://issuer.example",
-                                           "MCP_AUTH_JWKS_URL": "https://issuer.example/jwks"}, "cryptography"),
+                                           "MCP_AUTH_JWKS_URL": "https://issuer.example/jwks",
+                                           "MCP_PUBLIC_URL": "https://mcp.example"}, "cryptography"),
         ("cryptography", ["--stdio"], {"ENCRYPTION_KEY": "11" * 32, "MCP_PUBLIC_URL": "enc:v1.x.y"}, "cryptography"),
     ])
     def test_a_missing_package_the_configuration_needs_refuses_the_start_naming_it(
