@@ -3702,6 +3702,13 @@ _MODERN_METHODS = {
 #   a client that lost the stream resumes with GET + ``Last-Event-ID``.
 # - A legacy session exists only after a successful ``initialize``; unknown or expired ids get 404
 #   (the client then re-initializes), a missing id gets 400.  Modern requests never get a session.
+#   Exception: GET /sse records its session (owner, transport) at once, before initialize, so the
+#   first POST /messages may reach any instance.
+# - A session belongs to the principal whose token made it and to the transport that made it
+#   (``t``: "mcp" or "sse").  Every route that names a session (POST/GET/DELETE /mcp, resumption,
+#   GET /sse, POST /messages, answers to server requests, cancellations) goes through
+#   ``_session_of``; anything else is 404, as for an unknown id.  With MCP_AUTH=none there is no
+#   principal and the id (192 random bits) is the whole credential.
 # - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
@@ -3880,7 +3887,9 @@ class _Hub:
         epoch, drops = store.link_epoch, self._drops
         record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
         # (a change announced while the read was on its way may be newer than what it read)
-        if record is None or not trusted or epoch != store.link_epoch or drops != self._drops:
+        # (nor of an /sse session not initialized yet: its initialize may come through any instance)
+        if (record is None or "v" not in record or not trusted or epoch != store.link_epoch
+                or drops != self._drops):
             cache.pop(session_id, None)
         else:
             if len(cache) >= _SESSION_CACHE_MAX and session_id not in cache:
@@ -4447,12 +4456,17 @@ class _SessionStream:
 
     async def run(self, first: bytes = b"", replay: list = ()) -> None:
         hub, http = self.hub, self.http
+        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
+        try:  # before the first event: an answer to what the client sends next may come from anywhere
+            await hub.store.subscribed()
+        except BaseException:
+            unsubscribe()
+            raise
         previous = hub.session_streams.get(self.session_id)
         if previous is not None:
             previous.put(None)  # take over
         hub.session_streams[self.session_id] = self
         _metrics.inc("mcp_open_streams", kind="session")
-        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
         http.on_disconnect(self._end)
         hub.listeners.add(self._on_bus)
         try:
@@ -4813,11 +4827,14 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-async def _session_of(hub: _Hub, http: _Http, session_id: str) -> dict | None:
-    """A legacy session, its expiry slid forward, if it belongs to the caller's token (a session
-    id alone proves nothing)."""
+async def _session_of(hub: _Hub, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
+    """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
+    made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
+    session id is no session on the other."""
     session = await hub.session(session_id)
-    return session if session is not None and session.get("owner") == http.principal else None
+    if session is None or session.get("owner") != http.principal or session.get("t", "mcp") != transport:
+        return None
+    return session
 
 
 def _classify_http(message) -> str:
@@ -4919,11 +4936,11 @@ class _LegacySSE:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
-            session = await _session_of(hub, http, session_id)
-            if session is None and session_id not in hub.session_streams:
+            if await _session_of(hub, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
-        else:
+        else:  # recorded at once: the first POST may reach another instance before initialize
             session_id = secrets.token_urlsafe(24)
+            await hub.save_session(session_id, {"owner": http.principal, "t": "sse"}, new=True)
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
         return stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())  # a tail call
@@ -4933,9 +4950,10 @@ class _LegacySSE:
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        session = await _session_of(hub, http, session_id)
-        if session is None and session_id not in hub.session_streams:
+        record = await _session_of(hub, http, session_id, "sse")
+        if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
+        session = record if "v" in record else None  # (None: opened, not initialized yet)
         message = await http.read_message(server.settings.max_body)
         kind = _classify_http(message)
         if kind == "response":
@@ -4978,7 +4996,7 @@ class _LegacySSE:
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.save_session(session_id, {**ctx.session, "owner": principal})
+            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse"})
         if response is not None:
             await channel.send(response)
 
