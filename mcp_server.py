@@ -234,12 +234,23 @@ _SETTING_SPECS = (
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
     ("idle_timeout", None, ("MCP_IDLE_TIMEOUT",), float, 30.0, "seconds a keep-alive connection may idle"),
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
+    ("max_connections_per_address", None, ("MCP_MAX_CONNECTIONS_PER_ADDRESS",), int, 1000,
+     "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
     ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
      "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
-     "sessions the in-memory store keeps before evicting the least recently used"),
+     "sessions the in-memory store keeps before evicting the least recently used (authorization "
+     "state has a budget of its own and is never evicted for sessions)"),
+    ("max_sessions_per_principal", None, ("MCP_MAX_SESSIONS_PER_PRINCIPAL",), int, 100,
+     "live MCP sessions one token's principal may hold, across instances (0: no limit)"),
+    ("max_sessions_per_address", None, ("MCP_MAX_SESSIONS_PER_ADDRESS",), int, 1000,
+     "live MCP sessions one client address may hold, across instances (0: no limit)"),
+    ("max_streams_per_principal", None, ("MCP_MAX_STREAMS_PER_PRINCIPAL",), int, 20,
+     "open GET /mcp and /sse streams one principal may hold on an instance (0: no limit)"),
+    ("max_streams_per_address", None, ("MCP_MAX_STREAMS_PER_ADDRESS",), int, 200,
+     "open GET /mcp and /sse streams one client address may hold on an instance (0: no limit)"),
     ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
     ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
     ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
@@ -329,9 +340,14 @@ class Settings:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     max_connections: int = 10000
+    max_connections_per_address: int = 1000
     busy_poll_us: int = 100
     session_ttl: int = 3600
     max_sessions: int = 100000
+    max_sessions_per_principal: int = 100
+    max_sessions_per_address: int = 1000
+    max_streams_per_principal: int = 20
+    max_streams_per_address: int = 200
     sse_keepalive: float = 15.0
     sse_retry_ms: int = 1000
     replay_events: int = 256
@@ -452,6 +468,10 @@ class Settings:
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
+        for attr in ("max_connections_per_address", "max_sessions_per_principal", "max_sessions_per_address",
+                     "max_streams_per_principal", "max_streams_per_address"):
+            if getattr(self, attr) < 0:
+                fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
 
 
@@ -906,9 +926,15 @@ def _now() -> float:
 # - Keys of one session share the hash tag ``{sid}`` (``mcp:{sid}:session``) so a Redis Cluster
 #   keeps them in one slot.
 #
-# Theory of operation: the in-memory store is an ``OrderedDict`` used as an LRU list.  Every entry
-# carries its absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the
-# dead ones from piling up.  Past ``max_keys`` the least recently used entry is evicted.  Pub/sub
+# - Authorization state (OAuth clients, codes, refresh tokens and families, user sessions, logins,
+#   quota counts) is never evicted to make room for MCP sessions: the in-memory store keeps it in
+#   an LRU of its own (``_KEPT_PREFIXES``).  Anyone with a token can make sessions; the per-principal
+#   and per-address caps of section 6 bound how many, and past ``max_keys`` the oldest session goes.
+#
+# Theory of operation: the in-memory store is two ``OrderedDict``s used as LRU lists, one for the
+# kept keys and one for the rest, each with a budget of ``max_keys``.  Every entry carries its
+# absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the dead ones
+# from piling up.  Past ``max_keys`` the least recently used entry of that list is evicted.  Pub/sub
 # is a dict of callbacks called in the event loop, which is what a Redis subscriber does too.
 
 
@@ -935,6 +961,17 @@ class Store:
         """Get and delete atomically (single-use values: codes, states)."""
         raise NotImplementedError
     async def incr(self, key: str, ttl: float) -> int: raise NotImplementedError
+    async def admit(self, key: str, member: str, limit: int, ttl: float, live: typing.Callable) -> bool:
+        """Add ``member`` to the set ``key`` unless ``limit`` of its members are live, a member
+        being live while the key ``live(member)`` exists (a quota on things that expire on their
+        own, like sessions); True when it is in.  The set lives ``ttl`` after the last admission."""
+        raise NotImplementedError
+    async def discard(self, key: str, member: str) -> None:
+        """Remove ``member`` from a set made by ``admit`` (the set goes with its last member)."""
+        raise NotImplementedError
+    async def touch(self, keys: list, ttl: float) -> None:
+        """Restart the time to live of the keys that exist."""
+        raise NotImplementedError
     async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
         """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
         raise NotImplementedError
@@ -963,47 +1000,58 @@ class _Log:
         self.seq = 0
 
 
+_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:sandbox:", "mcp:quota:", "mcp:server-secret")
+_KEPT_SUFFIX = ":user"  # mcp:{sid}:user, a user's session with the authorization server
+
+
 class MemoryStore(Store):
-    """The embedded store: one process, TTLs, sliding expiry, an LRU cap."""
+    """The embedded store: one process, TTLs, sliding expiry, an LRU cap per class of key."""
 
     name = "memory"
 
     def __init__(self, max_keys: int = 100000, clock: typing.Callable = time.monotonic):
         self._data: collections.OrderedDict = collections.OrderedDict()  # key -> [value, expires_at]
+        self._kept: collections.OrderedDict = collections.OrderedDict()  # the same, authorization state
         self._max_keys = max_keys
         self._clock = clock
         self._channels: dict = {}
         self._writes = 0
 
+    def _table(self, key: str) -> collections.OrderedDict:
+        return self._kept if key.startswith(_KEPT_PREFIXES) or key.endswith(_KEPT_SUFFIX) else self._data
+
     def _live(self, key):
-        entry = self._data.get(key)
+        table = self._table(key)
+        entry = table.get(key)
         if entry is None:
             return None
         if entry[1] is not None and entry[1] <= self._clock():
-            del self._data[key]
+            del table[key]
             return None
-        self._data.move_to_end(key)
+        table.move_to_end(key)
         return entry
 
     def _put(self, key, value, ttl):
-        self._data[key] = [value, None if ttl is None else self._clock() + ttl]
-        self._data.move_to_end(key)
+        table = self._table(key)
+        table[key] = [value, None if ttl is None else self._clock() + ttl]
+        table.move_to_end(key)
         self._writes += 1
         if self._writes % 64 == 0:
             self._sweep(limit=256)  # a bounded slice: a full pass over a big store would stall the loop
-        while len(self._data) > self._max_keys:
-            self._data.popitem(last=False)
+        while len(table) > self._max_keys:
+            table.popitem(last=False)
 
     def _sweep(self, limit: int | None = None):
         """Drop expired entries, starting with the least recently used (the likeliest to be)."""
         now = self._clock()
-        entries = self._data.items() if limit is None else itertools.islice(self._data.items(), limit)
-        for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
-            del self._data[key]
+        for table in (self._data, self._kept):
+            entries = table.items() if limit is None else itertools.islice(table.items(), limit)
+            for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
+                del table[key]
 
     def __len__(self):
         self._sweep()
-        return len(self._data)
+        return len(self._data) + len(self._kept)
 
     async def get(self, key):
         entry = self._live(key)
@@ -1027,14 +1075,14 @@ class MemoryStore(Store):
 
     async def delete(self, key):
         live = self._live(key) is not None
-        self._data.pop(key, None)
+        self._table(key).pop(key, None)
         return live
 
     async def take(self, key):
         entry = self._live(key)
         if entry is None:
             return None
-        del self._data[key]
+        del self._table(key)[key]
         return entry[0]
 
     async def incr(self, key, ttl):
@@ -1045,11 +1093,36 @@ class MemoryStore(Store):
         entry[0] += 1
         return entry[0]
 
+    async def admit(self, key, member, limit, ttl, live):
+        entry = self._live(key)
+        members = {} if entry is None else entry[0]  # member -> None (an ordered set)
+        if member not in members and len(members) >= limit:
+            for dead in [m for m in members if self._live(live(m)) is None]:
+                del members[dead]
+            if len(members) >= limit:
+                return False
+        members[member] = None
+        self._put(key, members, ttl)
+        return True
+
+    async def discard(self, key, member):
+        entry = self._live(key)
+        if entry is not None:
+            entry[0].pop(member, None)
+            if not entry[0]:
+                del self._table(key)[key]
+
+    async def touch(self, keys, ttl):
+        for key in keys:
+            entry = self._live(key)
+            if entry is not None:
+                entry[1] = self._clock() + ttl
+
     async def append(self, key, item, maxlen, ttl):
         entry = self._live(key)
         if entry is None:
             self._put(key, _Log(maxlen), ttl)
-            entry = self._data[key]
+            entry = self._table(key)[key]
         else:
             entry[1] = self._clock() + ttl
         events = entry[0]
@@ -1105,6 +1178,17 @@ _LUA_INCR = """
 local v = redis.call('INCR', KEYS[1])
 if v == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return v
+"""
+# Admit ARGV[1] to the set KEYS[1] of at most ARGV[2] members, after removing the dead ones the
+# caller found (ARGV[4...]); one script, so that concurrent admissions never pass the limit.
+_LUA_ADMIT = """
+for i = 4, #ARGV do redis.call('SREM', KEYS[1], ARGV[i]) end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -1189,6 +1273,29 @@ class RedisStore(Store):
 
     async def incr(self, key, ttl):
         return int(await self._script("incr", _LUA_INCR, [key], [int(ttl * 1000)]))
+
+    async def admit(self, key, member, limit, ttl, live):
+        members = [m.decode() for m in await self._run(lambda r: r.smembers(key))]
+        dead = []
+        if member not in members and len(members) >= limit:  # full: are they all still there?
+            async def exists(client):
+                pipe = client.pipeline(transaction=False)  # (a cluster splits it by slot)
+                for m in members:
+                    pipe.exists(live(m))
+                return await pipe.execute()
+            dead = [m for m, found in zip(members, await self._run(exists)) if not found]
+        return bool(await self._script("admit", _LUA_ADMIT, [key], [member, limit, int(ttl * 1000), *dead]))
+
+    async def discard(self, key, member):
+        await self._run(lambda r: r.srem(key, member))
+
+    async def touch(self, keys, ttl):
+        async def expire(client):
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpire(key, int(ttl * 1000))
+            await pipe.execute()
+        await self._run(expire)
 
     async def append(self, key, item, maxlen, ttl):
         return int(await self._script("append", _LUA_APPEND, [key, key + ":n"],
@@ -1346,6 +1453,11 @@ def _stream_channel(sid: str, stream_id: str) -> str:
 
 def _task_channel(task_id: str) -> str:
     return f"mcp:task:{{{task_id}}}:ctl"
+
+
+def _quota_key(what: str, holder: str) -> str:
+    """The set of things (sessions) a principal or a client address holds; the holder is hashed."""
+    return f"mcp:quota:{what}:{hashlib.sha256(holder.encode()).hexdigest()[:32]}"
 
 
 # ==== 3. Crypto and tokens ======================================================================
@@ -2394,6 +2506,9 @@ _CAPABILITY_OF = {
     "roots/list": "roots",
 }
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
+# What a client makes its session keep (capabilities and clientInfo; subscriptions), as JSON bytes:
+# a session is stored whole and read on every request.
+_MAX_CLIENT_STATE = 8192
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
@@ -3218,9 +3333,13 @@ class MCPServer:
         if caps is not None and not isinstance(caps, dict):
             raise _invalid_params("initialize: params.capabilities must be an object.")
         version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
+        size = len(_dumps(caps or {})) + len(_dumps(client))
+        if size > _MAX_CLIENT_STATE:
+            raise _invalid_params(f"initialize: params.capabilities and params.clientInfo take {size} bytes as "
+                                  f"JSON; the session keeps at most {_MAX_CLIENT_STATE}.", status=400)
         ctx.protocol_version = version
         ctx.client_capabilities = caps or {}
-        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         ctx.session = {"v": version, "caps": caps or {}, "client": client, "log": None, "subs": []}
         ctx._session_changed = True
         result = {"protocolVersion": version, "capabilities": self._capabilities(version),
@@ -3369,6 +3488,9 @@ class MCPServer:
         subs = set((ctx.session or {}).get("subs", ()))
         if ctx.method == "resources/subscribe":
             subs.add(uri)
+            if len(_dumps(sorted(subs))) > _MAX_CLIENT_STATE:
+                raise _invalid_params(f"resources/subscribe: this session's subscriptions would take more than "
+                                      f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.", status=400)
         else:
             subs.discard(uri)
         ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
@@ -3862,6 +3984,8 @@ class _Hub:
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
         self._drops = 0  # changes announced on _SESSIONS_CHANNEL so far
         self._ticker = None  # the keep-alive ticker of idle session streams
+        self.streams_held: collections.Counter = collections.Counter()  # (kind, holder) -> open streams
+        self.in_flight: collections.Counter = collections.Counter()  # /sse session id -> requests running
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
@@ -3877,7 +4001,7 @@ class _Hub:
         """A legacy session's record, its expiry slid forward (or this instance's fresh copy)."""
         cache, store = self.session_cache, self.store
         if not self.cache_seconds:  # the in-memory store, or copies turned off
-            return await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+            return await self._read_session(session_id)
         trusted = store.link_up  # copies need the invalidations to arrive
         if trusted:
             entry = cache.get(session_id)
@@ -3885,7 +4009,7 @@ class _Hub:
                     and entry[2] == store.link_epoch):
                 return entry[0]
         epoch, drops = store.link_epoch, self._drops
-        record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+        record = await self._read_session(session_id)
         # (a change announced while the read was on its way may be newer than what it read)
         # (nor of an /sse session not initialized yet: its initialize may come through any instance)
         if (record is None or "v" not in record or not trusted or epoch != store.link_epoch
@@ -3897,13 +4021,22 @@ class _Hub:
             cache[session_id] = (record, time.monotonic(), epoch)
         return record
 
+    async def _read_session(self, session_id: str) -> dict | None:
+        ttl = self.settings.session_ttl
+        record = await self.store.get_touch(_session_key(session_id), ttl)
+        if record is not None and record.get("q"):
+            await self.store.touch(record["q"], ttl)  # the quota sets counting it live as long as it does
+        return record
+
     async def save_session(self, session_id: str, record: dict, new: bool = False) -> None:
         await self.store.set(_session_key(session_id), record, self.settings.session_ttl)
         if not new:
             await self._session_changed(session_id)
 
-    async def drop_session(self, session_id: str) -> None:
+    async def drop_session(self, session_id: str, record: dict) -> None:
         await self.store.delete(_session_key(session_id))
+        for key in record.get("q", ()):
+            await self.store.discard(key, session_id)
         await self._session_changed(session_id)
 
     async def _session_changed(self, session_id: str) -> None:
@@ -3948,6 +4081,54 @@ class _Hub:
                 waiter = stream._waiter
                 if waiter is not None and not waiter.done() and now - stream.idle_since >= period:
                     waiter.set_result(None)
+
+    # -- quotas: sessions in the store (they hold across instances), streams here ------------------
+
+    async def admit_session(self, session_id: str, http: _Http, request_id=None) -> list:
+        """Count a new session against its principal's and its client address's caps; 429 past
+        either.  Returns the quota sets it is in (the record keeps them as ``q``: reading the
+        session slides their expiry, deleting it leaves them); a session whose record is gone
+        stops counting."""
+        settings = self.settings
+        counted = []
+        for holder, who, limit, setting in (
+                ("token", http.principal, settings.max_sessions_per_principal, "MCP_MAX_SESSIONS_PER_PRINCIPAL"),
+                ("client address", http.client_address(), settings.max_sessions_per_address,
+                 "MCP_MAX_SESSIONS_PER_ADDRESS")):
+            if who is None or not limit:
+                continue
+            key = _quota_key("sessions:" + holder, who)
+            if not await self.store.admit(key, session_id, limit, settings.session_ttl, _session_key):
+                _metrics.inc("mcp_quota_refusals_total", kind="sessions")
+                raise _over_limit(f"Too many sessions: this {holder} holds {limit} live sessions, the limit "
+                                  f"({setting}); end one with DELETE or let one expire, then retry.", request_id)
+            counted.append(key)
+        return counted
+
+    def hold_stream(self, principal: str | None, address: str | None) -> typing.Callable:
+        """Count an open stream against its principal's and address's caps on this instance (429
+        past either); returns what releases it."""
+        settings = self.settings
+        held = []
+        for holder, who, limit, setting in (
+                ("token", principal, settings.max_streams_per_principal, "MCP_MAX_STREAMS_PER_PRINCIPAL"),
+                ("client address", address, settings.max_streams_per_address, "MCP_MAX_STREAMS_PER_ADDRESS")):
+            if who is None or not limit:
+                continue
+            if self.streams_held[(holder, who)] >= limit:
+                _metrics.inc("mcp_quota_refusals_total", kind="streams")
+                raise _over_limit(f"Too many open streams: this {holder} holds {limit} on this server, the "
+                                  f"limit ({setting}); close one, then retry.")
+            held.append((holder, who))
+        for key in held:
+            self.streams_held[key] += 1
+
+        def release():
+            for key in held:
+                self.streams_held[key] -= 1
+                if self.streams_held[key] <= 0:
+                    del self.streams_held[key]
+        return release
 
     # -- requests the server sends to a legacy client ------------------------------------------------
 
@@ -4119,6 +4300,19 @@ def _header_dict(pairs: list) -> dict:
     return headers
 
 
+def _over_limit(message: str, request_id=None) -> "_HttpError":
+    """A per-principal or per-address cap was reached: 429, with a hint of when to retry."""
+    return _HttpError(429, message, request_id=request_id, headers=((b"retry-after", b"30"),))
+
+
+async def _holding(step: typing.Awaitable, release: typing.Callable) -> None:
+    """Run a long-lived response, then give back what it held (an open-stream slot)."""
+    try:
+        await step
+    finally:
+        release()
+
+
 def _body_too_large(limit: int) -> "_HttpError":
     return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
 
@@ -4149,6 +4343,10 @@ class _Http:
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
+
+    def client_address(self) -> str:
+        """The client's IP address (a trusted proxy's X-Forwarded-For already applied)."""
+        return (self.scope.get("client") or ("-",))[0]
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -4673,9 +4871,10 @@ class _StreamableHTTP:
         headers = []
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
+            counted = await hub.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal}, new=True)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
         await channel.finish(response, status, headers)
@@ -4740,7 +4939,8 @@ class _StreamableHTTP:
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and seq.isdigit():
-                return self._resume(http, session_id, stream_id, int(seq))  # a tail call
+                return _holding(self._resume(http, session_id, stream_id, int(seq)),  # a tail call
+                                hub.hold_stream(http.principal, http.client_address()))
             replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
@@ -4748,7 +4948,8 @@ class _StreamableHTTP:
         stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        return stream.run(first, replay)  # a tail call: _App._handle awaits it, without this frame
+        # a tail call: _App._handle awaits it, without this frame
+        return _holding(stream.run(first, replay), hub.hold_stream(http.principal, http.client_address()))
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
@@ -4815,9 +5016,10 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        if await _session_of(hub, http, session_id) is None:
+        session = await _session_of(hub, http, session_id)
+        if session is None:
             raise _HttpError(404, "Session not found.")
-        await hub.drop_session(session_id)
+        await hub.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
@@ -4926,6 +5128,9 @@ def _header_matches(header: str, value) -> bool:
 # ---- Legacy HTTP+SSE (2024-11-05) --------------------------------------------------------------
 
 
+_MAX_IN_FLIGHT = 100  # requests of one /sse session running on an instance at once
+
+
 class _LegacySSE:
     """GET /sse opens the stream and names the POST endpoint; POST /messages answers 202."""
 
@@ -4938,12 +5143,18 @@ class _LegacySSE:
         if session_id is not None:
             if await _session_of(hub, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
-        else:  # recorded at once: the first POST may reach another instance before initialize
-            session_id = secrets.token_urlsafe(24)
-            await hub.save_session(session_id, {"owner": http.principal, "t": "sse"}, new=True)
+        release = hub.hold_stream(http.principal, http.client_address())
+        try:
+            if session_id is None:  # recorded at once: the first POST may reach another instance
+                session_id = secrets.token_urlsafe(24)
+                counted = await hub.admit_session(session_id, http)
+                await hub.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
+        except BaseException:
+            release()
+            raise
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
-        return stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())  # a tail call
+        return _holding(stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode()), release)  # a tail call
 
     async def post(self, http: _Http) -> None:
         server, hub = self.server, self.server._hub()
@@ -4953,7 +5164,6 @@ class _LegacySSE:
         record = await _session_of(hub, http, session_id, "sse")
         if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
-        session = record if "v" in record else None  # (None: opened, not initialized yet)
         message = await http.read_message(server.settings.max_body)
         kind = _classify_http(message)
         if kind == "response":
@@ -4961,12 +5171,26 @@ class _LegacySSE:
                 await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
+        if hub.in_flight[session_id] >= _MAX_IN_FLIGHT:  # (each is a task here, with no connection held)
+            raise _over_limit(f"Too many requests in flight on this session: {_MAX_IN_FLIGHT} have not been "
+                              "answered yet; wait for their answers on the stream.", message.get("id"))
         await http.respond(202)  # the answer, or the error, travels on the stream
-        hub.spawn(self._process(session_id, session, message, kind, http.principal, http.base))
+        hub.in_flight[session_id] += 1
+        hub.spawn(self._counted(session_id, record, message, kind, http.principal, http.base))
 
-    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
+    async def _counted(self, session_id: str, *args) -> None:
+        in_flight = self.server._hub().in_flight
+        try:
+            await self._process(session_id, *args)
+        finally:
+            in_flight[session_id] -= 1
+            if in_flight[session_id] <= 0:
+                del in_flight[session_id]
+
+    async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
         server, hub = self.server, self.server._hub()
+        session = record if "v" in record else None  # (None: opened, not initialized yet)
         channel = _SessionChannel(hub, session_id)
         request_id = message.get("id") if kind == "request" else None
         if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
@@ -4996,7 +5220,8 @@ class _LegacySSE:
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse"})
+            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
+                                                "q": record.get("q", [])})
         if response is not None:
             await channel.send(response)
 
@@ -6918,6 +7143,7 @@ class _ServerState:
         # other ASGI app gets standard ASGI.
         self.native = app._serve_native if isinstance(app, _App) else None
         self.connections: set = set()
+        self.per_address: collections.Counter = collections.Counter()  # client IP -> open connections
         self.draining = False
         self.root_path = ""
         self.loop = asyncio.get_running_loop()
@@ -7275,6 +7501,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self.timer = None
         self.peer = self.client = self.server = None
+        self.counted_as = None  # the client address this connection counts against, if any
         self.closed = False
         self.unsent: list | None = None  # output for send_soon, not yet handed to the transport
         self.unsent_size = 0
@@ -7291,12 +7518,26 @@ class _HttpProtocol(asyncio.Protocol):
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
             return
+        address, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
+        proxies = self.settings.trusted_proxies  # (a proxy's connections are many clients')
+        if address is not None and limit and address not in proxies and "*" not in proxies:
+            if state.per_address[address] >= limit:
+                self._reject(429, f"Too many connections from this client address: {limit} are open, the "
+                             "limit (MCP_MAX_CONNECTIONS_PER_ADDRESS); close some, then retry.", b"retry-after: 5\r\n")
+                return
+            state.per_address[address] += 1
+            self.counted_as = address
         state.connections.add(self)
         self._arm(self.settings.header_timeout, self._head_timeout)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.counted_as is not None:
+            per_address, address, self.counted_as = self.state.per_address, self.counted_as, None
+            per_address[address] -= 1
+            if per_address[address] <= 0:
+                del per_address[address]
         self.state.ended += 1
         self._disarm()
         if self.cycle is not None:
@@ -7395,10 +7636,10 @@ class _HttpProtocol(asyncio.Protocol):
         else:
             self.close()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, headers: bytes = b"") -> None:
         body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
         self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-                   b"connection: close\r\n\r\n%s" % (len(body), body))
+                   b"%sconnection: close\r\n\r\n%s" % (len(body), headers, body))
         self.buffer.clear()
 
     # -- reading -----------------------------------------------------------------------------------
