@@ -3490,7 +3490,7 @@ class MCPServer:
             subs.add(uri)
             if len(_dumps(sorted(subs))) > _MAX_CLIENT_STATE:
                 raise _invalid_params(f"resources/subscribe: this session's subscriptions would take more than "
-                                      f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.", status=400)
+                                      f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.")
         else:
             subs.discard(uri)
         ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
@@ -4939,8 +4939,8 @@ class _StreamableHTTP:
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and seq.isdigit():
-                return _holding(self._resume(http, session_id, stream_id, int(seq)),  # a tail call
-                                hub.hold_stream(http.principal, http.client_address()))
+                release = hub.hold_stream(http.principal, http.client_address())
+                return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
             replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
@@ -4948,8 +4948,8 @@ class _StreamableHTTP:
         stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        # a tail call: _App._handle awaits it, without this frame
-        return _holding(stream.run(first, replay), hub.hold_stream(http.principal, http.client_address()))
+        release = hub.hold_stream(http.principal, http.client_address())
+        return _holding(stream.run(first, replay), release)  # a tail call: _App._handle awaits it
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""

@@ -7969,6 +7969,190 @@ class TestAttackSessions:
         finally:
             post(a, victim_token, "tasks/cancel", task_id)
 
+    # -- quotas: what one token holder can make the server hold ------------------------------------
+
+    def test_a_flood_of_sessions_never_evicts_authorization_state(self, make_server):
+        """2,500 initialize calls used to push another user's client, refresh token and user session
+        out of the in-memory LRU; sessions now only ever push out sessions."""
+        store = MemoryStore(max_keys=40)
+        st = make_server(build_server(store=store, auth="builtin", consent="never", auth_rate_limit=0,
+                                      max_sessions_per_principal=0, max_sessions_per_address=0))
+        victim = _auth_login(st.port)
+        attacker = _sess_login(st.port)
+        for _ in range(120):
+            _auth_Session(st.port, attacker).initialize()
+        _auth_assert_ok(st.port, victim["access_token"])  # the user session (mcp:{sid}:user) is there
+        r = _auth_refresh(st.port, victim["client"]["client_id"], victim["refresh_token"])
+        assert r.status == 200, r  # the client, the refresh token and its family are there
+        _auth_assert_ok(st.port, r.json()["access_token"])
+
+    def test_a_quota_set_counts_only_live_members_on_every_store(self, redis_store_factory):
+        async def body(store):
+            quota = _redis_key("quota")
+
+            def live(member):
+                return f"{quota}:live:{member}"  # (the same hash tag: one cluster slot)
+            for member in "ab":
+                await store.set(live(member), 1, 60)
+                assert await store.admit(quota, member, 2, 60, live)
+            assert await store.admit(quota, "a", 2, 60, live)  # already in
+            await store.set(live("c"), 1, 60)
+            assert not await store.admit(quota, "c", 2, 60, live)  # full of live members
+            await store.delete(live("b"))  # b's session ended: it stops counting
+            assert await store.admit(quota, "c", 2, 60, live)
+            assert not await store.admit(quota, "d", 2, 60, live)
+            await store.discard(quota, "a")
+            await store.touch([quota], 60)
+            assert await store.admit(quota, "d", 2, 60, live)
+        _redis_run(redis_store_factory, body)
+
+    def test_sessions_per_principal_are_capped_across_instances(self, guarded_pair):
+        a, b = guarded_pair  # MCP_MAX_SESSIONS_PER_PRINCIPAL=3 on both
+        token, other = _sess_login(a), _sess_login(a)
+        first = _auth_Session(a, token)
+        first.initialize()
+        _auth_Session(b, token).initialize()
+        sse = _SessSSE(b, token)  # an /sse stream is a session too
+        try:
+            assert sse.resp.status == 200
+            for port in (a, b):
+                s = _auth_Session(port, token)
+                r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": {}}))
+                error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+                assert "MCP_MAX_SESSIONS_PER_PRINCIPAL" in error["message"] and r.header("retry-after"), r
+                assert r.header("mcp-session-id") is None
+                refused = _SessSSE(port, token)
+                assert refused.resp.status == 429, refused.resp
+                refused.close()
+            _auth_Session(b, other).initialize()  # another principal is not affected
+        finally:
+            sse.close()
+        assert _redis_on(first, b).delete().status == 200  # ending one (anywhere) frees its place
+        _auth_Session(a, token).initialize()
+
+    def test_sessions_per_address_are_capped_and_expired_ones_stop_counting(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), max_sessions_per_address=3, session_ttl=60))
+        sessions = [Session(st.port) for _ in range(3)]
+        for s in sessions:
+            s.initialize()
+        r = Session(st.port).post(Session(st.port).body("initialize", {"protocolVersion": LEGACY}))
+        error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+        assert "MCP_MAX_SESSIONS_PER_ADDRESS" in error["message"], error
+        assert http(st.port, "GET", "/sse", {"Accept": "text/event-stream"}).status == 429
+        assert sessions[0].delete().status == 200
+        Session(st.port).initialize()
+        clock.advance(61)  # every session expired: nothing counts any more
+        for _ in range(3):
+            Session(st.port).initialize()
+
+    def test_open_streams_are_capped_per_principal_and_per_address(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, max_streams_per_principal=2,
+                         max_streams_per_address=3)
+        port = st.port
+        alice, bob = _sess_login(port), _sess_login(port)
+        held = []
+
+        def open_stream(token):
+            s = _auth_Session(port, token)
+            s.initialize()
+            conn = Conn(port)
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            head = conn.read_head()
+            if head.status == 200:
+                held.append(conn)
+            else:
+                head.body = b"".join(conn.iter_body(head))
+                conn.close()
+            return head
+        try:
+            assert open_stream(alice).status == 200 and open_stream(alice).status == 200
+            refused = open_stream(alice)
+            error = assert_rpc_error(refused, 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in error["message"] and refused.header("retry-after"), refused
+            sse = _SessSSE(port, alice)
+            assert sse.resp.status == 429, sse.resp  # /sse counts the same
+            sse.close()
+            assert open_stream(bob).status == 200
+            error = assert_rpc_error(open_stream(bob), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_ADDRESS" in error["message"], error
+            held.pop(0).close()  # a stream that ends gives its place back
+            _redis_wait(lambda: open_stream(alice).status == 200, "the closed stream's place")
+        finally:
+            for conn in held:
+                conn.close()
+
+    def test_connections_per_address_are_capped(self, make_server):
+        st = make_server(max_connections_per_address=3)
+        conns = [Conn(st.port) for _ in range(3)]
+        try:
+            for conn in conns:  # each answered once, so each is surely counted
+                conn.request("GET", "/healthz")
+                assert conn.read_response().status == 200
+            with Conn(st.port) as extra:
+                r = extra.read_response()
+                assert r.status == 429 and r.header("retry-after"), r
+                assert "MCP_MAX_CONNECTIONS_PER_ADDRESS" in r.json()["error"]["message"], r
+            conns.pop().close()
+
+            def served():
+                with Conn(st.port) as conn:
+                    conn.request("GET", "/healthz")
+                    return conn.read_response().status == 200
+            _redis_wait(served, "the closed connection's place")
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def test_what_a_client_makes_its_session_keep_is_bounded(self, live):
+        huge = {"experimental": {"x": "y" * 9000}}
+        s = Session(live.port, capabilities=huge)
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": huge}))
+        error = assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        assert "8192" in error["message"], error
+        assert r.header("mcp-session-id") is None
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "clientInfo": {"name": "n" * 9000}}))
+        assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        c = _SessSSE(live.port, None)
+        try:
+            c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": LEGACY, "capabilities": huge}})
+            answer = c.next_message()
+            assert answer["id"] == 1 and answer["error"]["code"] == mcp_server.INVALID_PARAMS, answer
+        finally:
+            c.close()
+        s = Session(live.port)
+        s.initialize()
+        for i in range(200):
+            message = s.body("resources/subscribe", {"uri": f"test://items/{i:04d}-" + "u" * 100})
+            reply = final_message(s.post(message), message["id"])
+            if "error" in reply:
+                break
+        assert reply["error"]["code"] == mcp_server.INVALID_PARAMS and "unsubscribe" in reply["error"]["message"]
+        assert 40 < i < 200, i
+
+    def test_requests_in_flight_on_one_sse_session_are_bounded(self, make_server):
+        """Each POST /messages runs as a task that holds no connection: a session may have 100."""
+        st = make_server()
+        c = _SessSSE(st.port, None)
+        try:
+            c.initialize()
+            token = new_token("flight")
+            with Conn(st.port) as conn:
+                for i in range(100):
+                    conn.request("POST", c.endpoint, _sess_headers(st.port, None), {
+                        "jsonrpc": "2.0", "id": i, "method": "tools/call",
+                        "params": {"name": "hang", "arguments": {"token": f"{token}-{i}"}}})
+                    assert conn.read_response().status == 202
+            _redis_wait(lambda: all(probe(f"{token}-{i}").started.is_set() for i in range(100)), "100 calls running")
+            r = c.post({"jsonrpc": "2.0", "id": 100, "method": "ping"})
+            error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+            assert "in flight" in error["message"], error
+            assert c.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}}).status \
+                in (202, 429)
+        finally:
+            c.close()
+
 
 # ==== Hostile input (issue 19): bad bytes, bad JSON, bad headers, across instances =============
 
