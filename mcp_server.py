@@ -251,6 +251,8 @@ _SETTING_SPECS = (
      "open GET /mcp and /sse streams one principal may hold on an instance (0: no limit)"),
     ("max_streams_per_address", None, ("MCP_MAX_STREAMS_PER_ADDRESS",), int, 200,
      "open GET /mcp and /sse streams one client address may hold on an instance (0: no limit)"),
+    ("max_tasks_per_principal", None, ("MCP_MAX_TASKS_PER_PRINCIPAL",), int, 100,
+     "tasks (tasks extension) one principal may have running on an instance (0: no limit)"),
     ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
     ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
     ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
@@ -348,6 +350,7 @@ class Settings:
     max_sessions_per_address: int = 1000
     max_streams_per_principal: int = 20
     max_streams_per_address: int = 200
+    max_tasks_per_principal: int = 100
     sse_keepalive: float = 15.0
     sse_retry_ms: int = 1000
     replay_events: int = 256
@@ -469,7 +472,7 @@ class Settings:
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
         for attr in ("max_connections_per_address", "max_sessions_per_principal", "max_sessions_per_address",
-                     "max_streams_per_principal", "max_streams_per_address"):
+                     "max_streams_per_principal", "max_streams_per_address", "max_tasks_per_principal"):
             if getattr(self, attr) < 0:
                 fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
@@ -3665,18 +3668,44 @@ class _TaskRun:
         self.runner = None
         self._unsubscribe = lambda: None
         self._saving = asyncio.Lock()
+        self._counted = None  # the principal whose running tasks count this one
         ctx._task_run = self
 
     async def call(self, arguments: dict) -> dict:
-        if self.tool.task_start == "call":
-            await self.start()
-        self.runner = self.hub.spawn(self._body(arguments))
+        self._count()
+        try:
+            if self.tool.task_start == "call":
+                await self.start()
+            self.runner = self.hub.spawn(self._body(arguments))
+        except BaseException:
+            self._uncount()
+            raise
         try:
             return await asyncio.shield(self.outcome)
         except asyncio.CancelledError:
             if not self.started:
                 self.runner.cancel()  # the request went away before the task began
             raise
+
+    def _count(self) -> None:
+        """A principal's running tasks are bounded (each is a coroutine here and a record in the
+        store, and tokens are free); 429 past MCP_MAX_TASKS_PER_PRINCIPAL."""
+        principal, limit = self.ctx.principal, self.server.settings.max_tasks_per_principal
+        if principal is None or not limit:
+            return
+        running = self.hub.tasks_running
+        if running[principal] >= limit:
+            raise RpcError(INVALID_REQUEST, f"Too many tasks: this token has {limit} running, the limit "
+                           "(MCP_MAX_TASKS_PER_PRINCIPAL); wait for one to end or cancel one.", status=429)
+        running[principal] += 1
+        self._counted = principal
+
+    def _uncount(self) -> None:
+        principal, self._counted = self._counted, None
+        if principal is not None:
+            self.hub.tasks_running[principal] -= 1
+            if self.hub.tasks_running[principal] <= 0:
+                del self.hub.tasks_running[principal]
 
     async def start(self) -> None:
         now = _iso_now()
@@ -3720,6 +3749,7 @@ class _TaskRun:
                 await self._finish("cancelled", statusMessage="Cancelled by the client.")
             return
         finally:
+            self._uncount()
             if self.started:
                 self.hub.task_runs.pop(self.task_id, None)
                 self._unsubscribe()
@@ -3986,6 +4016,7 @@ class _Hub:
         self._ticker = None  # the keep-alive ticker of idle session streams
         self.streams_held: collections.Counter = collections.Counter()  # (kind, holder) -> open streams
         self.in_flight: collections.Counter = collections.Counter()  # /sse session id -> requests running
+        self.tasks_running: collections.Counter = collections.Counter()  # principal -> its _TaskRuns here
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""

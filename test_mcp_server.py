@@ -8131,6 +8131,34 @@ class TestAttackSessions:
         assert reply["error"]["code"] == mcp_server.INVALID_PARAMS and "unsubscribe" in reply["error"]["message"]
         assert 40 < i < 200, i
 
+    def test_running_tasks_are_capped_per_principal(self, make_server):
+        server = _task_build_server()
+        server.settings = Settings(auth="builtin", consent="never", auth_rate_limit=0, max_tasks_per_principal=2)
+        st = make_server(server)
+        alice, bob = _sess_login(st.port), _sess_login(st.port)
+        tokens = []
+
+        def start(token):
+            tokens.append(new_token("quota-task"))
+            return _redis_modern_call(st.port, "task_gated", {"token": tokens[-1]}, caps=_TASK_CAPS,
+                                      headers=_sess_headers(st.port, token))
+        try:
+            assert _task_result(start(alice))["resultType"] == "task"
+            assert _task_result(start(alice))["resultType"] == "task"
+            error = assert_rpc_error(start(alice), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_TASKS_PER_PRINCIPAL" in error["message"], error
+            assert _task_result(start(bob))["resultType"] == "task"  # another principal is not affected
+            first = probe(tokens[0])
+            assert first.gate_ready.wait(WAIT)
+            st.call_soon(first.gate.set)
+            assert first.finished.wait(WAIT)
+            _redis_wait(lambda: start(alice).status == 200, "the ended task's place")
+        finally:
+            for token in tokens:
+                p = probe(token)
+                if p.gate_ready.is_set() and p.gate is not None:
+                    st.call_soon(p.gate.set)
+
     def test_requests_in_flight_on_one_sse_session_are_bounded(self, make_server):
         """Each POST /messages runs as a task that holds no connection: a session may have 100."""
         st = make_server()
