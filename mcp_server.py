@@ -4241,6 +4241,10 @@ class _Hub:
         if out is None or not getattr(out, "can_stream", False):
             raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
                             "send Accept: text/event-stream.", status=400)
+        try:  # (its connection counts against the client address)
+            release = self.hold_stream(ctx.principal, None)
+        except _HttpError as exc:
+            raise RpcError(exc.code, exc.message, status=exc.status) from None
         tag = {_META_SUBSCRIPTION: ctx.request_id}
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -4270,6 +4274,7 @@ class _Hub:
                     break
                 await out.send(message)
         finally:
+            release()
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
@@ -4581,11 +4586,20 @@ class _PostChannel:
         if self.resumable:
             self.stream_id = secrets.token_hex(6)
             self.hub.live_posts[(self.session_id, self.stream_id)] = self
-            # remember the log, so that deleting the session deletes it too
-            await self.hub.store.append(_streams_key(self.session_id), self.stream_id,
-                                        self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            await self._remember_log()
             retry = self.hub.settings.sse_retry_ms
             await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
+
+    async def _remember_log(self) -> None:
+        """List this stream's log under the session, so that deleting the session deletes it too.
+        A session keeps the logs of its last MCP_REPLAY_EVENTS streams: the list holds one more,
+        whose log goes when it is pushed out (a client cannot pile up logs by streaming)."""
+        store, settings, index = self.hub.store, self.hub.settings, _streams_key(self.session_id)
+        kept = settings.replay_events
+        seq = await store.append(index, self.stream_id, kept + 1, settings.session_ttl)
+        if seq > kept:
+            for _seq, stream_id in (await store.read_after(index, seq - kept - 1))[:1]:
+                await store.delete_log(_events_key(self.session_id, stream_id))
 
     async def send(self, message: dict) -> None:
         if not self.sse_ok:

@@ -8073,6 +8073,9 @@ class TestAttackSessions:
             sse = _SessSSE(port, alice)
             assert sse.resp.status == 429, sse.resp  # /sse counts the same
             sse.close()
+            listen = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+            r = http(port, "POST", "/mcp", modern_headers(listen, _sess_headers(port, alice)), listen)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)["message"]
             assert open_stream(bob).status == 200
             error = assert_rpc_error(open_stream(bob), 429, mcp_server.INVALID_REQUEST)
             assert "MCP_MAX_STREAMS_PER_ADDRESS" in error["message"], error
@@ -8158,6 +8161,27 @@ class TestAttackSessions:
                 p = probe(token)
                 if p.gate_ready.is_set() and p.gate is not None:
                     st.call_soon(p.gate.set)
+
+    def test_a_session_keeps_the_event_logs_of_its_last_streams_only(self, make_server):
+        """Every streamed POST of a 2025-11-25 session is logged for resumption; streaming more
+        no longer piles up logs: the session keeps those of its last MCP_REPLAY_EVENTS streams."""
+        store = MemoryStore()
+        st = make_server(build_server(store=store, replay_events=3))
+        s = Session(st.port)
+        s.initialize()
+
+        def stream_once():
+            reply = s.request("tools/call", {"name": "progress", "arguments": {"steps": 1},
+                                             "_meta": {"progressToken": "p"}})
+            assert reply["result"]["content"][0]["text"] == "progress done"
+        for _ in range(4):
+            stream_once()
+        held = len(store)
+        for _ in range(10):
+            stream_once()
+        assert len(store) == held
+        assert s.delete().status == 200
+        assert len(store) == 0
 
     def test_requests_in_flight_on_one_sse_session_are_bounded(self, make_server):
         """Each POST /messages runs as a task that holds no connection: a session may have 100."""
