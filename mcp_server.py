@@ -3867,6 +3867,11 @@ _MODERN_METHODS = {
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
 # - Only what cannot leave the process lives in the ``_Hub``: open streams, running requests,
 #   futures awaiting a client's answer.
+# - Tokens are free, so everything a client makes the server hold is capped per principal and per
+#   client address, with a 429 that names the setting: live sessions (counted in the store, so the
+#   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
+#   instance), running tasks, /messages requests in flight per session, the logs of a session's
+#   streams, and the JSON a session keeps for the client.
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -7157,7 +7162,8 @@ async def _shutdown(server: MCPServer) -> None:
 #   when no length is given), backpressure both ways.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
-#   body 408 and close, an idle keep-alive connection closed, connections capped (503).
+#   body 408 and close, an idle keep-alive connection closed, connections capped (503), and
+#   capped per client address (429; a trusted proxy's are many clients' and are not).
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
 #   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.

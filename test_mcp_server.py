@@ -7988,10 +7988,10 @@ class TestAttackSessions:
 
     def test_a_quota_set_counts_only_live_members_on_every_store(self, redis_store_factory):
         async def body(store):
-            quota = _redis_key("quota")
+            quota, tag = _redis_key("quota"), uuid.uuid4().hex[:12]
 
             def live(member):
-                return f"{quota}:live:{member}"  # (the same hash tag: one cluster slot)
+                return f"t:{{{tag}-{member}}}:live"  # (a slot of its own, as a session's key has)
             for member in "ab":
                 await store.set(live(member), 1, 60)
                 assert await store.admit(quota, member, 2, 60, live)
