@@ -4122,9 +4122,9 @@ class _Hub:
 
     async def admit_session(self, session_id: str, http: _Http, request_id=None) -> list:
         """Count a new session against its principal's and its client address's caps; 429 past
-        either.  Returns the quota sets it is in (the record keeps them as ``q``: reading the
-        session slides their expiry, deleting it leaves them); a session whose record is gone
-        stops counting."""
+        either.  Returns the quota sets it is in, which the record keeps as ``q``: reading the
+        session slides their expiry too, and deleting it takes it out of them.  A session whose
+        record expired stops counting as well."""
         settings = self.settings
         counted = []
         for holder, who, limit, setting in (
@@ -4385,9 +4385,11 @@ class _Http:
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
 
-    def client_address(self) -> str:
-        """The client's IP address (a trusted proxy's X-Forwarded-For already applied)."""
-        return (self.scope.get("client") or ("-",))[0]
+    def client_address(self) -> str | None:
+        """The client's IP address (a trusted proxy's X-Forwarded-For already applied); None when
+        the server does not know it (a Unix socket), and then no per-address cap applies."""
+        client = self.scope.get("client")
+        return client[0] if client else None
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
