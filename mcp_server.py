@@ -3870,8 +3870,8 @@ _MODERN_METHODS = {
 # - Tokens are free, so everything a client makes the server hold is capped per principal and per
 #   client address, with a 429 that names the setting: live sessions (counted in the store, so the
 #   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
-#   instance), running tasks, /messages requests in flight per session, the logs of a session's
-#   streams, and the JSON a session keeps for the client.
+#   instance), running tasks, /messages requests in flight (each a task holding no connection),
+#   the logs of a session's streams, and the JSON a session keeps for the client.
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -4019,8 +4019,7 @@ class _Hub:
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
         self._drops = 0  # changes announced on _SESSIONS_CHANNEL so far
         self._ticker = None  # the keep-alive ticker of idle session streams
-        self.streams_held: collections.Counter = collections.Counter()  # (kind, holder) -> open streams
-        self.in_flight: collections.Counter = collections.Counter()  # /sse session id -> requests running
+        self.held: collections.Counter = collections.Counter()  # (kind, holder, who) -> open streams, requests
         self.tasks_running: collections.Counter = collections.Counter()  # principal -> its _TaskRuns here
 
     def start(self) -> None:
@@ -4145,25 +4144,35 @@ class _Hub:
         """Count an open stream against its principal's and address's caps on this instance (429
         past either); returns what releases it."""
         settings = self.settings
+        return self._hold("streams", "open streams", "close one", (
+            ("token", principal, settings.max_streams_per_principal, "MCP_MAX_STREAMS_PER_PRINCIPAL"),
+            ("client address", address, settings.max_streams_per_address, "MCP_MAX_STREAMS_PER_ADDRESS")))
+
+    def hold_request(self, principal: str | None, address: str | None, request_id=None) -> typing.Callable:
+        """Count a /messages request running here (a task that holds no connection) against its
+        principal's and address's caps; returns what releases it."""
+        return self._hold("requests", "requests in flight on /messages", "wait for their answers", (
+            ("token", principal, _MAX_IN_FLIGHT, f"{_MAX_IN_FLIGHT} for a token"),
+            ("client address", address, _MAX_IN_FLIGHT * 10, f"{_MAX_IN_FLIGHT * 10} for an address")), request_id)
+
+    def _hold(self, kind: str, what: str, remedy: str, caps: tuple, request_id=None) -> typing.Callable:
         held = []
-        for holder, who, limit, setting in (
-                ("token", principal, settings.max_streams_per_principal, "MCP_MAX_STREAMS_PER_PRINCIPAL"),
-                ("client address", address, settings.max_streams_per_address, "MCP_MAX_STREAMS_PER_ADDRESS")):
+        for holder, who, limit, setting in caps:
             if who is None or not limit:
                 continue
-            if self.streams_held[(holder, who)] >= limit:
-                _metrics.inc("mcp_quota_refusals_total", kind="streams")
-                raise _over_limit(f"Too many open streams: this {holder} holds {limit} on this server, the "
-                                  f"limit ({setting}); close one, then retry.")
-            held.append((holder, who))
+            if self.held[(kind, holder, who)] >= limit:
+                _metrics.inc("mcp_quota_refusals_total", kind=kind)
+                raise _over_limit(f"Too many {what}: this {holder} has {limit} on this server, the limit "
+                                  f"({setting}); {remedy}, then retry.", request_id)
+            held.append((kind, holder, who))
         for key in held:
-            self.streams_held[key] += 1
+            self.held[key] += 1
 
         def release():
             for key in held:
-                self.streams_held[key] -= 1
-                if self.streams_held[key] <= 0:
-                    del self.streams_held[key]
+                self.held[key] -= 1
+                if self.held[key] <= 0:
+                    del self.held[key]
         return release
 
     # -- requests the server sends to a legacy client ------------------------------------------------
@@ -4346,8 +4355,12 @@ def _over_limit(message: str, request_id=None) -> "_HttpError":
     return _HttpError(429, message, request_id=request_id, headers=((b"retry-after", b"30"),))
 
 
+def _nothing_held() -> None:
+    return None
+
+
 async def _holding(step: typing.Awaitable, release: typing.Callable) -> None:
-    """Run a long-lived response, then give back what it held (an open-stream slot)."""
+    """Run ``step`` (a long-lived response, a /messages request), then give back the slot it held."""
     try:
         await step
     finally:
@@ -5180,7 +5193,7 @@ def _header_matches(header: str, value) -> bool:
 # ---- Legacy HTTP+SSE (2024-11-05) --------------------------------------------------------------
 
 
-_MAX_IN_FLIGHT = 100  # requests of one /sse session running on an instance at once
+_MAX_IN_FLIGHT = 100  # /messages requests of one token running on an instance at once (ten times that an address)
 
 
 class _LegacySSE:
@@ -5196,8 +5209,9 @@ class _LegacySSE:
             if await _session_of(hub, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
         release = hub.hold_stream(http.principal, http.client_address())
+        opened = session_id is None
         try:
-            if session_id is None:  # recorded at once: the first POST may reach another instance
+            if opened:  # recorded at once: the first POST may reach another instance
                 session_id = secrets.token_urlsafe(24)
                 counted = await hub.admit_session(session_id, http)
                 await hub.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
@@ -5206,7 +5220,20 @@ class _LegacySSE:
             raise
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
-        return _holding(stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode()), release)  # a tail call
+        return _holding(self._follow(stream, f"event: endpoint\ndata: {endpoint}\n\n".encode(), opened),
+                        release)  # a tail call
+
+    async def _follow(self, stream: _SessionStream, first: bytes, opened: bool) -> None:
+        """Serve the stream; a session it opened that was never initialized ends with it (it
+        would count against its owner's caps until it expired)."""
+        try:
+            await stream.run(first)
+        finally:
+            if opened:
+                hub = self.server._hub()
+                record = await hub.store.get(_session_key(stream.session_id))
+                if record is not None and "v" not in record:
+                    await hub.drop_session(stream.session_id, record)
 
     async def post(self, http: _Http) -> None:
         server, hub = self.server, self.server._hub()
@@ -5223,21 +5250,15 @@ class _LegacySSE:
                 await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
-        if hub.in_flight[session_id] >= _MAX_IN_FLIGHT:  # (each is a task here, with no connection held)
-            raise _over_limit(f"Too many requests in flight on this session: {_MAX_IN_FLIGHT} have not been "
-                              "answered yet; wait for their answers on the stream.", message.get("id"))
-        await http.respond(202)  # the answer, or the error, travels on the stream
-        hub.in_flight[session_id] += 1
-        hub.spawn(self._counted(session_id, record, message, kind, http.principal, http.base))
-
-    async def _counted(self, session_id: str, *args) -> None:
-        in_flight = self.server._hub().in_flight
+        # (a notification is not counted: it ends at once, and cancelling must work at the cap)
+        release = (hub.hold_request(http.principal, http.client_address(), message.get("id"))
+                   if kind == "request" else _nothing_held)
         try:
-            await self._process(session_id, *args)
-        finally:
-            in_flight[session_id] -= 1
-            if in_flight[session_id] <= 0:
-                del in_flight[session_id]
+            await http.respond(202)  # the answer, or the error, travels on the stream
+        except BaseException:
+            release()
+            raise
+        hub.spawn(_holding(self._process(session_id, record, message, kind, http.principal, http.base), release))
 
     async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:

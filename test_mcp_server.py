@@ -8046,6 +8046,25 @@ class TestAttackSessions:
         for _ in range(3):
             Session(st.port).initialize()
 
+    def test_an_sse_stream_closed_before_initialize_frees_its_session(self, make_server):
+        """A client that opens /sse and goes (a probe, a flapping network) leaves nothing that
+        counts against its caps; an initialized session stays for the client to reattach."""
+        st = make_server(max_sessions_per_address=2)
+        kept = _SessSSE(st.port, None)
+        kept.initialize()
+        kept.close()
+        for _ in range(5):
+            probe_stream = _SessSSE(st.port, None)
+            assert probe_stream.resp.status == 200, probe_stream.resp
+            probe_stream.close()
+            _redis_wait(lambda: http(st.port, "POST", probe_stream.endpoint, body={
+                "jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 404, "the unused session to end")
+        again = _SessSSE(st.port, None, f"/sse?session_id={kept.sid}")
+        try:
+            assert again.resp.status == 200
+        finally:
+            again.close()
+
     def test_open_streams_are_capped_per_principal_and_per_address(self, make_server):
         st = make_server(auth="builtin", consent="never", auth_rate_limit=0, max_streams_per_principal=2,
                          max_streams_per_address=3)
@@ -8183,25 +8202,36 @@ class TestAttackSessions:
         assert s.delete().status == 200
         assert len(store) == 0
 
-    def test_requests_in_flight_on_one_sse_session_are_bounded(self, make_server):
-        """Each POST /messages runs as a task that holds no connection: a session may have 100."""
-        st = make_server()
-        c = _SessSSE(st.port, None)
+    def test_requests_in_flight_on_messages_are_bounded_per_token(self, guarded):
+        """Each POST /messages runs as a task that holds no connection: a token may have 100."""
+        port = guarded.port
+        token, other = _sess_login(port), _sess_login(port)
+        c = _SessSSE(port, token)
         try:
             c.initialize()
-            token = new_token("flight")
-            with Conn(st.port) as conn:
+            prefix = new_token("flight")
+            with Conn(port) as conn:
                 for i in range(100):
-                    conn.request("POST", c.endpoint, _sess_headers(st.port, None), {
+                    conn.request("POST", c.endpoint, _sess_headers(port, token), {
                         "jsonrpc": "2.0", "id": i, "method": "tools/call",
-                        "params": {"name": "hang", "arguments": {"token": f"{token}-{i}"}}})
+                        "params": {"name": "hang", "arguments": {"token": f"{prefix}-{i}"}}})
                     assert conn.read_response().status == 202
-            _redis_wait(lambda: all(probe(f"{token}-{i}").started.is_set() for i in range(100)), "100 calls running")
+            _redis_wait(lambda: all(probe(f"{prefix}-{i}").started.is_set() for i in range(100)), "100 calls running")
             r = c.post({"jsonrpc": "2.0", "id": 100, "method": "ping"})
             error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
-            assert "in flight" in error["message"], error
-            assert c.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}}).status \
-                in (202, 429)
+            assert "in flight" in error["message"] and r.header("retry-after"), r
+            d = _SessSSE(port, other)  # another token is not affected
+            try:
+                assert d.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 202
+                assert d.next_message() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            finally:
+                d.close()
+            # a cancellation still gets through, and the cancelled call gives its place back
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}}
+            assert c.post(cancel).status == 202
+            assert probe(f"{prefix}-0").finished.wait(WAIT)
+            _redis_wait(lambda: c.post({"jsonrpc": "2.0", "id": 101, "method": "ping"}).status == 202,
+                        "the cancelled call's place")
         finally:
             c.close()
 
