@@ -967,14 +967,25 @@ class Store:
     async def admit(self, key: str, member: str, limit: int, ttl: float, live: typing.Callable) -> bool:
         """Add ``member`` to the set ``key`` unless ``limit`` of its members are live, a member
         being live while the key ``live(member)`` exists (a quota on things that expire on their
-        own, like sessions); True when it is in.  The set lives ``ttl`` after the last admission."""
-        raise NotImplementedError
-    async def discard(self, key: str, member: str) -> None:
-        """Remove ``member`` from a set made by ``admit`` (the set goes with its last member)."""
-        raise NotImplementedError
+        own, like sessions); True when it is in.  The set lives ``ttl`` after the last admission.
+        (This version suits a store in one process; a shared store makes it one atomic step.)"""
+        members = list(await self.get(key) or ())
+        if member not in members and len(members) >= limit:
+            members = [m for m in members if await self.get(live(m)) is not None]
+            if len(members) >= limit:
+                return False
+        await self.set(key, members if member in members else members + [member], ttl)
+        return True
+    async def discard(self, key: str, member: str, ttl: float) -> None:
+        """Remove ``member`` from a set made by ``admit``; the set goes with its last member."""
+        members = await self.get(key)
+        if members and member in members:
+            rest = [m for m in members if m != member]
+            await (self.set(key, rest, ttl) if rest else self.delete(key))
     async def touch(self, keys: list, ttl: float) -> None:
         """Restart the time to live of the keys that exist."""
-        raise NotImplementedError
+        for key in keys:
+            await self.get_touch(key, ttl)
     async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
         """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
         raise NotImplementedError
@@ -1095,31 +1106,6 @@ class MemoryStore(Store):
             return 1
         entry[0] += 1
         return entry[0]
-
-    async def admit(self, key, member, limit, ttl, live):
-        entry = self._live(key)
-        members = {} if entry is None else entry[0]  # member -> None (an ordered set)
-        if member not in members and len(members) >= limit:
-            for dead in [m for m in members if self._live(live(m)) is None]:
-                del members[dead]
-            if len(members) >= limit:
-                return False
-        members[member] = None
-        self._put(key, members, ttl)
-        return True
-
-    async def discard(self, key, member):
-        entry = self._live(key)
-        if entry is not None:
-            entry[0].pop(member, None)
-            if not entry[0]:
-                del self._table(key)[key]
-
-    async def touch(self, keys, ttl):
-        for key in keys:
-            entry = self._live(key)
-            if entry is not None:
-                entry[1] = self._clock() + ttl
 
     async def append(self, key, item, maxlen, ttl):
         entry = self._live(key)
@@ -1289,8 +1275,8 @@ class RedisStore(Store):
             dead = [m for m, found in zip(members, await self._run(exists)) if not found]
         return bool(await self._script("admit", _LUA_ADMIT, [key], [member, limit, int(ttl * 1000), *dead]))
 
-    async def discard(self, key, member):
-        await self._run(lambda r: r.srem(key, member))
+    async def discard(self, key, member, ttl):
+        await self._run(lambda r: r.srem(key, member))  # (an empty set is no key in Redis)
 
     async def touch(self, keys, ttl):
         async def expire(client):
@@ -4071,7 +4057,7 @@ class _Hub:
     async def drop_session(self, session_id: str, record: dict) -> None:
         await self.store.delete(_session_key(session_id))
         for key in record.get("q", ()):
-            await self.store.discard(key, session_id)
+            await self.store.discard(key, session_id, self.settings.session_ttl)
         await self._session_changed(session_id)
 
     async def _session_changed(self, session_id: str) -> None:

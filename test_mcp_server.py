@@ -8001,7 +8001,7 @@ class TestAttackSessions:
             await store.delete(live("b"))  # b's session ended: it stops counting
             assert await store.admit(quota, "c", 2, 60, live)
             assert not await store.admit(quota, "d", 2, 60, live)
-            await store.discard(quota, "a")
+            await store.discard(quota, "a", 60)
             await store.touch([quota], 60)
             assert await store.admit(quota, "d", 2, 60, live)
         _redis_run(redis_store_factory, body)
