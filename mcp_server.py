@@ -5215,8 +5215,9 @@ class _LegacySSE:
         try:
             await stream.run(first)
         finally:
-            if opened:
-                hub = self.server._hub()
+            hub = self.server._hub()
+            # (not when another stream took the session over, nor while the server stops)
+            if opened and stream.session_id not in hub.session_streams and not hub.closing:
                 record = await hub.store.get(_session_key(stream.session_id))
                 if record is not None and "v" not in record:
                     await hub.drop_session(stream.session_id, record)
