@@ -7837,7 +7837,7 @@ class TestAttackSessions:
         finally:
             victim.close()
 
-    def test_an_sse_session_not_initialized_yet_is_the_opener_s(self, guarded):
+    def test_an_sse_session_belongs_to_its_opener_before_initialize(self, guarded):
         port = guarded.port
         victim_token, attacker_token = _sess_login(port), _sess_login(port)
         victim = _SessSSE(port, victim_token)
