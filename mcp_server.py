@@ -278,12 +278,25 @@ _SETTING_SPECS = (
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
     ("idle_timeout", None, ("MCP_IDLE_TIMEOUT",), float, 30.0, "seconds a keep-alive connection may idle"),
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
+    ("max_connections_per_address", None, ("MCP_MAX_CONNECTIONS_PER_ADDRESS",), int, 1000,
+     "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
     ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
      "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
-     "sessions the in-memory store keeps before evicting the least recently used"),
+     "sessions the in-memory store keeps before evicting the least recently used (authorization "
+     "state has a budget of its own and is never evicted for sessions)"),
+    ("max_sessions_per_principal", None, ("MCP_MAX_SESSIONS_PER_PRINCIPAL",), int, 100,
+     "live MCP sessions one token's principal may hold, across instances (0: no limit)"),
+    ("max_sessions_per_address", None, ("MCP_MAX_SESSIONS_PER_ADDRESS",), int, 1000,
+     "live MCP sessions one client address may hold, across instances (0: no limit)"),
+    ("max_streams_per_principal", None, ("MCP_MAX_STREAMS_PER_PRINCIPAL",), int, 20,
+     "open GET /mcp and /sse streams one principal may hold on an instance (0: no limit)"),
+    ("max_streams_per_address", None, ("MCP_MAX_STREAMS_PER_ADDRESS",), int, 200,
+     "open GET /mcp and /sse streams one client address may hold on an instance (0: no limit)"),
+    ("max_tasks_per_principal", None, ("MCP_MAX_TASKS_PER_PRINCIPAL",), int, 100,
+     "tasks (tasks extension) one principal may have running on an instance (0: no limit)"),
     ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
     ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
     ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
@@ -381,9 +394,15 @@ class Settings:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     max_connections: int = 10000
+    max_connections_per_address: int = 1000
     busy_poll_us: int = 100
     session_ttl: int = 3600
     max_sessions: int = 100000
+    max_sessions_per_principal: int = 100
+    max_sessions_per_address: int = 1000
+    max_streams_per_principal: int = 20
+    max_streams_per_address: int = 200
+    max_tasks_per_principal: int = 100
     sse_keepalive: float = 15.0
     sse_retry_ms: int = 1000
     replay_events: int = 256
@@ -520,6 +539,10 @@ class Settings:
                 fail(f"{attr} must be positive")
         if self.client_ttl <= 0 or self.client_fetch_timeout <= 0:
             fail("client_ttl and client_fetch_timeout must be positive")
+        for attr in ("max_connections_per_address", "max_sessions_per_principal", "max_sessions_per_address",
+                     "max_streams_per_principal", "max_streams_per_address", "max_tasks_per_principal"):
+            if getattr(self, attr) < 0:
+                fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
 
 
@@ -974,9 +997,15 @@ def _now() -> float:
 # - Keys of one session share the hash tag ``{sid}`` (``mcp:{sid}:session``) so a Redis Cluster
 #   keeps them in one slot.
 #
-# Theory of operation: the in-memory store is an ``OrderedDict`` used as an LRU list.  Every entry
-# carries its absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the
-# dead ones from piling up.  Past ``max_keys`` the least recently used entry is evicted.  Pub/sub
+# - Authorization state (OAuth clients, codes, refresh tokens and families, user sessions, logins,
+#   quota counts) is never evicted to make room for MCP sessions: the in-memory store keeps it in
+#   an LRU of its own (``_KEPT_PREFIXES``).  Anyone with a token can make sessions; the per-principal
+#   and per-address caps of section 6 bound how many, and past ``max_keys`` the oldest session goes.
+#
+# Theory of operation: the in-memory store is two ``OrderedDict``s used as LRU lists, one for the
+# kept keys and one for the rest, each with a budget of ``max_keys``.  Every entry carries its
+# absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the dead ones
+# from piling up.  Past ``max_keys`` the least recently used entry of that list is evicted.  Pub/sub
 # is a dict of callbacks called in the event loop, which is what a Redis subscriber does too.
 
 
@@ -1003,6 +1032,28 @@ class Store:
         """Get and delete atomically (single-use values: codes, states)."""
         raise NotImplementedError
     async def incr(self, key: str, ttl: float) -> int: raise NotImplementedError
+    async def admit(self, key: str, member: str, limit: int, ttl: float, live: typing.Callable) -> bool:
+        """Add ``member`` to the set ``key`` unless ``limit`` of its members are live, a member
+        being live while the key ``live(member)`` exists (a quota on things that expire on their
+        own, like sessions); True when it is in.  The set lives ``ttl`` after the last admission.
+        (This version suits a store in one process; a shared store makes it one atomic step.)"""
+        members = list(await self.get(key) or ())
+        if member not in members and len(members) >= limit:
+            members = [m for m in members if await self.get(live(m)) is not None]
+            if len(members) >= limit:
+                return False
+        await self.set(key, members if member in members else members + [member], ttl)
+        return True
+    async def discard(self, key: str, member: str, ttl: float) -> None:
+        """Remove ``member`` from a set made by ``admit``; the set goes with its last member."""
+        members = await self.get(key)
+        if members and member in members:
+            rest = [m for m in members if m != member]
+            await (self.set(key, rest, ttl) if rest else self.delete(key))
+    async def touch(self, keys: list, ttl: float) -> None:
+        """Restart the time to live of the keys that exist."""
+        for key in keys:
+            await self.get_touch(key, ttl)
     async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
         """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
         raise NotImplementedError
@@ -1031,47 +1082,58 @@ class _Log:
         self.seq = 0
 
 
+_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:sandbox:", "mcp:quota:", "mcp:server-secret")
+_KEPT_SUFFIX = ":user"  # mcp:{sid}:user, a user's session with the authorization server
+
+
 class MemoryStore(Store):
-    """The embedded store: one process, TTLs, sliding expiry, an LRU cap."""
+    """The embedded store: one process, TTLs, sliding expiry, an LRU cap per class of key."""
 
     name = "memory"
 
     def __init__(self, max_keys: int = 100000, clock: typing.Callable = time.monotonic):
         self._data: collections.OrderedDict = collections.OrderedDict()  # key -> [value, expires_at]
+        self._kept: collections.OrderedDict = collections.OrderedDict()  # the same, authorization state
         self._max_keys = max_keys
         self._clock = clock
         self._channels: dict = {}
         self._writes = 0
 
+    def _table(self, key: str) -> collections.OrderedDict:
+        return self._kept if key.startswith(_KEPT_PREFIXES) or key.endswith(_KEPT_SUFFIX) else self._data
+
     def _live(self, key):
-        entry = self._data.get(key)
+        table = self._table(key)
+        entry = table.get(key)
         if entry is None:
             return None
         if entry[1] is not None and entry[1] <= self._clock():
-            del self._data[key]
+            del table[key]
             return None
-        self._data.move_to_end(key)
+        table.move_to_end(key)
         return entry
 
     def _put(self, key, value, ttl):
-        self._data[key] = [value, None if ttl is None else self._clock() + ttl]
-        self._data.move_to_end(key)
+        table = self._table(key)
+        table[key] = [value, None if ttl is None else self._clock() + ttl]
+        table.move_to_end(key)
         self._writes += 1
         if self._writes % 64 == 0:
             self._sweep(limit=256)  # a bounded slice: a full pass over a big store would stall the loop
-        while len(self._data) > self._max_keys:
-            self._data.popitem(last=False)
+        while len(table) > self._max_keys:
+            table.popitem(last=False)
 
     def _sweep(self, limit: int | None = None):
         """Drop expired entries, starting with the least recently used (the likeliest to be)."""
         now = self._clock()
-        entries = self._data.items() if limit is None else itertools.islice(self._data.items(), limit)
-        for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
-            del self._data[key]
+        for table in (self._data, self._kept):
+            entries = table.items() if limit is None else itertools.islice(table.items(), limit)
+            for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
+                del table[key]
 
     def __len__(self):
         self._sweep()
-        return len(self._data)
+        return len(self._data) + len(self._kept)
 
     async def get(self, key):
         entry = self._live(key)
@@ -1095,14 +1157,14 @@ class MemoryStore(Store):
 
     async def delete(self, key):
         live = self._live(key) is not None
-        self._data.pop(key, None)
+        self._table(key).pop(key, None)
         return live
 
     async def take(self, key):
         entry = self._live(key)
         if entry is None:
             return None
-        del self._data[key]
+        del self._table(key)[key]
         return entry[0]
 
     async def incr(self, key, ttl):
@@ -1117,7 +1179,7 @@ class MemoryStore(Store):
         entry = self._live(key)
         if entry is None:
             self._put(key, _Log(maxlen), ttl)
-            entry = self._data[key]
+            entry = self._table(key)[key]
         else:
             entry[1] = self._clock() + ttl
         events = entry[0]
@@ -1173,6 +1235,17 @@ _LUA_INCR = """
 local v = redis.call('INCR', KEYS[1])
 if v == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return v
+"""
+# Admit ARGV[1] to the set KEYS[1] of at most ARGV[2] members, after removing the dead ones the
+# caller found (ARGV[4...]); one script, so that concurrent admissions never pass the limit.
+_LUA_ADMIT = """
+for i = 4, #ARGV do redis.call('SREM', KEYS[1], ARGV[i]) end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
 """
 
 
@@ -1257,6 +1330,29 @@ class RedisStore(Store):
 
     async def incr(self, key, ttl):
         return int(await self._script("incr", _LUA_INCR, [key], [int(ttl * 1000)]))
+
+    async def admit(self, key, member, limit, ttl, live):
+        members = [m.decode() for m in await self._run(lambda r: r.smembers(key))]
+        dead = []
+        if member not in members and len(members) >= limit:  # full: are they all still there?
+            async def exists(client):
+                pipe = client.pipeline(transaction=False)  # (a cluster splits it by slot)
+                for m in members:
+                    pipe.exists(live(m))
+                return await pipe.execute()
+            dead = [m for m, found in zip(members, await self._run(exists)) if not found]
+        return bool(await self._script("admit", _LUA_ADMIT, [key], [member, limit, int(ttl * 1000), *dead]))
+
+    async def discard(self, key, member, ttl):
+        await self._run(lambda r: r.srem(key, member))  # (an empty set is no key in Redis)
+
+    async def touch(self, keys, ttl):
+        async def expire(client):
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpire(key, int(ttl * 1000))
+            await pipe.execute()
+        await self._run(expire)
 
     async def append(self, key, item, maxlen, ttl):
         return int(await self._script("append", _LUA_APPEND, [key, key + ":n"],
@@ -1414,6 +1510,11 @@ def _stream_channel(sid: str, stream_id: str) -> str:
 
 def _task_channel(task_id: str) -> str:
     return f"mcp:task:{{{task_id}}}:ctl"
+
+
+def _quota_key(what: str, holder: str) -> str:
+    """The set of things (sessions) a principal or a client address holds; the holder is hashed."""
+    return f"mcp:quota:{what}:{hashlib.sha256(holder.encode()).hexdigest()[:32]}"
 
 
 # ==== 3. Crypto and tokens ======================================================================
@@ -2452,6 +2553,9 @@ _CLIENT_FEATURE_SINCE = {
 }
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
 _TASKS_2025_11_25 = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")  # (experimental there)
+# What a client makes its session keep (capabilities and clientInfo; subscriptions), as JSON bytes:
+# a session is stored whole and read on every request.
+_MAX_CLIENT_STATE = 8192
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
@@ -3281,9 +3385,13 @@ class MCPServer:
         if caps is not None and not isinstance(caps, dict):
             raise _invalid_params("initialize: params.capabilities must be an object.")
         version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
+        size = len(_dumps(caps or {})) + len(_dumps(client))
+        if size > _MAX_CLIENT_STATE:
+            raise _invalid_params(f"initialize: params.capabilities and params.clientInfo take {size} bytes as "
+                                  f"JSON; the session keeps at most {_MAX_CLIENT_STATE}.", status=400)
         ctx.protocol_version = version
         ctx.client_capabilities = caps or {}
-        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         ctx.session = {"v": version, "caps": caps or {}, "client": client, "log": None, "subs": []}
         ctx._session_changed = True
         result = {"protocolVersion": version, "capabilities": self._capabilities(version),
@@ -3432,6 +3540,9 @@ class MCPServer:
         subs = set((ctx.session or {}).get("subs", ()))
         if ctx.method == "resources/subscribe":
             subs.add(uri)
+            if len(_dumps(sorted(subs))) > _MAX_CLIENT_STATE:
+                raise _invalid_params(f"resources/subscribe: this session's subscriptions would take more than "
+                                      f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.")
         else:
             subs.discard(uri)
         ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
@@ -3606,18 +3717,44 @@ class _TaskRun:
         self.runner = None
         self._unsubscribe = lambda: None
         self._saving = asyncio.Lock()
+        self._counted = None  # the principal whose running tasks count this one
         ctx._task_run = self
 
     async def call(self, arguments: dict) -> dict:
-        if self.tool.task_start == "call":
-            await self.start()
-        self.runner = self.hub.spawn(self._body(arguments))
+        self._count()
+        try:
+            if self.tool.task_start == "call":
+                await self.start()
+            self.runner = self.hub.spawn(self._body(arguments))
+        except BaseException:
+            self._uncount()
+            raise
         try:
             return await asyncio.shield(self.outcome)
         except asyncio.CancelledError:
             if not self.started:
                 self.runner.cancel()  # the request went away before the task began
             raise
+
+    def _count(self) -> None:
+        """A principal's running tasks are bounded (each is a coroutine here and a record in the
+        store, and tokens are free); 429 past MCP_MAX_TASKS_PER_PRINCIPAL."""
+        principal, limit = self.ctx.principal, self.server.settings.max_tasks_per_principal
+        if principal is None or not limit:
+            return
+        running = self.hub.tasks_running
+        if running[principal] >= limit:
+            raise RpcError(INVALID_REQUEST, f"Too many tasks: this token has {limit} running, the limit "
+                           "(MCP_MAX_TASKS_PER_PRINCIPAL); wait for one to end or cancel one.", status=429)
+        running[principal] += 1
+        self._counted = principal
+
+    def _uncount(self) -> None:
+        principal, self._counted = self._counted, None
+        if principal is not None:
+            self.hub.tasks_running[principal] -= 1
+            if self.hub.tasks_running[principal] <= 0:
+                del self.hub.tasks_running[principal]
 
     async def start(self) -> None:
         now = _iso_now()
@@ -3661,6 +3798,7 @@ class _TaskRun:
                 await self._finish("cancelled", statusMessage="Cancelled by the client.")
             return
         finally:
+            self._uncount()
             if self.started:
                 self.hub.task_runs.pop(self.task_id, None)
                 self._unsubscribe()
@@ -3765,12 +3903,24 @@ _MODERN_METHODS = {
 #   a client that lost the stream resumes with GET + ``Last-Event-ID``.
 # - A legacy session exists only after a successful ``initialize``; unknown or expired ids get 404
 #   (the client then re-initializes), a missing id gets 400.  Modern requests never get a session.
+#   Exception: GET /sse records its session (owner, transport) at once, before initialize, so the
+#   first POST /messages may reach any instance.
+# - A session belongs to the principal whose token made it and to the transport that made it
+#   (``t``: "mcp" or "sse").  Every route that names a session (POST/GET/DELETE /mcp, resumption,
+#   GET /sse, POST /messages, answers to server requests, cancellations) goes through
+#   ``_session_of``; anything else is 404, as for an unknown id.  With MCP_AUTH=none there is no
+#   principal and the id (192 random bits) is the whole credential.
 # - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
 # - Only what cannot leave the process lives in the ``_Hub``: open streams, running requests,
 #   futures awaiting a client's answer.
+# - Tokens are free, so everything a client makes the server hold is capped per principal and per
+#   client address, with a 429 that names the setting: live sessions (counted in the store, so the
+#   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
+#   instance), running tasks, /messages requests in flight (each a task holding no connection),
+#   the logs of a session's streams, and the JSON a session keeps for the client.
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -3918,6 +4068,8 @@ class _Hub:
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
         self._drops = 0  # changes announced on _SESSIONS_CHANNEL so far
         self._ticker = None  # the keep-alive ticker of idle session streams
+        self.held: collections.Counter = collections.Counter()  # (kind, holder, who) -> open streams, requests
+        self.tasks_running: collections.Counter = collections.Counter()  # principal -> its _TaskRuns here
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
@@ -3933,7 +4085,7 @@ class _Hub:
         """A legacy session's record, its expiry slid forward (or this instance's fresh copy)."""
         cache, store = self.session_cache, self.store
         if not self.cache_seconds:  # the in-memory store, or copies turned off
-            return await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+            return await self._read_session(session_id)
         trusted = store.link_up  # copies need the invalidations to arrive
         if trusted:
             entry = cache.get(session_id)
@@ -3941,9 +4093,11 @@ class _Hub:
                     and entry[2] == store.link_epoch):
                 return entry[0]
         epoch, drops = store.link_epoch, self._drops
-        record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+        record = await self._read_session(session_id)
         # (a change announced while the read was on its way may be newer than what it read)
-        if record is None or not trusted or epoch != store.link_epoch or drops != self._drops:
+        # (nor of an /sse session not initialized yet: its initialize may come through any instance)
+        if (record is None or "v" not in record or not trusted or epoch != store.link_epoch
+                or drops != self._drops):
             cache.pop(session_id, None)
         else:
             if len(cache) >= _SESSION_CACHE_MAX and session_id not in cache:
@@ -3951,13 +4105,22 @@ class _Hub:
             cache[session_id] = (record, time.monotonic(), epoch)
         return record
 
+    async def _read_session(self, session_id: str) -> dict | None:
+        ttl = self.settings.session_ttl
+        record = await self.store.get_touch(_session_key(session_id), ttl)
+        if record is not None and record.get("q"):
+            await self.store.touch(record["q"], ttl)  # the quota sets counting it live as long as it does
+        return record
+
     async def save_session(self, session_id: str, record: dict, new: bool = False) -> None:
         await self.store.set(_session_key(session_id), record, self.settings.session_ttl)
         if not new:
             await self._session_changed(session_id)
 
-    async def drop_session(self, session_id: str) -> None:
+    async def drop_session(self, session_id: str, record: dict) -> None:
         await self.store.delete(_session_key(session_id))
+        for key in record.get("q", ()):
+            await self.store.discard(key, session_id, self.settings.session_ttl)
         await self._session_changed(session_id)
 
     async def _session_changed(self, session_id: str) -> None:
@@ -4002,6 +4165,64 @@ class _Hub:
                 waiter = stream._waiter
                 if waiter is not None and not waiter.done() and now - stream.idle_since >= period:
                     waiter.set_result(None)
+
+    # -- quotas: sessions in the store (they hold across instances), streams here ------------------
+
+    async def admit_session(self, session_id: str, http: _Http, request_id=None) -> list:
+        """Count a new session against its principal's and its client address's caps; 429 past
+        either.  Returns the quota sets it is in, which the record keeps as ``q``: reading the
+        session slides their expiry too, and deleting it takes it out of them.  A session whose
+        record expired stops counting as well."""
+        settings = self.settings
+        counted = []
+        for holder, who, limit, setting in (
+                ("token", http.principal, settings.max_sessions_per_principal, "MCP_MAX_SESSIONS_PER_PRINCIPAL"),
+                ("client address", http.client_address(), settings.max_sessions_per_address,
+                 "MCP_MAX_SESSIONS_PER_ADDRESS")):
+            if who is None or not limit:
+                continue
+            key = _quota_key("sessions:" + holder, who)
+            if not await self.store.admit(key, session_id, limit, settings.session_ttl, _session_key):
+                _metrics.inc("mcp_quota_refusals_total", kind="sessions")
+                raise _over_limit(f"Too many sessions: this {holder} holds {limit} live sessions, the limit "
+                                  f"({setting}); end one with DELETE or let one expire, then retry.", request_id)
+            counted.append(key)
+        return counted
+
+    def hold_stream(self, principal: str | None, address: str | None) -> typing.Callable:
+        """Count an open stream against its principal's and address's caps on this instance (429
+        past either); returns what releases it."""
+        settings = self.settings
+        return self._hold("streams", "open streams", "close one", (
+            ("token", principal, settings.max_streams_per_principal, "MCP_MAX_STREAMS_PER_PRINCIPAL"),
+            ("client address", address, settings.max_streams_per_address, "MCP_MAX_STREAMS_PER_ADDRESS")))
+
+    def hold_request(self, principal: str | None, address: str | None, request_id=None) -> typing.Callable:
+        """Count a /messages request running here (a task that holds no connection) against its
+        principal's and address's caps; returns what releases it."""
+        return self._hold("requests", "requests in flight on /messages", "wait for their answers", (
+            ("token", principal, _MAX_IN_FLIGHT, f"{_MAX_IN_FLIGHT} for a token"),
+            ("client address", address, _MAX_IN_FLIGHT * 10, f"{_MAX_IN_FLIGHT * 10} for an address")), request_id)
+
+    def _hold(self, kind: str, what: str, remedy: str, caps: tuple, request_id=None) -> typing.Callable:
+        held = []
+        for holder, who, limit, setting in caps:
+            if who is None or not limit:
+                continue
+            if self.held[(kind, holder, who)] >= limit:
+                _metrics.inc("mcp_quota_refusals_total", kind=kind)
+                raise _over_limit(f"Too many {what}: this {holder} has {limit} on this server, the limit "
+                                  f"({setting}); {remedy}, then retry.", request_id)
+            held.append((kind, holder, who))
+        for key in held:
+            self.held[key] += 1
+
+        def release():
+            for key in held:
+                self.held[key] -= 1
+                if self.held[key] <= 0:
+                    del self.held[key]
+        return release
 
     # -- requests the server sends to a legacy client ------------------------------------------------
 
@@ -4083,6 +4304,10 @@ class _Hub:
         if out is None or not getattr(out, "can_stream", False):
             raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
                             "send Accept: text/event-stream.", status=400)
+        try:  # (its connection counts against the client address)
+            release = self.hold_stream(ctx.principal, None)
+        except _HttpError as exc:
+            raise RpcError(exc.code, exc.message, status=exc.status) from None
         tag = {_META_SUBSCRIPTION: ctx.request_id}
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -4112,6 +4337,7 @@ class _Hub:
                     break
                 await out.send(message)
         finally:
+            release()
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
@@ -4173,6 +4399,23 @@ def _header_dict(pairs: list) -> dict:
     return headers
 
 
+def _over_limit(message: str, request_id=None) -> "_HttpError":
+    """A per-principal or per-address cap was reached: 429, with a hint of when to retry."""
+    return _HttpError(429, message, request_id=request_id, headers=((b"retry-after", b"30"),))
+
+
+def _nothing_held() -> None:
+    return None
+
+
+async def _holding(step: typing.Awaitable, release: typing.Callable) -> None:
+    """Run ``step`` (a long-lived response, a /messages request), then give back the slot it held."""
+    try:
+        await step
+    finally:
+        release()
+
+
 def _body_too_large(limit: int) -> "_HttpError":
     return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
 
@@ -4203,6 +4446,12 @@ class _Http:
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
+
+    def client_address(self) -> str | None:
+        """The client's IP address (a trusted proxy's X-Forwarded-For already applied); None when
+        the server does not know it (a Unix socket), and then no per-address cap applies."""
+        client = self.scope.get("client")
+        return client[0] if client else None
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -4406,11 +4655,20 @@ class _PostChannel:
         if self.resumable:
             self.stream_id = secrets.token_hex(6)
             self.hub.live_posts[(self.session_id, self.stream_id)] = self
-            # remember the log, so that deleting the session deletes it too
-            await self.hub.store.append(_streams_key(self.session_id), self.stream_id,
-                                        self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            await self._remember_log()
             retry = self.hub.settings.sse_retry_ms
             await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
+
+    async def _remember_log(self) -> None:
+        """List this stream's log under the session, so that deleting the session deletes it too.
+        A session keeps the logs of its last MCP_REPLAY_EVENTS streams: the list holds one more,
+        whose log goes when it is pushed out (a client cannot pile up logs by streaming)."""
+        store, settings, index = self.hub.store, self.hub.settings, _streams_key(self.session_id)
+        kept = settings.replay_events
+        seq = await store.append(index, self.stream_id, kept + 1, settings.session_ttl)
+        if seq > kept:
+            for _seq, stream_id in (await store.read_after(index, seq - kept - 1))[:1]:
+                await store.delete_log(_events_key(self.session_id, stream_id))
 
     async def send(self, message: dict) -> None:
         if not self.sse_ok:
@@ -4510,12 +4768,17 @@ class _SessionStream:
 
     async def run(self, first: bytes = b"", replay: list = ()) -> None:
         hub, http = self.hub, self.http
+        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
+        try:  # before the first event: an answer to what the client sends next may come from anywhere
+            await hub.store.subscribed()
+        except BaseException:
+            unsubscribe()
+            raise
         previous = hub.session_streams.get(self.session_id)
         if previous is not None:
             previous.put(None)  # take over
         hub.session_streams[self.session_id] = self
         _metrics.inc("mcp_open_streams", kind="session")
-        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
         http.on_disconnect(self._end)
         hub.listeners.add(self._on_bus)
         try:
@@ -4722,9 +4985,10 @@ class _StreamableHTTP:
         headers = []
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
+            counted = await hub.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal}, new=True)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
         await channel.finish(response, status, headers)
@@ -4789,7 +5053,8 @@ class _StreamableHTTP:
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and seq.isdigit():
-                return self._resume(http, session_id, stream_id, int(seq))  # a tail call
+                release = hub.hold_stream(http.principal, http.client_address())
+                return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
             replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
@@ -4797,7 +5062,8 @@ class _StreamableHTTP:
         stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        return stream.run(first, replay)  # a tail call: _App._handle awaits it, without this frame
+        release = hub.hold_stream(http.principal, http.client_address())
+        return _holding(stream.run(first, replay), release)  # a tail call: _App._handle awaits it
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
@@ -4864,9 +5130,10 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        if await _session_of(hub, http, session_id) is None:
+        session = await _session_of(hub, http, session_id)
+        if session is None:
             raise _HttpError(404, "Session not found.")
-        await hub.drop_session(session_id)
+        await hub.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
@@ -4876,11 +5143,14 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-async def _session_of(hub: _Hub, http: _Http, session_id: str) -> dict | None:
-    """A legacy session, its expiry slid forward, if it belongs to the caller's token (a session
-    id alone proves nothing)."""
+async def _session_of(hub: _Hub, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
+    """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
+    made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
+    session id is no session on the other."""
     session = await hub.session(session_id)
-    return session if session is not None and session.get("owner") == http.principal else None
+    if session is None or session.get("owner") != http.principal or session.get("t", "mcp") != transport:
+        return None
+    return session
 
 
 def _classify_http(message) -> str:
@@ -4972,6 +5242,9 @@ def _header_matches(header: str, value) -> bool:
 # ---- Legacy HTTP+SSE (2024-11-05) --------------------------------------------------------------
 
 
+_MAX_IN_FLIGHT = 100  # /messages requests of one token running on an instance at once (ten times that an address)
+
+
 class _LegacySSE:
     """GET /sse opens the stream and names the POST endpoint; POST /messages answers 202."""
 
@@ -4982,22 +5255,43 @@ class _LegacySSE:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
-            session = await _session_of(hub, http, session_id)
-            if session is None and session_id not in hub.session_streams:
+            if await _session_of(hub, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
-        else:
-            session_id = secrets.token_urlsafe(24)
+        release = hub.hold_stream(http.principal, http.client_address())
+        opened = session_id is None
+        try:
+            if opened:  # recorded at once: the first POST may reach another instance
+                session_id = secrets.token_urlsafe(24)
+                counted = await hub.admit_session(session_id, http)
+                await hub.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
+        except BaseException:
+            release()
+            raise
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
-        return stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())  # a tail call
+        return _holding(self._follow(stream, f"event: endpoint\ndata: {endpoint}\n\n".encode(), opened),
+                        release)  # a tail call
+
+    async def _follow(self, stream: _SessionStream, first: bytes, opened: bool) -> None:
+        """Serve the stream; a session it opened that was never initialized ends with it (it
+        would count against its owner's caps until it expired)."""
+        try:
+            await stream.run(first)
+        finally:
+            hub = self.server._hub()
+            # (not when another stream took the session over, nor while the server stops)
+            if opened and stream.session_id not in hub.session_streams and not hub.closing:
+                record = await hub.store.get(_session_key(stream.session_id))
+                if record is not None and "v" not in record:
+                    await hub.drop_session(stream.session_id, record)
 
     async def post(self, http: _Http) -> None:
         server, hub = self.server, self.server._hub()
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        session = await _session_of(hub, http, session_id)
-        if session is None and session_id not in hub.session_streams:
+        record = await _session_of(hub, http, session_id, "sse")
+        if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
         message = await http.read_message(server.settings.max_body)
         kind = _classify_http(message)
@@ -5006,12 +5300,20 @@ class _LegacySSE:
                 await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
-        await http.respond(202)  # the answer, or the error, travels on the stream
-        hub.spawn(self._process(session_id, session, message, kind, http.principal, http.base))
+        # (a notification is not counted: it ends at once, and cancelling must work at the cap)
+        release = (hub.hold_request(http.principal, http.client_address(), message.get("id"))
+                   if kind == "request" else _nothing_held)
+        try:
+            await http.respond(202)  # the answer, or the error, travels on the stream
+        except BaseException:
+            release()
+            raise
+        hub.spawn(_holding(self._process(session_id, record, message, kind, http.principal, http.base), release))
 
-    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
+    async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
         server, hub = self.server, self.server._hub()
+        session = record if "v" in record else None  # (None: opened, not initialized yet)
         channel = _SessionChannel(hub, session_id)
         request_id = message.get("id") if kind == "request" else None
         if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
@@ -5041,7 +5343,8 @@ class _LegacySSE:
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.save_session(session_id, {**ctx.session, "owner": principal})
+            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
+                                                "q": record.get("q", [])})
         if response is not None:
             await channel.send(response)
 
@@ -7189,7 +7492,8 @@ async def _shutdown(server: MCPServer) -> None:
 #   when no length is given), backpressure both ways.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
-#   body 408 and close, an idle keep-alive connection closed, connections capped (503).
+#   body 408 and close, an idle keep-alive connection closed, connections capped (503), and
+#   capped per client address (429; a trusted proxy's are many clients' and are not).
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
 #   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
@@ -7220,6 +7524,7 @@ class _ServerState:
         # other ASGI app gets standard ASGI.
         self.native = app._serve_native if isinstance(app, _App) else None
         self.connections: set = set()
+        self.per_address: collections.Counter = collections.Counter()  # client IP -> open connections
         self.draining = False
         self.root_path = ""
         self.loop = asyncio.get_running_loop()
@@ -7577,6 +7882,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self.timer = None
         self.peer = self.client = self.server = None
+        self.counted_as = None  # the client address this connection counts against, if any
         self.closed = False
         self.unsent: list | None = None  # output for send_soon, not yet handed to the transport
         self.unsent_size = 0
@@ -7593,12 +7899,26 @@ class _HttpProtocol(asyncio.Protocol):
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
             return
+        address, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
+        proxies = self.settings.trusted_proxies  # (a proxy's connections are many clients')
+        if address is not None and limit and address not in proxies and "*" not in proxies:
+            if state.per_address[address] >= limit:
+                self._reject(429, f"Too many connections from this client address: {limit} are open, the "
+                             "limit (MCP_MAX_CONNECTIONS_PER_ADDRESS); close some, then retry.", b"retry-after: 5\r\n")
+                return
+            state.per_address[address] += 1
+            self.counted_as = address
         state.connections.add(self)
         self._arm(self.settings.header_timeout, self._head_timeout)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.counted_as is not None:
+            per_address, address, self.counted_as = self.state.per_address, self.counted_as, None
+            per_address[address] -= 1
+            if per_address[address] <= 0:
+                del per_address[address]
         self.state.ended += 1
         self._disarm()
         if self.cycle is not None:
@@ -7697,10 +8017,10 @@ class _HttpProtocol(asyncio.Protocol):
         else:
             self.close()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, headers: bytes = b"") -> None:
         body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
         self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-                   b"connection: close\r\n\r\n%s" % (len(body), body))
+                   b"%sconnection: close\r\n\r\n%s" % (len(body), headers, body))
         self.buffer.clear()
 
     # -- reading -----------------------------------------------------------------------------------

@@ -8559,9 +8559,566 @@ class TestAttackOAuth:
 
 
 # ---- attacks on sessions and quotas (owners on every route and instance, caps per principal)
+#
+# The attacker holds a token of their own (the built-in authorization server hands them out to
+# anyone) and learns the victim's session id (a log line, a proxy, a shared screen).  A session id
+# alone proves nothing: every route that names a session answers 404 unless the token that made it
+# comes with it.  With MCP_AUTH=none there is no principal: the session id is then the whole
+# credential (192 random bits), and still names one transport only.
+
+
+def _sess_login(port: int) -> str:
+    """An access token from the built-in authorization server (no consent page): what any
+    visitor gets.  The issuer may be a shared MCP_PUBLIC_URL, so the redirect is read as is."""
+    client = _auth_register(port)
+    verifier, challenge = _auth_pkce()
+    r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, state="s")
+    assert r.status == 302, r
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(r.header("location")).query)["code"][0]
+    r = _auth_exchange(port, client["client_id"], code, verifier)
+    assert r.status == 200, r
+    return r.json()["access_token"]
+
+
+def _sess_headers(port: int, token: str | None, extra: dict | None = None) -> dict:
+    base = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+    if token:
+        base["Authorization"] = f"Bearer {token}"
+    return merge_headers(base, extra)
+
+
+class _SessSSE:
+    """An HTTP+SSE client that sends a bearer token: GET /sse, then POST /messages."""
+
+    def __init__(self, port: int, token: str | None, path: str = "/sse"):
+        self.port, self.token = port, token
+        self.conn = Conn(port)
+        self.conn.request("GET", path, _sess_headers(port, token, {"Accept": "text/event-stream",
+                                                                   "Content-Type": None}))
+        self.resp = self.conn.read_head()
+        self.stream = SSEStream(self.conn, self.resp) if self.resp.status == 200 else None
+        if self.stream is not None:
+            event = self.stream.next_event()
+            assert event["event"] == "endpoint", event
+            self.endpoint = event["data"]
+            self.sid = self.endpoint.split("session_id=")[1]
+
+    def post(self, message, port: int | None = None, token: str | None = "") -> Response:
+        port = port or self.port
+        return http(port, "POST", self.endpoint, _sess_headers(port, self.token if token == "" else token), message)
+
+    def next_message(self) -> dict:
+        message = self.stream.next_message()
+        assert message is not None, "the /sse stream ended"
+        return message
+
+    def initialize(self, capabilities: dict | None = None, port: int | None = None) -> dict:
+        r = self.post({"jsonrpc": "2.0", "id": "init", "method": "initialize",
+                       "params": {"protocolVersion": LEGACY, "capabilities": capabilities or {},
+                                  "clientInfo": {"name": "pytest", "version": "1"}}}, port)
+        assert r.status == 202, r
+        reply = self.next_message()
+        assert reply["id"] == "init" and "result" in reply, reply
+        assert self.post({"jsonrpc": "2.0", "method": "notifications/initialized"}, port).status == 202
+        return reply
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _sess_refused(resp: Response) -> None:
+    """The 404 a session of someone else gets: the same as an unknown one (nothing leaks)."""
+    assert resp.status == 404, resp
+    assert "not found" in resp.json()["error"]["message"].lower(), resp
+
+
+def _sess_attempts_on_messages(sse: _SessSSE, port: int, token: str | None) -> None:
+    """Everything an attacker can send to /messages naming the victim's session: each one 404."""
+    for message in ({"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "initialize",
+                     "params": {"protocolVersion": "2024-11-05", "capabilities": {}}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                     "params": {"name": "echo", "arguments": {"text": "injected"}}},
+                    {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                    {"jsonrpc": "2.0", "id": "s0-1", "result": {"action": "accept", "content": {"name": "M"}}}):
+        _sess_refused(sse.post(message, port, token))
+    r = http(port, "GET", f"/sse?session_id={sse.sid}",
+             _sess_headers(port, token, {"Accept": "text/event-stream", "Content-Type": None}))
+    _sess_refused(r)
+
+
+class TestAttackSessions:
+    """Sessions belong to the token that made them, on every route, transport and instance."""
+
+    @pytest.fixture
+    def guarded(self, make_server):
+        return make_server(auth="builtin", consent="never", auth_rate_limit=0)
+
+    def test_a_live_sse_stream_is_not_taken_over_with_another_token(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _SessSSE(port, victim_token)
+        try:
+            victim.initialize({"elicitation": {}})
+            # the victim's tool waits on an elicitation, the attacker tries every message on the session
+            assert victim.post({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                "params": {"name": "ask_name", "arguments": {}}}).status == 202
+            asked = victim.next_message()
+            assert asked["method"] == "elicitation/create", asked
+            _sess_attempts_on_messages(victim, port, attacker_token)
+            forged = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "M"}}}
+            _sess_refused(victim.post(forged, port, attacker_token))
+            # the victim's stream is still theirs: their answer completes their call
+            answer = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "V"}}}
+            assert victim.post(answer).status == 202
+            reply = victim.next_message()
+            assert reply["id"] == 7 and reply["result"]["content"][0]["text"] == "Hello, V!", reply
+        finally:
+            victim.close()
+
+    def test_an_sse_session_belongs_to_its_opener_before_initialize(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _SessSSE(port, victim_token)
+        try:
+            _sess_attempts_on_messages(victim, port, attacker_token)
+            victim.initialize()
+            assert victim.post({"jsonrpc": "2.0", "id": 2, "method": "ping"}).status == 202
+            assert victim.next_message() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+        finally:
+            victim.close()
+        # and once the stream is gone, the session still is not the attacker's to reattach
+        _sess_refused(http(port, "GET", f"/sse?session_id={victim.sid}",
+                           _sess_headers(port, attacker_token, {"Accept": "text/event-stream"})))
+
+    def test_every_streamable_route_checks_the_owner(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _auth_Session(port, victim_token)
+        victim.initialize()
+        attacker = _auth_Session(port, attacker_token)
+        attacker.sid = victim.sid
+        for message in (attacker.body("ping"), {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                "params": {"requestId": 1}},
+                        {"jsonrpc": "2.0", "id": "s0-1", "result": {}}):
+            _sess_refused(attacker.post(message))
+        # initialize ignores the id it is sent with: it makes the attacker a session of their own
+        fresh = attacker.post(attacker.body("initialize", {"protocolVersion": LEGACY}))
+        assert fresh.status == 200 and fresh.header("mcp-session-id") not in (None, victim.sid), fresh
+        _sess_refused(attacker.post([attacker.body("ping")], {"MCP-Protocol-Version": "2025-03-26"}))
+        for last_event in (None, "get:0", "abcdef012345:1"):
+            _sess_refused(http(port, "GET", "/mcp", attacker.headers({"Accept": "text/event-stream",
+                                                                      "Last-Event-ID": last_event})))
+        _sess_refused(attacker.delete())
+        assert victim.request("ping")["result"] == {}  # still the victim's, still alive
+
+    def test_a_session_id_names_one_transport(self, guarded):
+        """A Streamable HTTP session (with a live GET stream) is not reachable on /messages or
+        /sse, and an /sse session is not one on /mcp, even for the token that made both."""
+        port = guarded.port
+        token = _sess_login(port)
+        s = _auth_Session(port, token)
+        s.initialize()
+        with Conn(port) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            stream = SSEStream(conn, conn.read_head())
+            assert not stream.next_event().get("data")  # the GET stream is live
+            r = http(port, "POST", f"/messages?session_id={s.sid}", _sess_headers(port, token),
+                     {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            _sess_refused(r)
+            _sess_refused(http(port, "GET", f"/sse?session_id={s.sid}",
+                               _sess_headers(port, token, {"Accept": "text/event-stream"})))
+        sse = _SessSSE(port, token)
+        try:
+            sse.initialize()
+            other = _auth_Session(port, token)
+            other.sid = sse.sid
+            _sess_refused(other.post(other.body("ping")))
+            _sess_refused(http(port, "GET", "/mcp", other.headers({"Accept": "text/event-stream"})))
+            _sess_refused(other.delete())
+            assert sse.post({"jsonrpc": "2.0", "id": 5, "method": "ping"}).status == 202
+            assert sse.next_message() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+        finally:
+            sse.close()
+
+    def test_without_auth_a_session_id_is_the_whole_credential(self, make_server):
+        """MCP_AUTH=none: no principal, so the unguessable id is what a session is; it still names
+        one transport, and ids never repeat."""
+        st = make_server()
+        ids = set()
+        for _ in range(20):
+            s = Session(st.port)
+            s.initialize()
+            assert len(base64.urlsafe_b64decode(s.sid + "=" * (-len(s.sid) % 4))) >= 16, s.sid  # >= 128 bits
+            ids.add(s.sid)
+        assert len(ids) == 20
+        _sess_refused(http(st.port, "POST", f"/messages?session_id={s.sid}", body={"jsonrpc": "2.0", "id": 1,
+                                                                                 "method": "ping"}))
+
+    @pytest.fixture(scope="class")
+    def guarded_pair(self, redis_url):
+        """Two instances on one Redis with the built-in authorization server (one issuer URL, so
+        a token of either is good on both), at most 3 sessions per principal."""
+        pair = _redis_instances(redis_url, 2, MCP_AUTH="builtin", MCP_CONSENT="never", MCP_AUTH_RATE_LIMIT="0",
+                                MCP_PUBLIC_URL="http://127.0.0.1:6901", MCP_MAX_SESSIONS_PER_PRINCIPAL="3")
+        _redis_wait_subscribed(redis_url, "mcp:bus", 2)
+        yield [instance.port for instance in pair]
+        for instance in pair:
+            instance.stop()
+
+    def test_across_instances_every_route_checks_the_owner(self, guarded_pair):
+        a, b = guarded_pair
+        victim_token, attacker_token = _sess_login(a), _sess_login(b)
+        victim = _SessSSE(a, victim_token)
+        try:
+            victim.initialize(port=b)
+            for port in (a, b):
+                _sess_attempts_on_messages(victim, port, attacker_token)
+            assert victim.post({"jsonrpc": "2.0", "id": 9, "method": "ping"}, b).status == 202
+            assert victim.next_message() == {"jsonrpc": "2.0", "id": 9, "result": {}}
+        finally:
+            victim.close()
+        s = _auth_Session(a, victim_token)
+        s.initialize()
+        attacker = _auth_Session(b, attacker_token)
+        attacker.sid = s.sid
+        _sess_refused(attacker.post(attacker.body("ping")))
+        _sess_refused(http(b, "GET", "/mcp", attacker.headers({"Accept": "text/event-stream"})))
+        _sess_refused(attacker.delete())
+        assert _redis_on(s, b).request("ping")["result"] == {}
+
+    def test_a_task_of_another_principal_is_unknown_on_every_instance(self, guarded_pair):
+        a, b = guarded_pair
+        victim_token, attacker_token = _sess_login(a), _sess_login(b)
+
+        def post(port, token, method, task_id, params=None):
+            return modern_post(port, method, {"taskId": task_id, **(params or {})}, caps=_TASK_CAPS,
+                               headers={"Mcp-Name": task_id, **_sess_headers(port, token)})
+        r = _redis_modern_call(a, "slow_compute", {"seconds": 60}, caps=_TASK_CAPS,
+                               headers=_sess_headers(a, victim_token))
+        task_id = _task_result(r)["taskId"]
+        try:
+            for port in (a, b):
+                for method, params in (("tasks/get", None), ("tasks/cancel", None),
+                                       ("tasks/update", {"inputResponses": {"x": {"action": "accept"}}})):
+                    r = post(port, attacker_token, method, task_id, params)
+                    error = r.json().get("error")
+                    assert error and "Unknown task" in error["message"], (port, method, r)
+            assert _task_result(post(b, victim_token, "tasks/get", task_id))["status"] == "working"
+        finally:
+            post(a, victim_token, "tasks/cancel", task_id)
+
+    # -- quotas: what one token holder can make the server hold ------------------------------------
+
+    def test_a_flood_of_sessions_never_evicts_authorization_state(self, make_server):
+        """2,500 initialize calls used to push another user's client, refresh token and user session
+        out of the in-memory LRU; sessions now only ever push out sessions."""
+        store = MemoryStore(max_keys=40)
+        st = make_server(build_server(store=store, auth="builtin", consent="never", auth_rate_limit=0,
+                                      max_sessions_per_principal=0, max_sessions_per_address=0))
+        victim = _auth_login(st.port)
+        attacker = _sess_login(st.port)
+        for _ in range(120):
+            _auth_Session(st.port, attacker).initialize()
+        _auth_assert_ok(st.port, victim["access_token"])  # the user session (mcp:{sid}:user) is there
+        r = _auth_refresh(st.port, victim["client"]["client_id"], victim["refresh_token"])
+        assert r.status == 200, r  # the client, the refresh token and its family are there
+        _auth_assert_ok(st.port, r.json()["access_token"])
+
+    def test_a_quota_set_counts_only_live_members_on_every_store(self, redis_store_factory):
+        async def body(store):
+            quota, tag = _redis_key("quota"), uuid.uuid4().hex[:12]
+
+            def live(member):
+                return f"t:{{{tag}-{member}}}:live"  # (a slot of its own, as a session's key has)
+            for member in "ab":
+                await store.set(live(member), 1, 60)
+                assert await store.admit(quota, member, 2, 60, live)
+            assert await store.admit(quota, "a", 2, 60, live)  # already in
+            await store.set(live("c"), 1, 60)
+            assert not await store.admit(quota, "c", 2, 60, live)  # full of live members
+            await store.delete(live("b"))  # b's session ended: it stops counting
+            assert await store.admit(quota, "c", 2, 60, live)
+            assert not await store.admit(quota, "d", 2, 60, live)
+            await store.discard(quota, "a", 60)
+            await store.touch([quota], 60)
+            assert await store.admit(quota, "d", 2, 60, live)
+        _redis_run(redis_store_factory, body)
+
+    def test_sessions_per_principal_are_capped_across_instances(self, guarded_pair):
+        a, b = guarded_pair  # MCP_MAX_SESSIONS_PER_PRINCIPAL=3 on both
+        token, other = _sess_login(a), _sess_login(a)
+        first = _auth_Session(a, token)
+        first.initialize()
+        _auth_Session(b, token).initialize()
+        sse = _SessSSE(b, token)  # an /sse stream is a session too
+        try:
+            assert sse.resp.status == 200
+            for port in (a, b):
+                s = _auth_Session(port, token)
+                r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": {}}))
+                error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+                assert "MCP_MAX_SESSIONS_PER_PRINCIPAL" in error["message"] and r.header("retry-after"), r
+                assert r.header("mcp-session-id") is None
+                refused = _SessSSE(port, token)
+                assert refused.resp.status == 429, refused.resp
+                refused.close()
+            _auth_Session(b, other).initialize()  # another principal is not affected
+        finally:
+            sse.close()
+        assert _redis_on(first, b).delete().status == 200  # ending one (anywhere) frees its place
+        _auth_Session(a, token).initialize()
+
+    def test_sessions_per_address_are_capped_and_expired_ones_stop_counting(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), max_sessions_per_address=3, session_ttl=60))
+        sessions = [Session(st.port) for _ in range(3)]
+        for s in sessions:
+            s.initialize()
+        r = Session(st.port).post(Session(st.port).body("initialize", {"protocolVersion": LEGACY}))
+        error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+        assert "MCP_MAX_SESSIONS_PER_ADDRESS" in error["message"], error
+        assert http(st.port, "GET", "/sse", {"Accept": "text/event-stream"}).status == 429
+        assert sessions[0].delete().status == 200
+        Session(st.port).initialize()
+        clock.advance(61)  # every session expired: nothing counts any more
+        for _ in range(3):
+            Session(st.port).initialize()
+
+    def test_an_sse_stream_closed_before_initialize_frees_its_session(self, make_server):
+        """A client that opens /sse and goes (a probe, a flapping network) leaves nothing that
+        counts against its caps; an initialized session stays for the client to reattach."""
+        st = make_server(max_sessions_per_address=2)
+        kept = _SessSSE(st.port, None)
+        kept.initialize()
+        kept.close()
+        for _ in range(5):
+            probe_stream = _SessSSE(st.port, None)
+            assert probe_stream.resp.status == 200, probe_stream.resp
+            probe_stream.close()
+            _redis_wait(lambda: http(st.port, "POST", probe_stream.endpoint, body={
+                "jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 404, "the unused session to end")
+        again = _SessSSE(st.port, None, f"/sse?session_id={kept.sid}")
+        try:
+            assert again.resp.status == 200
+        finally:
+            again.close()
+
+    def test_open_streams_are_capped_per_principal_and_per_address(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, max_streams_per_principal=2,
+                         max_streams_per_address=3)
+        port = st.port
+        alice, bob = _sess_login(port), _sess_login(port)
+        held = []
+
+        def open_stream(token):
+            s = _auth_Session(port, token)
+            s.initialize()
+            conn = Conn(port)
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            head = conn.read_head()
+            if head.status == 200:
+                held.append(conn)
+            else:
+                head.body = b"".join(conn.iter_body(head))
+                conn.close()
+            return head
+        try:
+            assert open_stream(alice).status == 200 and open_stream(alice).status == 200
+            refused = open_stream(alice)
+            error = assert_rpc_error(refused, 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in error["message"] and refused.header("retry-after"), refused
+            sse = _SessSSE(port, alice)
+            assert sse.resp.status == 429, sse.resp  # /sse counts the same
+            sse.close()
+            listen = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+            r = http(port, "POST", "/mcp", modern_headers(listen, _sess_headers(port, alice)), listen)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)["message"]
+            assert open_stream(bob).status == 200
+            error = assert_rpc_error(open_stream(bob), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_ADDRESS" in error["message"], error
+            held.pop(0).close()  # a stream that ends gives its place back
+            _redis_wait(lambda: open_stream(alice).status == 200, "the closed stream's place")
+        finally:
+            for conn in held:
+                conn.close()
+
+    def test_connections_per_address_are_capped(self, make_server):
+        st = make_server(max_connections_per_address=3)
+        conns = [Conn(st.port) for _ in range(3)]
+        try:
+            for conn in conns:  # each answered once, so each is surely counted
+                conn.request("GET", "/healthz")
+                assert conn.read_response().status == 200
+            with Conn(st.port) as extra:
+                r = extra.read_response()
+                assert r.status == 429 and r.header("retry-after"), r
+                assert "MCP_MAX_CONNECTIONS_PER_ADDRESS" in r.json()["error"]["message"], r
+            conns.pop().close()
+
+            def served():
+                with Conn(st.port) as conn:
+                    conn.request("GET", "/healthz")
+                    return conn.read_response().status == 200
+            _redis_wait(served, "the closed connection's place")
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def test_what_a_client_makes_its_session_keep_is_bounded(self, live):
+        huge = {"experimental": {"x": "y" * 9000}}
+        s = Session(live.port, capabilities=huge)
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": huge}))
+        error = assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        assert "8192" in error["message"], error
+        assert r.header("mcp-session-id") is None
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "clientInfo": {"name": "n" * 9000}}))
+        assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        c = _SessSSE(live.port, None)
+        try:
+            c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": LEGACY, "capabilities": huge}})
+            answer = c.next_message()
+            assert answer["id"] == 1 and answer["error"]["code"] == mcp_server.INVALID_PARAMS, answer
+        finally:
+            c.close()
+        s = Session(live.port)
+        s.initialize()
+        for i in range(200):
+            message = s.body("resources/subscribe", {"uri": f"test://items/{i:04d}-" + "u" * 100})
+            reply = final_message(s.post(message), message["id"])
+            if "error" in reply:
+                break
+        assert reply["error"]["code"] == mcp_server.INVALID_PARAMS and "unsubscribe" in reply["error"]["message"]
+        assert 40 < i < 200, i
+
+    def test_running_tasks_are_capped_per_principal(self, make_server):
+        server = _task_build_server()
+        server.settings = Settings(auth="builtin", consent="never", auth_rate_limit=0, max_tasks_per_principal=2)
+        st = make_server(server)
+        alice, bob = _sess_login(st.port), _sess_login(st.port)
+        tokens = []
+
+        def start(token):
+            tokens.append(new_token("quota-task"))
+            return _redis_modern_call(st.port, "task_gated", {"token": tokens[-1]}, caps=_TASK_CAPS,
+                                      headers=_sess_headers(st.port, token))
+        try:
+            assert _task_result(start(alice))["resultType"] == "task"
+            assert _task_result(start(alice))["resultType"] == "task"
+            error = assert_rpc_error(start(alice), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_TASKS_PER_PRINCIPAL" in error["message"], error
+            assert _task_result(start(bob))["resultType"] == "task"  # another principal is not affected
+            first = probe(tokens[0])
+            assert first.gate_ready.wait(WAIT)
+            st.call_soon(first.gate.set)
+            assert first.finished.wait(WAIT)
+            _redis_wait(lambda: start(alice).status == 200, "the ended task's place")
+        finally:
+            for token in tokens:
+                p = probe(token)
+                if p.gate_ready.is_set() and p.gate is not None:
+                    st.call_soon(p.gate.set)
+
+    def test_a_session_keeps_the_event_logs_of_its_last_streams_only(self, make_server):
+        """Every streamed POST of a 2025-11-25 session is logged for resumption; streaming more
+        no longer piles up logs: the session keeps those of its last MCP_REPLAY_EVENTS streams."""
+        store = MemoryStore()
+        st = make_server(build_server(store=store, replay_events=3))
+        s = Session(st.port)
+        s.initialize()
+
+        def stream_once():
+            reply = s.request("tools/call", {"name": "progress", "arguments": {"steps": 1},
+                                             "_meta": {"progressToken": "p"}})
+            assert reply["result"]["content"][0]["text"] == "progress done"
+        for _ in range(4):
+            stream_once()
+        held = len(store)
+        for _ in range(10):
+            stream_once()
+        assert len(store) == held
+        assert s.delete().status == 200
+        assert len(store) == 0
+
+    def test_requests_in_flight_on_messages_are_bounded_per_token(self, guarded):
+        """Each POST /messages runs as a task that holds no connection: a token may have 100."""
+        port = guarded.port
+        token, other = _sess_login(port), _sess_login(port)
+        c = _SessSSE(port, token)
+        try:
+            c.initialize()
+            prefix = new_token("flight")
+            with Conn(port) as conn:
+                for i in range(100):
+                    conn.request("POST", c.endpoint, _sess_headers(port, token), {
+                        "jsonrpc": "2.0", "id": i, "method": "tools/call",
+                        "params": {"name": "hang", "arguments": {"token": f"{prefix}-{i}"}}})
+                    assert conn.read_response().status == 202
+            _redis_wait(lambda: all(probe(f"{prefix}-{i}").started.is_set() for i in range(100)), "100 calls running")
+            r = c.post({"jsonrpc": "2.0", "id": 100, "method": "ping"})
+            error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+            assert "in flight" in error["message"] and r.header("retry-after"), r
+            d = _SessSSE(port, other)  # another token is not affected
+            try:
+                assert d.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 202
+                assert d.next_message() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            finally:
+                d.close()
+            # a cancellation still gets through, and the cancelled call gives its place back
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}}
+            assert c.post(cancel).status == 202
+            assert probe(f"{prefix}-0").finished.wait(WAIT)
+            _redis_wait(lambda: c.post({"jsonrpc": "2.0", "id": 101, "method": "ping"}).status == 202,
+                        "the cancelled call's place")
+        finally:
+            c.close()
 
 
 # ==== Hostile input (issue 19): bad bytes, bad JSON, bad headers, across instances =============
+
+class TestLegacyAcrossInstances:
+    """HTTP+SSE behind a round-robin balancer: the /sse stream on one instance, every POST on any
+    instance, from the first one on (issue 19, defect 3)."""
+
+    def test_every_message_kind_posted_anywhere_is_answered_on_the_stream(self, redis_trio):
+        a, b, c = redis_trio
+        sse = _SessSSE(a, None)
+        try:
+            assert sse.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}, b).status == 202  # before initialize
+            assert sse.next_message() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            assert sse.post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, c).status == 202
+            refused = sse.next_message()
+            assert refused["id"] == 2 and "initialize" in refused["error"]["message"], refused
+            assert sse.initialize({"elicitation": {}}, port=b)["result"]["protocolVersion"] == LEGACY
+            assert sse.post({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                             "params": {"name": "greet", "arguments": {"name": "Ada"}}}, c).status == 202
+            reply = sse.next_message()
+            assert reply["id"] == 3 and _redis_text(reply["result"]) == "Hello, Ada!", reply
+            # a server request raised on B reaches the stream on A; its answer, posted to C, reaches B
+            assert sse.post({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                             "params": {"name": "test_elicitation", "arguments": {"message": "ok?"}}}, b).status == 202
+            asked = sse.next_message()
+            assert asked["method"] == "elicitation/create", asked
+            answer = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"response": "y"}}}
+            assert sse.post(answer, c).status == 202
+            reply = sse.next_message()
+            assert reply["id"] == 4 and "action=accept" in _redis_text(reply["result"]), reply
+        finally:
+            sse.close()
+
+    def test_reattaching_on_another_instance_keeps_the_session(self, redis_trio):
+        a, b, _c = redis_trio
+        sse = _SessSSE(a, None)
+        sse.initialize(port=b)
+        sse.close()
+        again = _SessSSE(b, None, f"/sse?session_id={sse.sid}")
+        try:
+            assert again.resp.status == 200 and again.sid == sse.sid
+            assert again.post({"jsonrpc": "2.0", "id": 5, "method": "ping"}, a).status == 202
+            assert again.next_message() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+        finally:
+            again.close()
 
 
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
