@@ -65,6 +65,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -229,6 +230,8 @@ _SETTING_SPECS = (
     ("trusted_proxies", "--trusted-proxies", ("MCP_TRUSTED_PROXIES",), _csv, (),
      "comma-separated peer addresses whose X-Forwarded-* headers are believed"),
     ("max_body", "--max-body", ("MCP_MAX_BODY",), int, 4 * 1024 * 1024, "largest request body in bytes"),
+    ("max_json_depth", None, ("MCP_MAX_JSON_DEPTH",), int, 64,
+     "deepest nesting of arrays and objects in JSON the server reads (deeper: a parse error)"),
     ("max_header", None, ("MCP_MAX_HEADER",), int, 16 * 1024, "largest request head (line + headers) in bytes"),
     ("header_timeout", None, ("MCP_HEADER_TIMEOUT",), float, 10.0, "seconds to receive a request head"),
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
@@ -324,6 +327,7 @@ class Settings:
     allowed_hosts: tuple = ()
     trusted_proxies: tuple = ()
     max_body: int = 4 * 1024 * 1024
+    max_json_depth: int = 64
     max_header: int = 16 * 1024
     header_timeout: float = 10.0
     body_timeout: float = 30.0
@@ -448,6 +452,8 @@ class Settings:
             fail("session_cache must be 0 or more")
         if not 0 <= self.busy_poll_us <= 10000:
             fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
+        if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
+            fail(f"MCP_MAX_JSON_DEPTH={self.max_json_depth} is not between 1 and {_STORED_JSON_DEPTH}")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
@@ -875,21 +881,77 @@ def _json_encoder(default=None):
 _dumps = _json_encoder()
 _dumps_any = _json_encoder(default=str)  # log lines: a field of any type is written, as its str()
 _json_string = json.encoder.encode_basestring  # a str as a JSON string (C), for _JsonFormatter.line
-_json_decoder = json.JSONDecoder()
 
 
-def _loads(data: bytes | str):
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # 1e999: no JSON number stands for it, so none may be read as it
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+_json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
+_STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
+_JSON_ESCAPE = re.compile(r"\\.", re.S)
+_JSON_STRING = re.compile(r'"[^"]*"')
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_BRACKET_STEP = tuple(1 if chr(c) in "[{" else -1 for c in range(128))
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _JsonTooDeep(ValueError):
+    pass
+
+
+def _check_depth(text: str, limit: int) -> None:
+    """Raise ``_JsonTooDeep`` if ``text`` nests arrays and objects deeper than ``limit``: the C
+    scanner recurses once a level, and a few thousand ``[`` would exhaust the stack.  Text with
+    fewer brackets than the limit cannot be too deep (the common request: two counts); only
+    other text is measured, strings left out."""
+    if text.count("[") + text.count("{") <= limit:
+        return
+    bare = _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text) if "\\" in text else text)
+    brackets = _NOT_BRACKET.sub("", bare)
+    if len(brackets) > limit and max(itertools.accumulate(map(_BRACKET_STEP.__getitem__,
+                                                              brackets.encode("ascii")))) > limit:
+        raise _JsonTooDeep(f"the JSON nests arrays and objects deeper than {limit} levels")
+
+
+def _loads(data: bytes | str, max_depth: int = _JSON_DEPTH):
     """JSON from UTF-8 bytes (what MCP sends): the C scanner straight away, skipping
     ``json.loads``'s encoding detection and whitespace passes; anything unusual (white space
-    around it, an error) goes to the full decoder, which says what is wrong."""
-    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
+    around it, an error) goes to the full decoder, which says what is wrong.  Every JSON the
+    server reads comes through here: ValueError (or UnicodeDecodeError) for text nested deeper
+    than ``max_depth``, NaN, Infinity, a number too large for a float, a lone surrogate."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+    _check_depth(text, max_depth)
     try:
-        value, end = _json_decoder.scan_once(text, 0)
-    except (StopIteration, ValueError):
-        return _json_decoder.decode(text)
-    if end != len(text):
-        return _json_decoder.decode(text)
+        try:
+            value, end = _json_decoder.scan_once(text, 0)
+        except (StopIteration, ValueError):
+            return _json_decoder.decode(text)
+        if end != len(text):
+            return _json_decoder.decode(text)
+    except RecursionError:  # (a max_depth set near the interpreter's own limit)
+        raise _JsonTooDeep("the JSON nests arrays and objects too deeply") from None
+    if "\\" in text and _LONE_SURROGATE_ESCAPE.search(text):
+        try:
+            _dumps(value).encode("utf-8")
+        except UnicodeEncodeError:  # no UTF-8 text (nor answer) could carry it
+            raise ValueError("the JSON has a lone surrogate (\\ud800-\\udfff) in a string") from None
     return value
+
+
+def _parse_error_text(exc: ValueError, what: str = "body") -> str:
+    """What a client is told about JSON it sent (its ``what``) that ``_loads`` refused."""
+    if isinstance(exc, _JsonTooDeep):
+        return f"Parse error: {exc} (MCP_MAX_JSON_DEPTH)."
+    return f"Parse error: the {what} is not valid JSON."
 
 
 def _now() -> float:
@@ -1165,7 +1227,7 @@ class RedisStore(Store):
 
     @staticmethod
     def _load(raw):
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else _loads(raw, _STORED_JSON_DEPTH)
 
     async def get(self, key):
         return self._load(await self._run(lambda r: r.get(key)))
@@ -1203,7 +1265,7 @@ class RedisStore(Store):
         for row in rows:
             seq, _, data = row.partition(b" ")
             if int(seq) > after:
-                out.append((int(seq), json.loads(data)))
+                out.append((int(seq), _loads(data, _STORED_JSON_DEPTH)))
         return out
 
     async def publish(self, channel, message):
@@ -1270,7 +1332,7 @@ class RedisStore(Store):
                 if message is None or message.get("type") != "message":
                     continue
                 channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
-                payload = json.loads(message["data"])
+                payload = _loads(message["data"], _STORED_JSON_DEPTH)
                 for callback in list(self._callbacks.get(channel, ())):
                     try:
                         callback(payload)
@@ -1421,7 +1483,7 @@ class _KeyRing:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            payload = json.loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()))
+            payload = _loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()), _STORED_JSON_DEPTH)
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -3820,7 +3882,7 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
 async def _read_events(store: "Store", key: str, after: int) -> list:
     """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps JSON text: a
     string is one object the garbage collector never walks, where a message is dozens."""
-    return [(seq, json.loads(item) if isinstance(item, str) else item)
+    return [(seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item)
             for seq, item in await store.read_after(key, after)]
 
 
@@ -4168,13 +4230,19 @@ class _Http:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def read_message(self, limit: int):
-        """The body as a JSON-RPC message (or batch); 400 with -32700 when it is not JSON."""
-        body = await self.read_body(limit)
+    async def read_message(self, settings: Settings):
+        """The body as a JSON-RPC message (or batch): 415 unless it is declared JSON (as the
+        official SDK requires: a browser's cross-site "simple" POST cannot declare it), 400 with
+        -32700 when it is not JSON."""
+        declared = self.headers.get("content-type")
+        if declared is None or _media_type(declared) != "application/json":
+            raise _HttpError(415, "Unsupported Media Type: the Content-Type must be application/json, not "
+                             f"{'missing' if declared is None else repr(_media_type(declared))}.")
+        body = await self.read_body(settings.max_body)
         try:
-            return _loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+            return _loads(body, settings.max_json_depth)
+        except ValueError as exc:
+            raise _HttpError(400, _parse_error_text(exc), PARSE_ERROR) from None
 
     def running_task(self):
         """What cancels this exchange's handler: under the bundled server its cycle, which stands
@@ -4544,16 +4612,13 @@ class _StreamableHTTP:
     async def post(self, http: _Http) -> None:
         server = self.server
         settings = server.settings
-        content_type = _media_type(http.headers.get("content-type", "application/json"))
-        if content_type != "application/json":
-            raise _HttpError(415, f"Content-Type must be application/json, not {content_type!r}.")
         json_ok, sse_ok = _accepts(http.headers.get("accept"))
         if not json_ok and not sse_ok:
             raise _HttpError(406, "Not Acceptable: the Accept header must allow application/json "
                              "or text/event-stream.")
         if settings.response_mode == "json":
             sse_ok = False
-        message = await http.read_message(settings.max_body)
+        message = await http.read_message(settings)
         header_version = http.headers.get("mcp-protocol-version")
         if isinstance(message, list):
             await self._batch(http, message, header_version, json_ok)
@@ -4936,7 +5001,7 @@ class _LegacySSE:
         session = await _session_of(hub, http, session_id)
         if session is None and session_id not in hub.session_streams:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
-        message = await http.read_message(server.settings.max_body)
+        message = await http.read_message(server.settings)
         kind = _classify_http(message)
         if kind == "response":
             if not hub.resolve(session_id, message):
@@ -4995,7 +5060,7 @@ class _DirectHTTP:
     async def post(self, http: _Http) -> None:
         server = self.server
         server._hub()
-        message = await http.read_message(server.settings.max_body)
+        message = await http.read_message(server.settings)
         short = isinstance(message, dict) and "jsonrpc" not in message and "method" in message
         if short:
             message = {"jsonrpc": "2.0", "id": 1, "method": message["method"],
@@ -5147,9 +5212,9 @@ class _Stdio:
 
     async def _line(self, line: bytes) -> None:
         try:
-            message = _loads(line)
-        except (ValueError, UnicodeDecodeError):
-            self._write(_error_response(None, RpcError(PARSE_ERROR, "Parse error: the line is not valid JSON.")))
+            message = _loads(line, self.server.settings.max_json_depth)
+        except ValueError as exc:
+            self._write(_error_response(None, RpcError(PARSE_ERROR, _parse_error_text(exc, "line"))))
             return
         if isinstance(message, list):
             if not message or self.session is None or self.session["v"] not in ("2025-03-26", "2024-11-05"):
@@ -5387,7 +5452,7 @@ def _fetch_client_document(url: str, allow_private: bool, limit: int = 65536, ti
         connection.close()
     match = re.search(r"max-age=(\d+)", cache)
     max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
-    return json.loads(data), max_age
+    return _loads(data), max_age
 
 
 class _OAuth:
@@ -5491,7 +5556,7 @@ class _OAuth:
     async def register(self, http: _Http) -> None:
         await self._rate_limit(http, "register")
         try:
-            body = json.loads(await http.read_body(64 * 1024))
+            body = _loads(await http.read_body(64 * 1024))
         except (ValueError, UnicodeDecodeError):
             await self._json_error(http, _OAuthError("invalid_client_metadata", "The body must be a JSON object."))
             return
@@ -5764,7 +5829,7 @@ class _OAuth:
             kind = _media_type(http.headers.get("content-type", ""))
             body = await http.read_body(64 * 1024)
             if kind == "application/json":
-                fields = json.loads(body)
+                fields = _loads(body)
                 if not isinstance(fields, dict):
                     raise ValueError
                 fields = {k: str(v) for k, v in fields.items()}
@@ -6067,7 +6132,7 @@ def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict
         response = exc
     body = response.read(1024 * 1024 + 1)
     try:
-        parsed = json.loads(body) if body and len(body) <= 1024 * 1024 else None
+        parsed = _loads(body) if body and len(body) <= 1024 * 1024 else None
     except ValueError:
         parsed = None
     return response.status, parsed
@@ -6146,7 +6211,7 @@ class _Login:
         plain = self.vault().decrypt(sealed, uid.encode())
         if plain is None:
             raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
-        return json.loads(plain)
+        return _loads(plain, _STORED_JSON_DEPTH)
 
     async def _store_credentials(self, uid: str, tokens: dict) -> None:
         record = await self.server._hub().store.get_touch(_user_key(uid), self.settings.session_ttl)

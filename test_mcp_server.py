@@ -520,14 +520,14 @@ class SSEStream:
 
 def raw_request(method: str, path: str, headers=None, body=None, host: str = "localhost") -> bytes:
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    names = {n.lower() for n, _ in pairs}  # (a header given as None is left out, even a default one)
     pairs = [(n, v) for n, v in pairs if v is not None]
-    names = {n.lower() for n, _ in pairs}
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
-        if "content-type" not in names:
-            pairs.append(("Content-Type", "application/json"))
     elif isinstance(body, str):
         body = body.encode()
+    if body is not None and "content-type" not in names:
+        pairs.append(("Content-Type", "application/json"))
     if "host" not in names:
         pairs.insert(0, ("Host", host))
     if body is not None and "content-length" not in names and "transfer-encoding" not in names:
