@@ -6599,6 +6599,29 @@ def _host_allowed(value: str, bound, allowed: tuple) -> bool:
     return value in allowed or name in allowed or _is_loopback(name)
 
 
+# RFC 3986 host[:port]: a reg-name (here only its unreserved characters: no percent-escapes or
+# sub-delimiters, which no real host name has and which the issuer URL would carry into pages),
+# an IPv4 address (a reg-name too), or a bracketed IPv6 address; an optional port of digits.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]{1,253}|\[([0-9A-Fa-f:.]{2,45})\])(?::[0-9]{1,5})?")
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_host(value: str) -> bool:
+    """A Host header value as RFC 3986 allows it (see ``_HOST_RE``); ``127.0.0.1:7101@evil.com``,
+    paths, spaces and two values joined by a comma are not."""
+    import ipaddress
+    match = _HOST_RE.fullmatch(value)
+    if match is None:
+        return False
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(match.group(1))
+        except ValueError:
+            return False
+    port = value.rpartition(":")[2] if not value.endswith("]") and ":" in value else None
+    return port is None or int(port) <= 65535
+
+
 @functools.lru_cache(maxsize=1024)
 def _split_host(value: str) -> str:
     if value.startswith("["):
@@ -6688,7 +6711,13 @@ class _App:
         http.scope = scope
 
     def _check_host(self, http: _Http) -> None:
+        """400 for a malformed Host (two Host headers arrive joined by a comma: malformed too), as
+        RFC 9112 section 3.2 requires: the Host names this server in the metadata it serves;
+        then DNS-rebinding protection."""
         value = http.headers.get("host", "")
+        if value and not _valid_host(value):
+            raise _HttpError(400, "Bad Request: the Host header must be one host[:port] (RFC 3986), "
+                             f"not {value[:100]!r}.")
         bound = (http.scope.get("server") or (self.server.settings.host,))[0]
         allowed = self.server.settings.allowed_hosts
         if not _host_allowed(value, bound, allowed if type(allowed) is tuple else tuple(allowed)):
@@ -7261,10 +7290,15 @@ def _parse_request_head(head: bytes) -> tuple:
     fields = dict(pairs)
     if len(fields) != len(pairs):
         names = [name for name, _ in pairs]
-        for name in ("content-length", "transfer-encoding"):
+        for name in ("content-length", "transfer-encoding", "host"):
             if names.count(name) > 1:
                 raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
         fields = _header_dict(pairs)
+    host = fields.get("host")
+    if host is None and version == b"HTTP/1.1":
+        raise _BadRequest(400, "An HTTP/1.1 request needs a Host header.")
+    if host and not _valid_host(host):  # (an empty one is the app's to judge: 403 on a loopback bind)
+        raise _BadRequest(400, "Malformed Host header.")
     content_length = fields.get("content-length")
     if content_length is not None:
         if not content_length.isdigit() or len(content_length) > 18:
