@@ -594,7 +594,7 @@ class _JsonFormatter(_LineFormatter):
         head = self.head(created, level, event)
         if error:
             fields = {**fields, "error": error}
-        return head + "," + _dumps_any(fields)[1:] if fields else head + "}"
+        return _escape_controls(head + "," + _dumps_any(fields)[1:] if fields else head + "}", True)
 
     def access_line(self, created, values):
         # A line a request: written out field by field, a quarter of what line() costs with its
@@ -604,24 +604,55 @@ class _JsonFormatter(_LineFormatter):
         try:
             ids = (',"request_id":' + _json_string(request_id) if request_id else "") + (
                 ',"trace_id":' + _json_string(trace_id) if trace_id else "")
-            return (f'{self.head(created, "info", "request")}{ids},"method":{_json_string(method)},'
-                    f'"route":{_json_string(route)},"status":{status:d},"duration_ms":{float(duration_ms)!r},'
-                    f'"session":{"null" if session is None else _json_string(session)},'
-                    f'"client":{_json_string(client)}}}')
+            return _escape_controls(
+                f'{self.head(created, "info", "request")}{ids},"method":{_json_string(method)},'
+                f'"route":{_json_string(route)},"status":{status:d},"duration_ms":{float(duration_ms)!r},'
+                f'"session":{"null" if session is None else _json_string(session)},'
+                f'"client":{_json_string(client)}}}', True)
         except (TypeError, ValueError):  # a value of another type than a request's: the general way
             return super().access_line(created, values)
 
 
 class _TextFormatter(_LineFormatter):
-    """For a person at a terminal: ``12:00:01 info    event key=value ...``."""
+    """For a person at a terminal: ``12:00:01 info    event key=value ...``.  What a request put
+    in a line cannot start another: control characters are escaped, and a traceback's lines are
+    indented."""
 
     def line(self, created, level, event, fields, error=None):
         text = f"{self.stamp(created)} {level:<7} {event}"
         if fields:
             text += "  " + " ".join(f"{k}={v}" for k, v in fields.items())
+        text = _escape_controls(text)
         if error:
-            text += "\n" + error
+            text += "".join("\n    " + _escape_controls(part) for part in error.split("\n"))
         return text
+
+
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_controls(text: str, json_text: bool = False) -> str:
+    """``text`` with what is not printable written as an escape: controls (C0, DEL, C1), line
+    and paragraph separators, bidirectional overrides.  In a text line any of them could end
+    the line, steer a terminal or reorder what a reader sees; in a JSON line the encoder
+    escapes only C0.  JSON text (``json_text``) gets JSON's ``\\u`` escapes, which keep it the
+    same JSON (such characters occur only inside its strings)."""
+    if json_text and text.isascii() and "\x7f" not in text:  # (the common line: two fast checks)
+        return text
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _control_escape(char, json_text) for char in text)
+
+
+def _control_escape(char: str, json_text: bool) -> str:
+    code = ord(char)
+    if json_text:
+        if code > 0xFFFF:  # (a surrogate pair, as JSON writes characters beyond the BMP)
+            code -= 0x10000
+            return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+        return "\\u%04x" % code
+    return _CONTROL_ESCAPES.get(char) or ("\\x%02x" % code if code < 256 else
+                                          "\\u%04x" % code if code <= 0xFFFF else "\\U%08x" % code)
 
 
 class _PassEnd:
