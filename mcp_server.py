@@ -130,6 +130,7 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 RESOURCE_NOT_FOUND = -32002  # legacy revisions only
+REQUEST_CANCELLED = -32800  # (as LSP numbers it) the answer to a cancelled request that must get one
 HEADER_MISMATCH = -32020
 MISSING_CAPABILITY = -32021
 UNSUPPORTED_VERSION = -32022
@@ -4495,6 +4496,17 @@ class _PostChannel:
             return self.http.respond_json(status, response, headers=headers)
         return self._end(response, status, headers)
 
+    def finish_cancelled(self, request_id, headers: list) -> typing.Awaitable:
+        """End a request that gets no response (the client cancelled it; the specification says
+        none is sent).  Its POST still gets one of the two content types a client of Streamable
+        HTTP accepts (a 204 without one is an error to every SDK): an SSE stream that ends
+        without an event, or, for a client that takes only JSON, an error it no longer waits for."""
+        if self.streaming or self.sse_ok:
+            return self._end(None, 0, headers)
+        self.done = True
+        error = RpcError(REQUEST_CANCELLED, "Request cancelled.")
+        return self.http.respond_json(200, _error_response(request_id, error), headers=headers)
+
     async def _end(self, response: dict | None, status: int, headers: list) -> None:
         try:
             if not self.streaming and self.must_stream and response is not None:
@@ -4504,8 +4516,9 @@ class _PostChannel:
                 if response is not None:
                     await self._emit(response)
                 await self.http.end()
-            else:  # nothing to answer: a notification's 202, a cancelled request's 204
-                await self.http.respond(status if status in (202, 204) else 204, headers=headers)
+            else:  # a request that ends without a response (cancelled): a stream without an event
+                await self.http.start_sse(self.extra_headers + headers)
+                await self.http.end()
         finally:
             self.done = True
             for follower in self.followers:
@@ -4694,7 +4707,7 @@ class _StreamableHTTP:
             http.stop_watching()
         if response is None or ctx._cancelled:
             if not ctx._cancelled:
-                await channel.finish(None, status, [])
+                await channel.finish_cancelled(request_id, [])
             return
         await channel.finish(response, status, [])
 
@@ -4747,7 +4760,7 @@ class _StreamableHTTP:
         except asyncio.CancelledError:
             if ctx._cancelled:
                 asyncio.current_task().uncancel()
-                response, status = None, 204
+                response, status = None, 0
             else:
                 raise
         finally:
@@ -4760,7 +4773,10 @@ class _StreamableHTTP:
             await hub.save_session(session_id, {**ctx.session, "owner": http.principal}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
-        await channel.finish(response, status, headers)
+        if response is None:
+            await channel.finish_cancelled(request_id, headers)
+        else:
+            await channel.finish(response, status, headers)
 
     async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
         """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
