@@ -164,6 +164,14 @@ class _Cancelled(Exception):
     """The client cancelled this request: the transport sends nothing more for it."""
 
 
+# What the code behind a request (a tool, a handler) may raise that must end only that request:
+# every Exception, and the two BaseExceptions code raises on purpose (a tool calling sys.exit(),
+# or raising KeyboardInterrupt).  The servers stop on signals through their own handlers, so a
+# KeyboardInterrupt inside a request is never the user's Ctrl-C.  (Not CancelledError or
+# GeneratorExit: they are how asyncio and Python end a coroutine.)
+_REQUEST_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def _error_id() -> str:
     """Names one unexpected failure in the log and in what the client is told, so the two can be
     matched; 12 hex digits (secrets, not uuid: importing uuid costs a cold start 2-3 ms)."""
@@ -3163,7 +3171,7 @@ class MCPServer:
             response, status = await self._input_round(ctx, exc.requests)
         except _Cancelled:
             response, status = None, 0
-        except Exception as exc:
+        except _REQUEST_ERRORS as exc:
             error_id = _error_id()
             log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -3408,7 +3416,7 @@ class MCPServer:
             if ctx._cancelled:
                 raise _Cancelled() from None
             raise
-        except Exception as exc:
+        except _REQUEST_ERRORS as exc:
             error_id = _error_id()
             log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -6845,7 +6853,7 @@ class _App:
                 await http.end()
         except _Cancelled:
             await http.end() if http.started else None
-        except Exception:
+        except _REQUEST_ERRORS:
             error_id = _error_id()
             log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=True)
             if not http.started:
@@ -6861,7 +6869,7 @@ class _App:
                     _metrics.add(_http_metric_key(route, method, http.status))
                 if started:  # (_ACCESS_FIELDS)
                     _log_access((method, route, http.status, round((time.perf_counter() - started) * 1000, 2),
-                                 _hash_id(http.headers.get("mcp-session-id")), (scope.get("client") or ("-",))[0]))
+                                 _hash_id(http.headers.get("mcp-session-id")), (http.scope.get("client") or ("-",))[0]))
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings
@@ -7524,7 +7532,8 @@ class _HttpProtocol(asyncio.Protocol):
             self.close()
 
     def _reject(self, status: int, message: str) -> None:
-        body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
+        code = INTERNAL_ERROR if status == 500 else INVALID_REQUEST
+        body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
         self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
                    b"connection: close\r\n\r\n%s" % (len(body), body))
         self.buffer.clear()
@@ -7644,14 +7653,16 @@ class _HttpProtocol(asyncio.Protocol):
         while True:
             left, in_trailers = self.chunk_state
             if in_trailers:
-                end = self.buffer.find(b"\r\n")
+                end = self._chunk_line_end()
                 if end < 0:
                     return False
-                line = bytes(self.buffer[:end])
                 del self.buffer[:end + 2]
-                if not line:
+                if not end:
                     self._body_done()
                     return True
+                cycle.received += end  # (trailers count against MCP_MAX_BODY, so they end)
+                if cycle.received > self.settings.max_body:
+                    raise _BadRequest(413, "The chunked body's trailers are larger than MCP_MAX_BODY.")
                 continue
             if left > 0:
                 take = min(left, len(self.buffer))
@@ -7676,10 +7687,8 @@ class _HttpProtocol(asyncio.Protocol):
                 del self.buffer[:2]
                 self.chunk_state[0] = 0
                 continue
-            end = self.buffer.find(b"\r\n")
+            end = self._chunk_line_end()
             if end < 0:
-                if len(self.buffer) > 1024:
-                    raise _BadRequest(400, "Malformed chunk size line.")
                 return False
             size_text = bytes(self.buffer[:end]).split(b";")[0].strip()
             del self.buffer[:end + 2]
@@ -7690,6 +7699,15 @@ class _HttpProtocol(asyncio.Protocol):
                 self.chunk_state[1] = True
             else:
                 self.chunk_state[0] = size
+
+    def _chunk_line_end(self) -> int:
+        """Where the chunk size or trailer line at the start of the buffer ends (-1: not yet);
+        400 for one longer than 1 KB (a chunk extension or trailer nobody needs: it would only
+        be held in memory)."""
+        end = self.buffer.find(b"\r\n", 0, 1026)
+        if end < 0 and len(self.buffer) > 1024:
+            raise _BadRequest(400, "Malformed chunked body: a chunk size or trailer line longer than 1 KB.")
+        return end
 
     def _body_done(self) -> None:
         cycle = self.cycle
@@ -7703,10 +7721,11 @@ class _HttpProtocol(asyncio.Protocol):
                 await self.state.native(cycle, scope)
             else:
                 await self.state.app(scope, cycle.receive, cycle.send)
-        except Exception:
-            log.error("the ASGI app raised", exc_info=True)
+        except _REQUEST_ERRORS:
+            error_id = _error_id()
+            log.error("the ASGI app raised (error id %s)", error_id, exc_info=True)
             if not cycle.response_started and not self.closed:
-                self._reject(500, "Internal server error.")
+                self._reject(500, f"Internal server error (error id {error_id}).")
                 return
         if not cycle.response_done and not self.closed:
             if not cycle.response_started:
