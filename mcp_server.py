@@ -111,6 +111,10 @@ __all__ = [
 #   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+# - Every JSON the server reads (requests, stored values, sealed state, upstream answers) goes
+#   through ``_loads``: nesting deeper than MCP_MAX_JSON_DEPTH, NaN, Infinity and lone
+#   surrogates are a ValueError there, never a RecursionError or a value no answer can carry.
+# - A log line is one line: what a request put in it is escaped (``_escape_controls``).
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -937,10 +941,8 @@ def _no_constant(name: str):
 _json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 _JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
 _STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
-_JSON_ESCAPE = re.compile(r"\\.", re.S)
-_JSON_STRING = re.compile(r'"[^"]*"')
-_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
-_BRACKET_STEP = tuple(1 if chr(c) in "[{" else -1 for c in range(128))
+# (for _check_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
+_DEPTH_CHARS = str.maketrans({"{": "[", "}": "]", **{chr(c): None for c in range(128) if chr(c) not in '[]{}"'}})
 _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
@@ -951,14 +953,20 @@ class _JsonTooDeep(ValueError):
 def _check_depth(text: str, limit: int) -> None:
     """Raise ``_JsonTooDeep`` if ``text`` nests arrays and objects deeper than ``limit``: the C
     scanner recurses once a level, and a few thousand ``[`` would exhaust the stack.  Text with
-    fewer brackets than the limit cannot be too deep (the common request: two counts); only
-    other text is measured, strings left out."""
+    fewer brackets than the limit cannot be too deep (the common request: two counts).  Other
+    text is measured by string operations only (no loop over its characters): escapes and
+    strings out, brackets reduced to ``[``/``]``, then each pass removes the innermost level."""
     if text.count("[") + text.count("{") <= limit:
         return
-    bare = _JSON_STRING.sub("", _JSON_ESCAPE.sub("", text) if "\\" in text else text)
-    brackets = _NOT_BRACKET.sub("", bare)
-    if len(brackets) > limit and max(itertools.accumulate(map(_BRACKET_STEP.__getitem__,
-                                                              brackets.encode("ascii")))) > limit:
+    if "\\" in text:  # escaped backslashes, then escaped quotes: what is left of quotes delimits strings
+        text = text.replace("\\\\", "").replace('\\"', "")
+    brackets = "".join(text.translate(_DEPTH_CHARS).split('"')[::2])
+    for _ in range(limit):
+        shorter = brackets.replace("[]", "")
+        if len(shorter) == len(brackets):
+            return  # all paired within the limit (or not paired at all: the parser says what is wrong)
+        brackets = shorter
+    if "[]" in brackets:
         raise _JsonTooDeep(f"the JSON nests arrays and objects deeper than {limit} levels")
 
 
@@ -3805,6 +3813,7 @@ _MODERN_METHODS = {
 # - A legacy session exists only after a successful ``initialize``; unknown or expired ids get 404
 #   (the client then re-initializes), a missing id gets 400.  Modern requests never get a session.
 # - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
+#   A cancelled request's POST still gets JSON or SSE (``_PostChannel.finish_cancelled``).
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
@@ -6619,8 +6628,12 @@ class _Sandbox:
 #   bundled server, uvicorn or hypercorn, mounted under a prefix (``root_path``) or not, and with
 #   or without lifespan events (the runtime starts on first use).
 # - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
-#   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
-#   Host must be loopback or allow-listed.  The 403 names the header and the setting to change.
+#   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind (or
+#   any bind, once MCP_ALLOWED_HOSTS is set) the Host must be loopback or allow-listed.  The 403
+#   names the header and the setting to change.  A Host that is not one RFC 3986 host[:port]
+#   (two Host headers arrive joined: not one) is 400, so the Host the metadata names is sound.
+# - A POST body is JSON only if declared ``application/json`` (415 otherwise, as the official
+#   SDK answers): a browser's cross-site "simple" request cannot declare it.
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 
@@ -7021,7 +7034,10 @@ async def _shutdown(server: MCPServer) -> None:
 #   body 408 and close, an idle keep-alive connection closed, connections capped (503).
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
-#   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
+#   headers, a malformed length, obsolete line folding, a transfer coding other than chunked,
+#   a chunk size or trailer line over 1 KB; so is an HTTP/1.1 request without exactly one
+#   well-formed Host (RFC 9112 section 3.2).
+# - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
 # at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
