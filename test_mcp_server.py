@@ -8209,7 +8209,7 @@ class TestHostileInput:
         assert probe(token).finished.wait(WAIT)
 
 
-FUZZ_CASES = int(os.environ.get("MCP_FUZZ_CASES", "1200"))  # per fuzzer; MCP_FUZZ_CASES=100000 for a long run
+FUZZ_CASES = int(os.environ.get("MCP_FUZZ_CASES", "1500"))  # per fuzzer; MCP_FUZZ_CASES=100000 for a long run
 
 
 class TestParserFuzz:
@@ -8314,6 +8314,8 @@ class TestParserFuzz:
                    "Mcp-Method": rng.choice([method, None, "other", "\x85"]),
                    "Mcp-Name": rng.choice([params.get("name") if isinstance(params.get("name"), str) else None,
                                            None, "=?base64?*?="])}
+        if headers["Mcp-Name"] and not headers["Mcp-Name"].isascii():  # (as a client sends it)
+            headers["Mcp-Name"] = "=?base64?" + base64.b64encode(headers["Mcp-Name"].encode()).decode() + "?="
         return path, headers, body
 
     def _run_cases(self, port: int, make_case, caplog) -> collections.Counter:
@@ -8345,6 +8347,30 @@ class TestParserFuzz:
         statuses = self._run_cases(hostile.port, case, caplog)
         assert statuses[200] and statuses[400], statuses
         assert_alive(hostile.port)
+
+    def test_the_depth_limit_is_exact_whatever_the_strings_hold(self):
+        rng = random.Random(0x19_0005)
+
+        def depth(value) -> int:
+            if isinstance(value, (list, dict)):
+                items = value.values() if isinstance(value, dict) else value
+                return 1 + max((depth(item) for item in items), default=0)
+            return 0
+
+        def tricky() -> str:
+            return "".join(rng.choice('[]{}"\\ a\u00e9:,') for _ in range(rng.randint(0, 12)))
+        for _ in range(FUZZ_CASES):
+            value = rng.choice([tricky(), 1, None, [], {}])
+            for _level in range(rng.randint(0, 90)):
+                siblings = [rng.choice([tricky(), random_json(rng, 2)]) for _ in range(rng.randint(0, 2))]
+                value = rng.choice([[*siblings, value], {tricky(): value, **{tricky(): v for v in siblings}}])
+            text = json.dumps(value, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+            limit = rng.randint(1, 96)
+            if depth(value) > limit:
+                with pytest.raises(ValueError, match="deeper than"):
+                    mcp_server._loads(text.encode(), limit)
+            else:
+                assert mcp_server._loads(text.encode(), limit) == value
 
     # -- the request-head parser against the standard library's --------------------------------------
 
