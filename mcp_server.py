@@ -4517,12 +4517,16 @@ class _PostChannel:
         """End a request that gets no response (the client cancelled it; the specification says
         none is sent).  Its POST still gets one of the two content types a client of Streamable
         HTTP accepts (a 204 without one is an error to every SDK): an SSE stream that ends
-        without an event, or, for a client that takes only JSON, an error it no longer waits for."""
+        without an event, or, for a client that takes only JSON, an error it no longer waits for.
+        A resumable stream that already has events ends with that error too: a client resumes a
+        stream that ended without a response (the official SDK does, once a second, for ever)."""
+        error = _error_response(request_id, RpcError(REQUEST_CANCELLED, "Request cancelled."))
+        if self.streaming and self.resumable:
+            return self._end(error, 200, headers)
         if self.streaming or self.sse_ok:
             return self._end(None, 0, headers)
         self.done = True
-        error = RpcError(REQUEST_CANCELLED, "Request cancelled.")
-        return self.http.respond_json(200, _error_response(request_id, error), headers=headers)
+        return self.http.respond_json(200, error, headers=headers)
 
     async def _end(self, response: dict | None, status: int, headers: list) -> None:
         try:

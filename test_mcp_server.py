@@ -7747,6 +7747,13 @@ def hostile_server(**settings) -> MCPServer:
         """Raise KeyboardInterrupt on the event loop."""
         raise KeyboardInterrupt
 
+    @server.tool()
+    async def progress_then_hang(token: str, ctx: Context) -> str:
+        """Report progress (the answer becomes a stream), then wait until cancelled."""
+        await ctx.report_progress(1, 2)
+        probe(token).started.set()
+        await asyncio.Event().wait()
+
     @server.resource("test://exit", name="exit", mime_type="text/plain")
     def exit_resource() -> str:
         raise SystemExit(5)
@@ -7951,6 +7958,23 @@ class TestHostileInput:
         else:
             assert resp.json()["id"] == 91 and resp.json()["error"]["code"] == -32800, resp.body
         assert probe(token).finished.wait(WAIT) and probe(token).cancelled is True
+
+    def test_a_cancelled_stream_that_a_client_resumes_has_ended(self, hostile):
+        s = Session(hostile.port)  # 2025-11-25: the stream is logged, and clients resume it
+        s.initialize()
+        token = new_token()
+        call = s.body("tools/call", {"name": "progress_then_hang", "arguments": {"token": token},
+                                     "_meta": {"progressToken": "p"}}, request_id=92)
+        with Conn(hostile.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            stream = SSEStream(conn, conn.read_head())
+            priming = stream.next_event()
+            assert priming["id"] and stream.next_message()["method"] == "notifications/progress"
+            assert probe(token).started.wait(WAIT)
+            s.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 92}})
+            assert stream.next_message()["error"]["code"] == -32800 and stream.next_event() is None
+        resumed = http(hostile.port, "GET", "/mcp", s.headers({"Last-Event-ID": priming["id"]}))
+        assert resumed.status == 200 and final_message(resumed, 92)["error"]["code"] == -32800
 
     # -- issue 18 finding 12: Host -------------------------------------------------------------
 
