@@ -941,7 +941,7 @@ def _no_constant(name: str):
 _json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
 _JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
 _STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
-# (for _check_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
+# (for _within_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
 _DEPTH_CHARS = str.maketrans({"{": "[", "}": "]", **{chr(c): None for c in range(128) if chr(c) not in '[]{}"'}})
 _LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
@@ -950,24 +950,36 @@ class _JsonTooDeep(ValueError):
     pass
 
 
-def _check_depth(text: str, limit: int) -> None:
-    """Raise ``_JsonTooDeep`` if ``text`` nests arrays and objects deeper than ``limit``: the C
-    scanner recurses once a level, and a few thousand ``[`` would exhaust the stack.  Text with
-    fewer brackets than the limit cannot be too deep (the common request: two counts).  Other
-    text is measured by string operations only (no loop over its characters): escapes and
-    strings out, brackets reduced to ``[``/``]``, then each pass removes the innermost level."""
+_PATTERN_DEPTH = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _depth_pattern(limit: int) -> "re.Pattern":
+    """Matches runs of brackets (``[``/``]`` only) that pair up within ``limit`` levels; its
+    quantifiers are possessive, so it never backtracks: linear time, whatever the input."""
+    pattern = ""
+    for _ in range(limit):
+        pattern = r"(?:\[" + pattern + r"\])*+"
+    return re.compile(pattern)
+
+
+def _within_depth(text: str, limit: int) -> bool:
+    """False if ``text`` nests arrays and objects deeper than ``limit`` (or its brackets do not
+    pair: then the parser says what is wrong).  The C scanner recurses once a level, and a few
+    thousand ``[`` would exhaust the stack.  Text with fewer brackets than the limit cannot be
+    too deep (the common request: two counts); other text is measured without a loop over its
+    characters: escapes and strings out, brackets made one kind, one regular-expression match."""
     if text.count("[") + text.count("{") <= limit:
-        return
+        return True
     if "\\" in text:  # escaped backslashes, then escaped quotes: what is left of quotes delimits strings
         text = text.replace("\\\\", "").replace('\\"', "")
     brackets = "".join(text.translate(_DEPTH_CHARS).split('"')[::2])
-    for _ in range(limit):
-        shorter = brackets.replace("[]", "")
+    for _ in range(limit - _PATTERN_DEPTH):  # a deeper limit: peel the innermost levels off first,
+        shorter = brackets.replace("[]", "")  # (a pattern nesting hundreds of groups would not compile)
         if len(shorter) == len(brackets):
-            return  # all paired within the limit (or not paired at all: the parser says what is wrong)
+            break
         brackets = shorter
-    if "[]" in brackets:
-        raise _JsonTooDeep(f"the JSON nests arrays and objects deeper than {limit} levels")
+    return _depth_pattern(min(limit, _PATTERN_DEPTH)).fullmatch(brackets) is not None
 
 
 def _loads(data: bytes | str, max_depth: int = _JSON_DEPTH):
@@ -977,16 +989,18 @@ def _loads(data: bytes | str, max_depth: int = _JSON_DEPTH):
     server reads comes through here: ValueError (or UnicodeDecodeError) for text nested deeper
     than ``max_depth``, NaN, Infinity, a number too large for a float, a lone surrogate."""
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    _check_depth(text, max_depth)
-    try:
+    within = _within_depth(text, max_depth)
+    try:  # (text too deep, or malformed: the parser tells which; beyond ~1000 levels, RecursionError)
         try:
             value, end = _json_decoder.scan_once(text, 0)
         except (StopIteration, ValueError):
-            return _json_decoder.decode(text)
+            value, end = _json_decoder.decode(text), len(text)
         if end != len(text):
-            return _json_decoder.decode(text)
-    except RecursionError:  # (a max_depth set near the interpreter's own limit)
-        raise _JsonTooDeep("the JSON nests arrays and objects too deeply") from None
+            value = _json_decoder.decode(text)
+    except RecursionError:
+        within = False
+    if not within:
+        raise _JsonTooDeep(f"the JSON nests arrays and objects deeper than {max_depth} levels")
     if "\\" in text and _LONE_SURROGATE_ESCAPE.search(text):
         try:
             _dumps(value).encode("utf-8")
