@@ -6800,10 +6800,11 @@ class _App:
         """400 for a malformed Host (two Host headers arrive joined by a comma: malformed too), as
         RFC 9112 section 3.2 requires: the Host names this server in the metadata it serves;
         then DNS-rebinding protection."""
-        value = http.headers.get("host", "")
-        if value and not _valid_host(value):
+        value = http.headers.get("host")
+        if value is not None and not _valid_host(value):
             raise _HttpError(400, "Bad Request: the Host header must be one host[:port] (RFC 3986), "
                              f"not {value[:100]!r}.")
+        value = value or ""
         bound = (http.scope.get("server") or (self.server.settings.host,))[0]
         allowed = self.server.settings.allowed_hosts
         if not _host_allowed(value, bound, allowed if type(allowed) is tuple else tuple(allowed)):
@@ -7386,7 +7387,7 @@ def _parse_request_head(head: bytes) -> tuple:
     host = fields.get("host")
     if host is None and version == b"HTTP/1.1":
         raise _BadRequest(400, "An HTTP/1.1 request needs a Host header.")
-    if host and not _valid_host(host):  # (an empty one is the app's to judge: 403 on a loopback bind)
+    if host is not None and not _valid_host(host):  # (empty too: an http URI has a host, RFC 9110 4.2.1)
         raise _BadRequest(400, "Malformed Host header.")
     content_length = fields.get("content-length")
     if content_length is not None:
