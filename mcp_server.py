@@ -4041,7 +4041,7 @@ class _Hub:
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+            log.error("background task failed (error id %s)", _error_id(), exc_info=task.exception())
 
     def _on_bus(self, event: dict) -> None:
         for listener in list(self.listeners):
@@ -7244,7 +7244,7 @@ class _Cycle(_TaskStandIn):
                 try:
                     callback()
                 except Exception:
-                    log.exception("disconnect callback failed")
+                    log.exception("disconnect callback failed (error id %s)", _error_id())
 
     async def receive(self) -> dict:
         if self.expect_continue and not self.response_started and not self.disconnected:
