@@ -966,11 +966,9 @@ def _depth_pattern(limit: int) -> "re.Pattern":
 def _within_depth(text: str, limit: int) -> bool:
     """False if ``text`` nests arrays and objects deeper than ``limit`` (or its brackets do not
     pair: then the parser says what is wrong).  The C scanner recurses once a level, and a few
-    thousand ``[`` would exhaust the stack.  Text with fewer brackets than the limit cannot be
-    too deep (the common request: two counts); other text is measured without a loop over its
-    characters: escapes and strings out, brackets made one kind, one regular-expression match."""
-    if text.count("[") + text.count("{") <= limit:
-        return True
+    thousand ``[`` would exhaust the stack.  Measured without a loop over the characters:
+    escapes and strings out, brackets made one kind, one regular-expression match.  (``_loads``
+    asks only about text with more brackets than the limit: other text cannot be too deep.)"""
     if "\\" in text:  # escaped backslashes, then escaped quotes: what is left of quotes delimits strings
         text = text.replace("\\\\", "").replace('\\"', "")
     brackets = "".join(text.translate(_DEPTH_CHARS).split('"')[::2])
@@ -989,7 +987,7 @@ def _loads(data: bytes | str, max_depth: int = _JSON_DEPTH):
     server reads comes through here: ValueError (or UnicodeDecodeError) for text nested deeper
     than ``max_depth``, NaN, Infinity, a number too large for a float, a lone surrogate."""
     text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
-    within = _within_depth(text, max_depth)
+    within = text.count("[") + text.count("{") <= max_depth or _within_depth(text, max_depth)
     try:  # (text too deep, or malformed: the parser tells which; beyond ~1000 levels, RecursionError)
         try:
             value, end = _json_decoder.scan_once(text, 0)
