@@ -66,6 +66,7 @@ import inspect
 import itertools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -115,6 +116,10 @@ __all__ = [
 # - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
 #   only: a missing one refuses the start where the settings need it, else fails the one tool
 #   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
+# - Every JSON the server reads (requests, stored values, sealed state, upstream answers) goes
+#   through ``_loads``: nesting deeper than MCP_MAX_JSON_DEPTH, NaN, Infinity and lone
+#   surrogates are a ValueError there, never a RecursionError or a value no answer can carry.
+# - A log line is one line: what a request put in it is escaped (``_escape_controls``).
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -134,6 +139,7 @@ METHOD_NOT_FOUND = -32601
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
 RESOURCE_NOT_FOUND = -32002  # legacy revisions only
+REQUEST_CANCELLED = -32800  # (as LSP numbers it) the answer to a cancelled request that must get one
 HEADER_MISMATCH = -32020
 MISSING_CAPABILITY = -32021
 UNSUPPORTED_VERSION = -32022
@@ -206,6 +212,14 @@ def _require(feature: str) -> types.ModuleType:
                               "install the server's packages with: pip install -r requirements.txt") from None
 
 
+# What the code behind a request (a tool, a handler) may raise that must end only that request:
+# every Exception, and the two BaseExceptions code raises on purpose (a tool calling sys.exit(),
+# or raising KeyboardInterrupt).  The servers stop on signals through their own handlers, so a
+# KeyboardInterrupt inside a request is never the user's Ctrl-C.  (Not CancelledError or
+# GeneratorExit: they are how asyncio and Python end a coroutine.)
+_REQUEST_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
+
+
 def _error_id() -> str:
     """Names one unexpected failure in the log and in what the client is told, so the two can be
     matched; 12 hex digits (secrets, not uuid: importing uuid costs a cold start 2-3 ms)."""
@@ -273,6 +287,8 @@ _SETTING_SPECS = (
     ("trusted_proxies", "--trusted-proxies", ("MCP_TRUSTED_PROXIES",), _csv, (),
      "comma-separated peer addresses whose X-Forwarded-* headers are believed"),
     ("max_body", "--max-body", ("MCP_MAX_BODY",), int, 4 * 1024 * 1024, "largest request body in bytes"),
+    ("max_json_depth", None, ("MCP_MAX_JSON_DEPTH",), int, 64,
+     "deepest nesting of arrays and objects in JSON the server reads (deeper: a parse error)"),
     ("max_header", None, ("MCP_MAX_HEADER",), int, 16 * 1024, "largest request head (line + headers) in bytes"),
     ("header_timeout", None, ("MCP_HEADER_TIMEOUT",), float, 10.0, "seconds to receive a request head"),
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
@@ -389,6 +405,7 @@ class Settings:
     allowed_hosts: tuple = ()
     trusted_proxies: tuple = ()
     max_body: int = 4 * 1024 * 1024
+    max_json_depth: int = 64
     max_header: int = 16 * 1024
     header_timeout: float = 10.0
     body_timeout: float = 30.0
@@ -533,6 +550,8 @@ class Settings:
             fail("session_cache must be 0 or more")
         if not 0 <= self.busy_poll_us <= 10000:
             fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
+        if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
+            fail(f"MCP_MAX_JSON_DEPTH={self.max_json_depth} is not between 1 and {_STORED_JSON_DEPTH}")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
@@ -679,7 +698,7 @@ class _JsonFormatter(_LineFormatter):
         head = self.head(created, level, event)
         if error:
             fields = {**fields, "error": error}
-        return head + "," + _dumps_any(fields)[1:] if fields else head + "}"
+        return _escape_controls(head + "," + _dumps_any(fields)[1:] if fields else head + "}", True)
 
     def access_line(self, created, values):
         # A line a request: written out field by field, a quarter of what line() costs with its
@@ -689,24 +708,55 @@ class _JsonFormatter(_LineFormatter):
         try:
             ids = (',"request_id":' + _json_string(request_id) if request_id else "") + (
                 ',"trace_id":' + _json_string(trace_id) if trace_id else "")
-            return (f'{self.head(created, "info", "request")}{ids},"method":{_json_string(method)},'
-                    f'"route":{_json_string(route)},"status":{status:d},"duration_ms":{float(duration_ms)!r},'
-                    f'"session":{"null" if session is None else _json_string(session)},'
-                    f'"client":{_json_string(client)}}}')
+            return _escape_controls(
+                f'{self.head(created, "info", "request")}{ids},"method":{_json_string(method)},'
+                f'"route":{_json_string(route)},"status":{status:d},"duration_ms":{float(duration_ms)!r},'
+                f'"session":{"null" if session is None else _json_string(session)},'
+                f'"client":{_json_string(client)}}}', True)
         except (TypeError, ValueError):  # a value of another type than a request's: the general way
             return super().access_line(created, values)
 
 
 class _TextFormatter(_LineFormatter):
-    """For a person at a terminal: ``12:00:01 info    event key=value ...``."""
+    """For a person at a terminal: ``12:00:01 info    event key=value ...``.  What a request put
+    in a line cannot start another: control characters are escaped, and a traceback's lines are
+    indented."""
 
     def line(self, created, level, event, fields, error=None):
         text = f"{self.stamp(created)} {level:<7} {event}"
         if fields:
             text += "  " + " ".join(f"{k}={v}" for k, v in fields.items())
+        text = _escape_controls(text)
         if error:
-            text += "\n" + error
+            text += "".join("\n    " + _escape_controls(part) for part in error.split("\n"))
         return text
+
+
+_CONTROL_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escape_controls(text: str, json_text: bool = False) -> str:
+    """``text`` with what is not printable written as an escape: controls (C0, DEL, C1), line
+    and paragraph separators, bidirectional overrides.  In a text line any of them could end
+    the line, steer a terminal or reorder what a reader sees; in a JSON line the encoder
+    escapes only C0.  JSON text (``json_text``) gets JSON's ``\\u`` escapes, which keep it the
+    same JSON (such characters occur only inside its strings)."""
+    if json_text and text.isascii() and "\x7f" not in text:  # (the common line: two fast checks)
+        return text
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else _control_escape(char, json_text) for char in text)
+
+
+def _control_escape(char: str, json_text: bool) -> str:
+    code = ord(char)
+    if json_text:
+        if code > 0xFFFF:  # (a surrogate pair, as JSON writes characters beyond the BMP)
+            code -= 0x10000
+            return "\\u%04x\\u%04x" % (0xD800 + (code >> 10), 0xDC00 + (code & 0x3FF))
+        return "\\u%04x" % code
+    return _CONTROL_ESCAPES.get(char) or ("\\x%02x" % code if code < 256 else
+                                          "\\u%04x" % code if code <= 0xFFFF else "\\U%08x" % code)
 
 
 class _PassEnd:
@@ -966,21 +1016,93 @@ def _json_encoder(default=None):
 _dumps = _json_encoder()
 _dumps_any = _json_encoder(default=str)  # log lines: a field of any type is written, as its str()
 _json_string = json.encoder.encode_basestring  # a str as a JSON string (C), for _JsonFormatter.line
-_json_decoder = json.JSONDecoder()
 
 
-def _loads(data: bytes | str):
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (math.inf, -math.inf):  # 1e999: no JSON number stands for it, so none may be read as it
+        raise ValueError(f"the number {text[:20]} is too large")
+    return value
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+_json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
+_STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
+# (for _within_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
+_DEPTH_CHARS = str.maketrans({"{": "[", "}": "]", **{chr(c): None for c in range(128) if chr(c) not in '[]{}"'}})
+_LONE_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+class _JsonTooDeep(ValueError):
+    pass
+
+
+_PATTERN_DEPTH = 64
+
+
+@functools.lru_cache(maxsize=8)
+def _depth_pattern(limit: int) -> "re.Pattern":
+    """Matches runs of brackets (``[``/``]`` only) that pair up within ``limit`` levels; its
+    quantifiers are possessive, so it never backtracks: linear time, whatever the input."""
+    pattern = ""
+    for _ in range(limit):
+        pattern = r"(?:\[" + pattern + r"\])*+"
+    return re.compile(pattern)
+
+
+def _within_depth(text: str, limit: int) -> bool:
+    """False if ``text`` nests arrays and objects deeper than ``limit`` (or its brackets do not
+    pair: then the parser says what is wrong).  The C scanner recurses once a level, and a few
+    thousand ``[`` would exhaust the stack.  Measured without a loop over the characters:
+    escapes and strings out, brackets made one kind, one regular-expression match.  (``_loads``
+    asks only about text with more brackets than the limit: other text cannot be too deep.)"""
+    if "\\" in text:  # escaped backslashes, then escaped quotes: what is left of quotes delimits strings
+        text = text.replace("\\\\", "").replace('\\"', "")
+    brackets = "".join(text.translate(_DEPTH_CHARS).split('"')[::2])
+    for _ in range(limit - _PATTERN_DEPTH):  # a deeper limit: peel the innermost levels off first,
+        shorter = brackets.replace("[]", "")  # (a pattern nesting hundreds of groups would not compile)
+        if len(shorter) == len(brackets):
+            break
+        brackets = shorter
+    return _depth_pattern(min(limit, _PATTERN_DEPTH)).fullmatch(brackets) is not None
+
+
+def _loads(data: bytes | str, max_depth: int = _JSON_DEPTH):
     """JSON from UTF-8 bytes (what MCP sends): the C scanner straight away, skipping
     ``json.loads``'s encoding detection and whitespace passes; anything unusual (white space
-    around it, an error) goes to the full decoder, which says what is wrong."""
-    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray)) else data
-    try:
-        value, end = _json_decoder.scan_once(text, 0)
-    except (StopIteration, ValueError):
-        return _json_decoder.decode(text)
-    if end != len(text):
-        return _json_decoder.decode(text)
+    around it, an error) goes to the full decoder, which says what is wrong.  Every JSON the
+    server reads comes through here: ValueError (or UnicodeDecodeError) for text nested deeper
+    than ``max_depth``, NaN, Infinity, a number too large for a float, a lone surrogate."""
+    text = data.decode("utf-8") if isinstance(data, (bytes, bytearray, memoryview)) else data
+    within = text.count("[") + text.count("{") <= max_depth or _within_depth(text, max_depth)
+    try:  # (text too deep, or malformed: the parser tells which; beyond ~1000 levels, RecursionError)
+        try:
+            value, end = _json_decoder.scan_once(text, 0)
+        except (StopIteration, ValueError):
+            value, end = _json_decoder.decode(text), len(text)
+        if end != len(text):
+            value = _json_decoder.decode(text)
+    except RecursionError:
+        within = False
+    if not within:
+        raise _JsonTooDeep(f"the JSON nests arrays and objects deeper than {max_depth} levels")
+    if "\\" in text and _LONE_SURROGATE_ESCAPE.search(text):
+        try:
+            _dumps(value).encode("utf-8")
+        except UnicodeEncodeError:  # no UTF-8 text (nor answer) could carry it
+            raise ValueError("the JSON has a lone surrogate (\\ud800-\\udfff) in a string") from None
     return value
+
+
+def _parse_error_text(exc: ValueError, what: str = "body") -> str:
+    """What a client is told about JSON it sent (its ``what``) that ``_loads`` refused."""
+    if isinstance(exc, _JsonTooDeep):
+        return f"Parse error: {exc} (MCP_MAX_JSON_DEPTH)."
+    return f"Parse error: the {what} is not valid JSON."
 
 
 def _now() -> float:
@@ -1306,7 +1428,7 @@ class RedisStore(Store):
 
     @staticmethod
     def _load(raw):
-        return None if raw is None else json.loads(raw)
+        return None if raw is None else _loads(raw, _STORED_JSON_DEPTH)
 
     async def get(self, key):
         return self._load(await self._run(lambda r: r.get(key)))
@@ -1367,7 +1489,7 @@ class RedisStore(Store):
         for row in rows:
             seq, _, data = row.partition(b" ")
             if int(seq) > after:
-                out.append((int(seq), json.loads(data)))
+                out.append((int(seq), _loads(data, _STORED_JSON_DEPTH)))
         return out
 
     async def publish(self, channel, message):
@@ -1434,7 +1556,7 @@ class RedisStore(Store):
                 if message is None or message.get("type") != "message":
                     continue
                 channel = message["channel"].decode() if isinstance(message["channel"], bytes) else message["channel"]
-                payload = json.loads(message["data"])
+                payload = _loads(message["data"], _STORED_JSON_DEPTH)
                 for callback in list(self._callbacks.get(channel, ())):
                     try:
                         callback(payload)
@@ -1590,7 +1712,7 @@ class _KeyRing:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            payload = json.loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()))
+            payload = _loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()), _STORED_JSON_DEPTH)
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -3243,7 +3365,7 @@ class MCPServer:
                 response, status = _error_response(ctx.request_id, exc), exc.status
         except _Cancelled:
             response, status = None, 0
-        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # (middleware's too: never the process's end)
+        except _REQUEST_ERRORS as exc:  # (middleware's too: never the process's end)
             error_id = _error_id()
             log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -3485,7 +3607,7 @@ class MCPServer:
             if ctx._cancelled:
                 raise _Cancelled() from None
             raise
-        except Exception as exc:
+        except _REQUEST_ERRORS as exc:
             error_id = _error_id()
             log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -3911,6 +4033,7 @@ _MODERN_METHODS = {
 #   ``_session_of``; anything else is 404, as for an unknown id.  With MCP_AUTH=none there is no
 #   principal and the id (192 random bits) is the whole credential.
 # - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
+#   A cancelled request's POST still gets JSON or SSE (``_PostChannel.finish_cancelled``).
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
@@ -4033,7 +4156,7 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
 async def _read_events(store: "Store", key: str, after: int) -> list:
     """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps JSON text: a
     string is one object the garbage collector never walks, where a message is dozens."""
-    return [(seq, json.loads(item) if isinstance(item, str) else item)
+    return [(seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item)
             for seq, item in await store.read_after(key, after)]
 
 
@@ -4142,7 +4265,7 @@ class _Hub:
     def _task_done(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed", exc_info=task.exception())
+            log.error("background task failed (error id %s)", _error_id(), exc_info=task.exception())
 
     def _on_bus(self, event: dict) -> None:
         for listener in list(self.listeners):
@@ -4480,13 +4603,19 @@ class _Http:
             if not message.get("more_body"):
                 return b"".join(chunks)
 
-    async def read_message(self, limit: int):
-        """The body as a JSON-RPC message (or batch); 400 with -32700 when it is not JSON."""
-        body = await self.read_body(limit)
+    async def read_message(self, settings: Settings):
+        """The body as a JSON-RPC message (or batch): 415 unless it is declared JSON (as the
+        official SDK requires: a browser's cross-site "simple" POST cannot declare it), 400 with
+        -32700 when it is not JSON."""
+        declared = self.headers.get("content-type")
+        if declared is None or _media_type(declared) != "application/json":
+            raise _HttpError(415, "Unsupported Media Type: the Content-Type must be application/json, not "
+                             f"{'missing' if declared is None else repr(_media_type(declared))}.")
+        body = await self.read_body(settings.max_body)
         try:
-            return _loads(body)
-        except (ValueError, UnicodeDecodeError):
-            raise _HttpError(400, "Parse error: the body is not valid JSON.", PARSE_ERROR) from None
+            return _loads(body, settings.max_json_depth)
+        except ValueError as exc:
+            raise _HttpError(400, _parse_error_text(exc), PARSE_ERROR) from None
 
     def running_task(self):
         """What cancels this exchange's handler: under the bundled server its cycle, which stands
@@ -4717,6 +4846,21 @@ class _PostChannel:
             return self.http.respond_json(status, response, headers=headers)
         return self._end(response, status, headers)
 
+    def finish_cancelled(self, request_id, headers: list) -> typing.Awaitable:
+        """End a request that gets no response (the client cancelled it; the specification says
+        none is sent).  Its POST still gets one of the two content types a client of Streamable
+        HTTP accepts (a 204 without one is an error to every SDK): an SSE stream that ends
+        without an event, or, for a client that takes only JSON, an error it no longer waits for.
+        A resumable stream that already has events ends with that error too: a client resumes a
+        stream that ended without a response (the official SDK does, once a second, for ever)."""
+        error = _error_response(request_id, RpcError(REQUEST_CANCELLED, "Request cancelled."))
+        if self.streaming and self.resumable:
+            return self._end(error, 200, headers)
+        if self.streaming or self.sse_ok:
+            return self._end(None, 0, headers)
+        self.done = True
+        return self.http.respond_json(200, error, headers=headers)
+
     async def _end(self, response: dict | None, status: int, headers: list) -> None:
         try:
             if not self.streaming and self.must_stream and response is not None:
@@ -4726,8 +4870,9 @@ class _PostChannel:
                 if response is not None:
                     await self._emit(response)
                 await self.http.end()
-            else:  # nothing to answer: a notification's 202, a cancelled request's 204
-                await self.http.respond(status if status in (202, 204) else 204, headers=headers)
+            else:  # a request that ends without a response (cancelled): a stream without an event
+                await self.http.start_sse(self.extra_headers + headers)
+                await self.http.end()
         finally:
             self.done = True
             for follower in self.followers:
@@ -4870,16 +5015,13 @@ class _StreamableHTTP:
     async def post(self, http: _Http) -> None:
         server = self.server
         settings = server.settings
-        content_type = _media_type(http.headers.get("content-type", "application/json"))
-        if content_type != "application/json":
-            raise _HttpError(415, f"Content-Type must be application/json, not {content_type!r}.")
         json_ok, sse_ok = _accepts(http.headers.get("accept"))
         if not json_ok and not sse_ok:
             raise _HttpError(406, "Not Acceptable: the Accept header must allow application/json "
                              "or text/event-stream.")
         if settings.response_mode == "json":
             sse_ok = False
-        message = await http.read_message(settings.max_body)
+        message = await http.read_message(settings)
         header_version = http.headers.get("mcp-protocol-version")
         if isinstance(message, list):
             await self._batch(http, message, header_version, json_ok)
@@ -4924,7 +5066,7 @@ class _StreamableHTTP:
             http.stop_watching()
         if response is None or ctx._cancelled:
             if not ctx._cancelled:
-                await channel.finish(None, status, [])
+                await channel.finish_cancelled(request_id, [])
             return
         await channel.finish(response, status, [])
 
@@ -4977,7 +5119,7 @@ class _StreamableHTTP:
         except asyncio.CancelledError:
             if ctx._cancelled:
                 asyncio.current_task().uncancel()
-                response, status = None, 204
+                response, status = None, 0
             else:
                 raise
         finally:
@@ -4991,7 +5133,10 @@ class _StreamableHTTP:
             await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
-        await channel.finish(response, status, headers)
+        if response is None:
+            await channel.finish_cancelled(request_id, headers)
+        else:
+            await channel.finish(response, status, headers)
 
     async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
         """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
@@ -5293,7 +5438,7 @@ class _LegacySSE:
         record = await _session_of(hub, http, session_id, "sse")
         if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
-        message = await http.read_message(server.settings.max_body)
+        message = await http.read_message(server.settings)
         kind = _classify_http(message)
         if kind == "response":
             if not hub.resolve(session_id, message):
@@ -5361,7 +5506,7 @@ class _DirectHTTP:
     async def post(self, http: _Http) -> None:
         server = self.server
         server._hub()
-        message = await http.read_message(server.settings.max_body)
+        message = await http.read_message(server.settings)
         short = isinstance(message, dict) and "jsonrpc" not in message and "method" in message
         if short:
             message = {"jsonrpc": "2.0", "id": 1, "method": message["method"],
@@ -5519,9 +5664,9 @@ class _Stdio:
 
     async def _line(self, line: bytes) -> None:
         try:
-            message = _loads(line)
-        except (ValueError, UnicodeDecodeError):
-            self._write(_error_response(None, RpcError(PARSE_ERROR, "Parse error: the line is not valid JSON.")))
+            message = _loads(line, self.server.settings.max_json_depth)
+        except ValueError as exc:
+            self._write(_error_response(None, RpcError(PARSE_ERROR, _parse_error_text(exc, "line"))))
             return
         if isinstance(message, list):
             if not message or self.session is None or self.session["v"] not in ("2025-03-26", "2024-11-05"):
@@ -5880,7 +6025,7 @@ def _parse_document_response(data: bytes, limit: int) -> tuple:
     cache = headers.get("cache-control", "")
     match = re.search(r"max-age=(\d+)", cache)
     max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
-    return json.loads(body), max_age
+    return _loads(body), max_age
 
 
 def _remember(approved: list, client_id: str, keep: int = 20, size: int = 3000) -> str:
@@ -5999,7 +6144,7 @@ class _OAuth:
     async def register(self, http: _Http) -> None:
         await self._rate_limit(http, "register")
         try:
-            body = json.loads(await http.read_body(64 * 1024))
+            body = _loads(await http.read_body(64 * 1024))
         except (ValueError, UnicodeDecodeError):
             await self._json_error(http, _OAuthError("invalid_client_metadata", "The body must be a JSON object."))
             return
@@ -6353,7 +6498,7 @@ class _OAuth:
             kind = _media_type(http.headers.get("content-type", ""))
             body = await http.read_body(64 * 1024)
             if kind == "application/json":
-                fields = json.loads(body)
+                fields = _loads(body)
                 if not isinstance(fields, dict):
                     raise ValueError
                 fields = {k: str(v) for k, v in fields.items()}
@@ -6668,7 +6813,7 @@ def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict
         response = exc
     body = response.read(1024 * 1024 + 1)
     try:
-        parsed = json.loads(body) if body and len(body) <= 1024 * 1024 else None
+        parsed = _loads(body) if body and len(body) <= 1024 * 1024 else None
     except ValueError:
         parsed = None
     return response.status, parsed
@@ -6747,7 +6892,7 @@ class _Login:
         plain = self.vault().decrypt(sealed, uid.encode())
         if plain is None:
             raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
-        return json.loads(plain)
+        return _loads(plain, _STORED_JSON_DEPTH)
 
     async def _store_credentials(self, uid: str, tokens: dict) -> None:
         record = await self.server._hub().store.get_touch(_user_key(uid), self.settings.session_ttl)
@@ -7118,10 +7263,14 @@ class _Sandbox:
 #   bundled server, uvicorn or hypercorn, mounted under a prefix (``root_path``) or not, and with
 #   or without lifespan events (the runtime starts on first use).
 # - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
-#   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
-#   Host must be loopback or allow-listed.  A form POST to the authorization server's browser
-#   pages must come from their own origin (no allow-list, no loopback, no null: section 7).
-#   The 403 names the header and the setting to change.
+#   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind (or
+#   any bind, once MCP_ALLOWED_HOSTS is set) the Host must be loopback or allow-listed.  A form
+#   POST to the authorization server's browser pages must come from their own origin (no
+#   allow-list, no loopback, no null: section 7).  The 403 names the header and the setting to
+#   change.  A Host that is not one RFC 3986 host[:port] (two Host headers arrive joined: not
+#   one) is 400, so the Host the metadata names is sound.
+# - A POST body is JSON only if declared ``application/json`` (415 otherwise, as the official
+#   SDK answers): a browser's cross-site "simple" request cannot declare it.
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 
@@ -7153,6 +7302,29 @@ def _host_allowed(value: str, bound, allowed: tuple) -> bool:
         return True  # DNS-rebinding protection guards loopback binds unless hosts are listed
     name = _split_host(value).lower()
     return value in allowed or name in allowed or _is_loopback(name)
+
+
+# RFC 3986 host[:port]: a reg-name (here only its unreserved characters: no percent-escapes or
+# sub-delimiters, which no real host name has and which the issuer URL would carry into pages),
+# an IPv4 address (a reg-name too), or a bracketed IPv6 address; an optional port of digits.
+_HOST_RE = re.compile(r"(?:[A-Za-z0-9._~-]{1,253}|\[([0-9A-Fa-f:.]{2,45})\])(?::[0-9]{1,5})?")
+
+
+@functools.lru_cache(maxsize=1024)
+def _valid_host(value: str) -> bool:
+    """A Host header value as RFC 3986 allows it (see ``_HOST_RE``); ``127.0.0.1:7101@evil.com``,
+    paths, spaces and two values joined by a comma are not."""
+    import ipaddress
+    match = _HOST_RE.fullmatch(value)
+    if match is None:
+        return False
+    if match.group(1) is not None:
+        try:
+            ipaddress.IPv6Address(match.group(1))
+        except ValueError:
+            return False
+    port = value.rpartition(":")[2] if not value.endswith("]") and ":" in value else None
+    return port is None or int(port) <= 65535
 
 
 @functools.lru_cache(maxsize=1024)
@@ -7246,7 +7418,14 @@ class _App:
         http.scope = scope
 
     def _check_host(self, http: _Http) -> None:
-        value = http.headers.get("host", "")
+        """400 for a malformed Host (two Host headers arrive joined by a comma: malformed too), as
+        RFC 9112 section 3.2 requires: the Host names this server in the metadata it serves;
+        then DNS-rebinding protection."""
+        value = http.headers.get("host")
+        if value is not None and not _valid_host(value):
+            raise _HttpError(400, "Bad Request: the Host header must be one host[:port] (RFC 3986), "
+                             f"not {value[:100]!r}.")
+        value = value or ""
         bound = (http.scope.get("server") or (self.server.settings.host,))[0]
         allowed = self.server.settings.allowed_hosts
         if not _host_allowed(value, bound, allowed if type(allowed) is tuple else tuple(allowed)):
@@ -7327,7 +7506,7 @@ class _App:
                 await http.end()
         except _Cancelled:
             await http.end() if http.started else None
-        except Exception:
+        except _REQUEST_ERRORS:
             error_id = _error_id()
             log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=True)
             if not http.started:
@@ -7343,7 +7522,7 @@ class _App:
                     _metrics.add(_http_metric_key(route, method, http.status))
                 if started:  # (_ACCESS_FIELDS)
                     _log_access((method, route, http.status, round((time.perf_counter() - started) * 1000, 2),
-                                 _hash_id(http.headers.get("mcp-session-id")), (scope.get("client") or ("-",))[0]))
+                                 _hash_id(http.headers.get("mcp-session-id")), (http.scope.get("client") or ("-",))[0]))
 
     async def _route(self, http: _Http, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings
@@ -7496,7 +7675,10 @@ async def _shutdown(server: MCPServer) -> None:
 #   capped per client address (429; a trusted proxy's are many clients' and are not).
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
-#   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
+#   headers, a malformed length, obsolete line folding, a transfer coding other than chunked,
+#   a chunk size or trailer line over 1 KB; so is an HTTP/1.1 request without exactly one
+#   well-formed Host (RFC 9112 section 3.2).
+# - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
 # at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
@@ -7685,7 +7867,7 @@ class _Cycle(_TaskStandIn):
                 try:
                     callback()
                 except Exception:
-                    log.exception("disconnect callback failed")
+                    log.exception("disconnect callback failed (error id %s)", _error_id())
 
     async def receive(self) -> dict:
         if self.expect_continue and not self.response_started and not self.disconnected:
@@ -7821,10 +8003,15 @@ def _parse_request_head(head: bytes) -> tuple:
     fields = dict(pairs)
     if len(fields) != len(pairs):
         names = [name for name, _ in pairs]
-        for name in ("content-length", "transfer-encoding"):
+        for name in ("content-length", "transfer-encoding", "host"):
             if names.count(name) > 1:
                 raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
         fields = _header_dict(pairs)
+    host = fields.get("host")
+    if host is None and version == b"HTTP/1.1":
+        raise _BadRequest(400, "An HTTP/1.1 request needs a Host header.")
+    if host is not None and not _valid_host(host):  # (empty too: an http URI has a host, RFC 9110 4.2.1)
+        raise _BadRequest(400, "Malformed Host header.")
     content_length = fields.get("content-length")
     if content_length is not None:
         if not content_length.isdigit() or len(content_length) > 18:
@@ -8018,7 +8205,8 @@ class _HttpProtocol(asyncio.Protocol):
             self.close()
 
     def _reject(self, status: int, message: str, headers: bytes = b"") -> None:
-        body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
+        code = INTERNAL_ERROR if status == 500 else INVALID_REQUEST
+        body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": code, "message": message}}).encode()
         self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
                    b"%sconnection: close\r\n\r\n%s" % (len(body), headers, body))
         self.buffer.clear()
@@ -8138,14 +8326,16 @@ class _HttpProtocol(asyncio.Protocol):
         while True:
             left, in_trailers = self.chunk_state
             if in_trailers:
-                end = self.buffer.find(b"\r\n")
+                end = self._chunk_line_end()
                 if end < 0:
                     return False
-                line = bytes(self.buffer[:end])
                 del self.buffer[:end + 2]
-                if not line:
+                if not end:
                     self._body_done()
                     return True
+                cycle.received += end  # (trailers count against MCP_MAX_BODY, so they end)
+                if cycle.received > self.settings.max_body:
+                    raise _BadRequest(413, "The chunked body's trailers are larger than MCP_MAX_BODY.")
                 continue
             if left > 0:
                 take = min(left, len(self.buffer))
@@ -8170,10 +8360,8 @@ class _HttpProtocol(asyncio.Protocol):
                 del self.buffer[:2]
                 self.chunk_state[0] = 0
                 continue
-            end = self.buffer.find(b"\r\n")
+            end = self._chunk_line_end()
             if end < 0:
-                if len(self.buffer) > 1024:
-                    raise _BadRequest(400, "Malformed chunk size line.")
                 return False
             size_text = bytes(self.buffer[:end]).split(b";")[0].strip()
             del self.buffer[:end + 2]
@@ -8184,6 +8372,15 @@ class _HttpProtocol(asyncio.Protocol):
                 self.chunk_state[1] = True
             else:
                 self.chunk_state[0] = size
+
+    def _chunk_line_end(self) -> int:
+        """Where the chunk size or trailer line at the start of the buffer ends (-1: not yet);
+        400 for one longer than 1 KB (a chunk extension or trailer nobody needs: it would only
+        be held in memory)."""
+        end = self.buffer.find(b"\r\n", 0, 1026)
+        if end < 0 and len(self.buffer) > 1024:
+            raise _BadRequest(400, "Malformed chunked body: a chunk size or trailer line longer than 1 KB.")
+        return end
 
     def _body_done(self) -> None:
         cycle = self.cycle
@@ -8197,10 +8394,11 @@ class _HttpProtocol(asyncio.Protocol):
                 await self.state.native(cycle, scope)
             else:
                 await self.state.app(scope, cycle.receive, cycle.send)
-        except Exception:
-            log.error("the ASGI app raised", exc_info=True)
+        except _REQUEST_ERRORS:
+            error_id = _error_id()
+            log.error("the ASGI app raised (error id %s)", error_id, exc_info=True)
             if not cycle.response_started and not self.closed:
-                self._reject(500, "Internal server error.")
+                self._reject(500, f"Internal server error (error id {error_id}).")
                 return
         if not cycle.response_done and not self.closed:
             if not cycle.response_started:

@@ -22,7 +22,9 @@ import dataclasses
 import datetime
 import enum
 import hashlib
+import http.client as http_client
 import importlib.util
+import io
 import json
 import logging
 import os
@@ -34,6 +36,7 @@ import selectors
 import shutil
 import signal
 import socket
+import string
 import subprocess
 import sys
 import tempfile
@@ -520,14 +523,14 @@ class SSEStream:
 
 def raw_request(method: str, path: str, headers=None, body=None, host: str = "localhost") -> bytes:
     pairs = list(headers.items()) if isinstance(headers, dict) else list(headers or [])
+    names = {n.lower() for n, _ in pairs}  # (a header given as None is left out, even a default one)
     pairs = [(n, v) for n, v in pairs if v is not None]
-    names = {n.lower() for n, _ in pairs}
     if isinstance(body, (dict, list)):
         body = json.dumps(body).encode()
-        if "content-type" not in names:
-            pairs.append(("Content-Type", "application/json"))
     elif isinstance(body, str):
         body = body.encode()
+    if body is not None and "content-type" not in names:
+        pairs.append(("Content-Type", "application/json"))
     if "host" not in names:
         pairs.insert(0, ("Host", host))
     if body is not None and "content-length" not in names and "transfer-encoding" not in names:
@@ -2624,7 +2627,7 @@ class TestStreamableHTTP:
         assert http(st.port, "POST", "/http", {"Origin": "https://app.example"}, {"method": "ping"}).status == 200
         assert http(st.port, "POST", "/http", {"Origin": "https://other.example"}, {"method": "ping"}).status == 403
 
-    @pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", ""])
+    @pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example"])
     def test_foreign_host_is_403(self, live, host):
         r = http(live.port, "POST", "/http", {"Host": host}, {"method": "ping"})
         assert r.status == 403 and "MCP_ALLOWED_HOSTS" in r.json()["error"]["message"]
@@ -9119,6 +9122,741 @@ class TestLegacyAcrossInstances:
             assert again.next_message() == {"jsonrpc": "2.0", "id": 5, "result": {}}
         finally:
             again.close()
+
+
+def hostile_server(**settings) -> MCPServer:
+    """The test server, plus tools that end with what must never end the process."""
+    server = build_server(**settings)
+
+    @server.tool()
+    def sys_exit() -> str:
+        """Call sys.exit() (in a worker thread)."""
+        sys.exit(3)
+
+    @server.tool(inline=True)
+    def sys_exit_inline() -> str:
+        """Call sys.exit() on the event loop."""
+        raise SystemExit(4)
+
+    @server.tool()
+    async def interrupt() -> str:
+        """Raise KeyboardInterrupt on the event loop."""
+        raise KeyboardInterrupt
+
+    @server.tool()
+    async def progress_then_hang(token: str, ctx: Context) -> str:
+        """Report progress (the answer becomes a stream), then wait until cancelled."""
+        await ctx.report_progress(1, 2)
+        probe(token).started.set()
+        await asyncio.Event().wait()
+
+    @server.resource("test://exit", name="exit", mime_type="text/plain")
+    def exit_resource() -> str:
+        raise SystemExit(5)
+
+    return server
+
+
+@pytest.fixture(scope="module")
+def hostile():
+    st = ServerThread(hostile_server()).start()
+    yield st
+    st.close()
+
+
+def deep_json(levels: int, inner: str = "1") -> bytes:
+    return ("[" * levels + inner + "]" * levels).encode()
+
+
+def errors_logged(caplog) -> list:
+    """What the server logged at ERROR or above, or with a traceback."""
+    return [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
+
+
+def read_to_close(conn: Conn) -> bytes:
+    """Everything the server sends until it closes (the request was sent and SHUT_WR'd)."""
+    received = bytearray()
+    try:
+        while True:
+            chunk = conn.sock.recv(65536)
+            if not chunk:
+                return bytes(received)
+            received += chunk
+    except ConnectionResetError:
+        return bytes(received)
+
+
+def status_of(data: bytes) -> int | None:
+    """The status of the first response in ``data`` (None: the server only closed)."""
+    match = re.match(rb"HTTP/1\.[01] (\d{3}) ", data)
+    assert match or not data, data[:200]
+    return int(match.group(1)) if match else None
+
+
+def send_raw(port: int, data: bytes) -> int | None:
+    with Conn(port) as conn:
+        conn.send(data)
+        conn.sock.shutdown(socket.SHUT_WR)
+        return status_of(read_to_close(conn))
+
+
+class TestHostileInput:
+    """What an outside reviewer throws at the server: every case is a 4xx or a clean close, never
+    a 5xx or a traceback in the log, and the server goes on serving."""
+
+    @pytest.fixture(autouse=True)
+    def _quiet_and_alive(self, hostile, caplog):
+        caplog.set_level(logging.WARNING, logger="mcp_server")
+        yield
+        assert_alive(hostile.port)
+        assert not errors_logged(caplog)
+
+    # -- issue 19 defect 1: deeply nested JSON -------------------------------------------------------
+
+    @pytest.mark.parametrize("transport", ["modern", "legacy", "messages", "http"])
+    def test_deeply_nested_json_is_a_parse_error_on_every_http_transport(self, hostile, transport):
+        port = hostile.port
+        headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+        path = {"modern": "/mcp", "legacy": "/mcp", "http": "/http"}.get(transport)
+        if transport == "modern":
+            headers["MCP-Protocol-Version"] = MODERN
+        elif transport == "legacy":
+            session = Session(port)
+            session.initialize()
+            headers = session.headers()
+        client = LegacySSEClient(port) if transport == "messages" else None
+        try:
+            path = path or client.endpoint
+            for levels in (65, 5000, 100000):
+                error = assert_rpc_error(http(port, "POST", path, headers, deep_json(levels)), 400, -32700)
+                assert "deeper than 64" in error["message"] and "MCP_MAX_JSON_DEPTH" in error["message"]
+            objects = ('{"a":' * 3000 + "1" + "}" * 3000).encode()
+            assert_rpc_error(http(port, "POST", path, headers, objects), 400, -32700)
+        finally:
+            if client is not None:
+                client.close()
+
+    def test_deeply_nested_json_on_stdio_is_a_parse_error(self):
+        with Proc([SERVER_FILE, "--stdio"]) as proc:
+            proc.send(deep_json(5000) + b"\n")
+            reply = proc.recv()
+            assert reply["id"] is None and reply["error"]["code"] == -32700, reply
+            assert "MCP_MAX_JSON_DEPTH" in reply["error"]["message"]
+            assert "result" in proc.request("ping")  # still serving
+            assert proc.finish() == 0
+        assert b"Traceback" not in proc.stderr and b'"level":"error"' not in proc.stderr
+
+    def test_the_depth_limit_is_a_setting_and_json_as_deep_as_it_passes(self, make_server):
+        st = make_server(max_json_depth=3)
+        ok = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": "x"}}}  # depth 3
+        assert http(st.port, "POST", "/http", body=ok).status == 200
+        deeper = {"method": "tools/call", "params": {"name": "echo", "arguments": {"text": ["x"]}}}
+        assert_rpc_error(http(st.port, "POST", "/http", body=deeper), 400, -32700)
+        assert Settings.load([], environ={"MCP_MAX_JSON_DEPTH": "100"}).max_json_depth == 100
+        for bad in ("0", "100000"):
+            with pytest.raises(SystemExit, match="MCP_MAX_JSON_DEPTH"):
+                Settings.load([], environ={"MCP_MAX_JSON_DEPTH": bad})
+
+    def test_the_json_reader_measures_depth_outside_strings_only(self):
+        loads = mcp_server._loads
+        assert loads(deep_json(64)) is not None
+        with pytest.raises(ValueError, match="deeper than 64"):
+            loads(deep_json(65))
+        brackets = '"' + "[{" * 5000 + '"'
+        assert loads(f'[{brackets}, "\\"[[[[", "\\\\"]') == ["[{" * 5000, '"[[[[', "\\"]
+        assert loads(deep_json(10, "[]")) and loads("[" + "[]," * 5000 + "[]]")  # wide, not deep
+        assert loads(deep_json(3), max_depth=3) == [[[1]]]
+        with pytest.raises(ValueError):
+            loads(deep_json(4), max_depth=3)
+        with pytest.raises(ValueError):
+            loads('{"a": [' + '{"b": [' * 40 + "]}" * 40 + "]}")  # 82 levels of mixed kinds
+        for text in ("NaN", "[Infinity]", "-Infinity", "1e999", "[-1e400]", '"\\ud800"', '["\\udfff x"]',
+                     b"\xff", b'"\xed\xa0\x80"', "\ufeff{}", "[1,]", ""):
+            with pytest.raises(ValueError):
+                loads(text)
+        assert loads('"\\ud83d\\ude00"') == "\U0001F600" and loads("1e308") == 1e308
+
+    def test_every_json_the_server_reads_goes_through_the_guarded_reader(self, tmp_path):
+        source = open(SERVER_FILE, encoding="utf-8").read()
+        assert not re.search(r"\bjson\.loads?\(", source.replace("``json.loads``", ""))
+        # sealed state, upstream answers, stored values: deep JSON is refused, not a RecursionError
+        ring = mcp_server._KeyRing("k" * 32)
+        assert ring.unseal(ring.seal({"deep": json.loads(deep_json(600))})) is None
+        with pytest.raises(ValueError):
+            mcp_server.RedisStore._load(deep_json(5000))
+        assert mcp_server.RedisStore._load(deep_json(300)) is not None  # what the server may have stored
+
+        from http import server as http_server
+
+        class Deep(http_server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                body = deep_json(5000)
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        upstream = http_server.ThreadingHTTPServer(("127.0.0.1", 0), Deep)
+        threading.Thread(target=upstream.serve_forever, daemon=True).start()
+        try:
+            status, parsed = mcp_server._http_call("GET", f"http://127.0.0.1:{upstream.server_port}/x")
+            assert status == 200 and parsed is None
+        finally:
+            upstream.shutdown()
+
+    def test_oauth_json_bodies_refuse_deep_json(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0)
+        for path in ("/register", "/token"):
+            r = http(st.port, "POST", path, {"Content-Type": "application/json"}, deep_json(5000))
+            assert r.status == 400 and r.json()["error"] in ("invalid_client_metadata", "invalid_request"), r
+
+    # -- issue 19 defect 2: Content-Type ----------------------------------------------------------
+
+    @pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
+                                              "application/jsonx", ""])
+    def test_a_post_not_declared_json_is_415_on_every_endpoint(self, hostile, content_type):
+        session = Session(hostile.port)
+        session.initialize()
+        client = LegacySSEClient(hostile.port)
+        try:
+            for path, headers in (("/mcp", session.headers()), ("/http", {}), (client.endpoint, {})):
+                headers = {**headers, "Content-Type": content_type}
+                r = http(hostile.port, "POST", path, headers, {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+                assert r.status == 415 and "application/json" in r.json()["error"]["message"], (path, r)
+        finally:
+            client.close()
+
+    def test_json_with_parameters_is_json(self, hostile):
+        r = http(hostile.port, "POST", "/http", {"Content-Type": "Application/JSON; charset=utf-8"},
+                 {"method": "ping"})
+        assert r.status == 200, r
+
+    # -- issue 19 defect 4: a cancelled request's answer has a content type -----------------------
+
+    @pytest.mark.parametrize("accept", [ACCEPT_BOTH, "application/json"])
+    def test_a_cancelled_request_is_answered_with_json_or_sse(self, hostile, accept):
+        s = Session(hostile.port)
+        s.initialize()
+        token = new_token()
+        call = s.body("tools/call", {"name": "hang", "arguments": {"token": token}}, request_id=91)
+        with Conn(hostile.port) as conn:
+            conn.request("POST", "/mcp", s.headers({"Accept": accept}), call)
+            assert probe(token).started.wait(WAIT)
+            note = s.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 91}})
+            assert note.status == 202
+            resp = conn.read_response()
+        assert resp.status == 200 and resp.content_type in ("application/json", "text/event-stream"), resp
+        if resp.content_type == "text/event-stream":
+            assert accept == ACCEPT_BOTH and resp.messages() == []  # the stream ends without a response
+        else:
+            assert resp.json()["id"] == 91 and resp.json()["error"]["code"] == -32800, resp.body
+        assert probe(token).finished.wait(WAIT) and probe(token).cancelled is True
+
+    def test_a_cancelled_stream_that_a_client_resumes_has_ended(self, hostile):
+        s = Session(hostile.port)  # 2025-11-25: the stream is logged, and clients resume it
+        s.initialize()
+        token = new_token()
+        call = s.body("tools/call", {"name": "progress_then_hang", "arguments": {"token": token},
+                                     "_meta": {"progressToken": "p"}}, request_id=92)
+        with Conn(hostile.port) as conn:
+            conn.request("POST", "/mcp", s.headers(), call)
+            stream = SSEStream(conn, conn.read_head())
+            priming = stream.next_event()
+            assert priming["id"] and stream.next_message()["method"] == "notifications/progress"
+            assert probe(token).started.wait(WAIT)
+            s.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 92}})
+            assert stream.next_message()["error"]["code"] == -32800 and stream.next_event() is None
+        resumed = http(hostile.port, "GET", "/mcp", s.headers({"Last-Event-ID": priming["id"]}))
+        assert resumed.status == 200 and final_message(resumed, 92)["error"]["code"] == -32800
+
+    # -- issue 18 finding 12: Host -------------------------------------------------------------
+
+    @pytest.mark.parametrize("host", [b"127.0.0.1:7101@evil.com", b"localhost/path", b"local host",
+                                      b"localhost:80:80", b"localhost:99999", b"[::1", b"[::1]x",
+                                      b"localhost, evil.com", b"evil.com\x01", b"localhost:", b""])
+    def test_a_malformed_host_is_400(self, hostile, host):
+        data = b"GET /healthz HTTP/1.1\r\nHost: " + host + b"\r\n\r\n"
+        assert send_raw(hostile.port, data) == 400
+
+    def test_two_host_headers_are_400_and_a_missing_one_too(self, hostile):
+        two = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nHost: evil.com\r\n\r\n"
+        assert send_raw(hostile.port, two) == 400
+        assert send_raw(hostile.port, two.replace(b"evil.com", b"localhost")) == 400
+        assert send_raw(hostile.port, b"GET /healthz HTTP/1.1\r\n\r\n") == 400
+        # HTTP/1.0 may omit it: then the app judges (on a loopback bind, no Host is no loopback Host)
+        assert send_raw(hostile.port, b"GET /healthz HTTP/1.0\r\n\r\n") == 403
+        for good in (b"localhost", b"127.0.0.1:1", b"[::1]:8080", b"LOCALHOST"):
+            assert send_raw(hostile.port, b"GET /healthz HTTP/1.1\r\nHost: " + good + b"\r\n\r\n") == 200
+
+    @staticmethod
+    def _asgi(app, headers: list, server=("127.0.0.1", 6901), path="/.well-known/oauth-authorization-server"):
+        sent = []
+
+        async def receive():
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "method": "GET", "path": path, "root_path": "", "query_string": b"",
+                 "headers": [(k.encode(), v.encode()) for k, v in headers], "server": server,
+                 "client": ("127.0.0.1", 5000), "scheme": "http", "http_version": "1.1"}
+        asyncio.run(app(scope, receive, send))
+        return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+    def test_under_another_asgi_server_a_repeated_or_malformed_host_is_400(self):
+        server = build_server(auth="builtin", secret="s" * 32)
+        status, body = self._asgi(server.asgi, [("host", "127.0.0.1:6901"), ("host", "evil.com")])
+        assert status == 400 and b"Host" in body
+        status, body = self._asgi(server.asgi, [("host", "127.0.0.1:7101@evil.com")])
+        assert status == 400 and b"issuer" not in body
+        status, body = self._asgi(server.asgi, [("host", "")])  # (the foreign server let it through)
+        assert status == 400 and b"issuer" not in body
+        status, body = self._asgi(server.asgi, [("host", "127.0.0.1:6901")])
+        assert status == 200 and json.loads(body)["issuer"] == "http://127.0.0.1:6901"
+
+    def test_a_forwarded_host_from_a_trusted_proxy_is_validated_too(self):
+        server = build_server(auth="builtin", secret="s" * 32, trusted_proxies=("127.0.0.1",))
+        status, _ = self._asgi(server.asgi, [("host", "localhost"), ("x-forwarded-host", "a@evil.com")])
+        assert status == 400
+
+    def test_allowed_hosts_are_enforced_on_a_public_listener(self):
+        server = build_server(allowed_hosts=("mcp.example.com",))
+        public = ("10.0.0.5", 443)
+        assert self._asgi(server.asgi, [("host", "evil.example")], public, "/healthz")[0] == 403
+        assert self._asgi(server.asgi, [("host", "mcp.example.com")], public, "/healthz")[0] == 200
+        assert self._asgi(server.asgi, [("host", "mcp.example.com:8443")], public, "/healthz")[0] == 200
+        open_server = build_server()  # nothing listed: a public listener takes any well-formed Host
+        assert self._asgi(open_server.asgi, [("host", "evil.example")], public, "/healthz")[0] == 200
+        assert self._asgi(open_server.asgi, [("host", "evil.example/x")], public, "/healthz")[0] == 400
+
+    # -- issue 18 finding 13: log lines ------------------------------------------------------------
+
+    def test_no_log_format_lets_a_value_forge_a_line(self):
+        forged = "x\r\n12:00:01 info    request  method=GET\x1b[2J\x85\u2028\u202e\x7f"
+        text = mcp_server._TextFormatter().line(1.7e9, "info", "event " + forged, {"client": forged},
+                                                "Traceback (most recent call last):\nValueError: " + forged)
+        lines = text.split("\n")
+        assert all(line.isprintable() for line in lines), text
+        assert all(line.startswith("    ") for line in lines[1:]), text  # the traceback, indented
+        assert "\\r\\n12:00:01" in lines[0] and "\\x1b[2J" in lines[0] and "\\u2028" in lines[0]
+        fmt = mcp_server._JsonFormatter()
+        for line in (fmt.line(1.7e9, "info", forged, {"client": forged, "n": [forged]}, forged),
+                     fmt.access_line(1.7e9, ("GET", "/mcp", 200, 1.5, None, forged)),
+                     mcp_server._LineFormatter.access_line(fmt, 1.7e9, ("GET", "/mcp", 200, 1.5, None, forged))):
+            assert line.isascii() and line.isprintable(), line  # one line, nothing a terminal acts on
+            parsed = json.loads(line)  # the same JSON
+            assert parsed.get("client") == forged and parsed.get("error", forged) == forged, parsed
+
+    def test_a_forwarded_client_address_cannot_forge_an_access_log_line(self, make_server, caplog):
+        caplog.set_level(logging.INFO, logger="mcp_server")
+        st = make_server(trusted_proxies=("127.0.0.1",))
+        lines = []
+        handler = logging.Handler()
+        handler.setFormatter(mcp_server._TextFormatter())
+        handler.emit = lambda record: lines.append(handler.format(record))
+        mcp_server.log.addHandler(handler)
+        try:
+            r = http(st.port, "GET", "/healthz", {"X-Forwarded-For": "1.2.3.4\x1b[1A\x0b\x0c\x85 forged"})
+            assert r.status == 200
+            assert_alive(st.port)
+        finally:
+            mcp_server.log.removeHandler(handler)
+        access = [line for line in lines if "forged" in line]
+        assert access and all(line.isprintable() for line in access), access
+
+    # -- SystemExit and KeyboardInterrupt end only their request ------------------------------------
+
+    @pytest.mark.parametrize("tool", ["sys_exit", "sys_exit_inline", "interrupt"])
+    def test_a_tool_that_exits_fails_alone(self, hostile, tool, caplog):
+        r = modern_post(hostile.port, "tools/call", {"name": tool, "arguments": {}})
+        result = final_message(r, 1)["result"]
+        assert result["isError"] is True, result
+        error_id = ERROR_ID.search(result["content"][0]["text"]).group(1)
+        logged = [rec for rec in caplog.records if error_id in rec.getMessage()]
+        assert len(logged) == 1 and logged[0].levelno == logging.ERROR and logged[0].exc_info
+        caplog.clear()  # (expected: the autouse check looks for errors nobody expected)
+        r = http(hostile.port, "POST", "/http", body={"method": "tools/call", "params": {"name": tool}})
+        assert r.status == 200 and r.json()["isError"] is True
+        caplog.clear()
+
+    def test_a_resource_that_exits_is_an_internal_error_with_an_id(self, hostile, caplog):
+        r = http(hostile.port, "POST", "/http", body={"jsonrpc": "2.0", "id": 5, "method": "resources/read",
+                                                      "params": {"uri": "test://exit"}})
+        assert r.status == 500 and r.json()["error"]["code"] == -32603, r
+        error_id = ERROR_ID.search(r.json()["error"]["message"]).group(1)
+        assert [rec.levelno for rec in caplog.records if error_id in rec.getMessage()] == [logging.ERROR]
+        caplog.clear()
+
+    # -- the reviewer's list: smuggling, sizes, slowness, bad JSON, bad headers, disconnects ----------
+
+    @pytest.mark.parametrize("head", [
+        b"Content-Length: 2\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding: chunked\r\nContent-Length: 2",
+        b"Content-Length: 2\r\nContent-Length: 2",
+        b"Content-Length: 2\r\nContent-Length: 3",
+        b"Content-Length: 2, 2",
+        b"Content-Length: +2",
+        b"Content-Length: 0x2",
+        b"Content-Length: 99999999999999999999",
+        b"Transfer-Encoding: chunked, identity",
+        b"Transfer-Encoding: gzip, chunked",
+        b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked",
+        b"Transfer-Encoding : chunked",
+        b"Transfer-Encoding:\x0bchunked",
+        b"X-Folded: a\r\n b",
+        b"X-Bare: a\nContent-Length: 2",
+        b"X-Bare-CR: a\rContent-Length: 2",
+        b"X-Nul: a\x00b",
+        b"Bad Name: x",
+        b": no name",
+    ])
+    def test_smuggling_shapes_are_400(self, hostile, head):
+        data = b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" + head + \
+            b"\r\n\r\n{}"
+        assert send_raw(hostile.port, data) == 400
+
+    PING_CHUNK = b'11\r\n{"method":"ping"}\r\n'  # (a valid request: only the framing is wrong)
+
+    @pytest.mark.parametrize("body", [b"11;" + b"x" * 5000 + PING_CHUNK[2:] + b"0\r\n\r\n", b"zz\r\n", b"-1\r\n",
+                                      b"1\r\nab\r\n0\r\n\r\n", b"fffffffffffffffff\r\n", b"5\nhello\n0\n\n" * 300,
+                                      PING_CHUNK + b"0\r\n" + b"X-Trailer: " + b"a" * 5000 + b"\r\n\r\n"])
+    def test_bad_chunked_bodies_are_400(self, hostile, body):
+        data = (b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                b"Transfer-Encoding: chunked\r\n\r\n" + body)
+        assert send_raw(hostile.port, data) == 400
+
+    @pytest.mark.parametrize("line", [b"G\xc3\xa9T / HTTP/1.1", b"GET /caf\xc3\xa9 HTTP/1.1", b"GET / HTTP/2.0",
+                                      b"GET  / HTTP/1.1", b"GET / HTTP/1.1 x", b"GET\t/ HTTP/1.1", b"/ HTTP/1.1",
+                                      b"GET x HTTP/1.1", b"\x00GET / HTTP/1.1"])
+    def test_malformed_request_lines_are_400(self, hostile, line):
+        assert send_raw(hostile.port, line + b"\r\nHost: localhost\r\n\r\n") == 400
+
+    def test_oversized_heads_and_bodies_are_refused_before_they_are_read(self, hostile):
+        huge_line = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        assert send_raw(hostile.port, huge_line) == 414
+        huge_head = b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X-Pad: " + b"a" * 20000 + b"\r\n\r\n"
+        assert send_raw(hostile.port, huge_head) == 431
+        declared = b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n" \
+                   b"Content-Length: 999999999\r\n\r\n{"
+        assert send_raw(hostile.port, declared) == 413
+        many = b"GET / HTTP/1.1\r\nHost: localhost\r\n" + b"X-A: b\r\n" * 3000 + b"\r\n"
+        assert send_raw(hostile.port, many) == 431
+
+    def test_a_slow_head_and_a_slow_body_get_408(self, make_server):
+        st = make_server(header_timeout=0.3, body_timeout=0.3)
+        with Conn(st.port) as conn:
+            conn.send(b"POST /http HTTP/1.1\r\nHost: local")
+            assert conn.read_response().status == 408
+        with Conn(st.port) as conn:
+            conn.send(b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                      b"Content-Length: 50\r\n\r\n{")
+            assert conn.read_response().status == 408
+        assert_alive(st.port)
+
+    BAD_BODIES = [b"", b" ", b"null", b"1", b'"ping"', b"true", b"[]", b"[1, 2]", b'["x"]', b"[[]]", b"{",
+                  b"\xff\xfe{}", b"\xef\xbb\xbf{}", b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\x00',
+                  b'{"jsonrpc":"2.0","id":1,"method":"\xc3"}', b'{"jsonrpc":"2.0","id":"\\ud800","method":"ping"}',
+                  b'{"jsonrpc":"2.0","id":NaN,"method":"ping"}', b'{"jsonrpc":"2.0","id":Infinity,"method":"ping"}',
+                  b'{"jsonrpc":"2.0","id":1e999999,"method":"ping"}', b'{"jsonrpc":"2.0","id":' + b"9" * 5000 + b',"method":"ping"}',
+                  b'{"jsonrpc":"2.0","id":1,"id":{},"method":"ping"}', b'{"jsonrpc":"2.0","id":[1],"method":"ping"}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"ping","method":7}', b'{"jsonrpc":"1.0","id":1,"method":"ping"}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":[]}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":{"a":1}}}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":"x"}}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":1e308,"b":1e308}}}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"add","arguments":{"a":' + b"9" * 4000 + b'}}}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"\\u0000\\u2028\\ud83d\\ude00"}}}',
+                  b'{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":["x"],"capabilities":7}}',
+                  b'{"jsonrpc":"2.0","id":1,"result":{}}', b'{"jsonrpc":"2.0","id":1,"error":"x"}',
+                  b'{"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":{"x":[]}}}']
+
+    @pytest.mark.parametrize("transport", ["modern", "legacy", "http", "batch"])
+    def test_bad_json_of_every_shape_is_a_4xx(self, hostile, transport):
+        headers = {"Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+        if transport == "modern":
+            headers["MCP-Protocol-Version"] = MODERN
+        elif transport in ("legacy", "batch"):
+            session = Session(hostile.port, "2025-03-26" if transport == "batch" else LEGACY)
+            session.initialize()
+            headers = session.headers()
+        path = "/http" if transport == "http" else "/mcp"
+        for body in self.BAD_BODIES:
+            if transport == "batch" and body[:1] == b"{":
+                body = b"[" + body + b", " + body + b"]"
+            r = http(hostile.port, "POST", path, headers, body)
+            assert r.status < 500, (body, r)
+            if r.status >= 400:
+                assert r.content_type == "application/json" and "error" in r.json(), (body, r)
+
+    @pytest.mark.parametrize("headers", [
+        {"Accept": None}, {"Accept": "text/html"}, {"Accept": "application/json;q=0, text/event-stream;q=0"},
+        {"Accept": "\x01\x7f"}, {"MCP-Protocol-Version": "1999-01-01"}, {"MCP-Protocol-Version": "\x7f"},
+        {"MCP-Protocol-Version": "2025-11-25, 2025-06-18"}, {"Mcp-Session-Id": "\x01\x1b[2J"},
+        {"Mcp-Session-Id": "x" * 8000}, {"Mcp-Session-Id": "a, b"}, {"Mcp-Method": "\x85"},
+        {"Mcp-Name": "=?base64?" + "A" * 50 + "?="}, {"Origin": "http://evil.example"}, {"Origin": "\x00"},
+        {"Last-Event-ID": "\x1b:99999999999999999999"}, {"X-Request-Id": "\x1b[2J"}, {"traceparent": "\x85" * 55},
+    ])
+    def test_wrong_headers_are_a_4xx_or_ignored(self, hostile, headers):
+        session = Session(hostile.port)
+        session.initialize()
+        for method in ("POST", "DELETE"):  # (a GET that works would be a stream that never ends)
+            body = session.body("tools/call", {"name": "echo", "arguments": {"text": "x"}}) if method == "POST" else None
+            r = http(hostile.port, method, "/mcp", session.headers(headers), body)
+            assert r.status < 500, (method, r)
+            if r.status >= 400:
+                assert r.content_type == "application/json", r
+        modern = modern_body("tools/call", {"name": "echo", "arguments": {"text": "x"}})
+        assert modern_post(hostile.port, "tools/call", body=modern, headers=headers).status < 500
+
+    def test_a_client_that_goes_mid_body_or_mid_head_leaves_no_trace(self, hostile):
+        for data in (b"POST /http HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"method\":",
+                     b"POST /http HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nab",
+                     b"POST /mcp HTTP/1.1\r\nHost: loc"):
+            with Conn(hostile.port) as conn:
+                conn.send(data)
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            assert send_raw(hostile.port, data) in (None, 400, 415)  # the same, half-closed: a clean close
+
+    def test_a_client_that_goes_while_its_tool_runs_leaves_no_trace(self, hostile):
+        token = new_token()
+        body = modern_body("tools/call", {"name": "hang", "arguments": {"token": token}})
+        with Conn(hostile.port) as conn:
+            conn.request("POST", "/mcp", modern_headers(body), body)
+            assert probe(token).started.wait(WAIT)
+        assert probe(token).finished.wait(WAIT)
+
+
+FUZZ_CASES = int(os.environ.get("MCP_FUZZ_CASES", "1500"))  # per fuzzer; MCP_FUZZ_CASES=100000 for a long run
+
+
+class TestParserFuzz:
+    """Seeded fuzzers over the HTTP parser and the JSON-RPC layer (mutations of real requests), and
+    the request-head parser held against the standard library's."""
+
+    SEED_HEADS = [
+        b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Accept: application/json, text/event-stream\r\nMCP-Protocol-Version: 2026-07-28\r\n"
+        b"Mcp-Method: tools/call\r\nMcp-Name: echo\r\nContent-Length: %d\r\n\r\n",
+        b"POST /http HTTP/1.1\r\nHost: 127.0.0.1:6901\r\nContent-Type: application/json; charset=utf-8\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: [::1]:80\r\nConnection: close\r\nX-Request-Id: abc\r\n\r\n",
+        b"POST /messages?session_id=x HTTP/1.0\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+        b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n",
+    ]
+    BODY = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {
+        "name": "echo", "arguments": {"text": "hi"}, "_meta": {
+            "io.modelcontextprotocol/protocolVersion": MODERN, "io.modelcontextprotocol/clientCapabilities": {}}}}).encode()
+    SMUGGLE = [b"Content-Length: 5\r\n", b"Transfer-Encoding: chunked\r\n", b"Content-Length: 0\r\nContent-Length: 0\r\n",
+               b"Transfer-Encoding: chunked, gzip\r\n", b" folded\r\n", b"X: a\nY: b\r\n", b"X: a\rb\r\n",
+               b"Host: evil.com\r\n", b"X: \x00\r\n", b"\xc3\xa9: x\r\n", b"X-Big: " + b"a" * 20000 + b"\r\n",
+               b"Content-Length: -1\r\n", b"Content-Length: 1e3\r\n", b"Transfer-Encoding: \x0bchunked\r\n"]
+    CHUNKS = [b"5\r\nhello\r\n0\r\n\r\n", b"5;" + b"e" * 3000 + b"\r\nhello\r\n0\r\n\r\n", b"z\r\n", b"0\r\n\r\n",
+              b"ffffffffffffffffff\r\n", b"5\r\nhello0\r\n\r\n", b"3\nabc\n0\n\n", b"\x00\r\n"]
+
+    def _mutate_head(self, rng: random.Random) -> bytes:
+        head = bytearray(rng.choice(self.SEED_HEADS))
+        body = self.BODY
+        for _ in range(rng.randint(1, 4)):
+            op = rng.randrange(9)
+            if op == 0 and head:  # flip a byte
+                head[rng.randrange(len(head))] = rng.randrange(256)
+            elif op == 1:  # insert smuggling or malformed header lines
+                at = head.find(b"\r\n") + 2
+                head[at:at] = rng.choice(self.SMUGGLE)
+            elif op == 2:  # bare LF / bare CR / NUL somewhere
+                pos = rng.randrange(len(head) + 1)
+                head[pos:pos] = rng.choice([b"\n", b"\r", b"\x00", b"\r\n", b" ", b"\t"])
+            elif op == 3:  # non-ASCII in the method or target
+                pos = rng.randrange(min(len(head), 20) + 1)
+                head[pos:pos] = rng.choice(["é".encode(), b"\xff", "☃".encode(), b"%00", b"%0d%0a"])
+            elif op == 4 and len(head) > 4:  # cut
+                del head[rng.randrange(len(head) - 4):]
+            elif op == 5:  # repeat a line
+                lines = bytes(head).split(b"\r\n")
+                line = rng.choice(lines[1:-2] or lines)
+                head = bytearray(b"\r\n".join(lines[:1] + [line] + lines[1:]))
+            elif op == 6:  # the body: another size, encoding, depth
+                body = rng.choice([b"", b"{", deep_json(rng.choice([63, 65, 3000])), body * rng.randint(1, 3),
+                                   body.replace(b"hi", "\u2028\ud7ff\U0001F600".encode()), b"\xef\xbb\xbf" + body,
+                                   body.replace(b"1,", b"1e999999,"), rng.choice(self.CHUNKS)])
+            elif op == 7:  # case games
+                head = bytearray(head.upper() if rng.random() < 0.5 else head.lower())
+            else:  # a long value
+                at = head.find(b"\r\n") + 2
+                head[at:at] = b"X-Long: " + b"v" * rng.choice([100, 5000, 17000]) + b"\r\n"
+        if b"%d" in head:
+            head = bytearray(bytes(head).replace(b"%d", str(len(body)).encode(), 1))
+        return bytes(head) + body
+
+    def _mutate_message(self, rng: random.Random) -> tuple:
+        """(path, headers, body bytes) of a mutated JSON-RPC request."""
+        method = rng.choice(["tools/call", "tools/list", "ping", "resources/read", "prompts/get", "initialize",
+                             "completion/complete", "logging/setLevel", "server/discover", "nope", ""])
+        params = {"name": rng.choice(["echo", "add", "refuse", "greeting", "missing"]),
+                  "arguments": rng.choice([{"text": "x"}, {"a": 1, "b": 2}, {"name": "n"}, {}]),
+                  "uri": rng.choice(["test://static", "test://items/1", "x"]),
+                  "_meta": {META_VERSION: MODERN, META_CAPS: {}}}
+        message = {"jsonrpc": "2.0", "id": rng.choice([1, "a", 0, -1, 2 ** 70, 1.5]), "method": method,
+                   "params": params}
+        for _ in range(rng.randint(0, 3)):
+            target = rng.choice([message, params] + [v for v in params.values() if isinstance(v, dict)])
+            key = rng.choice(list(target) + ["extra"]) if target else "extra"
+            op = rng.randrange(4)
+            if op == 0:
+                target[key] = random_json(rng, 3)
+            elif op == 1:
+                target.pop(key, None)
+            elif op == 2:
+                target[key] = json.loads(deep_json(rng.choice([10, 40, 60])))
+            else:
+                target[key] = rng.choice(["\u0000", "\ud7ff\ue000\uffff", "é" * 1000, 10 ** 300, -0.0, 1e308,
+                                          [None] * 100, {"k" * 300: 1}])
+        body = json.dumps(message).encode()
+        op = rng.randrange(8)
+        if op == 0:
+            body = rng.choice([b"[" + body + b"]", b"[" + body + b"," + body + b"]", b"[]"])
+        elif op == 1 and body:
+            pos = rng.randrange(len(body))
+            body = body[:pos] + bytes([rng.randrange(256)]) + body[pos + 1:]
+        elif op == 2:
+            body = body[:rng.randrange(len(body) + 1)]
+        elif op == 3:
+            body = body.replace(b'"2.0"', rng.choice([b"NaN", b"Infinity", b"1e999999", b'"\\ud800"', b"9" * 5000]), 1)
+        elif op == 4:
+            body = deep_json(rng.choice([64, 65, 10 ** 4]), body.decode())
+        path = rng.choice(["/mcp", "/mcp", "/http"])
+        headers = {"Content-Type": rng.choice(["application/json", "application/json; charset=utf-8"]),
+                   "Accept": rng.choice([ACCEPT_BOTH, "application/json", "text/event-stream", None, "*/*"]),
+                   "MCP-Protocol-Version": rng.choice([MODERN, LEGACY, None, "x", "2026-07-28\x01"]),
+                   "Mcp-Method": rng.choice([method, None, "other", "\x85"]),
+                   "Mcp-Name": rng.choice([params.get("name") if isinstance(params.get("name"), str) else None,
+                                           None, "=?base64?*?="])}
+        if headers["Mcp-Name"] and not headers["Mcp-Name"].isascii():  # (as a client sends it)
+            headers["Mcp-Name"] = "=?base64?" + base64.b64encode(headers["Mcp-Name"].encode()).decode() + "?="
+        return path, headers, body
+
+    def _run_cases(self, port: int, make_case, caplog) -> collections.Counter:
+        statuses = collections.Counter()
+        with Conn(port) as health:
+            for i in range(FUZZ_CASES):
+                status = send_raw(port, make_case())
+                assert status is None or status < 500, (i, status)
+                statuses[status] += 1
+                health.request("GET", "/healthz")  # still serving, after every case
+                assert health.read_response().status == 200, i
+        assert not errors_logged(caplog)
+        return statuses
+
+    def test_fuzzed_requests_never_get_a_5xx(self, hostile, caplog):
+        caplog.set_level(logging.WARNING, logger="mcp_server")
+        rng = random.Random(0x19_0001)
+        statuses = self._run_cases(hostile.port, lambda: self._mutate_head(rng), caplog)
+        assert statuses[400] and statuses[431] and (statuses[200] or statuses[202]), statuses  # it reached them
+        assert_alive(hostile.port)
+
+    def test_fuzzed_json_rpc_never_gets_a_5xx(self, hostile, caplog):
+        caplog.set_level(logging.WARNING, logger="mcp_server")
+        rng = random.Random(0x19_0002)
+
+        def case() -> bytes:
+            path, headers, body = self._mutate_message(rng)
+            return raw_request("POST", path, headers, body)
+        statuses = self._run_cases(hostile.port, case, caplog)
+        assert statuses[200] and statuses[400], statuses
+        assert_alive(hostile.port)
+
+    def test_the_depth_limit_is_exact_whatever_the_strings_hold(self):
+        rng = random.Random(0x19_0005)
+
+        def depth(value) -> int:
+            if isinstance(value, (list, dict)):
+                items = value.values() if isinstance(value, dict) else value
+                return 1 + max((depth(item) for item in items), default=0)
+            return 0
+
+        def tricky() -> str:
+            return "".join(rng.choice('[]{}"\\ a\u00e9:,') for _ in range(rng.randint(0, 12)))
+        for _ in range(FUZZ_CASES):
+            value = rng.choice([tricky(), 1, None, [], {}])
+            for _level in range(rng.randint(0, 90)):
+                siblings = [rng.choice([tricky(), random_json(rng, 2)]) for _ in range(rng.randint(0, 2))]
+                value = rng.choice([[*siblings, value], {tricky(): value, **{tricky(): v for v in siblings}}])
+            text = json.dumps(value, indent=rng.choice([None, 1]), ensure_ascii=rng.random() < 0.5)
+            limit = rng.randint(1, 96)
+            if depth(value) > limit:
+                with pytest.raises(ValueError, match="deeper than"):
+                    mcp_server._loads(text.encode(), limit)
+            else:
+                assert mcp_server._loads(text.encode(), limit) == value
+
+    # -- the request-head parser against the standard library's --------------------------------------
+
+    TCHAR = "!#$%&'*+-.^_`|~" + string.ascii_letters + string.digits
+    VCHAR = "".join(chr(c) for c in range(0x21, 0x7f)) + "\t \x80\xa0\xe9\xff"
+
+    @staticmethod
+    def _stdlib_head(head: bytes):
+        """(method, target, version, [(name, value)]) as the standard library reads ``head``, or
+        None where it finds it malformed (http.server's request-line checks, the email parser's
+        defects, which h11 also treats as errors)."""
+        line, _, block = head.partition(b"\r\n")
+        words = line.decode("latin-1").split(" ")
+        if len(words) != 3 or not words[2].startswith("HTTP/") or not words[0] or not words[1]:
+            return None
+        try:
+            message = http_client.parse_headers(io.BytesIO(block + b"\r\n\r\n"))
+        except http_client.HTTPException:
+            return None
+        if message.defects or message.get_payload():
+            return None
+        return words[0], words[1], words[2], [(k.lower(), v.strip(" \t")) for k, v in message.items()]
+
+    def _valid_head(self, rng: random.Random) -> bytes:
+        lines = [f"{rng.choice(['GET', 'POST', 'DELETE', 'X-Y'])} /{rng.choice(['', 'mcp', 'a/b?c=d', '%41'])} "
+                 f"HTTP/1.{rng.randint(0, 1)}", "Host: localhost"]
+        for _ in range(rng.randint(0, 8)):
+            name = "".join(rng.choice(self.TCHAR) for _ in range(rng.randint(1, 12)))
+            if name.lower() in ("host", "content-length", "transfer-encoding"):
+                continue
+            value = "".join(rng.choice(self.VCHAR) for _ in range(rng.randint(0, 20)))
+            lines.append(f"{name}:{rng.choice(['', ' ', '  ', chr(9)])}{value.strip(' ' + chr(9))}"
+                         f"{rng.choice(['', ' ', chr(9)])}")
+        return "\r\n".join(lines).encode("latin-1")
+
+    def test_valid_heads_parse_as_the_standard_library_parses_them(self):
+        rng = random.Random(0x19_0003)
+        for _ in range(FUZZ_CASES):
+            head = self._valid_head(rng)
+            expected = self._stdlib_head(head)
+            assert expected is not None, head
+            template, _h11, _fields, pairs, *_ = mcp_server._parse_request_head(head)
+            method, target, _version, headers = expected
+            assert (template["method"], template["raw_path"] + (b"?" + template["query_string"]
+                    if template["query_string"] else b"")) == (method, target.encode("latin-1")), head
+            assert list(pairs) == headers, head
+
+    def test_heads_the_standard_library_finds_malformed_are_400(self, hostile):
+        rng = random.Random(0x19_0004)
+        refused = 0
+        for _ in range(FUZZ_CASES // 2):
+            head = bytearray(self._valid_head(rng))
+            for _m in range(rng.randint(1, 3)):
+                pos = rng.randrange(head.find(b"\r\n") + 1, len(head) + 1)
+                head[pos:pos] = rng.choice([b"\r\n ", b"\r\n\t", b"\r\nno colon", b"\r\n: v", b"\n", b"\r",
+                                            b"\r\nBad Name: v", b"\r\n\x00: v"])
+            if self._stdlib_head(bytes(head)) is not None:
+                continue
+            refused += 1
+            with pytest.raises(mcp_server._BadRequest) as caught:
+                mcp_server._parse_request_head(bytes(head))
+            assert caught.value.status == 400, head
+        assert refused > FUZZ_CASES // 8
+        assert send_raw(hostile.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n folded\r\n\r\n") == 400
 
 
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
