@@ -6823,14 +6823,23 @@ class TestOAuth:
         _auth_assert_refused(port, retried["access_token"])
 
     @pytest.mark.parametrize("returning_browser", [False, True])
-    def test_instances_sharing_a_store_without_a_secret_agree_on_the_token_key(self, make_server,
-                                                                                returning_browser):
-        """Without MCP_SECRET on a shared store every instance uses the secret kept in the store,
-        whatever request first needs a key (a returning browser's consent cookie: bugs-auth.md #6)."""
+    def test_instances_sharing_a_store_agree_on_the_token_key_only_through_their_secret(self, make_server,
+                                                                                         returning_browser):
+        """Instances on a shared store agree on the keys through MCP_SECRET, whatever request first
+        needs a key (a returning browser's consent cookie: bugs-auth.md #6).  Without a secret they
+        refuse (503) and keep none in the store: the secret once generated into the store let a
+        copy of it mint tokens (issue 18 #6)."""
         inner = MemoryStore()
+        bare = make_server(build_server(store=_auth_SharedStore(inner), auth="builtin", consent="remember",
+                                        auth_rate_limit=0, public_url="http://mcp.example"))
+        _verifier, challenge = _auth_pkce()
+        refused = _auth_authorize(bare.port, _auth_register(bare.port)["client_id"], _AUTH_CB, challenge)
+        assert refused.status == 503 and b"MCP_SECRET" in refused.body, refused
+        assert not [key for key in inner._data if "secret" in key], list(inner._data)
         first, second = (make_server(build_server(store=_auth_SharedStore(inner), auth="builtin",
                                                   consent="remember", auth_rate_limit=0,
-                                                  public_url="http://mcp.example"))
+                                                  public_url="http://mcp.example",
+                                                  secret="shared-test-secret-0123456789abcdefgh"))
                          for _ in range(2))
         client = _auth_register(first.port)
         verifier, challenge = _auth_pkce()
@@ -7146,7 +7155,7 @@ class TestLogin:
     def _stored_credentials(self, st, session) -> dict:
         uid = "session:" + session.sid
         record = st.run(st.server.store.get(mcp_server._user_key(uid)))
-        return json.loads(st.server._login.vault().decrypt(record["cred"], uid.encode()))
+        return json.loads(st.server._login.vault().decrypt(record["cred"], mcp_server._credentials_ad(uid)))
 
     # -- the login tool and the pairing page -----------------------------------------------------------
 
@@ -7296,7 +7305,9 @@ class TestLogin:
         assert result.get("isError") is True and "no longer accepts" in _login_text(result), result
         _login_assert_not_logged_in(session)
 
-    def test_the_browser_that_authorized_the_client_skips_the_pairing_code(self, start, provider):
+    def test_even_the_browser_that_authorized_the_client_must_enter_the_pairing_code(self, start, provider):
+        """The ``mcp_browser`` cookie once skipped the pairing code; an attacker could plant one
+        (issue 18 #2), so no cookie skips it now: the user of the token pairs, then is signed in."""
         st = start(auth="builtin", consent="never", auth_rate_limit=0)
         port = st.port
         browser = _login_Browser()
@@ -7307,24 +7318,14 @@ class TestLogin:
                                         "code_challenge_method": "S256"})
         approved = browser.open(f"{_auth_base(port)}/authorize?{query}")
         code = _auth_location(approved, _AUTH_CB)["code"]
-        assert browser.cookie("mcp_browser")
         tokens = _auth_exchange(port, client["client_id"], code, verifier).json()
         session = _auth_Session(port, tokens["access_token"])
         session.initialize()
         _session, started = self._begin(st, session)
-        stranger = _login_Browser().open(started["url"])
-        assert stranger.status == 200 and b"pairing code" in stranger.body
-        # a browser that authorized someone else (a valid cookie, for another session) must pair too
-        other = _login_Browser()
-        _verifier, other_challenge = _auth_pkce()
-        other.open(f"{_auth_base(port)}/authorize?" + urllib.parse.urlencode({
-            "response_type": "code", "client_id": client["client_id"], "redirect_uri": _AUTH_CB,
-            "code_challenge": other_challenge, "code_challenge_method": "S256"}))
-        assert other.cookie("mcp_browser") and other.cookie("mcp_browser") != browser.cookie("mcp_browser")
-        assert other.open(started["url"]).status == 200
-        direct = browser.open(started["url"])
+        form = browser.open(started["url"])
+        assert form.status == 200 and b"pairing code" in form.body and b"Never enter a code" in form.body, form
+        direct = browser.pair(started["url"], started["pairing_code"])
         _auth_location(direct, provider["base"] + "/authorize")
-        # finish the login: the user of the token is signed in
         page = browser.open(direct.header("location"))
         back = browser.open(direct.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "ben"})
         assert browser.open(back.header("location")).status == 200
@@ -7454,7 +7455,7 @@ class TestLogin:
         b64_key = base64.b64encode(bytes.fromhex(_LOGIN_KEY_1)).decode()
         assert mcp_server._Vault(b64_key).decrypt(sealed, b"session:a") == "secret-value"  # same key, base64
         assert mcp_server._Vault(_LOGIN_KEY_1).decrypt(flip(sealed), b"session:a") is None
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError):  # not SystemExit: it may run inside a request (issue 18 #5)
             mcp_server._Vault("too-short")
 
     # -- the provider misbehaving -----------------------------------------------------------------------
@@ -7515,7 +7516,8 @@ class TestLogin:
 
     def test_encrypt_command_and_enc_settings(self, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)  # no stray .env
-        done = run_cli(["encrypt", "sandbox-secret"], env=clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1))
+        done = run_cli(["encrypt", "--setting", "UPSTREAM_CLIENT_SECRET", "sandbox-secret"],
+                       env=clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1))
         assert done.returncode == 0, done.stderr
         value = done.stdout.strip()
         assert value.startswith("enc:v1.") and "sandbox-secret" not in value
@@ -7532,17 +7534,19 @@ class TestLogin:
         assert "does not decrypt" in str(wrong.value.code) and "sandbox-secret" not in str(wrong.value.code)
 
     def test_enc_setting_without_key_exits_with_one_line(self):
-        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt(
+            "sandbox-secret", mcp_server._setting_ad("UPSTREAM_CLIENT_SECRET"))
         result = run_cli(["--no-auth"], env=clean_env(UPSTREAM_CLIENT_SECRET=value))
         assert result.returncode == 2 and result.stdout == ""
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and "ENCRYPTION_KEY" in lines[0] and "Traceback" not in result.stderr, result.stderr
-        no_key = run_cli(["encrypt", "x"], env=clean_env())
+        no_key = run_cli(["encrypt", "--setting", "MCP_SECRET", "x"], env=clean_env())
         assert no_key.returncode == 2 and len(no_key.stderr.splitlines()) == 1 and "ENCRYPTION_KEY" in no_key.stderr
 
     def test_enc_client_secret_reaches_the_provider_decrypted(self, start, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
-        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt(
+            "sandbox-secret", mcp_server._setting_ad("UPSTREAM_CLIENT_SECRET"))
         tokens = {"access_token": "stub-at-" + secrets.token_hex(8), "expires_in": 60}
         with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens)}) as stub:
             loaded = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": value})
@@ -9091,10 +9095,10 @@ class TestShipping:
             "MASK_MCP_HOST": "127.0.0.2", "MASK_MCP_PORT": "7001", "APP_VERSION": "9.1",
             "REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_P": "p@ss", "REDIS_DB": "3",
             "ENCRYPTION_KEY": "00" * 32, "ENCRYPTION_IV": "legacy", "LOG_FILE": str(tmp_path / "x.log"),
-            "TOKEN_PARAMETER": "seed-key", "ENCRYPTION_KEY_PREVIOUS": ""})
+            "TOKEN_PARAMETER": "seed-key-" + "0123456789abcdefghijklmnopqrstuv", "ENCRYPTION_KEY_PREVIOUS": ""})
         assert (settings.host, settings.port, settings.app_version) == ("127.0.0.2", 7001, "9.1")
         assert settings.redis_url == "redis://:p%40ss@cache:6380/3"
-        assert settings.token_parameter == "seed-key" and settings.log_file.endswith("x.log")
+        assert settings.token_parameter.startswith("seed-key-") and settings.log_file.endswith("x.log")
 
     def _dockerfile(self) -> str:
         return open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
