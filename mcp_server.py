@@ -110,6 +110,10 @@ __all__ = [
 #   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+# - Every key and secret is checked before anything is served (``Settings.check_secrets``, from
+#   ``load`` and ``serve``): a key that does not parse, a short or placeholder secret (outside
+#   MCP_DEV) and a shared store without MCP_SECRET end the start with one line naming the
+#   setting, never its value.  An ``enc:`` value is bound to its setting's name.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
