@@ -8140,9 +8140,9 @@ def _encrypt_command(args: list) -> None:
     usage = "mcp_server: error: usage: python mcp_server.py encrypt --setting NAME VALUE (VALUE - reads stdin)"
     if len(args) != 3 or args[0] != "--setting":
         raise SystemExit(usage)
-    names = {names[0]: attr for attr, _flag, names, parse, *_ in _SETTING_SPECS if parse is str}
+    textual = {env_names[0] for _attr, _flag, env_names, parse, *_ in _SETTING_SPECS if parse is str}
     name = args[1].upper()
-    if name not in names or name == "ENCRYPTION_KEY":
+    if name not in textual or name == "ENCRYPTION_KEY":
         raise SystemExit(f"mcp_server: error: {args[1]!r} is not a setting that takes an enc: value")
     value = sys.stdin.readline().rstrip("\r\n") if args[2] == "-" else args[2]
     key = Settings.load([]).encryption_key
