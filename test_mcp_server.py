@@ -7902,6 +7902,27 @@ class TestAttackLogin:
         assert guess.status == 200 and guess.header("location") is None, guess
         _login_assert_not_logged_in(attacker)
 
+    def test_external_mode_pairs_every_browser_too(self, make_server):
+        """MCP_AUTH=external: the principal comes from another issuer's token, and the pairing
+        code is asked all the same, whatever cookies the browser brings."""
+        import jwt
+        issuer, key = "https://idp.example", "external-test-secret-0123456789-abcdefgh"
+        st = self._serve(make_server, auth="external", auth_issuer=issuer, auth_secret=key)
+        token = jwt.encode({"iss": issuer, "sub": "alice", "aud": _auth_base(st.port) + "/mcp",
+                            "exp": int(time.time()) + 600}, key, algorithm="HS256")
+        session = _auth_Session(st.port, token)
+        session.initialize()
+        _session, started = TestLogin._begin(st, session)
+        browser = _login_Browser()
+        browser.jar.set_cookie(_login_cookiejar.Cookie(
+            0, "mcp_browser", "YWxpY2U.AAAAAAAAAAAAAAAA", None, False, "127.0.0.1", False, False, "/", True,
+            False, None, False, None, None, {}))  # whatever an attacker planted
+        page = browser.open(started["url"])
+        assert page.status == 200 and b"Enter your pairing code" in page.body, page
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        _login_assert_not_logged_in(session)
+
     def test_a_login_link_completes_once_in_one_browser(self, make_server):
         st = self._serve(make_server)
         session, started = TestLogin._begin(st)
