@@ -1,7 +1,7 @@
 # mcp_server.py in a container: one file, the four runtime dependencies, a non-root user.
 #   docker build -t mcp-server .
 #   docker run -p 6901:6901 -e ENCRYPTION_KEY=... -e MCP_SECRET=... mcp-server
-# Everything is configured by environment (see README: Configuration).
+# Everything is configured by environment (see docs/configuration.md).
 FROM python:3.11-slim
 
 # PYTHONMALLOC=malloc: memory that ended sessions used goes back to the OS (the server trims

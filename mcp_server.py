@@ -61,6 +61,7 @@ import enum
 import functools
 import hashlib
 import hmac
+import importlib
 import inspect
 import itertools
 import json
@@ -109,7 +110,11 @@ __all__ = [
 # - A protocol error is an ``RpcError``: JSON-RPC code, a message a person understands, optional
 #   data, and the HTTP status the transport should use.  Nothing else is raised across the core.
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
-#   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and the README table.
+#   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and docs/configuration.md
+#   (``python mcp_server.py settings --write docs/configuration.md``).
+# - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
+#   only: a missing one refuses the start where the settings need it, else fails the one tool
+#   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
 # - Every key and secret is checked before anything is served (``Settings.check_secrets``, from
 #   ``load`` and ``serve``): a key that does not parse, a short or placeholder secret (outside
 #   MCP_DEV) and a shared store without MCP_SECRET end the start with one line naming the
@@ -164,6 +169,45 @@ class ToolError(Exception):
 
 class _Cancelled(Exception):
     """The client cancelled this request: the transport sends nothing more for it."""
+
+
+# What each feature that needs an optional package imports, and how a person would name it.
+_FEATURE_MODULES = {
+    "redis": ("redis.asyncio", "The Redis store (REDIS_URL)"),
+    "tokens": ("jwt", "OAuth (MCP_AUTH=builtin or external; --no-auth turns it off)"),
+    "sealing": ("cryptography.hazmat.primitives.ciphers.aead",
+                "Sealed state (2026-07-28 input rounds, the OAuth consent page)"),
+    "vault": ("cryptography.hazmat.primitives.ciphers.aead",
+              "The credential vault (the upstream login, enc: settings)"),
+    "jwks": ("cryptography.hazmat.primitives.asymmetric.rsa",
+             "Checking tokens against MCP_AUTH_JWKS_URL (RS256, ES256, PS256, EdDSA)"),
+}
+_PIP_NAMES = {"redis": "redis", "jwt": "pyjwt", "cryptography": "cryptography"}
+
+
+class _MissingPackage(ToolError, RpcError):
+    """A feature's package is missing: a tool error inside a tool call, a JSON-RPC error
+    (-32603 with this message; HTTP 503, as for a store that is down) for any other request."""
+
+    def __init__(self, message: str):
+        RpcError.__init__(self, INTERNAL_ERROR, message, status=503)
+
+
+def _require(feature: str) -> types.ModuleType:
+    """The module ``feature`` needs (``_FEATURE_MODULES``), imported; or ``_MissingPackage``
+    naming the package to install."""
+    module, what = _FEATURE_MODULES[feature]
+    loaded = sys.modules.get(module)
+    if loaded is not None:
+        return loaded
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        top = module.partition(".")[0]
+        absent = isinstance(exc, ModuleNotFoundError) and (exc.name or "").partition(".")[0] == top
+        problem = "is not installed" if absent else f"does not load ({exc})"
+        raise _MissingPackage(f"{what} needs the Python package {_PIP_NAMES[top]}, which {problem}; "
+                              "install the server's packages with: pip install -r requirements.txt") from None
 
 
 def _error_id() -> str:
@@ -238,12 +282,25 @@ _SETTING_SPECS = (
     ("body_timeout", None, ("MCP_BODY_TIMEOUT",), float, 30.0, "seconds to receive a request body"),
     ("idle_timeout", None, ("MCP_IDLE_TIMEOUT",), float, 30.0, "seconds a keep-alive connection may idle"),
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
+    ("max_connections_per_address", None, ("MCP_MAX_CONNECTIONS_PER_ADDRESS",), int, 1000,
+     "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
     ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
      "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
-     "sessions the in-memory store keeps before evicting the least recently used"),
+     "sessions the in-memory store keeps before evicting the least recently used (authorization "
+     "state has a budget of its own and is never evicted for sessions)"),
+    ("max_sessions_per_principal", None, ("MCP_MAX_SESSIONS_PER_PRINCIPAL",), int, 100,
+     "live MCP sessions one token's principal may hold, across instances (0: no limit)"),
+    ("max_sessions_per_address", None, ("MCP_MAX_SESSIONS_PER_ADDRESS",), int, 1000,
+     "live MCP sessions one client address may hold, across instances (0: no limit)"),
+    ("max_streams_per_principal", None, ("MCP_MAX_STREAMS_PER_PRINCIPAL",), int, 20,
+     "open GET /mcp and /sse streams one principal may hold on an instance (0: no limit)"),
+    ("max_streams_per_address", None, ("MCP_MAX_STREAMS_PER_ADDRESS",), int, 200,
+     "open GET /mcp and /sse streams one client address may hold on an instance (0: no limit)"),
+    ("max_tasks_per_principal", None, ("MCP_MAX_TASKS_PER_PRINCIPAL",), int, 100,
+     "tasks (tasks extension) one principal may have running on an instance (0: no limit)"),
     ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
     ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
     ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
@@ -266,6 +323,10 @@ _SETTING_SPECS = (
     ("scopes", None, ("MCP_SCOPES",), _csv, ("mcp",), "scopes this server grants"),
     ("token_ttl", None, ("MCP_TOKEN_TTL",), int, 3600, "access-token lifetime in seconds"),
     ("refresh_ttl", None, ("MCP_REFRESH_TTL",), int, 30 * 86400, "refresh-token lifetime in seconds"),
+    ("client_ttl", None, ("MCP_CLIENT_TTL",), int, 30 * 86400,
+     "seconds a dynamically registered client lives after its last use"),
+    ("registrations_per_hour", None, ("MCP_REGISTRATIONS_PER_HOUR",), int, 20,
+     "client registrations per hour per client IP, in the store (0: no limit)"),
     ("token_parameter", None, ("TOKEN_PARAMETER",), str, "",
      "the seed's HS256 token-signing key, used as is when set"),
     ("previous_secret", None, ("MCP_PREVIOUS_SECRET",), str, "",
@@ -273,10 +334,14 @@ _SETTING_SPECS = (
     ("auth_issuer", None, ("MCP_AUTH_ISSUER",), str, "", "external mode: the issuer tokens must name"),
     ("auth_jwks_url", None, ("MCP_AUTH_JWKS_URL",), str, "", "external mode: the issuer's JWKS URL"),
     ("auth_secret", None, ("MCP_AUTH_SECRET",), str, "", "external mode: a shared HS256 secret instead of JWKS"),
+    ("auth_audience", None, ("MCP_AUTH_AUDIENCE",), str, "",
+     "external mode: the audience tokens must name (default: the resource URIs under MCP_PUBLIC_URL)"),
     ("allow_private_fetch", None, ("MCP_ALLOW_PRIVATE_FETCH",), _truthy, False,
      "let client metadata documents be fetched from private/loopback addresses and http (tests only)"),
+    ("client_fetch_timeout", None, ("MCP_CLIENT_FETCH_TIMEOUT",), float, 5.0,
+     "seconds a client metadata document fetch may take in all"),
     ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
-     "requests per minute per client IP to /authorize, /token and /register (0: no limit)"),
+     "requests per minute per client IP to /authorize, /token, /register and /revoke (0: no limit)"),
     ("upstream_authorize_url", None, ("UPSTREAM_AUTHORIZE_URL",), str, "",
      "login: the upstream provider's OAuth authorize URL (unset: the built-in sandbox provider)"),
     ("upstream_token_url", None, ("UPSTREAM_TOKEN_URL",), str, "", "login: the provider's token URL"),
@@ -337,9 +402,15 @@ class Settings:
     body_timeout: float = 30.0
     idle_timeout: float = 30.0
     max_connections: int = 10000
+    max_connections_per_address: int = 1000
     busy_poll_us: int = 100
     session_ttl: int = 3600
     max_sessions: int = 100000
+    max_sessions_per_principal: int = 100
+    max_sessions_per_address: int = 1000
+    max_streams_per_principal: int = 20
+    max_streams_per_address: int = 200
+    max_tasks_per_principal: int = 100
     sse_keepalive: float = 15.0
     sse_retry_ms: int = 1000
     replay_events: int = 256
@@ -355,12 +426,16 @@ class Settings:
     scopes: tuple = ("mcp",)
     token_ttl: int = 3600
     refresh_ttl: int = 30 * 86400
+    client_ttl: int = 30 * 86400
+    registrations_per_hour: int = 20
     token_parameter: str = ""
     previous_secret: str = ""
     auth_issuer: str = ""
     auth_jwks_url: str = ""
     auth_secret: str = ""
+    auth_audience: str = ""
     allow_private_fetch: bool = False
+    client_fetch_timeout: float = 5.0
     auth_rate_limit: int = 60
     upstream_authorize_url: str = ""
     upstream_token_url: str = ""
@@ -413,7 +488,7 @@ class Settings:
                                  "ENCRYPTION_KEY is not set")
             try:
                 vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()))
-            except ValueError as exc:
+            except (ValueError, _MissingPackage) as exc:
                 raise SystemExit(f"{prog}: error: {exc}") from None
             for attr in encrypted:
                 values[attr] = _decrypt_setting(vault, _setting_name(attr), values[attr][4:], prog)
@@ -444,6 +519,13 @@ class Settings:
             fail("MCP_AUTH=external needs MCP_AUTH_ISSUER (and MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET)")
         if self.auth == "external" and not (self.auth_jwks_url or self.auth_secret):
             fail("MCP_AUTH=external needs MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET to verify tokens")
+        # The audience says which server a token is for; taken from the request's Host it would be
+        # whatever the bearer of a token minted for another server claims this one is called.
+        if self.auth == "external" and not (self.public_url or self.auth_audience):
+            fail("MCP_AUTH=external needs MCP_PUBLIC_URL (or MCP_AUTH_AUDIENCE): the audience tokens must "
+                 "name cannot come from the request's Host header")
+        if self.auth == "external" and self.auth_secret and len(self.auth_secret.encode()) < 32:
+            fail("MCP_AUTH_SECRET must be at least 32 bytes (RFC 7518 3.2: an HS256 key is 256 bits or more)")
         if self.consent not in ("always", "remember", "never"):
             fail(f"MCP_CONSENT={self.consent!r} is not always, remember or never")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
@@ -464,10 +546,16 @@ class Settings:
                      "page_size", "replay_events", "workers", "store_timeout"):
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
+        if self.client_ttl <= 0 or self.client_fetch_timeout <= 0:
+            fail("client_ttl and client_fetch_timeout must be positive")
+        for attr in ("max_connections_per_address", "max_sessions_per_principal", "max_sessions_per_address",
+                     "max_streams_per_principal", "max_streams_per_address", "max_tasks_per_principal"):
+            if getattr(self, attr) < 0:
+                fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
         self.check_secrets(prog)
 
-    def check_secrets(self, prog: str = "mcp_server.py") -> None:
+    def check_secrets(self, prog: str = "mcp_server.py", shared_store: bool = False) -> None:
         """Refuse, before anything is served, every key and secret that would fail or be weak in
         use: a key that does not parse (else the first login would fail), a short or placeholder
         secret outside MCP_DEV, and a shared store without a secret of the operator's (the
@@ -490,7 +578,7 @@ class Settings:
                 if problem:
                     fail(f"{name} {problem} (make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\"; "
                          "MCP_DEV=1 accepts it for local development)")
-        if self.redis_url and not (self.secret or self.token_parameter):
+        if (self.redis_url or shared_store) and not (self.secret or self.token_parameter):
             fail("REDIS_URL needs MCP_SECRET: every instance must share one secret, and keeping a generated "
                  "one in Redis would let anyone with a copy of Redis mint tokens "
                  "(make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\")")
@@ -1002,9 +1090,15 @@ def _now() -> float:
 # - Keys of one session share the hash tag ``{sid}`` (``mcp:{sid}:session``) so a Redis Cluster
 #   keeps them in one slot.
 #
-# Theory of operation: the in-memory store is an ``OrderedDict`` used as an LRU list.  Every entry
-# carries its absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the
-# dead ones from piling up.  Past ``max_keys`` the least recently used entry is evicted.  Pub/sub
+# - Authorization state (OAuth clients, codes, refresh tokens and families, user sessions, logins,
+#   quota counts) is never evicted to make room for MCP sessions: the in-memory store keeps it in
+#   an LRU of its own (``_KEPT_PREFIXES``).  Anyone with a token can make sessions; the per-principal
+#   and per-address caps of section 6 bound how many, and past ``max_keys`` the oldest session goes.
+#
+# Theory of operation: the in-memory store is two ``OrderedDict``s used as LRU lists, one for the
+# kept keys and one for the rest, each with a budget of ``max_keys``.  Every entry carries its
+# absolute expiry; reads drop expired entries lazily and a sweep on writes keeps the dead ones
+# from piling up.  Past ``max_keys`` the least recently used entry of that list is evicted.  Pub/sub
 # is a dict of callbacks called in the event loop, which is what a Redis subscriber does too.
 
 
@@ -1031,6 +1125,28 @@ class Store:
         """Get and delete atomically (single-use values: codes, states)."""
         raise NotImplementedError
     async def incr(self, key: str, ttl: float) -> int: raise NotImplementedError
+    async def admit(self, key: str, member: str, limit: int, ttl: float, live: typing.Callable) -> bool:
+        """Add ``member`` to the set ``key`` unless ``limit`` of its members are live, a member
+        being live while the key ``live(member)`` exists (a quota on things that expire on their
+        own, like sessions); True when it is in.  The set lives ``ttl`` after the last admission.
+        (This version suits a store in one process; a shared store makes it one atomic step.)"""
+        members = list(await self.get(key) or ())
+        if member not in members and len(members) >= limit:
+            members = [m for m in members if await self.get(live(m)) is not None]
+            if len(members) >= limit:
+                return False
+        await self.set(key, members if member in members else members + [member], ttl)
+        return True
+    async def discard(self, key: str, member: str, ttl: float) -> None:
+        """Remove ``member`` from a set made by ``admit``; the set goes with its last member."""
+        members = await self.get(key)
+        if members and member in members:
+            rest = [m for m in members if m != member]
+            await (self.set(key, rest, ttl) if rest else self.delete(key))
+    async def touch(self, keys: list, ttl: float) -> None:
+        """Restart the time to live of the keys that exist."""
+        for key in keys:
+            await self.get_touch(key, ttl)
     async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
         """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
         raise NotImplementedError
@@ -1059,47 +1175,58 @@ class _Log:
         self.seq = 0
 
 
+_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:sandbox:", "mcp:quota:", "mcp:server-secret")
+_KEPT_SUFFIX = ":user"  # mcp:{sid}:user, a user's session with the authorization server
+
+
 class MemoryStore(Store):
-    """The embedded store: one process, TTLs, sliding expiry, an LRU cap."""
+    """The embedded store: one process, TTLs, sliding expiry, an LRU cap per class of key."""
 
     name = "memory"
 
     def __init__(self, max_keys: int = 100000, clock: typing.Callable = time.monotonic):
         self._data: collections.OrderedDict = collections.OrderedDict()  # key -> [value, expires_at]
+        self._kept: collections.OrderedDict = collections.OrderedDict()  # the same, authorization state
         self._max_keys = max_keys
         self._clock = clock
         self._channels: dict = {}
         self._writes = 0
 
+    def _table(self, key: str) -> collections.OrderedDict:
+        return self._kept if key.startswith(_KEPT_PREFIXES) or key.endswith(_KEPT_SUFFIX) else self._data
+
     def _live(self, key):
-        entry = self._data.get(key)
+        table = self._table(key)
+        entry = table.get(key)
         if entry is None:
             return None
         if entry[1] is not None and entry[1] <= self._clock():
-            del self._data[key]
+            del table[key]
             return None
-        self._data.move_to_end(key)
+        table.move_to_end(key)
         return entry
 
     def _put(self, key, value, ttl):
-        self._data[key] = [value, None if ttl is None else self._clock() + ttl]
-        self._data.move_to_end(key)
+        table = self._table(key)
+        table[key] = [value, None if ttl is None else self._clock() + ttl]
+        table.move_to_end(key)
         self._writes += 1
         if self._writes % 64 == 0:
             self._sweep(limit=256)  # a bounded slice: a full pass over a big store would stall the loop
-        while len(self._data) > self._max_keys:
-            self._data.popitem(last=False)
+        while len(table) > self._max_keys:
+            table.popitem(last=False)
 
     def _sweep(self, limit: int | None = None):
         """Drop expired entries, starting with the least recently used (the likeliest to be)."""
         now = self._clock()
-        entries = self._data.items() if limit is None else itertools.islice(self._data.items(), limit)
-        for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
-            del self._data[key]
+        for table in (self._data, self._kept):
+            entries = table.items() if limit is None else itertools.islice(table.items(), limit)
+            for key in [k for k, (_v, exp) in entries if exp is not None and exp <= now]:
+                del table[key]
 
     def __len__(self):
         self._sweep()
-        return len(self._data)
+        return len(self._data) + len(self._kept)
 
     async def get(self, key):
         entry = self._live(key)
@@ -1123,14 +1250,14 @@ class MemoryStore(Store):
 
     async def delete(self, key):
         live = self._live(key) is not None
-        self._data.pop(key, None)
+        self._table(key).pop(key, None)
         return live
 
     async def take(self, key):
         entry = self._live(key)
         if entry is None:
             return None
-        del self._data[key]
+        del self._table(key)[key]
         return entry[0]
 
     async def incr(self, key, ttl):
@@ -1145,7 +1272,7 @@ class MemoryStore(Store):
         entry = self._live(key)
         if entry is None:
             self._put(key, _Log(maxlen), ttl)
-            entry = self._data[key]
+            entry = self._table(key)[key]
         else:
             entry[1] = self._clock() + ttl
         events = entry[0]
@@ -1202,6 +1329,17 @@ local v = redis.call('INCR', KEYS[1])
 if v == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return v
 """
+# Admit ARGV[1] to the set KEYS[1] of at most ARGV[2] members, after removing the dead ones the
+# caller found (ARGV[4...]); one script, so that concurrent admissions never pass the limit.
+_LUA_ADMIT = """
+for i = 4, #ARGV do redis.call('SREM', KEYS[1], ARGV[i]) end
+if redis.call('SISMEMBER', KEYS[1], ARGV[1]) == 0 and redis.call('SCARD', KEYS[1]) >= tonumber(ARGV[2]) then
+  return 0
+end
+redis.call('SADD', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
 
 
 class RedisStore(Store):
@@ -1227,7 +1365,7 @@ class RedisStore(Store):
 
     def _redis(self):
         if self._client is None:
-            import redis.asyncio as aioredis
+            aioredis = _require("redis")
             import redis.exceptions
             from redis.asyncio.retry import Retry
             from redis.backoff import ExponentialBackoff
@@ -1285,6 +1423,29 @@ class RedisStore(Store):
 
     async def incr(self, key, ttl):
         return int(await self._script("incr", _LUA_INCR, [key], [int(ttl * 1000)]))
+
+    async def admit(self, key, member, limit, ttl, live):
+        members = [m.decode() for m in await self._run(lambda r: r.smembers(key))]
+        dead = []
+        if member not in members and len(members) >= limit:  # full: are they all still there?
+            async def exists(client):
+                pipe = client.pipeline(transaction=False)  # (a cluster splits it by slot)
+                for m in members:
+                    pipe.exists(live(m))
+                return await pipe.execute()
+            dead = [m for m, found in zip(members, await self._run(exists)) if not found]
+        return bool(await self._script("admit", _LUA_ADMIT, [key], [member, limit, int(ttl * 1000), *dead]))
+
+    async def discard(self, key, member, ttl):
+        await self._run(lambda r: r.srem(key, member))  # (an empty set is no key in Redis)
+
+    async def touch(self, keys, ttl):
+        async def expire(client):
+            pipe = client.pipeline(transaction=False)
+            for key in keys:
+                pipe.pexpire(key, int(ttl * 1000))
+            await pipe.execute()
+        await self._run(expire)
 
     async def append(self, key, item, maxlen, ttl):
         return int(await self._script("append", _LUA_APPEND, [key, key + ":n"],
@@ -1444,15 +1605,20 @@ def _task_channel(task_id: str) -> str:
     return f"mcp:task:{{{task_id}}}:ctl"
 
 
+def _quota_key(what: str, holder: str) -> str:
+    """The set of things (sessions) a principal or a client address holds; the holder is hashed."""
+    return f"mcp:quota:{what}:{hashlib.sha256(holder.encode()).hexdigest()[:32]}"
+
+
 # ==== 3. Crypto and tokens ======================================================================
 #
 # Rules:
 # - One server secret feeds a key ring: each purpose gets its own key, derived with HKDF-SHA256
-#   and a label, so no key ever serves two purposes (labels are listed in the README).
+#   and a label, so no key ever serves two purposes (labels are listed in docs/security.md).
 # - State handed to a client and trusted when it comes back (``requestState``, cursors) is sealed
 #   or signed; anything that fails verification is refused, never half-trusted.
 # - Comparisons of secrets are constant-time (``hmac.compare_digest``).
-# - ``cryptography`` is imported on first use, so a stdio start does not pay for it.
+# - ``cryptography`` is imported on first use (``_require``), so a stdio start does not pay for it.
 
 _KEY_LABELS = {
     "request_state": b"mcp_server/v1 request-state AES-256-GCM",
@@ -1507,8 +1673,7 @@ class _KeyRing:
     def _cipher(self, purpose: str):
         cipher = self._aead.get(purpose)
         if cipher is None:
-            from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-            cipher = self._aead[purpose] = AESGCM(self._keys[purpose])
+            cipher = self._aead[purpose] = _require("sealing").AESGCM(self._keys[purpose])
         return cipher
 
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
@@ -1518,11 +1683,12 @@ class _KeyRing:
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        cipher = self._cipher(purpose)  # (a missing package is no bad token: it is said so)
         try:
             raw = _unb64url(token)
             if len(raw) < 28:
                 return None
-            payload = json.loads(self._cipher(purpose).decrypt(raw[:12], raw[12:], purpose.encode()))
+            payload = json.loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()))
             return payload if isinstance(payload, dict) else None
         except Exception:
             return None
@@ -1550,14 +1716,14 @@ class _Vault:
     def __init__(self, key: str | bytes | None, previous: typing.Iterable = ()):
         """ValueError naming the setting when a key does not parse (``Settings.check_secrets``
         finds that at start-up)."""
-        from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+        aes_gcm = _require("vault").AESGCM
         self.ephemeral = not key
         raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key))
         self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
-        self._ciphers = {self.kid: AESGCM(raw)}
+        self._ciphers = {self.kid: aes_gcm(raw)}
         for old in previous:
             old_raw = _parse_key(old, "ENCRYPTION_KEY_PREVIOUS")
-            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], AESGCM(old_raw))
+            self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], aes_gcm(old_raw))
 
     def encrypt(self, plain: str, associated: bytes) -> str:
         nonce = secrets.token_bytes(12)
@@ -1584,7 +1750,10 @@ class _Vault:
 # - A parameter annotated ``Context`` is injected and never appears in a schema.
 # - Return values become content blocks (``_to_call_result``); dict-like values also become
 #   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
-# - Sync functions run in a worker thread: a slow tool never blocks the event loop.
+# - Sync functions run in a worker thread: a slow tool never blocks the event loop.  Only one
+#   registered with ``inline=True`` runs on the loop; nothing moves there by itself, because a
+#   function fast a thousand times can still stall once (a network wait, a lock) and then stall
+#   every client of the process.
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -2136,28 +2305,6 @@ def _param_descriptions(fn) -> dict:
     return found
 
 
-# How a sync function runs (``inline``): True on the event loop, False in a worker thread, None
-# (the default) decided by measurement.  A thread hand-off costs tens of microseconds and
-# several context switches, more than most small functions take; blocking the loop costs every
-# other request.  So a sync function starts in the worker pool, timed there.  Once it has
-# _AUTO_INLINE_RUNS calls under _AUTO_INLINE_FAST seconds, less two for each slower one (a
-# paused thread makes a cheap call look slow now and then; what waits on I/O is slow every
-# time), it runs on the loop, still timed.  A call there that takes over _AUTO_INLINE_SLOW
-# sends it back to the pool to earn its place again (a pause of the whole process can make a
-# cheap call look slow once); the _AUTO_INLINE_STRIKES-th time, for good (logged).  Whatever
-# waits on I/O, sleeps or does real work stays in a thread.
-_AUTO_INLINE_RUNS = 16
-_AUTO_INLINE_FAST = 0.0001
-_AUTO_INLINE_SLOW = 0.002
-_AUTO_INLINE_STRIKES = 3
-
-
-def _timed_call(fn, kwargs: dict) -> tuple:
-    started = time.perf_counter()
-    result = fn(**kwargs)
-    return result, time.perf_counter() - started
-
-
 class _Callable:
     """What tools, resources and prompts share: how to call the user's function."""
 
@@ -2168,9 +2315,9 @@ class _Callable:
             getattr(fn, "__call__", None))
         self.takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD
                                 for p in self.signature.parameters.values())
-        self.inline = None  # sync functions: True on the loop, False in a thread, None measured
-        self.fast_runs = 0  # auto mode: fast calls minus twice the slow ones, at least 0 (-1: never inline)
-        self.slow_strikes = 0  # auto mode: inline calls that took over _AUTO_INLINE_SLOW
+        # sync functions: False in a worker thread; True on the event loop, only when declared
+        # (``inline=True``): a call that stalls there, even once, stalls every client
+        self.inline = False
         self.arg_names = [name for name, p in self.signature.parameters.items()
                           if name != self.ctx_param and p.kind in (
                               inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)]
@@ -2180,9 +2327,8 @@ class _Callable:
 
     @property
     def on_loop(self) -> bool:
-        """A sync function that runs on the event loop now (declared or measured cheap)."""
-        return not self.is_async and (self.inline is True or (
-            self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS))
+        """A sync function declared to run on the event loop (``inline=True``)."""
+        return self.inline and not self.is_async
 
     async def invoke(self, arguments: dict, ctx):
         kwargs = {name: arguments[name] if tp is None else _convert(arguments[name], tp)
@@ -2191,30 +2337,27 @@ class _Callable:
             kwargs.update({k: v for k, v in arguments.items() if k not in kwargs})
         if self.ctx_param:
             kwargs[self.ctx_param] = ctx
-        if self.is_async:
-            result = await self.fn(**kwargs)
-        elif self.inline:
-            result = self.fn(**kwargs)  # declared cheap: no thread hand-off
-        elif self.inline is None and self.fast_runs >= _AUTO_INLINE_RUNS:
-            started = time.perf_counter()
-            result = self.fn(**kwargs)  # measured cheap
-            took = time.perf_counter() - started
-            if took > _AUTO_INLINE_SLOW:
-                self.slow_strikes += 1
-                self.fast_runs = -1 if self.slow_strikes >= _AUTO_INLINE_STRIKES else 0
-                if self.fast_runs < 0:
-                    log.info("%s took %.1f ms on the event loop; it runs in a worker thread from now "
-                             "on (inline=True/False on its decorator decides for it)",
-                             getattr(self.fn, "__name__", "a function"), took * 1000)
-        else:
-            loop = asyncio.get_running_loop()
-            context = contextvars.copy_context()
-            result, took = await loop.run_in_executor(None, context.run, _timed_call, self.fn, kwargs)
-            if self.fast_runs >= 0:  # (a slower call counts against it; an outlier does not reset it)
-                self.fast_runs = self.fast_runs + 1 if took < _AUTO_INLINE_FAST else max(0, self.fast_runs - 2)
-        if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
-            result = await result
+        try:
+            if self.is_async:
+                result = await self.fn(**kwargs)
+            elif self.inline:
+                result = self.fn(**kwargs)  # declared cheap: no thread hand-off
+            else:
+                context = contextvars.copy_context()
+                result = await asyncio.get_running_loop().run_in_executor(
+                    None, functools.partial(context.run, self.fn, **kwargs))
+            if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
+                result = await result
+        except (SystemExit, KeyboardInterrupt) as exc:
+            # asyncio lets these two through every task and out of the event loop: one call
+            # (a library's sys.exit(), say) would end the process for every client
+            raise _FunctionExit(f"{getattr(self.fn, '__name__', 'the function')} raised {exc!r}") from exc
         return result
+
+
+class _FunctionExit(Exception):
+    """A tool, resource or prompt function raised SystemExit or KeyboardInterrupt: it fails that
+    one request, like any other exception, and the server keeps serving."""
 
 
 _PLAIN_RESULTS = frozenset((str, dict, list, int, float, bool, bytes, type(None)))  # never awaitable
@@ -2467,7 +2610,9 @@ def _to_call_result(value, tool: _Tool) -> dict:
 # Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
 # method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
 # transport), ``_InputRequired`` becomes an ``input_required`` result, ``_Cancelled`` means "say
-# nothing", and anything else is logged with a correlation id and reported as -32603.
+# nothing", and anything else, SystemExit and KeyboardInterrupt included, is logged with a
+# correlation id and reported as -32603 (a tool's, as an ``isError`` result): no request ends
+# the process.
 
 
 class _InputRequired(Exception):
@@ -2480,7 +2625,21 @@ _CAPABILITY_OF = {
     "sampling/createMessage": "sampling",
     "roots/list": "roots",
 }
+# What a client can be asked, by the revision whose ClientCapabilities added it (sampling and
+# roots are in all of them): a client that speaks an older revision has no such thing, whatever
+# its capabilities say, and is told which revision it would need.
+_CLIENT_FEATURE_SINCE = {
+    "elicitation": ("Elicitation", "2025-06-18"),
+    "elicitation.form": ("Elicitation", "2025-06-18"),
+    "elicitation.url": ("URL-mode elicitation", "2025-11-25"),
+    "sampling.tools": ("Sampling with tools", "2025-11-25"),
+    "sampling.context": ("The sampling.context capability", "2025-11-25"),
+}
 _MRTR_METHODS = ("tools/call", "prompts/get", "resources/read")
+_TASKS_2025_11_25 = ("tasks/get", "tasks/result", "tasks/list", "tasks/cancel")  # (experimental there)
+# What a client makes its session keep (capabilities and clientInfo; subscriptions), as JSON bytes:
+# a session is stored whole and read on every request.
+_MAX_CLIENT_STATE = 8192
 _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
@@ -2536,8 +2695,11 @@ class Context:
         return self._cancelled
 
     def supports(self, capability: str) -> bool:
-        """Whether the client declared a capability: ``"sampling"``, ``"sampling.tools"``,
-        ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        """Whether the client declared a capability that its revision has: ``"sampling"``,
+        ``"sampling.tools"``, ``"elicitation"`` (form mode), ``"elicitation.url"``, ``"roots"``..."""
+        feature = _CLIENT_FEATURE_SINCE.get(capability)
+        if feature is not None and self.protocol_version < feature[1]:
+            return False
         head, _, sub = capability.partition(".")
         caps = self.client_capabilities
         if not isinstance(caps, dict) or head not in caps:
@@ -2614,6 +2776,7 @@ class Context:
             for key, value in (await self._task_run.wait_input(missing)).items():
                 answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
         elif missing:
+            _require("sealing")  # the answers so far travel sealed: without it, a tool error now
             raise _InputRequired(missing)
         return answers
 
@@ -2678,8 +2841,15 @@ class Context:
             need, shape = "elicitation.url", {"elicitation": {"url": {}}}
         elif method == "sampling/createMessage" and params.get("tools"):
             need, shape = "sampling.tools", {"sampling": {"tools": {}}}
-        if self.supports(need) and not (head == "elicitation" and self.protocol_version < "2025-06-18"):
-            return  # (elicitation exists from 2025-06-18 on, whatever an older client declares)
+        elif (method == "sampling/createMessage" and params.get("includeContext") in ("thisServer", "allServers")
+              and self.protocol_version >= _CLIENT_FEATURE_SINCE["sampling.context"][1]):
+            need, shape = "sampling.context", {"sampling": {"context": {}}}  # (before: plain sampling)
+        if self.supports(need):
+            return
+        feature, since = _CLIENT_FEATURE_SINCE.get(need, (need, ""))
+        if self.protocol_version < since:
+            raise ToolError(f"{feature} is not part of MCP {self.protocol_version}, the revision this client "
+                            f"speaks; it needs {since} or later, so the client cannot be asked.")
         if self.modern:
             raise _missing_capability(shape, need)
         raise ToolError(f"The client did not declare the {need} capability, so it cannot be asked.")
@@ -2903,7 +3073,7 @@ class MCPServer:
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
              task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
-             inline: bool | None = None):
+             inline: bool = False):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -2916,17 +3086,16 @@ class MCPServer:
         the upstream provider; ``mask`` masks fields of the result (the default set, MASK_FIELDS,
         and any names given; login-required tools mask by default, ``mask=False`` turns it off).
 
-        A sync function starts in a worker thread so that it never blocks the event loop; one
-        that proves cheap (16 calls under 0.1 ms, less two for each slower one) then runs on the loop, which
-        saves the thread hand-off, and goes back to the thread when a call takes over 2 ms
-        (for good the third time).  ``inline=False`` keeps it in the thread, ``inline=True``
-        puts it on the loop from the first call."""
+        A sync function runs in a worker thread, so that it never blocks the event loop.
+        ``inline=True`` runs it on the loop instead, which saves the thread hand-off: only for a
+        function that never waits (no I/O, locks or sleeps), since while it runs no other
+        request of the process is served and the tool timeout cannot interrupt it."""
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
                          output_schema=output_schema, meta=meta, task=task, task_start=task_start)
             tool.login_required = login_required
-            tool.inline = inline
+            tool.inline = bool(inline)
             if mask is False or (mask is None and not login_required):
                 tool.mask = None
             else:
@@ -2996,6 +3165,7 @@ class MCPServer:
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
             your browser and the pairing code to enter there."""
+            flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
             # a 2026 client retries after the URL elicitation: the retry must reuse the same link
             started = ctx.round_state.get("login") or await flow.start(ctx)
             if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
@@ -3145,17 +3315,18 @@ class MCPServer:
             if isinstance(trace, str) and len(trace) == 55:
                 _trace_id.set(trace[3:35])
         try:
-            result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            try:
+                result = await (self._call_chain(ctx, 0) if self.middleware else self._dispatch(ctx))
+            except _InputRequired as exc:  # (inside: what fails while building the round is caught below)
+                result = await self._input_required(ctx, exc.requests)
         except RpcError as exc:
             if ctx.request_id is None:
                 response, status = None, exc.status if exc.status != 200 else 202
             else:
                 response, status = _error_response(ctx.request_id, exc), exc.status
-        except _InputRequired as exc:
-            response, status = await self._input_round(ctx, exc.requests)
         except _Cancelled:
             response, status = None, 0
-        except Exception as exc:
+        except (Exception, SystemExit, KeyboardInterrupt) as exc:  # (middleware's too: never the process's end)
             error_id = _error_id()
             log.error("%s failed (error id %s)", ctx.method, error_id, exc_info=True)
             detail = f": {exc!r}" if self.settings.expose_errors else ""
@@ -3173,19 +3344,6 @@ class MCPServer:
                        else response["result"].get("resultType", "ok") if ctx.modern else "ok")
             _metrics.add(_rpc_metric_key(ctx.method, outcome))
         return response, status
-
-    async def _input_round(self, ctx: Context, requests: dict) -> tuple:
-        """A handler asked the client for input: a 2026 input_required result, or an error."""
-        if ctx.method not in _MRTR_METHODS or not ctx.modern:
-            error = RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.")
-            return _error_response(ctx.request_id, error), 500
-        try:
-            result = self._finish_modern(await self._input_required(ctx, requests), ctx.method)
-        except RpcError as error:
-            return _error_response(ctx.request_id, error), error.status
-        if ctx.request_id is None:
-            return None, 202
-        return {"jsonrpc": "2.0", "id": ctx.request_id, "result": result}, 200
 
     async def _call_chain(self, ctx: Context, index: int):
         if index == len(self.middleware):
@@ -3214,6 +3372,9 @@ class MCPServer:
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
             message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
                        if known else f"Method not found: {ctx.method}.")
+            if ctx.method in _TASKS_2025_11_25 and not ctx.modern and era >= "2025-11-25":
+                message = (f"Method not found: {ctx.method}: this server declared no tasks capability for {era}; "
+                           f"it runs tasks for 2026-07-28 clients, as the {_TASKS_EXTENSION} extension.")
             raise RpcError(METHOD_NOT_FOUND, message, status=404 if ctx.modern else 200)
         if ctx.modern and ctx.method in _MRTR_METHODS and (
                 "requestState" in ctx.params or "inputResponses" in ctx.params):
@@ -3250,6 +3411,9 @@ class MCPServer:
         ctx.round_state = dict(state.get("c") or {})
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
+        """A handler asked the client for input: the 2026 input_required result, or an error."""
+        if ctx.method not in _MRTR_METHODS or not ctx.modern:
+            raise RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.", status=500)
         target, digest = self._round_target(ctx)
         state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
@@ -3304,9 +3468,13 @@ class MCPServer:
         if caps is not None and not isinstance(caps, dict):
             raise _invalid_params("initialize: params.capabilities must be an object.")
         version = requested if requested in LEGACY_VERSIONS else LATEST_LEGACY
+        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
+        size = len(_dumps(caps or {})) + len(_dumps(client))
+        if size > _MAX_CLIENT_STATE:
+            raise _invalid_params(f"initialize: params.capabilities and params.clientInfo take {size} bytes as "
+                                  f"JSON; the session keeps at most {_MAX_CLIENT_STATE}.", status=400)
         ctx.protocol_version = version
         ctx.client_capabilities = caps or {}
-        client = params.get("clientInfo") if isinstance(params.get("clientInfo"), dict) else {}
         ctx.session = {"v": version, "caps": caps or {}, "client": client, "log": None, "subs": []}
         ctx._session_changed = True
         result = {"protocolVersion": version, "capabilities": self._capabilities(version),
@@ -3463,6 +3631,9 @@ class MCPServer:
         subs = set((ctx.session or {}).get("subs", ()))
         if ctx.method == "resources/subscribe":
             subs.add(uri)
+            if len(_dumps(sorted(subs))) > _MAX_CLIENT_STATE:
+                raise _invalid_params(f"resources/subscribe: this session's subscriptions would take more than "
+                                      f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.")
         else:
             subs.discard(uri)
         ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
@@ -3637,18 +3808,44 @@ class _TaskRun:
         self.runner = None
         self._unsubscribe = lambda: None
         self._saving = asyncio.Lock()
+        self._counted = None  # the principal whose running tasks count this one
         ctx._task_run = self
 
     async def call(self, arguments: dict) -> dict:
-        if self.tool.task_start == "call":
-            await self.start()
-        self.runner = self.hub.spawn(self._body(arguments))
+        self._count()
+        try:
+            if self.tool.task_start == "call":
+                await self.start()
+            self.runner = self.hub.spawn(self._body(arguments))
+        except BaseException:
+            self._uncount()
+            raise
         try:
             return await asyncio.shield(self.outcome)
         except asyncio.CancelledError:
             if not self.started:
                 self.runner.cancel()  # the request went away before the task began
             raise
+
+    def _count(self) -> None:
+        """A principal's running tasks are bounded (each is a coroutine here and a record in the
+        store, and tokens are free); 429 past MCP_MAX_TASKS_PER_PRINCIPAL."""
+        principal, limit = self.ctx.principal, self.server.settings.max_tasks_per_principal
+        if principal is None or not limit:
+            return
+        running = self.hub.tasks_running
+        if running[principal] >= limit:
+            raise RpcError(INVALID_REQUEST, f"Too many tasks: this token has {limit} running, the limit "
+                           "(MCP_MAX_TASKS_PER_PRINCIPAL); wait for one to end or cancel one.", status=429)
+        running[principal] += 1
+        self._counted = principal
+
+    def _uncount(self) -> None:
+        principal, self._counted = self._counted, None
+        if principal is not None:
+            self.hub.tasks_running[principal] -= 1
+            if self.hub.tasks_running[principal] <= 0:
+                del self.hub.tasks_running[principal]
 
     async def start(self) -> None:
         now = _iso_now()
@@ -3692,6 +3889,7 @@ class _TaskRun:
                 await self._finish("cancelled", statusMessage="Cancelled by the client.")
             return
         finally:
+            self._uncount()
             if self.started:
                 self.hub.task_runs.pop(self.task_id, None)
                 self._unsubscribe()
@@ -3796,12 +3994,24 @@ _MODERN_METHODS = {
 #   a client that lost the stream resumes with GET + ``Last-Event-ID``.
 # - A legacy session exists only after a successful ``initialize``; unknown or expired ids get 404
 #   (the client then re-initializes), a missing id gets 400.  Modern requests never get a session.
+#   Exception: GET /sse records its session (owner, transport) at once, before initialize, so the
+#   first POST /messages may reach any instance.
+# - A session belongs to the principal whose token made it and to the transport that made it
+#   (``t``: "mcp" or "sse").  Every route that names a session (POST/GET/DELETE /mcp, resumption,
+#   GET /sse, POST /messages, answers to server requests, cancellations) goes through
+#   ``_session_of``; anything else is 404, as for an unknown id.  With MCP_AUTH=none there is no
+#   principal and the id (192 random bits) is the whole credential.
 # - Legacy HTTP: a dropped connection is not a cancellation (``notifications/cancelled`` is).
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
 # - Only what cannot leave the process lives in the ``_Hub``: open streams, running requests,
 #   futures awaiting a client's answer.
+# - Tokens are free, so everything a client makes the server hold is capped per principal and per
+#   client address, with a 429 that names the setting: live sessions (counted in the store, so the
+#   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
+#   instance), running tasks, /messages requests in flight (each a task holding no connection),
+#   the logs of a session's streams, and the JSON a session keeps for the client.
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -3949,6 +4159,8 @@ class _Hub:
         self.cache_seconds = self.settings.session_cache if self.shared else 0.0
         self._drops = 0  # changes announced on _SESSIONS_CHANNEL so far
         self._ticker = None  # the keep-alive ticker of idle session streams
+        self.held: collections.Counter = collections.Counter()  # (kind, holder, who) -> open streams, requests
+        self.tasks_running: collections.Counter = collections.Counter()  # principal -> its _TaskRuns here
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
@@ -3964,7 +4176,7 @@ class _Hub:
         """A legacy session's record, its expiry slid forward (or this instance's fresh copy)."""
         cache, store = self.session_cache, self.store
         if not self.cache_seconds:  # the in-memory store, or copies turned off
-            return await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+            return await self._read_session(session_id)
         trusted = store.link_up  # copies need the invalidations to arrive
         if trusted:
             entry = cache.get(session_id)
@@ -3972,9 +4184,11 @@ class _Hub:
                     and entry[2] == store.link_epoch):
                 return entry[0]
         epoch, drops = store.link_epoch, self._drops
-        record = await store.get_touch(_session_key(session_id), self.settings.session_ttl)
+        record = await self._read_session(session_id)
         # (a change announced while the read was on its way may be newer than what it read)
-        if record is None or not trusted or epoch != store.link_epoch or drops != self._drops:
+        # (nor of an /sse session not initialized yet: its initialize may come through any instance)
+        if (record is None or "v" not in record or not trusted or epoch != store.link_epoch
+                or drops != self._drops):
             cache.pop(session_id, None)
         else:
             if len(cache) >= _SESSION_CACHE_MAX and session_id not in cache:
@@ -3982,13 +4196,22 @@ class _Hub:
             cache[session_id] = (record, time.monotonic(), epoch)
         return record
 
+    async def _read_session(self, session_id: str) -> dict | None:
+        ttl = self.settings.session_ttl
+        record = await self.store.get_touch(_session_key(session_id), ttl)
+        if record is not None and record.get("q"):
+            await self.store.touch(record["q"], ttl)  # the quota sets counting it live as long as it does
+        return record
+
     async def save_session(self, session_id: str, record: dict, new: bool = False) -> None:
         await self.store.set(_session_key(session_id), record, self.settings.session_ttl)
         if not new:
             await self._session_changed(session_id)
 
-    async def drop_session(self, session_id: str) -> None:
+    async def drop_session(self, session_id: str, record: dict) -> None:
         await self.store.delete(_session_key(session_id))
+        for key in record.get("q", ()):
+            await self.store.discard(key, session_id, self.settings.session_ttl)
         await self._session_changed(session_id)
 
     async def _session_changed(self, session_id: str) -> None:
@@ -4033,6 +4256,64 @@ class _Hub:
                 waiter = stream._waiter
                 if waiter is not None and not waiter.done() and now - stream.idle_since >= period:
                     waiter.set_result(None)
+
+    # -- quotas: sessions in the store (they hold across instances), streams here ------------------
+
+    async def admit_session(self, session_id: str, http: _Http, request_id=None) -> list:
+        """Count a new session against its principal's and its client address's caps; 429 past
+        either.  Returns the quota sets it is in, which the record keeps as ``q``: reading the
+        session slides their expiry too, and deleting it takes it out of them.  A session whose
+        record expired stops counting as well."""
+        settings = self.settings
+        counted = []
+        for holder, who, limit, setting in (
+                ("token", http.principal, settings.max_sessions_per_principal, "MCP_MAX_SESSIONS_PER_PRINCIPAL"),
+                ("client address", http.client_address(), settings.max_sessions_per_address,
+                 "MCP_MAX_SESSIONS_PER_ADDRESS")):
+            if who is None or not limit:
+                continue
+            key = _quota_key("sessions:" + holder, who)
+            if not await self.store.admit(key, session_id, limit, settings.session_ttl, _session_key):
+                _metrics.inc("mcp_quota_refusals_total", kind="sessions")
+                raise _over_limit(f"Too many sessions: this {holder} holds {limit} live sessions, the limit "
+                                  f"({setting}); end one with DELETE or let one expire, then retry.", request_id)
+            counted.append(key)
+        return counted
+
+    def hold_stream(self, principal: str | None, address: str | None) -> typing.Callable:
+        """Count an open stream against its principal's and address's caps on this instance (429
+        past either); returns what releases it."""
+        settings = self.settings
+        return self._hold("streams", "open streams", "close one", (
+            ("token", principal, settings.max_streams_per_principal, "MCP_MAX_STREAMS_PER_PRINCIPAL"),
+            ("client address", address, settings.max_streams_per_address, "MCP_MAX_STREAMS_PER_ADDRESS")))
+
+    def hold_request(self, principal: str | None, address: str | None, request_id=None) -> typing.Callable:
+        """Count a /messages request running here (a task that holds no connection) against its
+        principal's and address's caps; returns what releases it."""
+        return self._hold("requests", "requests in flight on /messages", "wait for their answers", (
+            ("token", principal, _MAX_IN_FLIGHT, f"{_MAX_IN_FLIGHT} for a token"),
+            ("client address", address, _MAX_IN_FLIGHT * 10, f"{_MAX_IN_FLIGHT * 10} for an address")), request_id)
+
+    def _hold(self, kind: str, what: str, remedy: str, caps: tuple, request_id=None) -> typing.Callable:
+        held = []
+        for holder, who, limit, setting in caps:
+            if who is None or not limit:
+                continue
+            if self.held[(kind, holder, who)] >= limit:
+                _metrics.inc("mcp_quota_refusals_total", kind=kind)
+                raise _over_limit(f"Too many {what}: this {holder} has {limit} on this server, the limit "
+                                  f"({setting}); {remedy}, then retry.", request_id)
+            held.append((kind, holder, who))
+        for key in held:
+            self.held[key] += 1
+
+        def release():
+            for key in held:
+                self.held[key] -= 1
+                if self.held[key] <= 0:
+                    del self.held[key]
+        return release
 
     # -- requests the server sends to a legacy client ------------------------------------------------
 
@@ -4114,6 +4395,10 @@ class _Hub:
         if out is None or not getattr(out, "can_stream", False):
             raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
                             "send Accept: text/event-stream.", status=400)
+        try:  # (its connection counts against the client address)
+            release = self.hold_stream(ctx.principal, None)
+        except _HttpError as exc:
+            raise RpcError(exc.code, exc.message, status=exc.status) from None
         tag = {_META_SUBSCRIPTION: ctx.request_id}
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -4143,6 +4428,7 @@ class _Hub:
                     break
                 await out.send(message)
         finally:
+            release()
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
@@ -4204,6 +4490,23 @@ def _header_dict(pairs: list) -> dict:
     return headers
 
 
+def _over_limit(message: str, request_id=None) -> "_HttpError":
+    """A per-principal or per-address cap was reached: 429, with a hint of when to retry."""
+    return _HttpError(429, message, request_id=request_id, headers=((b"retry-after", b"30"),))
+
+
+def _nothing_held() -> None:
+    return None
+
+
+async def _holding(step: typing.Awaitable, release: typing.Callable) -> None:
+    """Run ``step`` (a long-lived response, a /messages request), then give back the slot it held."""
+    try:
+        await step
+    finally:
+        release()
+
+
 def _body_too_large(limit: int) -> "_HttpError":
     return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
 
@@ -4234,6 +4537,12 @@ class _Http:
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
+
+    def client_address(self) -> str | None:
+        """The client's IP address (a trusted proxy's X-Forwarded-For already applied); None when
+        the server does not know it (a Unix socket), and then no per-address cap applies."""
+        client = self.scope.get("client")
+        return client[0] if client else None
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -4437,11 +4746,20 @@ class _PostChannel:
         if self.resumable:
             self.stream_id = secrets.token_hex(6)
             self.hub.live_posts[(self.session_id, self.stream_id)] = self
-            # remember the log, so that deleting the session deletes it too
-            await self.hub.store.append(_streams_key(self.session_id), self.stream_id,
-                                        self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            await self._remember_log()
             retry = self.hub.settings.sse_retry_ms
             await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
+
+    async def _remember_log(self) -> None:
+        """List this stream's log under the session, so that deleting the session deletes it too.
+        A session keeps the logs of its last MCP_REPLAY_EVENTS streams: the list holds one more,
+        whose log goes when it is pushed out (a client cannot pile up logs by streaming)."""
+        store, settings, index = self.hub.store, self.hub.settings, _streams_key(self.session_id)
+        kept = settings.replay_events
+        seq = await store.append(index, self.stream_id, kept + 1, settings.session_ttl)
+        if seq > kept:
+            for _seq, stream_id in (await store.read_after(index, seq - kept - 1))[:1]:
+                await store.delete_log(_events_key(self.session_id, stream_id))
 
     async def send(self, message: dict) -> None:
         if not self.sse_ok:
@@ -4541,12 +4859,17 @@ class _SessionStream:
 
     async def run(self, first: bytes = b"", replay: list = ()) -> None:
         hub, http = self.hub, self.http
+        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
+        try:  # before the first event: an answer to what the client sends next may come from anywhere
+            await hub.store.subscribed()
+        except BaseException:
+            unsubscribe()
+            raise
         previous = hub.session_streams.get(self.session_id)
         if previous is not None:
             previous.put(None)  # take over
         hub.session_streams[self.session_id] = self
         _metrics.inc("mcp_open_streams", kind="session")
-        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
         http.on_disconnect(self._end)
         hub.listeners.add(self._on_bus)
         try:
@@ -4753,9 +5076,10 @@ class _StreamableHTTP:
         headers = []
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
+            counted = await hub.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal}, new=True)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
         await channel.finish(response, status, headers)
@@ -4820,7 +5144,8 @@ class _StreamableHTTP:
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and seq.isdigit():
-                return self._resume(http, session_id, stream_id, int(seq))  # a tail call
+                release = hub.hold_stream(http.principal, http.client_address())
+                return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
             replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
@@ -4828,7 +5153,8 @@ class _StreamableHTTP:
         stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        return stream.run(first, replay)  # a tail call: _App._handle awaits it, without this frame
+        release = hub.hold_stream(http.principal, http.client_address())
+        return _holding(stream.run(first, replay), release)  # a tail call: _App._handle awaits it
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
@@ -4895,9 +5221,10 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        if await _session_of(hub, http, session_id) is None:
+        session = await _session_of(hub, http, session_id)
+        if session is None:
             raise _HttpError(404, "Session not found.")
-        await hub.drop_session(session_id)
+        await hub.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
@@ -4907,11 +5234,14 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-async def _session_of(hub: _Hub, http: _Http, session_id: str) -> dict | None:
-    """A legacy session, its expiry slid forward, if it belongs to the caller's token (a session
-    id alone proves nothing)."""
+async def _session_of(hub: _Hub, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
+    """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
+    made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
+    session id is no session on the other."""
     session = await hub.session(session_id)
-    return session if session is not None and session.get("owner") == http.principal else None
+    if session is None or session.get("owner") != http.principal or session.get("t", "mcp") != transport:
+        return None
+    return session
 
 
 def _classify_http(message) -> str:
@@ -5003,6 +5333,9 @@ def _header_matches(header: str, value) -> bool:
 # ---- Legacy HTTP+SSE (2024-11-05) --------------------------------------------------------------
 
 
+_MAX_IN_FLIGHT = 100  # /messages requests of one token running on an instance at once (ten times that an address)
+
+
 class _LegacySSE:
     """GET /sse opens the stream and names the POST endpoint; POST /messages answers 202."""
 
@@ -5013,22 +5346,43 @@ class _LegacySSE:
         hub = self.server._hub()
         session_id = http.query("session_id")
         if session_id is not None:
-            session = await _session_of(hub, http, session_id)
-            if session is None and session_id not in hub.session_streams:
+            if await _session_of(hub, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
-        else:
-            session_id = secrets.token_urlsafe(24)
+        release = hub.hold_stream(http.principal, http.client_address())
+        opened = session_id is None
+        try:
+            if opened:  # recorded at once: the first POST may reach another instance
+                session_id = secrets.token_urlsafe(24)
+                counted = await hub.admit_session(session_id, http)
+                await hub.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
+        except BaseException:
+            release()
+            raise
         endpoint = f"{root_path}/messages?session_id={session_id}"
         stream = _SessionStream(hub, http, session_id, None, False)
-        return stream.run(f"event: endpoint\ndata: {endpoint}\n\n".encode())  # a tail call
+        return _holding(self._follow(stream, f"event: endpoint\ndata: {endpoint}\n\n".encode(), opened),
+                        release)  # a tail call
+
+    async def _follow(self, stream: _SessionStream, first: bytes, opened: bool) -> None:
+        """Serve the stream; a session it opened that was never initialized ends with it (it
+        would count against its owner's caps until it expired)."""
+        try:
+            await stream.run(first)
+        finally:
+            hub = self.server._hub()
+            # (not when another stream took the session over, nor while the server stops)
+            if opened and stream.session_id not in hub.session_streams and not hub.closing:
+                record = await hub.store.get(_session_key(stream.session_id))
+                if record is not None and "v" not in record:
+                    await hub.drop_session(stream.session_id, record)
 
     async def post(self, http: _Http) -> None:
         server, hub = self.server, self.server._hub()
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        session = await _session_of(hub, http, session_id)
-        if session is None and session_id not in hub.session_streams:
+        record = await _session_of(hub, http, session_id, "sse")
+        if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
         message = await http.read_message(server.settings.max_body)
         kind = _classify_http(message)
@@ -5037,12 +5391,20 @@ class _LegacySSE:
                 await hub.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
-        await http.respond(202)  # the answer, or the error, travels on the stream
-        hub.spawn(self._process(session_id, session, message, kind, http.principal, http.base))
+        # (a notification is not counted: it ends at once, and cancelling must work at the cap)
+        release = (hub.hold_request(http.principal, http.client_address(), message.get("id"))
+                   if kind == "request" else _nothing_held)
+        try:
+            await http.respond(202)  # the answer, or the error, travels on the stream
+        except BaseException:
+            release()
+            raise
+        hub.spawn(_holding(self._process(session_id, record, message, kind, http.principal, http.base), release))
 
-    async def _process(self, session_id: str, session: dict | None, message: dict, kind: str,
+    async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
         server, hub = self.server, self.server._hub()
+        session = record if "v" in record else None  # (None: opened, not initialized yet)
         channel = _SessionChannel(hub, session_id)
         request_id = message.get("id") if kind == "request" else None
         if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
@@ -5072,7 +5434,8 @@ class _LegacySSE:
         finally:
             hub.untrack(ctx)
         if ctx._session_changed:
-            await hub.save_session(session_id, {**ctx.session, "owner": principal})
+            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
+                                                "q": record.get("q", [])})
         if response is not None:
             await channel.send(response)
 
@@ -5151,13 +5514,19 @@ class _Stdio:
     def can_stream(self) -> bool:
         return True
 
-    def _guard_stdout(self) -> None:
-        if self._out_fd is not None:
-            return
-        sys.stdout.flush()
-        self._out_fd = os.dup(1)
-        os.dup2(2, 1)  # anything written to fd 1 from now on goes to stderr
-        sys.stdout = sys.stderr
+    def _guard_stdio(self) -> None:
+        """Keep fds 0 and 1 for the protocol alone: a child process a tool starts inherits them,
+        and one that read stdin would swallow the client's next message, one that wrote stdout
+        would corrupt the stream.  Children and stray reads get /dev/null, stray writes stderr."""
+        if self._out_fd is None:
+            sys.stdout.flush()
+            self._out_fd = os.dup(1)
+            os.dup2(2, 1)  # anything written to fd 1 from now on goes to stderr
+            sys.stdout = sys.stderr
+        if self._stdin is None:
+            self._stdin = open(os.dup(0), "rb")  # the protocol's own handle on the client's pipe
+            with open(os.devnull, "rb") as nothing:
+                os.dup2(nothing.fileno(), 0)
 
     def _write(self, message) -> None:
         data = (_dumps(message) + "\n").encode()
@@ -5177,11 +5546,11 @@ class _Stdio:
         return await self.server._hub().ask_client(self.SESSION, method, params, self.send)
 
     async def run(self) -> None:
-        self._guard_stdout()
+        self._guard_stdio()
         loop = asyncio.get_running_loop()
         hub = await self.server._ready()
         batches: asyncio.Queue = asyncio.Queue()
-        stdin = self._stdin or sys.stdin.buffer
+        stdin = self._stdin
         limit = self.server.settings.max_body
 
         def read():
@@ -5327,9 +5696,19 @@ class _Stdio:
 # - Discovery satisfies every client generation: Protected Resource Metadata (RFC 9728) at the
 #   root and path-suffixed well-known URLs, authorization-server metadata (RFC 8414 and OIDC) at
 #   the origin, and /authorize, /token, /register at the root for 2025-03-26 clients.
-# - PKCE S256 only; redirect URIs match exactly (a loopback URI may change its port, RFC 8252);
-#   codes are single use and a replayed code revokes what it issued; refresh tokens rotate with a
-#   one-step grace and reuse of an older one revokes the family; ``iss`` is in every redirect.
+# - PKCE S256 only; redirect URIs are compared as strings, exactly (only the port of a loopback
+#   URI may change, RFC 8252), and hold no userinfo, backslash, fragment, control or non-ASCII
+#   character; codes are single use and a replayed code revokes what it issued; refresh tokens
+#   rotate, the replaced one works once within _REFRESH_GRACE seconds, and any other reuse
+#   revokes the family; ``iss`` is in every redirect.
+# - No redirect before the person acted goes to a web client they never approved (registration
+#   is open, so a registered URI proves nothing): errors then show a page (RFC 9700 4.11.2).
+# - Browser cookies: ``__Host-`` names on an https issuer, plain names on http, never both;
+#   SameSite=Strict except the login nonce.  Forms post only from their own Origin (section 8).
+# - Client metadata documents: fetched on their own few threads under a total deadline, a size
+#   cap, global addresses only, no redirects; failures are cached.  Registrations expire unused
+#   (MCP_CLIENT_TTL) and are capped per address (MCP_REGISTRATIONS_PER_HOUR); every endpoint
+#   that may fetch is rate limited.
 # - Access tokens are HS256 JWTs bound to this resource (``aud``) and to a user session (``sid``);
 #   a request needs the signature, issuer, audience, expiry and a live, unrevoked session.
 # - Codes, refresh tokens and client secrets are stored as SHA-256 hashes: a dump of the store
@@ -5342,8 +5721,12 @@ class _Stdio:
 # the user's session (``mcp:{sid}:user``, ANONYMOUS until the upstream login), a hashed code, and
 # the browser-binding cookie the login flow uses.
 
+# Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends ``Origin: null``
+# on the pages' own form posts (Fetch), and null is also what a sandboxed iframe or data: URL of
+# an attacker sends; under same-origin the forms carry the real Origin, and nothing leaves for
+# another site.
 _HTML_HEADERS = [(b"cache-control", b"no-store"),
-                 (b"x-frame-options", b"DENY"), (b"referrer-policy", b"no-referrer"),
+                 (b"x-frame-options", b"DENY"), (b"referrer-policy", b"same-origin"),
                  (b"x-content-type-options", b"nosniff"),
                  (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
                                               b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")]
@@ -5392,37 +5775,88 @@ class _OAuthError(Exception):
         self.error, self.description, self.status = error, description, status
 
 
+# Redirect URIs and client-id URLs are judged as the strings a browser will follow, never through
+# urlsplit's view of them (``http://evil.test\@127.0.0.1/`` is 127.0.0.1 to urlsplit, evil.test to
+# a browser).  Only printable ASCII without backslash or fragment passes, and the authority is a
+# bare host (no userinfo, no percent-encoding) with an optional port.
+_WEB_URI = re.compile(r"(https?)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)"
+                      r"(:[0-9]{1,5})?((?:[/?][!-~]*)?)")
+_LOOPBACK_URI = re.compile(r"http://(127\.0\.0\.1|\[::1\]|localhost)(?::[0-9]{1,5})?((?:[/?][!-~]*)?)")
+_PRIVATE_USE_URI = re.compile(r"([A-Za-z][A-Za-z0-9+-]*(?:\.[A-Za-z0-9+-]+)+):([!-~]*)")
+
+
+def _uri_problem(uri) -> str | None:
+    """Why ``uri`` cannot be a redirect URI or client-id URL, or None: the checks both share."""
+    if not isinstance(uri, str) or not uri or len(uri) > 2000:
+        return "it must be a URL of at most 2000 characters"
+    if not re.fullmatch(r"[!-~]+", uri):
+        return "it holds a space, a control character or a non-ASCII character"
+    if "\\" in uri:
+        return "it holds a backslash"
+    if "#" in uri:
+        return "it holds a fragment (#)"
+    return None
+
+
 def _is_loopback_redirect(uri: str) -> bool:
-    parts = urllib.parse.urlsplit(uri)
-    return parts.scheme == "http" and parts.hostname in ("127.0.0.1", "::1", "localhost")
+    return isinstance(uri, str) and _LOOPBACK_URI.fullmatch(uri) is not None
 
 
-def _redirect_uri_allowed(uri: str) -> bool:
-    """https, loopback http (native apps), or a private-use scheme with a dot (RFC 8252 7.1)."""
-    try:
-        parts = urllib.parse.urlsplit(uri)
-    except ValueError:
-        return False
-    if parts.fragment or not parts.scheme:
-        return False
-    if parts.scheme == "https":
-        return bool(parts.hostname)
-    if parts.scheme == "http":
-        return _is_loopback_redirect(uri)
-    return "." in parts.scheme and parts.scheme not in ("javascript", "data", "file", "vbscript")
+def _redirect_uri_problem(uri) -> str | None:
+    """None for https, loopback http (native apps) or a private-use scheme with a dot (RFC 8252
+    7.1); else why not."""
+    problem = _uri_problem(uri)
+    if problem:
+        return problem
+    if uri.startswith(("https:", "http:")):
+        web = _WEB_URI.fullmatch(uri)
+        if web is None:
+            return "its address is not a plain host[:port] (no user name, no percent-encoding)"
+        if web.group(1) == "http" and not _is_loopback_redirect(uri):
+            return "http is allowed only for loopback addresses (127.0.0.1, [::1], localhost)"
+        return None
+    private = _PRIVATE_USE_URI.fullmatch(uri)
+    if private is None:
+        return "use https, a loopback http URI, or a private-use scheme such as com.example.app:/callback"
+    rest = private.group(2)
+    if rest.startswith("//") and "@" in re.split(r"[/?]", rest[2:], maxsplit=1)[0]:
+        return "it holds a user name (@) in its address"
+    return None
+
+
+def _redirect_uri_allowed(uri) -> bool:
+    return _redirect_uri_problem(uri) is None
 
 
 def _redirect_matches(presented: str, registered: list) -> bool:
+    """Exact string equality with a registered URI; only the port of a loopback http URI may
+    differ (RFC 8252 7.3), compared on the strings with the port removed."""
+    if _redirect_uri_problem(presented) is not None:
+        return False
     if presented in registered:
         return True
-    if not _is_loopback_redirect(presented):
+    loopback = _LOOPBACK_URI.fullmatch(presented)
+    if loopback is None:
         return False
-    p = urllib.parse.urlsplit(presented)
-    for uri in registered:
-        r = urllib.parse.urlsplit(uri)
-        if _is_loopback_redirect(uri) and (r.hostname, r.path, r.query) == (p.hostname, p.path, p.query):
-            return True  # RFC 8252 7.3: the port of a loopback redirect may vary
-    return False
+    return any((m := _LOOPBACK_URI.fullmatch(uri)) is not None and m.groups() == loopback.groups()
+               for uri in registered if isinstance(uri, str))
+
+
+def _redirect_target(uri: str) -> str:
+    """What a person should read as the receiver of a redirect: host[:port], or the app's scheme."""
+    web = _WEB_URI.fullmatch(uri)
+    if web is not None:
+        return web.group(2) + (web.group(3) or "")
+    return "the app that opens " + uri.split(":", 1)[0] + ": links"
+
+
+def _display_name(name) -> str | None:
+    """A self-declared client name fit to show: no control or bidi-override characters."""
+    import unicodedata
+    if not isinstance(name, str):
+        return None
+    clean = "".join(ch for ch in name if unicodedata.category(ch) not in ("Cc", "Cf")).strip()
+    return clean[:200] or None
 
 
 def _with_query(uri: str, params: dict) -> str:
@@ -5432,56 +5866,121 @@ def _with_query(uri: str, params: dict) -> str:
     return urllib.parse.urlunsplit(parts._replace(query=query))
 
 
-def _fetch_client_document(url: str, allow_private: bool, limit: int = 65536, timeout: float = 5.0) -> tuple:
+_REFRESH_GRACE = 60       # seconds a just-replaced refresh token may be used, once, for a lost answer
+_CIMD_MAX_FETCHES = 4      # client metadata documents fetched at once, per process
+_CIMD_NEGATIVE_TTL = 300   # seconds a document that could not be fetched is not asked for again
+_CIMD_LIMIT = 65536        # largest document in bytes
+
+
+def _public_address(ip) -> bool:
+    """A globally routable unicast address, judged on the address itself: IPv6 forms that carry an
+    IPv4 address inside (mapped, compatible, 6to4, Teredo, NAT64) are refused outright."""
+    import ipaddress
+    if ip.version == 6 and (ip.ipv4_mapped or ip.sixtofour or ip.teredo or any(
+            ip in ipaddress.ip_network(net) for net in ("::/96", "64:ff9b::/96", "64:ff9b:1::/48"))):
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _client_id_url_problem(url, allow_private: bool) -> str | None:
+    problem = _uri_problem(url)
+    if problem:
+        return problem
+    web = _WEB_URI.fullmatch(url)
+    if web is None or not web.group(4).startswith("/"):
+        return "it must be an https URL with a path and a plain host (no user name)"
+    if web.group(1) != "https" and not allow_private:
+        return "client_id URLs must use https"
+    if re.search(r"/\.\.?(/|$|\?)", web.group(4)):
+        return "its path has . or .. segments"
+    return None
+
+
+def _fetch_client_document(url: str, allow_private: bool, limit: int = _CIMD_LIMIT, timeout: float = 5.0) -> tuple:
     """GET a Client ID Metadata Document under SSRF rules (runs in a worker thread).
 
-    https only; every resolved address must be public (no private, loopback, link-local, or
-    reserved ranges) and the connection goes to the address that was checked (no DNS rebinding
-    between check and use); no redirects; size and time limits.  Returns (document, max_age)."""
-    import http.client
+    https only; every resolved address must be public (``_public_address``) and the connection
+    goes to the address that was checked (no DNS rebinding between check and use); no redirects
+    are followed; the whole exchange must fit ``timeout`` seconds (each read gets only what is
+    left, so a server dripping a byte at a time cannot stretch it) and ``limit`` bytes.
+    Returns (document, max_age)."""
     import ipaddress
     import ssl
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme != "https" and not (allow_private and parts.scheme == "http"):
-        raise ValueError("client_id URLs must use https")
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    if not host:
-        raise ValueError("client_id URL has no host")
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    problem = _client_id_url_problem(url, allow_private)
+    if problem:
+        raise ValueError(f"client_id URL refused: {problem}")
+    scheme, host, port_text, target = _WEB_URI.fullmatch(url).groups()
+    port = int(port_text[1:]) if port_text else (443 if scheme == "https" else 80)
+    name = host.strip("[]")
     address = None
-    for info in infos:
-        ip = ipaddress.ip_address(info[4][0].split("%")[0])
-        if not allow_private and (ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved
-                                  or ip.is_multicast or ip.is_unspecified):
-            raise ValueError(f"client_id host {host} resolves to a non-public address")
+    for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM):
+        if not allow_private and not _public_address(ipaddress.ip_address(info[4][0].split("%")[0])):
+            raise ValueError(f"client_id host {name} resolves to a non-public address")
         address = address or info[4][0]
     if address is None:
-        raise ValueError(f"client_id host {host} does not resolve")
+        raise ValueError(f"client_id host {name} does not resolve")
 
-    class Pinned(http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection):
-        def connect(self):
-            sock = socket.create_connection((address, port), timeout)
-            if parts.scheme == "https":
-                context = ssl.create_default_context()
-                sock = context.wrap_socket(sock, server_hostname=host)
-            self.sock = sock
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise ValueError(f"client metadata document took longer than {timeout:g} s")
+        return remaining
 
-    connection = Pinned(host, port, timeout=timeout)
+    data = bytearray()
+    sock = socket.create_connection((address, port), left())
     try:
-        connection.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""),
-                           headers={"Accept": "application/json", "User-Agent": "mcp_server"})
-        response = connection.getresponse()
-        if response.status != 200:
-            raise ValueError(f"client_id URL answered HTTP {response.status}")
-        data = response.read(limit + 1)
-        if len(data) > limit:
-            raise ValueError("client metadata document is too large")
-        cache = response.getheader("cache-control", "")
+        if scheme == "https":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=name)
+        sock.sendall(f"GET {target} HTTP/1.0\r\nHost: {host}{port_text or ''}\r\nAccept: application/json\r\n"
+                     "User-Agent: mcp_server\r\nConnection: close\r\n\r\n".encode("ascii"))
+        while True:
+            sock.settimeout(left())
+            chunk = sock.recv(16384)
+            if not chunk:
+                break
+            data += chunk
+            if len(data) > limit + 16384:
+                raise ValueError("client metadata document is too large")
+    except (socket.timeout, TimeoutError):
+        raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
     finally:
-        connection.close()
+        sock.close()
+    return _parse_document_response(bytes(data), limit)
+
+
+def _parse_document_response(data: bytes, limit: int) -> tuple:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
+    if status is None:
+        raise ValueError("client_id URL did not answer HTTP")
+    if status.group(1) != "200":
+        raise ValueError(f"client_id URL answered HTTP {status.group(1)}")
+    headers = {}
+    for line in lines[1:]:
+        key, _, value = line.partition(":")
+        headers[key.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
+        if length < 0 or length > len(body):
+            raise ValueError("client metadata document was cut short")
+        body = body[:length]
+    if len(body) > limit:
+        raise ValueError("client metadata document is too large")
+    cache = headers.get("cache-control", "")
     match = re.search(r"max-age=(\d+)", cache)
     max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
-    return json.loads(data), max_age
+    return json.loads(body), max_age
+
+
+def _remember(approved: list, client_id: str, keep: int = 20, size: int = 3000) -> str:
+    """The consent cookie's list after approving ``client_id``: the newest ``keep`` clients, in
+    the order they were approved, within ``size`` characters (a browser drops a larger cookie)."""
+    newest = [c for c in approved if c != client_id][-(keep - 1):] + [client_id]
+    while len(newest) > 1 and len(" ".join(newest)) > size:
+        newest.pop(0)
+    return " ".join(newest)
 
 
 class _OAuth:
@@ -5489,6 +5988,12 @@ class _OAuth:
 
     def __init__(self, server: MCPServer):
         self.server = server
+        # Client metadata documents are fetched on threads of their own, at most
+        # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
+        # documents never hold the pool that runs tools and upstream calls.
+        self._fetch_slots = threading.BoundedSemaphore(_CIMD_MAX_FETCHES)
+        self._fetch_pool = None
+        self._fetches: dict = {}  # URL -> the fetch in flight, shared by concurrent requests
 
     @property
     def settings(self) -> Settings:
@@ -5563,22 +6068,22 @@ class _OAuth:
             "revocation_endpoint_auth_methods_supported": ["none", "client_secret_basic", "client_secret_post"],
             "scopes_supported": list(self.settings.scopes) + ["offline_access"],
             "client_id_metadata_document_supported": True,
-            "authorization_response_iss_parameter_supported": True,
-            "subject_types_supported": ["public"],
-            "id_token_signing_alg_values_supported": ["HS256"]})
+            "authorization_response_iss_parameter_supported": True})
 
     # -- rate limits -------------------------------------------------------------------------------
 
-    async def _rate_limit(self, http: _Http, route: str) -> None:
-        limit = self.settings.auth_rate_limit
+    async def _rate_limit(self, http: _Http, route: str, limit: int | None = None, window: int = 60,
+                          message: str = "") -> None:
+        limit = self.settings.auth_rate_limit if limit is None else limit
         if not limit:
             return
         client = (http.scope.get("client") or ("unknown",))[0]
-        window = int(_now() // 60)
-        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{window}", 60)
+        slot = int(_now() // window)
+        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
         if count > limit:
-            raise _HttpError(429, f"Too many requests to {route}; try again in a minute.",
-                             headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
+            wait = window - int(_now()) % window
+            raise _HttpError(429, message or f"Too many requests to {route}; try again in a minute.",
+                             headers=((b"retry-after", str(wait).encode()),))
 
     # -- clients -----------------------------------------------------------------------------------
 
@@ -5594,68 +6099,108 @@ class _OAuth:
         except _OAuthError as exc:
             await self._json_error(http, exc)
             return
+        # counted once the request is valid: a registration that will be stored (and live
+        # MCP_CLIENT_TTL unless used) is what the hourly cap per address limits
+        await self._rate_limit(http, "registered", self.settings.registrations_per_hour, 3600,
+                               "Too many client registrations from this address; try again within the hour "
+                               "(MCP_REGISTRATIONS_PER_HOUR).")
         response = {k: v for k, v in client.items() if k != "secret_hash"}
         if client["token_endpoint_auth_method"] != "none":
             secret = secrets.token_urlsafe(32)
             client["secret_hash"] = _sha256(secret)
             response["client_secret"] = secret
             response["client_secret_expires_at"] = 0
-        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client)
+        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client,
+                                           self.settings.client_ttl)
         await http.respond_json(201, response, headers=list(_NO_STORE))
 
     def _client_from_registration(self, body) -> dict:
         if not isinstance(body, dict):
             raise _OAuthError("invalid_client_metadata", "The body must be a JSON object.")
         uris = body.get("redirect_uris")
-        if not isinstance(uris, list) or not uris or not all(isinstance(u, str) for u in uris):
-            raise _OAuthError("invalid_redirect_uri", "redirect_uris must be a non-empty list of URLs.")
+        if not isinstance(uris, list) or not 0 < len(uris) <= 20 or not all(isinstance(u, str) for u in uris):
+            raise _OAuthError("invalid_redirect_uri", "redirect_uris must be a list of 1 to 20 URLs.")
         for uri in uris:
-            if not _redirect_uri_allowed(uri):
-                raise _OAuthError("invalid_redirect_uri", f"Redirect URI {uri!r} is not allowed: use https, "
-                                  "a loopback http URI, or a private-use scheme.")
+            problem = _redirect_uri_problem(uri)
+            if problem:
+                raise _OAuthError("invalid_redirect_uri", f"Redirect URI {uri[:200]!r} is not allowed: {problem}.")
         method = body.get("token_endpoint_auth_method", "none")
         if method not in ("none", "client_secret_basic", "client_secret_post"):
             raise _OAuthError("invalid_client_metadata", f"token_endpoint_auth_method {method!r} is not supported.")
         grants = body.get("grant_types", ["authorization_code", "refresh_token"])
         if not isinstance(grants, list) or not set(grants) <= {"authorization_code", "refresh_token"}:
             raise _OAuthError("invalid_client_metadata", "grant_types may hold authorization_code and refresh_token.")
-        kind = body.get("application_type") or (
+        kind = body.get("application_type") if body.get("application_type") in ("native", "web") else (
             "native" if all(_is_loopback_redirect(u) or not u.startswith("https") for u in uris) else "web")
-        name = body.get("client_name") if isinstance(body.get("client_name"), str) else None
+        name = _display_name(body.get("client_name"))
         return {"client_id": secrets.token_urlsafe(18), "client_id_issued_at": int(_now()),
                 "redirect_uris": uris, "token_endpoint_auth_method": method, "grant_types": grants,
                 "response_types": ["code"], "application_type": kind,
-                **({"client_name": name[:200]} if name else {}),
+                **({"client_name": name} if name else {}),
                 **({"scope": body["scope"]} if isinstance(body.get("scope"), str) else {})}
 
     async def client(self, client_id) -> dict | None:
-        """A registered client, or a Client ID Metadata Document fetched (and cached) from its URL."""
+        """A registered client (its life restarts with each use), or a Client ID Metadata Document
+        fetched (and cached, failures too) from its URL."""
         if not isinstance(client_id, str) or not client_id or len(client_id) > 2048:
             return None
         store = self.server._hub().store
         if not client_id.startswith(("https://", "http://")):
-            return await store.get(f"mcp:oauth:client:{client_id}")
+            return await store.get_touch(f"mcp:oauth:client:{client_id}", self.settings.client_ttl)
         cache_key = f"mcp:oauth:cimd:{_sha256(client_id)}"
         cached = await store.get(cache_key)
         if cached is not None:
             return cached or None
         try:
-            document, max_age = await asyncio.get_running_loop().run_in_executor(
-                None, _fetch_client_document, client_id, self.settings.allow_private_fetch)
+            document, max_age = await self._fetch_document(client_id)
+            client = self._client_from_document(client_id, document)
+        except _OAuthError:
+            raise  # too many fetches at once: not the document's fault, nothing to remember
         except Exception as exc:
-            log.warning("client metadata document %s refused: %s", client_id, exc)
+            log.warning("client metadata document %s refused: %s", client_id[:200], exc)
+            await store.set(cache_key, {}, _CIMD_NEGATIVE_TTL)
             return None
-        uris = document.get("redirect_uris") if isinstance(document, dict) else None
-        if (not isinstance(document, dict) or document.get("client_id") != client_id
-                or not isinstance(uris, list) or not all(isinstance(u, str) and _redirect_uri_allowed(u) for u in uris)):
-            log.warning("client metadata document %s is invalid (client_id must equal its URL)", client_id)
-            return None
-        client = {"client_id": client_id, "redirect_uris": uris, "token_endpoint_auth_method": "none",
-                  "client_name": str(document.get("client_name") or urllib.parse.urlsplit(client_id).hostname)[:200],
-                  "metadata_document": True}
         if max_age:
             await store.set(cache_key, client, max_age)
         return client
+
+    async def _fetch_document(self, client_id: str) -> tuple:
+        """``_fetch_client_document`` on the fetch threads, within the fetch deadline; a fetch of
+        the same URL already under way is shared.  Past the cap: 503, at once."""
+        import concurrent.futures
+        running = self._fetches.get(client_id)
+        timeout = self.settings.client_fetch_timeout
+        if running is None:
+            if not self._fetch_slots.acquire(blocking=False):
+                raise _OAuthError("temporarily_unavailable", "Too many client metadata documents are being "
+                                  "fetched right now; try again in a moment.", 503)
+
+            def fetch():
+                try:
+                    return _fetch_client_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
+                finally:
+                    self._fetch_slots.release()
+
+            if self._fetch_pool is None:
+                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(_CIMD_MAX_FETCHES, "mcp-client-document")
+            running = asyncio.get_running_loop().run_in_executor(self._fetch_pool, fetch)
+            self._fetches[client_id] = running
+            running.add_done_callback(lambda _done: self._fetches.pop(client_id, None))
+        try:
+            return await asyncio.wait_for(asyncio.shield(running), timeout + 1)
+        except asyncio.TimeoutError:
+            raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
+
+    @staticmethod
+    def _client_from_document(client_id: str, document) -> dict:
+        uris = document.get("redirect_uris") if isinstance(document, dict) else None
+        if not isinstance(document, dict) or document.get("client_id") != client_id:
+            raise ValueError("the document's client_id must equal its URL")
+        if not isinstance(uris, list) or not 0 < len(uris) <= 20 or not all(_redirect_uri_allowed(u) for u in uris):
+            raise ValueError("redirect_uris must be 1 to 20 allowed redirect URIs")
+        return {"client_id": client_id, "redirect_uris": uris, "token_endpoint_auth_method": "none",
+                "client_name": _display_name(document.get("client_name")) or _WEB_URI.fullmatch(client_id).group(2),
+                "metadata_document": True}
 
     # -- /authorize -------------------------------------------------------------------------------
 
@@ -5672,11 +6217,17 @@ class _OAuth:
                 await self._error_page(http, "Invalid request", f"The parameter {key} appears more than once.")
                 return
             params[key] = value
-        client = await self.client(params.get("client_id"))
+        try:
+            client = await self.client(params.get("client_id"))
+        except _OAuthError as exc:
+            await self._error_page(http, "Try again in a moment", exc.description, exc.status)
+            return
         if client is None:
+            document = str(params.get("client_id") or "").startswith(("https://", "http://"))
             await self._error_page(http, "Unknown application",
-                                   "The application that sent you here is not registered with this server. "
-                                   "Go back to it and connect again.")
+                                   "The application that sent you here is not registered with this server"
+                                   + (" (its client metadata document could not be fetched in time, or is "
+                                      "not valid)" if document else "") + ". Go back to it and connect again.")
             return
         redirect = params.get("redirect_uri")
         if redirect is None and len(client["redirect_uris"]) == 1:
@@ -5686,18 +6237,34 @@ class _OAuth:
                                    "The application asked to send you to an address it did not register, "
                                    "so this server will not send you there.")
             return
-        request = {"client_id": client["client_id"], "redirect_uri": redirect, "state": params.get("state"),
-                   "explicit_redirect": "redirect_uri" in params}
+        request = {"kind": "consent", "client_id": client["client_id"], "redirect_uri": redirect,
+                   "state": params.get("state"), "explicit_redirect": "redirect_uri" in params}
+        remembered = client["client_id"] in await self._remembered(http)
         try:
             request.update(self._validate_authorization(params, http))
         except _OAuthError as exc:
-            await self._redirect_error(http, redirect, exc, params.get("state"))
+            await self._authorize_error(http, redirect, exc, params.get("state"), trusted=remembered)
             return
-        if self.settings.consent == "never" or (
-                self.settings.consent == "remember" and client["client_id"] in await self._remembered(http)):
+        if self.settings.consent == "never" or (self.settings.consent == "remember" and remembered):
             await self._approve(http, request)
             return
         await self._consent_page(http, client, request)
+
+    async def _authorize_error(self, http: _Http, redirect: str, error: _OAuthError, state, trusted: bool) -> None:
+        """An error before the person said anything.  A registered redirect URI proves only that
+        someone registered it (registration is open), so this server redirects on its own only to
+        a client the person approved, a native app's URI, or when the operator trusts every client
+        (MCP_CONSENT=never); otherwise the person reads the error and decides (RFC 9700 4.11.2)."""
+        if trusted or self.settings.consent == "never" or not redirect.startswith("https:"):
+            await self._redirect_error(http, redirect, error, state)
+            return
+        import html
+        location = self._error_location(http, redirect, error, state)
+        await self._error_page(http, "The application's request was refused", error.description,
+                               extra=f"<p class=muted>It came from an application that answers at "
+                                     f"<code>{html.escape(_redirect_target(redirect))}</code>. "
+                                     f"<a href='{html.escape(location)}'>Tell it about the error</a> "
+                                     "only if you trust that address.</p>")
 
     def _validate_authorization(self, params: dict, http: _Http) -> dict:
         if params.get("response_type") != "code":
@@ -5723,40 +6290,56 @@ class _OAuth:
             raise _OAuthError("invalid_scope", f"Unknown scope(s): {', '.join(unknown)}.")
         return " ".join(s for s in wanted if s != "offline_access") or " ".join(self.settings.scopes)
 
+    # The binding cookies are SameSite=Strict: a cross-site page cannot make the browser send
+    # them.  Only the login nonce (mcp_login) must come back on the provider's top-level
+    # redirect to /redirect, which Strict would drop.
+    _LAX_COOKIES = frozenset(("mcp_login",))
+
+    def _cookie_name(self, http: _Http, name: str) -> str:
+        """``__Host-name`` on an https issuer (a sibling host cannot set or shadow it), the plain
+        name on http (loopback development): one name per deployment, never both."""
+        return ("__Host-" if self.secure(http) else "") + name
+
     def _cookie(self, http: _Http, name: str) -> str | None:
-        raw = http.headers.get("cookie", "")
-        for prefix in ("__Host-", ""):
-            for part in raw.split(";"):
-                key, _, value = part.strip().partition("=")
-                if key == prefix + name:
-                    return value
+        wanted = self._cookie_name(http, name)
+        for part in http.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == wanted:
+                return value
         return None
 
     def _set_cookie(self, http: _Http, name: str, value: str, max_age: int) -> tuple:
-        secure = self.secure(http)
-        text = (f"{'__Host-' if secure else ''}{name}={value}; Path=/; HttpOnly; SameSite=Lax; Max-Age={max_age}"
-                + ("; Secure" if secure else ""))
+        same_site = "Lax" if name in self._LAX_COOKIES else "Strict"
+        text = (f"{self._cookie_name(http, name)}={value}; Path=/; HttpOnly; SameSite={same_site}; "
+                f"Max-Age={max_age}" + ("; Secure" if self.secure(http) else ""))
         return (b"set-cookie", text.encode())
 
     async def _remembered(self, http: _Http) -> list:
+        """The clients this browser approved.  The signed text starts with ``consent:`` so that no
+        other cookie signed with the same key (``mcp_browser``) can stand in for it."""
         value = self._cookie(http, "mcp_consent")
         text = (await self.server._keyring()).verify(value, "cookie") if value else None
-        return text.split(" ") if text else []
+        kind, _, approved = (text or "").partition(" ")
+        return approved.split(" ") if kind == "consent:" and approved else []
 
     async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
         import html
         keys = await self.server._keyring()
         csrf = secrets.token_urlsafe(24)
         sealed = keys.seal({**request, "csrf": csrf, "exp": int(_now()) + 600}, "consent")
-        host = urllib.parse.urlsplit(request["redirect_uri"]).hostname or request["redirect_uri"]
-        verified = (" <span class=ok>(verified: its identity is a web address it controls)</span>"
-                    if client.get("metadata_document") else "")
+        name = html.escape(client.get("client_name") or client["client_id"])
+        if client.get("metadata_document"):  # the client_id's host is the identity it proved
+            who = (f"<b>{name}</b> <span class=muted>(its own name for itself)</span>, "
+                   f"<span class=ok>verified as <code>{html.escape(_redirect_target(client['client_id']))}"
+                   "</code> (a web address it controls)</span>,")
+        else:
+            who = f"<b>{name}</b> <span class=muted>(its own name for itself)</span>"
         warning = ("<p class=muted>It runs on this computer (a loopback address): approve only if you "
                    "just started it yourself.</p>") if _is_loopback_redirect(request["redirect_uri"]) else ""
-        body = (f"<p><b>{html.escape(client.get('client_name') or client['client_id'])}</b>{verified} asks "
-                f"to use <b>{html.escape(self.server.name)}</b> on your behalf.</p>"
+        body = (f"<p>{who} asks to use <b>{html.escape(self.server.name)}</b> on your behalf.</p>"
                 f"<p>It will receive access to: <code>{html.escape(request['scope'])}</code></p>"
-                f"<p class=muted>After you approve, you return to <code>{html.escape(host)}</code>.</p>{warning}"
+                f"<p class=muted>After you approve, this server sends you and the access code to "
+                f"<code>{html.escape(_redirect_target(request['redirect_uri']))}</code>.</p>{warning}"
                 f"<form method=post action='{html.escape(self.issuer(http))}/authorize'>"
                 f"<input type=hidden name=request value='{html.escape(sealed)}'>"
                 f"<input type=hidden name=csrf value='{html.escape(csrf)}'>"
@@ -5774,7 +6357,7 @@ class _OAuth:
         keys = await self.server._keyring()
         request = keys.unseal(fields.get("request", ""), "consent")
         cookie = self._cookie(http, "mcp_csrf") or ""
-        if (request is None or request.get("exp", 0) < _now() or not cookie
+        if (request is None or request.get("kind") != "consent" or request.get("exp", 0) < _now() or not cookie
                 or not hmac.compare_digest(str(request.get("csrf")), fields.get("csrf", ""))
                 or not hmac.compare_digest(cookie, fields.get("csrf", ""))):
             await self._error_page(http, "This page has expired",
@@ -5787,8 +6370,8 @@ class _OAuth:
             return
         remember = None
         if self.settings.consent == "remember":
-            approved = sorted(set(await self._remembered(http)) | {request["client_id"]})[-20:]
-            remember = self._set_cookie(http, "mcp_consent", keys.sign(" ".join(approved), "cookie"), 180 * 86400)
+            remember = self._set_cookie(http, "mcp_consent", keys.sign(
+                "consent: " + _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
     async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
@@ -5810,14 +6393,17 @@ class _OAuth:
                                                          "iss": self.issuer(http)})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])
 
+    def _error_location(self, http: _Http, redirect: str, error: _OAuthError, state) -> str:
+        return _with_query(redirect, {"error": error.error, "error_description": error.description,
+                                      "state": state, "iss": self.issuer(http)})
+
     async def _redirect_error(self, http: _Http, redirect: str, error: _OAuthError, state) -> None:
-        location = _with_query(redirect, {"error": error.error, "error_description": error.description,
-                                          "state": state, "iss": self.issuer(http)})
+        location = self._error_location(http, redirect, error, state)
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
-    async def _error_page(self, http: _Http, title: str, message: str) -> None:
+    async def _error_page(self, http: _Http, title: str, message: str, status: int = 400, extra: str = "") -> None:
         import html
-        await http.respond(400, _html_page(title, f"<p class=bad>{html.escape(message)}</p>"),
+        await http.respond(status, _html_page(title, f"<p class=bad>{html.escape(message)}</p>{extra}"),
                            "text/html; charset=utf-8", list(_HTML_HEADERS))
 
     # -- /token and /revoke -----------------------------------------------------------------------
@@ -5919,7 +6505,7 @@ class _OAuth:
 
     async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family,
                      generation: str | None) -> dict:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         now = int(_now())
         claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
@@ -5941,13 +6527,14 @@ class _OAuth:
         await store.set(f"mcp:oauth:rt:{token_hash}", {"family": family_id, "client_id": client["client_id"],
                                                        "sid": sid, "scope": scope, "resource": resource}, ttl)
         await store.set(f"mcp:oauth:family:{family_id}", {"id": family_id, "current": token_hash,
-                                                          "previous": replaced, "sid": sid}, ttl)
+                                                          "previous": replaced, "rotated": int(_now()),
+                                                          "sid": sid}, ttl)
         return token
 
     async def _refresh_grant(self, http: _Http, client: dict, fields: dict) -> dict:
-        """Rotate: the presented token must be the family's newest, or the one it replaced as long
-        as that replacement was never used (a client retrying a lost answer).  Anything older is
-        reuse: the family and its session are revoked."""
+        """Rotate: the presented token must be the family's newest, or the one it replaced, once,
+        within _REFRESH_GRACE seconds of the rotation (a client retrying a lost answer; RFC 9700
+        4.14.2).  Anything else is reuse: the family and its session are revoked."""
         store = self.server._hub().store
         token_hash = _sha256(fields.get("refresh_token", ""))
         record = await store.get(f"mcp:oauth:rt:{token_hash}")
@@ -5963,12 +6550,16 @@ class _OAuth:
         session = await store.get(_user_key(record["sid"])) or {
             "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": [],
             "gen": secrets.token_hex(4)}
-        if token_hash == family.get("previous"):
+        in_grace = (token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE
+                    and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE))
+        if in_grace:
             pass  # the unused replacement is superseded; its record stays, so using it is reuse
         elif token_hash != family["current"]:
             await self._revoke_family(family)
             log.warning("refresh token reuse detected: the token family and its session were revoked")
             raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
+        if fields.get("resource") and fields["resource"].rstrip("/") != record["resource"]:
+            raise _OAuthError("invalid_target", "resource does not match the one this grant was issued for.")
         scope = record["scope"]
         if fields.get("scope"):
             narrower = self._scopes(fields["scope"]).split()
@@ -5988,6 +6579,7 @@ class _OAuth:
         await store.delete(_user_key(family["sid"]))
 
     async def revoke(self, http: _Http) -> None:
+        await self._rate_limit(http, "revoke")  # it may fetch a client metadata document
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
             client = await self._authenticate_client(http, fields)
@@ -6019,7 +6611,7 @@ class _OAuth:
     # -- the protected resource --------------------------------------------------------------------
 
     async def _decode(self, http: _Http, token: str, verify_exp: bool = True) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         keys = await self.server._keyring()
         candidates = [keys.token_key]
         if self.settings.previous_secret:
@@ -6076,18 +6668,24 @@ class _OAuth:
         return claims["sid"]
 
     async def _decode_external(self, http: _Http, token: str) -> dict | None:
-        import jwt
+        jwt = _require("tokens")
         settings = self.settings
+        if not settings.auth_secret:
+            _require("jwks")  # (PyJWT needs it for these algorithms: else every token looks invalid)
         try:
             if settings.auth_secret:
                 key, algorithms = settings.auth_secret, ["HS256"]
             else:
                 if getattr(self, "_jwks", None) is None:
-                    self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5)
+                    # cooldown: a token naming an unknown key id refetches the key set at most
+                    # once in that many seconds, so bogus tokens cannot make this server a fetcher
+                    self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5,
+                                                 cooldown_duration=30)
                 signing = await asyncio.get_running_loop().run_in_executor(
                     None, self._jwks.get_signing_key_from_jwt, token)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
-            return jwt.decode(token, key, algorithms=algorithms, audience=self.resources(http),
+            audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
+            return jwt.decode(token, key, algorithms=algorithms, audience=audience,
                               issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
         except Exception:
             return None
@@ -6610,8 +7208,8 @@ def _service_path(path: str, allowed: typing.Iterable) -> str:
 # ---- The sandbox provider -------------------------------------------------------------------------
 #
 # A demo OAuth provider and trading API under /sandbox/, used when no UPSTREAM_* is configured, so
-# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in the
-# README) and every page says it is a sandbox.
+# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in
+# docs/login.md) and every page says it is a sandbox.
 
 _SANDBOX_USERS = {
     "asha": {"profile": {"user_id": "AB1234", "name": "Asha Rao (sandbox)", "email": "asha.rao@example.com",
@@ -6661,29 +7259,46 @@ class _Sandbox:
             raise _HttpError(404, f"Not Found: {path} (sandbox).")
 
     async def _authorize_page(self, http: _Http) -> None:
+        """The sign-in page.  What the sign-in will do (client, redirect URI, state, PKCE) is
+        sealed here into the form, so the POST redirects only where this GET was asked to."""
         import html
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
-        if not query.get("redirect_uri") or not query.get("state"):
-            raise _HttpError(400, "The sandbox authorize page needs redirect_uri and state.")
-        hidden = "".join(f"<input type=hidden name='{html.escape(k)}' value='{html.escape(v)}'>"
-                         for k, v in query.items() if k in ("redirect_uri", "state", "code_challenge", "client_id"))
+        problem = None
+        if not query.get("state") or not re.fullmatch(r"[A-Za-z0-9_-]{43}", query.get("code_challenge") or ""):
+            problem = "The sandbox authorize page needs state and a PKCE S256 code_challenge."
+        elif query.get("client_id") != "sandbox-client":
+            problem = "The sandbox knows one client: sandbox-client."
+        elif not _redirect_uri_allowed(query.get("redirect_uri")):
+            problem = "The sandbox redirects only to an https or loopback http redirect_uri."
+        if problem:
+            await http.respond(400, _html_page("Sandbox Securities - sign in", f"<p class=bad>{html.escape(problem)}</p>"),
+                               "text/html; charset=utf-8", list(_HTML_HEADERS))
+            return
+        keys = await self.server._keyring()
+        sealed = keys.seal({"kind": "sandbox", "exp": int(_now()) + 600,
+                            **{k: query[k] for k in ("redirect_uri", "state", "code_challenge", "client_id")}}, "consent")
         options = "".join(f"<option value='{name}'>{html.escape(user['profile']['name'])}</option>"
                           for name, user in _SANDBOX_USERS.items())
         body = ("<p class=muted><b>SANDBOX</b> - a demo provider with made-up accounts; nothing here is real.</p>"
-                "<form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
-                + hidden + "<div class=row><button class=primary>Sign in</button></div></form>")
+                f"<p class=muted>Signing in sends you back to <code>{html.escape(_redirect_target(query['redirect_uri']))}"
+                "</code>.</p><form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
+                f"<input type=hidden name=request value='{html.escape(sealed)}'>"
+                "<div class=row><button class=primary>Sign in</button></div></form>")
         await http.respond(200, _html_page("Sandbox Securities - sign in", body), "text/html; charset=utf-8",
                            list(_HTML_HEADERS))
 
     async def _sign_in(self, http: _Http) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
-        if fields.get("user") not in _SANDBOX_USERS or not fields.get("redirect_uri"):
+        request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
+        if request is None or request.get("kind") != "sandbox" or request.get("exp", 0) < _now():
+            raise _HttpError(400, "This sign-in form is stale or was not made by the sandbox; start again.")
+        if fields.get("user") not in _SANDBOX_USERS:
             raise _HttpError(400, "Choose one of the demo users.")
         code = secrets.token_urlsafe(24)
         await self.server._hub().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
-            "user": fields["user"], "challenge": fields.get("code_challenge"),
-            "redirect_uri": fields["redirect_uri"]}, 300)
-        location = _with_query(fields["redirect_uri"], {"code": code, "state": fields.get("state")})
+            "user": fields["user"], "challenge": request["code_challenge"], "client_id": request["client_id"],
+            "redirect_uri": request["redirect_uri"]}, 300)
+        location = _with_query(request["redirect_uri"], {"code": code, "state": request["state"]})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
     async def _token(self, http: _Http) -> None:
@@ -6694,6 +7309,7 @@ class _Sandbox:
             grant = await store.take(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
             verifier = fields.get("code_verifier", "")
             if (grant and grant["challenge"] and grant["redirect_uri"] == fields.get("redirect_uri")
+                    and grant.get("client_id") == fields.get("client_id")
                     and _b64url(hashlib.sha256(verifier.encode()).digest()) == grant["challenge"]):
                 user = grant["user"]
         elif fields.get("grant_type") == "refresh_token":
@@ -6728,7 +7344,9 @@ class _Sandbox:
 #   or without lifespan events (the runtime starts on first use).
 # - Every request passes Origin and Host validation first (DNS-rebinding protection): a browser
 #   Origin must be loopback or allow-listed (``Origin: null`` is foreign); on a loopback bind the
-#   Host must be loopback or allow-listed.  The 403 names the header and the setting to change.
+#   Host must be loopback or allow-listed.  A form POST to the authorization server's browser
+#   pages must come from their own origin (no allow-list, no loopback, no null: section 7).
+#   The 403 names the header and the setting to change.
 # - Errors before a response started become a JSON body with the right status; after it started,
 #   the stream simply ends.
 
@@ -6805,16 +7423,18 @@ class _App:
 
     def _check_origin(self, http: _Http, path: str) -> list:
         """CORS headers for an allowed Origin; raises 403 for a foreign one.  The browser pages of
-        the authorization server also accept their own origin (a form posting to itself)."""
+        the authorization server also accept their own origin, and a form posted to them only
+        their own origin (never ``null``, nor another allowed or loopback origin)."""
         origin = http.headers.get("origin")
         if origin is None:
             return []
         allowed = self.server.settings.allowed_origins
-        ok = "*" in allowed or origin in allowed or (
-            origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname)) or (
-            # the browser pages' own forms: same origin, or "null", which browsers send for a form
-            # POST from a page with Referrer-Policy: no-referrer (those forms carry CSRF tokens)
-            path.startswith(_OAUTH_BROWSER_PATHS) and origin in (self.oauth.origin(http), "null"))
+        own = path.startswith(_OAUTH_BROWSER_PATHS) and origin == self.oauth.origin(http)
+        if path.startswith(_OAUTH_BROWSER_PATHS) and http.scope.get("method") == "POST":
+            ok = own
+        else:
+            ok = own or "*" in allowed or origin in allowed or (
+                origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
@@ -7097,7 +7717,8 @@ async def _shutdown(server: MCPServer) -> None:
 #   when no length is given), backpressure both ways.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
-#   body 408 and close, an idle keep-alive connection closed, connections capped (503).
+#   body 408 and close, an idle keep-alive connection closed, connections capped (503), and
+#   capped per client address (429; a trusted proxy's are many clients' and are not).
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
 #   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
@@ -7128,6 +7749,7 @@ class _ServerState:
         # other ASGI app gets standard ASGI.
         self.native = app._serve_native if isinstance(app, _App) else None
         self.connections: set = set()
+        self.per_address: collections.Counter = collections.Counter()  # client IP -> open connections
         self.draining = False
         self.root_path = ""
         self.loop = asyncio.get_running_loop()
@@ -7485,6 +8107,7 @@ class _HttpProtocol(asyncio.Protocol):
         self._drain: asyncio.Future | None = None
         self.timer = None
         self.peer = self.client = self.server = None
+        self.counted_as = None  # the client address this connection counts against, if any
         self.closed = False
         self.unsent: list | None = None  # output for send_soon, not yet handed to the transport
         self.unsent_size = 0
@@ -7501,12 +8124,26 @@ class _HttpProtocol(asyncio.Protocol):
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
             return
+        address, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
+        proxies = self.settings.trusted_proxies  # (a proxy's connections are many clients')
+        if address is not None and limit and address not in proxies and "*" not in proxies:
+            if state.per_address[address] >= limit:
+                self._reject(429, f"Too many connections from this client address: {limit} are open, the "
+                             "limit (MCP_MAX_CONNECTIONS_PER_ADDRESS); close some, then retry.", b"retry-after: 5\r\n")
+                return
+            state.per_address[address] += 1
+            self.counted_as = address
         state.connections.add(self)
         self._arm(self.settings.header_timeout, self._head_timeout)
 
     def connection_lost(self, exc) -> None:
         self.closed = True
         self.state.connections.discard(self)
+        if self.counted_as is not None:
+            per_address, address, self.counted_as = self.state.per_address, self.counted_as, None
+            per_address[address] -= 1
+            if per_address[address] <= 0:
+                del per_address[address]
         self.state.ended += 1
         self._disarm()
         if self.cycle is not None:
@@ -7605,10 +8242,10 @@ class _HttpProtocol(asyncio.Protocol):
         else:
             self.close()
 
-    def _reject(self, status: int, message: str) -> None:
+    def _reject(self, status: int, message: str, headers: bytes = b"") -> None:
         body = _dumps({"jsonrpc": "2.0", "id": None, "error": {"code": INVALID_REQUEST, "message": message}}).encode()
         self.close(_status_line(status) + b"content-type: application/json\r\ncontent-length: %d\r\n"
-                   b"connection: close\r\n\r\n%s" % (len(body), body))
+                   b"%sconnection: close\r\n\r\n%s" % (len(body), headers, body))
         self.buffer.clear()
 
     # -- reading -----------------------------------------------------------------------------------
@@ -7918,7 +8555,10 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         log.warning("AUTHENTICATION IS OFF (MCP_AUTH=none) while listening on %s: anyone who can reach "
                     "this port can use every tool", settings.host)
     worker = os.environ.get("MCP_WORKER_ID")
-    if worker in (None, "0"):
+    if settings.stdio:  # the side listener of stdio: it is there for the browser, not for MCP
+        print(f"mcp_server: login pages listening on http://{host}:{port}/login/ (for the login "
+              "tool's browser sign-in; MCP itself is on stdio)", file=sys.stderr, flush=True)
+    elif worker in (None, "0"):
         print(f"mcp_server: listening on http://{host}:{port}{settings.mcp_path} "
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
@@ -7973,7 +8613,7 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
     def ready(port):
         server._local_base = f"http://127.0.0.1:{port}"
     for port in (server.settings.port, 0):  # the configured port, else any free one
-        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port, stdio=False)
+        settings = dataclasses.replace(server.settings, host="127.0.0.1", port=port)
         try:
             await _serve_http(server.asgi, settings, server, ready=ready, stop=stop)
             return
@@ -7981,11 +8621,30 @@ async def _side_listener(server: MCPServer, stop: asyncio.Event) -> None:
             log.warning("%s", exc)
 
 
+def _check_packages(server: MCPServer, settings: Settings) -> None:
+    """Refuse to start, naming the package, when the configuration needs one that is missing:
+    better than a login that stops halfway or a 500 on the first token."""
+    needed = ["redis"] if settings.redis_url or isinstance(server.store, RedisStore) else []
+    if not settings.stdio and settings.auth in ("builtin", "external"):
+        needed += ["tokens", "sealing"] if settings.auth == "builtin" else ["tokens"]
+        if settings.auth == "external" and not settings.auth_secret:
+            needed.append("jwks")
+    if server._login is not None:
+        needed.append("vault")
+    for feature in needed:
+        try:
+            _require(feature)
+        except _MissingPackage as exc:
+            raise SystemExit(f"mcp_server: error: {exc}") from None
+
+
 def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
-    settings.check_secrets()  # (settings built in code skip Settings.load's check)
+    # (settings built in code skip Settings.load's check; a store given in code counts too)
+    settings.check_secrets(shared_store=server.store is not None and not isinstance(server.store, MemoryStore))
+    _check_packages(server, settings)
     _configure_logging(settings.log_level, settings.log_format, settings.log_file)
     if getattr(settings, "dotenv_file", ""):  # which file, and what it set; never a value
         log.info("settings read from %s: %s", settings.dotenv_file, ", ".join(settings.dotenv_names) or "none")
@@ -8035,7 +8694,7 @@ def _supervise(settings: Settings) -> int:
     signal.signal(signal.SIGINT, stop)
 
     def start(index: int):
-        # glibc's allocator, so that a worker's trims give memory back (README: Memory); the
+        # glibc's allocator, so that a worker's trims give memory back (docs/operations.md: Memory); the
         # operator's own PYTHONMALLOC wins
         env = {"PYTHONMALLOC": "malloc", **os.environ, "MCP_WORKER_ID": str(index)}
         return subprocess.Popen(command, env=env)
@@ -8092,7 +8751,7 @@ def _builtin_server(settings: Settings) -> MCPServer:
 
 
 def _settings_table() -> str:
-    """Every setting as a Markdown table (the README's configuration reference is this output)."""
+    """Every setting as a Markdown table (docs/configuration.md is this output)."""
     def cell(value):
         if isinstance(value, bool):
             return "`true`" if value else "`false`"
@@ -8106,6 +8765,24 @@ def _settings_table() -> str:
         rows.append(f"| {f'`{flag}`' if flag else '(env only)'} | {', '.join(f'`{n}`' for n in names)} "
                     f"| {cell(default)} | {help_text.replace('|', '/')} |")
     return "\n".join(rows)
+
+
+_TABLE_START, _TABLE_END = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+
+
+def _write_settings_table(path: str) -> None:
+    """Put the settings table between the markers of the page at ``path`` (docs/configuration.md)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            page = f.read()
+    except OSError as exc:
+        raise SystemExit(f"mcp_server: error: cannot read {path}: {exc.strerror or exc}")
+    start, end = page.find(_TABLE_START), page.find(_TABLE_END)
+    if start < 0 or end < start:
+        raise SystemExit(f"mcp_server: error: {path} has no {_TABLE_START} ... {_TABLE_END} markers")
+    page = page[:start + len(_TABLE_START)] + "\n" + _settings_table() + "\n" + page[end:]
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
 
 
 # CPython keeps a script's syntax tree until the script's code returns: ~18 MB for this file, which
@@ -8154,12 +8831,18 @@ def _encrypt_command(args: list) -> None:
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
     ``python mcp_server.py encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of NAME;
-    ``python mcp_server.py settings``: print every setting as a Markdown table."""
+    ``python mcp_server.py settings``: print every setting as a Markdown table;
+    ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
     from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["settings"]:
-            print(_settings_table())
+            if argv[1:2] == ["--write"] and len(argv) == 3:
+                _write_settings_table(argv[2])
+            elif len(argv) == 1:
+                print(_settings_table())
+            else:
+                raise SystemExit("mcp_server: error: usage: python mcp_server.py settings [--write PAGE.md]")
             return
         if argv[:1] == ["encrypt"]:
             _encrypt_command(argv[1:])
@@ -8168,6 +8851,9 @@ def main(argv: list | None = None) -> None:
         if from_command_line:
             _restart_as_module(settings)
         server = _builtin_server(settings)
+    except _MissingPackage as exc:
+        print(f"mcp_server: error: {exc}", file=sys.stderr)
+        sys.exit(2)
     except SystemExit as exc:
         if exc.code not in (0, None):
             print(exc.code, file=sys.stderr)

@@ -1788,67 +1788,6 @@ class TestRegistry:
         assert sync != loop_thread
         assert async_ == loop_thread
 
-    def test_a_sync_tool_that_proves_cheap_moves_onto_the_loop_and_back_when_it_blocks(self, monkeypatch):
-        # generous bounds, so that a busy machine cannot make a cheap call look slow or a slow one cheap
-        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_FAST", 1.0)
-        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_SLOW", 0.05)
-        server = mcp_server.MCPServer("auto-inline")
-        delay = [0.0]
-
-        @server.tool()
-        def where() -> dict:
-            if delay[0]:
-                time.sleep(delay[0])
-            return {"thread": threading.get_ident()}
-
-        @server.tool(inline=False)
-        def pinned() -> dict:
-            return {"thread": threading.get_ident()}
-
-        async def scenario():
-            loop_thread = threading.get_ident()
-            first = await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS)  # timed in the pool
-            assert loop_thread not in first
-            assert await _threads_of(server, "where", 3) == [loop_thread] * 3  # then on the loop
-            assert loop_thread not in await _threads_of(server, "pinned", 40)  # inline=False: always the pool
-            strikes = []
-            for _ in range(mcp_server._AUTO_INLINE_STRIKES):
-                delay[0] = mcp_server._AUTO_INLINE_SLOW * 2
-                strikes.append(await _threads_of(server, "where", 1))  # blocks the loop once: back to the pool
-                delay[0] = 0.0
-                assert loop_thread not in await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS)
-            assert strikes == [[loop_thread]] * mcp_server._AUTO_INLINE_STRIKES
-            # the last strike was final: however cheap it is now, it stays in the pool
-            assert loop_thread not in await _threads_of(server, "where", mcp_server._AUTO_INLINE_RUNS * 2)
-        asyncio.run(scenario())
-
-    def test_a_function_that_waits_every_time_stays_in_the_pool_and_an_outlier_does_not_reset(self, monkeypatch):
-        monkeypatch.setattr(mcp_server, "_AUTO_INLINE_FAST", 0.01)
-        server = mcp_server.MCPServer("auto-inline-score")
-        calls = [0]
-
-        @server.tool()
-        def waits() -> dict:
-            time.sleep(0.02)  # like I/O: slow every time
-            return {"thread": threading.get_ident()}
-
-        @server.tool()
-        def mostly_cheap() -> dict:
-            calls[0] += 1
-            if calls[0] % 4 == 0:
-                time.sleep(0.02)  # now and then slow
-            return {"thread": threading.get_ident()}
-
-        async def scenario():
-            loop_thread = threading.get_ident()
-            assert loop_thread not in await _threads_of(server, "waits", 24)
-            assert server._tools["waits"].fast_runs == 0
-            # 3 fast and 1 slow in every 4: never 16 fast in a row, yet it earns the loop (at call
-            # 55 at the earliest; later if the machine slows a cheap call too)
-            ran_on = await _threads_of(server, "mostly_cheap", 120)
-            assert loop_thread in ran_on and loop_thread not in ran_on[:54]
-        asyncio.run(scenario())
-
     def test_inline_true_runs_on_the_loop_from_the_first_call(self):
         server = mcp_server.MCPServer("inline")
 
@@ -1950,6 +1889,38 @@ class TestRegistry:
                        "description": "Greet someone."}
         error, _ = core_error(server, "prompts/get", {"name": "greeting", "arguments": {}})
         assert error["code"] == -32602 and "name" in error["message"]
+
+    def test_a_sync_tool_fast_many_times_never_moves_onto_the_loop_so_its_stall_blocks_no_one(self, make_server):
+        # issue 19, defect 6: a sync tool was moved onto the event loop after 16 fast calls, and
+        # its next slow call (a network stall, a lock) then blocked every client of the process.
+        # The stalled call waits on an event that is set only once another client's ping was
+        # answered: with the loop blocked, that ping can never be answered.
+        server = build_server()
+        calls, entered, released = [0], threading.Event(), threading.Event()
+
+        @server.tool()
+        def usually_fast() -> dict:
+            calls[0] += 1
+            if calls[0] <= 30:
+                return {"thread": threading.get_ident()}
+            entered.set()
+            return {"released": released.wait(WAIT)}
+
+        st = make_server(server)
+        stalled_client, other_client = Session(st.port), Session(st.port)
+        stalled_client.initialize()
+        other_client.initialize()
+        for _ in range(30):
+            assert "thread" in stalled_client.call("usually_fast")["structuredContent"]
+        outcome = {}
+        stalled = threading.Thread(target=lambda: outcome.update(stalled_client.call("usually_fast")), daemon=True)
+        stalled.start()
+        assert entered.wait(WAIT), "the slow call never started"
+        assert other_client.request("ping") == {"jsonrpc": "2.0", "id": other_client._id, "result": {}}
+        assert "tools" in other_client.request("tools/list")["result"]
+        released.set()
+        stalled.join(WAIT)
+        assert outcome.get("structuredContent") == {"released": True}, outcome
 
 
 def random_json(rng: random.Random, depth: int):
@@ -2288,6 +2259,94 @@ class TestCore:
                 assert exc.code == -32600 and exc.status == 400
             else:
                 assert kind in ("request", "notification", "response")
+
+    def test_asking_for_what_the_revision_lacks_names_the_revision_not_the_capability(self, make_server):
+        # issue 19, defect 7: on 2024-11-05 and 2025-03-26 a tool asking for elicitation was told
+        # "the client did not declare the elicitation capability" although it had: those revisions
+        # have no elicitation.  Same for URL mode and sampling with tools (2025-11-25).
+        server = MCPServer("revisions", settings=Settings(auth="none"))
+        asks = {"form": lambda ctx: ctx.elicit("Name?", NAME_SCHEMA),
+                "url": lambda ctx: ctx.elicit_url("Sign in", "https://example.com/sign-in"),
+                "sampling_tools": lambda ctx: ctx.sample("Hi", tools=[{"name": "t", "inputSchema": NAME_SCHEMA}]),
+                "sampling_context": lambda ctx: ctx.sample("Hi", include_context="thisServer")}
+
+        @server.tool()
+        async def ask(what: str, ctx: Context) -> str:
+            await asks[what](ctx)
+            return "asked"
+
+        @server.tool()
+        async def supported(ctx: Context) -> dict:
+            features = ("elicitation", "elicitation.url", "sampling", "sampling.tools", "roots")
+            return {feature: ctx.supports(feature) for feature in features}
+
+        everything = {"elicitation": {"form": {}, "url": {}}, "sampling": {"tools": {}}, "roots": {}}
+        st = make_server(server)
+        form = ("Elicitation is not part of MCP {v}, the revision this client speaks; "
+                "it needs 2025-06-18 or later, so the client cannot be asked.")
+        url = ("URL-mode elicitation is not part of MCP {v}, the revision this client speaks; "
+               "it needs 2025-11-25 or later, so the client cannot be asked.")
+        tools = ("Sampling with tools is not part of MCP {v}, the revision this client speaks; "
+                 "it needs 2025-11-25 or later, so the client cannot be asked.")
+        expected = {"2024-11-05": {"form": form, "url": url, "sampling_tools": tools},
+                    "2025-03-26": {"form": form, "url": url, "sampling_tools": tools},
+                    "2025-06-18": {"url": url, "sampling_tools": tools}}
+        for version, refusals in expected.items():
+            session = Session(st.port, version, everything)
+            session.initialize()
+            for what, text in refusals.items():
+                reply = session.post(session.body("tools/call", {"name": "ask", "arguments": {"what": what}}))
+                assert reply.content_type == "application/json", reply  # no request went to the client
+                result = final_message(reply, session._id)["result"]
+                assert result["isError"] is True and result["content"][0]["text"] == text.format(v=version), result
+            assert json.loads(session.call("supported")["content"][0]["text"]) == {
+                "elicitation": version >= "2025-06-18", "elicitation.url": False, "sampling": True,
+                "sampling.tools": False, "roots": True}
+        # a revision that has the feature, a client that did not declare it: that is what it hears
+        bare = Session(st.port, "2025-11-25", {"sampling": {}})
+        bare.initialize()
+        for what, need in (("form", "elicitation"), ("url", "elicitation.url"), ("sampling_tools", "sampling.tools"),
+                           ("sampling_context", "sampling.context")):
+            result = bare.call("ask", {"what": what})
+            assert result["content"][0]["text"] == (
+                f"The client did not declare the {need} capability, so it cannot be asked."), result
+        # 2026-07-28 has them all: an undeclared one is -32021 with what it needs
+        asked = {"name": "ask", "arguments": {"what": "sampling_context"}}
+        error = assert_rpc_error(modern_post(st.port, "tools/call", asked, caps={"sampling": {}}), 400, -32021)
+        assert error["data"]["requiredCapabilities"] == {"sampling": {"context": {}}}
+
+    def test_a_failure_while_building_an_input_round_is_an_error_answer_not_an_escape(self):
+        # The round was built inside _respond's handler for _InputRequired, where nothing caught
+        # what failed: on stdio the process ended (here: a value requestState cannot carry)
+        server = MCPServer("rounds")
+
+        @server.tool()
+        async def ask(ctx: Context) -> str:
+            ctx.round_state["handle"] = object()
+            await ctx.elicit("Name?", NAME_SCHEMA)
+            return "asked"
+
+        response, status = modern_core(server, "tools/call", {"name": "ask"}, caps={"elicitation": {}})
+        assert status == 500 and response["error"]["code"] == -32603, response
+        assert ERROR_ID.search(response["error"]["message"]), response
+
+    def test_tasks_methods_on_2025_11_25_say_the_server_offers_no_tasks_there_not_that_the_revision_lacks_them(
+            self, make_server):
+        # 2025-11-25 defines tasks/* (experimental); this server declares no tasks capability
+        # there.  "not part of protocol version 2025-11-25" was untrue; on 2025-06-18 it is true.
+        st = make_server()
+        current = Session(st.port, "2025-11-25")
+        current.initialize()
+        assert "tasks" not in current.init_result["capabilities"]
+        for method in ("tasks/get", "tasks/list"):
+            error = current.request(method, {"taskId": "x"})["error"]
+            assert error["code"] == -32601 and error["message"] == (
+                f"Method not found: {method}: this server declared no tasks capability for 2025-11-25; it runs "
+                "tasks for 2026-07-28 clients, as the io.modelcontextprotocol/tasks extension."), error
+        older = Session(st.port, "2025-06-18")
+        older.initialize()
+        error = older.request("tasks/get", {"taskId": "x"})["error"]
+        assert error["message"] == "Method not found: tasks/get is not part of protocol version 2025-06-18.", error
 
 
 # =================================================================================================
@@ -3033,6 +3092,40 @@ class TestStdio:
         assert "NOISE from print() t" in err and "more noise" in err and "raw fd noise" in err
         assert "async noise" in err
 
+    def test_a_tools_child_process_cannot_read_the_clients_messages(self, tmp_path):
+        # The child inherits fd 0: on the client's pipe it would take the next message (here the
+        # ping), which the server then never answers.  It must find stdin empty instead.
+        script = tmp_path / "child_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import subprocess, sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer
+            server = MCPServer("children", version="1.0.0")
+
+            @server.tool()
+            def child_reads_stdin() -> str:
+                """Run a child that reads one line of its inherited stdin."""
+                done = subprocess.run([sys.executable, "-c", "import sys; print(repr(sys.stdin.readline()))"],
+                                      stdout=subprocess.PIPE, text=True, timeout=30)
+                return done.stdout.strip()
+
+            if __name__ == "__main__":
+                server.run()
+        '''))
+        with Proc([str(script), "--stdio"]) as p:
+            p.initialize()
+            p.send({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                    "params": {"name": "child_reads_stdin", "arguments": {}}})
+            p.send({"jsonrpc": "2.0", "id": 8, "method": "ping"})
+            answers = {}
+            while len(answers) < 2:
+                reply = p.recv()
+                if "id" in reply:
+                    answers[reply["id"]] = reply
+            assert answers[7]["result"]["content"][0]["text"] == "''"  # end of file at once
+            assert answers[8]["result"] == {}
+            assert p.finish() == 0
+
     def test_parse_error_then_keeps_serving(self):
         with Proc([SERVER_FILE, "--stdio"]) as p:
             p.send(b"this is not json\n")
@@ -3101,6 +3194,112 @@ class TestStdio:
             answers = p.recv()
             assert isinstance(answers, list) and {a["id"] for a in answers} == {"x", "y"}
             assert p.finish() == 0
+
+    @pytest.mark.parametrize("transport", ["stdio", "http"])
+    def test_sys_exit_or_keyboard_interrupt_in_a_tool_fails_that_call_and_the_server_keeps_serving(
+            self, tmp_path, transport):
+        # issue 19: SystemExit and KeyboardInterrupt pass through asyncio's tasks and out of the
+        # event loop, so one tool calling sys.exit() (its own, or a library's) ended the process
+        script = tmp_path / "exiting_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import asyncio, sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer
+            server = MCPServer("exits")
+
+            @server.tool()
+            def exit_in_thread() -> str:
+                sys.exit(3)
+
+            @server.tool(inline=True)
+            def exit_inline() -> str:
+                sys.exit(3)
+
+            @server.tool()
+            async def exit_async() -> str:
+                await asyncio.sleep(0)
+                sys.exit(3)
+
+            @server.tool()
+            def interrupt_in_thread() -> str:
+                raise KeyboardInterrupt
+
+            @server.tool()
+            async def interrupt_async() -> str:
+                raise KeyboardInterrupt
+
+            @server.resource("test://exit")
+            def exit_resource() -> str:
+                sys.exit(4)
+
+            async def exit_on_prompts(ctx, call_next):
+                if ctx.method == "prompts/list":
+                    raise SystemExit(5)
+                return await call_next()
+            server.add_middleware(exit_on_prompts)
+
+            server.run()
+        '''))
+        tools = ("exit_in_thread", "exit_inline", "exit_async", "interrupt_in_thread", "interrupt_async")
+        argv = [str(script), "--stdio"] if transport == "stdio" else [str(script), "--port", "0", "--no-auth"]
+        with Proc(argv) as p:
+            if transport == "stdio":
+                p.initialize()
+                ask = p.request
+            else:
+                session = Session(_login_port_of(p))
+                session.initialize()
+
+                def ask(method, params=None):
+                    message = session.body(method, params)
+                    return final_message(session.post(message), message["id"])
+            for name in tools:
+                result = ask("tools/call", {"name": name, "arguments": {}})["result"]
+                assert result["isError"] is True and ERROR_ID.search(result["content"][0]["text"]), result
+                assert ask("ping")["result"] == {}
+            for method, params in (("resources/read", {"uri": "test://exit"}), ("prompts/list", {})):
+                error = ask(method, params)["error"]
+                assert error["code"] == -32603 and ERROR_ID.search(error["message"]), error
+            assert ask("ping")["result"] == {}
+            if transport == "stdio":
+                assert p.finish() == 0
+            else:
+                p.proc.send_signal(signal.SIGTERM)
+                assert p.proc.wait(WAIT) == 0
+        for line in bytes(p.stdout).splitlines():
+            json.loads(line)  # stdout carried nothing but JSON-RPC messages
+        assert "raised SystemExit(3)" in p.stderr.decode() and "KeyboardInterrupt" in p.stderr.decode()
+
+    def test_a_tool_whose_package_is_missing_answers_a_tool_error_naming_it_and_stdout_stays_clean(self, tmp_path):
+        # issue 19, defect 5: without cryptography, asking a 2026-07-28 client for input (the
+        # answers travel sealed) was a -32603 with an error id; now the call says what is missing
+        script = tmp_path / "asking_server.py"
+        script.write_text(textwrap.dedent(f'''
+            import sys
+            sys.path.insert(0, {ROOT!r})
+            from mcp_server import MCPServer, Context
+            server = MCPServer("asking")
+
+            @server.tool()
+            async def ask(ctx: Context) -> str:
+                answer = await ctx.elicit("Name?", {{"type": "object", "properties": {{}}}})
+                return answer["action"]
+
+            server.run()
+        '''))
+        env = TestCLI.without_packages(tmp_path, "cryptography", "jwt", "redis")
+        with Proc([str(script), "--stdio"], env=env) as p:  # (stdio needs none of the three to start)
+            p.initialize()
+            modern = {"_meta": {META_VERSION: MODERN, META_CAPS: {"elicitation": {}}}}
+            result = p.request("tools/call", {"name": "ask", "arguments": {}, **modern})["result"]
+            assert result["isError"] is True, result
+            text = result["content"][0]["text"]
+            assert "needs the Python package cryptography, which is not installed" in text, text
+            assert text.endswith("pip install -r requirements.txt")
+            assert p.request("ping")["result"] == {}
+            assert p.finish() == 0
+        for line in bytes(p.stdout).splitlines():
+            json.loads(line)  # stdout carried nothing but JSON-RPC messages
 
 
 # =================================================================================================
@@ -3943,6 +4142,18 @@ class TestCLI:
             entry = json.loads(extra)
             assert entry["event"] == "request" and entry["route"] == "/http" and entry["status"] == 200
 
+    def test_stdio_says_its_http_listener_is_for_the_login_pages_not_a_second_mcp_endpoint(self):
+        with Proc([SERVER_FILE, "--stdio", "--port", "0"]) as p:
+            line = p.err_line()
+            match = re.fullmatch(r"mcp_server: login pages listening on (http://127\.0\.0\.1:(\d+))/login/ "
+                                 r"\(for the login tool's browser sign-in; MCP itself is on stdio\)\n", line or "")
+            assert match, line
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY  # MCP: on stdio
+            call = p.request("tools/call", {"name": "login", "arguments": {}})
+            link = call["result"]["structuredContent"]["url"]
+            assert link.startswith(match.group(1) + "/login/")  # the pages it names are the ones it serves
+            assert http(int(match.group(2)), "GET", link[len(match.group(1)):]).status == 200
+
     def test_as_a_script_http_starts_over_as_the_module_and_stdio_stays_the_script(self, tmp_path):
         # CPython keeps a script's syntax tree for as long as the script runs (~18 MB of RSS here)
         shutil.copy(SERVER_FILE, tmp_path)
@@ -4031,6 +4242,86 @@ class TestCLI:
                                 timeout=WAIT * 3, env=clean_env(), cwd=NEUTRAL_CWD)
         assert result.returncode == 2 and len(result.stderr.splitlines()) == 1
         assert "--nope" in result.stderr
+
+    @staticmethod
+    def without_packages(tmp_path, *packages: str, **extra) -> dict:
+        """An environment whose Python cannot import ``packages``: a ``sitecustomize`` on
+        PYTHONPATH puts a finder first on sys.meta_path that refuses them, as if not installed."""
+        shim = tmp_path / "no-packages"
+        shim.mkdir(exist_ok=True)
+        (shim / "sitecustomize.py").write_text(textwrap.dedent('''
+            import os, sys
+
+            class _NotInstalled:
+                blocked = set(os.environ["TEST_BLOCKED_PACKAGES"].split(","))
+
+                def find_spec(self, name, path=None, target=None):
+                    if name.partition(".")[0] in self.blocked:
+                        raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+                    return None
+
+            sys.meta_path.insert(0, _NotInstalled())
+        '''))
+        env = clean_env(TEST_BLOCKED_PACKAGES=",".join(packages), **extra)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(shim), env.get("PYTHONPATH")]))
+        return env
+
+    @pytest.mark.parametrize("blocked, args, env, package", [
+        ("cryptography", ["--stdio"], {}, "cryptography"),  # the built-in server has the login tools
+        ("jwt", ["--port", "0"], {}, "pyjwt"),  # OAuth (the default over HTTP)
+        ("redis", ["--port", "0", "--no-auth"], {"REDIS_URL": "redis://127.0.0.1:1", "ENCRYPTION_KEY": "11" * 32,
+                                                 "MCP_SECRET": "missing-package-test-secret-0123456789"}, "redis"),
+        ("cryptography", ["encrypt", "--setting", "MCP_SECRET", "secret"], {"ENCRYPTION_KEY": "11" * 32},
+         "cryptography"),
+        ("cryptography", ["--port", "0"], {"MCP_AUTH": "external", "MCP_AUTH_ISSUER": "https://issuer.example",
+                                           "MCP_AUTH_JWKS_URL": "https://issuer.example/jwks",
+                                           "MCP_PUBLIC_URL": "https://mcp.example"}, "cryptography"),
+        ("cryptography", ["--stdio"], {"ENCRYPTION_KEY": "11" * 32, "MCP_PUBLIC_URL": "enc:v1.x.y"}, "cryptography"),
+    ])
+    def test_a_missing_package_the_configuration_needs_refuses_the_start_naming_it(
+            self, tmp_path, blocked, args, env, package):
+        # issue 19, defect 5: a missing optional package surfaced later as a traceback, a 500 or a
+        # login that stopped halfway; now the start is refused with the package and the command
+        result = run_cli(args, env=self.without_packages(tmp_path, blocked, **env))
+        assert result.returncode != 0 and result.stdout == "", result
+        assert "Traceback" not in result.stderr, result.stderr
+        line = result.stderr.strip().splitlines()[-1]
+        assert f"needs the Python package {package}, which is not installed" in line, result.stderr
+        assert line.endswith("pip install -r requirements.txt"), result.stderr
+
+    def test_a_login_tool_without_cryptography_is_a_tool_error_not_a_link_to_a_500(self, tmp_path):
+        # An application that mounts server.asgi itself runs no start-up check: the login tool
+        # must refuse before it hands out a link whose /redirect could not store the credentials
+        script = tmp_path / "login_app.py"
+        script.write_text(textwrap.dedent(f'''
+            import asyncio, sys
+            sys.path.insert(0, {ROOT!r})
+            import mcp_server
+            server = mcp_server.MCPServer("login-app", settings=mcp_server.Settings(auth="none", port=0))
+            server.add_login_tools()
+            asyncio.run(mcp_server._serve_http(server.asgi, server.settings, server))
+        '''))
+        with Proc([str(script)], env=self.without_packages(tmp_path, "cryptography")) as p:
+            session = Session(_login_port_of(p))
+            session.initialize()
+            result = session.call("login")
+            assert result["isError"] is True, result
+            assert "needs the Python package cryptography, which is not installed" in result["content"][0]["text"]
+            assert "pip install -r requirements.txt" in result["content"][0]["text"]
+            assert session.request("ping")["result"] == {}
+
+    def test_a_request_whose_package_is_missing_is_503_naming_it_not_a_500(self, tmp_path):
+        # Over stdio OAuth is not needed to start, but the login's loopback listener still serves
+        # /mcp behind bearer tokens: without pyjwt a token there is refused naming the package
+        env = self.without_packages(tmp_path, "jwt", MCP_PORT="0")
+        with Proc([SERVER_FILE, "--stdio"], env=env) as p:
+            port = _login_port_of(p)
+            r = http(port, "POST", "/mcp", {"Authorization": "Bearer not-checked", "Accept": ACCEPT_BOTH},
+                     {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            assert r.status == 503, r
+            assert "needs the Python package pyjwt, which is not installed" in r.json()["error"]["message"], r.body
+            assert p.initialize()["result"]["protocolVersion"] == LEGACY  # stdio serves on
+            assert p.finish() == 0
 
 
 # ==== 2 and 6 across instances: the Redis store, scale-out, revisions, tasks ==================
@@ -4978,7 +5269,9 @@ def _redis_listening_workers(supervisor_pid: int, port: int, count: int) -> dict
 # objects (MetaObject: any key with a valid name) and a tool's ``inputSchema``/``outputSchema``
 # (JSON Schema documents: any JSON Schema keyword).
 
-_REV_SCHEMA_DIR = os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema"))
+# MCP_SCHEMA_DIR points at another folder of <revision>.json files (no published package ships them)
+_REV_SCHEMA_DIR = (os.environ.get("MCP_SCHEMA_DIR")
+                   or os.path.normpath(os.path.join(ROOT, "..", "shared", "spec", "schema")))
 _REV_OPEN_PROPERTIES = ("_meta", "inputSchema", "outputSchema")
 _REV_TYPES = {
     "null": lambda v: v is None,
@@ -5114,8 +5407,9 @@ _REV_SCHEMAS: dict = {}
 
 def _rev_schema(revision: str) -> _rev_Schema:
     if not os.path.isdir(_REV_SCHEMA_DIR):
-        pytest.skip(f"the official schemas are not at {_REV_SCHEMA_DIR} (shared/spec/schema beside the "
-                    "repository); these tests validate against them and the repository keeps no copy")
+        pytest.skip(f"the MCP specification's schema files (<revision>.json) are not at {_REV_SCHEMA_DIR}: no "
+                    "published package ships them and the repository keeps no copy; put them in "
+                    "../shared/spec/schema beside the repository, or name their folder in MCP_SCHEMA_DIR")
     if revision not in _REV_SCHEMAS:
         _REV_SCHEMAS[revision] = _rev_Schema(revision)
     return _REV_SCHEMAS[revision]
@@ -6055,7 +6349,7 @@ def _auth_assert_page_headers(resp) -> None:
     assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp, resp
     assert resp.header("x-frame-options") == "DENY", resp
     assert "no-store" in (resp.header("cache-control") or ""), resp
-    assert resp.header("referrer-policy") == "no-referrer", resp
+    assert resp.header("referrer-policy") == "same-origin", resp
 
 
 def _auth_hidden_fields(page: str) -> dict:
@@ -6364,7 +6658,7 @@ class TestOAuth:
         assert set(fields) == {"request", "csrf"}
         cookies = _auth_cookies(r)
         assert cookies["mcp_csrf"] == fields["csrf"]
-        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Lax" in r.header("set-cookie")
+        assert "HttpOnly" in r.header("set-cookie") and "SameSite=Strict" in r.header("set-cookie")
         answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
                                  {"Cookie": f"mcp_csrf={cookies['mcp_csrf']}", "Origin": _auth_base(port)})
         query = _auth_location(answer, _AUTH_CB)
@@ -7098,7 +7392,8 @@ class TestLogin:
     """The seed's login flow through the generic UPSTREAM_* path, with a real browser's cookies."""
 
     @pytest.fixture(scope="class")
-    def provider(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def provider(cls):
         """The sandbox provider: ``mcp_server.py --no-auth`` in its own process."""
         with Proc([SERVER_FILE, "--no-auth", "--port", "0"]) as proc:
             port = _login_port_of(proc)
@@ -7681,9 +7976,10 @@ class TestLoginRounds:
 
 
 class TestBrowserForms:
-    """What a real browser sends: a form POST from a page with Referrer-Policy: no-referrer carries
-    ``Origin: null`` (Fetch spec), so the login and consent forms accept it (their CSRF tokens
-    protect them) while the MCP endpoint still refuses it.  Found by driving headless Chromium."""
+    """What a real browser sends: a form POST from a page with Referrer-Policy: same-origin carries
+    the page's real Origin (Fetch spec), so the login, consent and sandbox forms accept exactly their
+    own origin and refuse ``Origin: null`` (what a sandboxed iframe or data: URL of an attacker
+    sends; under the old no-referrer policy browsers sent it too, which is why it used to pass)."""
 
     def _asgi(self, app, method, path, headers, body=b""):
         sent = []
@@ -7701,14 +7997,22 @@ class TestBrowserForms:
         asyncio.run(app(scope, receive, send))
         return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
-    def test_origin_null_reaches_the_login_form_but_not_the_mcp_endpoint(self):
-        server = mcp_server._builtin_server(Settings(auth="none"))
-        host = {"Host": "127.0.0.1:6901", "Origin": "null", "Content-Type": "application/x-www-form-urlencoded"}
-        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction", host, b"csrf=x&code=y")
-        assert status == 400 and b"expired" in body  # the page itself answers: no Origin refusal
-        status, body = self._asgi(server.asgi, "POST", "/mcp", {**host, "Content-Type": "application/json"},
+    def test_origin_null_is_refused_by_the_browser_forms_and_the_mcp_endpoint(self):
+        """(This test asserted the opposite for the login form before issue 18: null reached it.)"""
+        server = mcp_server._builtin_server(Settings(auth="builtin", auth_rate_limit=0))
+        form = {"Host": "127.0.0.1:6901", "Content-Type": "application/x-www-form-urlencoded"}
+        for origin in ("null", "http://localhost:6902", "https://evil.example"):
+            for path in ("/login/unknown-transaction", "/authorize", "/sandbox/authorize"):
+                status, body = self._asgi(server.asgi, "POST", path, {**form, "Origin": origin}, b"csrf=x&code=y")
+                assert status == 403 and b"Origin" in body, (origin, path, status, body)
+        status, body = self._asgi(server.asgi, "POST", "/mcp", {**form, "Origin": "null",
+                                                                "Content-Type": "application/json"},
                                   b'{"jsonrpc":"2.0","id":1,"method":"ping"}')
         assert status == 403 and b"Origin" in body
+        # the page's own origin reaches the form, which answers for itself
+        status, body = self._asgi(server.asgi, "POST", "/login/unknown-transaction",
+                                  {**form, "Origin": "http://127.0.0.1:6901"}, b"csrf=x&code=y")
+        assert status == 400 and b"expired" in body
 
 
 # ==== Attacks: the chains of the security review (issue 18), one class per surface =============
@@ -7717,7 +8021,543 @@ class TestBrowserForms:
 # driven through real HTTP (and a real redis-server where the store matters).  A test names what the
 # attacker does and asserts what the server refuses.
 
+
+class TestAttackExternalIssuer:
+    """MCP_AUTH=external: tokens of another identity provider; the audience is configuration."""
+
+    ISSUER = "https://idp.example"
+    AUDIENCE = "https://mcp.example/mcp"
+    SECRET = "external-issuer-shared-secret-0123456789-abcdefghij"
+
+    def _server(self, make_server, **settings):
+        return make_server(auth="external", auth_issuer=self.ISSUER, auth_secret=self.SECRET,
+                           auth_audience=self.AUDIENCE, allowed_hosts=("*",), **settings)
+
+    def _token(self, key=None, algorithm="HS256", **claims):
+        import jwt
+        now = int(time.time())
+        body = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice", "iat": now, "nbf": now,
+                "exp": now + 300, **claims}
+        return jwt.encode({k: v for k, v in body.items() if v is not None}, key or self.SECRET,
+                          algorithm=algorithm)
+
+    def test_a_token_for_another_resource_server_is_refused_whatever_host_the_request_names(self, make_server):
+        st = self._server(make_server)
+        _auth_assert_ok(st.port, self._token())
+        for audience, host in (("http://other-rs.example/mcp", "other-rs.example"),
+                               ("http://127.0.0.1/mcp", "127.0.0.1"),
+                               (f"http://127.0.0.1:{st.port}/mcp", f"127.0.0.1:{st.port}")):
+            token = self._token(aud=audience)
+            r = _auth_post_json(st.port, "/http", {"method": "tools/call", "params": {
+                "name": "echo", "arguments": {"text": "x"}}}, {"Authorization": f"Bearer {token}", "Host": host})
+            assert r.status == 401, (audience, r)
+
+    def test_forged_expired_and_foreign_tokens_are_refused(self, make_server):
+        st = self._server(make_server)
+        past = int(time.time()) - 3600
+        for token in (self._token(iss="https://evil.example"), self._token(aud=None), self._token(exp=past),
+                      self._token(exp=None), self._token(nbf=int(time.time()) + 3600),
+                      self._token(key="another-secret-of-thirty-two-bytes-or-more", sub="admin"),
+                      self._token(algorithm="HS384"),
+                      self._token().rsplit(".", 1)[0] + ".",  # the signature removed
+                      _auth_unsigned({"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice",
+                                      "exp": int(time.time()) + 300})):
+            _auth_assert_refused(st.port, token)
+
+    def test_the_audience_cannot_come_from_the_host_header(self):
+        with pytest.raises(SystemExit, match="MCP_PUBLIC_URL"):
+            Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                       "MCP_AUTH_SECRET": self.SECRET})
+        with pytest.raises(SystemExit, match="at least 32 bytes"):
+            Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                       "MCP_AUTH_SECRET": "short", "MCP_PUBLIC_URL": "https://mcp.example"})
+        settings = Settings.load([], environ={"MCP_AUTH": "external", "MCP_AUTH_ISSUER": self.ISSUER,
+                                              "MCP_AUTH_SECRET": self.SECRET,
+                                              "MCP_PUBLIC_URL": "https://mcp.example"})
+        assert settings.auth == "external" and settings.auth_audience == ""
+
+    def test_keys_from_a_jwks_url_and_no_refetch_storm_for_unknown_key_ids(self, make_server):
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        public_jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(private.public_key()))
+        jwks = {"keys": [{**public_jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}
+        with _auth_Stub({("GET", "/jwks"): lambda request: (200, {}, jwks)}) as idp:
+            st = make_server(auth="external", auth_issuer=self.ISSUER, auth_jwks_url=idp.url + "/jwks",
+                             auth_audience=self.AUDIENCE)
+            now = int(time.time())
+            claims = {"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "bob", "iat": now, "exp": now + 300}
+            _auth_assert_ok(st.port, jwt.encode(claims, private, algorithm="RS256", headers={"kid": "k1"}))
+            # the public key used as an HMAC secret (algorithm confusion) is no key at all
+            pem = private.public_key().public_bytes(
+                encoding=__import__("cryptography.hazmat.primitives.serialization", fromlist=["x"]).Encoding.PEM,
+                format=__import__("cryptography.hazmat.primitives.serialization", fromlist=["x"])
+                .PublicFormat.SubjectPublicKeyInfo)
+            confused = _auth_unsigned(claims, header={"alg": "HS256", "kid": "k1"}, hmac_key=pem)
+            _auth_assert_refused(st.port, confused)
+            for i in range(20):  # every token names a key id the issuer never had
+                _auth_assert_refused(st.port, jwt.encode(claims, private, algorithm="RS256",
+                                                         headers={"kid": f"unknown-{i}"}))
+            assert len(idp.hits("/jwks")) <= 2, len(idp.hits("/jwks"))
+
+
+def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
+    """A JWT built by hand: ``alg: none`` with no signature, or HS256 under ``hmac_key``."""
+    def part(value) -> str:
+        raw = value if isinstance(value, bytes) else json.dumps(value).encode()
+        return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
+    head = part(header or {"alg": "none", "typ": "JWT"}) + "." + part(claims)
+    if hmac_key is None:
+        return head + "."
+    import hmac as _hmac
+    return head + "." + part(_hmac.new(hmac_key, head.encode(), hashlib.sha256).digest())
+
 # ---- attacks on the authorization server (redirect URIs, cookies, refresh tokens, redirects, CIMD)
+
+class _attack_DripServer:
+    """A client-metadata host that answers every request one byte at a time, forever (until the
+    test ends), counting the connections it holds at once and in all."""
+
+    def __init__(self):
+        self.stop = threading.Event()
+        self.lock = threading.Condition()
+        self.open = self.peak = self.total = 0
+
+    def wait_for(self, connections: int) -> None:
+        with self.lock:
+            assert self.lock.wait_for(lambda: self.total >= connections, WAIT), self.total
+
+    def __enter__(self) -> "_attack_DripServer":
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, name="test-drip", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with self.lock:
+                self.open += 1
+                self.total += 1
+                self.peak = max(self.peak, self.open)
+                self.lock.notify_all()
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn) -> None:
+        try:
+            conn.recv(4096)
+            conn.sendall(b"HTTP/1.0 200 OK\r\nX-Drip: ")
+            while not self.stop.wait(0.05):  # the attacker's pace, not a test assertion
+                conn.sendall(b"a")
+        except OSError:
+            pass
+        finally:
+            conn.close()
+            with self.lock:
+                self.open -= 1
+
+
+def _attack_consent_cookie(value: str) -> list:
+    """The client ids a signed consent cookie lists (its text half, decoded)."""
+    kind, *approved = mcp_server._unb64url(value.split(".")[0]).decode().split(" ")
+    assert kind == "consent:", kind
+    return approved
+
+
+class TestAttackOAuth:
+    """The authorization server as an attacker sees it: another registrant, a page in the victim's
+    browser, a hostile metadata host."""
+
+    CALLBACK = "http://127.0.0.1:9999/callback"
+
+    @pytest.fixture
+    def oauth(self, make_server):
+        return make_server(auth="builtin", consent="never", auth_rate_limit=0)
+
+    # -- redirect URIs are strings -------------------------------------------------------------------
+
+    @pytest.mark.parametrize("presented", [
+        "http://evil.test:8181\\@127.0.0.1:9999/callback",  # urlsplit: 127.0.0.1; a browser: evil.test
+        "http://evil.test@127.0.0.1:9999/callback",
+        "http://127.0.0.1:9999/callback#frag",
+        "http://127.0.0.1:9999/callback\t",
+        "http://127.0.0.1:9999/caf\u00e9",
+        "http://127.0.0.1:9999/Callback",
+        "http://localhost:9999/callback",
+        "http://127.0.0.1:9999/callback?extra=1",
+        "HTTP://127.0.0.1:9999/callback",
+    ])
+    def test_authorize_compares_the_redirect_uri_as_a_string(self, oauth, presented):
+        client = _auth_register(oauth.port, [self.CALLBACK])
+        _verifier, challenge = _auth_pkce()
+        r = _auth_authorize(oauth.port, client["client_id"], presented, challenge)
+        assert "did not register" in _auth_assert_page(r, 400)
+
+    def test_no_string_but_the_registered_one_matches(self):
+        """Seeded: strings near a registered URI (a character inserted, replaced or removed) match
+        only when they are that URI, or the loopback URI with another port."""
+        rng = random.Random(18)
+        alphabet = "\\@#:/?.%\t\r\n aA1\u00e9[]"
+        registered = [self.CALLBACK, "https://app.example/cb", "com.example.app:/cb"]
+        for _ in range(3000):
+            base = rng.choice(registered)
+            i = rng.randrange(len(base) + 1)
+            text = base[:i] + rng.choice(alphabet) * rng.randint(0, 2) + base[i + rng.randint(0, 1):]
+            if mcp_server._redirect_matches(text, registered):
+                assert text in registered or re.fullmatch(r"http://127\.0\.0\.1(:[0-9]{1,5})?/callback", text), text
+
+    def test_a_browser_cookie_cannot_stand_in_for_the_consent_cookie(self, make_server):
+        st = make_server(auth="builtin", consent="remember", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        keys = st.run(st.server._keyring())
+        _verifier, challenge = _auth_pkce()
+        forged = keys.sign(client["client_id"], "cookie")  # what an mcp_browser cookie looks like
+        r = _auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge, headers={"Cookie": f"mcp_consent={forged}"})
+        _auth_assert_page(r, 200)
+
+    def test_only_the_port_of_a_loopback_redirect_may_differ(self, oauth):
+        client = _auth_register(oauth.port, [self.CALLBACK, "https://app.example/cb"])
+        code, _verifier = _auth_code(oauth.port, client, "http://127.0.0.1:4321/callback")
+        assert code
+        _verifier, challenge = _auth_pkce()
+        for presented in ("https://app.example:8443/cb", "http://127.0.0.1:4321\\@app.example/cb"):
+            r = _auth_authorize(oauth.port, client["client_id"], presented, challenge)
+            _auth_assert_page(r, 400)
+
+    @pytest.mark.parametrize("uri", [
+        "https://evil.example@app.example/cb", "https://app.example\\@evil.example/cb",
+        "http://evil.test:8181\\@127.0.0.1:9999/callback", "https://app.example/cb#x",
+        "https://app.example/c b", "https://app.example/cb\r\nSet-Cookie: a=b", "https://app.ex\u00e4mple/cb",
+        "https://app%2eexample/cb", "com.example.app://evil@host/cb", "http://127.0.0.1.evil.example/cb",
+    ])
+    def test_registration_refuses_userinfo_backslash_fragment_and_odd_characters(self, oauth, uri):
+        r = _auth_post_json(oauth.port, "/register", {"redirect_uris": [uri]})
+        assert r.status == 400 and r.json()["error"] == "invalid_redirect_uri", r
+
+    def test_consent_page_names_the_host_that_receives_the_code(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port, ["https://app.example:8443/cb"], client_name="Trusted \u202eelpmaxe")
+        _verifier, challenge = _auth_pkce()
+        page = _auth_assert_page(_auth_authorize(st.port, client["client_id"], None, challenge), 200)
+        assert "<code>app.example:8443</code>" in page, page
+        assert "\u202e" not in page and "its own name for itself" in page
+
+    def test_metadata_document_names_its_host_and_may_not_list_tricky_redirects(self, make_server):
+        st = make_server(auth="builtin", consent="always", allow_private_fetch=True, auth_rate_limit=0)
+        documents = {"/good.json": [self.CALLBACK], "/bad.json": ["https://evil.example@app.example/cb"]}
+        with _auth_Stub({("GET", path): (lambda r, uris=uris: (200, {}, {
+                "client_id": f"http://127.0.0.1:{stub.port}{r['path']}", "client_name": "Official App",
+                "redirect_uris": uris})) for path, uris in documents.items()}) as stub:
+            _verifier, challenge = _auth_pkce()
+            page = _auth_assert_page(_auth_authorize(st.port, stub.url + "/good.json", self.CALLBACK, challenge), 200)
+            assert f"verified as <code>127.0.0.1:{stub.port}</code>" in page and "Official App" in page, page
+            bad = _auth_authorize(st.port, stub.url + "/bad.json", "https://evil.example@app.example/cb", challenge)
+            assert "not registered" in _auth_assert_page(bad, 400)
+
+    # -- open redirects --------------------------------------------------------------------------------
+
+    def test_an_error_never_bounces_the_browser_to_an_unapproved_web_client(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0)  # consent: remember (the default)
+        evil = _auth_register(st.port, ["https://evil.example/landing"])
+        r = _auth_get(st.port, "/authorize?" + urllib.parse.urlencode({
+            "client_id": evil["client_id"], "response_type": "x", "state": "<b>"}))
+        page = _auth_assert_page(r, 400)
+        assert "evil.example" in page and "response_type" in page and "<b>" not in page
+        # the person may follow the link; it goes to the registered URI with the error
+        link = _auth_html.unescape(re.search(r"href='([^']+)'", page).group(1))
+        assert link.startswith("https://evil.example/landing?error=unsupported_response_type&"), link
+
+    def test_error_redirects_go_to_the_registered_uri_of_an_approved_client(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0)
+        client = _auth_register(st.port, ["https://app.example/cb"])
+        _verifier, challenge = _auth_pkce()
+        page = _auth_authorize(st.port, client["client_id"], None, challenge)
+        fields = _auth_hidden_fields(page.body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", "Origin": _auth_base(st.port)})
+        remembered = _auth_cookies(answer)["mcp_consent"]
+        r = _auth_get(st.port, "/authorize?" + urllib.parse.urlencode({
+            "client_id": client["client_id"], "response_type": "x", "state": "s\r\nX: y"}),
+            {"Cookie": f"mcp_consent={remembered}"})
+        query = _auth_location(r, "https://app.example/cb")
+        assert query["error"] == "unsupported_response_type" and query["state"] == "s\r\nX: y"
+        assert "\r" not in r.header("location") and "\n" not in r.header("location")
+
+    @pytest.fixture
+    def sandbox(self, make_server):
+        server = build_server(auth="builtin", consent="never", auth_rate_limit=0)
+        server.add_login_tools()
+        return make_server(server)
+
+    def test_the_sandbox_sign_in_redirects_only_where_its_page_was_asked_to(self, sandbox):
+        port = sandbox.port
+        direct = _auth_post_form(port, "/sandbox/authorize", {
+            "user": "asha", "redirect_uri": "https://evil.example/x", "state": "s", "client_id": "sandbox-client"},
+            {"Origin": _auth_base(port)})
+        assert direct.status == 400 and direct.header("location") is None, direct
+        for query in ("redirect_uri=javascript:alert(1)", "redirect_uri=https://a@evil.example/",
+                      "redirect_uri=https://ok.example/cb&client_id=other"):
+            r = _auth_get(port, f"/sandbox/authorize?state=s&code_challenge={'a' * 43}&client_id=sandbox-client&"
+                          + query)
+            _auth_assert_page(r, 400)
+
+    def test_the_sandbox_code_is_bound_to_its_client_and_redirect_uri(self, sandbox):
+        port = sandbox.port
+        verifier, challenge = _auth_pkce()
+        target = "https://app.example/redirect"
+        query = urllib.parse.urlencode({"state": "s", "code_challenge": challenge, "client_id": "sandbox-client",
+                                        "redirect_uri": target})
+        page = _auth_get(port, "/sandbox/authorize?" + query)
+        assert "app.example" in _auth_assert_page(page, 200)
+        fields = _auth_hidden_fields(page.body.decode())
+        back = _auth_post_form(port, "/sandbox/authorize?" + query.replace("app.example", "evil.example"),
+                               {**fields, "user": "asha", "redirect_uri": "https://evil.example/"},
+                               {"Origin": _auth_base(port)})
+        code = _auth_location(back, target)["code"]
+        token = {"grant_type": "authorization_code", "code": code, "redirect_uri": target, "code_verifier": verifier}
+        assert _auth_post_form(port, "/sandbox/token", {**token, "client_id": "someone-else"}).status == 400
+
+    # -- cookies and Origin ----------------------------------------------------------------------------
+
+    def test_the_whole_sandbox_login_works_from_its_own_origin_and_not_from_null(self, sandbox):
+        port = sandbox.port
+        token = _auth_login(port)["access_token"]
+        session = _auth_Session(port, token)
+        session.initialize()
+        started = session.call("login")["structuredContent"]
+        page = _auth_get(port, started["url"])
+        csrf = _auth_hidden_fields(page.body.decode())["csrf"]
+        assert "SameSite=Strict" in page.header("set-cookie")
+        form = {"csrf": csrf, "code": started["pairing_code"]}
+        null = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                               {"Cookie": f"mcp_csrf={csrf}", "Origin": "null"})
+        assert null.status == 403, null
+        to_provider = _auth_post_form(port, started["url"][len(_auth_base(port)):], form,
+                                      {"Cookie": f"mcp_csrf={csrf}", "Origin": _auth_base(port)})
+        assert to_provider.status == 302, to_provider
+        # the nonce must come back on the provider's top-level redirect: Lax, the only one
+        assert "mcp_login=" in to_provider.header("set-cookie") and "SameSite=Lax" in to_provider.header("set-cookie")
+        sign_in = _auth_get(port, to_provider.header("location"))
+        fields = _auth_hidden_fields(sign_in.body.decode())
+        back = _auth_post_form(port, to_provider.header("location")[len(_auth_base(port)):],
+                               {**fields, "user": "asha"}, {"Origin": _auth_base(port)})
+        done = _auth_get(port, back.header("location"),
+                         {"Cookie": "mcp_login=" + _auth_cookies(to_provider)["mcp_login"]})
+        assert b"You are signed in" in done.body, done
+        assert session.call("profile").get("isError") is not True
+
+    def test_an_https_issuer_reads_only_host_prefixed_cookies(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, public_url="https://mcp.example")
+        port = st.port
+        client = _auth_register(port)
+        _verifier, challenge = _auth_pkce()
+        page = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge)
+        assert "__Host-mcp_csrf=" in page.header("set-cookie") and "Secure" in page.header("set-cookie")
+        fields = _auth_hidden_fields(page.body.decode())
+        origin = {"Origin": "https://mcp.example"}
+        tossed = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", **origin})
+        assert "expired" in _auth_assert_page(tossed, 400)  # a plain name is someone else's cookie
+        answer = _auth_post_form(port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"__Host-mcp_csrf={fields['csrf']}", **origin})
+        assert answer.status == 302, answer
+        cookies = [v for n, v in answer.headers if n == "set-cookie"]
+        assert all(c.startswith("__Host-") and "SameSite=Strict" in c and "; Secure" in c for c in cookies), cookies
+        remembered = _auth_cookies(answer)["__Host-mcp_consent"]
+        plain = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge,
+                                headers={"Cookie": f"mcp_consent={remembered}"})
+        _auth_assert_page(plain, 200)  # not skipped by a cookie any sibling host could have set
+        prefixed = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge,
+                                   headers={"Cookie": f"__Host-mcp_consent={remembered}"})
+        assert "code" in _auth_location(prefixed, _AUTH_CB)
+
+    def test_an_http_issuer_reads_only_plain_cookies(self, make_server):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        _verifier, challenge = _auth_pkce()
+        fields = _auth_hidden_fields(_auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge).body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"__Host-mcp_csrf={fields['csrf']}"})
+        _auth_assert_page(answer, 400)
+
+    @pytest.mark.parametrize("origin", ["null", "http://localhost:1", "https://evil.example"])
+    def test_a_consent_form_posted_from_another_origin_is_refused(self, make_server, origin):
+        st = make_server(auth="builtin", consent="always", auth_rate_limit=0)
+        client = _auth_register(st.port)
+        _verifier, challenge = _auth_pkce()
+        fields = _auth_hidden_fields(_auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge).body.decode())
+        answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                 {"Cookie": f"mcp_csrf={fields['csrf']}", "Origin": origin})
+        assert answer.status == 403 and answer.header("location") is None, answer
+
+    def test_consent_remembers_the_newest_twenty_clients_in_order(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, registrations_per_hour=0)
+        cookie, approved = "", []
+        for _ in range(22):
+            client = _auth_register(st.port)
+            _verifier, challenge = _auth_pkce()
+            page = _auth_authorize(st.port, client["client_id"], _AUTH_CB, challenge,
+                                   headers={"Cookie": cookie} if cookie else None)
+            fields = _auth_hidden_fields(page.body.decode())
+            answer = _auth_post_form(st.port, "/authorize", {**fields, "decision": "approve"},
+                                     {"Cookie": f"mcp_csrf={fields['csrf']}" + (f"; {cookie}" if cookie else "")})
+            cookie = "mcp_consent=" + _auth_cookies(answer)["mcp_consent"]
+            approved.append(client["client_id"])
+        assert _attack_consent_cookie(cookie.partition("=")[2]) == approved[-20:]
+
+    # -- refresh tokens --------------------------------------------------------------------------------
+
+    def test_a_replaced_refresh_token_works_once_then_revokes_the_family(self, oauth):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        assert _auth_refresh(port, client_id, first["refresh_token"]).status == 200  # the answer is lost
+        retry = _auth_refresh(port, client_id, first["refresh_token"])
+        assert retry.status == 200, retry
+        again = _auth_refresh(port, client_id, first["refresh_token"])
+        assert again.status == 400 and again.json()["error"] == "invalid_grant", again
+        assert _auth_refresh(port, client_id, retry.json()["refresh_token"]).status == 400  # family revoked
+        _auth_assert_refused(port, retry.json()["access_token"])
+
+    def test_a_replaced_refresh_token_is_dead_after_the_grace_window(self, oauth, monkeypatch):
+        port = oauth.port
+        first = _auth_login(port)
+        client_id = first["client"]["client_id"]
+        second = _auth_refresh(port, client_id, first["refresh_token"])
+        assert second.status == 200, second
+        later = time.time() + mcp_server._REFRESH_GRACE + 1
+        monkeypatch.setattr(mcp_server, "_now", lambda: later)
+        late = _auth_refresh(port, client_id, first["refresh_token"])
+        assert late.status == 400 and late.json()["error"] == "invalid_grant", late
+        assert _auth_refresh(port, client_id, second.json()["refresh_token"]).status == 400
+
+    def test_a_refresh_cannot_change_the_resource(self, oauth):
+        first = _auth_login(oauth.port)
+        r = _auth_post_form(oauth.port, "/token", {
+            "grant_type": "refresh_token", "refresh_token": first["refresh_token"],
+            "client_id": first["client"]["client_id"], "resource": _auth_base(oauth.port) + "/sse"})
+        assert r.status == 400 and r.json()["error"] == "invalid_target", r
+
+    # -- registrations -----------------------------------------------------------------------------------
+
+    def test_registrations_are_capped_per_address(self, make_server):
+        st = make_server(auth="builtin", auth_rate_limit=0, registrations_per_hour=3)
+        for _ in range(3):
+            _auth_register(st.port)
+        r = _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]})
+        assert r.status == 429 and "registrations" in r.json()["error"]["message"], r
+        assert int(r.header("retry-after")) <= 3600
+        bad = _auth_post_json(st.port, "/register", {"redirect_uris": ["https://a@b.example/"]})
+        assert bad.status == 400, bad  # an invalid one is answered as such, and not counted
+
+    def test_unused_registrations_expire_and_use_keeps_them(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), auth="builtin", consent="never",
+                                      auth_rate_limit=0, client_ttl=1000))
+        used, unused = _auth_register(st.port), _auth_register(st.port)
+        for _ in range(3):
+            clock.advance(600)
+            assert _auth_code(st.port, used)[0]
+        _verifier, challenge = _auth_pkce()
+        assert "not registered" in _auth_assert_page(_auth_authorize(st.port, unused["client_id"], _AUTH_CB, challenge))
+
+    def test_in_redis_registrations_expire_and_the_refresh_grace_is_single_use(self, make_server, redis_server,
+                                                                              redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/9"  # counters of its own (other tests register too)
+        _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).flushdb()
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, redis_url=own_db,
+                         secret="attack-oauth", client_ttl=5000, registrations_per_hour=2)
+        first = _auth_login(st.port)
+        ttl = _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9).ttl(f"mcp:oauth:client:{first['client']['client_id']}")
+        assert 0 < ttl <= 5000, ttl  # no registration lives forever in Redis
+        client_id = first["client"]["client_id"]
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 200
+        assert _auth_refresh(st.port, client_id, first["refresh_token"]).status == 400
+        _auth_register(st.port)
+        assert _auth_post_json(st.port, "/register", {"redirect_uris": [_AUTH_CB]}).status == 429
+
+    # -- client metadata documents ------------------------------------------------------------------------
+
+    def test_slow_metadata_documents_get_a_deadline_and_a_fetch_cap(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True,
+                         client_fetch_timeout=1.0)
+        token = _auth_login(st.port)["access_token"]
+        with _attack_DripServer() as drip:
+            answers: list = []
+            _verifier, challenge = _auth_pkce()
+
+            def authorize(i):
+                answers.append(_auth_authorize(st.port, f"http://127.0.0.1:{drip.port}/c{i}.json", _AUTH_CB,
+                                               challenge))
+
+            threads = [threading.Thread(target=authorize, args=(i,)) for i in range(8)]
+            for t in threads:
+                t.start()
+            drip.wait_for(mcp_server._CIMD_MAX_FETCHES)
+            _auth_assert_ok(st.port, token)  # tools do not wait for the fetches
+            for t in threads:
+                t.join(WAIT)
+            assert len(answers) == 8 and all(a.status in (400, 503) for a in answers), answers
+            assert all(a.content_type == "text/html" and a.header("location") is None for a in answers)
+            assert all(b"could not be fetched in time" in a.body for a in answers if a.status == 400)
+            busy = [a for a in answers if a.status == 503]
+            assert all(b"try again" in a.body for a in busy)
+            assert drip.total == 8 - len(busy) and drip.peak <= mcp_server._CIMD_MAX_FETCHES, (drip.total, drip.peak)
+            # a document that failed is remembered: no second fetch
+            total = drip.total
+            _auth_assert_page(_auth_authorize(st.port, f"http://127.0.0.1:{drip.port}/c0.json", _AUTH_CB, challenge))
+            assert drip.total == total
+
+    def test_a_failed_metadata_document_is_not_fetched_again(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True)
+        with _auth_Stub() as stub:  # every path: 404
+            _verifier, challenge = _auth_pkce()
+            for _ in range(3):
+                _auth_assert_page(_auth_authorize(st.port, stub.url + "/client.json", _AUTH_CB, challenge))
+                _auth_post_form(st.port, "/revoke", {"token": "x", "client_id": stub.url + "/client.json"})
+            assert len(stub.hits("/client.json")) == 1
+
+    def test_a_metadata_document_larger_than_the_cap_is_refused(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, allow_private_fetch=True)
+        with _auth_Stub({("GET", "/big.json"): lambda r: (200, {}, {
+                "client_id": stub.url + "/big.json", "redirect_uris": [_AUTH_CB],
+                "padding": "x" * mcp_server._CIMD_LIMIT})}) as stub:
+            _verifier, challenge = _auth_pkce()
+            page = _auth_assert_page(_auth_authorize(st.port, stub.url + "/big.json", _AUTH_CB, challenge))
+            assert "not registered" in page and stub.hits("/big.json")
+
+    @pytest.mark.parametrize("address", ["100.64.0.1", "[2002:7f00:1::1]", "[::ffff:127.0.0.1]",
+                                         "[64:ff9b::7f00:1]", "[2001:0:4136:e378:8000:63bf:3fff:fdd2]",
+                                         "169.254.169.254", "[fd00::1]", "0.0.0.0"])
+    def test_metadata_documents_are_fetched_only_from_global_addresses(self, address):
+        with pytest.raises(ValueError, match="non-public"):
+            mcp_server._fetch_client_document(f"https://{address}/client.json", False)
+
+    def test_every_endpoint_that_may_fetch_is_rate_limited(self, make_server, monkeypatch):
+        frozen = 1_700_000_010.0
+        monkeypatch.setattr(mcp_server, "_now", lambda: frozen)
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=2)
+        for path in ("/revoke", "/token"):
+            answers = [_auth_post_form(st.port, path, {"token": "x", "client_id": "nobody"}) for _ in range(3)]
+            assert [a.status for a in answers] == [401, 401, 429], (path, answers)
+            assert answers[2].header("retry-after") == str(60 - int(frozen) % 60)
+
+    # -- what the server says about itself ------------------------------------------------------------
+
+    def test_metadata_claims_no_openid_connect_features(self, oauth):
+        document = _auth_get(oauth.port, "/.well-known/oauth-authorization-server").json()
+        assert "id_token_signing_alg_values_supported" not in document
+        assert "subject_types_supported" not in document
+        assert document["code_challenge_methods_supported"] == ["S256"]
+
 
 
 # ---- attacks on the upstream login (pairing, masking, keys and secrets)
@@ -8053,13 +8893,14 @@ class TestAttackLogin:
         server = build_server(encryption_key="not-a-32-byte-key")
         server.add_login_tools()
         st = make_server(server)
-        session, started = TestLogin._begin(st)
-        browser = _login_Browser()
-        redirect_url = self._to_sandbox(browser, st, started)
-        failed = browser.open(redirect_url)
-        assert failed.status == 503 and b"ENCRYPTION_KEY" in failed.body and b"not-a-32" not in failed.body, failed
-        assert_alive(st.port)
-        assert not session.call("login").get("isError")
+        session = _auth_Session(st.port)
+        session.initialize()
+        for _ in range(2):  # the login refuses (its credentials could not be stored), and again
+            message = session.body("tools/call", {"name": "login", "arguments": {}})
+            failed = session.post(message)
+            assert failed.status == 503 and b"ENCRYPTION_KEY" in failed.body, failed
+            assert b"not-a-32" not in failed.body
+            assert_alive(st.port)
         with pytest.raises(SystemExit) as refused:
             mcp_server.serve(mcp_server.MCPServer("x", settings=Settings(encryption_key="not-a-32-byte-key")))
         assert "ENCRYPTION_KEY" in str(refused.value.code)
@@ -8168,9 +9009,566 @@ class TestAttackLogin:
 
 
 # ---- attacks on sessions and quotas (owners on every route and instance, caps per principal)
+#
+# The attacker holds a token of their own (the built-in authorization server hands them out to
+# anyone) and learns the victim's session id (a log line, a proxy, a shared screen).  A session id
+# alone proves nothing: every route that names a session answers 404 unless the token that made it
+# comes with it.  With MCP_AUTH=none there is no principal: the session id is then the whole
+# credential (192 random bits), and still names one transport only.
+
+
+def _sess_login(port: int) -> str:
+    """An access token from the built-in authorization server (no consent page): what any
+    visitor gets.  The issuer may be a shared MCP_PUBLIC_URL, so the redirect is read as is."""
+    client = _auth_register(port)
+    verifier, challenge = _auth_pkce()
+    r = _auth_authorize(port, client["client_id"], _AUTH_CB, challenge, state="s")
+    assert r.status == 302, r
+    code = urllib.parse.parse_qs(urllib.parse.urlsplit(r.header("location")).query)["code"][0]
+    r = _auth_exchange(port, client["client_id"], code, verifier)
+    assert r.status == 200, r
+    return r.json()["access_token"]
+
+
+def _sess_headers(port: int, token: str | None, extra: dict | None = None) -> dict:
+    base = {"Host": f"127.0.0.1:{port}", "Content-Type": "application/json", "Accept": ACCEPT_BOTH}
+    if token:
+        base["Authorization"] = f"Bearer {token}"
+    return merge_headers(base, extra)
+
+
+class _SessSSE:
+    """An HTTP+SSE client that sends a bearer token: GET /sse, then POST /messages."""
+
+    def __init__(self, port: int, token: str | None, path: str = "/sse"):
+        self.port, self.token = port, token
+        self.conn = Conn(port)
+        self.conn.request("GET", path, _sess_headers(port, token, {"Accept": "text/event-stream",
+                                                                   "Content-Type": None}))
+        self.resp = self.conn.read_head()
+        self.stream = SSEStream(self.conn, self.resp) if self.resp.status == 200 else None
+        if self.stream is not None:
+            event = self.stream.next_event()
+            assert event["event"] == "endpoint", event
+            self.endpoint = event["data"]
+            self.sid = self.endpoint.split("session_id=")[1]
+
+    def post(self, message, port: int | None = None, token: str | None = "") -> Response:
+        port = port or self.port
+        return http(port, "POST", self.endpoint, _sess_headers(port, self.token if token == "" else token), message)
+
+    def next_message(self) -> dict:
+        message = self.stream.next_message()
+        assert message is not None, "the /sse stream ended"
+        return message
+
+    def initialize(self, capabilities: dict | None = None, port: int | None = None) -> dict:
+        r = self.post({"jsonrpc": "2.0", "id": "init", "method": "initialize",
+                       "params": {"protocolVersion": LEGACY, "capabilities": capabilities or {},
+                                  "clientInfo": {"name": "pytest", "version": "1"}}}, port)
+        assert r.status == 202, r
+        reply = self.next_message()
+        assert reply["id"] == "init" and "result" in reply, reply
+        assert self.post({"jsonrpc": "2.0", "method": "notifications/initialized"}, port).status == 202
+        return reply
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def _sess_refused(resp: Response) -> None:
+    """The 404 a session of someone else gets: the same as an unknown one (nothing leaks)."""
+    assert resp.status == 404, resp
+    assert "not found" in resp.json()["error"]["message"].lower(), resp
+
+
+def _sess_attempts_on_messages(sse: _SessSSE, port: int, token: str | None) -> None:
+    """Everything an attacker can send to /messages naming the victim's session: each one 404."""
+    for message in ({"jsonrpc": "2.0", "id": 1, "method": "ping"},
+                    {"jsonrpc": "2.0", "id": 2, "method": "initialize",
+                     "params": {"protocolVersion": "2024-11-05", "capabilities": {}}},
+                    {"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                     "params": {"name": "echo", "arguments": {"text": "injected"}}},
+                    {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 1}},
+                    {"jsonrpc": "2.0", "id": "s0-1", "result": {"action": "accept", "content": {"name": "M"}}}):
+        _sess_refused(sse.post(message, port, token))
+    r = http(port, "GET", f"/sse?session_id={sse.sid}",
+             _sess_headers(port, token, {"Accept": "text/event-stream", "Content-Type": None}))
+    _sess_refused(r)
+
+
+class TestAttackSessions:
+    """Sessions belong to the token that made them, on every route, transport and instance."""
+
+    @pytest.fixture
+    def guarded(self, make_server):
+        return make_server(auth="builtin", consent="never", auth_rate_limit=0)
+
+    def test_a_live_sse_stream_is_not_taken_over_with_another_token(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _SessSSE(port, victim_token)
+        try:
+            victim.initialize({"elicitation": {}})
+            # the victim's tool waits on an elicitation, the attacker tries every message on the session
+            assert victim.post({"jsonrpc": "2.0", "id": 7, "method": "tools/call",
+                                "params": {"name": "ask_name", "arguments": {}}}).status == 202
+            asked = victim.next_message()
+            assert asked["method"] == "elicitation/create", asked
+            _sess_attempts_on_messages(victim, port, attacker_token)
+            forged = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "M"}}}
+            _sess_refused(victim.post(forged, port, attacker_token))
+            # the victim's stream is still theirs: their answer completes their call
+            answer = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"name": "V"}}}
+            assert victim.post(answer).status == 202
+            reply = victim.next_message()
+            assert reply["id"] == 7 and reply["result"]["content"][0]["text"] == "Hello, V!", reply
+        finally:
+            victim.close()
+
+    def test_an_sse_session_belongs_to_its_opener_before_initialize(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _SessSSE(port, victim_token)
+        try:
+            _sess_attempts_on_messages(victim, port, attacker_token)
+            victim.initialize()
+            assert victim.post({"jsonrpc": "2.0", "id": 2, "method": "ping"}).status == 202
+            assert victim.next_message() == {"jsonrpc": "2.0", "id": 2, "result": {}}
+        finally:
+            victim.close()
+        # and once the stream is gone, the session still is not the attacker's to reattach
+        _sess_refused(http(port, "GET", f"/sse?session_id={victim.sid}",
+                           _sess_headers(port, attacker_token, {"Accept": "text/event-stream"})))
+
+    def test_every_streamable_route_checks_the_owner(self, guarded):
+        port = guarded.port
+        victim_token, attacker_token = _sess_login(port), _sess_login(port)
+        victim = _auth_Session(port, victim_token)
+        victim.initialize()
+        attacker = _auth_Session(port, attacker_token)
+        attacker.sid = victim.sid
+        for message in (attacker.body("ping"), {"jsonrpc": "2.0", "method": "notifications/cancelled",
+                                                "params": {"requestId": 1}},
+                        {"jsonrpc": "2.0", "id": "s0-1", "result": {}}):
+            _sess_refused(attacker.post(message))
+        # initialize ignores the id it is sent with: it makes the attacker a session of their own
+        fresh = attacker.post(attacker.body("initialize", {"protocolVersion": LEGACY}))
+        assert fresh.status == 200 and fresh.header("mcp-session-id") not in (None, victim.sid), fresh
+        _sess_refused(attacker.post([attacker.body("ping")], {"MCP-Protocol-Version": "2025-03-26"}))
+        for last_event in (None, "get:0", "abcdef012345:1"):
+            _sess_refused(http(port, "GET", "/mcp", attacker.headers({"Accept": "text/event-stream",
+                                                                      "Last-Event-ID": last_event})))
+        _sess_refused(attacker.delete())
+        assert victim.request("ping")["result"] == {}  # still the victim's, still alive
+
+    def test_a_session_id_names_one_transport(self, guarded):
+        """A Streamable HTTP session (with a live GET stream) is not reachable on /messages or
+        /sse, and an /sse session is not one on /mcp, even for the token that made both."""
+        port = guarded.port
+        token = _sess_login(port)
+        s = _auth_Session(port, token)
+        s.initialize()
+        with Conn(port) as conn:
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            stream = SSEStream(conn, conn.read_head())
+            assert not stream.next_event().get("data")  # the GET stream is live
+            r = http(port, "POST", f"/messages?session_id={s.sid}", _sess_headers(port, token),
+                     {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+            _sess_refused(r)
+            _sess_refused(http(port, "GET", f"/sse?session_id={s.sid}",
+                               _sess_headers(port, token, {"Accept": "text/event-stream"})))
+        sse = _SessSSE(port, token)
+        try:
+            sse.initialize()
+            other = _auth_Session(port, token)
+            other.sid = sse.sid
+            _sess_refused(other.post(other.body("ping")))
+            _sess_refused(http(port, "GET", "/mcp", other.headers({"Accept": "text/event-stream"})))
+            _sess_refused(other.delete())
+            assert sse.post({"jsonrpc": "2.0", "id": 5, "method": "ping"}).status == 202
+            assert sse.next_message() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+        finally:
+            sse.close()
+
+    def test_without_auth_a_session_id_is_the_whole_credential(self, make_server):
+        """MCP_AUTH=none: no principal, so the unguessable id is what a session is; it still names
+        one transport, and ids never repeat."""
+        st = make_server()
+        ids = set()
+        for _ in range(20):
+            s = Session(st.port)
+            s.initialize()
+            assert len(base64.urlsafe_b64decode(s.sid + "=" * (-len(s.sid) % 4))) >= 16, s.sid  # >= 128 bits
+            ids.add(s.sid)
+        assert len(ids) == 20
+        _sess_refused(http(st.port, "POST", f"/messages?session_id={s.sid}", body={"jsonrpc": "2.0", "id": 1,
+                                                                                 "method": "ping"}))
+
+    @pytest.fixture(scope="class")
+    def guarded_pair(self, redis_url):
+        """Two instances on one Redis with the built-in authorization server (one issuer URL, so
+        a token of either is good on both), at most 3 sessions per principal."""
+        pair = _redis_instances(redis_url, 2, MCP_AUTH="builtin", MCP_CONSENT="never", MCP_AUTH_RATE_LIMIT="0",
+                                MCP_PUBLIC_URL="http://127.0.0.1:6901", MCP_MAX_SESSIONS_PER_PRINCIPAL="3")
+        _redis_wait_subscribed(redis_url, "mcp:bus", 2)
+        yield [instance.port for instance in pair]
+        for instance in pair:
+            instance.stop()
+
+    def test_across_instances_every_route_checks_the_owner(self, guarded_pair):
+        a, b = guarded_pair
+        victim_token, attacker_token = _sess_login(a), _sess_login(b)
+        victim = _SessSSE(a, victim_token)
+        try:
+            victim.initialize(port=b)
+            for port in (a, b):
+                _sess_attempts_on_messages(victim, port, attacker_token)
+            assert victim.post({"jsonrpc": "2.0", "id": 9, "method": "ping"}, b).status == 202
+            assert victim.next_message() == {"jsonrpc": "2.0", "id": 9, "result": {}}
+        finally:
+            victim.close()
+        s = _auth_Session(a, victim_token)
+        s.initialize()
+        attacker = _auth_Session(b, attacker_token)
+        attacker.sid = s.sid
+        _sess_refused(attacker.post(attacker.body("ping")))
+        _sess_refused(http(b, "GET", "/mcp", attacker.headers({"Accept": "text/event-stream"})))
+        _sess_refused(attacker.delete())
+        assert _redis_on(s, b).request("ping")["result"] == {}
+
+    def test_a_task_of_another_principal_is_unknown_on_every_instance(self, guarded_pair):
+        a, b = guarded_pair
+        victim_token, attacker_token = _sess_login(a), _sess_login(b)
+
+        def post(port, token, method, task_id, params=None):
+            return modern_post(port, method, {"taskId": task_id, **(params or {})}, caps=_TASK_CAPS,
+                               headers={"Mcp-Name": task_id, **_sess_headers(port, token)})
+        r = _redis_modern_call(a, "slow_compute", {"seconds": 60}, caps=_TASK_CAPS,
+                               headers=_sess_headers(a, victim_token))
+        task_id = _task_result(r)["taskId"]
+        try:
+            for port in (a, b):
+                for method, params in (("tasks/get", None), ("tasks/cancel", None),
+                                       ("tasks/update", {"inputResponses": {"x": {"action": "accept"}}})):
+                    r = post(port, attacker_token, method, task_id, params)
+                    error = r.json().get("error")
+                    assert error and "Unknown task" in error["message"], (port, method, r)
+            assert _task_result(post(b, victim_token, "tasks/get", task_id))["status"] == "working"
+        finally:
+            post(a, victim_token, "tasks/cancel", task_id)
+
+    # -- quotas: what one token holder can make the server hold ------------------------------------
+
+    def test_a_flood_of_sessions_never_evicts_authorization_state(self, make_server):
+        """2,500 initialize calls used to push another user's client, refresh token and user session
+        out of the in-memory LRU; sessions now only ever push out sessions."""
+        store = MemoryStore(max_keys=40)
+        st = make_server(build_server(store=store, auth="builtin", consent="never", auth_rate_limit=0,
+                                      max_sessions_per_principal=0, max_sessions_per_address=0))
+        victim = _auth_login(st.port)
+        attacker = _sess_login(st.port)
+        for _ in range(120):
+            _auth_Session(st.port, attacker).initialize()
+        _auth_assert_ok(st.port, victim["access_token"])  # the user session (mcp:{sid}:user) is there
+        r = _auth_refresh(st.port, victim["client"]["client_id"], victim["refresh_token"])
+        assert r.status == 200, r  # the client, the refresh token and its family are there
+        _auth_assert_ok(st.port, r.json()["access_token"])
+
+    def test_a_quota_set_counts_only_live_members_on_every_store(self, redis_store_factory):
+        async def body(store):
+            quota, tag = _redis_key("quota"), uuid.uuid4().hex[:12]
+
+            def live(member):
+                return f"t:{{{tag}-{member}}}:live"  # (a slot of its own, as a session's key has)
+            for member in "ab":
+                await store.set(live(member), 1, 60)
+                assert await store.admit(quota, member, 2, 60, live)
+            assert await store.admit(quota, "a", 2, 60, live)  # already in
+            await store.set(live("c"), 1, 60)
+            assert not await store.admit(quota, "c", 2, 60, live)  # full of live members
+            await store.delete(live("b"))  # b's session ended: it stops counting
+            assert await store.admit(quota, "c", 2, 60, live)
+            assert not await store.admit(quota, "d", 2, 60, live)
+            await store.discard(quota, "a", 60)
+            await store.touch([quota], 60)
+            assert await store.admit(quota, "d", 2, 60, live)
+        _redis_run(redis_store_factory, body)
+
+    def test_sessions_per_principal_are_capped_across_instances(self, guarded_pair):
+        a, b = guarded_pair  # MCP_MAX_SESSIONS_PER_PRINCIPAL=3 on both
+        token, other = _sess_login(a), _sess_login(a)
+        first = _auth_Session(a, token)
+        first.initialize()
+        _auth_Session(b, token).initialize()
+        sse = _SessSSE(b, token)  # an /sse stream is a session too
+        try:
+            assert sse.resp.status == 200
+            for port in (a, b):
+                s = _auth_Session(port, token)
+                r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": {}}))
+                error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+                assert "MCP_MAX_SESSIONS_PER_PRINCIPAL" in error["message"] and r.header("retry-after"), r
+                assert r.header("mcp-session-id") is None
+                refused = _SessSSE(port, token)
+                assert refused.resp.status == 429, refused.resp
+                refused.close()
+            _auth_Session(b, other).initialize()  # another principal is not affected
+        finally:
+            sse.close()
+        assert _redis_on(first, b).delete().status == 200  # ending one (anywhere) frees its place
+        _auth_Session(a, token).initialize()
+
+    def test_sessions_per_address_are_capped_and_expired_ones_stop_counting(self, make_server):
+        clock = FakeClock()
+        st = make_server(build_server(store=MemoryStore(clock=clock), max_sessions_per_address=3, session_ttl=60))
+        sessions = [Session(st.port) for _ in range(3)]
+        for s in sessions:
+            s.initialize()
+        r = Session(st.port).post(Session(st.port).body("initialize", {"protocolVersion": LEGACY}))
+        error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+        assert "MCP_MAX_SESSIONS_PER_ADDRESS" in error["message"], error
+        assert http(st.port, "GET", "/sse", {"Accept": "text/event-stream"}).status == 429
+        assert sessions[0].delete().status == 200
+        Session(st.port).initialize()
+        clock.advance(61)  # every session expired: nothing counts any more
+        for _ in range(3):
+            Session(st.port).initialize()
+
+    def test_an_sse_stream_closed_before_initialize_frees_its_session(self, make_server):
+        """A client that opens /sse and goes (a probe, a flapping network) leaves nothing that
+        counts against its caps; an initialized session stays for the client to reattach."""
+        st = make_server(max_sessions_per_address=2)
+        kept = _SessSSE(st.port, None)
+        kept.initialize()
+        kept.close()
+        for _ in range(5):
+            probe_stream = _SessSSE(st.port, None)
+            assert probe_stream.resp.status == 200, probe_stream.resp
+            probe_stream.close()
+            _redis_wait(lambda: http(st.port, "POST", probe_stream.endpoint, body={
+                "jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 404, "the unused session to end")
+        again = _SessSSE(st.port, None, f"/sse?session_id={kept.sid}")
+        try:
+            assert again.resp.status == 200
+        finally:
+            again.close()
+
+    def test_open_streams_are_capped_per_principal_and_per_address(self, make_server):
+        st = make_server(auth="builtin", consent="never", auth_rate_limit=0, max_streams_per_principal=2,
+                         max_streams_per_address=3)
+        port = st.port
+        alice, bob = _sess_login(port), _sess_login(port)
+        held = []
+
+        def open_stream(token):
+            s = _auth_Session(port, token)
+            s.initialize()
+            conn = Conn(port)
+            conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+            head = conn.read_head()
+            if head.status == 200:
+                held.append(conn)
+            else:
+                head.body = b"".join(conn.iter_body(head))
+                conn.close()
+            return head
+        try:
+            assert open_stream(alice).status == 200 and open_stream(alice).status == 200
+            refused = open_stream(alice)
+            error = assert_rpc_error(refused, 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in error["message"] and refused.header("retry-after"), refused
+            sse = _SessSSE(port, alice)
+            assert sse.resp.status == 429, sse.resp  # /sse counts the same
+            sse.close()
+            listen = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+            r = http(port, "POST", "/mcp", modern_headers(listen, _sess_headers(port, alice)), listen)
+            assert "MCP_MAX_STREAMS_PER_PRINCIPAL" in assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)["message"]
+            assert open_stream(bob).status == 200
+            error = assert_rpc_error(open_stream(bob), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_STREAMS_PER_ADDRESS" in error["message"], error
+            held.pop(0).close()  # a stream that ends gives its place back
+            _redis_wait(lambda: open_stream(alice).status == 200, "the closed stream's place")
+        finally:
+            for conn in held:
+                conn.close()
+
+    def test_connections_per_address_are_capped(self, make_server):
+        st = make_server(max_connections_per_address=3)
+        conns = [Conn(st.port) for _ in range(3)]
+        try:
+            for conn in conns:  # each answered once, so each is surely counted
+                conn.request("GET", "/healthz")
+                assert conn.read_response().status == 200
+            with Conn(st.port) as extra:
+                r = extra.read_response()
+                assert r.status == 429 and r.header("retry-after"), r
+                assert "MCP_MAX_CONNECTIONS_PER_ADDRESS" in r.json()["error"]["message"], r
+            conns.pop().close()
+
+            def served():
+                with Conn(st.port) as conn:
+                    conn.request("GET", "/healthz")
+                    return conn.read_response().status == 200
+            _redis_wait(served, "the closed connection's place")
+        finally:
+            for conn in conns:
+                conn.close()
+
+    def test_what_a_client_makes_its_session_keep_is_bounded(self, live):
+        huge = {"experimental": {"x": "y" * 9000}}
+        s = Session(live.port, capabilities=huge)
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "capabilities": huge}))
+        error = assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        assert "8192" in error["message"], error
+        assert r.header("mcp-session-id") is None
+        r = s.post(s.body("initialize", {"protocolVersion": LEGACY, "clientInfo": {"name": "n" * 9000}}))
+        assert_rpc_error(r, 400, mcp_server.INVALID_PARAMS)
+        c = _SessSSE(live.port, None)
+        try:
+            c.post({"jsonrpc": "2.0", "id": 1, "method": "initialize",
+                    "params": {"protocolVersion": LEGACY, "capabilities": huge}})
+            answer = c.next_message()
+            assert answer["id"] == 1 and answer["error"]["code"] == mcp_server.INVALID_PARAMS, answer
+        finally:
+            c.close()
+        s = Session(live.port)
+        s.initialize()
+        for i in range(200):
+            message = s.body("resources/subscribe", {"uri": f"test://items/{i:04d}-" + "u" * 100})
+            reply = final_message(s.post(message), message["id"])
+            if "error" in reply:
+                break
+        assert reply["error"]["code"] == mcp_server.INVALID_PARAMS and "unsubscribe" in reply["error"]["message"]
+        assert 40 < i < 200, i
+
+    def test_running_tasks_are_capped_per_principal(self, make_server):
+        server = _task_build_server()
+        server.settings = Settings(auth="builtin", consent="never", auth_rate_limit=0, max_tasks_per_principal=2)
+        st = make_server(server)
+        alice, bob = _sess_login(st.port), _sess_login(st.port)
+        tokens = []
+
+        def start(token):
+            tokens.append(new_token("quota-task"))
+            return _redis_modern_call(st.port, "task_gated", {"token": tokens[-1]}, caps=_TASK_CAPS,
+                                      headers=_sess_headers(st.port, token))
+        try:
+            assert _task_result(start(alice))["resultType"] == "task"
+            assert _task_result(start(alice))["resultType"] == "task"
+            error = assert_rpc_error(start(alice), 429, mcp_server.INVALID_REQUEST)
+            assert "MCP_MAX_TASKS_PER_PRINCIPAL" in error["message"], error
+            assert _task_result(start(bob))["resultType"] == "task"  # another principal is not affected
+            first = probe(tokens[0])
+            assert first.gate_ready.wait(WAIT)
+            st.call_soon(first.gate.set)
+            assert first.finished.wait(WAIT)
+            _redis_wait(lambda: start(alice).status == 200, "the ended task's place")
+        finally:
+            for token in tokens:
+                p = probe(token)
+                if p.gate_ready.is_set() and p.gate is not None:
+                    st.call_soon(p.gate.set)
+
+    def test_a_session_keeps_the_event_logs_of_its_last_streams_only(self, make_server):
+        """Every streamed POST of a 2025-11-25 session is logged for resumption; streaming more
+        no longer piles up logs: the session keeps those of its last MCP_REPLAY_EVENTS streams."""
+        store = MemoryStore()
+        st = make_server(build_server(store=store, replay_events=3))
+        s = Session(st.port)
+        s.initialize()
+
+        def stream_once():
+            reply = s.request("tools/call", {"name": "progress", "arguments": {"steps": 1},
+                                             "_meta": {"progressToken": "p"}})
+            assert reply["result"]["content"][0]["text"] == "progress done"
+        for _ in range(4):
+            stream_once()
+        held = len(store)
+        for _ in range(10):
+            stream_once()
+        assert len(store) == held
+        assert s.delete().status == 200
+        assert len(store) == 0
+
+    def test_requests_in_flight_on_messages_are_bounded_per_token(self, guarded):
+        """Each POST /messages runs as a task that holds no connection: a token may have 100."""
+        port = guarded.port
+        token, other = _sess_login(port), _sess_login(port)
+        c = _SessSSE(port, token)
+        try:
+            c.initialize()
+            prefix = new_token("flight")
+            with Conn(port) as conn:
+                for i in range(100):
+                    conn.request("POST", c.endpoint, _sess_headers(port, token), {
+                        "jsonrpc": "2.0", "id": i, "method": "tools/call",
+                        "params": {"name": "hang", "arguments": {"token": f"{prefix}-{i}"}}})
+                    assert conn.read_response().status == 202
+            _redis_wait(lambda: all(probe(f"{prefix}-{i}").started.is_set() for i in range(100)), "100 calls running")
+            r = c.post({"jsonrpc": "2.0", "id": 100, "method": "ping"})
+            error = assert_rpc_error(r, 429, mcp_server.INVALID_REQUEST)
+            assert "in flight" in error["message"] and r.header("retry-after"), r
+            d = _SessSSE(port, other)  # another token is not affected
+            try:
+                assert d.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}).status == 202
+                assert d.next_message() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            finally:
+                d.close()
+            # a cancellation still gets through, and the cancelled call gives its place back
+            cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 0}}
+            assert c.post(cancel).status == 202
+            assert probe(f"{prefix}-0").finished.wait(WAIT)
+            _redis_wait(lambda: c.post({"jsonrpc": "2.0", "id": 101, "method": "ping"}).status == 202,
+                        "the cancelled call's place")
+        finally:
+            c.close()
 
 
 # ==== Hostile input (issue 19): bad bytes, bad JSON, bad headers, across instances =============
+
+class TestLegacyAcrossInstances:
+    """HTTP+SSE behind a round-robin balancer: the /sse stream on one instance, every POST on any
+    instance, from the first one on (issue 19, defect 3)."""
+
+    def test_every_message_kind_posted_anywhere_is_answered_on_the_stream(self, redis_trio):
+        a, b, c = redis_trio
+        sse = _SessSSE(a, None)
+        try:
+            assert sse.post({"jsonrpc": "2.0", "id": 1, "method": "ping"}, b).status == 202  # before initialize
+            assert sse.next_message() == {"jsonrpc": "2.0", "id": 1, "result": {}}
+            assert sse.post({"jsonrpc": "2.0", "id": 2, "method": "tools/list"}, c).status == 202
+            refused = sse.next_message()
+            assert refused["id"] == 2 and "initialize" in refused["error"]["message"], refused
+            assert sse.initialize({"elicitation": {}}, port=b)["result"]["protocolVersion"] == LEGACY
+            assert sse.post({"jsonrpc": "2.0", "id": 3, "method": "tools/call",
+                             "params": {"name": "greet", "arguments": {"name": "Ada"}}}, c).status == 202
+            reply = sse.next_message()
+            assert reply["id"] == 3 and _redis_text(reply["result"]) == "Hello, Ada!", reply
+            # a server request raised on B reaches the stream on A; its answer, posted to C, reaches B
+            assert sse.post({"jsonrpc": "2.0", "id": 4, "method": "tools/call",
+                             "params": {"name": "test_elicitation", "arguments": {"message": "ok?"}}}, b).status == 202
+            asked = sse.next_message()
+            assert asked["method"] == "elicitation/create", asked
+            answer = {"jsonrpc": "2.0", "id": asked["id"], "result": {"action": "accept", "content": {"response": "y"}}}
+            assert sse.post(answer, c).status == 202
+            reply = sse.next_message()
+            assert reply["id"] == 4 and "action=accept" in _redis_text(reply["result"]), reply
+        finally:
+            sse.close()
+
+    def test_reattaching_on_another_instance_keeps_the_session(self, redis_trio):
+        a, b, _c = redis_trio
+        sse = _SessSSE(a, None)
+        sse.initialize(port=b)
+        sse.close()
+        again = _SessSSE(b, None, f"/sse?session_id={sse.sid}")
+        try:
+            assert again.resp.status == 200 and again.sid == sse.sid
+            assert again.post({"jsonrpc": "2.0", "id": 5, "method": "ping"}, a).status == 202
+            assert again.next_message() == {"jsonrpc": "2.0", "id": 5, "result": {}}
+        finally:
+            again.close()
 
 
 # ==== Real clients: the official SDK's own message sequences, replayed ========================
@@ -9326,7 +10724,8 @@ class TestRealClients:
     """Byte-for-byte replays of the official Python SDK client (mcp 2.3.0) against everything_server."""
 
     @pytest.fixture(scope="class")
-    def everything(self):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def everything(cls):
         st = ServerThread(_load_everything()).start()
         yield st
         st.close()
@@ -9518,6 +10917,42 @@ class TestOperations:
             assert proc.proc.wait(WAIT) == 0
 
 
+def _doc(name: str) -> str:
+    """A page of the repository: README.md or docs/<page>.md."""
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+def _doc_blocks(text: str, lang: str, start: str, end: str | None = None) -> list:
+    """The ``lang`` code blocks of ``text`` between the headings ``start`` and ``end``."""
+    part = text[text.index(start):]
+    part = part[:part.index(end)] if end else part
+    return re.findall(rf"```{lang}\n(.*?)```", part, re.S)
+
+
+def _doc_run(script: str, port: int, workdir) -> subprocess.CompletedProcess:
+    """A page's shell commands, as printed, against the server on ``port`` (files in ``workdir``)."""
+    script = script.replace("127.0.0.1:6901", f"127.0.0.1:{port}").replace("/tmp/", f"{workdir}/")
+    run = subprocess.run(["bash", "-c", "set -e\n" + script], capture_output=True, text=True, timeout=WAIT * 3,
+                         cwd=str(workdir), stdin=subprocess.DEVNULL)
+    assert run.returncode == 0, run.stderr
+    return run
+
+
+def _doc_port(proc: Proc) -> int:
+    line = proc.err_line()
+    return int(re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "").group(1))
+
+
+def _doc_slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def _doc_outside_code(text: str) -> str:
+    return re.sub(r"(?ms)^```.*?^```", "", text)
+
+
 class TestShipping:
     """The README, the Dockerfile and the code agree."""
 
@@ -9526,13 +10961,29 @@ class TestShipping:
         specs = {attr: default for attr, _flag, _names, _parse, default, _help in mcp_server._SETTING_SPECS}
         assert fields == specs  # the dataclass and the table (flags, env, --help, README) never drift
 
-    def test_the_readme_settings_table_is_the_code(self):
-        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    def test_the_configuration_page_is_the_code(self):
+        page = _doc("docs/configuration.md")
         start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
-        table = readme[readme.index(start) + len(start):readme.index(end)].strip()
-        assert table == mcp_server._settings_table(), "regenerate it: python mcp_server.py settings"
+        table = page[page.index(start) + len(start):page.index(end)].strip()
+        assert table == mcp_server._settings_table(), \
+            "regenerate it: python mcp_server.py settings --write docs/configuration.md"
         for _attr, _flag, names, *_ in mcp_server._SETTING_SPECS:
             assert f"`{names[0]}`" in table
+
+    def test_one_command_regenerates_a_stale_configuration_page(self, tmp_path):
+        page = _doc("docs/configuration.md")
+        stale = tmp_path / "configuration.md"
+        port_row = next(line for line in page.splitlines() if line.startswith("| `--port` |"))
+        stale.write_text(page.replace(port_row + "\n", "").replace("| `--host` |", "| `--old-host` |"),
+                         encoding="utf-8")  # a setting gone from the code, one not yet in the table
+        done = run_cli(["settings", "--write", str(stale)])
+        assert done.returncode == 0 and done.stdout == "", done.stderr
+        assert stale.read_text(encoding="utf-8") == page  # only the table changed, and back to the code's
+        unmarked = tmp_path / "unmarked.md"
+        unmarked.write_text("# no markers\n", encoding="utf-8")
+        refused = run_cli(["settings", "--write", str(unmarked)])
+        assert refused.returncode == 2 and "has no <!-- settings-table:start -->" in refused.stderr
+        assert unmarked.read_text(encoding="utf-8") == "# no markers\n"
 
     def test_the_seed_setting_names_are_accepted(self, tmp_path):
         settings = Settings.load([], environ={
@@ -9547,8 +10998,8 @@ class TestShipping:
     def _dockerfile(self) -> str:
         return open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
 
-    def test_the_dockerfile_installs_the_requirements_and_runs_the_readme_command(self):
-        docker, readme = self._dockerfile(), open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    def test_the_dockerfile_installs_the_requirements_and_runs_the_documented_command(self):
+        docker, readme, operations = self._dockerfile(), _doc("README.md"), _doc("docs/operations.md")
         assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
         assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
         assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
@@ -9556,7 +11007,8 @@ class TestShipping:
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
         assert "HEALTHCHECK" in docker and "/healthz" in docker
         assert "pip install -r requirements.txt" in readme and "python mcp_server.py" in readme
-        assert "docker build -t mcp-server ." in readme and "docker run" in readme and "services:" in readme
+        assert "docker build -t mcp-server ." in operations and "docker run" in operations
+        assert "services:" in operations
 
     def test_the_image_command_serves_with_the_image_environment(self):
         docker = self._dockerfile()
@@ -9581,25 +11033,85 @@ class TestShipping:
             assert unauthenticated.status == 401  # the image serves with OAuth on
 
 
-class TestReadmeCommands:
-    """The README's curl walk-through (section 2) runs as written against a fresh server."""
+class TestDocsExamples:
+    """The README's and the manual's examples run as printed, and their links lead somewhere."""
 
-    def test_the_quick_start_curl_commands_work(self):
-        if shutil.which("curl") is None:
-            pytest.skip("curl is not installed")
-        readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-        start = readme.index("### Talking to it with curl")
-        end = readme.index("## 3. Tests")
-        blocks = re.findall(r"```sh\n(.*?)```", readme[start:end], re.S)
+    PAGES = ["README.md", *sorted(f"docs/{name}" for name in os.listdir(os.path.join(ROOT, "docs"))
+                                  if name.endswith(".md"))]
+
+    @staticmethod
+    def _need(*tools: str) -> None:
+        for tool in tools:
+            if shutil.which(tool) is None:
+                pytest.skip(f"{tool} is not installed")
+
+    def test_the_readme_is_a_readme(self):
+        readme = _doc("README.md")
+        assert len(readme.splitlines()) <= 300
+        assert "pip install -r requirements.txt && python mcp_server.py" in readme  # the server
+        assert "pip install -r requirements.txt && python -m pytest -q" in readme  # the tests
+        assert "bench/RESULTS.md" in readme and '"mcpServers"' in readme
+
+    def test_every_link_of_the_readme_and_the_manual_leads_to_a_page_and_a_heading(self):
+        headings = {page: {_doc_slug(h) for h in re.findall(r"(?m)^#{1,6} (.+)$", _doc_outside_code(_doc(page)))}
+                    for page in self.PAGES}
+        broken = []
+        for page in self.PAGES:
+            for target in re.findall(r"\]\(([^)\s]+)\)", _doc_outside_code(_doc(page))):
+                if re.match(r"[a-z]+:", target):
+                    continue  # an outside address
+                path, _, anchor = target.partition("#")
+                name = os.path.normpath(os.path.join(os.path.dirname(page), path)) if path else page
+                if not os.path.exists(os.path.join(ROOT, name)):
+                    broken.append(f"{page}: {target} (no such file)")
+                elif anchor and anchor not in headings.get(name, set()):
+                    broken.append(f"{page}: {target} (no such heading)")
+        assert not broken, broken
+        assert set(headings) - {"README.md"} == {f"docs/{name}" for name in (
+            "README.md", "writing-servers.md", "protocol.md", "oauth.md", "login.md", "scaling.md",
+            "operations.md", "configuration.md", "security.md", "troubleshooting.md", "testing.md")}
+
+    def test_the_readme_first_tool_runs_as_printed(self, tmp_path):
+        readme = _doc("README.md")
+        blocks = _doc_blocks(readme, "python", "## Your first tool", "## How it compares")
+        assert len(blocks) == 1 and len([line for line in blocks[0].splitlines() if line.strip()]) <= 10
+        (tmp_path / "hello_server.py").write_text(blocks[0], encoding="utf-8")
+        with Proc(["hello_server.py", "--stdio"], cwd=str(tmp_path), env=clean_env(PYTHONPATH=ROOT)) as proc:
+            assert proc.initialize()["result"]["serverInfo"]["name"] == "hello"
+            (tool,) = proc.request("tools/list")["result"]["tools"]
+            assert tool["name"] == "add" and tool["description"] == "Add two integers."
+            assert tool["inputSchema"]["required"] == ["a", "b"]
+            assert tool["inputSchema"]["properties"]["a"]["type"] == "integer"
+            added = proc.request("tools/call", {"name": "add", "arguments": {"a": 2, "b": 3}})["result"]
+            assert added["content"] == [{"type": "text", "text": "5"}] and not added.get("isError")
+            refused = proc.request("tools/call", {"name": "add", "arguments": {"a": "two", "b": 3}})["result"]
+            assert refused["isError"] and "arguments.a" in refused["content"][0]["text"]
+            assert proc.finish() == 0
+
+    def test_the_claude_desktop_entries_start_a_server_that_answers(self):
+        entries = [json.loads(block)["mcpServers"]["mcp_server"]
+                   for page in ("README.md", "docs/operations.md")
+                   for block in re.findall(r"```json\n(.*?)```", _doc(page), re.S) if "mcpServers" in block]
+        assert len(entries) == 2 and {tuple(e["args"]) for e in entries} == {
+            ("/absolute/path/to/mcp_server.py", "--stdio"), ("-m", "mcp_server", "--stdio")}
+        for entry in entries:
+            assert entry["command"] == "python"  # (the test runs its own interpreter)
+            args = [SERVER_FILE if a == "/absolute/path/to/mcp_server.py" else a for a in entry["args"]]
+            env = {k: ROOT if v == "/absolute/path/to/the/folder/of/mcp_server.py" else v
+                   for k, v in entry.get("env", {}).items()}
+            with Proc([*args, "--port", "0"], env=clean_env(**env)) as proc:
+                assert proc.initialize()["result"]["serverInfo"]["name"] == "mcp_server"
+                info = proc.request("tools/call", {"name": "server_info", "arguments": {}})["result"]
+                assert info["structuredContent"]["protocolVersion"] == LEGACY
+                assert proc.finish() == 0
+
+    def test_the_protocol_pages_curl_walk_through_works(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/protocol.md")
+        blocks = _doc_blocks(page, "sh", "### Talking to it with curl", "## How the era of a request is decided")
         assert len(blocks) >= 6, blocks
-        proc = Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0"))
-        with proc:
-            line = proc.err_line()
-            port = re.search(r"listening on http://127\.0\.0\.1:(\d+)/mcp", line or "").group(1)
-            script = "set -e\n" + "\n".join(blocks).replace("127.0.0.1:6901", f"127.0.0.1:{port}")
-            run = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=WAIT * 3)
-        out = run.stdout
-        assert run.returncode == 0, run.stderr
+        with Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0")) as proc:
+            out = _doc_run("\n".join(blocks), _doc_port(proc), tmp_path).stdout
         assert re.search(r"(?i)^mcp-session-id: [\x21-\x7e]+", out, re.M)  # initialize
         assert re.search(r"(^|[}\n])202\n", out)  # notifications/initialized (curl -w after a body)
         assert '"name":"server_info"' in out and '"tools":[' in out  # tools/list
@@ -9608,6 +11120,72 @@ class TestReadmeCommands:
         assert '"protocolVersion":"2026-07-28"' in out and '"resultType":"complete"' in out  # stateless call
         assert '"supportedVersions":["2026-07-28"' in out  # server/discover
         assert '{"error":{"code":-32601,"message":"Method not found: nope."}}' in out  # /http short form
+
+    def test_the_notes_server_of_writing_servers_serves_what_the_page_shows(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/writing-servers.md")
+        source = _doc_blocks(page, "python", "# Writing servers", "## Tools")[0]
+        (tmp_path / "notes_server.py").write_text(source, encoding="utf-8")
+        spec = importlib.util.spec_from_file_location("notes_server_of_the_docs", tmp_path / "notes_server.py")
+        notes = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(notes)
+        notes.server.settings = Settings(auth="none")  # as `python notes_server.py --no-auth`
+        st = ServerThread(notes.server).start()
+        try:
+            session = Session(st.port)
+            session.initialize()
+            names = {tool["name"] for tool in session.request("tools/list")["result"]["tools"]}
+            assert names == {"list_notes", "add_note", "delete_note", "summarize", "file_into_workspace",
+                             "reindex", "thumbnail"}
+            assert session.call("list_notes")["structuredContent"] == {"titles": ["welcome"], "count": 1}
+            added = session.call("add_note", {"title": "todo", "body": "buy milk"})
+            assert added["content"] == [{"type": "text", "text": "Added todo."}]
+            assert session.call("add_note", {"title": "todo", "body": "again"})["isError"]
+            index = session.request("resources/read", {"uri": "notes://index"})["result"]
+            assert index["contents"][0]["text"] == "todo\nwelcome"
+            completion = session.request("completion/complete", {"ref": {"type": "ref/prompt", "name": "review"},
+                                                                 "argument": {"name": "title", "value": "w"}})
+            assert completion["result"]["completion"]["values"] == ["welcome"]
+            # the page's two MRTR rounds of delete_note, as printed
+            rounds = [b for b in _doc_blocks(page, "sh", "## Asking the client", "## Notifications")
+                      if "delete_note" in b]
+            assert len(rounds) == 2, rounds
+            first = json.loads(_doc_run(rounds[0], st.port, tmp_path).stdout)["result"]
+            assert first["resultType"] == "input_required" and "confirm" in first["inputRequests"]
+            second = _doc_run(f"STATE='{first['requestState']}'\n" + rounds[1], st.port, tmp_path).stdout
+            assert json.loads(second)["result"]["content"] == [{"type": "text", "text": "Deleted welcome."}]
+            assert notes.NOTES == {"todo": "buy milk"}
+        finally:
+            st.close()
+
+    def test_the_oauth_pages_whole_flow_with_curl_works(self, tmp_path):
+        self._need("curl", "openssl")
+        page = _doc("docs/oauth.md")
+        blocks = _doc_blocks(page, "bash", "## The whole flow with curl", "## Tokens")
+        assert len(blocks) == 2, blocks
+        with Proc([SERVER_FILE, "--port", "0"], env=clean_env(MCP_CONSENT="never", MCP_ACCESS_LOG="0")) as proc:
+            port = _doc_port(proc)
+            out = _doc_run("\n".join(blocks), port, tmp_path).stdout
+        assert '"token_endpoint_auth_method":"none"' in out  # 1. registered
+        assert "HTTP/1.1 302 Found" in out and "location: http://127.0.0.1:9999/callback?code=" in out  # 3.
+        assert '"token_type":"Bearer"' in out and '"refresh_token":' in out  # 4. and the refresh
+        assert '"protocolVersion":"2025-11-25"' in out  # 5. the token works
+        assert "\n200\n" in out and "Unauthorized: the token was revoked or its session ended" in out
+
+    def test_the_login_pages_sandbox_walk_through_works(self, tmp_path):
+        self._need("curl")
+        page = _doc("docs/login.md")
+        blocks = _doc_blocks(page, "bash", "## Walk-through: the sandbox with curl", "## The sandbox's demo data")
+        assert len(blocks) == 3, blocks
+        with Proc([SERVER_FILE, "--port", "0", "--no-auth"], env=clean_env(MCP_ACCESS_LOG="0")) as proc:
+            port = _doc_port(proc)
+            out = _doc_run("\n".join(blocks), port, tmp_path).stdout
+        assert "Not logged in: call the login tool" in out
+        assert '"pairing_code":' in out and "<h1>Enter your pairing code</h1>" in out
+        assert f"http://127.0.0.1:{port}/sandbox/authorize?response_type=code" in out
+        assert "<option value='asha'>Asha Rao (sandbox)</option>" in out
+        assert "<h1>You are signed in</h1>" in out
+        assert '"demat_id":"XXXXXXXXXXXX8901"' in out and "IN30012345678901" not in out
 
 
 class TestLogHygiene:

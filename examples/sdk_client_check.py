@@ -367,8 +367,8 @@ async def op_param_header(c, rec):
 async def op_elicitation(c, rec):
     before = len(rec.elicitations)
     if negotiated(c) < "2025-06-18":
-        # No elicitation in this revision: the client did not declare it, and the tool must say so
-        # with an isError result instead of sending elicitation/create.
+        # No elicitation in this revision (whatever the client declares): the tool must say so, and
+        # which revision it needs, with an isError result instead of sending elicitation/create.
         result = await c.call_tool("test_elicitation", {"message": "Your answer?"})
         assert result.is_error, f"expected isError, got {result.content}"
         assert len(rec.elicitations) == before, "the server sent elicitation/create anyway"
