@@ -585,8 +585,8 @@ class Settings:
 
 
 # Secrets of the documentation and of habit: refused outside MCP_DEV whatever their length.
-_PLACEHOLDER_SECRET = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]|not[-_ ]?for[-_ ]?prod|<|\.\.\.",
-                                 re.IGNORECASE)
+_PLACEHOLDER_SECRET = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]|not[-_ ]?for[-_ ]?prod|demo|example|"
+                                 r"placeholder|<|\.\.\.", re.IGNORECASE)
 
 
 def _secret_problem(value: str) -> str | None:

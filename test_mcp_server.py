@@ -8869,7 +8869,8 @@ class TestAttackLogin:
         ("ENCRYPTION_KEY", "not-a-32-byte-key"), ("ENCRYPTION_KEY", "change-me-to-64-hex-digits"),
         ("ENCRYPTION_KEY_PREVIOUS", "abcd"), ("MCP_SECRET", "s3cret-value"),
         ("MCP_SECRET", "change-me-to-a-long-random-string"), ("MCP_PREVIOUS_SECRET", "old-secret"),
-        ("TOKEN_PARAMETER", "seed-key"), ("MCP_SECRET", "a" * 40)])
+        ("TOKEN_PARAMETER", "seed-key"), ("MCP_SECRET", "a" * 40),
+        ("MCP_SECRET", "shared-hs256-secret-for-demo-only-32b")])  # the documentation's own examples
     def test_bad_keys_and_weak_secrets_are_refused_at_start_up(self, name, value):
         env = {"ENCRYPTION_KEY": _LOGIN_KEY_1, name: value}
         result = run_cli(["--port", "0", "--no-auth"], env=clean_env(**env))
