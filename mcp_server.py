@@ -31,7 +31,7 @@ Use it:
     python mcp_server.py              # HTTP on http://127.0.0.1:6901/mcp (+ /sse, /messages, /http), OAuth on
     python mcp_server.py --no-auth    # the same without bearer tokens (local development)
     python mcp_server.py --stdio      # stdio, for Claude Desktop and other local clients
-    python mcp_server.py encrypt VAL  # print VAL as an enc:... setting (needs ENCRYPTION_KEY)
+    python mcp_server.py encrypt --setting NAME VAL  # VAL as an enc:... value of NAME (needs ENCRYPTION_KEY)
     python mcp_server.py settings     # every setting, as a Markdown table
 
     from mcp_server import MCPServer, Context
@@ -120,6 +120,10 @@ __all__ = [
 #   through ``_loads``: nesting deeper than MCP_MAX_JSON_DEPTH, NaN, Infinity and lone
 #   surrogates are a ValueError there, never a RecursionError or a value no answer can carry.
 # - A log line is one line: what a request put in it is escaped (``_escape_controls``).
+# - Every key and secret is checked before anything is served (``Settings.check_secrets``, from
+#   ``load`` and ``serve``): a key that does not parse, a short or placeholder secret (outside
+#   MCP_DEV) and a shared store without MCP_SECRET end the start with one line naming the
+#   setting, never its value.  An ``enc:`` value is bound to its setting's name.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -320,7 +324,10 @@ _SETTING_SPECS = (
     ("client_timeout", None, ("MCP_CLIENT_TIMEOUT",), float, 300.0,
      "seconds to wait for a client's answer to a server request"),
     ("page_size", None, ("MCP_PAGE_SIZE",), int, 200, "items per page of tools/prompts/resources lists"),
-    ("secret", None, ("MCP_SECRET",), str, "", "server secret for sealed state and signatures"),
+    ("secret", None, ("MCP_SECRET",), str, "",
+     "server secret for sealed state and signatures (32+ random characters; needed with Redis)"),
+    ("dev", "--dev", ("MCP_DEV",), _truthy, False,
+     "development mode: accept short or placeholder secrets (never in production)"),
     ("auth", None, ("MCP_AUTH",), str, "builtin",
      "who issues the bearer tokens HTTP requests need: builtin, external, or none"),
     ("no_auth", "--no-auth", ("MCP_NO_AUTH",), _truthy, False,
@@ -362,7 +369,8 @@ _SETTING_SPECS = (
     ("upstream_api_base", None, ("UPSTREAM_API_BASE",), str, "", "login: base URL of the provider's API"),
     ("service_paths", None, ("SERVICE_PATHS",), _csv, ("profile", "holdings", "positions", "orders"),
      "API paths the service tool may call (GET), relative to UPSTREAM_API_BASE"),
-    ("mask_fields", None, ("MASK_FIELDS",), _csv, (), "more field names to mask in tool results"),
+    ("mask_fields", None, ("MASK_FIELDS",), _csv, (),
+     "more field names to mask in login tools' results, in any spelling (added to the built-in patterns)"),
     ("encryption_key", None, ("ENCRYPTION_KEY",), str, "",
      "32-byte key (base64 or hex) for credentials at rest and enc: settings"),
     ("previous_encryption_keys", None, ("ENCRYPTION_KEY_PREVIOUS",), _csv, (),
@@ -427,6 +435,7 @@ class Settings:
     client_timeout: float = 300.0
     page_size: int = 200
     secret: str = ""
+    dev: bool = False
     auth: str = "builtin"
     no_auth: bool = False
     public_url: str = ""
@@ -469,8 +478,10 @@ class Settings:
     def load(cls, argv: list | None = None, environ: typing.Mapping | None = None,
              prog: str = "mcp_server.py", defaults: "Settings | None" = None) -> "Settings":
         """Defaults (``defaults``, e.g. what the code set) < ``.env`` < environment < flags.
-        Raises ``SystemExit`` with one line on bad input."""
-        env = dict(_read_dotenv(".env"))
+        Raises ``SystemExit`` with one line on bad input.  The ``.env`` read is the one in the
+        working directory; ``dotenv_file`` names it (``serve`` logs which, never its values)."""
+        dotenv = dict(_read_dotenv(".env"))
+        env = dict(dotenv)
         env.update(os.environ if environ is None else environ)
         values = dataclasses.asdict(defaults) if defaults is not None else {}
         for attr, _flag, names, parse, _default, _help in _SETTING_SPECS:
@@ -493,16 +504,14 @@ class Settings:
                 raise SystemExit(f"{prog}: error: {', '.join(encrypted)} is encrypted (enc:...) but "
                                  "ENCRYPTION_KEY is not set")
             try:
-                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
-            except _MissingPackage as exc:
+                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()))
+            except (ValueError, _MissingPackage) as exc:
                 raise SystemExit(f"{prog}: error: {exc}") from None
             for attr in encrypted:
-                plain = vault.decrypt(values[attr][4:], b"config")
-                if plain is None:
-                    raise SystemExit(f"{prog}: error: the encrypted value of {attr} does not decrypt with "
-                                     "ENCRYPTION_KEY (wrong key, or altered)")
-                values[attr] = plain
+                values[attr] = _decrypt_setting(vault, _setting_name(attr), values[attr][4:], prog)
         settings = cls(**values)
+        settings.dotenv_file = os.path.abspath(".env") if os.path.isfile(".env") else ""
+        settings.dotenv_names = sorted(dotenv)
         settings.validate(prog)
         return settings
 
@@ -563,6 +572,90 @@ class Settings:
             if getattr(self, attr) < 0:
                 fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
+        self.check_secrets(prog)
+
+    def check_secrets(self, prog: str = "mcp_server.py", shared_store: bool = False) -> None:
+        """Refuse, before anything is served, every key and secret that would fail or be weak in
+        use: a key that does not parse (else the first login would fail), a short or placeholder
+        secret outside MCP_DEV, and a shared store without a secret of the operator's (the
+        server would otherwise have to keep its own secret in the store, where a copy of the
+        store is enough to mint tokens).  Messages name the setting, never its value."""
+        def fail(message):
+            raise SystemExit(f"{prog}: error: {message}")
+        keys = [("ENCRYPTION_KEY", self.encryption_key)]
+        keys += [("ENCRYPTION_KEY_PREVIOUS", value) for value in self.previous_encryption_keys]
+        for name, value in keys:
+            if value:
+                try:
+                    _parse_key(value, name)
+                except ValueError as exc:
+                    fail(str(exc))
+        if not self.dev:
+            for name, value in (("MCP_SECRET", self.secret), ("MCP_PREVIOUS_SECRET", self.previous_secret),
+                                ("TOKEN_PARAMETER", self.token_parameter), ("MCP_AUTH_SECRET", self.auth_secret)):
+                problem = _secret_problem(value) if value else None
+                if problem:
+                    fail(f"{name} {problem} (make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\"; "
+                         "MCP_DEV=1 accepts it for local development)")
+        if (self.redis_url or shared_store) and not (self.secret or self.token_parameter):
+            fail("REDIS_URL needs MCP_SECRET: every instance must share one secret, and keeping a generated "
+                 "one in Redis would let anyone with a copy of Redis mint tokens "
+                 "(make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\")")
+
+
+# Secrets of the documentation and of habit: refused outside MCP_DEV whatever their length.
+_PLACEHOLDER_SECRET = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]|not[-_ ]?for[-_ ]?prod|demo|example|"
+                                 r"placeholder|<|\.\.\.", re.IGNORECASE)
+
+
+def _secret_problem(value: str) -> str | None:
+    """Why ``value`` is too weak to sign or seal with, or None."""
+    if _PLACEHOLDER_SECRET.search(value):
+        return "is a placeholder, not a secret"
+    if len(value) < 32:
+        return f"is {len(value)} characters long; a secret needs at least 32 random ones"
+    if len(set(value)) < 10:
+        return "repeats too few characters to be random"
+    return None
+
+
+def _parse_key(text: str, name: str = "ENCRYPTION_KEY") -> bytes:
+    """A 32-byte key given as hex (64 characters) or base64 (standard or URL-safe); ValueError
+    naming the setting otherwise (never a SystemExit: this also runs inside requests)."""
+    text = text.strip()
+    try:
+        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+            return bytes.fromhex(text)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None,
+                               validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"{name} must be 32 bytes, as 64 hex digits or base64 "
+                         "(make one: python -c \"import secrets;print(secrets.token_hex(32))\")")
+    return raw
+
+
+def _setting_name(attr: str) -> str:
+    """The canonical environment name of a setting."""
+    return next(names[0] for a, _flag, names, *_ in _SETTING_SPECS if a == attr)
+
+
+def _setting_ad(name: str) -> bytes:
+    """The associated data of an ``enc:`` value: its setting's name, so that a value encrypted for
+    one setting cannot be moved into another (the model of ``python mcp_server.py encrypt``)."""
+    return b"mcp_server/v1 setting " + name.encode()
+
+
+def _decrypt_setting(vault, name: str, token: str, prog: str) -> str:
+    plain = vault.decrypt(token, _setting_ad(name))
+    if plain is not None:
+        return plain
+    if vault.decrypt(token, b"config") is not None:  # made by a version that bound no setting name
+        raise SystemExit(f"{prog}: error: the encrypted value of {name} was made for no particular setting "
+                         f"(an older version); encrypt it again: python mcp_server.py encrypt --setting {name} -")
+    raise SystemExit(f"{prog}: error: the encrypted value of {name} does not decrypt with ENCRYPTION_KEY "
+                     "(wrong key, made for another setting, or altered)")
 
 
 def _redis_url_from_parts(env: typing.Mapping) -> str:
@@ -1655,6 +1748,8 @@ _KEY_LABELS = {
     "token": b"mcp_server/v1 access-token HS256",
     "cookie": b"mcp_server/v1 cookie HMAC-SHA256",
     "consent": b"mcp_server/v1 consent-request AES-256-GCM",
+    "login": b"mcp_server/v1 login-state AES-256-GCM",
+    "pairing": b"mcp_server/v1 pairing-code HMAC-SHA256",
 }
 
 
@@ -1680,12 +1775,15 @@ def _unb64url(text: str) -> bytes:
 
 
 class _KeyRing:
-    """Per-purpose keys derived from one secret (``token_key`` may be the seed's TOKEN_PARAMETER)."""
+    """Per-purpose keys derived from one secret (``token_key`` may be the seed's TOKEN_PARAMETER,
+    which, without a secret, is also the master the other keys derive from: instances that share
+    it agree on every key).  Without either, a random master that lives only in this process."""
 
     def __init__(self, secret: str | bytes | None, token_parameter: str | None = None):
-        self.ephemeral = not secret
-        master = secrets.token_bytes(32) if not secret else (
-            secret.encode() if isinstance(secret, str) else secret)
+        shared = secret or token_parameter
+        self.ephemeral = not shared
+        master = secrets.token_bytes(32) if not shared else (
+            shared.encode() if isinstance(shared, str) else shared)
         self._keys = {purpose: _hkdf(master, label) for purpose, label in _KEY_LABELS.items()}
         self.token_key = token_parameter.encode() if token_parameter else self._keys["token"]
         self.kid = hashlib.sha256(b"kid" + self.token_key).hexdigest()[:12]
@@ -1733,34 +1831,20 @@ class _KeyRing:
             return None
 
 
-def _parse_key(text: str, prog: str = "mcp_server") -> bytes:
-    """A 32-byte key given as hex (64 characters) or base64 (standard or URL-safe)."""
-    text = text.strip()
-    try:
-        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
-            return bytes.fromhex(text)
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None,
-                               validate=True)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise SystemExit(f"{prog}: error: ENCRYPTION_KEY must be 32 bytes, as 64 hex digits or base64 "
-                         "(make one: python -c \"import secrets;print(secrets.token_hex(32))\")")
-    return raw
-
-
 class _Vault:
     """Credentials at rest: AES-256-GCM, a random nonce per value, associated data that binds a
     ciphertext to its owner (a session id), and a key id so that old keys still decrypt."""
 
-    def __init__(self, key: str | bytes | None, previous: typing.Iterable = (), prog: str = "mcp_server"):
+    def __init__(self, key: str | bytes | None, previous: typing.Iterable = ()):
+        """ValueError naming the setting when a key does not parse (``Settings.check_secrets``
+        finds that at start-up)."""
         aes_gcm = _require("vault").AESGCM
         self.ephemeral = not key
-        raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key, prog))
+        raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key))
         self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
         self._ciphers = {self.kid: aes_gcm(raw)}
         for old in previous:
-            old_raw = _parse_key(old, prog)
+            old_raw = _parse_key(old, "ENCRYPTION_KEY_PREVIOUS")
             self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], aes_gcm(old_raw))
 
     def encrypt(self, plain: str, associated: bytes) -> str:
@@ -3202,17 +3286,19 @@ class MCPServer:
         @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
-            your browser and a pairing code to enter there if asked."""
+            your browser and the pairing code to enter there."""
             flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
             # a 2026 client retries after the URL elicitation: the retry must reuse the same link
             started = ctx.round_state.get("login") or await flow.start(ctx)
             if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
                 ctx.round_state["login"] = started
-                await ctx.elicit_url("Sign in to your account in the browser (pairing code "
-                                     f"{started['pairing_code']}).", started["url"], key="login")
+                await ctx.elicit_url("Sign in to your account in the browser; enter the pairing code "
+                                     f"{started['pairing_code']} there. Keep the code to yourself.",
+                                     started["url"], key="login")
             return {"__mcp_result__": True, "structuredContent": started, "content": [{
-                "type": "text", "text": f"Open {started['url']} and, if asked, enter the pairing code "
-                                        f"{started['pairing_code']}. The link works for 10 minutes."}]}
+                "type": "text", "text": f"Open {started['url']} and enter the pairing code "
+                                        f"{started['pairing_code']} there. The link works for 10 minutes; "
+                                        "the code is for the user alone, never to be passed on."}]}
 
         @self.tool(title="Log out of the upstream account", annotations={"destructiveHint": False})
         async def logout(ctx: Context) -> str:
@@ -3282,19 +3368,16 @@ class MCPServer:
         return self._keys
 
     async def _keyring(self) -> _KeyRing:
-        """The key ring every instance agrees on: from MCP_SECRET, or (shared store, no secret)
-        from a secret generated once and kept in the store, with a warning to set one."""
+        """The key ring every instance agrees on: from MCP_SECRET (or TOKEN_PARAMETER).  A shared
+        store without either is refused (``Settings.check_secrets`` refuses REDIS_URL without
+        it at start-up): no usable secret is ever kept in the store, where a copy of it would
+        mint tokens for every user."""
         if self._keys is None:
             store = self._hub().store
-            if self.settings.secret or isinstance(store, MemoryStore):
-                self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
-            else:
-                await store.add("mcp:server-secret", secrets.token_urlsafe(32))
-                shared = await store.get("mcp:server-secret")
-                if self._keys is None:
-                    log.warning("MCP_SECRET is not set: using a secret generated once and kept in the "
-                                "store; set MCP_SECRET so that the secret is yours")
-                    self._keys = _KeyRing(shared, self.settings.token_parameter)
+            if not (self.settings.secret or self.settings.token_parameter or isinstance(store, MemoryStore)):
+                raise RpcError(INTERNAL_ERROR, "This server shares its store but has no MCP_SECRET: set the "
+                               "same MCP_SECRET on every instance.", status=503)
+            self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
         return self._keys
 
     def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
@@ -3597,7 +3680,8 @@ class MCPServer:
                               {f.lower() for f in self.settings.mask_fields})
             return _to_call_result(value, tool)
         except ToolError as exc:
-            return _tool_error(str(exc) or f"Tool {tool.name} failed.")
+            message = str(exc) or f"Tool {tool.name} failed."
+            return _tool_error(message if tool.mask is None else _mask_free_text(message))
         except (RpcError, _InputRequired, _Cancelled):
             raise
         except asyncio.CancelledError:
@@ -3609,8 +3693,15 @@ class MCPServer:
             raise
         except _REQUEST_ERRORS as exc:
             error_id = _error_id()
-            log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
+            if tool.mask is None:
+                log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
+            else:  # a login tool's exception may quote the user's data: the log gets it masked
+                import traceback
+                log.error("tool %s raised (error id %s): %s", tool.name, error_id,
+                          _mask_free_text(traceback.format_exc()))
             detail = f": {exc!r}" if self.settings.expose_errors else ""
+            if detail and tool.mask is not None:
+                detail = _mask_free_text(detail)
             return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
         finally:
             if timer is not None:
@@ -6749,25 +6840,49 @@ def _user_key(sid: str) -> str:
     return f"mcp:{{{sid}}}:user"
 
 
+def _login_tx_key(tx: str) -> str:
+    """A login transaction's key: a hash of its link, which a copy of the store does not give."""
+    return f"mcp:login:tx:{_sha256(tx)}"
+
+
+def _pairing_mac(keys: _KeyRing, tx: str, code: str) -> str:
+    """What the store keeps of a pairing code: a MAC under a key that is not in the store (a
+    plain hash of 40 bits would be reversed from a copy of it in minutes), bound to its link."""
+    return hmac.new(keys.key("pairing"), f"{tx}\n{code}".encode(), hashlib.sha256).hexdigest()
+
+
+def _credentials_ad(uid: str) -> bytes:
+    """The associated data of a user's sealed credentials: the user, and what the value is."""
+    return b"mcp_server/v1 credentials " + uid.encode()
+
+
 # ---- The upstream login flow --------------------------------------------------------------------
 #
 # Rules:
 # - The LLM never sees the user's upstream password, tokens or raw identifiers: the user signs in
 #   to the provider in a browser, this server exchanges the code server-side, keeps the tokens
-#   encrypted in the user's session (AES-256-GCM, the session id as associated data), and masks
-#   sensitive fields in every result of a login tool.
-# - A login link opens our own page first.  A browser that is not the one that authorized the
-#   MCP client must enter the pairing code the login tool showed in the client (five tries),
-#   so a link forwarded by someone else cannot attach the victim's account to the sender's
-#   session (the phishing defence of URL-mode elicitation).
-# - Every state is single use with a 10-minute life, and bound to the browser by a cookie.
-#   Codes, tokens and the /redirect query string never reach a log.
+#   encrypted in the user's record (AES-256-GCM with ENCRYPTION_KEY, the user id as associated
+#   data), and masks every login tool's result and error: every scalar under a sensitive key (by
+#   pattern, in any spelling and nesting) and identifiers found in any string (``_mask``).
+# - A login link opens our own page first, and EVERY browser must enter the pairing code the
+#   login tool showed in the user's own client (five tries, counted atomically in the store),
+#   in MCP_AUTH=builtin, external and none alike.  No cookie skips it: any cookie this server
+#   sets can be planted in a victim's browser (an /authorize approval for the attacker's own
+#   client sets one; with MCP_CONSENT=never without a click), and a skip would let an attacker's
+#   link attach the victim's account to the attacker's session.  The page tells the user never
+#   to enter a code someone else gave them: that is the only way left to misuse a link.
+# - A link completes once: the right code takes the transaction.  Every state is single use
+#   with a 10-minute life and bound to the browser by a nonce cookie; a browser without the
+#   cookie cannot use it up.  Codes, tokens and the /redirect query string never reach a log.
+# - A copy of the store yields nothing usable: transactions are keyed by a hash of the link and
+#   keep a MAC of the pairing code under a key from MCP_SECRET; states are sealed (they hold the
+#   PKCE verifier); credentials are sealed with ENCRYPTION_KEY, which is never in the store.
 #
-# Theory of operation: ``login`` stores a transaction ``mcp:login:{tx}`` (user, pairing-code hash,
-# tries) and returns ``/login/{tx}``.  That page (after the pairing code, when needed) stores a
-# state ``mcp:login:state:{state}`` (tx, user, PKCE verifier, browser nonce), sets the nonce
-# cookie and redirects to the provider.  ``/redirect`` takes the state atomically, checks the
-# cookie, exchanges the code, and writes the encrypted credentials into ``mcp:{user}:user``.
+# Theory of operation: ``login`` stores a transaction ``mcp:login:tx:{hash(tx)}`` (user, pairing-
+# code MAC) and returns ``/login/{tx}``.  The right pairing code takes the transaction, stores a
+# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce), sets
+# the nonce cookie and redirects to the provider.  ``/redirect`` checks the cookie, takes the
+# state atomically, exchanges the code, and writes the sealed credentials into ``mcp:{user}:user``.
 
 _DEFAULT_MASK_FIELDS = frozenset((
     "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
@@ -6775,22 +6890,99 @@ _DEFAULT_MASK_FIELDS = frozenset((
     "phone", "phone_number", "mobile", "mobile_number", "bank_account", "bank_account_number",
     "bankaccount", "demat_id", "dp_id", "aadhaar", "ssn"))
 _PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+_PAIRING_TRIES = 5
+
+# A key is sensitive when a run of its words (split at camelCase, digits and any of ``_-. ``,
+# lower-cased, joined) is one of these: ``panNumber``, ``Mobile-No``, ``bank.account.number``,
+# ``emailId``, ``x_access_token``.  A run, not a substring: ``company`` holds no ``pan``.
+_SENSITIVE_KEY = re.compile(
+    r"pan(no|num|number|card)?|e?mail(id|ids|address|addr)?|"
+    r"(phone|mobile|tel|telephone|cell|cellphone|landline|whatsapp)(no|num|number|numbers)?|"
+    r"(bank)?(account|acct)(no|num|number|nr|id|ids)?|bank|iban|ifsc|"
+    r"demat(id|no|number|account)?|dpid|boid|aadha+r(no|number|id)?|ssn|"
+    r"(access|refresh|id|auth|bearer|api|session|csrf)?tokens?|(api|secret|private|access|client|signing)key|"
+    r"(client)?secret|password|passwd|pwd|passcode|otp|pin(code)?|cvv|(card|creditcard|debitcard)(no|num|number)|"
+    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)")
+# Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
+# or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
+# PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
+_FREE_TEXT_MASKS = (
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    (re.compile(r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=-]{8,})"), 1),
+    (re.compile(r"\b([A-Za-z][\w.-]{0,40})([\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;<>{}\[\]]{3,})"), 3),
+    (re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"), 0),
+    (re.compile(r"\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
+    (re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])"
+                r"[A-Za-z0-9+/_-]{24,}={0,2}"), 0),
+    (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?\(?\d{1,5}\)?(?:[ .-]?\d{2,5}){1,4}|\(?\d{3,5}\)?[.-]\d{3,5}[.-]?\d{0,5}|"
+                r"\d{4} \d{4} \d{4}|\d{5} \d{5})(?!\w)"), -1),
+    (re.compile(r"(?<!\d)\d{8,}(?!\d)"), 0),
+)
 
 
 def _mask_text(value) -> str:
+    """A masked value: all X, but the last 4 characters of a long one (enough to tell two apart)."""
     text = str(value)
-    return "X" * len(text) if len(text) <= 4 else "X" * (len(text) - 4) + text[-4:]
+    return "X" * len(text) if len(text) < 10 else "X" * (len(text) - 4) + text[-4:]
 
 
-def _mask(value, fields: frozenset):
-    """Mask the named fields (any depth, case-insensitive, ``-`` same as ``_``), keeping the last 4."""
+def _key_words(key: str) -> list:
+    return [word.lower() for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", key)][:12]
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_names(fields: frozenset) -> frozenset:
+    """MASK_FIELDS and a tool's ``mask`` names, spelt as ``_sensitive_key`` compares them."""
+    return frozenset("".join(_key_words(str(field))) for field in fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sensitive_key(key, names: frozenset) -> bool:
+    words = _key_words(str(key))
+    for start in range(len(words)):
+        for end in range(start + 1, len(words) + 1):
+            run = "".join(words[start:end])
+            if run in names or _SENSITIVE_KEY.fullmatch(run):
+                return True
+    return False
+
+
+def _mask_phone(match: re.Match) -> str:
+    text = match.group(0)
+    digits = sum(c.isdigit() for c in text)
+    return _mask_text(text) if digits >= 10 or (text.startswith("+") and digits >= 8) else text
+
+
+def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
+    """``text`` with every identifier or secret ``_FREE_TEXT_MASKS`` finds masked."""
+    for pattern, group in _FREE_TEXT_MASKS:
+        if group == -1:
+            text = pattern.sub(_mask_phone, text)
+        elif group == 3:
+            text = pattern.sub(lambda m: m.group(1) + m.group(2) + _mask_text(m.group(3))
+                               if _sensitive_key(m.group(1), names) else m.group(0), text)
+        elif group:
+            text = pattern.sub(lambda m: m.group(0)[:m.start(group) - m.start()] + _mask_text(m.group(group)), text)
+        else:
+            text = pattern.sub(lambda m: _mask_text(m.group(0)), text)
+    return text
+
+
+def _mask(value, fields: frozenset, under_sensitive: bool = False):
+    """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
+    ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
+    ones; and identifiers in every other string, dict keys included (``_mask_free_text``)."""
+    names = _mask_names(fields)
     if isinstance(value, dict):
-        return {k: (_mask_text(v) if v is not None and not isinstance(v, (dict, list))
-                    and str(k).lower().replace("-", "_") in fields else _mask(v, fields))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask(v, fields) for v in value]
-    return value
+        return {(_mask_free_text(k, names) if isinstance(k, str) else k):
+                _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v, fields, under_sensitive) for v in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if under_sensitive:
+        return _mask_text(value)
+    return _mask_free_text(value, names) if isinstance(value, str) else value
 
 
 def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict | None = None,
@@ -6851,7 +7043,10 @@ class _Login:
                                    "in a shared store without it.", status=503)
                 log.warning("ENCRYPTION_KEY is not set: using a key that lives only in this process "
                             "(logins end when it stops)")
-            self._vault = _Vault(settings.encryption_key or None, settings.previous_encryption_keys)
+            try:
+                self._vault = _Vault(settings.encryption_key or None, settings.previous_encryption_keys)
+            except ValueError as exc:  # (refused at start-up; a server built in code may skip that)
+                raise RpcError(INTERNAL_ERROR, f"The login is misconfigured: {exc}.", status=503) from None
         return self._vault
 
     def provider(self, base: str) -> dict:
@@ -6889,7 +7084,7 @@ class _Login:
         sealed = record.get("cred")
         if record.get("state") != "AUTHENTICATED" or not sealed:
             raise _NotLoggedIn()
-        plain = self.vault().decrypt(sealed, uid.encode())
+        plain = self.vault().decrypt(sealed, _credentials_ad(uid))
         if plain is None:
             raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
         return _loads(plain, _STORED_JSON_DEPTH)
@@ -6905,7 +7100,7 @@ class _Login:
         cred = {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
                 "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
         await self._save_user(uid, {**record, "state": "AUTHENTICATED", "logged_in_at": int(_now()),
-                                    "cred": self.vault().encrypt(_dumps(cred), uid.encode())})
+                                    "cred": self.vault().encrypt(_dumps(cred), _credentials_ad(uid))})
 
     # -- the login tool ------------------------------------------------------------------------
 
@@ -6917,7 +7112,9 @@ class _Login:
         tx = secrets.token_urlsafe(18)
         code = "".join(secrets.choice(_PAIRING_ALPHABET) for _ in range(8))
         pairing = f"{code[:4]}-{code[4:]}"
-        await self.server._hub().store.set(f"mcp:login:{tx}", {"uid": uid, "pairing": _sha256(code), "tries": 0}, 600)
+        keys = await self.server._keyring()
+        await self.server._hub().store.set(_login_tx_key(tx), {"uid": uid, "pairing": _pairing_mac(keys, tx, code)},
+                                           600)
         url = f"{base}/login/{tx}"
         return {"url": url, "pairing_code": pairing, "expires_in": 600}
 
@@ -6925,53 +7122,66 @@ class _Login:
 
     async def page(self, http: _Http, tx: str) -> None:
         store = self.server._hub().store
-        record = await store.get(f"mcp:login:{tx}")
-        if record is None:
-            await self._page(http, 400, "This sign-in link has expired",
-                             "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
-                             "<p>Ask your assistant to call <code>login</code> again.</p>")
-            return
+        if await store.get(_login_tx_key(tx)) is None:
+            await self._link_gone(http)
+        elif http.scope.get("method") == "POST":
+            await self._pair(http, tx)
+        else:
+            await self._pairing_form(http, tx)
+
+    async def _link_gone(self, http: _Http) -> None:
+        await self._page(http, 400, "This sign-in link has expired",
+                         "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
+                         "<p>Ask your assistant to call <code>login</code> again.</p>")
+
+    async def _pair(self, http: _Http, tx: str) -> None:
+        """The pairing form's answer.  Every try counts atomically in the store before the code is
+        compared, so concurrent guesses on any instance get ``_PAIRING_TRIES`` compared in all;
+        the right code takes the transaction, so a link completes once, in one browser."""
         oauth = self.server.asgi.oauth
+        store = self.server._hub().store
+        fields = _form_fields(await http.read_body(16 * 1024))
+        cookie = oauth._cookie(http, "mcp_csrf") or ""
+        if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
+            await self._page(http, 400, "This page has expired", "<p class=bad>Reload the sign-in link "
+                             "and try again.</p>")
+            return
+        tries = await store.incr(f"mcp:login:tries:{_sha256(tx)}", 600)
+        record = await store.get(_login_tx_key(tx)) if tries <= _PAIRING_TRIES else None
+        if record is None and tries <= _PAIRING_TRIES:
+            await self._link_gone(http)
+            return
+        typed = re.sub(r"[^A-Z0-9]", "", fields.get("code", "").upper())
         keys = await self.server._keyring()
-        if http.scope.get("method") == "POST":
-            fields = _form_fields(await http.read_body(16 * 1024))
-            cookie = oauth._cookie(http, "mcp_csrf") or ""
-            if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
-                await self._page(http, 400, "This page has expired", "<p class=bad>Reload the sign-in link "
-                                 "and try again.</p>")
+        if record is None or not hmac.compare_digest(_pairing_mac(keys, tx, typed), record["pairing"]):
+            if tries >= _PAIRING_TRIES:
+                await store.delete(_login_tx_key(tx))
+                await self._page(http, 400, "Too many wrong codes", "<p class=bad>This sign-in link no "
+                                 "longer works.</p><p>Ask your assistant to call <code>login</code> again.</p>")
                 return
-            typed = re.sub(r"[^A-Z0-9]", "", fields.get("code", "").upper())
-            if not hmac.compare_digest(_sha256(typed), record["pairing"]):
-                record = {**record, "tries": record["tries"] + 1}
-                if record["tries"] >= 5:
-                    await store.delete(f"mcp:login:{tx}")
-                    await self._page(http, 400, "Too many wrong codes", "<p class=bad>This sign-in link no "
-                                     "longer works.</p><p>Ask your assistant to call <code>login</code> again.</p>")
-                    return
-                await store.set(f"mcp:login:{tx}", record, 600)
-                await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
-                return
-            await self._to_provider(http, tx, record)
+            await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
             return
-        browser = oauth._cookie(http, "mcp_browser")
-        if browser and keys.verify(browser, "cookie") == record["uid"]:
-            await self._to_provider(http, tx, record)  # the browser that authorized this client
+        record = await store.take(_login_tx_key(tx))
+        if record is None:  # another browser paired it a moment ago
+            await self._link_gone(http)
             return
-        await self._pairing_form(http, tx)
+        await self._to_provider(http, tx, record)
 
     async def _pairing_form(self, http: _Http, tx: str, problem: str = "") -> None:
         import html
         oauth = self.server.asgi.oauth
         csrf = secrets.token_urlsafe(18)
         body = ((f"<p class=bad>{html.escape(problem)}</p>" if problem else "") +
-                "<p>To connect your account, enter the pairing code your assistant showed next to this "
-                "link. It makes sure the link was meant for you.</p>"
+                "<p>To connect your account, enter the pairing code your assistant showed you next to "
+                "this link.</p>"
+                "<p><b>Never enter a code that someone else gave you</b> (in a message, an e-mail, a call or "
+                "on another site): whoever sent it would get your account.</p>"
                 f"<form method=post action='{html.escape(oauth.issuer(http))}/login/{html.escape(tx)}'>"
                 f"<input type=hidden name=csrf value='{csrf}'>"
                 "<p><input name=code autocomplete=off placeholder='ABCD-1234' aria-label='Pairing code' "
                 "style='font:inherit;padding:.5rem;width:12rem;letter-spacing:.1em'></p>"
                 "<div class=row><button class=primary>Continue</button></div></form>"
-                "<p class=muted>If you did not ask your assistant to log in, close this page.</p>")
+                "<p class=muted>If you did not ask your own assistant to log in just now, close this page.</p>")
         await self._page(http, 200, "Enter your pairing code", body,
                          [oauth._set_cookie(http, "mcp_csrf", csrf, 600)])
 
@@ -6981,9 +7191,10 @@ class _Login:
         provider = self.provider(base)
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
         verifier = secrets.token_urlsafe(48)
-        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", {
+        keys = await self.server._keyring()
+        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", keys.seal({
             "tx": tx, "uid": record["uid"], "verifier": verifier, "nonce": _sha256(nonce),
-            "redirect_uri": base + "/redirect"}, 600)
+            "redirect_uri": base + "/redirect"}, "login"), 600)
         location = _with_query(provider["authorize"], {
             "response_type": "code", "client_id": provider["client_id"], "redirect_uri": base + "/redirect",
             "state": state, "scope": provider["scopes"] or None,
@@ -6991,17 +7202,32 @@ class _Login:
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
                                          oauth._set_cookie(http, "mcp_login", nonce, 600)])
 
+    async def _redirect_state(self, http: _Http, query: dict) -> dict | str:
+        """The login state ``/redirect`` names, taken (single use) only by the browser holding its
+        nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
+        if not query.get("state"):
+            return "expired"
+        store = self.server._hub().store
+        key = f"mcp:login:state:{_sha256(query['state'])}"
+        sealed = await store.get(key)
+        state = (await self.server._keyring()).unseal(sealed, "login") if sealed else None
+        if state is None:
+            return "expired"
+        nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
+        if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
+            return "browser"
+        return state if await store.take(key) is not None else "expired"
+
     async def redirect(self, http: _Http) -> None:
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
         store = self.server._hub().store
-        state = await store.take(f"mcp:login:state:{_sha256(query.get('state', ''))}") if query.get("state") else None
+        state = await self._redirect_state(http, query)
         retry = "<p>Ask your assistant to call <code>login</code> again.</p>"
-        if state is None:
+        if state == "expired":
             await self._page(http, 400, "This sign-in has expired",
                              "<p class=bad>The sign-in took longer than 10 minutes or was already completed.</p>" + retry)
             return
-        nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
-        if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
+        if state == "browser":
             await self._page(http, 400, "Finish in the same browser",
                              "<p class=bad>This sign-in started in another browser.</p>" + retry)
             return
@@ -7026,7 +7252,6 @@ class _Login:
             await self._page(http, 400, "Sign-in not saved", f"<p class=bad>{_escape(str(exc))}</p>")
             return
         _metrics.inc("mcp_logins_total", outcome="success")
-        await store.delete(f"mcp:login:{state['tx']}")
         await store.publish(_BUS_CHANNEL, {"kind": "tools"})  # clients refresh what they can do
         log.info("upstream login completed")
         await self._page(http, 200, "You are signed in",
@@ -8615,8 +8840,12 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
+    # (settings built in code skip Settings.load's check; a store given in code counts too)
+    settings.check_secrets(shared_store=server.store is not None and not isinstance(server.store, MemoryStore))
     _check_packages(server, settings)
     _configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    if getattr(settings, "dotenv_file", ""):  # which file, and what it set; never a value
+        log.info("settings read from %s: %s", settings.dotenv_file, ", ".join(settings.dotenv_names) or "none")
     if not settings.stdio:  # what starting up left behind (before the freeze, which would keep its cycles)
         _give_back_memory()
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
@@ -8706,6 +8935,7 @@ def _builtin_server(settings: Settings) -> MCPServer:
     if settings.redis_url and not settings.encryption_key:
         raise SystemExit("mcp_server: error: ENCRYPTION_KEY is required with Redis: the upstream "
                          "credentials kept there are encrypted with it")
+    settings.check_secrets("mcp_server")
     server.add_login_tools()
 
     @server.tool(title="Server information", annotations={"readOnlyHint": True, "openWorldHint": False})
@@ -8778,9 +9008,27 @@ def _restart_as_module(settings: Settings) -> None:
     os.execv(sys.executable, [sys.executable, *options, "-c", _RUN_AS_MODULE, path, *sys.argv[1:]])
 
 
+def _encrypt_command(args: list) -> None:
+    """``encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of setting NAME (bound
+    to it: it decrypts as no other setting).  VALUE ``-`` reads it from stdin, out of the shell's
+    history and the process list."""
+    usage = "mcp_server: error: usage: python mcp_server.py encrypt --setting NAME VALUE (VALUE - reads stdin)"
+    if len(args) != 3 or args[0] != "--setting":
+        raise SystemExit(usage)
+    textual = {env_names[0] for _attr, _flag, env_names, parse, *_ in _SETTING_SPECS if parse is str}
+    name = args[1].upper()
+    if name not in textual or name == "ENCRYPTION_KEY":
+        raise SystemExit(f"mcp_server: error: {args[1]!r} is not a setting that takes an enc: value")
+    value = sys.stdin.readline().rstrip("\r\n") if args[2] == "-" else args[2]
+    key = Settings.load([]).encryption_key
+    if not key:
+        raise SystemExit("mcp_server: error: set ENCRYPTION_KEY first (the same key the server uses)")
+    print("enc:" + _Vault(key).encrypt(value, _setting_ad(name)))
+
+
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
-    ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
+    ``python mcp_server.py encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of NAME;
     ``python mcp_server.py settings``: print every setting as a Markdown table;
     ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
     from_command_line = argv is None
@@ -8795,12 +9043,7 @@ def main(argv: list | None = None) -> None:
                 raise SystemExit("mcp_server: error: usage: python mcp_server.py settings [--write PAGE.md]")
             return
         if argv[:1] == ["encrypt"]:
-            if len(argv) != 2:
-                raise SystemExit("mcp_server: error: usage: python mcp_server.py encrypt VALUE")
-            key = Settings.load([]).encryption_key
-            if not key:
-                raise SystemExit("mcp_server: error: set ENCRYPTION_KEY first (the same key the server uses)")
-            print("enc:" + _Vault(key).encrypt(argv[1], b"config"))
+            _encrypt_command(argv[1:])
             return
         settings = Settings.load(argv)
         if from_command_line:
