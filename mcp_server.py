@@ -1750,6 +1750,7 @@ _KEY_LABELS = {
     "consent": b"mcp_server/v1 consent-request AES-256-GCM",
     "login": b"mcp_server/v1 login-state AES-256-GCM",
     "pairing": b"mcp_server/v1 pairing-code HMAC-SHA256",
+    "events": b"mcp_server/v1 stream-event AES-256-GCM",
 }
 
 
@@ -1800,18 +1801,30 @@ class _KeyRing:
 
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
         """Encrypt and authenticate a JSON payload (AES-256-GCM, random 96-bit nonce)."""
-        nonce = secrets.token_bytes(12)
-        return _b64url(nonce + self._cipher(purpose).encrypt(nonce, _dumps(payload).encode(), purpose.encode()))
+        return self.seal_text(_dumps(payload), purpose)
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        text = self.unseal_text(token, purpose)
+        try:
+            payload = None if text is None else _loads(text, _STORED_JSON_DEPTH)
+        except ValueError:
+            return None
+        return payload if isinstance(payload, dict) else None
+
+    def seal_text(self, text: str, purpose: str, context: str = "") -> str:
+        """``text`` encrypted and authenticated; ``context`` (associated data) binds it to its
+        place, so that it cannot be moved elsewhere and read there."""
+        nonce = secrets.token_bytes(12)
+        aad = purpose.encode() + (b"\n" + context.encode() if context else b"")
+        return _b64url(nonce + self._cipher(purpose).encrypt(nonce, text.encode(), aad))
+
+    def unseal_text(self, token: typing.Any, purpose: str, context: str = "") -> str | None:
         cipher = self._cipher(purpose)  # (a missing package is no bad token: it is said so)
+        aad = purpose.encode() + (b"\n" + context.encode() if context else b"")
         try:
             raw = _unb64url(token)
-            if len(raw) < 28:
-                return None
-            payload = _loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()), _STORED_JSON_DEPTH)
-            return payload if isinstance(payload, dict) else None
+            return None if len(raw) < 28 else cipher.decrypt(raw[:12], raw[12:], aad).decode()
         except Exception:
             return None
 
@@ -4244,11 +4257,7 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
     return (head + "data: " + data + "\n\n").encode()
 
 
-async def _read_events(store: "Store", key: str, after: int) -> list:
-    """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps JSON text: a
-    string is one object the garbage collector never walks, where a message is dozens."""
-    return [(seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item)
-            for seq, item in await store.read_after(key, after)]
+_SEALED_EVENT = "sealed:"  # an event log item that is not JSON text but an AES-GCM token of it
 
 
 _SSE_KEEPALIVE = b": keep-alive\n\n"
@@ -4437,6 +4446,30 @@ class _Hub:
                 if self.held[key] <= 0:
                     del self.held[key]
         return release
+
+    # -- event logs of resumable streams ----------------------------------------------------------
+
+    async def log_event(self, key: str, text: str) -> int:
+        """Append one event (JSON text) to a stream's log; returns its sequence number.  In a
+        shared store the event is sealed, bound to its log: a copy of the store would otherwise
+        hold tool results and the elicitations that carry a login link and its pairing code."""
+        if self.shared:
+            text = _SEALED_EVENT + (await self.server._keyring()).seal_text(text, "events", key)
+        return await self.store.append(key, text, self.settings.replay_events, self.settings.session_ttl)
+
+    async def read_events(self, key: str, after: int) -> list:
+        """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps text: a
+        string is one object the garbage collector never walks, where a message is dozens.  An
+        event that does not unseal (the secret changed, or someone wrote it) is left out."""
+        events = []
+        for seq, item in await self.store.read_after(key, after):
+            if isinstance(item, str) and item.startswith(_SEALED_EVENT):
+                item = (await self.server._keyring()).unseal_text(item[len(_SEALED_EVENT):], "events", key)
+                if item is None:
+                    log.warning("an event of a stream's log does not unseal: left out of the replay")
+                    continue
+            events.append((seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item))
+        return events
 
     # -- requests the server sends to a legacy client ------------------------------------------------
 
@@ -4900,9 +4933,7 @@ class _PostChannel:
     async def _emit(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.resumable:
-            ttl = self.hub.settings.session_ttl
-            seq = await self.hub.store.append(_events_key(self.session_id, self.stream_id), text,
-                                              self.hub.settings.replay_events, ttl)
+            seq = await self.hub.log_event(_events_key(self.session_id, self.stream_id), text)
             event_id = f"{self.stream_id}:{seq}"
             for follower in self.followers:
                 follower.put_nowait((event_id, message))
@@ -5054,8 +5085,7 @@ class _SessionStream:
     async def _write(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.log_events:
-            seq = await self.hub.store.append(_events_key(self.session_id, "get"), text,
-                                              self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            seq = await self.hub.log_event(_events_key(self.session_id, "get"), text)
             event_id = f"get:{seq}"
         await self.http.write(_sse(text, event_id))
 
@@ -5291,7 +5321,7 @@ class _StreamableHTTP:
             if stream_id != "get" and seq.isdigit():
                 release = hub.hold_stream(http.principal, http.client_address())
                 return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
-            replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
+            replay = await hub.read_events(_events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
             replay = []
@@ -5315,7 +5345,7 @@ class _StreamableHTTP:
         try:
             if unsubscribe is not None:
                 await hub.store.subscribed()  # then the log read below misses nothing
-            events = await _read_events(hub.store, _events_key(session_id, stream_id), after)
+            events = await hub.read_events(_events_key(session_id, stream_id), after)
             await http.start_sse()
             last = after
             for seq, message in events:
@@ -5330,7 +5360,7 @@ class _StreamableHTTP:
                         item = await queue.get()
                 except TimeoutError:
                     if live is None:  # pub/sub may have dropped something: the log has it all
-                        missed = await _read_events(hub.store, _events_key(session_id, stream_id), last)
+                        missed = await hub.read_events(_events_key(session_id, stream_id), last)
                         for seq, message in missed:
                             await http.write(_sse(message, f"{stream_id}:{seq}"))
                             last = seq

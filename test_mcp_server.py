@@ -5183,12 +5183,12 @@ class TestScaleOut:
                 client = store.client()
                 try:
                     client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # B's subscription is gone
+                    events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
+                    logged = client.llen(events_key)  # (sealed: counted, not read)
                     answer = _redis_on(s, a).post({"jsonrpc": "2.0", "id": ask["id"], "result": {
                         "action": "accept", "content": {"response": "Ada"}}})
                     assert answer.status == 202
-                    events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
-                    _redis_wait(lambda: any(b'result' in row for row in client.lrange(events_key, 0, -1)),
-                                "A's final response in the stream's log")
+                    _redis_wait(lambda: client.llen(events_key) > logged, "A's final response in the stream's log")
                 finally:
                     client.close()
                 frozen.send_signal(signal.SIGCONT)
@@ -8102,6 +8102,32 @@ class TestAttackExternalIssuer:
                 _auth_assert_refused(st.port, jwt.encode(claims, private, algorithm="RS256",
                                                          headers={"kid": f"unknown-{i}"}))
             assert len(idp.hits("/jwks")) <= 2, len(idp.hits("/jwks"))
+
+
+class TestAttackStoreCopy:
+    """Someone with a copy of Redis: the event logs of resumable streams hold nothing readable."""
+
+    def test_a_stream_log_in_redis_is_sealed_and_still_resumes_on_another_instance(self, redis_trio, redis_url):
+        a, b, _c = redis_trio
+        s = Session(a)
+        s.initialize()
+        call = s.body("tools/call", {"name": "test_reconnection", "arguments": {}})
+        events = s.post(call).events()
+        assert events and all(not e.get("data") for e in events)  # closed before the result
+        copy = _attack_redis_dump(redis_url)
+        assert f":events:" in copy and "sealed:" in copy  # the log is there, sealed
+        assert "Reconnection test completed" not in copy and '"jsonrpc"' not in copy
+        g = http(b, "GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                              "Last-Event-ID": events[-1]["id"]}))
+        assert g.status == 200, g
+        assert _redis_text(final_message(g, call["id"])["result"]) == "Reconnection test completed successfully"
+
+    def test_a_sealed_event_cannot_be_moved_to_another_log(self):
+        ring = mcp_server._KeyRing("a-secret-that-is-long-enough-for-the-test-0123")
+        token = ring.seal_text('{"jsonrpc":"2.0","method":"x"}', "events", "mcp:{s1}:events:1")
+        assert ring.unseal_text(token, "events", "mcp:{s1}:events:1") == '{"jsonrpc":"2.0","method":"x"}'
+        assert ring.unseal_text(token, "events", "mcp:{s2}:events:1") is None
+        assert ring.unseal_text(token, "request_state", "mcp:{s1}:events:1") is None
 
 
 def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
