@@ -1123,6 +1123,7 @@ def _no_constant(name: str):
 
 
 _json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_DECIMAL = re.compile(r"[0-9]{1,18}")  # a number a header or event id may carry (str.isdigit takes "²")
 _JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
 _STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
 # (for _within_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
@@ -1693,24 +1694,31 @@ class RedisStore(Store):
             self._client = None
 
 
+def _store_id(identifier: str) -> str:
+    """What a key or channel name holds of a session, task or user id: its SHA-256 (128 bits).
+    Without authorization a session id is the whole credential, and a copy of the store, or a
+    look at its channels, lists every key; the ids are random, so the digest gives none back."""
+    return hashlib.sha256(identifier.encode()).hexdigest()[:32]
+
+
 def _session_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:session"
+    return f"mcp:{{{_store_id(sid)}}}:session"
 
 
 def _events_key(sid: str, stream_id: str) -> str:
-    return f"mcp:{{{sid}}}:events:{stream_id}"
+    return f"mcp:{{{_store_id(sid)}}}:events:{stream_id}"
 
 
 def _streams_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:streams"
+    return f"mcp:{{{_store_id(sid)}}}:streams"
 
 
 def _session_channel(sid: str) -> str:
-    return f"mcp:{{{sid}}}:chan"
+    return f"mcp:{{{_store_id(sid)}}}:chan"
 
 
 def _reply_channel(sid: str) -> str:
-    return f"mcp:{{{sid}}}:replies"
+    return f"mcp:{{{_store_id(sid)}}}:replies"
 
 
 _BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
@@ -1720,16 +1728,16 @@ _SESSION_CACHE_MAX = 50000  # sessions an instance keeps copies of (oldest dropp
 
 
 def _stream_channel(sid: str, stream_id: str) -> str:
-    return f"mcp:{{{sid}}}:stream:{stream_id}"
+    return f"mcp:{{{_store_id(sid)}}}:stream:{stream_id}"
 
 
 def _task_channel(task_id: str) -> str:
-    return f"mcp:task:{{{task_id}}}:ctl"
+    return f"mcp:task:{{{_store_id(task_id)}}}:ctl"
 
 
 def _quota_key(what: str, holder: str) -> str:
     """The set of things (sessions) a principal or a client address holds; the holder is hashed."""
-    return f"mcp:quota:{what}:{hashlib.sha256(holder.encode()).hexdigest()[:32]}"
+    return f"mcp:quota:{what}:{_store_id(holder)}"
 
 
 # ==== 3. Crypto and tokens ======================================================================
@@ -2359,7 +2367,7 @@ def _resolve_ref(root: dict, ref: str):
         part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and _DECIMAL.fullmatch(part) and int(part) < len(node):
             node = node[int(part)]
         else:
             return None
@@ -3906,7 +3914,7 @@ def _has_tasks_extension(ctx: Context) -> bool:
 
 
 def _task_key(task_id: str) -> str:
-    return f"mcp:task:{{{task_id}}}"
+    return f"mcp:task:{{{_store_id(task_id)}}}"
 
 
 def _iso_now() -> str:
@@ -4706,7 +4714,7 @@ class _Http:
 
     async def read_body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and _DECIMAL.fullmatch(declared) and int(declared) > limit:
             raise _body_too_large(limit)
         if self.cycle is not None:
             whole = self.cycle.take_body()
@@ -5318,10 +5326,10 @@ class _StreamableHTTP:
         last_event = http.headers.get("last-event-id")
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
-            if stream_id != "get" and seq.isdigit():
+            if stream_id != "get" and _DECIMAL.fullmatch(seq):
                 release = hub.hold_stream(http.principal, http.client_address())
                 return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
-            replay = await hub.read_events(_events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
+            replay = await hub.read_events(_events_key(session_id, "get"), int(seq) if _DECIMAL.fullmatch(seq) else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
             replay = []
@@ -6137,7 +6145,7 @@ def _parse_document_response(data: bytes, limit: int) -> tuple:
         key, _, value = line.partition(":")
         headers[key.strip().lower()] = value.strip()
     if "content-length" in headers:
-        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
+        length = int(headers["content-length"]) if _DECIMAL.fullmatch(headers["content-length"]) else -1
         if length < 0 or length > len(body):
             raise ValueError("client metadata document was cut short")
         body = body[:length]
@@ -6725,11 +6733,7 @@ class _OAuth:
         session = await store.get(_user_key(record["sid"])) or {
             "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": [],
             "gen": secrets.token_hex(4)}
-        in_grace = (token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE
-                    and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE))
-        if in_grace:
-            pass  # the unused replacement is superseded; its record stays, so using it is reuse
-        elif token_hash != family["current"]:
+        if not await self._may_rotate(family, token_hash):
             await self._revoke_family(family)
             log.warning("refresh token reuse detected: the token family and its session were revoked")
             raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
@@ -6742,11 +6746,34 @@ class _OAuth:
                 raise _OAuthError("invalid_scope", "A refresh cannot widen the granted scope.")
             scope = " ".join(narrower)
         await store.set(_user_key(record["sid"]), session, self.settings.session_ttl)  # activity
-        return await self._issue(http, client, record["sid"], scope, record["resource"],
-                                 family=(family["id"], token_hash), generation=session.get("gen"))
+        answer = await self._issue(http, client, record["sid"], scope, record["resource"],
+                                   family=(family["id"], token_hash), generation=session.get("gen"))
+        if await store.get(f"mcp:oauth:revoked:{family['id']}") is not None:
+            # a concurrent reuse revoked the family while this rotation was writing it back
+            await self._revoke_family({**family, "current": _sha256(answer.get("refresh_token", "")),
+                                       "previous": None})
+            raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
+        return answer
+
+    async def _may_rotate(self, family: dict, token_hash: str) -> bool:
+        """Whether a refresh token may be exchanged now.  The family's newest, once: of concurrent
+        uses (on any instance) one claims it atomically.  Then once more, within _REFRESH_GRACE
+        seconds, the token a rotation replaced or one whose rotation is under way (a client that
+        lost the answer retries).  Every other use is reuse; a superseded replacement's record
+        stays, so using it is reuse too."""
+        store = self.server._hub().store
+        if token_hash == family["current"] and await store.add(f"mcp:oauth:rotated:{token_hash}", 1,
+                                                                self.settings.refresh_ttl):
+            return True
+        recent = token_hash == family["current"] or (
+            token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE)
+        return recent and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE)
 
     async def _revoke_family(self, family: dict) -> None:
+        """End a token family and its session.  The mark comes first: a rotation that read the
+        family before this must see it when it is done, and undo what it wrote (_refresh_grant)."""
         store = self.server._hub().store
+        await store.set(f"mcp:oauth:revoked:{family['id']}", 1, self.settings.refresh_ttl)
         await store.delete(f"mcp:oauth:family:{family['id']}")
         for key in ("current", "previous"):
             if family.get(key):
@@ -6867,7 +6894,7 @@ class _OAuth:
 
 
 def _user_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:user"
+    return f"mcp:{{{_store_id(sid)}}}:user"
 
 
 def _login_tx_key(tx: str) -> str:
@@ -7589,6 +7616,18 @@ def _split_host(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+# An Origin header is a serialized origin: scheme, host and port, nothing else (RFC 6454 6.2).
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+def _is_loopback_origin(origin: str) -> bool:
+    """A well-formed http(s) origin on a loopback host.  Read by a pattern, not ``urlsplit``: that
+    finds 127.0.0.1 in ``http://evil.example@127.0.0.1`` and ``http://127.0.0.1:1.evil``."""
+    match = _ORIGIN.fullmatch(origin)
+    return (match is not None and int(match.group(2) or 0) <= 65535
+            and _is_loopback(match.group(1).strip("[]")))
+
+
 class _App:
     """The ASGI application behind ``MCPServer.asgi``."""
 
@@ -7635,8 +7674,7 @@ class _App:
         if path.startswith(_OAUTH_BROWSER_PATHS) and http.scope.get("method") == "POST":
             ok = own
         else:
-            ok = own or "*" in allowed or origin in allowed or (
-                origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
+            ok = own or "*" in allowed or origin in allowed or _is_loopback_origin(origin)
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
@@ -8269,7 +8307,7 @@ def _parse_request_head(head: bytes) -> tuple:
         raise _BadRequest(400, "Malformed Host header.")
     content_length = fields.get("content-length")
     if content_length is not None:
-        if not content_length.isdigit() or len(content_length) > 18:
+        if not _DECIMAL.fullmatch(content_length):
             raise _BadRequest(400, "Malformed Content-Length.")
         content_length = int(content_length)
     transfer_encoding = fields.get("transfer-encoding")

@@ -4868,7 +4868,7 @@ class TestScaleOut:
             conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
             stream = SSEStream(conn, conn.read_head())
             assert not stream.next_event().get("data")  # the priming event
-            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:chan")
+            _redis_wait_subscribed(redis_url, mcp_server._session_channel(s.sid))
             assert s.delete().status == 200  # on C
             assert stream.next_message() is None  # the stream on A ended
         # the instances that served the session drop their copies when C's message arrives
@@ -4954,7 +4954,7 @@ class TestScaleOut:
             ask = stream.next_message()
             assert ask["method"] == "elicitation/create" and ask["params"]["message"] == "Your name?"
             # A waits for the answer on the session's reply channel; the answer goes to B
-            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:replies")
+            _redis_wait_subscribed(redis_url, mcp_server._reply_channel(s.sid))
             answer = _redis_on(s, b).post({"jsonrpc": "2.0", "id": ask["id"],
                                            "result": {"action": "accept", "content": {"response": "Ada"}}})
             assert answer.status == 202 and answer.body == b""
@@ -4987,7 +4987,7 @@ class TestScaleOut:
         task_id = created["taskId"]
         seen = _task_result(_task_post(b, "tasks/get", task_id))
         assert seen["taskId"] == task_id and seen["status"] == "working"
-        _redis_wait_subscribed(redis_url, f"mcp:task:{{{task_id}}}:ctl")  # A listens for control messages
+        _redis_wait_subscribed(redis_url, mcp_server._task_channel(task_id))  # A listens for control messages
         assert _task_result(_task_post(c, "tasks/cancel", task_id))["resultType"] == "complete"
         for port in (a, b, c):
             record = _task_result(_task_post(port, "tasks/get", task_id))
@@ -5020,7 +5020,7 @@ class TestScaleOut:
             s = Session(doomed.port, capabilities={"elicitation": {}})
             s.initialize()
             call = s.body("tools/call", {"name": "test_elicitation", "arguments": {"message": "Still there?"}})
-            replies = f"mcp:{{{s.sid}}}:replies"
+            replies = mcp_server._reply_channel(s.sid)
             with Conn(doomed.port) as post_conn, Conn(doomed.port) as get_conn:
                 post_conn.request("POST", "/mcp", s.headers(), call)
                 post_stream = SSEStream(post_conn, post_conn.read_head())
@@ -5177,13 +5177,13 @@ class TestScaleOut:
                     {"Accept": "text/event-stream", "Content-Type": None, "Last-Event-ID": priming["id"]}))
                 follow = SSEStream(resumed, resumed.read_head())
                 assert follow.next_message() == ask  # replayed from the log
-                _redis_wait_subscribed(store.url, f"mcp:{{{s.sid}}}:stream:{stream_id}")  # B follows
+                _redis_wait_subscribed(store.url, mcp_server._stream_channel(s.sid, stream_id))  # B follows
                 frozen = instances[1].proc.proc
                 frozen.send_signal(signal.SIGSTOP)
                 client = store.client()
                 try:
                     client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # B's subscription is gone
-                    events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
+                    events_key = mcp_server._events_key(s.sid, stream_id)
                     logged = client.llen(events_key)  # (sealed: counted, not read)
                     answer = _redis_on(s, a).post({"jsonrpc": "2.0", "id": ask["id"], "result": {
                         "action": "accept", "content": {"response": "Ada"}}})
@@ -8117,6 +8117,7 @@ class TestAttackStoreCopy:
         copy = _attack_redis_dump(redis_url)
         assert f":events:" in copy and "sealed:" in copy  # the log is there, sealed
         assert "Reconnection test completed" not in copy and '"jsonrpc"' not in copy
+        assert s.sid not in copy  # without authorization the session id is the credential
         g = http(b, "GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
                                               "Last-Event-ID": events[-1]["id"]}))
         assert g.status == 200, g
@@ -8128,6 +8129,72 @@ class TestAttackStoreCopy:
         assert ring.unseal_text(token, "events", "mcp:{s1}:events:1") == '{"jsonrpc":"2.0","method":"x"}'
         assert ring.unseal_text(token, "events", "mcp:{s2}:events:1") is None
         assert ring.unseal_text(token, "request_state", "mcp:{s1}:events:1") is None
+
+
+class TestAttackRefreshRace:
+    """A stolen refresh token used at the same moment as the real client's, on two instances."""
+
+    def test_concurrent_refreshes_with_one_token_get_at_most_the_grace_and_then_revoke(self, make_server,
+                                                                                       redis_server, redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/8"
+        _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=8).flushdb()
+        settings = dict(auth="builtin", consent="never", auth_rate_limit=0, redis_url=own_db,
+                        secret=_REDIS_SECRET)
+        a, b = make_server(**settings), make_server(**settings)
+        first = _auth_login(a.port)
+        client_id, stolen = first["client"]["client_id"], first["refresh_token"]
+        start, answers = threading.Barrier(8), []
+
+        def refresh(port):
+            start.wait(WAIT)
+            answers.append(_auth_refresh(port, client_id, stolen))
+
+        threads = [threading.Thread(target=refresh, args=((a, b)[i % 2].port,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        issued = [r.json()["refresh_token"] for r in answers if r.status == 200]
+        # one rotation and one grace at most; the other six are reuse, which revokes the family, so
+        # even those two may end refused, and whatever was issued is dead afterwards
+        assert len(answers) == 8 and len(issued) <= 2, [r.status for r in answers]
+        assert _auth_refresh(a.port, client_id, stolen).status == 400  # reuse: the family is gone
+        later = [_auth_refresh(b.port, client_id, token) for token in issued]
+        assert all(r.status == 400 for r in later), [(r.status, r.body) for r in later]
+
+
+class TestAttackNumbersAndOrigins:
+    """Digits that are not ASCII, and origins that only parse as loopback."""
+
+    def test_unicode_digits_in_numeric_headers_are_refused_not_a_500(self, live):
+        with Conn(live.port) as conn:
+            conn.sock.sendall(b"POST /http HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: \xb2\r\n\r\n")
+            assert conn.read_response().status == 400
+        s = Session(live.port)
+        s.initialize()
+        for last in ("s1:\u00b2", "get:\u00b2", "get:" + "9" * 5000, "s1:" + "9" * 5000):
+            with Conn(live.port) as conn:  # (a GET stream that opens stays open: the head says enough)
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": last}))
+                head = conn.read_head()
+                assert head.status < 500, (last[:12], head)
+
+    @pytest.mark.parametrize("origin", [
+        "http://127.0.0.1:{port}.evil", "http://evil.com@127.0.0.1", "http://evil.com\\@localhost",
+        "http://[::1]x", "http://127.0.0.1:99999", "file://localhost", "chrome-extension://localhost",
+        "javascript://localhost", "http://localhost/path", "http://localhost:80/", "null"])
+    def test_an_origin_that_only_parses_as_loopback_is_foreign(self, live, origin):
+        r = http(live.port, "POST", "/mcp", {"Origin": origin.format(port=live.port), "Content-Type": "application/json",
+                                            "Accept": ACCEPT_BOTH},
+                 {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert r.status == 403 and r.header("access-control-allow-origin") is None, r
+
+    def test_a_loopback_origin_in_its_proper_form_is_allowed(self, live):
+        for origin in (f"http://127.0.0.1:{live.port}", "http://localhost", "https://[::1]:8443", "http://app.localhost:3000"):
+            r = http(live.port, "POST", "/http", {"Origin": origin, "Content-Type": "application/json"},
+                     {"method": "ping"})
+            assert r.status == 200 and r.header("access-control-allow-origin") == origin, (origin, r)
 
 
 def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
