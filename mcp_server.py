@@ -1086,6 +1086,19 @@ _metrics = _Metrics()
 
 
 @functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
+@functools.lru_cache(maxsize=4096)
+def _address_block(address: str) -> str:
+    """What a per-address limit counts: an IPv4 address, or the /64 an IPv6 address is in (one
+    subscriber gets a whole /64, so counting single IPv6 addresses would limit nothing)."""
+    if ":" not in address:
+        return address
+    import ipaddress
+    try:
+        return str(ipaddress.IPv6Network((address.split("%")[0], 64), strict=False))
+    except ValueError:
+        return address
+
+
 def _hash_id(value: str | None) -> str | None:
     """A session id as logs show it: a short hash, useless to anyone who reads the log."""
     return hashlib.sha256(value.encode()).hexdigest()[:12] if value else None
@@ -1298,7 +1311,9 @@ class _Log:
         self.seq = 0
 
 
-_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:sandbox:", "mcp:quota:", "mcp:server-secret")
+# (not mcp:sandbox: the demo provider's codes and tokens are anyone's to make, so they may not
+# crowd out what is kept)
+_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:quota:")
 _KEPT_SUFFIX = ":user"  # mcp:{sid}:user, a user's session with the authorization server
 
 
@@ -4706,7 +4721,7 @@ class _Http:
         """The client's IP address (a trusted proxy's X-Forwarded-For already applied); None when
         the server does not know it (a Unix socket), and then no per-address cap applies."""
         client = self.scope.get("client")
-        return client[0] if client else None
+        return _address_block(client[0]) if client else None
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -6260,7 +6275,7 @@ class _OAuth:
         limit = self.settings.auth_rate_limit if limit is None else limit
         if not limit:
             return
-        client = (http.scope.get("client") or ("unknown",))[0]
+        client = http.client_address() or "unknown"
         slot = int(_now() // window)
         count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
         if count > limit:
@@ -6887,10 +6902,19 @@ class _OAuth:
                     None, self._jwks.get_signing_key_from_jwt, token)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
             audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
-            return jwt.decode(token, key, algorithms=algorithms, audience=audience,
-                              issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
+            claims = jwt.decode(token, key, algorithms=algorithms, audience=audience,
+                                issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
+            kind = str(jwt.get_unverified_header(token).get("typ", "JWT")).lower()
         except Exception:
             return None
+        # an access token (RFC 9068: at+jwt; many issuers still say JWT), for someone: an empty
+        # subject would make every such token one principal, "ext:"
+        if kind not in _ACCESS_TOKEN_TYPES or not isinstance(claims.get("sub"), str) or not claims["sub"].strip():
+            return None
+        return claims
+
+
+_ACCESS_TOKEN_TYPES = ("jwt", "at+jwt", "application/at+jwt")
 
 
 def _user_key(sid: str) -> str:
@@ -6959,7 +6983,10 @@ _SENSITIVE_KEY = re.compile(
     r"demat(id|no|number|account)?|dpid|boid|aadha+r(no|number|id)?|ssn|"
     r"(access|refresh|id|auth|bearer|api|session|csrf)?tokens?|(api|secret|private|access|client|signing)key|"
     r"(client)?secret|password|passwd|pwd|passcode|otp|pin(code)?|cvv|(card|creditcard|debitcard)(no|num|number)|"
-    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)")
+    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
+    r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
+    r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
+    r"customer|client|display)name|username|login|nominee|ucc")
 # Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
 # or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
 # PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
@@ -6968,7 +6995,8 @@ _FREE_TEXT_MASKS = (
     (re.compile(r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=-]{8,})"), 1),
     (re.compile(r"\b([A-Za-z][\w.-]{0,40})([\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;<>{}\[\]]{3,})"), 3),
     (re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"), 0),
-    (re.compile(r"\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
+    (re.compile(r"[A-Za-z0-9._-]{2,}@[A-Za-z]{2,}(?![\w.@-])"), 0),  # a UPI id (VPA): no dot after the @
+    (re.compile(r"(?i)\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
     (re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])"
                 r"[A-Za-z0-9+/_-]{24,}={0,2}"), 0),
     (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?\(?\d{1,5}\)?(?:[ .-]?\d{2,5}){1,4}|\(?\d{3,5}\)?[.-]\d{3,5}[.-]?\d{0,5}|"
@@ -7039,7 +7067,11 @@ def _mask(value, fields: frozenset, under_sensitive: bool = False):
         return value
     if under_sensitive:
         return _mask_text(value)
-    return _mask_free_text(value, names) if isinstance(value, str) else value
+    if isinstance(value, str):
+        return _mask_free_text(value, names)
+    if isinstance(value, (int, float)) and value == value and abs(value) >= 1e7 and value == int(value):
+        return _mask_text(int(value))  # a whole number of 8+ digits: an account or phone number, as text
+    return value
 
 
 def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict | None = None,
@@ -7445,6 +7477,8 @@ class _Sandbox:
 
     async def handle(self, http: _Http, path: str) -> None:
         method = http.scope.get("method")
+        if method == "POST":  # each sign-in and token call stores something: anyone's to make
+            await self.server.asgi.oauth._rate_limit(http, "sandbox")
         if path == "/sandbox/authorize":
             await (self._sign_in(http) if method == "POST" else self._authorize_page(http))
         elif path == "/sandbox/token" and method == "POST":
@@ -7686,7 +7720,7 @@ class _App:
         (so the limit holds across instances); past it, 429 with Retry-After."""
         limit, store = self.server.settings.rate_limit, self.server._hub().store
         window = int(_now() // 60)
-        keys = [f"mcp:rate:ip:{(http.scope.get('client') or ('-',))[0]}:{window}"]
+        keys = [f"mcp:rate:ip:{http.client_address() or '-'}:{window}"]
         if http.headers.get("mcp-session-id"):
             keys.append(f"mcp:rate:session:{_hash_id(http.headers['mcp-session-id'])}:{window}")
         for key in keys:
@@ -8379,9 +8413,10 @@ class _HttpProtocol(asyncio.Protocol):
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
             return
-        address, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
+        peer, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
         proxies = self.settings.trusted_proxies  # (a proxy's connections are many clients')
-        if address is not None and limit and address not in proxies and "*" not in proxies:
+        address = _address_block(peer) if peer is not None else None
+        if address is not None and limit and peer not in proxies and "*" not in proxies:
             if state.per_address[address] >= limit:
                 self._reject(429, f"Too many connections from this client address: {limit} are open, the "
                              "limit (MCP_MAX_CONNECTIONS_PER_ADDRESS); close some, then retry.", b"retry-after: 5\r\n")

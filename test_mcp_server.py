@@ -8061,7 +8061,8 @@ class TestAttackExternalIssuer:
         for token in (self._token(iss="https://evil.example"), self._token(aud=None), self._token(exp=past),
                       self._token(exp=None), self._token(nbf=int(time.time()) + 3600),
                       self._token(key="another-secret-of-thirty-two-bytes-or-more", sub="admin"),
-                      self._token(algorithm="HS384"),
+                      self._token(algorithm="HS384"), self._token(sub=""), self._token(sub="  "),
+                      self._token(sub=None), _auth_retyped(self._token(), "id_token+jwt", self.SECRET),
                       self._token().rsplit(".", 1)[0] + ".",  # the signature removed
                       _auth_unsigned({"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice",
                                       "exp": int(time.time()) + 300})):
@@ -8195,6 +8196,68 @@ class TestAttackNumbersAndOrigins:
             r = http(live.port, "POST", "/http", {"Origin": origin, "Content-Type": "application/json"},
                      {"method": "ping"})
             assert r.status == 200 and r.header("access-control-allow-origin") == origin, (origin, r)
+
+
+class TestAttackMaskingVariants:
+    """Identifiers an upstream returns in shapes the first masking rules missed (second review)."""
+
+    @pytest.mark.parametrize("shape, raw", [
+        ({"contact": 9876543210}, "9876543"), ({"data": {"value": 919876543210}}, "91987654"),
+        ({"x": 9876543210.0}, "987654"), ({"upi_id": "rahul@okicici"}, "rahul"), ({"vpa": "asha@ybl"}, "asha"),
+        ({"note": "pay to rahul@okicici now"}, "rahul@"), ({"dob": "1990-01-01"}, "1990"),
+        ({"date_of_birth": "1990-01-01"}, "1990"), ({"address": "12 MG Road, Pune"}, "MG Road"),
+        ({"holderName": "Asha Rao"}, "Asha"), ({"username": "asharao"}, "asharao"), ({"user_name": "asharao"}, "asharao"),
+        ({"login": "asharao"}, "asharao"), ({"nominee": "Ben Okafor"}, "Okafor"), ({"ucc": "AB1234"}, "AB1234"),
+        ({"p": "pan abcde1234f"}, "abcde1234"), ({"p": "AbCdE1234F"}, "AbCdE1234"),
+        ({"rows": [{"Permanent-Address": {"line1": "7 Hill St"}}]}, "Hill")])
+    def test_the_shape_is_masked(self, shape, raw):
+        assert raw not in json.dumps(mcp_server._mask(shape, frozenset()))
+
+    def test_what_a_trader_needs_to_read_stays(self):
+        row = {"symbol": "INFY", "quantity": 40, "average_price": 1450.5, "last_price": 1532.25, "pnl": -1875.0,
+               "status": "COMPLETE", "name": "Infosys", "exchange": "NSE", "order_id": "SBX-1001"}
+        assert mcp_server._mask(row, frozenset()) == row
+
+
+class TestAttackSandboxFlood:
+    """Anyone may sign in at the demo provider: what that stores must not push out real sign-ins."""
+
+    def _sign_ins(self, port: int, count: int) -> dict:
+        query = urllib.parse.urlencode({"client_id": "sandbox-client", "redirect_uri": "http://127.0.0.1:1/cb",
+                                        "state": "s", "code_challenge": "A" * 43, "code_challenge_method": "S256",
+                                        "response_type": "code"})
+        page = _auth_get(port, "/sandbox/authorize?" + query)
+        assert page.status == 200, page
+        fields = {**_auth_hidden_fields(page.body.decode()), "user": "asha"}
+        statuses: dict = collections.Counter()
+        with Conn(port) as conn:
+            for _ in range(count):
+                conn.request("POST", "/sandbox/authorize", {
+                    "Host": f"127.0.0.1:{port}", "Origin": f"http://127.0.0.1:{port}",
+                    "Content-Type": "application/x-www-form-urlencoded"}, urllib.parse.urlencode(fields))
+                statuses[conn.read_response().status] += 1
+        return statuses
+
+    def _builtin(self, make_server, **settings):
+        return make_server(mcp_server._builtin_server(Settings(auth="builtin", consent="never", **settings)))
+
+    def test_a_flood_of_sandbox_sign_ins_does_not_evict_a_signed_in_user(self, make_server):
+        st = self._builtin(make_server, auth_rate_limit=0, max_sessions=200)
+        token = _auth_login(st.port)["access_token"]
+        assert self._sign_ins(st.port, 1000)[302] == 1000  # 1000 codes stored, past 4 x MCP_MAX_SESSIONS
+        assert _auth_call(st.port, token, "server_info", {}).status == 200
+
+    def test_sandbox_sign_ins_are_rate_limited_per_address(self, make_server):
+        st = self._builtin(make_server, auth_rate_limit=10)
+        statuses = self._sign_ins(st.port, 12)
+        assert statuses[429] >= 2 and statuses[302] <= 10, statuses
+
+
+def _auth_retyped(token: str, typ: str, key: str) -> str:
+    """The same claims, signed again with another ``typ`` header."""
+    import jwt
+    return jwt.encode(jwt.decode(token, options={"verify_signature": False}), key, algorithm="HS256",
+                      headers={"typ": typ})
 
 
 def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
