@@ -4362,10 +4362,11 @@ class _Hub:
     async def end_streams(self) -> None:
         """Graceful stop, first half (``_serve_http``): end every open stream, resumable ones with
         a retry hint, so that their clients reconnect elsewhere and resume from the store.  The
-        requests behind POST streams run on, logging what they send, until they finish."""
+        requests behind POST streams run on, logging what they send, until they finish; a POST
+        stream ends early only where another instance can resume it (a shared store)."""
         self.draining = True
         self._on_bus({"kind": "shutdown"})  # session streams, resumed streams, subscriptions/listen
-        for channel in list(self.live_posts.values()):
+        for channel in list(self.live_posts.values()) if self.shared else ():
             await channel.detach()
 
     async def close(self) -> None:

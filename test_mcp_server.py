@@ -10603,6 +10603,35 @@ class TestDrainAndDeploy:
                                                        "Last-Event-ID": "get:0"}))
                 assert conn.read_head().status == 200
 
+    def test_the_deploy_kit_gives_the_drain_its_time_and_the_balancer_no_affinity(self):
+        k8s = _deploy_file("kubernetes", "mcp-server.yaml")
+        env = {name: float(value) for name, value in re.findall(r'\{name: (MCP_DRAIN_\w+), value: "([\d.]+)"\}', k8s)}
+        pre_stop = int(re.search(r'preStop:\s+exec:\s+command: \["sleep", "(\d+)"\]', k8s).group(1))
+        grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", k8s).group(1))
+        assert env["MCP_DRAIN_SECONDS"] > 0 and grace > pre_stop + env["MCP_DRAIN_SECONDS"] + env["MCP_DRAIN_GRACE"]
+        assert re.search(r"readinessProbe:.*\n\s+httpGet: \{path: /readyz,", k8s)
+        assert re.search(r"livenessProbe:.*\n\s+httpGet: \{path: /healthz,", k8s)
+        for needed in ("kind: PodDisruptionBudget", "kind: Service", "sessionAffinity: None", "secretRef:",
+                       "requests: {cpu:", "replicas: 3"):
+            assert needed in k8s, needed
+        compose = _deploy_file("compose.yaml")
+        assert len(re.findall(r"(?m)^  mcp\d: \*mcp-server$", compose)) == 3
+        stop_grace = int(re.search(r"stop_grace_period: (\d+)s", compose).group(1))
+        drain = {name: float(value) for name, value in re.findall(r'(MCP_DRAIN_\w+): "([\d.]+)"', compose)}
+        assert stop_grace > drain["MCP_DRAIN_SECONDS"] + drain["MCP_DRAIN_GRACE"]
+        for needed in ("--appendonly yes", "--requirepass", "env_file: .env", "./nginx.conf:/etc/nginx/nginx.conf"):
+            assert needed in compose, needed
+        balancer = re.sub(r"#.*", "", _deploy_file("nginx.conf") + _deploy_file("mcp-upstream.conf"))
+        for needed in ("proxy_buffering off;", "proxy_read_timeout 1h;", "include mcp-upstream.conf;"):
+            assert needed in balancer, needed
+        assert not re.search(r"\b(ip_hash|hash|sticky|least_conn)\b", balancer)  # round-robin, no affinity
+        example = _deploy_file(".env.example")
+        secrets_set = dict(re.findall(r"(?m)^(MCP_SECRET|ENCRYPTION_KEY|REDIS_PASSWORD)=(.*)$", example))
+        assert len(secrets_set) == 3 and all(v.startswith("CHANGE_ME_") for v in secrets_set.values())
+        assert "python -c 'import secrets; print(secrets.token_urlsafe(48))'" in example
+        assert ".env" in _deploy_file(".gitignore").split()
+        assert "deploy/check.py" in _doc(".ci/run")
+
     def test_sigint_stops_at_once_and_bad_drain_settings_are_refused(self):
         proc, port = _ops_start({"MCP_DRAIN_SECONDS": "600"})
         with proc:
@@ -10697,8 +10726,13 @@ class TestShipping:
 
     def test_the_dockerfile_installs_the_requirements_and_runs_the_documented_command(self):
         docker, readme, operations = self._dockerfile(), _doc("README.md"), _doc("docs/operations.md")
-        assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
+        assert re.search(r"^FROM python:3\.\d+\.\d+-slim-\w+$", docker, re.M)  # an exact version
         assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
+        # only the runtime: no test packages, nothing but the two files (no secrets, no .env)
+        assert re.findall(r"(?m)^(?:COPY|ADD) (.*)$", docker) == ["requirements.txt .", "mcp_server.py ."]
+        runtime = _doc("requirements.txt").lower()
+        assert "pytest" not in runtime and "-r requirements.txt" in _doc("requirements-test.txt")
+        assert "pytest" in _doc("requirements-test.txt")
         assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
         assert "RUN python -m compileall -q mcp_server.py" in docker  # the byte code that command loads
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
@@ -10746,7 +10780,7 @@ class TestDocsExamples:
         readme = _doc("README.md")
         assert len(readme.splitlines()) <= 300
         assert "pip install -r requirements.txt && python mcp_server.py" in readme  # the server
-        assert "pip install -r requirements.txt && python -m pytest -q" in readme  # the tests
+        assert "pip install -r requirements-test.txt && python -m pytest -q" in readme  # the tests
         assert "bench/RESULTS.md" in readme and '"mcpServers"' in readme
 
     def test_every_link_of_the_readme_and_the_manual_leads_to_a_page_and_a_heading(self):
