@@ -3930,6 +3930,10 @@ _MODERN_METHODS = {
 #   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
 #   instance), running tasks, /messages requests in flight (each a task holding no connection),
 #   the logs of a session's streams, and the JSON a session keeps for the client.
+# - A draining instance (SIGTERM) ends its GET /mcp streams, and with a shared store its
+#   2025-11-25 POST streams, with an SSE ``retry:`` hint: the client resumes on another instance
+#   with ``Last-Event-ID`` while the request runs on here and logs what it sends.  /sse and
+#   subscriptions/listen streams just end (they cannot resume).
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -7531,6 +7535,10 @@ async def _shutdown(server: MCPServer) -> None:
 # - Anything that could smuggle a request is refused with 400 and the connection closed:
 #   Content-Length together with Transfer-Encoding, several (even identical) Content-Length
 #   headers, a malformed length, obsolete line folding, a transfer coding other than chunked.
+# - SIGTERM drains: /readyz says 503 for MCP_DRAIN_SECONDS while everything is still served, then
+#   the listener closes, the hub ends the streams (``_Hub.end_streams``) and requests in flight
+#   get MCP_DRAIN_GRACE seconds before the store closes.  SIGINT (or a second SIGTERM) skips the
+#   readiness wait; a ``stop`` event set by code stops without it too.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
 # at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
@@ -8378,18 +8386,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         ready(port)
     hub = server._hub() if server is not None else None
     try:
-        stopped, signalled = loop.create_task(stop.wait()), loop.create_task(terminated.wait())
-        await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
-        stopped.cancel()
-        signalled.cancel()
-        if terminated.is_set() and hub is not None and settings.drain_seconds > 0:
-            hub.unready = True
-            log.info("SIGTERM: /readyz answers 503 for %g s (MCP_DRAIN_SECONDS), then the server "
-                     "stops accepting and drains", settings.drain_seconds)
-            try:  # still serving; a second signal ends the wait
-                await asyncio.wait_for(stop.wait(), settings.drain_seconds)
-            except TimeoutError:
-                pass
+        await _until_stopped(stop, terminated, hub, settings.drain_seconds)
     finally:
         await _drain(state, listener, hub)
         await _lifespan(app, "shutdown", life)
@@ -8397,6 +8394,24 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
             connection.transport.abort()
         state.sweeper.cancel()
         await listener.wait_closed()
+
+
+async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Hub | None",
+                         drain_seconds: float) -> None:
+    """Serve until ``stop``; after a SIGTERM (``terminated``), first answer /readyz with 503 for
+    ``drain_seconds`` while still serving, so that balancers stop sending work here."""
+    stopped, signalled = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(terminated.wait())
+    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    signalled.cancel()
+    if terminated.is_set() and hub is not None and drain_seconds > 0:
+        hub.unready = True
+        log.info("SIGTERM: /readyz answers 503 for %g s (MCP_DRAIN_SECONDS), then the server stops "
+                 "accepting and drains", drain_seconds)
+        try:  # a second signal ends the wait
+            await asyncio.wait_for(stop.wait(), drain_seconds)
+        except TimeoutError:
+            pass
 
 
 async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
