@@ -10612,8 +10612,11 @@ class TestDrainAndDeploy:
         assert re.search(r"readinessProbe:.*\n\s+httpGet: \{path: /readyz,", k8s)
         assert re.search(r"livenessProbe:.*\n\s+httpGet: \{path: /healthz,", k8s)
         for needed in ("kind: PodDisruptionBudget", "kind: Service", "sessionAffinity: None", "secretRef:",
-                       "requests: {cpu:", "replicas: 3"):
+                       "requests: {cpu:", "replicas: 3", "kind: NetworkPolicy"):
             assert needed in k8s, needed
+        # the kubelet's default Host (the pod's IP) fails the Host check: the probes name a loopback one
+        assert len(re.findall(r"httpGet: \{path: /\w+z, port: http, httpHeaders: \[\{name: Host, value: localhost\}\]\}",
+                              k8s)) == 3
         compose = _deploy_file("compose.yaml")
         assert len(re.findall(r"(?m)^  mcp\d: \*mcp-server$", compose)) == 3
         stop_grace = int(re.search(r"stop_grace_period: (\d+)s", compose).group(1))
