@@ -8384,7 +8384,8 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
-    hub = server._hub() if server is not None else None
+    # (stdio's side listener serves pages, not MCP: stdio stops its requests itself)
+    hub = server._hub() if server is not None and not settings.stdio else None
     try:
         await _until_stopped(stop, terminated, hub, settings.drain_seconds)
     finally:
