@@ -302,6 +302,11 @@ _SETTING_SPECS = (
      "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
     ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
      "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
+    ("drain_seconds", None, ("MCP_DRAIN_SECONDS",), float, 5.0,
+     "on SIGTERM, seconds /readyz answers 503 while the instance still serves, so balancers stop "
+     "sending it new work before it stops accepting (0: no wait)"),
+    ("drain_grace", None, ("MCP_DRAIN_GRACE",), float, 20.0,
+     "then, seconds requests in flight may take to finish before their connections are cut"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
@@ -421,6 +426,8 @@ class Settings:
     max_connections: int = 10000
     max_connections_per_address: int = 1000
     busy_poll_us: int = 100
+    drain_seconds: float = 5.0
+    drain_grace: float = 20.0
     session_ttl: int = 3600
     max_sessions: int = 100000
     max_sessions_per_principal: int = 100
@@ -557,6 +564,8 @@ class Settings:
             fail("--workers applies to HTTP, not --stdio")
         if self.session_cache < 0:
             fail("session_cache must be 0 or more")
+        if self.drain_seconds < 0 or self.drain_grace < 0:
+            fail("MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more")
         if not 0 <= self.busy_poll_us <= 10000:
             fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
         if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
@@ -4171,6 +4180,10 @@ _MODERN_METHODS = {
 #   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
 #   instance), running tasks, /messages requests in flight (each a task holding no connection),
 #   the logs of a session's streams, and the JSON a session keeps for the client.
+# - A draining instance (SIGTERM) ends its GET /mcp streams, and with a shared store its
+#   2025-11-25 POST streams, with an SSE ``retry:`` hint: the client resumes on another instance
+#   with ``Last-Event-ID`` while the request runs on here and logs what it sends.  /sse and
+#   subscriptions/listen streams just end (they cannot resume).
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -4286,6 +4299,12 @@ _SEALED_EVENT = "sealed:"  # an event log item that is not JSON text but an AES-
 _SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
+def _retry_hint(hub: "_Hub", resumable: bool) -> bytes:
+    """The last bytes of a stream the server ends: while it drains, a resumable stream's client is
+    told when to reconnect (through the balancer, to another instance, with ``Last-Event-ID``)."""
+    return f"retry: {hub.settings.sse_retry_ms}\n\n".encode() if hub.draining and resumable else b""
+
+
 class _Hub:
     """Process-local runtime: open streams, running requests, pending client answers."""
 
@@ -4301,6 +4320,8 @@ class _Hub:
         self.listeners: set = set()     # callables fed every bus event
         self.tasks: set = set()
         self.closing = False
+        self.unready = False  # SIGTERM: /readyz says 503 (balancers take the instance out), it still serves
+        self.draining = False  # then its streams end, resumable ones with a retry hint
         self._ids = 0
         self._prefix = secrets.token_hex(3)
         self.shared = not isinstance(store, MemoryStore)  # other processes may hold streams
@@ -4611,6 +4632,16 @@ class _Hub:
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
+
+    async def end_streams(self) -> None:
+        """Graceful stop, first half (``_serve_http``): end every open stream, resumable ones with
+        a retry hint, so that their clients reconnect elsewhere and resume from the store.  The
+        requests behind POST streams run on, logging what they send, until they finish; a POST
+        stream ends early only where another instance can resume it (a shared store)."""
+        self.draining = True
+        self._on_bus({"kind": "shutdown"})  # session streams, resumed streams, subscriptions/listen
+        for channel in list(self.live_posts.values()) if self.shared else ():
+            await channel.detach()
 
     async def close(self) -> None:
         """Graceful stop: end listen and session streams, cancel background work."""
@@ -4980,7 +5011,7 @@ class _PostChannel:
             if not self.streaming:
                 await self._start()
             self.detached = True
-            await self.http.end()
+            await self.http.end(_retry_hint(self.hub, True))
 
     def finish(self, response: dict | None, status: int, headers: list) -> typing.Awaitable:
         """Send the final response (or nothing, for a cancelled request).  The common answer, JSON
@@ -5079,7 +5110,7 @@ class _SessionStream:
             for event_id, message in replay:
                 await http.write(_sse(message, event_id))
             loop = asyncio.get_running_loop()
-            while not http.ended and not hub.closing:
+            while not http.ended and not hub.closing and not hub.draining:
                 if not self._items:
                     self._waiter = waiter = loop.create_future()
                     self.idle_since = loop.time()
@@ -5103,7 +5134,7 @@ class _SessionStream:
             hub.listeners.discard(self._on_bus)
             if hub.session_streams.get(self.session_id) is self:
                 del hub.session_streams[self.session_id]
-            await http.end()
+            await http.end(_retry_hint(hub, self.version is not None))  # (/sse streams cannot resume)
 
     async def _write(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
@@ -5360,6 +5391,10 @@ class _StreamableHTTP:
         live = hub.live_posts.get((session_id, stream_id))
         queue: asyncio.Queue = asyncio.Queue()
         unsubscribe = None
+
+        def on_bus(event):
+            if event.get("kind") == "shutdown":
+                queue.put_nowait(None)
         if live is not None:
             live.followers.append(queue)
         elif hub.shared:  # the stream may be live on another instance
@@ -5376,8 +5411,9 @@ class _StreamableHTTP:
                 last = seq
             finished = any("id" in m and "method" not in m for _s, m in events)
             http.on_disconnect(lambda: queue.put_nowait(None))
+            hub.listeners.add(on_bus)
             following = live is not None or unsubscribe is not None
-            while following and not finished and not http.ended:
+            while following and not finished and not http.ended and not hub.draining:
                 try:
                     async with asyncio.timeout(hub.settings.sse_keepalive):
                         item = await queue.get()
@@ -5406,7 +5442,8 @@ class _StreamableHTTP:
                 live.followers.remove(queue)
             if unsubscribe is not None:
                 unsubscribe()
-            await http.end()
+            hub.listeners.discard(on_bus)
+            await http.end(_retry_hint(hub, True))
 
     # -- DELETE: end a session -------------------------------------------------------------------
 
@@ -7925,8 +7962,9 @@ class _App:
                 raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
             await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/readyz":
-            store = self.server._hub().store
-            if self.server._runtime.closing:
+            hub = self.server._hub()
+            store = hub.store
+            if hub.closing or hub.unready:  # (SIGTERM: the balancer takes this instance out first)
                 await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
             elif await store.ping():
                 await http.respond_json(200, {"status": "ready", "store": store.name})
@@ -8006,6 +8044,10 @@ async def _shutdown(server: MCPServer) -> None:
 #   a chunk size or trailer line over 1 KB; so is an HTTP/1.1 request without exactly one
 #   well-formed Host (RFC 9112 section 3.2).
 # - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
+# - SIGTERM drains: /readyz says 503 for MCP_DRAIN_SECONDS while everything is still served, then
+#   the listener closes, the hub ends the streams (``_Hub.end_streams``) and requests in flight
+#   get MCP_DRAIN_GRACE seconds before the store closes.  SIGINT (or a second SIGTERM) skips the
+#   readiness wait; a ``stop`` event set by code stops without it too.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
 # at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
@@ -8835,9 +8877,13 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     state = _ServerState(app, settings)
     state.sweeper = loop.create_task(state.sweep())
     stop = stop or asyncio.Event()
+    terminated = asyncio.Event()  # SIGTERM (an orchestrator's stop): drain first
+
+    def on_signal(sig):  # SIGINT, or a second SIGTERM, stops without the readiness wait
+        (terminated if sig == signal.SIGTERM and not terminated.is_set() else stop).set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or Windows
     life: dict = {}
@@ -8864,22 +8910,52 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
+    # (stdio's side listener serves pages, not MCP: stdio stops its requests itself)
+    hub = server._hub() if server is not None and not settings.stdio else None
     try:
-        await stop.wait()
+        await _until_stopped(stop, terminated, hub, settings.drain_seconds)
     finally:
-        state.draining = True
-        listener.close()
-        for connection in list(state.connections):
-            if connection.cycle is None:
-                connection.close()  # idle keep-alive connections go at once
-        await _lifespan(app, "shutdown", life)  # ends streams; in-flight requests finish
-        deadline = loop.time() + 10
-        while state.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await _drain(state, listener, hub)
+        await _lifespan(app, "shutdown", life)
         for connection in list(state.connections):
             connection.transport.abort()
         state.sweeper.cancel()
         await listener.wait_closed()
+
+
+async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Hub | None",
+                         drain_seconds: float) -> None:
+    """Serve until ``stop``; after a SIGTERM (``terminated``), first answer /readyz with 503 for
+    ``drain_seconds`` while still serving, so that balancers stop sending work here."""
+    stopped, signalled = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(terminated.wait())
+    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    signalled.cancel()
+    if terminated.is_set() and hub is not None and drain_seconds > 0:
+        hub.unready = True
+        log.info("SIGTERM: /readyz answers 503 for %g s (MCP_DRAIN_SECONDS), then the server stops "
+                 "accepting and drains", drain_seconds)
+        try:  # a second signal ends the wait
+            await asyncio.wait_for(stop.wait(), drain_seconds)
+        except TimeoutError:
+            pass
+
+
+async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
+    """Stop accepting, end the open streams (resumable ones with a retry hint: their clients go
+    on elsewhere), and let the requests in flight finish, for MCP_DRAIN_GRACE seconds at most:
+    the store stays open until they did, so what they send is logged for the resumed streams."""
+    state.draining = True
+    listener.close()
+    for connection in list(state.connections):
+        if connection.cycle is None:
+            connection.close()  # idle keep-alive connections go at once
+    if hub is not None:
+        hub.unready = True
+        await hub.end_streams()
+    deadline = state.clock() + state.settings.drain_grace
+    while (state.connections or (hub is not None and hub.running)) and state.clock() < deadline:
+        await asyncio.sleep(0.05)
 
 
 # ==== 10. Built-in tools and CLI ================================================================
@@ -9020,7 +9096,7 @@ def _supervise(settings: Settings) -> int:
     for process in workers.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + settings.drain_seconds + settings.drain_grace + 5  # (each worker drains)
     for process in workers.values():
         try:
             process.wait(max(0.1, deadline - time.monotonic()))

@@ -692,6 +692,7 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MCP_", "MASK_MCP_", "REDIS_"))
            and k not in ("LOG_LEVEL", "SESSION_TTL", "APP_VERSION", "TOKEN_PARAMETER")}
+    env["MCP_DRAIN_SECONDS"] = "0"  # the suite's SIGTERMs stop at once; TestDrainAndDeploy sets its own
     env.update(extra)
     return env
 
@@ -11812,6 +11813,184 @@ class TestOperations:
             assert proc.proc.wait(WAIT) == 0
 
 
+# ---- issue 23: graceful drain (SIGTERM) and the deploy kit -------------------------------------
+
+_DRAIN_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from mcp_server import Context, MCPServer, Settings
+
+    server = MCPServer("drain", version="1.0.0", settings=Settings(auth="none"))
+
+    @server.tool()
+    async def numbered(ctx: Context) -> str:
+        """Progress 1 and 2, a question; 3 and 4, another question; 5 and 6."""
+        step = 0
+        for question in ("first", "second", None):
+            for _ in range(2):
+                step += 1
+                await ctx.report_progress(step, 6)
+            if question:
+                await ctx.elicit(question, {{"type": "object", "properties": {{}}}})
+        return "done"
+
+    if __name__ == "__main__":
+        server.run()
+''')
+
+
+def _drain_start(script: str, redis_url: str, **env) -> tuple:
+    """``script`` on a free port with its state in Redis; (Proc, port) once it listens."""
+    proc = Proc([script, "--port", "0", "--host", "127.0.0.1"],
+                env=clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET, **env))
+    lines = []
+    while True:
+        line = proc.err_line()
+        if line is None:
+            proc.__exit__()
+            pytest.fail(f"the server exited before listening: {''.join(lines)}")
+        lines.append(line)
+        match = _REDIS_LISTENING.search(line)
+        if match:
+            return proc, int(match.group(1))
+
+
+def _drain_read_until_ask(stream: SSEStream, seen: list) -> dict:
+    """Collect ``stream``'s messages as (event id, message) into ``seen`` up to a server request."""
+    while True:
+        event = stream.next_event()
+        assert event is not None, f"the stream ended early; seen: {seen}"
+        if event.get("data"):
+            message = json.loads(event["data"])
+            seen.append((event["id"], message))
+            if message.get("method") == "elicitation/create":
+                return message
+
+
+def _drain_rest(stream: SSEStream) -> list:
+    """What a stream sends until the server ends it (keep-alive comments aside)."""
+    rest = []
+    while (event := stream.next_event()) is not None:
+        rest.append(event)
+    return rest
+
+
+def _deploy_file(*parts: str) -> str:
+    with open(os.path.join(ROOT, "deploy", *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+class TestDrainAndDeploy:
+    """SIGTERM: /readyz says 503 while the instance still serves, then it stops accepting, ends its
+    streams with a retry hint and lets requests in flight finish; clients resume elsewhere."""
+
+    def test_sigterm_drains_and_the_client_resumes_on_another_instance_losing_nothing(self, tmp_path, redis_url):
+        script = tmp_path / "drain_server.py"
+        script.write_text(_DRAIN_SCRIPT.format(root=ROOT))
+        proc_a, a = _drain_start(str(script), redis_url, MCP_DRAIN_SECONDS="600", MCP_DRAIN_GRACE="60")
+        proc_b, b = _drain_start(str(script), redis_url)
+        with proc_a, proc_b:
+            s = Session(a, capabilities={"elicitation": {}})
+            s.initialize()
+            call = s.body("tools/call", {"name": "numbered", "arguments": {}, "_meta": {"progressToken": "n"}})
+            seen: list = []  # (event id, message), in the order the client got them, from A then B
+            with Conn(a) as post_conn, Conn(a) as get_conn, Conn(a) as sse_conn:
+                post_conn.request("POST", "/mcp", s.headers(), call)
+                post = SSEStream(post_conn, post_conn.read_head())
+                priming = post.next_event()
+                assert priming["id"].endswith(":0") and not priming.get("data"), priming
+                first_ask = _drain_read_until_ask(post, seen)
+                get_conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+                get = SSEStream(get_conn, get_conn.read_head())
+                assert get.next_event()["id"] == "get:0"
+                sse_conn.request("GET", "/sse", {"Accept": "text/event-stream"})
+                legacy = SSEStream(sse_conn, sse_conn.read_head())
+                assert legacy.next_event()["event"] == "endpoint"
+
+                proc_a.proc.send_signal(signal.SIGTERM)
+                _redis_wait(lambda: http(a, "GET", "/readyz").status == 503, "A's /readyz to answer 503")
+                assert http(a, "GET", "/healthz").status == 200  # alive: not a reason to restart it
+                assert http(b, "GET", "/readyz").status == 200
+                # A still serves: the first question is answered through B and A's stream goes on
+                assert _redis_on(s, b).post({"jsonrpc": "2.0", "id": first_ask["id"],
+                                             "result": {"action": "accept", "content": {}}}).status == 202
+                second_ask = _drain_read_until_ask(post, seen)
+
+                proc_a.proc.send_signal(signal.SIGTERM)  # a second one ends the readiness wait
+                assert _drain_rest(post) == [{"retry": "1000"}]  # reconnect (elsewhere) in 1 s
+                assert _drain_rest(get) == [{"retry": "1000"}]
+                assert _drain_rest(legacy) == []  # HTTP+SSE cannot resume: it just ends
+                with pytest.raises(OSError):
+                    http(a, "GET", "/readyz")  # A accepts no more connections...
+                assert proc_a.proc.poll() is None  # ...and waits for the question it asked
+            # the client resumes the POST stream on B; the rest of the call (after the drain) follows
+            with Conn(b) as conn:
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": seen[-1][0]}))
+                resumed = SSEStream(conn, conn.read_head())
+                assert s.post({"jsonrpc": "2.0", "id": second_ask["id"],
+                               "result": {"action": "accept", "content": {}}}).status == 202
+                while not seen or seen[-1][1].get("id") != call["id"]:
+                    event = resumed.next_event()
+                    assert event is not None, f"the resumed stream ended early; seen: {seen}"
+                    if event.get("data"):
+                        seen.append((event["id"], json.loads(event["data"])))
+            stream_ids = {event_id.rpartition(":")[0] for event_id, _ in seen}
+            assert stream_ids == {priming["id"].rpartition(":")[0]}
+            assert [int(event_id.rpartition(":")[2]) for event_id, _ in seen] == list(range(1, len(seen) + 1))
+            progress = [m["params"]["progress"] for _, m in seen if m.get("method") == "notifications/progress"]
+            assert progress == [1, 2, 3, 4, 5, 6]  # none lost, none repeated
+            assert seen[-1][1]["result"]["content"] == [{"type": "text", "text": "done"}]
+            assert proc_a.proc.wait(WAIT) == 0  # its request done, A exits cleanly
+            # the session's GET stream reopens on B too
+            with Conn(b) as conn:
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": "get:0"}))
+                assert conn.read_head().status == 200
+
+    def test_the_deploy_kit_gives_the_drain_its_time_and_the_balancer_no_affinity(self):
+        k8s = _deploy_file("kubernetes", "mcp-server.yaml")
+        env = {name: float(value) for name, value in re.findall(r'\{name: (MCP_DRAIN_\w+), value: "([\d.]+)"\}', k8s)}
+        pre_stop = int(re.search(r'preStop:\s+exec:\s+command: \["sleep", "(\d+)"\]', k8s).group(1))
+        grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", k8s).group(1))
+        assert env["MCP_DRAIN_SECONDS"] > 0 and grace > pre_stop + env["MCP_DRAIN_SECONDS"] + env["MCP_DRAIN_GRACE"]
+        assert re.search(r"readinessProbe:.*\n\s+httpGet: \{path: /readyz,", k8s)
+        assert re.search(r"livenessProbe:.*\n\s+httpGet: \{path: /healthz,", k8s)
+        for needed in ("kind: PodDisruptionBudget", "kind: Service", "sessionAffinity: None", "secretRef:",
+                       "requests: {cpu:", "replicas: 3", "kind: NetworkPolicy"):
+            assert needed in k8s, needed
+        # the kubelet's default Host (the pod's IP) fails the Host check: the probes name a loopback one
+        assert len(re.findall(r"httpGet: \{path: /\w+z, port: http, httpHeaders: \[\{name: Host, value: localhost\}\]\}",
+                              k8s)) == 3
+        compose = _deploy_file("compose.yaml")
+        assert len(re.findall(r"(?m)^  mcp\d: \*mcp-server$", compose)) == 3
+        stop_grace = int(re.search(r"stop_grace_period: (\d+)s", compose).group(1))
+        drain = {name: float(value) for name, value in re.findall(r'(MCP_DRAIN_\w+): "([\d.]+)"', compose)}
+        assert stop_grace > drain["MCP_DRAIN_SECONDS"] + drain["MCP_DRAIN_GRACE"]
+        for needed in ("--appendonly yes", "--requirepass", "env_file: .env", "./nginx.conf:/etc/nginx/nginx.conf"):
+            assert needed in compose, needed
+        balancer = re.sub(r"#.*", "", _deploy_file("nginx.conf") + _deploy_file("mcp-upstream.conf"))
+        for needed in ("proxy_buffering off;", "proxy_read_timeout 1h;", "include mcp-upstream.conf;"):
+            assert needed in balancer, needed
+        assert not re.search(r"\b(ip_hash|hash|sticky|least_conn)\b", balancer)  # round-robin, no affinity
+        example = _deploy_file(".env.example")
+        secrets_set = dict(re.findall(r"(?m)^(MCP_SECRET|ENCRYPTION_KEY|REDIS_PASSWORD)=(.*)$", example))
+        assert len(secrets_set) == 3 and all(v.startswith("CHANGE_ME_") for v in secrets_set.values())
+        assert "python -c 'import secrets; print(secrets.token_urlsafe(48))'" in example
+        assert ".env" in _deploy_file(".gitignore").split()
+        assert "deploy/check.py" in _doc(".ci/run")
+
+    def test_sigint_stops_at_once_and_bad_drain_settings_are_refused(self):
+        proc, port = _ops_start({"MCP_DRAIN_SECONDS": "600"})
+        with proc:
+            assert http(port, "GET", "/readyz").status == 200
+            proc.proc.send_signal(signal.SIGINT)  # a person's Ctrl-C: no readiness wait
+            assert proc.proc.wait(WAIT) == 0
+        for name in ("MCP_DRAIN_SECONDS", "MCP_DRAIN_GRACE"):
+            with pytest.raises(SystemExit, match="MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more"):
+                Settings.load([], environ={name: "-1"})
+
+
 def _doc(name: str) -> str:
     """A page of the repository: README.md or docs/<page>.md."""
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:
@@ -11895,8 +12074,13 @@ class TestShipping:
 
     def test_the_dockerfile_installs_the_requirements_and_runs_the_documented_command(self):
         docker, readme, operations = self._dockerfile(), _doc("README.md"), _doc("docs/operations.md")
-        assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
+        assert re.search(r"^FROM python:3\.\d+\.\d+-slim-\w+$", docker, re.M)  # an exact version
         assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
+        # only the runtime: no test packages, nothing but the two files (no secrets, no .env)
+        assert re.findall(r"(?m)^(?:COPY|ADD) (.*)$", docker) == ["requirements.txt .", "mcp_server.py ."]
+        runtime = _doc("requirements.txt").lower()
+        assert "pytest" not in runtime and "-r requirements.txt" in _doc("requirements-test.txt")
+        assert "pytest" in _doc("requirements-test.txt")
         assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
         assert "RUN python -m compileall -q mcp_server.py" in docker  # the byte code that command loads
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker
@@ -11944,7 +12128,7 @@ class TestDocsExamples:
         readme = _doc("README.md")
         assert len(readme.splitlines()) <= 300
         assert "pip install -r requirements.txt && python mcp_server.py" in readme  # the server
-        assert "pip install -r requirements.txt && python -m pytest -q" in readme  # the tests
+        assert "pip install -r requirements-test.txt && python -m pytest -q" in readme  # the tests
         assert "bench/RESULTS.md" in readme and '"mcpServers"' in readme
 
     def test_every_link_of_the_readme_and_the_manual_leads_to_a_page_and_a_heading(self):
