@@ -21,8 +21,8 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 RUN useradd --create-home --uid 10001 mcp
 COPY requirements.txt .
-# runtime packages only (the tests' are in requirements-test.txt)
-RUN pip install --no-cache-dir -r requirements.txt
+# runtime packages only: requirements.txt without the tests' pytest
+RUN grep -v '^pytest' requirements.txt > /tmp/runtime.txt && pip install --no-cache-dir -r /tmp/runtime.txt
 COPY mcp_server.py .
 # compiled once at build time, and run as a module so that the compiled code is what runs: a
 # script path is compiled anew at every start, and Python keeps its syntax tree (~18 MB) for as
