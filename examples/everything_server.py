@@ -543,5 +543,22 @@ def complete_prompt_argument(argument: str, value: str, context: dict) -> list[s
     return []
 
 
+# --- Skills (SEP-2640) ----------------------------------------------------------------------
+# One skill from a folder (SKILL.md, references/, templates/) and one registered in code under a
+# nested path: skills/list, skills/get, resources/directory/read and resources/read serve them.
+
+server.add_skills(os.path.join(os.path.dirname(os.path.abspath(__file__)), "skills"))
+server.add_skill("""---
+name: refunds
+description: Decide whether a refund request follows the policy, and draft the answer
+---
+
+# Refunds
+
+Read `policy.md`, then answer the customer with the decision and its reason.
+""", {"policy.md": "# Refund policy\n\nRefunds within 30 days of purchase, with the receipt.\n"},
+    prefix="acme/billing")
+
+
 if __name__ == "__main__":
     server.run()
