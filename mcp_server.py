@@ -4468,7 +4468,8 @@ class _Skills:
         children = self.directories.get(uri)
         if children is None:
             raise _invalid_params(f"{uri} is not a directory resource of this server.", {"uri": uri})
-        return await self.server._paginate(ctx, [children[k] for k in sorted(children)], f"dir {uri}", "resources")
+        page = await self.server._paginate(ctx, [children[k] for k in sorted(children)], f"dir {uri}", "resources")
+        return self._cacheable(ctx, page)
 
 
 def _skill_file_resource(skill: _Skill, rel: str, data: bytes) -> _Resource:
@@ -9513,6 +9514,62 @@ def _supervise(settings: Settings) -> int:
     return 0
 
 
+# The built-in server's own skills (SEP-2640): how to use its tools, served to any client that
+# speaks the skills extension (and readable by any other as ordinary skill:// resources).
+_BUILTIN_SKILLS = {
+    "upstream-login": ("""---
+name: upstream-login
+description: Sign the user in to their upstream account with the login tool, and what to do when a tool says to log in
+---
+
+# Signing in to the upstream account
+
+The account tools (`profile`, `holdings`, `orders`, `service`) act as the signed-in user.
+Until the user signs in, each of them answers with a tool error that says to log in.
+
+1. Call `login` (no arguments). It returns `url` and `pairing_code`; a client that supports
+   URL elicitation is also asked to open the link.
+2. Ask the user to open the link in their browser, sign in at the provider, and enter the
+   pairing code on the page. The link expires after 10 minutes.
+3. The pairing code is for the user alone: never repeat it anywhere else, never enter it
+   yourself, and never ask the user to send it to you.
+4. When the user says they are done, call the account tool again.
+
+`logout` revokes the upstream tokens and deletes the stored credentials. See
+`references/errors.md` for the messages the tools give and what each means.
+""", {"references/errors.md": """# Messages of the login and account tools
+
+| Message says | Meaning | What to do |
+| --- | --- | --- |
+| log in / not signed in | no credentials for this user | run the `login` skill steps |
+| expired / sign in again | the upstream session ended | call `login` again |
+| path not allowed | `service` was given a path outside the allowed list | use one of the paths in the tool's description |
+"""}),
+    "account-tools": ("""---
+name: account-tools
+description: What the profile, holdings, orders, service and server_info tools return and how to read their results
+---
+
+# The account tools and their results
+
+Every result has a text block and, for objects, `structuredContent` with the same data.
+Identifiers (account numbers, emails, phone numbers and the like) come back masked, for
+example `XXXX1234`: show them as they are, never try to reconstruct them.
+
+- `profile`: the user's account profile at the upstream provider.
+- `holdings`: the securities held, with quantities and prices.
+- `orders`: today's orders and their status.
+- `service`: GET one allowed path of the upstream API (`path`, optional `params`); the
+  allowed paths are listed in the tool's description.
+- `server_info`: this server's name, version, store and the protocol revision in use
+  (no sign-in needed).
+
+An error result (`isError: true`) explains itself in its text; when it says to log in,
+follow the `upstream-login` skill.
+""", None),
+}
+
+
 def _builtin_server(settings: Settings) -> MCPServer:
     """The server ``python mcp_server.py`` runs: its built-in tools on the configured store."""
     server = MCPServer("mcp_server", version=settings.app_version or __version__, settings=settings,
@@ -9532,6 +9589,8 @@ def _builtin_server(settings: Settings) -> MCPServer:
                 "store": server.store.name if server.store is not None else "memory",
                 "protocolVersion": ctx.protocol_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
+    for skill_md, files in _BUILTIN_SKILLS.values():
+        server.add_skill(skill_md, files)
     return server
 
 
