@@ -15,9 +15,11 @@ Map of the file (search for ``# ==== N.``):
                            the Redis store (strings, lists, pub/sub; Cluster-safe hash tags)
   3. Crypto and tokens     the HKDF key ring, sealed state (AES-256-GCM), signed cursors, the
                            credential vault with key ids
-  4. Registry and schemas  tools, resources, prompts; JSON Schema from type hints; a validator
+  4. Registry and schemas  tools, resources, prompts, skills (SKILL.md frontmatter, file snapshots);
+                           JSON Schema from type hints; a validator
   5. MCP core (sans-IO)    Context, era classification, the method tables, shaping per revision,
-                           Multi Round-Trip Requests, the tasks extension
+                           Multi Round-Trip Requests, the extension API and its extensions (tasks,
+                           skills, MCP Apps), the in-process test client
   6. Transports            the hub (streams, pending answers, cancellation across instances),
                            Streamable HTTP, HTTP+SSE, /http, stdio
   7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
@@ -2747,7 +2749,7 @@ def _yaml_scalar(text: str, where: str):
             return inner.replace("''", "'")
         if re.search(r'(?<!\\)"', inner) or re.search(r'\\[^"\\nt/]', inner):
             raise ValueError(f"{where}: only \\\" \\\\ \\n \\t \\/ escapes are supported")
-        return json.loads(f'"{inner}"')
+        return _loads(f'"{inner}"')
     text = re.split(r"[ \t]#", text, maxsplit=1)[0].rstrip()
     if text[:1] in tuple("[]{}>|*&!%@`,?:-") and text not in ("-",) and not _YAML_FLOAT_RE.fullmatch(text):
         raise ValueError(f"{where}: flow collections, block scalars, anchors and tags are not supported; "
@@ -2890,7 +2892,7 @@ class _Skill:
             raise ValueError(f"{os.path.join(folder, 'SKILL.md')}: {exc}") from None
 
     def directories(self) -> dict:
-        """{directory URI: [child Resource]} for every directory level of the skill."""
+        """{directory URI: [child Resource]} for every directory level of the skill (and its prefix)."""
         tree: dict = {self.root: {}}
         segments = self.path.split("/")
         for depth in range(1, len(segments)):  # the prefix levels (acme, acme/billing) are directories too
@@ -2911,6 +2913,24 @@ class _Skill:
         return {uri: [children[k] for k in sorted(children)] for uri, children in tree.items()}
 
 
+def _skills_under(folder: str) -> list:
+    """Every skill under ``folder``: each directory holding a SKILL.md (links and dot-directories
+    are not followed); its path below ``folder`` is its skill path."""
+    skills = []
+    for base, dirs, names in sorted(os.walk(folder, followlinks=False)):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if "SKILL.md" in names and os.path.realpath(base) != os.path.realpath(folder):
+            rel = os.path.relpath(base, folder).replace(os.sep, "/")
+            skill = _Skill.from_folder(base, prefix=rel.rpartition("/")[0])
+            if skill.frontmatter["name"] != rel.rpartition("/")[2]:
+                raise ValueError(f"{base}: the directory name must equal the frontmatter name "
+                                 f"{skill.frontmatter['name']!r}")
+            skills.append(skill)
+    if not skills:
+        raise ValueError(f"no skill (a directory with a SKILL.md) under {folder}")
+    return skills
+
+
 # ==== 5. MCP core (sans-IO) =====================================================================
 #
 # Rules:
@@ -2921,6 +2941,10 @@ class _Skill:
 #   stateless); ``initialize`` and everything else is legacy and belongs to a session.
 # - Handlers build the newest result shape; ``_shape_*`` trims it for an older revision, and
 #   ``_finish_modern`` adds what 2026-07-28 requires (``resultType``, cache hints, serverInfo).
+# - Extensions are declared through ``Extension`` and held by the server's ``_Extensions``: that
+#   one component puts them in ``capabilities.extensions`` (2026-07-28 always, 2025-11-25 when
+#   any) and answers their methods after the core table; no extension replaces a core method.
+#   Tasks, skills and apps are built on it, as any user's extension would be.
 # - One tool API serves both eras: ``ctx.ask`` sends real server-to-client requests to a legacy
 #   client and waits; for a modern client it ends the round with ``input_required`` and a sealed
 #   ``requestState`` carrying the answers so far, and the tool runs again from the top on retry.
@@ -3547,19 +3571,7 @@ class MCPServer:
     def add_skills(self, folder: str) -> list:
         """Serve every skill under ``folder``: each directory holding a SKILL.md is a skill, named by
         the directory (which must equal its frontmatter ``name``), its parents the URI prefix."""
-        uris = []
-        for base, dirs, names in sorted(os.walk(folder, followlinks=False)):
-            dirs[:] = [d for d in dirs if not d.startswith(".")]
-            if "SKILL.md" in names and os.path.realpath(base) != os.path.realpath(folder):
-                rel = os.path.relpath(base, folder).replace(os.sep, "/")
-                skill = _Skill.from_folder(base, prefix=rel.rpartition("/")[0])
-                if skill.frontmatter["name"] != rel.rpartition("/")[2]:
-                    raise ValueError(f"{base}: the directory name must equal the frontmatter name "
-                                     f"{skill.frontmatter['name']!r}")
-                uris.append(self._add_skill(skill))
-        if not uris:
-            raise ValueError(f"no skill (a directory with a SKILL.md) under {folder}")
-        return uris
+        return [self._add_skill(skill) for skill in _skills_under(folder)]
 
     def _add_skill(self, skill: _Skill) -> str:
         if self._skills is None:
@@ -4453,23 +4465,26 @@ class _Skills:
         return self._cacheable(ctx, await self.server._paginate(ctx, items, "skills", "skills"))
 
     async def get(self, ctx: Context) -> dict:
-        uri = ctx.params.get("uri")
-        if not isinstance(uri, str):
-            raise _invalid_params("skills/get needs params.uri, the URI of a skill's SKILL.md.")
+        uri = _string_param(ctx, "uri")
         skill = self.skills.get(uri)
         if skill is None:
             raise _invalid_params(f"No skill is served at {uri}.", {"uri": uri})
         return self._cacheable(ctx, {"skill": skill.entry})
 
     async def read_directory(self, ctx: Context) -> dict:
-        uri = ctx.params.get("uri")
-        if not isinstance(uri, str):
-            raise _invalid_params("resources/directory/read needs params.uri, a string.")
+        uri = _string_param(ctx, "uri")
         children = self.directories.get(uri)
         if children is None:
             raise _invalid_params(f"{uri} is not a directory resource of this server.", {"uri": uri})
         page = await self.server._paginate(ctx, [children[k] for k in sorted(children)], f"dir {uri}", "resources")
         return self._cacheable(ctx, page)
+
+
+def _string_param(ctx: Context, field: str) -> str:
+    value = ctx.params.get(field)
+    if not isinstance(value, str):
+        raise _invalid_params(f"{ctx.method} needs params.{field}, a string.")
+    return value
 
 
 def _skill_file_resource(skill: _Skill, rel: str, data: bytes) -> _Resource:
