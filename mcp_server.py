@@ -1876,6 +1876,9 @@ class _Vault:
 # - A parameter annotated ``Context`` is injected and never appears in a schema.
 # - Return values become content blocks (``_to_call_result``); dict-like values also become
 #   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
+# - A skill (SEP-2640) is a snapshot taken at registration: the bytes its entry's digests describe
+#   are the bytes ``resources/read`` serves, and nothing outside the files given (or, from a
+#   folder, its regular non-dot files, links never followed) is ever published.
 # - Sync functions run in a worker thread: a slow tool never blocks the event loop.  Only one
 #   registered with ``inline=True`` runs on the loop; nothing moves there by itself, because a
 #   function fast a thousand times can still stall once (a network wait, a lock) and then stall

@@ -5,11 +5,14 @@ schemas, that ``@modelcontextprotocol/conformance`` (0.2.0-alpha.12) drives. The
 definitions serve both wires: the stateful 2025-11-25 one and the stateless 2026-07-28 one.
 On 2025-11-25, ``ctx.sample``/``ctx.elicit``/``ctx.list_roots`` become real server-to-client
 requests. On 2026-07-28 they become multi-round-trip ``input_required`` results.
+It also serves two skills (SEP-2640) for the suite's ``sep-2640-*`` scenarios: one read from
+``examples/skills/`` and one registered in code under a nested path.
 
 Run it, then point the harness at it::
 
     python examples/everything_server.py --port 3001
     npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --requirements 2026-07-28
+    npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --scenario sep-2640-skills-enumeration
 """
 
 import asyncio
