@@ -1787,6 +1787,7 @@ _KEY_LABELS = {
     "login": b"mcp_server/v1 login-state AES-256-GCM",
     "pairing": b"mcp_server/v1 pairing-code HMAC-SHA256",
     "events": b"mcp_server/v1 stream-event AES-256-GCM",
+    "records": b"mcp_server/v1 stored-record AES-256-GCM",
 }
 
 
@@ -4330,10 +4331,10 @@ class _TaskRun:
 
     async def _save(self) -> None:
         async with self._saving:  # one write at a time, each of the newest record
-            await self.hub.store.set(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
+            await self.hub.set_sealed(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
 
     async def _finish(self, status: str, **fields) -> None:
-        current = await self.hub.store.get(_task_key(self.task_id)) or self.record
+        current = await self.hub.get_sealed(_task_key(self.task_id)) or self.record
         if current.get("status") in _TASK_TERMINAL:
             return  # cancelled meanwhile: the first terminal state stays
         self.record = _task_record(self.record, status, **fields)
@@ -4428,7 +4429,7 @@ async def _load_task(ctx: Context) -> dict:
     task_id = ctx.params.get("taskId")
     if not isinstance(task_id, str):
         raise _invalid_params(f"{ctx.method} needs params.taskId, a string.")
-    record = await ctx.server._hub().store.get(_task_key(task_id))
+    record = await ctx.server._hub().get_sealed(_task_key(task_id))
     if record is None or record.get("sub") != ctx.principal:
         raise _invalid_params(f"Unknown task: {task_id} (it never existed or has expired).",
                               {"taskId": task_id})
@@ -4463,7 +4464,7 @@ async def _tasks_cancel(ctx: Context) -> dict:
             await run.cancel()
         else:
             await hub.store.publish(_task_channel(record["taskId"]), {"cancel": True})
-            await hub.store.set(_task_key(record["taskId"]), _task_record(
+            await hub.set_sealed(_task_key(record["taskId"]), _task_record(
                 record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
     return {}
 
@@ -4899,7 +4900,7 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
     return (head + "data: " + data + "\n\n").encode()
 
 
-_SEALED_EVENT = "sealed:"  # an event log item that is not JSON text but an AES-GCM token of it
+_SEALED = "sealed:"  # a stored value that is not JSON but an AES-GCM token of it (``_Hub``)
 
 
 _SSE_KEEPALIVE = b": keep-alive\n\n"
@@ -5104,8 +5105,23 @@ class _Hub:
         shared store the event is sealed, bound to its log: a copy of the store would otherwise
         hold tool results and the elicitations that carry a login link and its pairing code."""
         if self.shared:
-            text = _SEALED_EVENT + (await self.server._keyring()).seal_text(text, "events", key)
+            text = _SEALED + (await self.server._keyring()).seal_text(text, "events", key)
         return await self.store.append(key, text, self.settings.replay_events, self.settings.session_ttl)
+
+    async def set_sealed(self, key: str, record: dict, ttl: float) -> None:
+        """Store a record that a copy of the store must not show (a task's result and questions):
+        in a shared store sealed, bound to its key; in this process's memory as it is."""
+        value = record
+        if self.shared:
+            value = _SEALED + (await self.server._keyring()).seal_text(_dumps(record), "records", key)
+        await self.store.set(key, value, ttl)
+
+    async def get_sealed(self, key: str) -> dict | None:
+        value = await self.store.get(key)
+        if isinstance(value, str) and value.startswith(_SEALED):
+            text = (await self.server._keyring()).unseal_text(value[len(_SEALED):], "records", key)
+            value = None if text is None else _loads(text, _STORED_JSON_DEPTH)
+        return value if isinstance(value, dict) else None
 
     async def read_events(self, key: str, after: int) -> list:
         """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps text: a
@@ -5113,8 +5129,8 @@ class _Hub:
         event that does not unseal (the secret changed, or someone wrote it) is left out."""
         events = []
         for seq, item in await self.store.read_after(key, after):
-            if isinstance(item, str) and item.startswith(_SEALED_EVENT):
-                item = (await self.server._keyring()).unseal_text(item[len(_SEALED_EVENT):], "events", key)
+            if isinstance(item, str) and item.startswith(_SEALED):
+                item = (await self.server._keyring()).unseal_text(item[len(_SEALED):], "events", key)
                 if item is None:
                     log.warning("an event of a stream's log does not unseal: left out of the replay")
                     continue

@@ -8651,6 +8651,15 @@ class TestAttackStoreCopy:
         assert g.status == 200, g
         assert _redis_text(final_message(g, call["id"])["result"]) == "Reconnection test completed successfully"
 
+    def test_a_task_record_in_redis_is_sealed_and_polled_anywhere(self, redis_trio, redis_url):
+        a, b, _c = redis_trio
+        quick = _task_result(_redis_modern_call(a, "slow_compute", {"seconds": 0, "label": "sealed-label-77"},
+                                                caps=_TASK_CAPS))
+        done = _task_poll(b, quick["taskId"], lambda r: r["status"] == "completed", "the task to complete")
+        assert _redis_text(done["result"]) == "Computed sealed-label-77 after 0.0 seconds"
+        copy = _attack_redis_dump(redis_url)
+        assert "sealed-label-77" not in copy and quick["taskId"] not in copy
+
     def test_a_sealed_event_cannot_be_moved_to_another_log(self):
         ring = mcp_server._KeyRing("a-secret-that-is-long-enough-for-the-test-0123")
         token = ring.seal_text('{"jsonrpc":"2.0","method":"x"}', "events", "mcp:{s1}:events:1")
