@@ -7109,7 +7109,7 @@ class Provider:
     masked results) does not change with the provider.
 
     - ``authorize_url(login)``: where the browser signs in.  ``login`` holds ``state`` (must come
-      back as the callback's ``state`` query parameter), ``redirect_uri`` (this server's
+      back as the callback's ``state_param`` query parameter), ``redirect_uri`` (this server's
       /redirect), ``code_challenge`` (PKCE S256 of ``login["verifier"]``) and ``nonce``.
     - ``callback_error(query)``: why the callback carries no grant (the person cancelled...), or None.
     - ``exchange(query, login)``: the callback's query -> the credentials to keep, a JSON dict
@@ -7125,6 +7125,7 @@ class Provider:
     ``order_request`` says how place_order and cancel_order call the API."""
 
     paths: dict = _GENERIC_PATHS
+    state_param = "state"  # the callback's query parameter that brings ``login["state"]`` back
     sandbox = False  # the built-in sandbox presets: their endpoints live under this server's /sandbox/
     server = None  # the MCPServer it serves (set by add_login_tools)
 
@@ -7604,10 +7605,10 @@ class _Login:
     async def _redirect_state(self, http: _Http, query: dict) -> dict | str:
         """The login state ``/redirect`` names, taken (single use) only by the browser holding its
         nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
-        if not query.get("state"):
+        if not isinstance(query.get(self.provider.state_param), str) or not query[self.provider.state_param]:
             return "expired"
         store = self.server._hub().store
-        key = f"mcp:login:state:{_sha256(query['state'])}"
+        key = f"mcp:login:state:{_sha256(query[self.provider.state_param])}"
         sealed = await store.get(key)
         state = (await self.server._keyring()).unseal(sealed, "login") if sealed else None
         if state is None:
@@ -7636,7 +7637,7 @@ class _Login:
                              f"<p class=bad>The provider said: {_escape(str(reason)[:200])}.</p>" + retry)
             return
         self._bind(self.server.asgi.oauth.issuer(http))
-        login = {"state": query["state"], "redirect_uri": state["redirect_uri"], "verifier": state["verifier"],
+        login = {"state": query[self.provider.state_param], "redirect_uri": state["redirect_uri"], "verifier": state["verifier"],
                  "nonce": state.get("oidc_nonce", "")}
         try:
             cred = await self.provider.exchange(query, login)
