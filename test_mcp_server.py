@@ -8073,9 +8073,9 @@ class _prov_FakeOIDC(_auth_Stub):
         fields = dict(urllib.parse.parse_qsl(request["body"].decode()))
         code = secrets.token_urlsafe(16)
         self.codes[code] = fields
-        issuer = self.issuer + ("/evil" if self.flaw == "iss_param" else "")
-        location = fields["redirect_uri"] + "?" + urllib.parse.urlencode(
-            {"code": code, "state": fields["state"], "iss": issuer})
+        answer = {"code": code, "state": fields["state"], "iss": self.issuer}
+        answer.update({"iss_param": {"iss": self.issuer + "/evil"}, "no_iss": {"iss": None}}.get(self.flaw, {}))
+        location = fields["redirect_uri"] + "?" + urllib.parse.urlencode({k: v for k, v in answer.items() if v})
         return 302, {"Location": location, "Cache-Control": "no-store"}, b""
 
     def _token(self, request):
@@ -8233,6 +8233,13 @@ class TestProviders:
             r = _auth_get(st.port, base, headers)
             assert r.status == status, (headers, r)
 
+    def test_the_kite_sign_in_form_takes_posts_only_from_its_own_origin(self, make_server):
+        st = self._start(make_server, upstream_provider="sandbox-kite")
+        for origin in ("null", "https://evil.example", f"http://localhost:{st.port}"):
+            r = _auth_post_form(st.port, "/sandbox/kite/connect/login", {"user": "asha", "request": "x"},
+                                {"Origin": origin})
+            assert r.status == 403 and b"Origin" in r.body, (origin, r)
+
     def test_a_wrong_kite_checksum_is_refused_and_nothing_is_stored(self, make_server):
         provider = mcp_server.KiteProvider(api_key="sandbox-kite-key", api_secret="not-the-secret",
                                            login_url="{base}/sandbox/kite/connect/login",
@@ -8289,7 +8296,8 @@ class TestProviders:
             assert not profile.get("isError") and "asha.rao@example.com" not in json.dumps(profile), profile
             assert len(fake.hits("/.well-known/openid-configuration")) == 1  # cached
 
-    @pytest.mark.parametrize("flaw", ["wrong_nonce", "wrong_aud", "expired", "wrong_iss", "foreign_key", "iss_param"])
+    @pytest.mark.parametrize("flaw", ["wrong_nonce", "wrong_aud", "expired", "wrong_iss", "foreign_key", "iss_param",
+                                      "no_iss"])
     def test_a_bad_id_token_or_a_mixed_up_answer_is_refused(self, make_server, flaw):
         with _prov_FakeOIDC(flaw) as fake:
             st = self._oidc(make_server, fake)
