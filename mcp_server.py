@@ -21,7 +21,8 @@ Map of the file (search for ``# ==== N.``):
   6. Transports            the hub (streams, pending answers, cancellation across instances),
                            Streamable HTTP, HTTP+SSE, /http, stdio
   7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
-                           login flow (pairing page, /redirect, masking) and the sandbox provider
+                           login flow (pairing page, /redirect, masking), its providers (OAuth 2,
+                           OpenID Connect, Kite Connect, your own) and the sandbox broker
   8. ASGI app              routing, Origin/Host checks, CORS, rate limits, health and metrics
   9. HTTP server           an asyncio HTTP/1.1 server that drives any ASGI 3 app
  10. Built-in tools, CLI   the built-in server, ``serve`` (stdio, HTTP, ``--workers``), ``main()``
@@ -6922,7 +6923,8 @@ def _credentials_ad(uid: str) -> bytes:
 #
 # Rules:
 # - The LLM never sees the user's upstream password, tokens or raw identifiers: the user signs in
-#   to the provider in a browser, this server exchanges the code server-side, keeps the tokens
+#   to the provider in a browser, this server exchanges what the provider sends back (a code, a
+#   Kite request_token: ``Provider.exchange``) server-side, keeps the credentials
 #   encrypted in the user's record (AES-256-GCM with ENCRYPTION_KEY, the user id as associated
 #   data), and masks every login tool's result and error: every scalar under a sensitive key (by
 #   pattern, in any spelling and nesting) and identifiers found in any string (``_mask``).
@@ -6936,15 +6938,19 @@ def _credentials_ad(uid: str) -> bytes:
 # - A link completes once: the right code takes the transaction.  Every state is single use
 #   with a 10-minute life and bound to the browser by a nonce cookie; a browser without the
 #   cookie cannot use it up.  Codes, tokens and the /redirect query string never reach a log.
+# - Calls that change the account (place_order, cancel_order: UPSTREAM_TRADING) happen only after
+#   the user confirmed them in an elicitation form, never for a client that cannot ask, and at
+#   most once per confirmation (``_Login.change``).
 # - A copy of the store yields nothing usable: transactions are keyed by a hash of the link and
 #   keep a MAC of the pairing code under a key from MCP_SECRET; states are sealed (they hold the
 #   PKCE verifier); credentials are sealed with ENCRYPTION_KEY, which is never in the store.
 #
 # Theory of operation: ``login`` stores a transaction ``mcp:login:tx:{hash(tx)}`` (user, pairing-
 # code MAC) and returns ``/login/{tx}``.  The right pairing code takes the transaction, stores a
-# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce), sets
-# the nonce cookie and redirects to the provider.  ``/redirect`` checks the cookie, takes the
-# state atomically, exchanges the code, and writes the sealed credentials into ``mcp:{user}:user``.
+# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce, OIDC
+# nonce), sets the nonce cookie and redirects to ``Provider.authorize_url``.  ``/redirect`` checks
+# the cookie, takes the state atomically, has the provider exchange the callback's parameters, and
+# writes the sealed credentials into ``mcp:{user}:user``.
 
 _DEFAULT_MASK_FIELDS = frozenset((
     "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
@@ -7775,9 +7781,11 @@ def _service_path(path: str, allowed: typing.Iterable) -> str:
 
 # ---- The sandbox provider -------------------------------------------------------------------------
 #
-# A demo OAuth provider and trading API under /sandbox/, used when no UPSTREAM_* is configured, so
-# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in
-# docs/login.md) and every page says it is a sandbox.
+# A demo broker under /sandbox/, used when no UPSTREAM_* provider is configured, so the whole login
+# flow runs on a fresh machine: as an OAuth 2 provider (/sandbox/authorize, token, revoke, api/)
+# and, for UPSTREAM_PROVIDER=sandbox-kite, speaking Kite Connect (/sandbox/kite/...).  Its data is
+# fixed and fictitious (listed in docs/login.md), except the orders placed in it (kept a day in the
+# store), and every page says it is a sandbox.
 
 _SANDBOX_USERS = {
     "asha": {"profile": {"user_id": "AB1234", "name": "Asha Rao (sandbox)", "email": "asha.rao@example.com",
