@@ -9381,6 +9381,8 @@ def _check_packages(server: MCPServer, settings: Settings) -> None:
             needed.append("jwks")
     if server._login is not None:
         needed.append("vault")
+        if isinstance(server._login.provider, OIDCProvider):
+            needed += ["tokens", "jwks"]  # (ID tokens: PyJWT and the RSA/EC algorithms)
     for feature in needed:
         try:
             _require(feature)
