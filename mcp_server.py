@@ -23,7 +23,8 @@ Map of the file (search for ``# ==== N.``):
   6. Transports            the hub (streams, pending answers, cancellation across instances),
                            Streamable HTTP, HTTP+SSE, /http, stdio
   7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
-                           login flow (pairing page, /redirect, masking) and the sandbox provider
+                           login flow (pairing page, /redirect, masking), its providers (OAuth 2,
+                           OpenID Connect, Kite Connect, your own) and the sandbox broker
   8. ASGI app              routing, Origin/Host checks, CORS, rate limits, health and metrics
   9. HTTP server           an asyncio HTTP/1.1 server that drives any ASGI 3 app
  10. Built-in tools, CLI   the built-in server, ``serve`` (stdio, HTTP, ``--workers``), ``main()``
@@ -101,6 +102,10 @@ __all__ = [
     "MemoryStore",
     "RedisStore",
     "StoreUnavailable",
+    "Provider",
+    "OAuth2Provider",
+    "OIDCProvider",
+    "KiteProvider",
     "serve",
     "main",
 ]
@@ -256,6 +261,9 @@ def _missing_capability(capabilities: dict, what: str) -> RpcError:
     )
 
 
+_UPSTREAM_PROVIDERS = ("oauth2", "oidc", "kite", "sandbox", "sandbox-kite")
+
+
 def _truthy(text: str) -> bool:
     value = text.strip().lower()
     if value in ("1", "true", "yes", "on"):
@@ -367,6 +375,11 @@ _SETTING_SPECS = (
      "seconds a client metadata document fetch may take in all"),
     ("auth_rate_limit", None, ("MCP_AUTH_RATE_LIMIT",), int, 60,
      "requests per minute per client IP to /authorize, /token, /register and /revoke (0: no limit)"),
+    ("upstream_provider", None, ("UPSTREAM_PROVIDER",), str, "",
+     "login: oauth2, oidc, kite, sandbox or sandbox-kite (unset: oidc with UPSTREAM_ISSUER, oauth2 with "
+     "UPSTREAM_AUTHORIZE_URL, else sandbox)"),
+    ("upstream_issuer", None, ("UPSTREAM_ISSUER",), str, "",
+     "login (oidc): the issuer whose discovery document gives the endpoints and keys"),
     ("upstream_authorize_url", None, ("UPSTREAM_AUTHORIZE_URL",), str, "",
      "login: the upstream provider's OAuth authorize URL (unset: the built-in sandbox provider)"),
     ("upstream_token_url", None, ("UPSTREAM_TOKEN_URL",), str, "", "login: the provider's token URL"),
@@ -376,6 +389,8 @@ _SETTING_SPECS = (
      "login: this server's client secret there (may be enc:...)"),
     ("upstream_scopes", None, ("UPSTREAM_SCOPES",), str, "", "login: scopes to ask the provider for"),
     ("upstream_api_base", None, ("UPSTREAM_API_BASE",), str, "", "login: base URL of the provider's API"),
+    ("upstream_trading", None, ("UPSTREAM_TRADING",), _truthy, False,
+     "login: add place_order and cancel_order (each call asks the user to confirm)"),
     ("service_paths", None, ("SERVICE_PATHS",), _csv, ("profile", "holdings", "positions", "orders"),
      "API paths the service tool may call (GET), relative to UPSTREAM_API_BASE"),
     ("mask_fields", None, ("MASK_FIELDS",), _csv, (),
@@ -465,6 +480,8 @@ class Settings:
     allow_private_fetch: bool = False
     client_fetch_timeout: float = 5.0
     auth_rate_limit: int = 60
+    upstream_provider: str = ""
+    upstream_issuer: str = ""
     upstream_authorize_url: str = ""
     upstream_token_url: str = ""
     upstream_revoke_url: str = ""
@@ -472,6 +489,7 @@ class Settings:
     upstream_client_secret: str = ""
     upstream_scopes: str = ""
     upstream_api_base: str = ""
+    upstream_trading: bool = False
     service_paths: tuple = ("profile", "holdings", "positions", "orders")
     mask_fields: tuple = ()
     encryption_key: str = ""
@@ -556,6 +574,16 @@ class Settings:
             fail("MCP_AUTH_SECRET must be at least 32 bytes (RFC 7518 3.2: an HS256 key is 256 bits or more)")
         if self.consent not in ("always", "remember", "never"):
             fail(f"MCP_CONSENT={self.consent!r} is not always, remember or never")
+        if self.upstream_provider not in ("", *_UPSTREAM_PROVIDERS):
+            fail(f"UPSTREAM_PROVIDER={self.upstream_provider!r} is not {', '.join(_UPSTREAM_PROVIDERS)}")
+        if (self.upstream_provider == "oidc" or self.upstream_issuer) and not (
+                self.upstream_issuer and self.upstream_client_id):
+            fail("UPSTREAM_PROVIDER=oidc needs UPSTREAM_ISSUER and UPSTREAM_CLIENT_ID")
+        if self.upstream_provider == "kite" and not (self.upstream_client_id and self.upstream_client_secret):
+            fail("UPSTREAM_PROVIDER=kite needs UPSTREAM_CLIENT_ID (the api_key) and UPSTREAM_CLIENT_SECRET "
+                 "(the api_secret)")
+        if self.upstream_provider == "oauth2" and not (self.upstream_authorize_url and self.upstream_token_url):
+            fail("UPSTREAM_PROVIDER=oauth2 needs UPSTREAM_AUTHORIZE_URL and UPSTREAM_TOKEN_URL")
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             fail(f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://")
         self.public_url = self.public_url.rstrip("/")
@@ -3176,9 +3204,11 @@ class Context:
         """The signed-in user's upstream tokens (decrypted), or a ToolError telling them to log in."""
         return await self.server._login_flow().credentials(self)
 
-    async def upstream(self, path: str, params: dict | None = None):
-        """GET ``path`` from the upstream API as the signed-in user (refreshing the token once)."""
-        return await self.server._login_flow().api_get(self, path, params)
+    async def upstream(self, path: str, params: dict | None = None, *, method: str = "GET",
+                       body: dict | None = None):
+        """Call ``path`` of the upstream API as the signed-in user (GET unless ``method`` says
+        otherwise, with ``body``), through the login's provider, refreshing its login once."""
+        return await self.server._login_flow().api(self, path, params, method=method, body=body)
 
     async def run_as_task(self) -> None:
         """Continue this call as a task (for tools registered with ``task_start="explicit"``).
@@ -3654,11 +3684,13 @@ class MCPServer:
             raise ToolError("This server has no upstream login (call server.add_login_tools()).")
         return self._login
 
-    def add_login_tools(self) -> None:
+    def add_login_tools(self, provider=None) -> None:
         """Add the upstream login flow: the ``login``, ``logout``, ``profile``, ``holdings``,
-        ``orders`` and ``service`` tools, the /login and /redirect pages, and (when no
-        UPSTREAM_* provider is configured) the sandbox provider under /sandbox/."""
-        self._login = _Login(self)
+        ``orders`` and ``service`` tools (with UPSTREAM_TRADING, ``place_order`` and
+        ``cancel_order``), the /login and /redirect pages, and, for the sandbox presets, the
+        sandbox provider under /sandbox/.  ``provider`` (a ``Provider``) replaces the one the
+        UPSTREAM_* settings describe."""
+        self._login = _Login(self, provider)
         flow = self._login
         if self.settings.encryption_iv:
             log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
@@ -3689,17 +3721,17 @@ class MCPServer:
         @self.tool(title="Account profile", login_required=True, annotations={"readOnlyHint": True})
         async def profile(ctx: Context) -> dict:
             """Your account profile at the upstream provider (identifiers masked)."""
-            return await ctx.upstream("profile")
+            return await ctx.upstream(flow.path("profile"))
 
         @self.tool(title="Holdings", login_required=True, annotations={"readOnlyHint": True})
         async def holdings(ctx: Context) -> dict:
             """The securities held in your account, with quantities and prices."""
-            return await ctx.upstream("holdings")
+            return await ctx.upstream(flow.path("holdings"))
 
         @self.tool(title="Orders", login_required=True, annotations={"readOnlyHint": True})
         async def orders(ctx: Context) -> dict:
             """Today's orders in your account and their status."""
-            return await ctx.upstream("orders")
+            return await ctx.upstream(flow.path("orders"))
 
         allowed = ", ".join(self.settings.service_paths)
 
@@ -3707,7 +3739,33 @@ class MCPServer:
                    description=f"Call an allowed path of the upstream API (GET) and return its data. "
                                f"Allowed paths: {allowed}.")
         async def service(path: str, ctx: Context, params: dict[str, str] | None = None) -> dict:
-            return await ctx.upstream(_service_path(path, self.settings.service_paths), params)
+            return await ctx.upstream(flow.path(_service_path(path, self.settings.service_paths)), params)
+
+        if self.settings.upstream_trading:
+            self._add_trading_tools(flow)
+
+    def _add_trading_tools(self, flow) -> None:
+        @self.tool(title="Place an order", login_required=True,
+                   annotations={"destructiveHint": True, "idempotentHint": False, "openWorldHint": True})
+        async def place_order(symbol: str, side: typing.Literal["BUY", "SELL"], quantity: int, ctx: Context,
+                              price: float | None = None) -> dict:
+            """Place an order in your account (you confirm it first). Without a price it is a market order."""
+            symbol = symbol.strip().upper()
+            if not re.fullmatch(r"[A-Z0-9&_.-]{1,40}", symbol) or not 0 < quantity <= 1_000_000 or (
+                    price is not None and not 0 < price < 1e9):
+                raise ToolError("Give a symbol (letters, digits, & _ . -), a quantity from 1 to 1000000 and "
+                                "a positive price, or none for a market order.")
+            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price:g}" if price is not None else "at market price")
+            return await flow.change(ctx, "place", {"symbol": symbol, "side": side, "quantity": quantity,
+                                                    "price": price}, summary)
+
+        @self.tool(title="Cancel an order", login_required=True,
+                   annotations={"destructiveHint": True, "idempotentHint": True, "openWorldHint": True})
+        async def cancel_order(order_id: str, ctx: Context) -> dict:
+            """Cancel one of your open orders (you confirm it first)."""
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", order_id or ""):
+                raise ToolError("Give the order id as the orders tool shows it.")
+            return await flow.change(ctx, "cancel", {"order_id": order_id}, f"cancel order {order_id}")
 
     def add_middleware(self, hook) -> None:
         """Add ``async def hook(ctx, call_next)`` around every MCP request; outermost first."""
@@ -6588,7 +6646,7 @@ _HTML_HEADERS = [(b"cache-control", b"no-store"),
                  (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; "
                                               b"img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'")]
 _NO_STORE = [(b"cache-control", b"no-store"), (b"pragma", b"no-cache")]
-_OAUTH_BROWSER_PATHS = ("/authorize", "/login/", "/sandbox/authorize")
+_OAUTH_BROWSER_PATHS = ("/authorize", "/login/", "/sandbox/authorize", "/sandbox/kite/connect/")
 
 
 def _sha256(text: str) -> str:
@@ -6747,14 +6805,16 @@ def _client_id_url_problem(url, allow_private: bool) -> str | None:
     if web is None or not web.group(4).startswith("/"):
         return "it must be an https URL with a path and a plain host (no user name)"
     if web.group(1) != "https" and not allow_private:
-        return "client_id URLs must use https"
+        return "it must use https"
     if re.search(r"/\.\.?(/|$|\?)", web.group(4)):
         return "its path has . or .. segments"
     return None
 
 
-def _fetch_client_document(url: str, allow_private: bool, limit: int = _CIMD_LIMIT, timeout: float = 5.0) -> tuple:
-    """GET a Client ID Metadata Document under SSRF rules (runs in a worker thread).
+def _fetch_json_document(url: str, allow_private: bool, limit: int = _CIMD_LIMIT, timeout: float = 5.0,
+                         what: str = "client metadata document") -> tuple:
+    """GET a JSON document from a URL someone else named (a client's metadata document, an
+    upstream issuer's discovery document or keys) under SSRF rules, in a worker thread.
 
     https only; every resolved address must be public (``_public_address``) and the connection
     goes to the address that was checked (no DNS rebinding between check and use); no redirects
@@ -6766,22 +6826,22 @@ def _fetch_client_document(url: str, allow_private: bool, limit: int = _CIMD_LIM
     deadline = time.monotonic() + timeout
     problem = _client_id_url_problem(url, allow_private)
     if problem:
-        raise ValueError(f"client_id URL refused: {problem}")
+        raise ValueError(f"{what} URL refused: {problem}")
     scheme, host, port_text, target = _WEB_URI.fullmatch(url).groups()
     port = int(port_text[1:]) if port_text else (443 if scheme == "https" else 80)
     name = host.strip("[]")
     address = None
     for info in socket.getaddrinfo(name, port, type=socket.SOCK_STREAM):
         if not allow_private and not _public_address(ipaddress.ip_address(info[4][0].split("%")[0])):
-            raise ValueError(f"client_id host {name} resolves to a non-public address")
+            raise ValueError(f"{what} host {name} resolves to a non-public address")
         address = address or info[4][0]
     if address is None:
-        raise ValueError(f"client_id host {name} does not resolve")
+        raise ValueError(f"{what} host {name} does not resolve")
 
     def left() -> float:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
-            raise ValueError(f"client metadata document took longer than {timeout:g} s")
+            raise ValueError(f"{what} took longer than {timeout:g} s")
         return remaining
 
     data = bytearray()
@@ -6798,22 +6858,25 @@ def _fetch_client_document(url: str, allow_private: bool, limit: int = _CIMD_LIM
                 break
             data += chunk
             if len(data) > limit + 16384:
-                raise ValueError("client metadata document is too large")
+                raise ValueError(f"{what} is too large")
     except (socket.timeout, TimeoutError):
-        raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
+        raise ValueError(f"{what} took longer than {timeout:g} s") from None
     finally:
         sock.close()
-    return _parse_document_response(bytes(data), limit)
+    return _parse_document_response(bytes(data), limit, what)
 
 
-def _parse_document_response(data: bytes, limit: int) -> tuple:
+_fetch_client_document = _fetch_json_document  # (the name the OAuth side and its tests know)
+
+
+def _parse_document_response(data: bytes, limit: int, what: str = "client metadata document") -> tuple:
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = re.match(r"HTTP/1\.[01] (\d{3})", lines[0])
     if status is None:
-        raise ValueError("client_id URL did not answer HTTP")
+        raise ValueError(f"the {what} URL did not answer HTTP")
     if status.group(1) != "200":
-        raise ValueError(f"client_id URL answered HTTP {status.group(1)}")
+        raise ValueError(f"the {what} URL answered HTTP {status.group(1)}")
     headers = {}
     for line in lines[1:]:
         key, _, value = line.partition(":")
@@ -6821,10 +6884,10 @@ def _parse_document_response(data: bytes, limit: int) -> tuple:
     if "content-length" in headers:
         length = int(headers["content-length"]) if _DECIMAL.fullmatch(headers["content-length"]) else -1
         if length < 0 or length > len(body):
-            raise ValueError("client metadata document was cut short")
+            raise ValueError(f"{what} was cut short")
         body = body[:length]
     if len(body) > limit:
-        raise ValueError("client metadata document is too large")
+        raise ValueError(f"{what} is too large")
     cache = headers.get("cache-control", "")
     match = re.search(r"max-age=(\d+)", cache)
     max_age = 0 if "no-store" in cache else min(int(match.group(1)) if match else 300, 86400)
@@ -7600,7 +7663,8 @@ def _credentials_ad(uid: str) -> bytes:
 #
 # Rules:
 # - The LLM never sees the user's upstream password, tokens or raw identifiers: the user signs in
-#   to the provider in a browser, this server exchanges the code server-side, keeps the tokens
+#   to the provider in a browser, this server exchanges what the provider sends back (a code, a
+#   Kite request_token: ``Provider.exchange``) server-side, keeps the credentials
 #   encrypted in the user's record (AES-256-GCM with ENCRYPTION_KEY, the user id as associated
 #   data), and masks every login tool's result and error: every scalar under a sensitive key (by
 #   pattern, in any spelling and nesting) and identifiers found in any string (``_mask``).
@@ -7614,15 +7678,19 @@ def _credentials_ad(uid: str) -> bytes:
 # - A link completes once: the right code takes the transaction.  Every state is single use
 #   with a 10-minute life and bound to the browser by a nonce cookie; a browser without the
 #   cookie cannot use it up.  Codes, tokens and the /redirect query string never reach a log.
+# - Calls that change the account (place_order, cancel_order: UPSTREAM_TRADING) happen only after
+#   the user confirmed them in an elicitation form, never for a client that cannot ask, and at
+#   most once per confirmation (``_Login.change``).
 # - A copy of the store yields nothing usable: transactions are keyed by a hash of the link and
 #   keep a MAC of the pairing code under a key from MCP_SECRET; states are sealed (they hold the
 #   PKCE verifier); credentials are sealed with ENCRYPTION_KEY, which is never in the store.
 #
 # Theory of operation: ``login`` stores a transaction ``mcp:login:tx:{hash(tx)}`` (user, pairing-
 # code MAC) and returns ``/login/{tx}``.  The right pairing code takes the transaction, stores a
-# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce), sets
-# the nonce cookie and redirects to the provider.  ``/redirect`` checks the cookie, takes the
-# state atomically, exchanges the code, and writes the sealed credentials into ``mcp:{user}:user``.
+# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce, OIDC
+# nonce), sets the nonce cookie and redirects to ``Provider.authorize_url``.  ``/redirect`` checks
+# the cookie, takes the state atomically, has the provider exchange the callback's parameters, and
+# writes the sealed credentials into ``mcp:{user}:user``.
 
 _DEFAULT_MASK_FIELDS = frozenset((
     "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
@@ -7733,9 +7801,10 @@ def _mask(value, fields: frozenset, under_sensitive: bool = False):
     return value
 
 
-def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict | None = None,
-               timeout: float = 10.0) -> tuple:
-    """One HTTP request from a worker thread, no redirects followed: (status, parsed JSON or None)."""
+def _http_call(method: str, url: str, *, form: dict | None = None, json_body: dict | None = None,
+               headers: dict | None = None, timeout: float = 10.0) -> tuple:
+    """One HTTP request from a worker thread, no redirects followed: (status, parsed JSON or None).
+    The body is ``form`` (url-encoded) or ``json_body``."""
     import urllib.error
     import urllib.request
 
@@ -7743,10 +7812,13 @@ def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict
         def redirect_request(self, *args, **kwargs):
             return None
 
-    data = urllib.parse.urlencode(form).encode() if form is not None else None
+    data, kind = None, {}
+    if form is not None:
+        data, kind = urllib.parse.urlencode(form).encode(), {"Content-Type": "application/x-www-form-urlencoded"}
+    elif json_body is not None:
+        data, kind = _dumps(json_body).encode(), {"Content-Type": "application/json"}
     request = urllib.request.Request(url, data=data, method=method, headers={
-        "Accept": "application/json", "User-Agent": "mcp_server", **(headers or {}),
-        **({"Content-Type": "application/x-www-form-urlencoded"} if form is not None else {})})
+        "Accept": "application/json", "User-Agent": "mcp_server", **(headers or {}), **kind})
     try:
         response = urllib.request.build_opener(NoRedirect).open(request, timeout=timeout)
     except urllib.error.HTTPError as exc:
@@ -7759,6 +7831,339 @@ def _http_call(method: str, url: str, *, form: dict | None = None, headers: dict
     return response.status, parsed
 
 
+# ---- Providers: how the login talks to an upstream service -------------------------------------
+#
+# Rules:
+# - A ``Provider`` says only what differs between upstreams: where the browser signs in, how the
+#   callback's parameters become credentials, how the API is called with them, refresh and
+#   revoke.  Everything the flow guarantees (pairing code, nonce cookie, single-use sealed state,
+#   encrypted credentials, masking) stays in ``_Login`` and holds for every provider.
+# - The callback names its login transaction with ``state``: OAuth sends it back by itself; Kite
+#   Connect has no state parameter, so it travels in ``redirect_params``, which Kite echoes.
+# - Documents an upstream names (OIDC discovery, its JWKS) are fetched under the same SSRF rules,
+#   deadline and size cap as client metadata documents (``_fetch_json_document``).
+
+_UPSTREAM_BASE: contextvars.ContextVar = contextvars.ContextVar("mcp_upstream_base", default="")
+_GENERIC_PATHS = {"profile": "profile", "holdings": "holdings", "positions": "positions", "orders": "orders"}
+
+
+def _api_url(base: str, path: str, params: dict | None = None) -> str:
+    return base.rstrip("/") + "/" + path.lstrip("/") + (("?" + urllib.parse.urlencode(params)) if params else "")
+
+
+class _NoAnswer(ToolError):
+    """The provider could not be reached or did not answer: whether a call took effect is unknown."""
+
+
+class Provider:
+    """An upstream service users sign in to, and whose API the login tools call as them.
+
+    Subclass it (or ``OAuth2Provider``) and plug it in with ``server.add_login_tools(provider=...)``.
+    The flow around it (pairing code, browser binding, single-use state, encrypted credentials,
+    masked results) does not change with the provider.
+
+    - ``authorize_url(login)``: where the browser signs in.  ``login`` holds ``state`` (must come
+      back as the callback's ``state_param`` query parameter), ``redirect_uri`` (this server's
+      /redirect), ``code_challenge`` (PKCE S256 of ``login["verifier"]``) and ``nonce``.
+    - ``callback_error(query)``: why the callback carries no grant (the person cancelled...), or None.
+    - ``exchange(query, login)``: the callback's query -> the credentials to keep, a JSON dict
+      with ``access_token`` (kept encrypted; never shown to the model).  Raise ``ToolError``
+      with a message for the person when the provider refuses.
+    - ``request(credentials, method, path, params, body)``: one API call, as a dict with
+      ``method``, ``url``, ``headers`` and ``form`` or ``json`` (the body).
+    - ``expired(status, answer)``: whether an API answer means the login ended (default: 401).
+    - ``refresh(credentials)``: new credentials after such an answer, or None.
+    - ``revoke(credentials)``: end the login at the provider (logout); failures are ignored.
+
+    ``paths`` maps the built-in tools (profile, holdings, positions, orders) to API paths;
+    ``order_request`` says how place_order and cancel_order call the API."""
+
+    paths: dict = _GENERIC_PATHS
+    state_param = "state"  # the callback's query parameter that brings ``login["state"]`` back
+    sandbox = False  # the built-in sandbox presets: their endpoints live under this server's /sandbox/
+    server = None  # the MCPServer it serves (set by add_login_tools)
+
+    async def authorize_url(self, login: dict) -> str:
+        raise NotImplementedError
+
+    def callback_error(self, query: dict) -> str | None:
+        if "error" in query or not query.get("code"):
+            return query.get("error_description") or query.get("error") or "no code was returned"
+        return None
+
+    async def exchange(self, query: dict, login: dict) -> dict:
+        raise NotImplementedError
+
+    def request(self, credentials: dict, method: str, path: str, params: dict | None = None,
+                body: dict | None = None) -> dict:
+        raise NotImplementedError
+
+    def expired(self, status: int, answer) -> bool:
+        """Whether an API answer says the credentials no longer work (then: refresh, or log out)."""
+        return status == 401
+
+    async def refresh(self, credentials: dict) -> dict | None:
+        return None
+
+    async def revoke(self, credentials: dict) -> None:
+        return None
+
+    def order_request(self, action: str, details: dict) -> tuple:
+        """(method, path, body) for ``place`` (details: symbol, side, quantity, price) or
+        ``cancel`` (details: order_id)."""
+        if action == "place":
+            return "POST", "orders", details
+        return "DELETE", "orders/" + urllib.parse.quote(details["order_id"], safe=""), None
+
+    async def fetch(self, method: str, url: str, *, form: dict | None = None, json: dict | None = None,
+                    headers: dict | None = None) -> tuple:
+        """One HTTP call to the provider from a worker thread: (status, parsed JSON or None)."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                _http_call, method, url, form=form, json_body=json, headers=headers))
+        except (OSError, TimeoutError, ValueError) as exc:
+            raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
+
+    def _at(self, url: str) -> str:
+        """``url`` with ``{base}`` (this server as the browser sees it) and ``{local}`` (as the server
+        reaches itself) filled in: how the sandbox presets name endpoints under /sandbox/."""
+        if "{" not in url:
+            return url
+        base = _UPSTREAM_BASE.get()
+        local = (self.server._local_base if self.server is not None else None) or base
+        return url.replace("{base}", base).replace("{local}", local)
+
+
+class OAuth2Provider(Provider):
+    """OAuth 2 with the authorization-code grant and PKCE; the API takes a bearer token."""
+
+    def __init__(self, *, authorize_url: str, token_url: str, client_id: str, client_secret: str = "",
+                 api_base: str = "", revoke_url: str = "", scopes: str = "", paths: dict | None = None):
+        self.authorize_endpoint, self.token_endpoint, self.revoke_endpoint = authorize_url, token_url, revoke_url
+        self.client_id, self.client_secret, self.api_base, self.scopes = client_id, client_secret, api_base, scopes
+        self.paths = {**_GENERIC_PATHS, **(paths or {})}
+
+    async def authorize_url(self, login: dict) -> str:
+        return _with_query(self._at(self.authorize_endpoint), {
+            "response_type": "code", "client_id": self.client_id, "redirect_uri": login["redirect_uri"],
+            "state": login["state"], "scope": self.scopes or None,
+            "code_challenge": login["code_challenge"], "code_challenge_method": "S256"})
+
+    async def exchange(self, query: dict, login: dict) -> dict:
+        return self._credentials(await self._token({
+            "grant_type": "authorization_code", "code": query["code"], "redirect_uri": login["redirect_uri"],
+            "code_verifier": login["verifier"]}))
+
+    def request(self, credentials, method, path, params=None, body=None) -> dict:
+        return {"method": method, "url": _api_url(self._at(self.api_base), path, params), "json": body,
+                "headers": {"Authorization": f"Bearer {credentials['access_token']}"}}
+
+    async def refresh(self, credentials: dict) -> dict | None:
+        if not credentials.get("refresh_token"):
+            return None
+        try:
+            tokens = await self._token({"grant_type": "refresh_token", "refresh_token": credentials["refresh_token"]})
+        except ToolError:
+            return None
+        tokens.setdefault("refresh_token", credentials["refresh_token"])
+        return self._credentials(tokens)
+
+    async def revoke(self, credentials: dict) -> None:
+        if not self.revoke_endpoint:
+            return
+        for kind in ("refresh_token", "access_token"):
+            if credentials.get(kind):
+                await self.fetch("POST", self._at(self.revoke_endpoint), form={
+                    "token": credentials[kind], "token_type_hint": kind, "client_id": self.client_id})
+
+    async def _token(self, form: dict) -> dict:
+        headers = {}
+        form = {**form, "client_id": self.client_id}
+        if self.client_secret:
+            pair = f"{urllib.parse.quote(self.client_id, safe='')}:{urllib.parse.quote(self.client_secret, safe='')}"
+            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
+        status, body = await self.fetch("POST", self._at(self.token_endpoint), form=form, headers=headers)
+        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
+            raise ToolError(f"The provider refused the sign-in (HTTP {status}).")
+        return body
+
+    @staticmethod
+    def _credentials(tokens: dict) -> dict:
+        expires = tokens.get("expires_in")
+        return {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
+                "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
+
+
+class OIDCProvider(OAuth2Provider):
+    """OpenID Connect: ``issuer`` alone gives the endpoints (its discovery document); an ID token,
+    when the provider sends one, must carry a valid signature from the issuer's JWKS, ``iss``,
+    ``aud`` (the client id), ``exp`` and the login's ``nonce``; a callback's ``iss`` must match."""
+
+    def __init__(self, issuer: str, *, client_id: str, client_secret: str = "", scopes: str = "openid",
+                 api_base: str = "", paths: dict | None = None, allow_private: bool = False, timeout: float = 5.0):
+        super().__init__(authorize_url="", token_url="", client_id=client_id, client_secret=client_secret,
+                         api_base=api_base, scopes=scopes, paths=paths)
+        self.issuer, self.allow_private, self.timeout = issuer, allow_private, timeout
+        self._metadata, self._fresh_until, self._keys = None, 0.0, None
+
+    async def _document(self, url: str, what: str) -> tuple:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
+                _fetch_json_document, url, self.allow_private, _CIMD_LIMIT, self.timeout, what))
+        except (OSError, ValueError) as exc:
+            raise ToolError(f"The identity provider's {what} could not be read: {exc}.") from None
+
+    async def discover(self) -> dict:
+        """The issuer's discovery document (cached as it says), with the endpoints taken from it."""
+        if self._metadata is not None and time.monotonic() < self._fresh_until:
+            return self._metadata
+        url = self.issuer.rstrip("/") + "/.well-known/openid-configuration"
+        document, max_age = await self._document(url, "discovery document")
+        if not isinstance(document, dict) or document.get("issuer") != self.issuer:
+            raise ToolError("The identity provider's discovery document names another issuer than "
+                            "UPSTREAM_ISSUER; the login is refused.")
+        for name in ("authorization_endpoint", "token_endpoint", "jwks_uri"):
+            problem = _client_id_url_problem(document.get(name), self.allow_private)
+            if problem:
+                raise ToolError(f"The identity provider's {name} is unusable: {problem}.")
+        self.authorize_endpoint, self.token_endpoint = document["authorization_endpoint"], document["token_endpoint"]
+        revoke = document.get("revocation_endpoint")
+        self.revoke_endpoint = revoke if _client_id_url_problem(revoke, self.allow_private) is None else ""
+        self._metadata, self._fresh_until, self._keys = document, time.monotonic() + max(max_age, 60), None
+        return document
+
+    async def authorize_url(self, login: dict) -> str:
+        await self.discover()
+        return _with_query(await super().authorize_url(login), {"nonce": login["nonce"]})
+
+    async def exchange(self, query: dict, login: dict) -> dict:
+        metadata = await self.discover()
+        if ("iss" in query or metadata.get("authorization_response_iss_parameter_supported")) and \
+                query.get("iss") != self.issuer:  # RFC 9207: an answer from another issuer (mix-up)
+            raise ToolError("The sign-in answer names another issuer than UPSTREAM_ISSUER; it was refused.")
+        tokens = await self._token({"grant_type": "authorization_code", "code": query["code"],
+                                    "redirect_uri": login["redirect_uri"], "code_verifier": login["verifier"]})
+        if "id_token" in tokens:
+            await self.check_id_token(tokens["id_token"], login["nonce"])
+        return self._credentials(tokens)
+
+    async def check_id_token(self, token, nonce: str) -> dict:
+        """The ID token's claims, or a ToolError: signed by a key of the issuer's JWKS (fetched
+        under the SSRF rules, refetched once for an unknown key id), for this client, unexpired,
+        with this login's nonce."""
+        jwt = _require("tokens")
+        _require("jwks")
+        try:
+            kid = jwt.get_unverified_header(token).get("kid") if isinstance(token, str) else None
+        except jwt.PyJWTError:
+            kid = None
+        for attempt in (1, 2):
+            if self._keys is None or attempt == 2:
+                jwks, _ = await self._document((await self.discover())["jwks_uri"], "key set (JWKS)")
+                try:
+                    self._keys = jwt.PyJWKSet.from_dict(jwks if isinstance(jwks, dict) else {})
+                except jwt.PyJWTError:
+                    raise ToolError("The identity provider's key set (JWKS) holds no usable key.") from None
+            keys = [k for k in self._keys.keys if kid is None or k.key_id == kid]
+            if keys:
+                break
+        try:
+            claims = jwt.decode(token, keys[0].key if keys else "", algorithms=["RS256", "ES256", "PS256", "EdDSA"],
+                                audience=self.client_id, issuer=self.issuer,
+                                options={"require": ["exp", "iat", "iss", "aud", "sub"]})
+        except jwt.PyJWTError as exc:
+            raise ToolError(f"The identity provider's ID token is not valid ({type(exc).__name__}).") from None
+        if not isinstance(claims.get("nonce"), str) or not hmac.compare_digest(claims["nonce"], nonce):
+            raise ToolError("The identity provider's ID token is not for this sign-in (nonce).")
+        return claims
+
+
+class KiteProvider(Provider):
+    """Zerodha Kite Connect: the browser signs in at ``login_url?v=3&api_key=...``; Kite redirects
+    back with ``request_token`` and ``status=success`` (and echoes ``redirect_params``, which carry
+    the login's state); the session is ``POST /session/token`` with ``checksum =
+    sha256(api_key + request_token + api_secret)``; API calls send ``X-Kite-Version: 3`` and
+    ``Authorization: token api_key:access_token``; logout is ``DELETE /session/token``."""
+
+    paths = {"profile": "user/profile", "holdings": "portfolio/holdings", "positions": "portfolio/positions",
+             "orders": "orders"}
+
+    def __init__(self, *, api_key: str, api_secret: str, login_url: str = "https://kite.zerodha.com/connect/login",
+                 api_base: str = "https://api.kite.trade"):
+        self.api_key, self.api_secret, self.login_url, self.api_base = api_key, api_secret, login_url, api_base
+
+    async def authorize_url(self, login: dict) -> str:
+        return _with_query(self._at(self.login_url), {
+            "v": "3", "api_key": self.api_key, "redirect_params": urllib.parse.urlencode({"state": login["state"]})})
+
+    def expired(self, status: int, answer) -> bool:
+        return status == 403 and isinstance(answer, dict) and answer.get("error_type") == "TokenException"
+
+    def callback_error(self, query: dict) -> str | None:
+        if query.get("status") != "success" or not query.get("request_token"):
+            return query.get("message") or query.get("status") or "no request_token was returned"
+        return None
+
+    async def exchange(self, query: dict, login: dict) -> dict:
+        token = query["request_token"]
+        checksum = hashlib.sha256((self.api_key + token + self.api_secret).encode()).hexdigest()
+        status, body = await self.fetch("POST", _api_url(self._at(self.api_base), "session/token"),
+                                        form={"api_key": self.api_key, "request_token": token, "checksum": checksum},
+                                        headers={"X-Kite-Version": "3"})
+        data = body.get("data") if isinstance(body, dict) else None
+        if status != 200 or not isinstance(data, dict) or not isinstance(data.get("access_token"), str):
+            raise ToolError(f"Kite refused the session (HTTP {status}).")
+        return {"access_token": data["access_token"], "expires_at": None}  # (the profile in data is not kept)
+
+    def request(self, credentials, method, path, params=None, body=None) -> dict:
+        return {"method": method, "url": _api_url(self._at(self.api_base), path, params), "form": body,
+                "headers": {"X-Kite-Version": "3", "Authorization": f"token {self.api_key}:{credentials['access_token']}"}}
+
+    async def revoke(self, credentials: dict) -> None:
+        await self.fetch("DELETE", _api_url(self._at(self.api_base), "session/token", {
+            "api_key": self.api_key, "access_token": credentials["access_token"]}), headers={"X-Kite-Version": "3"})
+
+    def order_request(self, action: str, details: dict) -> tuple:
+        if action == "place":
+            form = {"tradingsymbol": details["symbol"], "exchange": "NSE", "transaction_type": details["side"],
+                    "quantity": str(details["quantity"]), "product": "CNC", "validity": "DAY",
+                    "order_type": "MARKET" if details.get("price") is None else "LIMIT"}
+            if details.get("price") is not None:
+                form["price"] = str(details["price"])
+            return "POST", "orders/regular", form
+        return "DELETE", "orders/regular/" + urllib.parse.quote(details["order_id"], safe=""), None
+
+
+_SANDBOX_KITE_KEY, _SANDBOX_KITE_SECRET = "sandbox-kite-key", "sandbox-kite-secret"  # (public: a demo)
+
+
+def _provider_from_settings(settings: Settings) -> Provider:
+    """The provider UPSTREAM_PROVIDER (or, unset, the other UPSTREAM_* settings) names."""
+    kind = settings.upstream_provider or (
+        "oidc" if settings.upstream_issuer else "oauth2" if settings.upstream_authorize_url else "sandbox")
+    common = {"client_id": settings.upstream_client_id, "client_secret": settings.upstream_client_secret,
+              "api_base": settings.upstream_api_base}
+    if kind == "oidc":
+        return OIDCProvider(settings.upstream_issuer, scopes=settings.upstream_scopes or "openid",
+                            allow_private=settings.allow_private_fetch, timeout=settings.client_fetch_timeout, **common)
+    if kind == "oauth2":
+        return OAuth2Provider(authorize_url=settings.upstream_authorize_url, token_url=settings.upstream_token_url,
+                              revoke_url=settings.upstream_revoke_url, scopes=settings.upstream_scopes, **common)
+    if kind == "kite":
+        return KiteProvider(api_key=settings.upstream_client_id, api_secret=settings.upstream_client_secret,
+                            **({"login_url": settings.upstream_authorize_url} if settings.upstream_authorize_url else {}),
+                            **({"api_base": settings.upstream_api_base} if settings.upstream_api_base else {}))
+    if kind == "sandbox-kite":
+        provider = KiteProvider(api_key=_SANDBOX_KITE_KEY, api_secret=_SANDBOX_KITE_SECRET,
+                                login_url="{base}/sandbox/kite/connect/login", api_base="{local}/sandbox/kite")
+    else:
+        provider = OAuth2Provider(authorize_url="{base}/sandbox/authorize", token_url="{local}/sandbox/token",
+                                  revoke_url="{local}/sandbox/revoke", api_base="{local}/sandbox/api",
+                                  client_id="sandbox-client", client_secret="sandbox-secret", scopes="read")
+    provider.sandbox = True
+    return provider
+
+
 class _NotLoggedIn(ToolError):
     def __init__(self, detail: str = ""):
         super().__init__("Not logged in" + (f" ({detail})" if detail else "") +
@@ -7768,9 +8173,11 @@ class _NotLoggedIn(ToolError):
 class _Login:
     """The login flow and the upstream API client of one MCPServer."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: MCPServer, provider: Provider | None = None):
         self.server = server
         self._vault = None
+        self.provider = provider or _provider_from_settings(server.settings)
+        self.provider.server = server
 
     @property
     def settings(self) -> Settings:
@@ -7780,7 +8187,17 @@ class _Login:
 
     @property
     def sandbox(self) -> bool:
-        return not self.settings.upstream_authorize_url
+        """Whether the provider is a built-in sandbox preset (its endpoints are served here)."""
+        return self.provider.sandbox
+
+    def path(self, name: str) -> str:
+        """The provider's API path for a built-in tool's ``name`` (``holdings``...)."""
+        return self.provider.paths.get(name, name)
+
+    @staticmethod
+    def _bind(base: str | None) -> None:
+        """Tell the provider where this server is, for the sandbox presets' endpoints."""
+        _UPSTREAM_BASE.set(base or "")
 
     def vault(self) -> _Vault:
         if self._vault is None:
@@ -7796,19 +8213,6 @@ class _Login:
             except ValueError as exc:  # (refused at start-up; a server built in code may skip that)
                 raise RpcError(INTERNAL_ERROR, f"The login is misconfigured: {exc}.", status=503) from None
         return self._vault
-
-    def provider(self, base: str) -> dict:
-        """Where the provider is: browser-facing URLs use ``base``; server-side calls use loopback."""
-        settings = self.settings
-        if not self.sandbox:
-            return {"authorize": settings.upstream_authorize_url, "token": settings.upstream_token_url,
-                    "revoke": settings.upstream_revoke_url, "api": settings.upstream_api_base.rstrip("/"),
-                    "client_id": settings.upstream_client_id, "secret": settings.upstream_client_secret,
-                    "scopes": settings.upstream_scopes}
-        local = self.server._local_base or base
-        return {"authorize": base + "/sandbox/authorize", "token": local + "/sandbox/token",
-                "revoke": local + "/sandbox/revoke", "api": local + "/sandbox/api",
-                "client_id": "sandbox-client", "secret": "sandbox-secret", "scopes": "read"}
 
     # -- the user's record ---------------------------------------------------------------------
 
@@ -7837,16 +8241,15 @@ class _Login:
             raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
         return _loads(plain, _STORED_JSON_DEPTH)
 
-    async def _store_credentials(self, uid: str, tokens: dict) -> None:
+    async def _store_credentials(self, uid: str, cred: dict) -> None:
         record = await self.server._hub().store.get_touch(_user_key(uid), self.settings.session_ttl)
         if record is None:
             if ":" not in uid:  # an OAuth session of this server: gone means revoked or expired
                 raise ToolError("Your session with this server ended meanwhile; connect your assistant "
                                 "again, then log in.")
             record = {"state": "ANONYMOUS"}  # stdio, MCP-session and external identities start here
-        expires = tokens.get("expires_in")
-        cred = {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
-                "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
+        if not isinstance(cred, dict) or not isinstance(cred.get("access_token"), str):
+            raise ToolError("The provider gave no access token.")
         await self._save_user(uid, {**record, "state": "AUTHENTICATED", "logged_in_at": int(_now()),
                                     "cred": self.vault().encrypt(_dumps(cred), _credentials_ad(uid))})
 
@@ -7936,27 +8339,30 @@ class _Login:
     async def _to_provider(self, http: _Http, tx: str, record: dict) -> None:
         oauth = self.server.asgi.oauth
         base = oauth.issuer(http)
-        provider = self.provider(base)
+        self._bind(base)
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
-        verifier = secrets.token_urlsafe(48)
+        verifier, oidc_nonce = secrets.token_urlsafe(48), secrets.token_urlsafe(18)
+        login = {"state": state, "redirect_uri": base + "/redirect", "verifier": verifier, "nonce": oidc_nonce,
+                 "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest())}
+        try:
+            location = await self.provider.authorize_url(login)
+        except ToolError as exc:
+            await self._page(http, 502, "Sign-in is not available", f"<p class=bad>{_escape(str(exc))}</p>")
+            return
         keys = await self.server._keyring()
         await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", keys.seal({
             "tx": tx, "uid": record["uid"], "verifier": verifier, "nonce": _sha256(nonce),
-            "redirect_uri": base + "/redirect"}, "login"), 600)
-        location = _with_query(provider["authorize"], {
-            "response_type": "code", "client_id": provider["client_id"], "redirect_uri": base + "/redirect",
-            "state": state, "scope": provider["scopes"] or None,
-            "code_challenge": _b64url(hashlib.sha256(verifier.encode()).digest()), "code_challenge_method": "S256"})
+            "oidc_nonce": oidc_nonce, "redirect_uri": login["redirect_uri"]}, "login"), 600)
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
                                          oauth._set_cookie(http, "mcp_login", nonce, 600)])
 
     async def _redirect_state(self, http: _Http, query: dict) -> dict | str:
         """The login state ``/redirect`` names, taken (single use) only by the browser holding its
         nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
-        if not query.get("state"):
+        if not isinstance(query.get(self.provider.state_param), str) or not query[self.provider.state_param]:
             return "expired"
         store = self.server._hub().store
-        key = f"mcp:login:state:{_sha256(query['state'])}"
+        key = f"mcp:login:state:{_sha256(query[self.provider.state_param])}"
         sealed = await store.get(key)
         state = (await self.server._keyring()).unseal(sealed, "login") if sealed else None
         if state is None:
@@ -7979,22 +8385,22 @@ class _Login:
             await self._page(http, 400, "Finish in the same browser",
                              "<p class=bad>This sign-in started in another browser.</p>" + retry)
             return
-        if "error" in query or not query.get("code"):
-            reason = query.get("error_description") or query.get("error") or "no code was returned"
+        reason = self.provider.callback_error(query)
+        if reason:
             await self._page(http, 400, "Sign-in was not completed",
-                             f"<p class=bad>The provider said: {_escape(reason[:200])}.</p>" + retry)
+                             f"<p class=bad>The provider said: {_escape(str(reason)[:200])}.</p>" + retry)
             return
-        provider = self.provider(self.server.asgi.oauth.issuer(http))
+        self._bind(self.server.asgi.oauth.issuer(http))
+        login = {"state": query[self.provider.state_param], "redirect_uri": state["redirect_uri"], "verifier": state["verifier"],
+                 "nonce": state.get("oidc_nonce", "")}
         try:
-            tokens = await self._token_request(provider, {
-                "grant_type": "authorization_code", "code": query["code"], "redirect_uri": state["redirect_uri"],
-                "code_verifier": state["verifier"]})
+            cred = await self.provider.exchange(query, login)
         except ToolError as exc:
             _metrics.inc("mcp_logins_total", outcome="failure")
             await self._page(http, 502, "Sign-in failed", f"<p class=bad>{_escape(str(exc))}</p>" + retry)
             return
         try:
-            await self._store_credentials(state["uid"], tokens)
+            await self._store_credentials(state["uid"], cred)
         except ToolError as exc:
             _metrics.inc("mcp_logins_total", outcome="failure")
             await self._page(http, 400, "Sign-in not saved", f"<p class=bad>{_escape(str(exc))}</p>")
@@ -8012,50 +8418,28 @@ class _Login:
 
     # -- talking to the provider ---------------------------------------------------------------
 
-    async def _token_request(self, provider: dict, form: dict) -> dict:
-        headers = {}
-        form = {**form, "client_id": provider["client_id"]}
-        if provider["secret"]:
-            pair = f"{urllib.parse.quote(provider['client_id'], safe='')}:{urllib.parse.quote(provider['secret'], safe='')}"
-            headers["Authorization"] = "Basic " + base64.b64encode(pair.encode()).decode()
-        try:
-            status, body = await asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(_http_call, "POST", provider["token"], form=form, headers=headers))
-        except (OSError, TimeoutError) as exc:
-            raise ToolError(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
-        if status != 200 or not isinstance(body, dict) or not isinstance(body.get("access_token"), str):
-            raise ToolError(f"The provider refused the sign-in (HTTP {status}).")
-        return body
-
-    async def api_get(self, ctx: Context, path: str, params: dict | None = None):
-        """GET ``path`` of the provider's API with the user's token, refreshing it once if needed."""
+    async def api(self, ctx: Context, path: str, params: dict | None = None, *, method: str = "GET",
+                  body: dict | None = None):
+        """Call ``path`` of the provider's API as the signed-in user; after a 401, refresh the
+        credentials once (where the provider can) and try again, else forget the login."""
         uid = self.user_id(ctx)
-        provider = self.provider(ctx.base_url or self.server._local_base or "")
+        self._bind(ctx.base_url or self.server._local_base)
         cred = await self.credentials(ctx)
-        url = provider["api"] + "/" + path + (("?" + urllib.parse.urlencode(params)) if params else "")
         for attempt in (1, 2):
-            try:
-                status, body = await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                    _http_call, "GET", url, headers={"Authorization": f"Bearer {cred['access_token']}"}))
-            except (OSError, TimeoutError) as exc:
-                raise ToolError(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
-            if status == 401 and attempt == 1 and cred.get("refresh_token"):
-                try:
-                    tokens = await self._token_request(provider, {"grant_type": "refresh_token",
-                                                                  "refresh_token": cred["refresh_token"]})
-                except ToolError:
+            call = self.provider.request(cred, method, path, params, body)
+            status, answer = await self.provider.fetch(call["method"], call["url"], form=call.get("form"),
+                                                       json=call.get("json"), headers=call.get("headers"))
+            if self.provider.expired(status, answer):
+                cred = await self.provider.refresh(cred) if attempt == 1 else None
+                if cred is None:
                     break
-                tokens.setdefault("refresh_token", cred["refresh_token"])
-                await self._store_credentials(uid, tokens)
-                cred = await self.credentials(ctx)
+                await self._store_credentials(uid, cred)
                 continue
-            if status == 401:
-                break
-            if status != 200:
+            if not 200 <= status < 300:
                 raise ToolError(f"The provider answered HTTP {status} for {path}; try again later.")
-            if body is None:
+            if answer is None:
                 raise ToolError(f"The provider's answer for {path} was not JSON; try again later.")
-            return body
+            return answer
         record = await self._user(uid)
         await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
         raise _NotLoggedIn("the provider no longer accepts this login")
@@ -8065,19 +8449,64 @@ class _Login:
         record = await self._user(uid)
         if record.get("state") != "AUTHENTICATED":
             return "You were not logged in."
-        provider = self.provider(ctx.base_url or self.server._local_base or "")
+        self._bind(ctx.base_url or self.server._local_base)
         try:
-            cred = await self.credentials(ctx)
-            if provider["revoke"]:
-                for kind in ("refresh_token", "access_token"):
-                    if cred.get(kind):
-                        await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                            _http_call, "POST", provider["revoke"], form={
-                                "token": cred[kind], "token_type_hint": kind, "client_id": provider["client_id"]}))
+            await self.provider.revoke(await self.credentials(ctx))
         except (ToolError, OSError, TimeoutError):
             pass  # the local logout happens whatever the provider says
         await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
         return "Logged out: the stored credentials are gone."
+
+    # -- calls that change the account ---------------------------------------------------------
+
+    async def change(self, ctx: Context, action: str, details: dict, summary: str) -> dict:
+        """Place or cancel an order (``Provider.order_request``) once the user confirmed
+        ``summary`` in a form (elicitation), at most once per confirmation: its key is made in
+        the first 2026-07-28 round (and comes back sealed in requestState) or, on a session, is
+        the request's id and arguments; the outcome is kept under the user's session key, so a
+        client's retry gets the first call's outcome and the broker is not called twice."""
+        uid = self.user_id(ctx)
+        await self.credentials(ctx)  # not logged in: say so before asking anything
+        if not ctx.supports("elicitation.form"):
+            raise ToolError(f"Nothing was done: to {summary}, this server must ask you to confirm, and this "
+                            "client cannot ask (it needs MCP elicitation in form mode, revision 2025-06-18 "
+                            "or later). Use a client that supports elicitation.")
+        if ctx.modern:
+            key = ctx.round_state.setdefault("confirmation", secrets.token_urlsafe(18))
+        else:
+            key = f"{ctx.session_id}|{ctx.request_id!r}|{ctx.params.get('name')}|" \
+                  f"{_args_digest(ctx.params.get('arguments') or {})}"
+        store, slot = self.server._hub().store, f"mcp:{{{uid}}}:change:{_sha256(key)}"
+        if (done := await store.get(slot)) is not None:
+            return self._replayed(done)
+        answer = await ctx.elicit(f"Please confirm: {summary}. This changes your account at the provider.", {
+            "type": "object", "required": ["confirm"], "properties": {"confirm": {
+                "type": "boolean", "title": "Yes, " + summary, "description": "Leave unticked to do nothing."}}},
+            key="confirm")
+        content = answer.get("content") if isinstance(answer, dict) else None
+        if answer.get("action") != "accept" or not isinstance(content, dict) or content.get("confirm") is not True:
+            return {"done": False, "message": f"Nothing was done: you did not confirm ({summary})."}
+        if not await store.add(slot, {"status": "pending"}, 86400):
+            return self._replayed(await store.get(slot) or {"status": "pending"})
+        method, path, body = self.provider.order_request(action, details)
+        try:
+            result = await self.api(ctx, path, method=method, body=body)
+        except _NoAnswer:
+            await store.set(slot, {"status": "unknown"}, 86400)  # it may have happened: never again blindly
+            raise
+        except ToolError:
+            await store.delete(slot)  # refused: a new confirmation may try again
+            raise
+        await store.set(slot, {"status": "done", "result": result}, 86400)
+        return {"done": True, "message": f"Done: {summary}.", "result": result}
+
+    @staticmethod
+    def _replayed(outcome: dict) -> dict:
+        if outcome.get("status") == "done":
+            return {"done": True, "replayed": True, "message": "Already done for this confirmation (not repeated).",
+                    "result": outcome.get("result")}
+        raise ToolError("This confirmed request was already sent and its outcome is unknown; check your "
+                        "orders before asking again.")
 
 
 def _escape(text: str) -> str:
@@ -8100,9 +8529,11 @@ def _service_path(path: str, allowed: typing.Iterable) -> str:
 
 # ---- The sandbox provider -------------------------------------------------------------------------
 #
-# A demo OAuth provider and trading API under /sandbox/, used when no UPSTREAM_* is configured, so
-# the whole login flow runs on a fresh machine.  Its data is fixed and fictitious (listed in
-# docs/login.md) and every page says it is a sandbox.
+# A demo broker under /sandbox/, used when no UPSTREAM_* provider is configured, so the whole login
+# flow runs on a fresh machine: as an OAuth 2 provider (/sandbox/authorize, token, revoke, api/)
+# and, for UPSTREAM_PROVIDER=sandbox-kite, speaking Kite Connect (/sandbox/kite/...).  Its data is
+# fixed and fictitious (listed in docs/login.md), except the orders placed in it (kept a day in the
+# store), and every page says it is a sandbox.
 
 _SANDBOX_USERS = {
     "asha": {"profile": {"user_id": "AB1234", "name": "Asha Rao (sandbox)", "email": "asha.rao@example.com",
@@ -8148,8 +8579,12 @@ class _Sandbox:
             for prefix in ("mcp:sandbox:at:", "mcp:sandbox:rt:"):
                 await store.delete(prefix + _sha256(fields.get("token", "")))
             await http.respond(200)
-        elif path.startswith("/sandbox/api/") and method == "GET":
-            await self._api(http, path[len("/sandbox/api/"):])
+        elif path.startswith("/sandbox/api/"):
+            header = http.headers.get("authorization", "")
+            await self._api(http, method, path[len("/sandbox/api/"):],
+                            header[7:] if header.lower().startswith("bearer ") else None)
+        elif path.startswith("/sandbox/kite/"):
+            await self._kite(http, method, path[len("/sandbox/kite/"):])
         else:
             raise _HttpError(404, f"Not Found: {path} (sandbox).")
 
@@ -8172,15 +8607,18 @@ class _Sandbox:
         keys = await self.server._keyring()
         sealed = keys.seal({"kind": "sandbox", "exp": int(_now()) + 600,
                             **{k: query[k] for k in ("redirect_uri", "state", "code_challenge", "client_id")}}, "consent")
+        await self._sign_in_page(http, "Sandbox Securities - sign in", sealed, query["redirect_uri"])
+
+    async def _sign_in_page(self, http: _Http, title: str, sealed: str, redirect_uri: str) -> None:
+        import html
         options = "".join(f"<option value='{name}'>{html.escape(user['profile']['name'])}</option>"
                           for name, user in _SANDBOX_USERS.items())
         body = ("<p class=muted><b>SANDBOX</b> - a demo provider with made-up accounts; nothing here is real.</p>"
-                f"<p class=muted>Signing in sends you back to <code>{html.escape(_redirect_target(query['redirect_uri']))}"
+                f"<p class=muted>Signing in sends you back to <code>{html.escape(_redirect_target(redirect_uri))}"
                 "</code>.</p><form method=post><p><label>Demo user <select name=user>" + options + "</select></label></p>"
                 f"<input type=hidden name=request value='{html.escape(sealed)}'>"
                 "<div class=row><button class=primary>Sign in</button></div></form>")
-        await http.respond(200, _html_page("Sandbox Securities - sign in", body), "text/html; charset=utf-8",
-                           list(_HTML_HEADERS))
+        await http.respond(200, _html_page(title, body), "text/html; charset=utf-8", list(_HTML_HEADERS))
 
     async def _sign_in(self, http: _Http) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
@@ -8218,17 +8656,131 @@ class _Sandbox:
         await http.respond_json(200, {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
                                       "expires_in": 3600}, headers=list(_NO_STORE))
 
-    async def _api(self, http: _Http, resource: str) -> None:
-        header = http.headers.get("authorization", "")
-        user = await self.server._hub().store.get(f"mcp:sandbox:at:{_sha256(header[7:])}") \
-            if header.lower().startswith("bearer ") else None
+    async def _api(self, http: _Http, method: str, resource: str, token: str | None, kite: bool = False) -> None:
+        """The demo API: GET a resource, POST orders (place), DELETE orders/{id} (cancel).  The
+        generic API takes JSON bodies and answers 401 to a bad token; the Kite one takes forms and
+        answers 403 TokenException, as Kite does."""
+        store = self.server._hub().store
+        user = await store.get(f"mcp:sandbox:at:{_sha256(token)}") if token else None
         if user is None:
-            await http.respond_json(401, {"error": "invalid_token"})
+            await http.respond_json(403 if kite else 401, {"status": "error", "error_type": "TokenException",
+                                                          "message": "Incorrect api_key or access_token."}
+                                    if kite else {"error": "invalid_token"})
             return
-        data = _SANDBOX_USERS[user].get(resource.strip("/"))
-        if data is None:
-            raise _HttpError(404, f"The sandbox API has no {resource!r}.")
+        resource = resource.strip("/")
+        orders = "orders/regular" if kite else "orders"
+        if method == "POST" and resource == orders:
+            raw = await http.read_body(16 * 1024)
+            try:
+                order = _form_fields(raw) if kite else _loads(raw or b"{}")
+            except ValueError:
+                raise _HttpError(400, "The order is not valid JSON.") from None
+            data = await self._place(user, order, kite)
+        elif method == "DELETE" and resource.startswith(orders + "/"):
+            data = await self._cancel(user, resource[len(orders) + 1:])
+        elif method == "GET":
+            names = {"user/profile": "profile", "portfolio/holdings": "holdings",
+                     "portfolio/positions": "positions"} if kite else {}
+            name = names.get(resource, resource)
+            data = await self._orders(user) if name == "orders" else _SANDBOX_USERS[user].get(name)
+            if data is None or (kite and resource not in (*names, "orders")):
+                raise _HttpError(404, f"The sandbox API has no {resource!r}.")
+        else:
+            raise _HttpError(405, f"The sandbox API does not take {method} {resource!r}.")
         await http.respond_json(200, {"status": "success", "sandbox": True, "data": data})
+
+    async def _orders(self, user: str) -> list:
+        return await self.server._hub().store.get(f"mcp:sandbox:orders:{user}") or _SANDBOX_USERS[user]["orders"]
+
+    async def _place(self, user: str, order, kite: bool) -> dict:
+        if kite and isinstance(order, dict):
+            order = {"symbol": order.get("tradingsymbol"), "side": order.get("transaction_type"),
+                     "quantity": order.get("quantity"), "price": order.get("price")}
+        try:
+            side, symbol, quantity = order["side"], str(order["symbol"]), int(order["quantity"])
+            price = None if order.get("price") in (None, "") else float(order["price"])
+        except (KeyError, TypeError, ValueError):
+            raise _HttpError(400, "An order needs symbol, side, quantity (and price for a limit order).") from None
+        if side not in ("BUY", "SELL") or quantity <= 0:
+            raise _HttpError(400, "side must be BUY or SELL and quantity positive.")
+        placed = {"order_id": "SBX-" + secrets.token_hex(4).upper(), "symbol": symbol, "side": side,
+                  "quantity": quantity, "price": price, "status": "OPEN"}
+        orders = await self._orders(user)
+        await self.server._hub().store.set(f"mcp:sandbox:orders:{user}", [*orders, placed], 86400)
+        return {"order_id": placed["order_id"]}
+
+    async def _cancel(self, user: str, order_id: str) -> dict:
+        orders = await self._orders(user)
+        if not any(o["order_id"] == order_id and o["status"] == "OPEN" for o in orders):
+            raise _HttpError(400, f"No open order {order_id!r} to cancel.")
+        await self.server._hub().store.set(f"mcp:sandbox:orders:{user}", [
+            {**o, "status": "CANCELLED"} if o["order_id"] == order_id else o for o in orders], 86400)
+        return {"order_id": order_id}
+
+    # -- the sandbox speaking Kite Connect -----------------------------------------------------------
+
+    async def _kite(self, http: _Http, method: str, path: str) -> None:
+        if path == "connect/login":
+            await (self._kite_sign_in(http) if method == "POST" else self._kite_login_page(http))
+        elif path == "session/token" and method == "POST":
+            await self._kite_session(http)
+        elif path == "session/token" and method == "DELETE":
+            query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
+            await self.server._hub().store.delete(f"mcp:sandbox:at:{_sha256(query.get('access_token', ''))}")
+            await http.respond_json(200, {"status": "success", "data": True})
+        else:
+            header = http.headers.get("authorization", "")
+            key, _, token = header[6:].partition(":") if header.startswith("token ") else ("", "", "")
+            if http.headers.get("x-kite-version") != "3":
+                await http.respond_json(400, {"status": "error", "error_type": "InputException",
+                                              "message": "X-Kite-Version: 3 is required."})
+                return
+            await self._api(http, method, path, token if key == _SANDBOX_KITE_KEY else None, kite=True)
+
+    async def _kite_login_page(self, http: _Http) -> None:
+        query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
+        if query.get("api_key") != _SANDBOX_KITE_KEY or query.get("v") != "3":
+            raise _HttpError(400, f"The sandbox Kite login needs v=3 and api_key={_SANDBOX_KITE_KEY}.")
+        sealed = (await self.server._keyring()).seal({"kind": "sandbox-kite", "exp": int(_now()) + 600,
+                                                      "redirect_params": query.get("redirect_params", "")}, "consent")
+        await self._sign_in_page(http, "Kite (sandbox) - login", sealed,
+                                 self.server.asgi.oauth.issuer(http) + "/redirect")
+
+    async def _kite_sign_in(self, http: _Http) -> None:
+        """Kite sends the browser to the app's registered redirect URL (here: this server's
+        /redirect) with a request_token and the app's redirect_params."""
+        fields = _form_fields(await http.read_body(16 * 1024))
+        request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
+        if request is None or request.get("kind") != "sandbox-kite" or request.get("exp", 0) < _now():
+            raise _HttpError(400, "This login form is stale or was not made by the sandbox; start again.")
+        if fields.get("user") not in _SANDBOX_USERS:
+            raise _HttpError(400, "Choose one of the demo users.")
+        token = secrets.token_urlsafe(24)
+        await self.server._hub().store.set(f"mcp:sandbox:kite-rt:{_sha256(token)}", fields["user"], 300)
+        extra = dict(urllib.parse.parse_qsl(request["redirect_params"]))
+        location = _with_query(self.server.asgi.oauth.issuer(http) + "/redirect", {
+            **extra, "action": "login", "type": "login", "status": "success", "request_token": token})
+        await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
+
+    async def _kite_session(self, http: _Http) -> None:
+        fields = _form_fields(await http.read_body(16 * 1024))
+        token = fields.get("request_token", "")
+        expected = hashlib.sha256((_SANDBOX_KITE_KEY + token + _SANDBOX_KITE_SECRET).encode()).hexdigest()
+        store = self.server._hub().store
+        user = None
+        if fields.get("api_key") == _SANDBOX_KITE_KEY and hmac.compare_digest(fields.get("checksum", ""), expected):
+            user = await store.take(f"mcp:sandbox:kite-rt:{_sha256(token)}")
+        if user is None:
+            await http.respond_json(403, {"status": "error", "error_type": "TokenException",
+                                          "message": "Token is invalid or has expired."})
+            return
+        access = secrets.token_urlsafe(24)
+        await store.set(f"mcp:sandbox:at:{_sha256(access)}", user, 3600)
+        profile = _SANDBOX_USERS[user]["profile"]
+        await http.respond_json(200, {"status": "success", "data": {
+            "user_id": profile["user_id"], "user_name": profile["name"], "email": profile["email"],
+            "api_key": _SANDBOX_KITE_KEY, "access_token": access, "public_token": secrets.token_hex(16),
+            "login_time": time.strftime("%Y-%m-%d %H:%M:%S")}})
 
 
 # ==== 8. ASGI app ===============================================================================
@@ -9630,6 +10182,8 @@ def _check_packages(server: MCPServer, settings: Settings) -> None:
             needed.append("jwks")
     if server._login is not None:
         needed.append("vault")
+        if isinstance(server._login.provider, OIDCProvider):
+            needed += ["tokens", "jwks"]  # (ID tokens: PyJWT and the RSA/EC algorithms)
     for feature in needed:
         try:
             _require(feature)

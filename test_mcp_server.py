@@ -8545,6 +8545,456 @@ class TestBrowserForms:
         assert status == 400 and b"expired" in body
 
 
+# ---- providers (issue 24): Kite Connect, OpenID Connect, plugged-in providers, confirmed orders ----
+
+
+def _prov_query(url: str) -> dict:
+    return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(url).query))
+
+
+class _prov_FakeOIDC(_auth_Stub):
+    """A local OpenID Connect provider that speaks the real protocol: discovery, JWKS (RS256), an
+    authorize page whose form redirects with ``code``, ``state`` and ``iss`` (RFC 9207), a token
+    endpoint that checks PKCE and the client's secret and returns an ID token with the login's
+    nonce, and a bearer API.  ``flaw`` makes it misbehave the way an attacker's provider would."""
+
+    CLIENT, SECRET = "fake-client", "fake-secret-0123456789"
+
+    def __init__(self, flaw: str = ""):
+        super().__init__()
+        from cryptography.hazmat.primitives.asymmetric import rsa
+        self.flaw = flaw
+        self.key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.codes: dict = {}
+        self.tokens: set = set()
+        self.routes.update({
+            ("GET", "/.well-known/openid-configuration"): self._discovery, ("GET", "/jwks"): self._jwks,
+            ("GET", "/authorize"): self._page, ("POST", "/authorize"): self._approve,
+            ("POST", "/token"): self._token, ("GET", "/api/profile"): self._profile})
+
+    @property
+    def issuer(self) -> str:
+        return self.url
+
+    def _discovery(self, request):
+        return 200, {}, {"issuer": self.issuer + ("/other" if self.flaw == "discovery_issuer" else ""),
+                         "authorization_endpoint": self.url + "/authorize", "token_endpoint": self.url + "/token",
+                         "jwks_uri": self.url + "/jwks", "response_types_supported": ["code"],
+                         "authorization_response_iss_parameter_supported": True,
+                         "id_token_signing_alg_values_supported": ["RS256"]}
+
+    def _jwks(self, request):
+        import jwt
+        jwk = jwt.algorithms.RSAAlgorithm.to_jwk(self.key.public_key(), as_dict=True)
+        return 200, {}, {"keys": [{**jwk, "kid": "k1", "use": "sig", "alg": "RS256"}]}
+
+    def _page(self, request):
+        query = dict(urllib.parse.parse_qsl(request["query"]))
+        assert query["client_id"] == self.CLIENT and query["code_challenge_method"] == "S256", query
+        hidden = "".join(f"<input type=hidden name={k} value='{v}'>" for k, v in query.items())
+        return 200, {k.decode(): v.decode() for k, v in mcp_server._HTML_HEADERS} | {"Content-Type": "text/html"}, (
+            f"<title>Fake IdP</title><form method=post>{hidden}<button>Sign in</button></form>").encode()
+
+    def _approve(self, request):
+        fields = dict(urllib.parse.parse_qsl(request["body"].decode()))
+        code = secrets.token_urlsafe(16)
+        self.codes[code] = fields
+        answer = {"code": code, "state": fields["state"], "iss": self.issuer}
+        answer.update({"iss_param": {"iss": self.issuer + "/evil"}, "no_iss": {"iss": None}}.get(self.flaw, {}))
+        location = fields["redirect_uri"] + "?" + urllib.parse.urlencode({k: v for k, v in answer.items() if v})
+        return 302, {"Location": location, "Cache-Control": "no-store"}, b""
+
+    def _token(self, request):
+        import jwt
+        fields = dict(urllib.parse.parse_qsl(request["body"].decode()))
+        asked = self.codes.pop(fields.get("code"), None)
+        basic = base64.b64encode(f"{self.CLIENT}:{self.SECRET}".encode()).decode()
+        verifier = fields.get("code_verifier", "")
+        if (asked is None or request["headers"].get("authorization") != "Basic " + basic
+                or _auth_b64url(hashlib.sha256(verifier.encode()).digest()) != asked["code_challenge"]
+                or fields.get("redirect_uri") != asked["redirect_uri"]):
+            return 400, {}, {"error": "invalid_grant"}
+        now = int(time.time())
+        claims = {"iss": self.issuer, "sub": "user-42", "aud": self.CLIENT, "iat": now, "exp": now + 300,
+                  "nonce": asked.get("nonce"), "email": "asha.rao@example.com"}
+        claims.update({"wrong_nonce": {"nonce": "not-this-login"}, "wrong_aud": {"aud": "another-client"},
+                       "expired": {"exp": now - 120, "iat": now - 600},
+                       "wrong_iss": {"iss": "https://evil.example"}}.get(self.flaw, {}))
+        key = self.other_key if self.flaw == "foreign_key" else self.key
+        access = secrets.token_urlsafe(16)
+        self.tokens.add(access)
+        return 200, {}, {"access_token": access, "token_type": "Bearer", "expires_in": 300,
+                         "id_token": jwt.encode(claims, key, algorithm="RS256", headers={"kid": "k1"})}
+
+    def _profile(self, request):
+        token = request["headers"].get("authorization", "")[7:]
+        if token not in self.tokens:
+            return 401, {}, {"error": "invalid_token"}
+        return 200, {}, {"sub": "user-42", "name": "Asha", "email": "asha.rao@example.com"}
+
+
+class _prov_Legacy(_auth_Session):
+    """A legacy session that answers the server's elicitation requests with ``answer`` and
+    records them; ``call`` may resend a request id (a client's retry)."""
+
+    def __init__(self, port: int, answer=None, **kwargs):
+        super().__init__(port, **kwargs)
+        self.answer, self.asked = answer, []
+
+    def call(self, name: str, arguments: dict | None = None) -> dict:
+        return self.call_with_id(name, arguments or {}, self.next_id())
+
+    def call_with_id(self, name: str, arguments: dict, request_id) -> dict:
+        body = self.body("tools/call", {"name": name, "arguments": arguments}, request_id)
+        with Conn(self.port) as conn:
+            conn.request("POST", "/mcp", self.headers(), body)
+            resp = conn.read_head()
+            assert resp.status == 200, resp
+            if resp.content_type != "text/event-stream":
+                resp.body = b"".join(conn.iter_body(resp))
+                return resp.json()["result"]
+            stream = SSEStream(conn, resp)
+            while True:
+                message = stream.next_message()
+                assert message is not None, "the stream ended without a response"
+                if "method" in message and "id" in message:
+                    self.asked.append(message)
+                    reply = self.post({"jsonrpc": "2.0", "id": message["id"], "result": self.answer(message)})
+                    assert reply.status == 202, reply
+                elif message.get("id") == request_id:
+                    return message["result"]
+
+
+_PROV_CONFIRM = {"action": "accept", "content": {"confirm": True}}
+
+
+class TestProviders:
+    """Issue 24: the upstream login through each provider kind (against local fakes of the real
+    protocols, in a browser with cookies), a provider plugged in from the docs, and the tools that
+    change the account (confirmed through elicitation at both eras, never twice)."""
+
+    @staticmethod
+    def _settings(**overrides) -> Settings:
+        return Settings(**{"auth": "none", "encryption_key": _LOGIN_KEY_1, **overrides})
+
+    def _start(self, make_server, provider=None, **overrides):
+        if provider is None:
+            return make_server(mcp_server._builtin_server(self._settings(**overrides)))
+        server = MCPServer("providers", settings=self._settings(**overrides))
+        server.add_login_tools(provider=provider)
+        return make_server(server)
+
+    @staticmethod
+    def _to_provider(st, session=None, browser=None) -> tuple:
+        """(session, browser, redirect to the provider) after the login tool and the pairing code."""
+        if session is None:
+            session = _auth_Session(st.port)
+            session.initialize()
+        started = session.call("login")["structuredContent"]
+        browser = browser or _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        return session, browser, to_provider.header("location")
+
+    @staticmethod
+    def _sandbox_sign_in(browser, location: str, user: str = "asha") -> str:
+        page = browser.open(location)
+        assert page.status == 200 and b"SANDBOX" in page.body, page
+        back = browser.open(location, {**_auth_hidden_fields(page.body.decode()), "user": user})
+        assert back.status == 302, back
+        return back.header("location")
+
+    def _sandbox_login(self, st, session=None) -> tuple:
+        session, browser, location = self._to_provider(st, session)
+        callback = self._sandbox_sign_in(browser, location)
+        done = browser.open(callback)
+        assert done.status == 200 and b"You are signed in" in done.body, done
+        return session, browser
+
+    @staticmethod
+    def _stored(st, uid: str) -> dict:
+        record = st.run(st.server._hub().store.get(mcp_server._user_key(uid)))
+        return json.loads(st.server._login.vault().decrypt(record["cred"], mcp_server._credentials_ad(uid)))
+
+    # -- Kite Connect -----------------------------------------------------------------------------------
+
+    def test_kite_login_is_the_real_kite_exchange_and_binds_the_callback_to_the_browser(self, make_server):
+        st = self._start(make_server, upstream_provider="sandbox-kite")
+        session, browser, location = self._to_provider(st)
+        parts, query = urllib.parse.urlsplit(location), _prov_query(location)
+        assert parts.path == "/sandbox/kite/connect/login" and set(query) == {"v", "api_key", "redirect_params"}
+        assert query["v"] == "3" and query["api_key"] == "sandbox-kite-key", query
+        state = dict(urllib.parse.parse_qsl(query["redirect_params"]))["state"]
+        callback = self._sandbox_sign_in(browser, location)
+        answer = _prov_query(callback)
+        assert answer["status"] == "success" and answer["request_token"] and answer["state"] == state
+        assert "code" not in answer
+        # a stranger's browser (no nonce cookie) can neither finish nor use up the login
+        stranger = _login_Browser().open(callback)
+        assert stranger.status == 400 and b"another browser" in stranger.body, stranger
+        done = browser.open(callback)
+        assert done.status == 200 and b"You are signed in" in done.body, done
+        replay = browser.open(callback)
+        assert replay.status == 400 and b"expired" in replay.body, replay
+        cred = self._stored(st, "session:" + session.sid)
+        assert set(cred) == {"access_token", "expires_at"}, cred  # Kite's profile in the session answer is not kept
+        holdings = session.call("holdings")
+        assert not holdings.get("isError") and "INFY" in json.dumps(holdings), holdings
+        profile = json.dumps(session.call("profile"))
+        assert "Asha Rao" in profile and not [raw for raw in _LOGIN_RAW_ASHA if raw in profile], profile
+        assert session.call("logout")["content"][0]["text"].startswith("Logged out")
+        token_key = "mcp:sandbox:at:" + hashlib.sha256(cred["access_token"].encode()).hexdigest()
+        assert st.run(st.server._hub().store.get(token_key)) is None  # DELETE /session/token reached Kite
+        _login_assert_not_logged_in(session)
+
+    def test_the_kite_api_takes_only_its_token_header_and_version(self, make_server):
+        st = self._start(make_server, upstream_provider="sandbox-kite")
+        session, _browser = self._sandbox_login(st)
+        token = self._stored(st, "session:" + session.sid)["access_token"]
+        base = f"/sandbox/kite/portfolio/holdings"
+        for headers, status in (({"Authorization": f"Bearer {token}", "X-Kite-Version": "3"}, 403),
+                                ({"Authorization": f"token sandbox-kite-key:{token}"}, 400),
+                                ({"Authorization": f"token another-key:{token}", "X-Kite-Version": "3"}, 403),
+                                ({"Authorization": f"token sandbox-kite-key:{token}", "X-Kite-Version": "3"}, 200)):
+            r = _auth_get(st.port, base, headers)
+            assert r.status == status, (headers, r)
+
+    def test_the_kite_sign_in_form_takes_posts_only_from_its_own_origin(self, make_server):
+        st = self._start(make_server, upstream_provider="sandbox-kite")
+        for origin in ("null", "https://evil.example", f"http://localhost:{st.port}"):
+            r = _auth_post_form(st.port, "/sandbox/kite/connect/login", {"user": "asha", "request": "x"},
+                                {"Origin": origin})
+            assert r.status == 403 and b"Origin" in r.body, (origin, r)
+
+    def test_a_wrong_kite_checksum_is_refused_and_nothing_is_stored(self, make_server):
+        provider = mcp_server.KiteProvider(api_key="sandbox-kite-key", api_secret="not-the-secret",
+                                           login_url="{base}/sandbox/kite/connect/login",
+                                           api_base="{local}/sandbox/kite")
+        provider.sandbox = True
+        st = self._start(make_server, provider)
+        session, browser, location = self._to_provider(st)
+        failed = browser.open(self._sandbox_sign_in(browser, location))
+        assert failed.status == 502 and b"Kite refused the session" in failed.body, failed
+        _login_assert_not_logged_in(session, "holdings")
+
+    def test_a_kite_callback_without_success_says_so(self, make_server):
+        st = self._start(make_server, upstream_provider="sandbox-kite")
+        session, browser, location = self._to_provider(st)
+        state = dict(urllib.parse.parse_qsl(_prov_query(location)["redirect_params"]))["state"]
+        page = browser.open(f"{_auth_base(st.port)}/redirect?" + urllib.parse.urlencode(
+            {"state": state, "status": "cancelled", "action": "login"}))
+        assert page.status == 400 and b"Sign-in was not completed" in page.body, page
+
+    def test_the_settings_choose_the_preset(self):
+        kite = mcp_server._provider_from_settings(Settings(upstream_provider="kite", upstream_client_id="k",
+                                                           upstream_client_secret="s"))
+        assert isinstance(kite, mcp_server.KiteProvider) and not kite.sandbox
+        assert kite.login_url == "https://kite.zerodha.com/connect/login" and kite.api_base == "https://api.kite.trade"
+        oidc = mcp_server._provider_from_settings(Settings(upstream_issuer="https://id.example", upstream_client_id="c"))
+        assert isinstance(oidc, mcp_server.OIDCProvider) and oidc.scopes == "openid"
+        assert mcp_server._provider_from_settings(Settings()).sandbox
+        for env, needs in (({"UPSTREAM_PROVIDER": "kite"}, "UPSTREAM_CLIENT_SECRET"),
+                           ({"UPSTREAM_PROVIDER": "oidc"}, "UPSTREAM_ISSUER"),
+                           ({"UPSTREAM_PROVIDER": "saml"}, "is not oauth2")):
+            with pytest.raises(SystemExit) as stopped:
+                Settings.load([], env)
+            assert needs in str(stopped.value), (env, stopped.value)
+
+    # -- OpenID Connect ---------------------------------------------------------------------------------
+
+    def _oidc(self, make_server, fake, **overrides):
+        return self._start(make_server, upstream_issuer=fake.issuer, upstream_client_id=fake.CLIENT,
+                           upstream_client_secret=fake.SECRET, upstream_api_base=fake.url + "/api",
+                           allow_private_fetch=True, **overrides)
+
+    def test_oidc_discovery_fills_the_endpoints_and_the_id_token_is_checked(self, make_server):
+        with _prov_FakeOIDC() as fake:
+            st = self._oidc(make_server, fake)
+            session, browser, location = self._to_provider(st)
+            query = _prov_query(location)
+            assert location.startswith(fake.url + "/authorize?") and query["scope"] == "openid", location
+            assert query["nonce"] and query["code_challenge_method"] == "S256"
+            page = browser.open(location)
+            back = browser.open(location, _auth_hidden_fields(page.body.decode()))
+            done = browser.open(back.header("location"))
+            assert done.status == 200 and b"You are signed in" in done.body, done
+            profile = session.call("profile")
+            assert not profile.get("isError") and "asha.rao@example.com" not in json.dumps(profile), profile
+            assert len(fake.hits("/.well-known/openid-configuration")) == 1  # cached
+
+    @pytest.mark.parametrize("flaw", ["wrong_nonce", "wrong_aud", "expired", "wrong_iss", "foreign_key", "iss_param",
+                                      "no_iss"])
+    def test_a_bad_id_token_or_a_mixed_up_answer_is_refused(self, make_server, flaw):
+        with _prov_FakeOIDC(flaw) as fake:
+            st = self._oidc(make_server, fake)
+            session, browser, location = self._to_provider(st)
+            page = browser.open(location)
+            back = browser.open(location, _auth_hidden_fields(page.body.decode()))
+            failed = browser.open(back.header("location"))
+            assert failed.status == 502 and b"Sign-in failed" in failed.body, (flaw, failed)
+            _login_assert_not_logged_in(session, "profile")
+
+    def test_a_discovery_document_for_another_issuer_is_refused(self, make_server):
+        with _prov_FakeOIDC("discovery_issuer") as fake:
+            st = self._oidc(make_server, fake)
+            _session, browser, _ = self._to_provider_failing(st)
+            assert fake.hits("/authorize") == []
+
+    def test_discovery_follows_the_ssrf_rules(self, make_server):
+        with _prov_FakeOIDC() as fake:
+            st = self._start(make_server, upstream_issuer=f"https://127.0.0.1:{fake.port}",
+                             upstream_client_id=fake.CLIENT)
+            self._to_provider_failing(st, b"non-public")
+            st2 = self._start(make_server, upstream_issuer=fake.issuer, upstream_client_id=fake.CLIENT)
+            self._to_provider_failing(st2, b"https")
+            assert fake.requests == []
+
+    def _to_provider_failing(self, st, why: bytes = b"issuer") -> tuple:
+        session = _auth_Session(st.port)
+        session.initialize()
+        started = session.call("login")["structuredContent"]
+        browser = _login_Browser()
+        page = browser.pair(started["url"], started["pairing_code"])
+        assert page.status == 502 and why in page.body and page.header("location") is None, page
+        return session, browser, page
+
+    # -- a provider plugged in from the docs ------------------------------------------------------------
+
+    def test_the_custom_provider_of_the_docs_works(self, make_server):
+        """The Python block of docs/login.md's "Providers" section, run as written against a fake
+        upstream that speaks what that block says (an API key header, a POSTed query)."""
+        with open(os.path.join(ROOT, "docs", "login.md"), encoding="utf-8") as page:
+            text = page.read()
+        section = text[text.index("## Providers"):]
+        block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+        seen = []
+
+        def token(request):
+            fields = dict(urllib.parse.parse_qsl(request["body"].decode()))
+            return (200, {}, {"token": "tok-" + fields["ticket"]}) if fields.get("app") == "demo-app" \
+                else (400, {}, {"error": "bad app"})
+
+        def search(request):
+            seen.append(request)
+            if request["headers"].get("x-api-key") != "tok-T1":
+                return 401, {}, {"error": "who are you"}
+            return 200, {}, {"results": [{"symbol": "INFY", "email": "asha.rao@example.com"}]}
+
+        with _auth_Stub({("POST", "/v1/session"): token, ("POST", "/v1/search"): search}) as upstream:
+            namespace = {}
+            exec(compile(block.replace("https://upstream.example", upstream.url), "docs/login.md", "exec"), namespace)
+            namespace["server"].settings = self._settings()
+            st = make_server(namespace["server"])
+            session, browser, location = self._to_provider(st)
+            assert location.startswith(upstream.url + "/signin?"), location
+            state = _prov_query(location)["return_state"]
+            done = browser.open(f"{_auth_base(st.port)}/redirect?" + urllib.parse.urlencode(
+                {"return_state": state, "ticket": "T1"}))
+            assert done.status == 200 and b"You are signed in" in done.body, done
+            result = session.call("search", {"query": "infy"})
+            assert not result.get("isError") and "INFY" in json.dumps(result), result
+            assert "asha.rao@example.com" not in json.dumps(result)  # masked like every login tool
+            assert seen[-1]["method"] == "POST" and json.loads(seen[-1]["body"]) == {"query": "infy"}
+
+    # -- tools that change the account ------------------------------------------------------------------
+
+    def test_trading_tools_are_off_unless_enabled(self):
+        for trading, present in ((False, False), (True, True)):
+            names = set(mcp_server._builtin_server(self._settings(upstream_trading=trading))._tools)
+            assert {"place_order", "cancel_order"} & names == ({"place_order", "cancel_order"} if present else set())
+
+    def _orders(self, session) -> list:
+        result = session.call("orders")
+        assert not result.get("isError"), result
+        return result["structuredContent"]["data"]
+
+    def test_a_session_client_confirms_in_a_form_and_a_resent_request_is_not_placed_twice(self, make_server):
+        st = self._start(make_server, upstream_trading=True)
+        session = _prov_Legacy(st.port, answer=lambda ask: _PROV_CONFIRM, capabilities={"elicitation": {}})
+        session.initialize()
+        session, _browser = self._sandbox_login(st, session)
+        before = len(self._orders(session))
+        order = {"symbol": "infy", "side": "BUY", "quantity": 3, "price": 1500}
+        first = session.call_with_id("place_order", order, 900)
+        assert not first.get("isError") and first["structuredContent"]["done"] is True, first
+        ask = session.asked[-1]["params"]
+        assert ask["requestedSchema"]["properties"]["confirm"]["type"] == "boolean"
+        assert "buy 3 INFY at 1500" in ask["message"], ask
+        again = session.call_with_id("place_order", order, 900)  # the client resends the same request
+        assert again["structuredContent"]["replayed"] is True and len(session.asked) == 1, again
+        assert again["structuredContent"]["result"] == first["structuredContent"]["result"]
+        orders = self._orders(session)
+        assert len(orders) == before + 1 and orders[-1]["symbol"] == "INFY" and orders[-1]["status"] == "OPEN"
+        # a new request is a new confirmation: cancelling asks again
+        order_id = orders[-1]["order_id"]
+        cancelled = session.call_with_id("cancel_order", {"order_id": order_id}, 901)
+        assert cancelled["structuredContent"]["done"] is True and len(session.asked) == 2, cancelled
+        assert self._orders(session)[-1]["status"] == "CANCELLED"
+
+    @pytest.mark.parametrize("answer", [{"action": "decline"}, {"action": "cancel"},
+                                        {"action": "accept", "content": {"confirm": False}}])
+    def test_without_a_yes_nothing_is_placed(self, make_server, answer):
+        st = self._start(make_server, upstream_trading=True, upstream_provider="sandbox-kite")
+        session = _prov_Legacy(st.port, answer=lambda ask: answer, capabilities={"elicitation": {}})
+        session.initialize()
+        self._sandbox_login(st, session)
+        before = self._orders(session)
+        result = session.call_with_id("place_order", {"symbol": "TCS", "side": "SELL", "quantity": 1}, 50)
+        assert result["structuredContent"]["done"] is False and "did not confirm" in _login_text(result), result
+        assert self._orders(session) == before
+
+    def test_a_client_that_cannot_ask_is_refused_before_anything_happens(self, make_server):
+        st = self._start(make_server, upstream_trading=True)
+        for caps in ({}, {"elicitation": {"url": {}}}):
+            session = _prov_Legacy(st.port, answer=lambda ask: {"action": "accept"}, capabilities=caps)
+            session.initialize()
+            self._sandbox_login(st, session)
+            before = self._orders(session)
+            result = session.call_with_id("place_order", {"symbol": "INFY", "side": "BUY", "quantity": 1}, 7)
+            assert result.get("isError") is True and "elicitation" in _login_text(result), result
+            assert "Nothing was done" in _login_text(result) and self._orders(session) == before
+            assert [ask["params"].get("mode") for ask in session.asked] == (["url"] if caps else [])
+
+    def test_a_2026_client_confirms_through_an_input_round_and_a_retry_places_once(self, make_server):
+        st = self._start(make_server, upstream_trading=True, upstream_provider="sandbox-kite", auth="builtin",
+                         consent="never", auth_rate_limit=0)
+        token = _auth_login(st.port)["access_token"]
+        session = _auth_Session(st.port, token)
+        session.initialize()
+        self._sandbox_login(st, session)
+        bearer = {"Authorization": f"Bearer {token}", "Host": f"127.0.0.1:{st.port}"}
+        caps = {"elicitation": {"form": {}}}
+
+        def call(name, arguments, **extra):
+            r = modern_post(st.port, "tools/call", {"name": name, "arguments": arguments, **extra}, caps=caps,
+                            headers=bearer)
+            assert r.status == 200, r
+            return r.json()["result"]
+
+        before = call("orders", {})["structuredContent"]["data"]
+        order = {"symbol": "TCS", "side": "BUY", "quantity": 2}
+        first = call("place_order", order)
+        assert first["resultType"] == "input_required", first
+        ask = first["inputRequests"]["confirm"]
+        assert ask["method"] == "elicitation/create" and "buy 2 TCS at market price" in ask["params"]["message"]
+        answered = {"requestState": first["requestState"], "inputResponses": {"confirm": _PROV_CONFIRM}}
+        placed = call("place_order", order, **answered)
+        assert placed["resultType"] == "complete" and placed["structuredContent"]["done"] is True, placed
+        retried = call("place_order", order, **answered)  # the client did not see the answer and retries
+        assert retried["structuredContent"]["replayed"] is True, retried
+        assert retried["structuredContent"]["result"] == placed["structuredContent"]["result"]
+        after = call("orders", {})["structuredContent"]["data"]
+        assert len(after) == len(before) + 1 and after[-1]["symbol"] == "TCS"
+        # a fresh call is a fresh confirmation, and a client that cannot ask gets nothing placed
+        assert call("place_order", order)["resultType"] == "input_required"
+        refused = modern_post(st.port, "tools/call", {"name": "place_order", "arguments": order}, caps={},
+                              headers=bearer).json()["result"]
+        assert refused["isError"] is True and "elicitation" in _login_text(refused), refused
+        assert len(call("orders", {})["structuredContent"]["data"]) == len(after)
+
+
+
 # ==== Attacks: the chains of the security review (issue 18), one class per surface =============
 #
 # Each test here is an attack that worked against main at 15f6fa4 (or a member of the same class),

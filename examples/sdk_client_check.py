@@ -151,16 +151,17 @@ def server_env() -> dict:
 class HttpServer:
     """everything_server.py on a free loopback port, as a subprocess."""
 
-    def __init__(self, python: str, workdir: str, name: str = "http-server", env: dict | None = None):
+    def __init__(self, python: str, workdir: str, name: str = "http-server", env: dict | None = None,
+                 script: Path = SERVER):
         self.log_path = Path(workdir) / f"{name}.log"
         self.log = open(self.log_path, "wb")
-        self.proc = None
+        self.proc, self.script = None, script
         self.python, self.workdir, self.env = python, workdir, {**server_env(), **(env or {})}
         self.port = None
 
     async def __aenter__(self) -> "HttpServer":
         self.proc = await asyncio.create_subprocess_exec(
-            self.python, str(SERVER), "--port", "0", "--log-level", "warning", "--log-format", "text",
+            self.python, str(self.script), "--port", "0", "--log-level", "warning", "--log-format", "text",
             stdin=asyncio.subprocess.DEVNULL, stdout=self.log, stderr=self.log, cwd=self.workdir, env=self.env)
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
@@ -233,7 +234,7 @@ class MemoryTokenStorage:
         self.client_info = client_info
 
 
-def oauth_provider(url: str) -> OAuthClientProvider:
+def oauth_provider(url: str, storage: "MemoryTokenStorage | None" = None) -> OAuthClientProvider:
     """The SDK's OAuth client with a headless "browser": it opens /authorize (the server runs with
     MCP_CONSENT=never, so the answer is the redirect at once) and hands the code back."""
     redirect = {}
@@ -253,7 +254,7 @@ def oauth_provider(url: str) -> OAuthClientProvider:
     metadata = OAuthClientMetadata(client_name="sdk-client-check", redirect_uris=["http://127.0.0.1:33418/callback"],
                                    grant_types=["authorization_code", "refresh_token"],
                                    token_endpoint_auth_method="none")
-    return OAuthClientProvider(server_url=url, client_metadata=metadata, storage=MemoryTokenStorage(),
+    return OAuthClientProvider(server_url=url, client_metadata=metadata, storage=storage or MemoryTokenStorage(),
                                redirect_handler=open_browser, callback_handler=wait_for_callback)
 
 
