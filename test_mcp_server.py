@@ -3929,7 +3929,7 @@ class TestHTTPServer:
     def test_chunked_body_over_the_limit_is_413(self, make_server):
         st = make_server(max_body=1000)
         with Conn(st.port) as conn:
-            conn.send(raw_request("POST", "/http", {"Transfer-Encoding": "chunked"}))
+            conn.send(raw_request("POST", "/http", {"Transfer-Encoding": "chunked", "Content-Type": "application/json"}))
             conn.send(b"%x\r\n%s\r\n" % (1500, b"x" * 1500))
             assert conn.read_response().status == 413
 
