@@ -353,7 +353,8 @@ _SETTING_SPECS = (
      "older ENCRYPTION_KEY values, still accepted for decryption"),
     ("encryption_iv", None, ("ENCRYPTION_IV",), str, "", "the seed's fixed IV: accepted and ignored"),
     ("redis_url", "--redis-url", ("REDIS_URL", "MCP_REDIS_URL"), str, "",
-     "keep state in Redis (redis://, rediss://, unix://); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
+     "keep state in Redis (redis://, rediss://, unix://, or redis+sentinel://host:26379,host2:26379/"
+     "service_name/db for a primary found by Redis Sentinel); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
      "REDIS_DB work too"),
     ("redis_cluster", None, ("REDIS_CLUSTER",), _truthy, False, "the Redis URL points at a Redis Cluster"),
     ("store_timeout", None, ("MCP_STORE_TIMEOUT",), float, 2.0,
@@ -522,8 +523,16 @@ class Settings:
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             fail(f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://")
         self.public_url = self.public_url.rstrip("/")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            fail(f"the Redis URL must start with redis://, rediss:// or unix:// (got {_redact_url(self.redis_url)!r})")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", _SENTINEL_SCHEME)):
+            fail(f"the Redis URL must start with redis://, rediss://, unix:// or {_SENTINEL_SCHEME} "
+                 f"(got {_redact_url(self.redis_url)!r})")
+        if self.redis_url.startswith(_SENTINEL_SCHEME):
+            try:
+                _sentinel_parts(self.redis_url)
+            except ValueError as exc:
+                fail(f"the Redis Sentinel URL {_redact_url(self.redis_url)!r} is not usable: {exc}")
+            if self.redis_cluster:
+                fail("REDIS_CLUSTER and a redis+sentinel:// URL exclude each other: a cluster has no sentinels")
         if self.workers > 1 and not self.redis_url:
             fail("--workers above 1 needs Redis (REDIS_URL): separate processes cannot share sessions "
                  "kept in memory")
@@ -553,13 +562,41 @@ def _redis_url_from_parts(env: typing.Mapping) -> str:
     return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT') or 6379}/{env.get('REDIS_DB') or 0}"
 
 
+_SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def _sentinel_parts(url: str) -> dict:
+    """What ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    [?sentinel_password=...]`` names: the sentinels (port 26379 by default), the service, the
+    db, and the credentials of the data nodes (``sentinel_password``: the sentinels' own, when
+    they ask for one).  ValueError says what is wrong with it."""
+    parts = urllib.parse.urlsplit(url)
+    sentinels = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        node = urllib.parse.urlsplit("//" + item.strip())
+        if not node.hostname:
+            raise ValueError(f"sentinel address {item!r} has no host")
+        sentinels.append((node.hostname, node.port or 26379))
+    path = [urllib.parse.unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("it must name the service, and may name a db: "
+                         "redis+sentinel://host1:26379,host2:26379/service_name/0")
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    unquote = urllib.parse.unquote
+    return {"sentinels": sentinels, "service": path[0], "db": int(path[1]) if len(path) == 2 else 0,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "sentinel_password": query.get("sentinel_password") or None}
+
+
 def _redact_url(url: str) -> str:
     """A URL fit for logs: any password replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
+    parts = original = urllib.parse.urlsplit(url)
     if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@"))
+    if "password" in parts.query:  # a sentinel's (_sentinel_parts)
+        parts = parts._replace(query=re.sub(r"(password=)[^&]*", r"\1***", parts.query))
+    return url if parts == original else urllib.parse.urlunsplit(parts)
 
 
 def _read_dotenv(path: str) -> typing.Iterator[tuple]:
@@ -1249,8 +1286,24 @@ return 1
 """
 
 
+def _sentinel_client(url: str, options: dict):
+    """A client of the primary that Redis Sentinel names for ``url`` (``_sentinel_parts``).
+    Every new connection asks the sentinels where the primary is, and redis-py drops a
+    connection that finds its primary demoted (READONLY): a failover costs the operations in
+    flight a ``StoreUnavailable`` (503), and the next ones reach the new primary."""
+    from redis.asyncio.sentinel import Sentinel
+    where = _sentinel_parts(url)
+    sentinel_options = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout")}
+    if where["sentinel_password"]:
+        sentinel_options["password"] = where["sentinel_password"]
+    sentinel = Sentinel(where["sentinels"], sentinel_kwargs=sentinel_options, **options)
+    return sentinel.master_for(where["service"], db=where["db"], username=where["username"],
+                               password=where["password"])
+
+
 class RedisStore(Store):
-    """The shared store: plain Redis strings, lists and pub/sub (Redis 6.2+, Valkey, managed).
+    """The shared store: plain Redis strings, lists and pub/sub (Redis 6.2+, Valkey, managed, or
+    a primary found through Redis Sentinel: ``redis+sentinel://``).
 
     Every operation is bounded by ``timeout``; a store that does not answer raises
     ``StoreUnavailable`` (HTTP 503) and the next operation reconnects.  Pub/sub runs on one
@@ -1268,7 +1321,8 @@ class RedisStore(Store):
         self._pump_task = None
         self._synced: asyncio.Event | None = None  # set when Redis has every wanted subscription
         self._scripts: dict = {}
-        self._errors = None
+        self._errors = self._readonly = None
+        self._follower = None  # with Sentinel: the task that hears of a new primary (_follow_sentinels)
 
     def _redis(self):
         if self._client is None:
@@ -1278,11 +1332,15 @@ class RedisStore(Store):
             from redis.backoff import ExponentialBackoff
             self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
                             asyncio.TimeoutError)
+            self._readonly = redis.exceptions.ReadOnlyError
             options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
                            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1), health_check_interval=15)
             if self.cluster:
                 from redis.asyncio.cluster import RedisCluster
                 self._client = RedisCluster.from_url(self.url, **options)
+            elif self.url.startswith(_SENTINEL_SCHEME):
+                self._client = _sentinel_client(self.url, options)
+                self._follower = asyncio.get_running_loop().create_task(self._follow_sentinels())
             else:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         return self._client
@@ -1294,6 +1352,10 @@ class RedisStore(Store):
                 return await operation(client)
         except self._errors as exc:
             _metrics.inc("mcp_store_errors_total", store="redis")
+            raise StoreUnavailable(type(exc).__name__) from None
+        except self._readonly as exc:  # a primary demoted under us (a script's write, on a replica)
+            _metrics.inc("mcp_store_errors_total", store="redis")
+            await client.connection_pool.disconnect()  # every connection asks the sentinels anew
             raise StoreUnavailable(type(exc).__name__) from None
 
     async def _script(self, name: str, source: str, keys: list, args: list):
@@ -1455,6 +1517,35 @@ class RedisStore(Store):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    async def _follow_sentinels(self) -> None:
+        """Drop every connection the moment a sentinel announces a new primary (``+switch-master``).
+        A primary demoted by ``SENTINEL FAILOVER`` keeps taking writes until the sentinels
+        reconfigure it, seconds later, and then discards them: a session made there would be lost.
+        The operations in flight end with a 503; the next ones ask the sentinels anew."""
+        pool = self._client.connection_pool
+        service = pool.service_name.encode()
+        backoff = 0.1
+        while True:
+            for node in pool.sentinel_manager.sentinels:
+                pubsub = node.pubsub()
+                try:
+                    await pubsub.subscribe("+switch-master")
+                    backoff = 0.1
+                    while True:
+                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                        if message and message["type"] == "message" and message["data"].split()[:1] == [service]:
+                            log.warning("redis sentinel: %s has a new primary; reconnecting", pool.service_name)
+                            await pool.disconnect()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # this sentinel is gone: listen to the next one
+                    log.warning("redis sentinel %s:%s unreachable (%s)", node.connection_pool.connection_kwargs.get(
+                        "host"), node.connection_pool.connection_kwargs.get("port"), type(exc).__name__)
+                finally:
+                    await asyncio.shield(pubsub.aclose())
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
     async def subscribed(self):
         if self._synced is not None and not self._synced.is_set():
             try:
@@ -1470,9 +1561,11 @@ class RedisStore(Store):
             return False
 
     async def close(self):
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            await asyncio.gather(self._pump_task, return_exceptions=True)
+        for task in (self._pump_task, self._follower):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._follower = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None

@@ -4389,19 +4389,23 @@ def _redis_wait(predicate, what: str, bound: float = WAIT):
 class _redis_Server:
     """One redis-server process (no RDB, no AOF) whose log is read to know when it is ready."""
 
-    def __init__(self, workdir: str, port: int | None = None, cluster: bool = False):
+    def __init__(self, workdir: str, port: int | None = None, cluster: bool = False, head: tuple = (),
+                 extra: tuple = (), ready: bytes = b"Ready to accept connections"):
         self.workdir, self.cluster = workdir, cluster
         self.port = port or _redis_free_port(cluster)
         self.proc = None
         self.log = bytearray()
+        # head: what goes before the options (a config file, --sentinel); extra: more options;
+        # ready: the log line that says it serves (a sentinel's is "+monitor master")
+        self.head, self.extra, self.ready = head, extra, ready
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "_redis_Server":
-        argv = [_REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.workdir, "--logfile", "", "--daemonize", "no"]
+        argv = [_REDIS_SERVER, *self.head, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self.workdir, "--logfile", "", "--daemonize", "no", *self.extra]
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
                      "--cluster-node-timeout", "1000"]
@@ -4424,7 +4428,7 @@ class _redis_Server:
                 pytest.fail(f"redis-server on {self.port} did not get ready: {bytes(self.log)[-1500:]!r}")
             if line is None:
                 pytest.fail(f"redis-server on {self.port} exited: {bytes(self.log)[-1500:]!r}")
-            if b"Ready to accept connections" in line:
+            if self.ready in line:
                 return self
 
     def client(self):
@@ -10736,6 +10740,132 @@ class TestDocsExamples:
         assert "<option value='asha'>Asha Rao (sandbox)</option>" in out
         assert "<h1>You are signed in</h1>" in out
         assert '"demat_id":"XXXXXXXXXXXX8901"' in out and "IN30012345678901" not in out
+
+
+class TestSentinel:
+    """REDIS_URL=redis+sentinel://...: the primary is the one Redis Sentinel names, and a failover
+    under load loses no session and needs no restart (a real primary, replica and sentinel)."""
+
+    def test_sentinel_urls_are_checked_at_start_with_the_password_hidden(self):
+        ok = Settings(redis_url="redis+sentinel://:pw@h1:26379,[::1],h2:1/svc/3?sentinel_password=sp")
+        ok.validate()
+        assert mcp_server._sentinel_parts(ok.redis_url) == {
+            "sentinels": [("h1", 26379), ("::1", 26379), ("h2", 1)], "service": "svc", "db": 3,
+            "username": None, "password": "pw", "sentinel_password": "sp"}
+        for url, words in (("redis+sentinel://:pw@h1:26379/", "must name the service"),
+                           ("redis+sentinel://:pw@h1/svc/zero", "must name the service"),
+                           ("redis+sentinel://:pw@h1:port/svc?sentinel_password=sp", "Port")):
+            with pytest.raises(SystemExit) as refused:
+                Settings(redis_url=url).validate()
+            message = str(refused.value.code)
+            assert words in message and "redis+sentinel://:***@h1" in message, message
+            assert "pw" not in message.replace("password", "") and "sp" not in message.split("?")[-1].replace("***", "")
+        with pytest.raises(SystemExit) as refused:
+            Settings(redis_url="redis+sentinel://h1/svc", redis_cluster=True).validate()
+        assert "REDIS_CLUSTER" in str(refused.value.code)
+
+    def test_a_failover_under_load_loses_no_session_and_needs_no_restart(self, redis_workdir):
+        if _redis_skip_reason():
+            pytest.skip(_redis_skip_reason())
+        primary = _redis_Server(redis_workdir).start()
+        replica = sentinel = instance = None
+        try:
+            replica = _redis_Server(redis_workdir, extra=("--replicaof", "127.0.0.1", str(primary.port))).start()
+            sentinel = self._sentinel(redis_workdir, primary.port)
+            _redis_wait(lambda: self._replica_known(sentinel, replica.port), "the sentinel to see the synced replica")
+            instance = _redis_instances(f"redis+sentinel://127.0.0.1:{sentinel.port}/svc/0", 1,
+                                        MCP_SESSION_CACHE="0")[0]  # every request reads and touches Redis
+            sessions = [Session(instance.port) for _ in range(4)]
+            for s in sessions:
+                s.initialize()
+                assert _redis_text(s.call("greet", {"name": "before"})) == "Hello, before!"
+            self._command(primary, "WAIT", 1, int(WAIT * 1000))  # the replica has every session
+            seen, stop = [], threading.Event()
+            load = threading.Thread(target=self._load, args=(sessions, seen, stop), daemon=True)
+            load.start()
+            try:
+                _redis_wait(lambda: len(seen) >= 8, "requests before the failover")
+                before = len(seen)
+                assert self._command(sentinel, "SENTINEL", "FAILOVER", "svc") == b"OK"
+                _redis_wait(lambda: self._command(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc")
+                            == [b"127.0.0.1", str(replica.port).encode()], "the sentinel to name the replica")
+                # a demoted primary takes writes until the sentinels reconfigure it (~10 s), then
+                # drops them: sessions made from now on must be on the new primary, not there
+                _redis_wait(lambda: self._new_session_on(replica, instance.port), "new sessions on the new primary")
+                _redis_wait(lambda: len(seen) >= before + 8 and seen[-1] == 200, "requests after the switch")
+            finally:
+                stop.set()
+                load.join(WAIT)
+            assert set(seen) <= {200, 503}, seen  # a clean 503 while it switches, else an answer
+            for s in sessions:  # no session lost, and the same process serves them from the new primary
+                assert _redis_text(s.call("greet", {"name": "after"})) == "Hello, after!"
+                assert self._command(replica, "EXISTS", f"mcp:{{{s.sid}}}:session") == 1
+            for _ in range(3):
+                assert self._new_session_on(replica, instance.port)
+            assert instance.proc.proc.poll() is None
+        finally:
+            if instance is not None:
+                instance.stop()
+                assert "Traceback" not in bytes(instance.proc.stderr).decode(), bytes(instance.proc.stderr)[-3000:]
+            for node in (sentinel, replica, primary):
+                if node is not None:
+                    node.stop()
+
+    @staticmethod
+    def _sentinel(workdir: str, primary_port: int) -> "_redis_Server":
+        port = _redis_free_port()
+        config = os.path.join(workdir, f"sentinel-{port}.conf")  # (a sentinel rewrites its config file)
+        with open(config, "w") as f:
+            f.write(f"sentinel monitor svc 127.0.0.1 {primary_port} 1\n"
+                    "sentinel down-after-milliseconds svc 2000\nsentinel failover-timeout svc 10000\n")
+        return _redis_Server(workdir, port, head=(config, "--sentinel"), ready=b"+monitor master").start()
+
+    @staticmethod
+    def _command(node: "_redis_Server", *args):
+        client = node.client()
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    @classmethod
+    def _replica_known(cls, sentinel: "_redis_Server", port: int) -> bool:
+        for row in cls._command(sentinel, "SENTINEL", "REPLICAS", "svc"):
+            fields = dict(zip(row[::2], row[1::2])) if isinstance(row, list) else row
+            fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                      for k, v in fields.items()}
+            if (fields.get("port") == str(port) and fields.get("master-link-status") == "ok"
+                    and "disconnected" not in fields.get("flags", "")):
+                return True
+        return False
+
+    @staticmethod
+    def _new_session_on(node: "_redis_Server", port: int) -> bool:
+        """A new session answers a call, and is kept on ``node``; False if the server said 503."""
+        s = Session(port)
+        r = s.post(s.body("initialize", {"protocolVersion": s.version, "capabilities": {},
+                                         "clientInfo": {"name": "pytest", "version": "1.0"}}))
+        if r.status == 503:
+            return False
+        assert r.status == 200, r
+        s.sid = r.header("mcp-session-id")
+        assert _redis_text(s.call("greet", {"name": "new"})) == "Hello, new!"
+        return TestSentinel._command(node, "EXISTS", f"mcp:{{{s.sid}}}:session") == 1
+
+    @staticmethod
+    def _load(sessions: list, seen: list, stop: threading.Event) -> None:
+        """tools/call on every session in turn until told to stop (bounded: 5000 requests)."""
+        for i in range(5000):
+            if stop.is_set():
+                return
+            s = sessions[i % len(sessions)]
+            message = s.body("tools/call", {"name": "greet", "arguments": {"name": f"n{i}"}})
+            r = s.post(message)
+            if r.status == 200:
+                assert _redis_text(final_message(r, message["id"])["result"]) == f"Hello, n{i}!"
+            elif r.status == 503:
+                assert "store is unavailable" in r.json()["error"]["message"], r
+            seen.append(r.status)
 
 
 class TestLogHygiene:
