@@ -979,6 +979,188 @@ class _Metrics:
 _metrics = _Metrics()
 
 
+class _InContext:
+    """Await a coroutine with an OpenTelemetry context current during each of its steps, and
+    only then: a request's first step runs in its caller's context (``_run_eagerly``), where an
+    ``attach`` left across an ``await`` would leak into the next request, and its ``detach``, in
+    the task the request became, would fail.  What the coroutine makes current itself (a span of
+    a tool's) stays current across its awaits."""
+
+    __slots__ = ("coroutine", "otel", "current")
+
+    def __init__(self, coroutine, otel_context, otel):
+        self.coroutine, self.current, self.otel = coroutine, otel_context, otel
+
+    def _step(self, method, *args):
+        token = self.otel.attach(self.current)
+        try:
+            return method(*args)
+        finally:
+            self.current = self.otel.get_current()
+            self.otel.detach(token)
+
+    def send(self, value):
+        return self._step(self.coroutine.send, value)
+
+    def throw(self, *exc):
+        return self._step(self.coroutine.throw, *exc)
+
+    def close(self):
+        self.coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
+class _Telemetry:
+    """OpenTelemetry for MCP, after the semantic conventions for MCP (OpenTelemetry's
+    gen-ai/mcp.md), when the ``opentelemetry-api`` package is installed: a SERVER span per request
+    named ``{mcp.method.name} {tool or prompt name}``, whose parent is the trace context in
+    ``params._meta`` (``traceparent``, ``tracestate``, ``baggage``), else the HTTP request's (its
+    headers, or the span of an instrumented ASGI server around us); with both, the HTTP one is a
+    link.  And the ``mcp.server.operation.duration`` and ``mcp.server.session.duration``
+    histograms.  Exporting is the application's business (an SDK and its exporters, configured as
+    OpenTelemetry says); without one the API's no-op tracer runs.  Without the package nothing is
+    imported and nothing runs: servers are left as they are (``instrument``)."""
+
+    BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)  # (the conventions' advice)
+    _CARRIED = ("traceparent", "tracestate", "baggage")
+
+    def __init__(self):
+        self.api = None  # the opentelemetry modules and instruments, once loaded
+        self._tried = False
+        # the HTTP request's headers, for the request being served (set by the ASGI app)
+        self.http_headers: contextvars.ContextVar = contextvars.ContextVar("mcp_otel_headers", default=None)
+
+    @property
+    def on(self) -> bool:
+        return self.api is not None
+
+    def load(self) -> bool:
+        if not self._tried:
+            self._tried = True
+            try:
+                from opentelemetry import context, metrics, propagate, trace
+            except ImportError:
+                return False
+            meter = metrics.get_meter("mcp_server", __version__)
+
+            def histogram(name, description):
+                try:
+                    return meter.create_histogram(name, unit="s", description=description,
+                                                  explicit_bucket_boundaries_advisory=list(self.BUCKETS))
+                except TypeError:  # an API older than 1.23
+                    return meter.create_histogram(name, unit="s", description=description)
+            self.api = types.SimpleNamespace(
+                context=context, propagate=propagate, trace=trace, tracer=trace.get_tracer("mcp_server", __version__),
+                operation=histogram("mcp.server.operation.duration", "MCP request or notification duration"),
+                session=histogram("mcp.server.session.duration", "MCP session duration"))
+        return self.api is not None
+
+    def instrument(self, server) -> None:
+        """Trace every request ``server`` answers, if the API is installed: its ``_respond`` is
+        wrapped once, so a server without it runs exactly the code it always ran."""
+        respond = server._respond
+        if not self.load() or getattr(respond, "traced", False):
+            return
+
+        async def traced(ctx):
+            return await self.respond(respond, ctx)
+        traced.traced = True
+        server._respond = traced
+
+    async def respond(self, respond, ctx) -> tuple:
+        api = self.api
+        attributes = self._attributes(ctx)
+        name = attributes.get("gen_ai.tool.name") or attributes.get("gen_ai.prompt.name")
+        parent, links = self._parent(ctx.meta)
+        span = api.tracer.start_span(f"{ctx.method} {name}" if name else ctx.method, context=parent, links=links,
+                                     kind=api.trace.SpanKind.SERVER, attributes=attributes)
+        started = time.perf_counter()
+        error = message = None
+        try:
+            response, status = await _InContext(respond(ctx), api.trace.set_span_in_context(span, parent),
+                                                api.context)
+            error, message = self._outcome(response, status)
+            return response, status
+        except BaseException as exc:  # (cancelled from outside: the task ends, the span too)
+            error = type(exc).__qualname__
+            raise
+        finally:
+            if error is not None:
+                span.set_attribute("error.type", error)
+                span.set_status(api.trace.StatusCode.ERROR, message)
+            span.end()
+            measured = {k: attributes[k] for k in ("mcp.method.name", "gen_ai.tool.name", "gen_ai.prompt.name",
+                                                    "mcp.protocol.version", "network.transport") if k in attributes}
+            if error is not None:
+                measured["error.type"] = error
+            api.operation.record(time.perf_counter() - started, measured)
+
+    def _attributes(self, ctx) -> dict:
+        method, params = ctx.method, ctx.params
+        headers = self.http_headers.get()
+        attributes = {"mcp.method.name": method, "mcp.protocol.version": ctx.protocol_version,
+                      "network.transport": "pipe" if headers is None else "tcp"}
+        if headers is not None:
+            attributes["network.protocol.name"] = "http"
+        if ctx.request_id is not None:
+            attributes["jsonrpc.request.id"] = str(ctx.request_id)
+        if ctx.session_id is not None:  # hashed as in the logs: the id itself opens the session
+            attributes["mcp.session.id"] = _hash_id(ctx.session_id)
+        target = params.get("name")
+        if method == "tools/call" and isinstance(target, str):
+            attributes.update({"gen_ai.tool.name": target, "gen_ai.operation.name": "execute_tool"})
+        elif method == "prompts/get" and isinstance(target, str):
+            attributes["gen_ai.prompt.name"] = target
+        uri = params.get("uri")
+        if isinstance(uri, str) and method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+            attributes["mcp.resource.uri"] = uri
+        return attributes
+
+    def _parent(self, meta: dict) -> tuple:
+        """(parent context, links): ``_meta``'s trace context first, the HTTP request's as a link."""
+        api = self.api
+        ambient = api.context.get_current()
+        headers = self.http_headers.get()
+        if headers is not None and not api.trace.get_current_span(ambient).get_span_context().is_valid:
+            ambient = api.propagate.extract(headers, context=ambient)
+        carried = {k: meta[k] for k in self._CARRIED if isinstance(meta.get(k), str)} if meta else None
+        if not carried or "traceparent" not in carried:
+            return ambient, None
+        link = api.trace.get_current_span(ambient).get_span_context()
+        return api.propagate.extract(carried), [api.trace.Link(link)] if link.is_valid else None
+
+    @staticmethod
+    def _outcome(response, status: int) -> tuple:
+        """(error.type, status description) of a response: the JSON-RPC error code, ``tool_error``
+        for a tool's ``isError`` result, ``cancelled``, or (None, None)."""
+        if response is None:
+            return ("cancelled", None) if status == 0 else (None, None)
+        error = response.get("error")
+        if error is not None:
+            return str(error.get("code")), error.get("message")
+        result = response.get("result")
+        if isinstance(result, dict) and result.get("isError") is True:
+            return "tool_error", None
+        return None, None
+
+    def session_ended(self, started: float | None, version: str | None, transport: str) -> None:
+        """``mcp.server.session.duration`` for a session that began at ``started`` (``_now()``)."""
+        if self.api is None or not isinstance(started, (int, float)):
+            return
+        attributes = {"network.transport": transport}
+        if version:
+            attributes["mcp.protocol.version"] = version
+        self.api.session.record(max(0.0, _now() - started), attributes)
+
+
+_telemetry = _Telemetry()
+
+
 @functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
 def _hash_id(value: str | None) -> str | None:
     """A session id as logs show it: a short hash, useless to anyone who reads the log."""
@@ -3298,6 +3480,7 @@ class MCPServer:
         hub = self._runtime if self._runtime is not None else self._hub()
         if not hub.started:
             hub.start()
+            _telemetry.instrument(self)
             if self.settings.metrics_token:
                 _metrics.on = True  # (for good: another server in this process may serve them too)
         return hub
@@ -5081,7 +5264,8 @@ class _StreamableHTTP:
             counted = await hub.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted,
+                                                "born": round(_now(), 3)}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
         await channel.finish(response, status, headers)
@@ -5228,6 +5412,7 @@ class _StreamableHTTP:
             raise _HttpError(404, "Session not found.")
         await hub.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
+        _telemetry.session_ended(session.get("born"), session.get("v"), "tcp")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
         await hub.store.delete_log(_events_key(session_id, "get"))
@@ -7385,6 +7570,8 @@ class _App:
         try:
             if server._runtime is None or not server._runtime.started:
                 await server._ready()
+            if _telemetry.on:  # (the trace context of the HTTP request, for the MCP server span)
+                _telemetry.http_headers.set(headers)
             self._check_host(http)
             if "origin" in headers:
                 http.extra_headers = self._check_origin(http, path) + request_header
@@ -8455,7 +8642,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
 async def _serve_stdio(server: MCPServer) -> None:
     """stdio; with the login flow, also a loopback HTTP listener for /login, /redirect and the
     sandbox (the browser needs somewhere to go).  Ends on stdin EOF or SIGTERM/SIGINT."""
-    stop = asyncio.Event()
+    stop, born = asyncio.Event(), _now()
     listener = None
     if server._login is not None:
         listener = asyncio.get_running_loop().create_task(_side_listener(server, stop))
@@ -8474,6 +8661,7 @@ async def _serve_stdio(server: MCPServer) -> None:
     await asyncio.gather(stdio, stopped, return_exceptions=True)
     if listener is not None:
         await asyncio.gather(listener, return_exceptions=True)
+    _telemetry.session_ended(born, None, "pipe")  # (the process is the session)
     await _shutdown(server)
 
 

@@ -10868,6 +10868,173 @@ class TestSentinel:
             seen.append(r.status)
 
 
+def _otel_sdk():
+    """(span exporter, metric reader) of the OpenTelemetry SDK, installed once in this process as
+    the global providers (OpenTelemetry allows one of each); skips when the SDK is missing."""
+    global _OTEL_SDK
+    if _OTEL_SDK is None:
+        try:
+            from opentelemetry import metrics, trace
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        except ImportError as exc:
+            pytest.skip(f"the OpenTelemetry SDK is not installed ({exc.name}): pip install -r "
+                        "deploy/requirements-test.txt (.ci/run does)")
+        exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        _OTEL_SDK = (exporter, reader)
+    _OTEL_SDK[0].clear()
+    return _OTEL_SDK
+
+
+_OTEL_SDK = None
+_OTEL_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_OTEL_HEADER_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class TestTelemetry:
+    """OpenTelemetry (semantic conventions for MCP): spans, their parents, errors, histograms;
+    read from the SDK's in-memory exporter and reader, the server over real HTTP."""
+
+    @staticmethod
+    def _spans(exporter, count: int) -> list:
+        return _redis_wait(lambda: (lambda s: s if len(s) >= count else None)(exporter.get_finished_spans()),
+                           f"{count} finished span(s)")
+
+    @staticmethod
+    def _points(reader, name: str) -> list:
+        found = []
+        for resource in reader.get_metrics_data().resource_metrics:
+            for scope in resource.scope_metrics:
+                found += [p for m in scope.metrics if m.name == name and m.unit == "s" for p in m.data.data_points]
+        return found
+
+    def test_a_tool_call_span_follows_the_conventions_and_its_meta_parent(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        message = s.body("tools/call", {"name": "echo", "arguments": {"text": "hi"},
+                                        "_meta": {"traceparent": _OTEL_PARENT, "tracestate": "rojo=00f067aa0ba902b7"}})
+        assert s.post(message, {"traceparent": _OTEL_HEADER_PARENT}).status == 200
+        span, = self._spans(exporter, 1)
+        from opentelemetry.trace import SpanKind
+        assert span.name == "tools/call echo" and span.kind == SpanKind.SERVER
+        assert dict(span.attributes) == {
+            "mcp.method.name": "tools/call", "mcp.protocol.version": LEGACY, "network.transport": "tcp",
+            "network.protocol.name": "http", "jsonrpc.request.id": str(message["id"]),
+            "mcp.session.id": hashlib.sha256(s.sid.encode()).hexdigest()[:12],  # never the id itself
+            "gen_ai.tool.name": "echo", "gen_ai.operation.name": "execute_tool"}
+        assert f"{span.parent.trace_id:032x}" == _OTEL_PARENT[3:35] and span.parent.is_remote
+        assert f"{span.parent.span_id:016x}" == _OTEL_PARENT[36:52]
+        assert span.context.trace_state.get("rojo") == "00f067aa0ba902b7"
+        link, = span.links  # the HTTP request's context, as the conventions say
+        assert f"{link.context.trace_id:032x}" == _OTEL_HEADER_PARENT[3:35]
+        assert span.status.is_ok or span.status.status_code.name == "UNSET"
+
+    def test_without_meta_the_http_traceparent_is_the_parent_and_nothing_leaks(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        with Conn(port) as conn:  # one keep-alive connection: a context must not outlive its request
+            for i, (headers, meta) in enumerate(((None, {"traceparent": _OTEL_PARENT}),
+                                                 ({"traceparent": _OTEL_HEADER_PARENT}, None), (None, None))):
+                params = {"name": "where_sync", "arguments": {}, **({"_meta": meta} if meta else {})}
+                body = modern_body("tools/call", params, request_id=i)
+                conn.request("POST", "/mcp", modern_headers(body, headers), body)
+                assert conn.read_response().status == 200
+        meta_span, header_span, plain = self._spans(exporter, 3)
+        assert f"{meta_span.parent.trace_id:032x}" == _OTEL_PARENT[3:35]
+        assert f"{header_span.parent.trace_id:032x}" == _OTEL_HEADER_PARENT[3:35] and not header_span.links
+        assert header_span.attributes["mcp.protocol.version"] == MODERN
+        assert "mcp.session.id" not in header_span.attributes  # (2026-07-28: no sessions)
+        assert plain.parent is None and plain.context.trace_id not in (
+            meta_span.context.trace_id, header_span.context.trace_id)
+
+    def test_failures_carry_error_type_and_an_error_status(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        assert s.call("refuse")["isError"] is True
+        assert s.call("boom")["isError"] is True
+        assert "error" in s.request("nope/nothing")
+        refused, boom, unknown = self._spans(exporter, 3)
+        for span in (refused, boom):
+            assert span.attributes["error.type"] == "tool_error" and span.status.status_code.name == "ERROR"
+        assert unknown.name == "nope/nothing" and unknown.attributes["error.type"] == str(mcp_server.METHOD_NOT_FOUND)
+        assert "Method not found" in unknown.status.description
+
+    def test_prompts_and_resources_and_a_tools_own_spans_nest(self, make_server):
+        exporter, _ = _otel_sdk()
+        from opentelemetry import trace
+        server = build_server()
+
+        @server.tool()
+        async def traced(ctx: Context) -> str:
+            """Makes a span of its own across an await."""
+            with trace.get_tracer("a-tool").start_as_current_span("tool work"):
+                await asyncio.sleep(0.001)
+                with trace.get_tracer("a-tool").start_as_current_span("after the await"):
+                    return "done"
+        port = make_server(server).port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        s.request("prompts/get", {"name": "greeting", "arguments": {"name": "Ada"}})
+        s.request("resources/read", {"uri": "test://items/7"})
+        s.call("traced")
+        spans = {span.name: span for span in self._spans(exporter, 5)}
+        assert spans["prompts/get greeting"].attributes["gen_ai.prompt.name"] == "greeting"
+        read = spans["resources/read"]  # (a URI is no span name: too many of them)
+        assert read.attributes["mcp.resource.uri"] == "test://items/7" and "error.type" not in read.attributes
+        call, work, after = spans["tools/call traced"], spans["tool work"], spans["after the await"]
+        assert work.parent.span_id == call.context.span_id and after.parent.span_id == work.context.span_id
+
+    def test_without_the_package_nothing_is_imported_or_wrapped(self):
+        code = textwrap.dedent("""
+            import asyncio, sys
+            sys.modules["opentelemetry"] = None  # (what an absent package looks like to import)
+            import mcp_server
+            server = mcp_server.MCPServer("t", settings=mcp_server.Settings(auth="none"))
+            plain = server._respond
+            asyncio.run(server._ready())
+            print(server._respond == plain, "_respond" in vars(server), mcp_server._telemetry.on,
+                  [m for m in sys.modules if m.startswith("opentelemetry")])
+        """)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT * 3,
+                                cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL)
+        assert result.stdout.split("\n")[0] == "True False False ['opentelemetry']", result
+
+    def test_operation_and_session_durations_are_histograms_in_seconds(self, make_server):
+        _, reader = _otel_sdk()
+        port = make_server().port
+        before = sum(p.count for p in self._points(reader, "mcp.server.session.duration"))
+        s = Session(port)
+        s.initialize()
+        s.call("echo", {"text": "a"})
+        s.call("refuse")
+        assert s.delete().status == 200
+        calls = [p for p in self._points(reader, "mcp.server.operation.duration")
+                 if p.attributes.get("gen_ai.tool.name") in ("echo", "refuse")]
+        ok = [p for p in calls if p.attributes["gen_ai.tool.name"] == "echo"]
+        failed = [p for p in calls if p.attributes["gen_ai.tool.name"] == "refuse"]
+        assert ok and all("error.type" not in p.attributes for p in ok)
+        assert failed and failed[0].attributes["error.type"] == "tool_error" and failed[0].count >= 1
+        assert ok[0].attributes["mcp.method.name"] == "tools/call" and "mcp.session.id" not in ok[0].attributes
+        assert list(ok[0].explicit_bounds)[:3] == [0.01, 0.02, 0.05]
+        sessions = self._points(reader, "mcp.server.session.duration")
+        assert sum(p.count for p in sessions) == before + 1
+        assert any(p.attributes.get("mcp.protocol.version") == LEGACY for p in sessions)
+
+
 class TestLogHygiene:
     """Last in the file: no log line of the whole suite carries a secret or an unmasked value."""
 
