@@ -901,7 +901,8 @@ def _configure_logging(level: str, fmt: str = "auto", path: str = "") -> None:
 
 
 class _Metrics:
-    """Process-local counters and histograms, rendered in the Prometheus text format."""
+    """Process-local counters and histograms, rendered in the Prometheus text format.  Under
+    ``--workers`` (``share``) a scrape of any worker shows the sum over the whole group."""
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
     HELP = {
@@ -926,6 +927,7 @@ class _Metrics:
         # MCPServer._ready): without it nobody can read them, and the counters of one request
         # cost ~5% of a tools/call (bench).  Hot call sites test ``on`` before building keys.
         self.on = False
+        self.shared: tuple | None = None  # (directory, this worker's file) under --workers
 
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
         if self.on:
@@ -949,7 +951,62 @@ class _Metrics:
         counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
+    # -- one scrape for the whole process group (--workers) ----------------------------------------
+
+    SHARE_PERIOD = 1.0  # seconds between a worker's writes of its counters (what a scrape lags by)
+
+    def share(self, directory: str, worker: str) -> None:
+        """Write this worker's counters to ``directory`` (the supervisor's, private to the user)
+        every ``SHARE_PERIOD`` seconds while they change, on a thread of their own (the event
+        loop never waits on a disk), and add every other worker's file when rendered."""
+        self.shared = (directory, os.path.join(directory, f"worker-{worker}.json"))
+        threading.Thread(target=self._publish, name="mcp-metrics-share", daemon=True).start()
+
+    def _snapshot(self) -> dict:
+        # (list() of a dict's items is taken in one step under the GIL, the request thread may add keys)
+        return {"values": [[name, pairs, value] for (name, pairs), value in list(self.values.items())],
+                "histograms": [[name, pairs, list(counts)] for (name, pairs), counts in list(self.histograms.items())]}
+
+    def _publish(self) -> None:
+        written = None
+        while True:
+            snapshot = self._snapshot()
+            if snapshot != written:
+                path = self.shared[1]
+                try:
+                    with open(path + ".tmp", "w", encoding="utf-8") as f:
+                        f.write(_dumps(snapshot))
+                    os.replace(path + ".tmp", path)  # a reader sees the old file or the new, never half
+                    written = snapshot
+                except OSError as exc:
+                    log.warning("cannot write this worker's metrics to %s: %s", path, exc.strerror or exc)
+            time.sleep(self.SHARE_PERIOD)
+
+    def _group(self) -> tuple:
+        """(values, histograms): this process's, plus every other worker's last written ones."""
+        if self.shared is None:
+            return self.values, self.histograms
+        values, histograms = collections.defaultdict(float, self.values), {k: list(v) for k, v in self.histograms.items()}
+        directory, mine = self.shared
+        for entry in os.listdir(directory):
+            path = os.path.join(directory, entry)
+            if not entry.endswith(".json") or path == mine:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    other = json.load(f)
+            except (OSError, ValueError):
+                continue  # a worker that never wrote, or is being replaced
+            for name, pairs, value in other["values"]:
+                values[(name, tuple(map(tuple, pairs)))] += value
+            for name, pairs, counts in other["histograms"]:
+                key = (name, tuple(map(tuple, pairs)))
+                histograms[key] = [a + b for a, b in zip(histograms[key], counts)] if key in histograms else counts
+        return values, histograms
+
     def render(self) -> str:
+        values, histograms = self._group()
+
         def labels(pairs, extra=()):
             items = list(pairs) + list(extra)
             if not items:
@@ -960,7 +1017,7 @@ class _Metrics:
         for name, (kind, text) in self.HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":
-                for (metric, pairs), counts in sorted(self.histograms.items()):
+                for (metric, pairs), counts in sorted(histograms.items()):
                     if metric != name:
                         continue
                     cumulative = list(itertools.accumulate(counts[:-1]))
@@ -970,7 +1027,7 @@ class _Metrics:
                     lines.append(f"{name}_sum{labels(pairs)} {counts[-1]:.6f}")
                     lines.append(f"{name}_count{labels(pairs)} {cumulative[-1]}")
                 continue
-            for (metric, pairs), value in sorted(self.values.items()):
+            for (metric, pairs), value in sorted(values.items()):
                 if metric == name:
                     lines.append(f"{name}{labels(pairs)} {value:g}")
         return "\n".join(lines) + "\n"
@@ -1023,21 +1080,18 @@ class _Telemetry:
     headers, or the span of an instrumented ASGI server around us); with both, the HTTP one is a
     link.  And the ``mcp.server.operation.duration`` and ``mcp.server.session.duration``
     histograms.  Exporting is the application's business (an SDK and its exporters, configured as
-    OpenTelemetry says); without one the API's no-op tracer runs.  Without the package nothing is
-    imported and nothing runs: servers are left as they are (``instrument``)."""
+    OpenTelemetry says, before the server starts).  Without the package, or without an SDK,
+    nothing runs: servers are left as they are (``instrument``)."""
 
     BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)  # (the conventions' advice)
     _CARRIED = ("traceparent", "tracestate", "baggage")
 
     def __init__(self):
         self.api = None  # the opentelemetry modules and instruments, once loaded
+        self.on = False  # whether a server is instrumented (a plain attribute: read on every HTTP request)
         self._tried = False
         # the HTTP request's headers, for the request being served (set by the ASGI app)
         self.http_headers: contextvars.ContextVar = contextvars.ContextVar("mcp_otel_headers", default=None)
-
-    @property
-    def on(self) -> bool:
-        return self.api is not None
 
     def load(self) -> bool:
         if not self._tried:
@@ -1055,22 +1109,29 @@ class _Telemetry:
                 except TypeError:  # an API older than 1.23
                     return meter.create_histogram(name, unit="s", description=description)
             self.api = types.SimpleNamespace(
-                context=context, propagate=propagate, trace=trace, tracer=trace.get_tracer("mcp_server", __version__),
+                context=context, propagate=propagate, trace=trace, metrics=metrics, tracer=trace.get_tracer("mcp_server", __version__),
                 operation=histogram("mcp.server.operation.duration", "MCP request or notification duration"),
                 session=histogram("mcp.server.session.duration", "MCP session duration"))
         return self.api is not None
 
     def instrument(self, server) -> None:
-        """Trace every request ``server`` answers, if the API is installed: its ``_respond`` is
-        wrapped once, so a server without it runs exactly the code it always ran."""
+        """Trace every request ``server`` answers if, when it starts, the API is installed and an
+        implementation (an SDK) is set as the tracer or meter provider: then its ``_respond`` is
+        wrapped, once.  Otherwise the server runs exactly the code it always ran (the API alone
+        would make spans and measurements nobody keeps, at ~10 µs a request)."""
         respond = server._respond
         if not self.load() or getattr(respond, "traced", False):
             return
+        api = self.api
+        providers = (api.trace.get_tracer_provider(), api.metrics.get_meter_provider())
+        if all(type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics")) for p in providers):
+            return  # (the API's own stand-ins: no SDK was set)
 
         async def traced(ctx):
             return await self.respond(respond, ctx)
         traced.traced = True
         server._respond = traced
+        self.on = True
 
     async def respond(self, respond, ctx) -> tuple:
         api = self.api
@@ -1150,7 +1211,7 @@ class _Telemetry:
 
     def session_ended(self, started: float | None, version: str | None, transport: str) -> None:
         """``mcp.server.session.duration`` for a session that began at ``started`` (``_now()``)."""
-        if self.api is None or not isinstance(started, (int, float)):
+        if not self.on or not isinstance(started, (int, float)):
             return
         attributes = {"network.transport": transport}
         if version:
@@ -8704,6 +8765,8 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         _give_back_memory()
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
         sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps: 25 MB, not 43)
+    if os.environ.get("MCP_WORKER_ID") and os.environ.get(_WORKER_METRICS_DIR):
+        _metrics.share(os.environ[_WORKER_METRICS_DIR], os.environ["MCP_WORKER_ID"])
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,
     # event logs): collecting the young generation less often and never rescanning what startup
     # made halves the tail latency under load (bench: SSE p99 60 ms -> 31 ms).  Only here, where
@@ -8721,9 +8784,24 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         pass
 
 
+_WORKER_METRICS_DIR = "MCP_WORKER_METRICS_DIR"  # (set by the supervisor for its workers: _Metrics.share)
+
+
 def _supervise(settings: Settings) -> int:
     """Run ``settings.workers`` copies of this command on one port (SO_REUSEPORT); restart a
-    worker that dies, and on SIGTERM/SIGINT stop them all gracefully."""
+    worker that dies, and on SIGTERM/SIGINT stop them all gracefully.  With /metrics served,
+    the workers share their counters through a directory of the supervisor's."""
+    import shutil
+    import tempfile
+    metrics_dir = tempfile.mkdtemp(prefix="mcp-metrics-") if settings.metrics_token else ""  # (mode 0700)
+    try:
+        return _run_workers(settings, {_WORKER_METRICS_DIR: metrics_dir} if metrics_dir else {})
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, extra_env: dict) -> int:
     import subprocess
     if settings.port == 0:
         print("mcp_server: error: --workers needs a fixed --port", file=sys.stderr)
@@ -8748,7 +8826,7 @@ def _supervise(settings: Settings) -> int:
     def start(index: int):
         # glibc's allocator, so that a worker's trims give memory back (docs/operations.md: Memory); the
         # operator's own PYTHONMALLOC wins
-        env = {"PYTHONMALLOC": "malloc", **os.environ, "MCP_WORKER_ID": str(index)}
+        env = {"PYTHONMALLOC": "malloc", **os.environ, **extra_env, "MCP_WORKER_ID": str(index)}
         return subprocess.Popen(command, env=env)
 
     workers = {i: start(i) for i in range(settings.workers)}

@@ -10998,20 +10998,22 @@ class TestTelemetry:
         call, work, after = spans["tools/call traced"], spans["tool work"], spans["after the await"]
         assert work.parent.span_id == call.context.span_id and after.parent.span_id == work.context.span_id
 
-    def test_without_the_package_nothing_is_imported_or_wrapped(self):
-        code = textwrap.dedent("""
+    @pytest.mark.parametrize("package", ["absent", "api without an SDK"])
+    def test_without_the_package_or_an_sdk_nothing_is_wrapped(self, package):
+        _otel_sdk()  # (the API is installed where the SDK is)
+        code = textwrap.dedent(f"""
             import asyncio, sys
-            sys.modules["opentelemetry"] = None  # (what an absent package looks like to import)
+            if {package == "absent"}:
+                sys.modules["opentelemetry"] = None  # (what an absent package looks like to import)
             import mcp_server
             server = mcp_server.MCPServer("t", settings=mcp_server.Settings(auth="none"))
-            plain = server._respond
             asyncio.run(server._ready())
-            print(server._respond == plain, "_respond" in vars(server), mcp_server._telemetry.on,
-                  [m for m in sys.modules if m.startswith("opentelemetry")])
+            print("_respond" in vars(server), mcp_server._telemetry.on,
+                  sorted({{m.partition(".")[0] for m in sys.modules if m.startswith("opentelemetry")}}))
         """)
         result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT * 3,
                                 cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL)
-        assert result.stdout.split("\n")[0] == "True False False ['opentelemetry']", result
+        assert result.stdout.split("\n")[0] == "False False ['opentelemetry']", result
 
     def test_operation_and_session_durations_are_histograms_in_seconds(self, make_server):
         _, reader = _otel_sdk()
@@ -11033,6 +11035,46 @@ class TestTelemetry:
         sessions = self._points(reader, "mcp.server.session.duration")
         assert sum(p.count for p in sessions) == before + 1
         assert any(p.attributes.get("mcp.protocol.version") == LEGACY for p in sessions)
+
+
+class TestWorkerMetrics:
+    """--workers N: one scrape of the shared port shows the whole process group's counters."""
+
+    def test_one_scrape_sums_the_workers(self, redis_url):
+        port = _redis_free_port()
+        env = clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET, MCP_METRICS_TOKEN="scrape-secret")
+        with Proc(["-X", "utf8", EVERYTHING_FILE, "--port", str(port), "--workers", "2"], env=env) as supervisor:
+            try:
+                workers = _redis_wait(lambda: _redis_listening_workers(supervisor.proc.pid, port, 2),
+                                      "both workers to listen on the port")
+                with open(f"/proc/{next(iter(workers.values()))}/environ", "rb") as f:
+                    shared = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                directory = shared[b"MCP_WORKER_METRICS_DIR"].decode()
+                assert os.stat(directory).st_mode & 0o777 == 0o700  # the supervisor's, no one else's
+                s = Session(port)
+                s.initialize()
+                calls = 30
+                for i in range(calls):  # each on a new connection: the kernel spreads them over both
+                    assert _redis_text(s.call("greet", {"name": f"n{i}"})) == f"Hello, n{i}!"
+
+                def per_worker():
+                    counts = {}
+                    for name in (n for n in os.listdir(directory) if n.endswith(".json")):
+                        with open(os.path.join(directory, name)) as f:
+                            counts[name] = sum(v for metric, pairs, v in json.load(f)["values"]
+                                               if metric == "mcp_tool_calls_total" and ["tool", "greet"] in pairs)
+                    return counts if len(counts) == 2 and sum(counts.values()) == calls else None
+                spread = _redis_wait(per_worker, "both workers to write their counters")
+                assert all(spread.values()), spread  # both served some: no single worker saw them all
+                for _ in range(6):  # whichever worker answers, the scrape shows the group
+                    text = http(port, "GET", "/metrics", {"Authorization": "Bearer scrape-secret"}).body.decode()
+                    assert f'mcp_tool_calls_total{{tool="greet",outcome="ok"}} {calls}\n' in text, text
+                    assert f'mcp_tool_duration_seconds_count{{tool="greet"}} {calls}\n' in text
+            finally:
+                supervisor.proc.send_signal(signal.SIGTERM)
+                assert supervisor.proc.wait(WAIT + 20) == 0
+        assert not os.path.exists(directory)  # the supervisor took its directory with it
+        assert "Traceback" not in supervisor.stderr.decode()
 
 
 class TestLogHygiene:
