@@ -10,9 +10,11 @@ for the shared store, ``jwt`` for tokens), and those are imported when first use
 Map of the file (search for ``# ==== N.``):
 
   1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env, enc:),
-                           JSON/text logs with request ids, Prometheus metrics
+                           JSON/text logs with request ids, Prometheus metrics (summed over
+                           ``--workers``), OpenTelemetry spans and histograms (when installed)
   2. Store                 the Store contract; the in-memory store (TTL, sliding expiry, LRU) and
-                           the Redis store (strings, lists, pub/sub; Cluster-safe hash tags)
+                           the Redis store (strings, lists, pub/sub; Cluster-safe hash tags;
+                           a primary found through Redis Sentinel)
   3. Crypto and tokens     the HKDF key ring, sealed state (AES-256-GCM), signed cursors, the
                            credential vault with key ids
   4. Registry and schemas  tools, resources, prompts; JSON Schema from type hints; a validator
@@ -115,6 +117,9 @@ __all__ = [
 # - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
 #   only: a missing one refuses the start where the settings need it, else fails the one tool
 #   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
+# - OpenTelemetry is never needed: ``_Telemetry`` imports ``opentelemetry`` when a server starts,
+#   and instruments it only if the package is there and an SDK is set; otherwise no request
+#   runs any of its code.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -1172,10 +1177,12 @@ class _Telemetry:
             attributes["jsonrpc.request.id"] = str(ctx.request_id)
         if ctx.session_id is not None:  # hashed as in the logs: the id itself opens the session
             attributes["mcp.session.id"] = _hash_id(ctx.session_id)
+        # a name the server has, not any the client sends: it names spans and measurements,
+        # which would otherwise have as many distinct values as a client cares to make up
         target = params.get("name")
-        if method == "tools/call" and isinstance(target, str):
+        if method == "tools/call" and isinstance(target, str) and target in ctx.server._tools:
             attributes.update({"gen_ai.tool.name": target, "gen_ai.operation.name": "execute_tool"})
-        elif method == "prompts/get" and isinstance(target, str):
+        elif method == "prompts/get" and isinstance(target, str) and target in ctx.server._prompts:
             attributes["gen_ai.prompt.name"] = target
         uri = params.get("uri")
         if isinstance(uri, str) and method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):

@@ -10966,11 +10966,16 @@ class TestTelemetry:
         assert s.call("refuse")["isError"] is True
         assert s.call("boom")["isError"] is True
         assert "error" in s.request("nope/nothing")
-        refused, boom, unknown = self._spans(exporter, 3)
+        made_up = [s.request("tools/call", {"name": f"no-such-tool-{i}", "arguments": {}}) for i in range(3)]
+        assert all("error" in reply or reply["result"]["isError"] for reply in made_up)
+        refused, boom, unknown, *missing = self._spans(exporter, 6)
         for span in (refused, boom):
             assert span.attributes["error.type"] == "tool_error" and span.status.status_code.name == "ERROR"
         assert unknown.name == "nope/nothing" and unknown.attributes["error.type"] == str(mcp_server.METHOD_NOT_FOUND)
         assert "Method not found" in unknown.status.description
+        for span in missing:  # a name the client made up names no span and no measurement
+            assert span.name == "tools/call" and "gen_ai.tool.name" not in span.attributes
+            assert "error.type" in span.attributes
 
     def test_prompts_and_resources_and_a_tools_own_spans_nest(self, make_server):
         exporter, _ = _otel_sdk()
