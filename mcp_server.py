@@ -114,12 +114,12 @@ __all__ = [
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and docs/configuration.md
 #   (``python mcp_server.py settings --write docs/configuration.md``).
-# - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
-#   only: a missing one refuses the start where the settings need it, else fails the one tool
-#   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
 # - OpenTelemetry is never needed: ``_Telemetry`` imports ``opentelemetry`` when a server starts,
 #   and instruments it only if the package is there and an SDK is set; otherwise no request
 #   runs any of its code.
+# - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
+#   only: a missing one refuses the start where the settings need it, else fails the one tool
+#   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -999,7 +999,7 @@ class _Metrics:
                 continue
             try:
                 with open(path, encoding="utf-8") as f:
-                    other = json.load(f)
+                    other = _loads(f.read())
             except (OSError, ValueError):
                 continue  # a worker that never wrote, or is being replaced
             for name, pairs, value in other["values"]:
