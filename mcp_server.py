@@ -1768,33 +1768,48 @@ class RedisStore(Store):
                 backoff = min(backoff * 2, 2.0)
 
     async def _follow_sentinels(self) -> None:
-        """Drop every connection the moment a sentinel announces a new primary (``+switch-master``).
+        """Replace the client the moment a sentinel announces a new primary (``+switch-master``).
         A primary demoted by ``SENTINEL FAILOVER`` keeps taking writes until the sentinels
         reconfigure it, seconds later, and then discards them: a session made there would be lost.
-        The operations in flight end with a 503; the next ones ask the sentinels anew."""
-        pool = self._client.connection_pool
-        service = pool.service_name.encode()
+        A new client, with a pool of its own, asks the sentinels anew for every connection; the
+        old one is closed, so the operations in flight on it end with a 503, and no connection it
+        was still opening is used again."""
+        client = self._client
+        pool = client.connection_pool
         backoff = 0.1
-        while True:
-            for node in pool.sentinel_manager.sentinels:
-                pubsub = node.pubsub()
-                try:
-                    await pubsub.subscribe("+switch-master")
-                    backoff = 0.1
-                    while True:
-                        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-                        if message and message["type"] == "message" and message["data"].split()[:1] == [service]:
-                            log.warning("redis sentinel: %s has a new primary; reconnecting", pool.service_name)
-                            await pool.disconnect()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:  # this sentinel is gone: listen to the next one
-                    log.warning("redis sentinel %s:%s unreachable (%s)", node.connection_pool.connection_kwargs.get(
-                        "host"), node.connection_pool.connection_kwargs.get("port"), type(exc).__name__)
-                finally:
-                    await asyncio.shield(pubsub.aclose())
-            await asyncio.sleep(backoff)
+        while not await self._switch_announced(pool):
+            await asyncio.sleep(backoff)  # every sentinel is unreachable: try them again
             backoff = min(backoff * 2, 2.0)
+        self._client, self._scripts = None, {}
+        self._redis()  # (synchronous: no operation starts between the two clients)
+        await client.aclose()
+        for node in pool.sentinel_manager.sentinels:
+            await node.aclose()
+        log.warning("redis sentinel: %s has a new primary; every connection to the old one closed",
+                    pool.service_name)
+
+    @staticmethod
+    async def _switch_announced(pool) -> bool:
+        """Listen to the sentinels, one after the other, until one announces a new primary of
+        the pool's service (True), or none answers (False)."""
+        service = pool.service_name.encode()
+        for node in pool.sentinel_manager.sentinels:
+            pubsub = node.pubsub()
+            try:
+                await pubsub.subscribe("+switch-master")
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message and message["type"] == "message" and message["data"].split()[:1] == [service]:
+                        return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # this sentinel is gone: listen to the next one
+                where = node.connection_pool.connection_kwargs
+                log.warning("redis sentinel %s:%s unreachable (%s)", where.get("host"), where.get("port"),
+                            type(exc).__name__)
+            finally:
+                await asyncio.shield(pubsub.aclose())
+        return False
 
     async def subscribed(self):
         if self._synced is not None and not self._synced.is_set():
