@@ -991,7 +991,8 @@ class _Metrics:
         """(values, histograms): this process's, plus every other worker's last written ones."""
         if self.shared is None:
             return self.values, self.histograms
-        values, histograms = collections.defaultdict(float, self.values), {k: list(v) for k, v in self.histograms.items()}
+        values = collections.defaultdict(float, self.values)
+        histograms = {key: list(counts) for key, counts in self.histograms.items()}
         directory, mine = self.shared
         for entry in os.listdir(directory):
             path = os.path.join(directory, entry)
@@ -1114,7 +1115,8 @@ class _Telemetry:
                 except TypeError:  # an API older than 1.23
                     return meter.create_histogram(name, unit="s", description=description)
             self.api = types.SimpleNamespace(
-                context=context, propagate=propagate, trace=trace, metrics=metrics, tracer=trace.get_tracer("mcp_server", __version__),
+                context=context, propagate=propagate, trace=trace, metrics=metrics,
+                tracer=trace.get_tracer("mcp_server", __version__),
                 operation=histogram("mcp.server.operation.duration", "MCP request or notification duration"),
                 session=histogram("mcp.server.session.duration", "MCP session duration"))
         return self.api is not None
