@@ -10799,7 +10799,7 @@ class TestSentinel:
             assert set(seen) <= {200, 503}, seen  # a clean 503 while it switches, else an answer
             for s in sessions:  # no session lost, and the same process serves them from the new primary
                 assert _redis_text(s.call("greet", {"name": "after"})) == "Hello, after!"
-                assert self._command(replica, "EXISTS", f"mcp:{{{s.sid}}}:session") == 1
+                assert self._command(replica, "EXISTS", mcp_server._session_key(s.sid)) == 1
             # a demoted primary takes writes until the sentinels reconfigure it (seconds later), then
             # drops them: every session made from now on must be on the new primary, none there
             for _ in range(5):
@@ -10847,7 +10847,7 @@ class TestSentinel:
         s = Session(port)
         s.initialize()
         assert _redis_text(s.call("greet", {"name": "new"})) == "Hello, new!"
-        return TestSentinel._command(node, "EXISTS", f"mcp:{{{s.sid}}}:session") == 1
+        return TestSentinel._command(node, "EXISTS", mcp_server._session_key(s.sid)) == 1
 
     @staticmethod
     def _load(sessions: list, seen: list, stop: threading.Event) -> None:
