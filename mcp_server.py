@@ -10,9 +10,11 @@ for the shared store, ``jwt`` for tokens), and those are imported when first use
 Map of the file (search for ``# ==== N.``):
 
   1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env, enc:),
-                           JSON/text logs with request ids, Prometheus metrics
+                           JSON/text logs with request ids, Prometheus metrics (summed over
+                           ``--workers``), OpenTelemetry spans and histograms (when installed)
   2. Store                 the Store contract; the in-memory store (TTL, sliding expiry, LRU) and
-                           the Redis store (strings, lists, pub/sub; Cluster-safe hash tags)
+                           the Redis store (strings, lists, pub/sub; Cluster-safe hash tags;
+                           a primary found through Redis Sentinel)
   3. Crypto and tokens     the HKDF key ring, sealed state (AES-256-GCM), signed cursors, the
                            credential vault with key ids
   4. Registry and schemas  tools, resources, prompts, skills (SKILL.md frontmatter, file snapshots);
@@ -122,6 +124,9 @@ __all__ = [
 # - Settings come from, in rising priority: defaults, a ``.env`` file, the environment, flags.
 #   One table (``_SETTING_SPECS``) drives all three, the ``--help`` text and docs/configuration.md
 #   (``python mcp_server.py settings --write docs/configuration.md``).
+# - OpenTelemetry is never needed: ``_Telemetry`` imports ``opentelemetry`` when a server starts,
+#   and instruments it only if the package is there and an SDK is set; otherwise no request
+#   runs any of its code.
 # - An optional package (``redis``, ``cryptography``, ``pyjwt``) is imported by ``_require(feature)``
 #   only: a missing one refuses the start where the settings need it, else fails the one tool
 #   call (a tool error) or request (-32603, HTTP 503) with the package's name and the install command.
@@ -401,7 +406,8 @@ _SETTING_SPECS = (
      "older ENCRYPTION_KEY values, still accepted for decryption"),
     ("encryption_iv", None, ("ENCRYPTION_IV",), str, "", "the seed's fixed IV: accepted and ignored"),
     ("redis_url", "--redis-url", ("REDIS_URL", "MCP_REDIS_URL"), str, "",
-     "keep state in Redis (redis://, rediss://, unix://); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
+     "keep state in Redis (redis://, rediss://, unix://, or redis+sentinel://host:26379,host2:26379/"
+     "service_name/db for a primary found by Redis Sentinel); the seed's REDIS_HOST/REDIS_PORT/REDIS_P/"
      "REDIS_DB work too"),
     ("redis_cluster", None, ("REDIS_CLUSTER",), _truthy, False, "the Redis URL points at a Redis Cluster"),
     ("store_timeout", None, ("MCP_STORE_TIMEOUT",), float, 2.0,
@@ -587,8 +593,16 @@ class Settings:
         if self.public_url and not self.public_url.startswith(("http://", "https://")):
             fail(f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://")
         self.public_url = self.public_url.rstrip("/")
-        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
-            fail(f"the Redis URL must start with redis://, rediss:// or unix:// (got {_redact_url(self.redis_url)!r})")
+        if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", _SENTINEL_SCHEME)):
+            fail(f"the Redis URL must start with redis://, rediss://, unix:// or {_SENTINEL_SCHEME} "
+                 f"(got {_redact_url(self.redis_url)!r})")
+        if self.redis_url.startswith(_SENTINEL_SCHEME):
+            try:
+                _sentinel_parts(self.redis_url)
+            except ValueError as exc:
+                fail(f"the Redis Sentinel URL {_redact_url(self.redis_url)!r} is not usable: {exc}")
+            if self.redis_cluster:
+                fail("REDIS_CLUSTER and a redis+sentinel:// URL exclude each other: a cluster has no sentinels")
         if self.workers > 1 and not self.redis_url:
             fail("--workers above 1 needs Redis (REDIS_URL): separate processes cannot share sessions "
                  "kept in memory")
@@ -706,13 +720,41 @@ def _redis_url_from_parts(env: typing.Mapping) -> str:
     return f"redis://{auth}{env['REDIS_HOST']}:{env.get('REDIS_PORT') or 6379}/{env.get('REDIS_DB') or 0}"
 
 
+_SENTINEL_SCHEME = "redis+sentinel://"
+
+
+def _sentinel_parts(url: str) -> dict:
+    """What ``redis+sentinel://[[user]:password@]host[:port][,host[:port]...]/service[/db]
+    [?sentinel_password=...]`` names: the sentinels (port 26379 by default), the service, the
+    db, and the credentials of the data nodes (``sentinel_password``: the sentinels' own, when
+    they ask for one).  ValueError says what is wrong with it."""
+    parts = urllib.parse.urlsplit(url)
+    sentinels = []
+    for item in parts.netloc.rpartition("@")[2].split(","):
+        node = urllib.parse.urlsplit("//" + item.strip())
+        if not node.hostname:
+            raise ValueError(f"sentinel address {item!r} has no host")
+        sentinels.append((node.hostname, node.port or 26379))
+    path = [urllib.parse.unquote(p) for p in parts.path.split("/") if p]
+    if not path or len(path) > 2 or (len(path) == 2 and not path[1].isdigit()):
+        raise ValueError("it must name the service, and may name a db: "
+                         "redis+sentinel://host1:26379,host2:26379/service_name/0")
+    query = dict(urllib.parse.parse_qsl(parts.query))
+    unquote = urllib.parse.unquote
+    return {"sentinels": sentinels, "service": path[0], "db": int(path[1]) if len(path) == 2 else 0,
+            "username": unquote(parts.username) if parts.username else None,
+            "password": unquote(parts.password) if parts.password else None,
+            "sentinel_password": query.get("sentinel_password") or None}
+
+
 def _redact_url(url: str) -> str:
     """A URL fit for logs: any password replaced by ***."""
-    parts = urllib.parse.urlsplit(url)
+    parts = original = urllib.parse.urlsplit(url)
     if parts.password:
-        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-    return url
+        parts = parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@"))
+    if "password" in parts.query:  # a sentinel's (_sentinel_parts)
+        parts = parts._replace(query=re.sub(r"(password=)[^&]*", r"\1***", parts.query))
+    return url if parts == original else urllib.parse.urlunsplit(parts)
 
 
 def _read_dotenv(path: str) -> typing.Iterator[tuple]:
@@ -1048,7 +1090,8 @@ def _configure_logging(level: str, fmt: str = "auto", path: str = "") -> None:
 
 
 class _Metrics:
-    """Process-local counters and histograms, rendered in the Prometheus text format."""
+    """Process-local counters and histograms, rendered in the Prometheus text format.  Under
+    ``--workers`` (``share``) a scrape of any worker shows the sum over the whole group."""
 
     BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0)
     HELP = {
@@ -1073,6 +1116,7 @@ class _Metrics:
         # MCPServer._ready): without it nobody can read them, and the counters of one request
         # cost ~5% of a tools/call (bench).  Hot call sites test ``on`` before building keys.
         self.on = False
+        self.shared: tuple | None = None  # (directory, this worker's file) under --workers
 
     def inc(self, name: str, amount: float = 1.0, **labels) -> None:
         if self.on:
@@ -1096,7 +1140,63 @@ class _Metrics:
         counts[bisect.bisect_left(self.BUCKETS, seconds)] += 1
         counts[-1] += seconds
 
+    # -- one scrape for the whole process group (--workers) ----------------------------------------
+
+    SHARE_PERIOD = 1.0  # seconds between a worker's writes of its counters (what a scrape lags by)
+
+    def share(self, directory: str, worker: str) -> None:
+        """Write this worker's counters to ``directory`` (the supervisor's, private to the user)
+        every ``SHARE_PERIOD`` seconds while they change, on a thread of their own (the event
+        loop never waits on a disk), and add every other worker's file when rendered."""
+        self.shared = (directory, os.path.join(directory, f"worker-{worker}.json"))
+        threading.Thread(target=self._publish, name="mcp-metrics-share", daemon=True).start()
+
+    def _snapshot(self) -> dict:
+        # (list() of a dict's items is taken in one step under the GIL, the request thread may add keys)
+        return {"values": [[name, pairs, value] for (name, pairs), value in list(self.values.items())],
+                "histograms": [[name, pairs, list(counts)] for (name, pairs), counts in list(self.histograms.items())]}
+
+    def _publish(self) -> None:
+        written = None
+        while True:
+            snapshot = self._snapshot()
+            if snapshot != written:
+                path = self.shared[1]
+                try:
+                    with open(path + ".tmp", "w", encoding="utf-8") as f:
+                        f.write(_dumps(snapshot))
+                    os.replace(path + ".tmp", path)  # a reader sees the old file or the new, never half
+                    written = snapshot
+                except OSError as exc:
+                    log.warning("cannot write this worker's metrics to %s: %s", path, exc.strerror or exc)
+            time.sleep(self.SHARE_PERIOD)
+
+    def _group(self) -> tuple:
+        """(values, histograms): this process's, plus every other worker's last written ones."""
+        if self.shared is None:
+            return self.values, self.histograms
+        values = collections.defaultdict(float, self.values)
+        histograms = {key: list(counts) for key, counts in self.histograms.items()}
+        directory, mine = self.shared
+        for entry in os.listdir(directory):
+            path = os.path.join(directory, entry)
+            if not entry.endswith(".json") or path == mine:
+                continue
+            try:
+                with open(path, encoding="utf-8") as f:
+                    other = _loads(f.read())
+            except (OSError, ValueError):
+                continue  # a worker that never wrote, or is being replaced
+            for name, pairs, value in other["values"]:
+                values[(name, tuple(map(tuple, pairs)))] += value
+            for name, pairs, counts in other["histograms"]:
+                key = (name, tuple(map(tuple, pairs)))
+                histograms[key] = [a + b for a, b in zip(histograms[key], counts)] if key in histograms else counts
+        return values, histograms
+
     def render(self) -> str:
+        values, histograms = self._group()
+
         def labels(pairs, extra=()):
             items = list(pairs) + list(extra)
             if not items:
@@ -1107,7 +1207,7 @@ class _Metrics:
         for name, (kind, text) in self.HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "histogram":
-                for (metric, pairs), counts in sorted(self.histograms.items()):
+                for (metric, pairs), counts in sorted(histograms.items()):
                     if metric != name:
                         continue
                     cumulative = list(itertools.accumulate(counts[:-1]))
@@ -1117,13 +1217,202 @@ class _Metrics:
                     lines.append(f"{name}_sum{labels(pairs)} {counts[-1]:.6f}")
                     lines.append(f"{name}_count{labels(pairs)} {cumulative[-1]}")
                 continue
-            for (metric, pairs), value in sorted(self.values.items()):
+            for (metric, pairs), value in sorted(values.items()):
                 if metric == name:
                     lines.append(f"{name}{labels(pairs)} {value:g}")
         return "\n".join(lines) + "\n"
 
 
 _metrics = _Metrics()
+
+
+class _InContext:
+    """Await a coroutine with an OpenTelemetry context current during each of its steps, and
+    only then: a request's first step runs in its caller's context (``_run_eagerly``), where an
+    ``attach`` left across an ``await`` would leak into the next request, and its ``detach``, in
+    the task the request became, would fail.  What the coroutine makes current itself (a span of
+    a tool's) stays current across its awaits."""
+
+    __slots__ = ("coroutine", "otel", "current")
+
+    def __init__(self, coroutine, otel_context, otel):
+        self.coroutine, self.current, self.otel = coroutine, otel_context, otel
+
+    def _step(self, method, *args):
+        token = self.otel.attach(self.current)
+        try:
+            return method(*args)
+        finally:
+            self.current = self.otel.get_current()
+            self.otel.detach(token)
+
+    def send(self, value):
+        return self._step(self.coroutine.send, value)
+
+    def throw(self, *exc):
+        return self._step(self.coroutine.throw, *exc)
+
+    def close(self):
+        self.coroutine.close()
+
+    def __await__(self):
+        return self
+
+    def __next__(self):
+        return self.send(None)
+
+
+class _Telemetry:
+    """OpenTelemetry for MCP, after the semantic conventions for MCP (OpenTelemetry's
+    gen-ai/mcp.md), when the ``opentelemetry-api`` package is installed: a SERVER span per request
+    named ``{mcp.method.name} {tool or prompt name}``, whose parent is the trace context in
+    ``params._meta`` (``traceparent``, ``tracestate``, ``baggage``), else the HTTP request's (its
+    headers, or the span of an instrumented ASGI server around us); with both, the HTTP one is a
+    link.  And the ``mcp.server.operation.duration`` and ``mcp.server.session.duration``
+    histograms.  Exporting is the application's business (an SDK and its exporters, configured as
+    OpenTelemetry says, before the server starts).  Without the package, or without an SDK,
+    nothing runs: servers are left as they are (``instrument``)."""
+
+    BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)  # (the conventions' advice)
+    _CARRIED = ("traceparent", "tracestate", "baggage")
+
+    def __init__(self):
+        self.api = None  # the opentelemetry modules and instruments, once loaded
+        self.on = False  # whether a server is instrumented (a plain attribute: read on every HTTP request)
+        self._tried = False
+        # the HTTP request's headers, for the request being served (set by the ASGI app)
+        self.http_headers: contextvars.ContextVar = contextvars.ContextVar("mcp_otel_headers", default=None)
+
+    def load(self) -> bool:
+        if not self._tried:
+            self._tried = True
+            try:
+                from opentelemetry import context, metrics, propagate, trace
+            except ImportError:
+                return False
+            meter = metrics.get_meter("mcp_server", __version__)
+
+            def histogram(name, description):
+                try:
+                    return meter.create_histogram(name, unit="s", description=description,
+                                                  explicit_bucket_boundaries_advisory=list(self.BUCKETS))
+                except TypeError:  # an API older than 1.23
+                    return meter.create_histogram(name, unit="s", description=description)
+            self.api = types.SimpleNamespace(
+                context=context, propagate=propagate, trace=trace, metrics=metrics,
+                tracer=trace.get_tracer("mcp_server", __version__),
+                operation=histogram("mcp.server.operation.duration", "MCP request or notification duration"),
+                session=histogram("mcp.server.session.duration", "MCP session duration"))
+        return self.api is not None
+
+    def instrument(self, server) -> None:
+        """Trace every request ``server`` answers if, when it starts, the API is installed and an
+        implementation (an SDK) is set as the tracer or meter provider: then its ``_respond`` is
+        wrapped, once.  Otherwise the server runs exactly the code it always ran (the API alone
+        would make spans and measurements nobody keeps, at ~10 µs a request)."""
+        respond = server._respond
+        if not self.load() or getattr(respond, "traced", False):
+            return
+        api = self.api
+        providers = (api.trace.get_tracer_provider(), api.metrics.get_meter_provider())
+        if all(type(p).__module__.startswith(("opentelemetry.trace", "opentelemetry.metrics")) for p in providers):
+            return  # (the API's own stand-ins: no SDK was set)
+
+        async def traced(ctx):
+            return await self.respond(respond, ctx)
+        traced.traced = True
+        server._respond = traced
+        self.on = True
+
+    async def respond(self, respond, ctx) -> tuple:
+        api = self.api
+        attributes = self._attributes(ctx)
+        name = attributes.get("gen_ai.tool.name") or attributes.get("gen_ai.prompt.name")
+        parent, links = self._parent(ctx.meta)
+        span = api.tracer.start_span(f"{ctx.method} {name}" if name else ctx.method, context=parent, links=links,
+                                     kind=api.trace.SpanKind.SERVER, attributes=attributes)
+        started = time.perf_counter()
+        error = message = None
+        try:
+            response, status = await _InContext(respond(ctx), api.trace.set_span_in_context(span, parent),
+                                                api.context)
+            error, message = self._outcome(response, status)
+            return response, status
+        except BaseException as exc:  # (cancelled from outside: the task ends, the span too)
+            error = type(exc).__qualname__
+            raise
+        finally:
+            if error is not None:
+                span.set_attribute("error.type", error)
+                span.set_status(api.trace.StatusCode.ERROR, message)
+            span.end()
+            measured = {k: attributes[k] for k in ("mcp.method.name", "gen_ai.tool.name", "gen_ai.prompt.name",
+                                                    "mcp.protocol.version", "network.transport") if k in attributes}
+            if error is not None:
+                measured["error.type"] = error
+            api.operation.record(time.perf_counter() - started, measured)
+
+    def _attributes(self, ctx) -> dict:
+        method, params = ctx.method, ctx.params
+        headers = self.http_headers.get()
+        attributes = {"mcp.method.name": method, "mcp.protocol.version": ctx.protocol_version,
+                      "network.transport": "pipe" if headers is None else "tcp"}
+        if headers is not None:
+            attributes["network.protocol.name"] = "http"
+        if ctx.request_id is not None:
+            attributes["jsonrpc.request.id"] = str(ctx.request_id)
+        if ctx.session_id is not None:  # hashed as in the logs: the id itself opens the session
+            attributes["mcp.session.id"] = _hash_id(ctx.session_id)
+        # a name the server has, not any the client sends: it names spans and measurements,
+        # which would otherwise have as many distinct values as a client cares to make up
+        target = params.get("name")
+        if method == "tools/call" and isinstance(target, str) and target in ctx.server._tools:
+            attributes.update({"gen_ai.tool.name": target, "gen_ai.operation.name": "execute_tool"})
+        elif method == "prompts/get" and isinstance(target, str) and target in ctx.server._prompts:
+            attributes["gen_ai.prompt.name"] = target
+        uri = params.get("uri")
+        if isinstance(uri, str) and method in ("resources/read", "resources/subscribe", "resources/unsubscribe"):
+            attributes["mcp.resource.uri"] = uri
+        return attributes
+
+    def _parent(self, meta: dict) -> tuple:
+        """(parent context, links): ``_meta``'s trace context first, the HTTP request's as a link."""
+        api = self.api
+        ambient = api.context.get_current()
+        headers = self.http_headers.get()
+        if headers is not None and not api.trace.get_current_span(ambient).get_span_context().is_valid:
+            ambient = api.propagate.extract(headers, context=ambient)
+        carried = {k: meta[k] for k in self._CARRIED if isinstance(meta.get(k), str)} if meta else None
+        if not carried or "traceparent" not in carried:
+            return ambient, None
+        link = api.trace.get_current_span(ambient).get_span_context()
+        return api.propagate.extract(carried), [api.trace.Link(link)] if link.is_valid else None
+
+    @staticmethod
+    def _outcome(response, status: int) -> tuple:
+        """(error.type, status description) of a response: the JSON-RPC error code, ``tool_error``
+        for a tool's ``isError`` result, ``cancelled``, or (None, None)."""
+        if response is None:
+            return ("cancelled", None) if status == 0 else (None, None)
+        error = response.get("error")
+        if error is not None:
+            return str(error.get("code")), error.get("message")
+        result = response.get("result")
+        if isinstance(result, dict) and result.get("isError") is True:
+            return "tool_error", None
+        return None, None
+
+    def session_ended(self, started: float | None, version: str | None, transport: str) -> None:
+        """``mcp.server.session.duration`` for a session that began at ``started`` (``_now()``)."""
+        if not self.on or not isinstance(started, (int, float)):
+            return
+        attributes = {"network.transport": transport}
+        if version:
+            attributes["mcp.protocol.version"] = version
+        self.api.session.record(max(0.0, _now() - started), attributes)
+
+
+_telemetry = _Telemetry()
 
 
 @functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
@@ -1521,8 +1810,24 @@ return 1
 """
 
 
+def _sentinel_client(url: str, options: dict):
+    """A client of the primary that Redis Sentinel names for ``url`` (``_sentinel_parts``).
+    Every new connection asks the sentinels where the primary is, and redis-py drops a
+    connection that finds its primary demoted (READONLY): a failover costs the operations in
+    flight a ``StoreUnavailable`` (503), and the next ones reach the new primary."""
+    from redis.asyncio.sentinel import Sentinel
+    where = _sentinel_parts(url)
+    sentinel_options = {k: options[k] for k in ("socket_timeout", "socket_connect_timeout")}
+    if where["sentinel_password"]:
+        sentinel_options["password"] = where["sentinel_password"]
+    sentinel = Sentinel(where["sentinels"], sentinel_kwargs=sentinel_options, **options)
+    return sentinel.master_for(where["service"], db=where["db"], username=where["username"],
+                               password=where["password"])
+
+
 class RedisStore(Store):
-    """The shared store: plain Redis strings, lists and pub/sub (Redis 6.2+, Valkey, managed).
+    """The shared store: plain Redis strings, lists and pub/sub (Redis 6.2+, Valkey, managed, or
+    a primary found through Redis Sentinel: ``redis+sentinel://``).
 
     Every operation is bounded by ``timeout``; a store that does not answer raises
     ``StoreUnavailable`` (HTTP 503) and the next operation reconnects.  Pub/sub runs on one
@@ -1540,7 +1845,8 @@ class RedisStore(Store):
         self._pump_task = None
         self._synced: asyncio.Event | None = None  # set when Redis has every wanted subscription
         self._scripts: dict = {}
-        self._errors = None
+        self._errors = self._readonly = None
+        self._follower = None  # with Sentinel: the task that hears of a new primary (_follow_sentinels)
 
     def _redis(self):
         if self._client is None:
@@ -1550,11 +1856,15 @@ class RedisStore(Store):
             from redis.backoff import ExponentialBackoff
             self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, OSError,
                             asyncio.TimeoutError)
+            self._readonly = redis.exceptions.ReadOnlyError
             options = dict(socket_timeout=self.timeout, socket_connect_timeout=self.timeout,
                            retry=Retry(ExponentialBackoff(cap=0.2, base=0.05), 1), health_check_interval=15)
             if self.cluster:
                 from redis.asyncio.cluster import RedisCluster
                 self._client = RedisCluster.from_url(self.url, **options)
+            elif self.url.startswith(_SENTINEL_SCHEME):
+                self._client = _sentinel_client(self.url, options)
+                self._follower = asyncio.get_running_loop().create_task(self._follow_sentinels())
             else:
                 self._client = aioredis.Redis.from_url(self.url, **options)
         return self._client
@@ -1566,6 +1876,10 @@ class RedisStore(Store):
                 return await operation(client)
         except self._errors as exc:
             _metrics.inc("mcp_store_errors_total", store="redis")
+            raise StoreUnavailable(type(exc).__name__) from None
+        except self._readonly as exc:  # a primary demoted under us (a script's write, on a replica)
+            _metrics.inc("mcp_store_errors_total", store="redis")
+            await client.connection_pool.disconnect()  # every connection asks the sentinels anew
             raise StoreUnavailable(type(exc).__name__) from None
 
     async def _script(self, name: str, source: str, keys: list, args: list):
@@ -1727,6 +2041,50 @@ class RedisStore(Store):
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 2.0)
 
+    async def _follow_sentinels(self) -> None:
+        """Replace the client the moment a sentinel announces a new primary (``+switch-master``).
+        A primary demoted by ``SENTINEL FAILOVER`` keeps taking writes until the sentinels
+        reconfigure it, seconds later, and then discards them: a session made there would be lost.
+        A new client, with a pool of its own, asks the sentinels anew for every connection; the
+        old one is closed, so the operations in flight on it end with a 503, and no connection it
+        was still opening is used again."""
+        client = self._client
+        pool = client.connection_pool
+        backoff = 0.1
+        while not await self._switch_announced(pool):
+            await asyncio.sleep(backoff)  # every sentinel is unreachable: try them again
+            backoff = min(backoff * 2, 2.0)
+        self._client, self._scripts = None, {}
+        self._redis()  # (synchronous: no operation starts between the two clients)
+        await client.aclose()
+        for node in pool.sentinel_manager.sentinels:
+            await node.aclose()
+        log.warning("redis sentinel: %s has a new primary; every connection to the old one closed",
+                    pool.service_name)
+
+    @staticmethod
+    async def _switch_announced(pool) -> bool:
+        """Listen to the sentinels, one after the other, until one announces a new primary of
+        the pool's service (True), or none answers (False)."""
+        service = pool.service_name.encode()
+        for node in pool.sentinel_manager.sentinels:
+            pubsub = node.pubsub()
+            try:
+                await pubsub.subscribe("+switch-master")
+                while True:
+                    message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+                    if message and message["type"] == "message" and message["data"].split()[:1] == [service]:
+                        return True
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # this sentinel is gone: listen to the next one
+                where = node.connection_pool.connection_kwargs
+                log.warning("redis sentinel %s:%s unreachable (%s)", where.get("host"), where.get("port"),
+                            type(exc).__name__)
+            finally:
+                await asyncio.shield(pubsub.aclose())
+        return False
+
     async def subscribed(self):
         if self._synced is not None and not self._synced.is_set():
             try:
@@ -1742,9 +2100,11 @@ class RedisStore(Store):
             return False
 
     async def close(self):
-        if self._pump_task is not None:
-            self._pump_task.cancel()
-            await asyncio.gather(self._pump_task, return_exceptions=True)
+        for task in (self._pump_task, self._follower):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        self._follower = None
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -3849,6 +4209,7 @@ class MCPServer:
         hub = self._runtime if self._runtime is not None else self._hub()
         if not hub.started:
             hub.start()
+            _telemetry.instrument(self)
             if self.settings.metrics_token:
                 _metrics.on = True  # (for good: another server in this process may serve them too)
         return hub
@@ -5985,7 +6346,8 @@ class _StreamableHTTP:
             counted = await hub.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted}, new=True)
+            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted,
+                                                "born": round(_now(), 3)}, new=True)
         elif ctx._session_changed and session_id is not None:
             await hub.save_session(session_id, ctx.session)
         if response is None:
@@ -6141,6 +6503,7 @@ class _StreamableHTTP:
             raise _HttpError(404, "Session not found.")
         await hub.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
+        _telemetry.session_ended(session.get("born"), session.get("v"), "tcp")
         for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
             await hub.store.delete_log(_events_key(session_id, stream_id))
         await hub.store.delete_log(_events_key(session_id, "get"))
@@ -9009,6 +9372,8 @@ class _App:
         try:
             if server._runtime is None or not server._runtime.started:
                 await server._ready()
+            if _telemetry.on:  # (the trace context of the HTTP request, for the MCP server span)
+                _telemetry.http_headers.set(headers)
             self._check_host(http)
             if "origin" in headers:
                 http.extra_headers = self._check_origin(http, path) + request_header
@@ -10138,7 +10503,7 @@ async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
 async def _serve_stdio(server: MCPServer) -> None:
     """stdio; with the login flow, also a loopback HTTP listener for /login, /redirect and the
     sandbox (the browser needs somewhere to go).  Ends on stdin EOF or SIGTERM/SIGINT."""
-    stop = asyncio.Event()
+    stop, born = asyncio.Event(), _now()
     listener = None
     if server._login is not None:
         listener = asyncio.get_running_loop().create_task(_side_listener(server, stop))
@@ -10157,6 +10522,7 @@ async def _serve_stdio(server: MCPServer) -> None:
     await asyncio.gather(stdio, stopped, return_exceptions=True)
     if listener is not None:
         await asyncio.gather(listener, return_exceptions=True)
+    _telemetry.session_ended(born, None, "pipe")  # (the process is the session)
     await _shutdown(server)
 
 
@@ -10205,6 +10571,8 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         _give_back_memory()
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
         sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps: 25 MB, not 43)
+    if os.environ.get("MCP_WORKER_ID") and os.environ.get(_WORKER_METRICS_DIR):
+        _metrics.share(os.environ[_WORKER_METRICS_DIR], os.environ["MCP_WORKER_ID"])
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,
     # event logs): collecting the young generation less often and never rescanning what startup
     # made halves the tail latency under load (bench: SSE p99 60 ms -> 31 ms).  Only here, where
@@ -10222,9 +10590,24 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         pass
 
 
+_WORKER_METRICS_DIR = "MCP_WORKER_METRICS_DIR"  # (set by the supervisor for its workers: _Metrics.share)
+
+
 def _supervise(settings: Settings) -> int:
     """Run ``settings.workers`` copies of this command on one port (SO_REUSEPORT); restart a
-    worker that dies, and on SIGTERM/SIGINT stop them all gracefully."""
+    worker that dies, and on SIGTERM/SIGINT stop them all gracefully.  With /metrics served,
+    the workers share their counters through a directory of the supervisor's."""
+    import shutil
+    import tempfile
+    metrics_dir = tempfile.mkdtemp(prefix="mcp-metrics-") if settings.metrics_token else ""  # (mode 0700)
+    try:
+        return _run_workers(settings, {_WORKER_METRICS_DIR: metrics_dir} if metrics_dir else {})
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _run_workers(settings: Settings, extra_env: dict) -> int:
     import subprocess
     if settings.port == 0:
         print("mcp_server: error: --workers needs a fixed --port", file=sys.stderr)
@@ -10249,7 +10632,7 @@ def _supervise(settings: Settings) -> int:
     def start(index: int):
         # glibc's allocator, so that a worker's trims give memory back (docs/operations.md: Memory); the
         # operator's own PYTHONMALLOC wins
-        env = {"PYTHONMALLOC": "malloc", **os.environ, "MCP_WORKER_ID": str(index)}
+        env = {"PYTHONMALLOC": "malloc", **os.environ, **extra_env, "MCP_WORKER_ID": str(index)}
         return subprocess.Popen(command, env=env)
 
     workers = {i: start(i) for i in range(settings.workers)}

@@ -4394,19 +4394,23 @@ def _redis_wait(predicate, what: str, bound: float = WAIT):
 class _redis_Server:
     """One redis-server process (no RDB, no AOF) whose log is read to know when it is ready."""
 
-    def __init__(self, workdir: str, port: int | None = None, cluster: bool = False):
+    def __init__(self, workdir: str, port: int | None = None, cluster: bool = False, head: tuple = (),
+                 extra: tuple = (), ready: bytes = b"Ready to accept connections"):
         self.workdir, self.cluster = workdir, cluster
         self.port = port or _redis_free_port(cluster)
         self.proc = None
         self.log = bytearray()
+        # head: what goes before the options (a config file, --sentinel); extra: more options;
+        # ready: the log line that says it serves (a sentinel's is "+monitor master")
+        self.head, self.extra, self.ready = head, extra, ready
 
     @property
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self) -> "_redis_Server":
-        argv = [_REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", self.workdir, "--logfile", "", "--daemonize", "no"]
+        argv = [_REDIS_SERVER, *self.head, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", self.workdir, "--logfile", "", "--daemonize", "no", *self.extra]
         if self.cluster:
             argv += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{self.port}.conf",
                      "--cluster-node-timeout", "1000"]
@@ -4429,7 +4433,7 @@ class _redis_Server:
                 pytest.fail(f"redis-server on {self.port} did not get ready: {bytes(self.log)[-1500:]!r}")
             if line is None:
                 pytest.fail(f"redis-server on {self.port} exited: {bytes(self.log)[-1500:]!r}")
-            if b"Ready to accept connections" in line:
+            if self.ready in line:
                 return self
 
     def client(self):
@@ -13255,6 +13259,343 @@ class TestDocsExamples:
         assert "<option value='asha'>Asha Rao (sandbox)</option>" in out
         assert "<h1>You are signed in</h1>" in out
         assert '"demat_id":"XXXXXXXXXXXX8901"' in out and "IN30012345678901" not in out
+
+
+class TestSentinel:
+    """REDIS_URL=redis+sentinel://...: the primary is the one Redis Sentinel names, and a failover
+    under load loses no session and needs no restart (a real primary, replica and sentinel)."""
+
+    def test_sentinel_urls_are_checked_at_start_with_the_password_hidden(self):
+        ok = Settings(redis_url="redis+sentinel://:pw@h1:26379,[::1],h2:1/svc/3?sentinel_password=sp",
+                      secret=_REDIS_SECRET)
+        ok.validate()
+        assert mcp_server._sentinel_parts(ok.redis_url) == {
+            "sentinels": [("h1", 26379), ("::1", 26379), ("h2", 1)], "service": "svc", "db": 3,
+            "username": None, "password": "pw", "sentinel_password": "sp"}
+        for url, words in (("redis+sentinel://:pw@h1:26379/", "must name the service"),
+                           ("redis+sentinel://:pw@h1/svc/zero", "must name the service"),
+                           ("redis+sentinel://:pw@h1:port/svc?sentinel_password=sp", "Port")):
+            with pytest.raises(SystemExit) as refused:
+                Settings(redis_url=url, secret=_REDIS_SECRET).validate()
+            message = str(refused.value.code)
+            assert words in message and "redis+sentinel://:***@h1" in message, message
+            assert "pw" not in message.replace("password", "") and "sp" not in message.split("?")[-1].replace("***", "")
+        with pytest.raises(SystemExit) as refused:
+            Settings(redis_url="redis+sentinel://h1/svc", redis_cluster=True, secret=_REDIS_SECRET).validate()
+        assert "REDIS_CLUSTER" in str(refused.value.code)
+
+    def test_a_failover_under_load_loses_no_session_and_needs_no_restart(self, redis_workdir):
+        if _redis_skip_reason():
+            pytest.skip(_redis_skip_reason())
+        primary = _redis_Server(redis_workdir).start()
+        replica = sentinel = instance = None
+        try:
+            replica = _redis_Server(redis_workdir, extra=("--replicaof", "127.0.0.1", str(primary.port))).start()
+            sentinel = self._sentinel(redis_workdir, primary.port)
+            _redis_wait(lambda: self._replica_known(sentinel, replica.port), "the sentinel to see the synced replica")
+            instance = _redis_instances(f"redis+sentinel://127.0.0.1:{sentinel.port}/svc/0", 1,
+                                        MCP_SESSION_CACHE="0")[0]  # every request reads and touches Redis
+            sessions = [Session(instance.port) for _ in range(4)]
+            for s in sessions:
+                s.initialize()
+                assert _redis_text(s.call("greet", {"name": "before"})) == "Hello, before!"
+            self._command(primary, "WAIT", 1, int(WAIT * 1000))  # the replica has every session
+            seen, stop = [], threading.Event()
+            load = threading.Thread(target=self._load, args=(sessions, seen, stop), daemon=True)
+            load.start()
+            try:
+                _redis_wait(lambda: len(seen) >= 8, "requests before the failover")
+                before = len(seen)
+                assert self._command(sentinel, "SENTINEL", "FAILOVER", "svc") == b"OK"
+                _redis_wait(lambda: self._command(sentinel, "SENTINEL", "GET-MASTER-ADDR-BY-NAME", "svc")
+                            == [b"127.0.0.1", str(replica.port).encode()], "the sentinel to name the replica")
+                switched = b"has a new primary; every connection to the old one closed"
+                _redis_wait(lambda: switched in instance.proc.stderr, "the server to hear of the new primary")
+                _redis_wait(lambda: len(seen) >= before + 8 and seen[-1] == 200, "requests after the switch")
+            finally:
+                stop.set()
+                load.join(WAIT)
+            assert set(seen) <= {200, 503}, seen  # a clean 503 while it switches, else an answer
+            for s in sessions:  # no session lost, and the same process serves them from the new primary
+                assert _redis_text(s.call("greet", {"name": "after"})) == "Hello, after!"
+                assert self._command(replica, "EXISTS", mcp_server._session_key(s.sid)) == 1
+            # a demoted primary takes writes until the sentinels reconfigure it (seconds later), then
+            # drops them: every session made from now on must be on the new primary, none there
+            for _ in range(5):
+                assert self._new_session_on(replica, instance.port)
+            assert instance.proc.proc.poll() is None
+        finally:
+            if instance is not None:
+                instance.stop()
+                assert "Traceback" not in bytes(instance.proc.stderr).decode(), bytes(instance.proc.stderr)[-3000:]
+            for node in (sentinel, replica, primary):
+                if node is not None:
+                    node.stop()
+
+    @staticmethod
+    def _sentinel(workdir: str, primary_port: int) -> "_redis_Server":
+        port = _redis_free_port()
+        config = os.path.join(workdir, f"sentinel-{port}.conf")  # (a sentinel rewrites its config file)
+        with open(config, "w") as f:
+            f.write(f"sentinel monitor svc 127.0.0.1 {primary_port} 1\n"
+                    "sentinel down-after-milliseconds svc 2000\nsentinel failover-timeout svc 10000\n")
+        return _redis_Server(workdir, port, head=(config, "--sentinel"), ready=b"+monitor master").start()
+
+    @staticmethod
+    def _command(node: "_redis_Server", *args):
+        client = node.client()
+        try:
+            return client.execute_command(*args)
+        finally:
+            client.close()
+
+    @classmethod
+    def _replica_known(cls, sentinel: "_redis_Server", port: int) -> bool:
+        for row in cls._command(sentinel, "SENTINEL", "REPLICAS", "svc"):
+            fields = dict(zip(row[::2], row[1::2])) if isinstance(row, list) else row
+            fields = {k.decode() if isinstance(k, bytes) else k: v.decode() if isinstance(v, bytes) else v
+                      for k, v in fields.items()}
+            if (fields.get("port") == str(port) and fields.get("master-link-status") == "ok"
+                    and "disconnected" not in fields.get("flags", "")):
+                return True
+        return False
+
+    @staticmethod
+    def _new_session_on(node: "_redis_Server", port: int) -> bool:
+        """A new session answers a call; whether it is kept on ``node``."""
+        s = Session(port)
+        s.initialize()
+        assert _redis_text(s.call("greet", {"name": "new"})) == "Hello, new!"
+        return TestSentinel._command(node, "EXISTS", mcp_server._session_key(s.sid)) == 1
+
+    @staticmethod
+    def _load(sessions: list, seen: list, stop: threading.Event) -> None:
+        """tools/call on every session in turn until told to stop (bounded: 5000 requests)."""
+        for i in range(5000):
+            if stop.is_set():
+                return
+            s = sessions[i % len(sessions)]
+            message = s.body("tools/call", {"name": "greet", "arguments": {"name": f"n{i}"}})
+            r = s.post(message)
+            if r.status == 200:
+                assert _redis_text(final_message(r, message["id"])["result"]) == f"Hello, n{i}!"
+            elif r.status == 503:
+                assert "store is unavailable" in r.json()["error"]["message"], r
+            seen.append(r.status)
+
+
+def _otel_sdk():
+    """(span exporter, metric reader) of the OpenTelemetry SDK, installed once in this process as
+    the global providers (OpenTelemetry allows one of each); skips when the SDK is missing."""
+    global _OTEL_SDK
+    if _OTEL_SDK is None:
+        try:
+            from opentelemetry import metrics, trace
+            from opentelemetry.sdk.metrics import MeterProvider
+            from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+            from opentelemetry.sdk.trace import TracerProvider
+            from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+            from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+        except ImportError as exc:
+            pytest.skip(f"the OpenTelemetry SDK is not installed ({exc.name}): pip install -r "
+                        "deploy/requirements-test.txt (.ci/run does)")
+        exporter, reader = InMemorySpanExporter(), InMemoryMetricReader()
+        provider = TracerProvider()
+        provider.add_span_processor(SimpleSpanProcessor(exporter))
+        trace.set_tracer_provider(provider)
+        metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))
+        _OTEL_SDK = (exporter, reader)
+    _OTEL_SDK[0].clear()
+    return _OTEL_SDK
+
+
+_OTEL_SDK = None
+_OTEL_PARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+_OTEL_HEADER_PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+class TestTelemetry:
+    """OpenTelemetry (semantic conventions for MCP): spans, their parents, errors, histograms;
+    read from the SDK's in-memory exporter and reader, the server over real HTTP."""
+
+    @staticmethod
+    def _spans(exporter, count: int) -> list:
+        return _redis_wait(lambda: (lambda s: s if len(s) >= count else None)(exporter.get_finished_spans()),
+                           f"{count} finished span(s)")
+
+    @staticmethod
+    def _points(reader, name: str) -> list:
+        found = []
+        for resource in reader.get_metrics_data().resource_metrics:
+            for scope in resource.scope_metrics:
+                found += [p for m in scope.metrics if m.name == name and m.unit == "s" for p in m.data.data_points]
+        return found
+
+    def test_a_tool_call_span_follows_the_conventions_and_its_meta_parent(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        message = s.body("tools/call", {"name": "echo", "arguments": {"text": "hi"},
+                                        "_meta": {"traceparent": _OTEL_PARENT, "tracestate": "rojo=00f067aa0ba902b7"}})
+        assert s.post(message, {"traceparent": _OTEL_HEADER_PARENT}).status == 200
+        span, = self._spans(exporter, 1)
+        from opentelemetry.trace import SpanKind
+        assert span.name == "tools/call echo" and span.kind == SpanKind.SERVER
+        assert dict(span.attributes) == {
+            "mcp.method.name": "tools/call", "mcp.protocol.version": LEGACY, "network.transport": "tcp",
+            "network.protocol.name": "http", "jsonrpc.request.id": str(message["id"]),
+            "mcp.session.id": hashlib.sha256(s.sid.encode()).hexdigest()[:12],  # never the id itself
+            "gen_ai.tool.name": "echo", "gen_ai.operation.name": "execute_tool"}
+        assert f"{span.parent.trace_id:032x}" == _OTEL_PARENT[3:35] and span.parent.is_remote
+        assert f"{span.parent.span_id:016x}" == _OTEL_PARENT[36:52]
+        assert span.context.trace_state.get("rojo") == "00f067aa0ba902b7"
+        link, = span.links  # the HTTP request's context, as the conventions say
+        assert f"{link.context.trace_id:032x}" == _OTEL_HEADER_PARENT[3:35]
+        assert span.status.is_ok or span.status.status_code.name == "UNSET"
+
+    def test_without_meta_the_http_traceparent_is_the_parent_and_nothing_leaks(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        with Conn(port) as conn:  # one keep-alive connection: a context must not outlive its request
+            for i, (headers, meta) in enumerate(((None, {"traceparent": _OTEL_PARENT}),
+                                                 ({"traceparent": _OTEL_HEADER_PARENT}, None), (None, None))):
+                params = {"name": "where_sync", "arguments": {}, **({"_meta": meta} if meta else {})}
+                body = modern_body("tools/call", params, request_id=i)
+                conn.request("POST", "/mcp", modern_headers(body, headers), body)
+                assert conn.read_response().status == 200
+        meta_span, header_span, plain = self._spans(exporter, 3)
+        assert f"{meta_span.parent.trace_id:032x}" == _OTEL_PARENT[3:35]
+        assert f"{header_span.parent.trace_id:032x}" == _OTEL_HEADER_PARENT[3:35] and not header_span.links
+        assert header_span.attributes["mcp.protocol.version"] == MODERN
+        assert "mcp.session.id" not in header_span.attributes  # (2026-07-28: no sessions)
+        assert plain.parent is None and plain.context.trace_id not in (
+            meta_span.context.trace_id, header_span.context.trace_id)
+
+    def test_failures_carry_error_type_and_an_error_status(self, make_server):
+        exporter, _ = _otel_sdk()
+        port = make_server().port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        assert s.call("refuse")["isError"] is True
+        assert s.call("boom")["isError"] is True
+        assert "error" in s.request("nope/nothing")
+        made_up = [s.request("tools/call", {"name": f"no-such-tool-{i}", "arguments": {}}) for i in range(3)]
+        assert all("error" in reply or reply["result"]["isError"] for reply in made_up)
+        refused, boom, unknown, *missing = self._spans(exporter, 6)
+        for span in (refused, boom):
+            assert span.attributes["error.type"] == "tool_error" and span.status.status_code.name == "ERROR"
+        assert unknown.name == "nope/nothing" and unknown.attributes["error.type"] == str(mcp_server.METHOD_NOT_FOUND)
+        assert "Method not found" in unknown.status.description
+        for span in missing:  # a name the client made up names no span and no measurement
+            assert span.name == "tools/call" and "gen_ai.tool.name" not in span.attributes
+            assert "error.type" in span.attributes
+
+    def test_prompts_and_resources_and_a_tools_own_spans_nest(self, make_server):
+        exporter, _ = _otel_sdk()
+        from opentelemetry import trace
+        server = build_server()
+
+        @server.tool()
+        async def traced(ctx: Context) -> str:
+            """Makes a span of its own across an await."""
+            with trace.get_tracer("a-tool").start_as_current_span("tool work"):
+                await asyncio.sleep(0.001)
+                with trace.get_tracer("a-tool").start_as_current_span("after the await"):
+                    return "done"
+        port = make_server(server).port
+        s = Session(port)
+        s.initialize()
+        exporter.clear()
+        s.request("prompts/get", {"name": "greeting", "arguments": {"name": "Ada"}})
+        s.request("resources/read", {"uri": "test://items/7"})
+        s.call("traced")
+        spans = {span.name: span for span in self._spans(exporter, 5)}
+        assert spans["prompts/get greeting"].attributes["gen_ai.prompt.name"] == "greeting"
+        read = spans["resources/read"]  # (a URI is no span name: too many of them)
+        assert read.attributes["mcp.resource.uri"] == "test://items/7" and "error.type" not in read.attributes
+        call, work, after = spans["tools/call traced"], spans["tool work"], spans["after the await"]
+        assert work.parent.span_id == call.context.span_id and after.parent.span_id == work.context.span_id
+
+    @pytest.mark.parametrize("package", ["absent", "api without an SDK"])
+    def test_without_the_package_or_an_sdk_nothing_is_wrapped(self, package):
+        _otel_sdk()  # (the API is installed where the SDK is)
+        code = textwrap.dedent(f"""
+            import asyncio, sys
+            if {package == "absent"}:
+                sys.modules["opentelemetry"] = None  # (what an absent package looks like to import)
+            import mcp_server
+            server = mcp_server.MCPServer("t", settings=mcp_server.Settings(auth="none"))
+            asyncio.run(server._ready())
+            print("_respond" in vars(server), mcp_server._telemetry.on,
+                  sorted({{m.partition(".")[0] for m in sys.modules if m.startswith("opentelemetry")}}))
+        """)
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT * 3,
+                                cwd=ROOT, env=clean_env(), stdin=subprocess.DEVNULL)
+        assert result.stdout.split("\n")[0] == "False False ['opentelemetry']", result
+
+    def test_operation_and_session_durations_are_histograms_in_seconds(self, make_server):
+        _, reader = _otel_sdk()
+        port = make_server().port
+        before = sum(p.count for p in self._points(reader, "mcp.server.session.duration"))
+        s = Session(port)
+        s.initialize()
+        s.call("echo", {"text": "a"})
+        s.call("refuse")
+        assert s.delete().status == 200
+        calls = [p for p in self._points(reader, "mcp.server.operation.duration")
+                 if p.attributes.get("gen_ai.tool.name") in ("echo", "refuse")]
+        ok = [p for p in calls if p.attributes["gen_ai.tool.name"] == "echo"]
+        failed = [p for p in calls if p.attributes["gen_ai.tool.name"] == "refuse"]
+        assert ok and all("error.type" not in p.attributes for p in ok)
+        assert failed and failed[0].attributes["error.type"] == "tool_error" and failed[0].count >= 1
+        assert ok[0].attributes["mcp.method.name"] == "tools/call" and "mcp.session.id" not in ok[0].attributes
+        assert list(ok[0].explicit_bounds)[:3] == [0.01, 0.02, 0.05]
+        sessions = self._points(reader, "mcp.server.session.duration")
+        assert sum(p.count for p in sessions) == before + 1
+        assert any(p.attributes.get("mcp.protocol.version") == LEGACY for p in sessions)
+
+
+class TestWorkerMetrics:
+    """--workers N: one scrape of the shared port shows the whole process group's counters."""
+
+    def test_one_scrape_sums_the_workers(self, redis_url):
+        port = _redis_free_port()
+        env = clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET, MCP_METRICS_TOKEN="scrape-secret")
+        with Proc(["-X", "utf8", EVERYTHING_FILE, "--port", str(port), "--workers", "2"], env=env) as supervisor:
+            try:
+                workers = _redis_wait(lambda: _redis_listening_workers(supervisor.proc.pid, port, 2),
+                                      "both workers to listen on the port", bound=WAIT * 3)
+                with open(f"/proc/{next(iter(workers.values()))}/environ", "rb") as f:
+                    shared = dict(item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item)
+                directory = shared[b"MCP_WORKER_METRICS_DIR"].decode()
+                assert os.stat(directory).st_mode & 0o777 == 0o700  # the supervisor's, no one else's
+                s = Session(port)
+                s.initialize()
+                calls = 30
+                for i in range(calls):  # each on a new connection: the kernel spreads them over both
+                    assert _redis_text(s.call("greet", {"name": f"n{i}"})) == f"Hello, n{i}!"
+
+                def per_worker():
+                    counts = {}
+                    for name in (n for n in os.listdir(directory) if n.endswith(".json")):
+                        with open(os.path.join(directory, name)) as f:
+                            counts[name] = sum(v for metric, pairs, v in json.load(f)["values"]
+                                               if metric == "mcp_tool_calls_total" and ["tool", "greet"] in pairs)
+                    return counts if len(counts) == 2 and sum(counts.values()) == calls else None
+                spread = _redis_wait(per_worker, "both workers to write their counters")
+                assert all(spread.values()), spread  # both served some: no single worker saw them all
+                for _ in range(6):  # whichever worker answers, the scrape shows the group
+                    text = http(port, "GET", "/metrics", {"Authorization": "Bearer scrape-secret"}).body.decode()
+                    assert f'mcp_tool_calls_total{{tool="greet",outcome="ok"}} {calls}\n' in text, text
+                    assert f'mcp_tool_duration_seconds_count{{tool="greet"}} {calls}\n' in text
+            finally:
+                supervisor.proc.send_signal(signal.SIGTERM)
+                assert supervisor.proc.wait(WAIT + 20) == 0
+        assert not os.path.exists(directory)  # the supervisor took its directory with it
+        assert "Traceback" not in supervisor.stderr.decode()
 
 
 class TestLogHygiene:
