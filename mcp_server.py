@@ -80,6 +80,9 @@ import types
 import typing
 import urllib.parse
 
+if sys.version_info < (3, 12):  # (eager tasks: section 6, "Running a request eagerly")
+    raise ImportError("mcp_server needs Python 3.12 or newer; this is Python %d.%d" % sys.version_info[:2])
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -296,8 +299,9 @@ _SETTING_SPECS = (
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
     ("max_connections_per_address", None, ("MCP_MAX_CONNECTIONS_PER_ADDRESS",), int, 1000,
      "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
-    ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
-     "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
+    ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 0,
+     "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never, "
+     "the default; it spends CPU to answer a client that sends one request at a time sooner)"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
@@ -412,7 +416,7 @@ class Settings:
     idle_timeout: float = 30.0
     max_connections: int = 10000
     max_connections_per_address: int = 1000
-    busy_poll_us: int = 100
+    busy_poll_us: int = 0
     session_ttl: int = 3600
     max_sessions: int = 100000
     max_sessions_per_principal: int = 100
@@ -577,7 +581,7 @@ def _redact_url(url: str) -> str:
     parts = urllib.parse.urlsplit(url)
     if parts.password:
         netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
-        return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
     return url
 
 
@@ -762,24 +766,24 @@ def _control_escape(char: str, json_text: bool) -> str:
 class _PassEnd:
     """Writes that wait for the end of the event loop's current pass, so that what the pass's
     callbacks write leaves in one system call: the bundled server's answers (section 9) and the
-    log lines of ``_Batching``.  One callback at the end of the pass runs them all, in the order
-    they were added (answers before the lines that log them).  While a connection's data arrives,
-    and through each step of a request that had to wait (``_Resumed``), nothing is scheduled
-    (``hold``); if, as it returns (``release``), the loop has nothing else ready, the pass ends
-    there and the writes go at once: a client that sent one request and waits for it gets its
-    answer without a trip through the loop (an ``epoll_wait`` and a pass more; bench: 5% more
-    requests a second on one connection)."""
+    log lines of ``_Batching``.  One callback at the end of the pass (``call_soon``) runs them
+    all, in the order they were added (answers before the lines that log them).  While a
+    connection's data arrives nothing is scheduled (``hold``); as it returns (``release``), if
+    the last pass wrote for at most one connection (``alone``: a client that sent one request
+    and waits for it), the writes go at once, without waiting for another trip through the
+    loop; while many connections are busy they wait, and leave together at the end of the pass.
+    (Which callbacks remain in this pass is the loop's private business: the last pass is the
+    public stand-in for it.)"""
 
-    __slots__ = ("loop", "ready", "writes", "scheduled", "holding")
+    __slots__ = ("loop", "writes", "scheduled", "holding", "senders", "alone")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        # asyncio's queue of callbacks ready to run; None on a loop without one (all writes then
-        # wait for the scheduled callback)
-        self.ready = getattr(loop, "_ready", None)
         self.writes: list = []
         self.scheduled = False
         self.holding = False
+        self.senders = 0  # releases with something to write in this pass
+        self.alone = True  # the last pass had at most one
 
     def add(self, write) -> None:
         """Call ``write`` at the end of this pass.  (Each writer adds itself when it first has
@@ -794,15 +798,20 @@ class _PassEnd:
 
     def release(self) -> None:
         self.holding = False
-        if self.writes and not self.scheduled:
-            if self.ready is not None and not self.ready:
-                self.run()
-            else:
+        if self.writes:
+            self.senders += 1
+            if self.alone and self.senders == 1:
+                self.write()
+            if not self.scheduled:  # (even when nothing waits now: it ends the pass's count)
                 self.scheduled = True
                 self.loop.call_soon(self.run)
 
     def run(self) -> None:
         self.scheduled = False
+        self.alone, self.senders = self.senders <= 1, 0
+        self.write()
+
+    def write(self) -> None:
         writes, self.writes = self.writes, []
         for write in writes:
             try:
@@ -4048,100 +4057,21 @@ _MODERN_METHODS = {
 
 # ---- Running a request eagerly ---------------------------------------------------------------
 #
-# A request runs at once, in the callback that received it, until it first has to wait; only
-# then does it become a task.  Most tools/call never wait, and a task costs more than they do.
-# Meanwhile asyncio.current_task() returns a stand-in that forwards to the task the request
-# becomes, so timeouts, cancellation and task groups entered early act on it.  CPython exposes
-# the hooks for that (3.11+); without them every request is a task from the start.
-
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+# A request runs at once, in the callback that received it, until it first has to wait (an
+# eager task, Python 3.12+): most tools/call never wait, and are answered before that callback
+# returns, without a trip through the event loop.  It is a real task from the start, so
+# asyncio.current_task(), timeouts, cancellation and task groups act on it as on any other.
 
 
-class _Resumed(collections.abc.Coroutine):
-    """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
-    coroutine, its first step hands the task that future, and every later step goes on."""
-
-    __slots__ = ("_coroutine", "_waiting", "_pass_end")
-
-    def __init__(self, coroutine, waiting, pass_end: _PassEnd):
-        self._coroutine, self._waiting = coroutine, [waiting]
-        self._pass_end = pass_end  # held through each step, as data_received holds it
-
-    def send(self, value):
-        if self._waiting:
-            return self._waiting.pop()
-        self._pass_end.hold()
-        try:
-            return self._coroutine.send(value)
-        finally:
-            self._pass_end.release()
-
-    def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
-        self._waiting = None
-        self._pass_end.hold()
-        try:
-            return self._coroutine.throw(*exc)
-        finally:
-            self._pass_end.release()
-
-    def close(self):
-        self._coroutine.close()
-
-    def __await__(self):
-        return self
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.send(None)
-
-
-class _TaskStandIn:
-    """What ``asyncio.current_task()`` returns while a request runs eagerly; ``task`` is the
-    task the request became, once it had to wait."""
-
-    __slots__ = ()  # (subclasses hold ``task``)
-
-    def cancel(self, msg=None) -> bool:
-        return self.task.cancel(msg) if self.task is not None else False
-
-    def cancelling(self) -> int:
-        return self.task.cancelling() if self.task is not None else 0
-
-    def uncancel(self) -> int:
-        return self.task.uncancel() if self.task is not None else 0
-
-
-class _EagerRequest(_TaskStandIn):
-    __slots__ = ("task",)
-
-    def __init__(self):
-        self.task = None
-
-
-def _run_eagerly(coroutine, loop, stand_in: _TaskStandIn) -> "asyncio.Task | None":
-    """Run ``coroutine`` until it first waits; then hand the rest to a task, which is returned
-    (None: it finished).  Inside a running task (stdio's reader), that task steps aside."""
-    if _enter_task is None:
-        return loop.create_task(coroutine)
-    current = asyncio.current_task(loop)
-    if current is not None:
-        _leave_task(loop, current)
-    _enter_task(loop, stand_in)
-    try:
-        waiting = coroutine.send(None)
-    except StopIteration:
-        return None
-    except BaseException:
-        coroutine.close()
-        raise
-    finally:
-        _leave_task(loop, stand_in)
-        if current is not None:
-            _enter_task(loop, current)
-    return loop.create_task(_Resumed(coroutine, waiting, _pass_end(loop)))
+def _run_eagerly(coroutine) -> "asyncio.Task | None":
+    """Run ``coroutine`` as a task that starts at once, in this callback, until it first waits;
+    the task, or None when it finished then (its exception, if any, raised here)."""
+    task = asyncio.Task(coroutine, loop=asyncio.get_running_loop(), eager_start=True)
+    if not task.done():
+        return task
+    if not task.cancelled():
+        task.result()
+    return None
 
 
 def _sse(message: dict | str | None, event_id: str | None = None, event: str = "message") -> bytes:
@@ -4618,9 +4548,9 @@ class _Http:
             raise _HttpError(400, _parse_error_text(exc), PARSE_ERROR) from None
 
     def running_task(self):
-        """What cancels this exchange's handler: under the bundled server its cycle, which stands
-        in for the task (no system call to find it); elsewhere the running task."""
-        return self.cycle if self.cycle is not None else asyncio.current_task()
+        """What cancels this exchange's handler: the running task (under the bundled server, the
+        request's eager task)."""
+        return asyncio.current_task()
 
     async def start(self, status: int, headers: list) -> None:
         self.started = True
@@ -5708,10 +5638,8 @@ class _Stdio:
                           base_url=self.server._local_base)
         if kind == "notification" or batch or ctx.method not in _CONCURRENT_METHODS:
             return await self._run(ctx, batch)  # cheap and ordered: initialize, lists, ping...
-        stand_in = _EagerRequest()
-        task = _run_eagerly(self._run(ctx, batch), asyncio.get_running_loop(), stand_in)
+        task = _run_eagerly(self._run(ctx, batch))
         if task is not None:  # it waits (on the client, a thread, I/O): reading goes on meanwhile
-            stand_in.task = task
             self.tasks[request_id] = task
             task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
         return None
@@ -5917,7 +5845,7 @@ def _with_query(uri: str, params: dict) -> str:
     parts = urllib.parse.urlsplit(uri)
     query = parts.query + ("&" if parts.query else "") + urllib.parse.urlencode(
         {k: v for k, v in params.items() if v is not None})
-    return urllib.parse.urlunsplit(parts._replace(query=query))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 _REFRESH_GRACE = 60       # seconds a just-replaced refresh token may be used, once, for a lost answer
@@ -7805,20 +7733,22 @@ _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) for s
 _FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encoding"))
 
 
-class _Cycle(_TaskStandIn):
-    """One request/response on a connection (and, while its app runs eagerly, the stand-in for
-    the task it becomes: ``_run_eagerly``)."""
+class _Cycle:
+    """One request/response on a connection; ``task`` runs the app (None once it finished)."""
 
     # No reference to the scope: a foreign app's scope holds the disconnect extension, a bound
     # method of the cycle, and a cycle -> scope -> cycle loop would leave every finished request
     # to the garbage collector.
     __slots__ = ("protocol", "http11", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers", "http")
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers", "http",
+                 "bodiless")
 
-    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool):
+    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool,
+                 bodiless: bool = False):
         self.protocol = protocol
         self.http11 = http11
+        self.bodiless = bodiless  # a HEAD request: its response has no body (RFC 9110 9.3.2)
         self.body = bytearray()
         self.body_event = _LazyEvent()
         self.more_body = True
@@ -7920,8 +7850,12 @@ class _Cycle(_TaskStandIn):
         head = self._head
         if head is not None:
             self._head = None
-            out = self._encode_head(head, body, more) + (body if not self.chunked else (
-                b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (b"0\r\n\r\n" if self.chunked and not more else b"")
+            out = self._encode_head(head, body, more)
+            if not self.bodiless:
+                out += (body if not self.chunked else (b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (
+                    b"0\r\n\r\n" if self.chunked and not more else b"")
+        elif self.bodiless:  # (a HEAD response: the head says what GET would send, and that is all)
+            out = b""
         elif self.chunked:
             out = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
         else:
@@ -8145,9 +8079,9 @@ class _HttpProtocol(asyncio.Protocol):
         """Send ``data`` at the end of this loop pass (``_PassEnd``), with whatever else this
         connection and the others write until then.  Each send to a peer that sleeps wakes it,
         and on loopback (a proxy or a load generator on the same host) that wake-up costs the
-        server more than the send itself; answers that leave together wake the peer once.  (bench:
-        12 -> 5 µs of kernel time per tools/call; the wait is at most one pass over the ready
-        connections.)"""
+        server more than the send itself; answers that leave together wake the peer once (the
+        wait is at most one pass over the ready connections).  A lone client's answer goes at once
+        (``_PassEnd.release``)."""
         unsent = self.unsent
         if unsent is None:
             self.unsent, self.unsent_size = [data], len(data)
@@ -8279,7 +8213,7 @@ class _HttpProtocol(asyncio.Protocol):
                               "bytes (MCP_MAX_BODY).")
         scope = template.copy()
         scope["root_path"], scope["client"], scope["server"] = self.state.root_path, self.client, self.server
-        cycle = _Cycle(self, http11, expect, keep_alive)
+        cycle = _Cycle(self, http11, expect, keep_alive, template["method"] == "HEAD")
         if self.state.native is not None:
             cycle.headers = fields.copy()
         else:
@@ -8303,7 +8237,7 @@ class _HttpProtocol(asyncio.Protocol):
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
-        cycle.task = _run_eagerly(self._run(cycle, scope), self.state.loop, cycle)
+        cycle.task = _run_eagerly(self._run(cycle, scope))
 
     def _feed_body(self) -> bool:
         """Move body bytes from the buffer to the cycle; False when more input is needed."""
@@ -8452,17 +8386,16 @@ async def _lifespan(app, phase: str, state: dict) -> None:
 
 
 class _BusyPollSelector(selectors.DefaultSelector):
-    """The event loop's selector, polling for up to ``window`` seconds before it sleeps, when the
-    wait before was short.
+    """The event loop's selector with MCP_BUSY_POLL_US set (off by default): it polls for up to
+    ``window`` seconds before it sleeps, when the wait before was short.
 
     A process that sleeps in ``epoll_wait`` pays when woken: the wake-up itself, then the request
-    that woke it runs on cold caches (in-process: a tools/call costs 45 µs one at a time against
-    22 µs with 64 connections busy).  A client that sends its next request as soon as it has the
-    answer (most MCP clients) waits for all of that each time.  So while the waits are short the
-    loop polls first, yielding the core to anyone else runnable between polls, and sleeps only if
-    nothing came within the window; a wait the window would not have covered turns polling off
-    until a short one is seen again, so sparse traffic costs at most one window per busy spell.
-    (bench: one client 6,070 -> 9,950 tools/call a second; 64 connections unchanged.)"""
+    that woke it runs on cold caches.  A client that sends its next request as soon as it has the
+    answer waits for all of that each time.  So while the waits are short the loop polls first,
+    yielding the core to anyone else runnable between polls, and sleeps only if nothing came
+    within the window; a wait the window would not have covered turns polling off until a short
+    one is seen again.  It buys one such client a shorter round trip (bench/RESULTS.md) with CPU
+    time that shows in ``top`` as a busy core: so an operator asks for it."""
 
     def __init__(self, window: float):
         super().__init__()
@@ -8493,12 +8426,16 @@ class _BusyPollSelector(selectors.DefaultSelector):
 
 
 def _http_loop_factory(settings: Settings) -> typing.Callable | None:
-    """The event loop the bundled HTTP server runs on: asyncio's, with ``_BusyPollSelector``
-    unless MCP_BUSY_POLL_US=0 (or the platform has no ``sched_yield``); None: asyncio's default."""
+    """The event loop the bundled HTTP server runs on: asyncio's default (None), or with
+    MCP_BUSY_POLL_US set (and ``sched_yield`` on the platform) a selector loop on
+    ``_BusyPollSelector``."""
     if settings.busy_poll_us <= 0 or not hasattr(os, "sched_yield"):
         return None
-    window = settings.busy_poll_us / 1e6
-    return lambda: asyncio.SelectorEventLoop(_BusyPollSelector(window))
+    return functools.partial(_busy_poll_loop, settings.busy_poll_us / 1e6)
+
+
+def _busy_poll_loop(window: float) -> asyncio.AbstractEventLoop:
+    return asyncio.SelectorEventLoop(_BusyPollSelector(window))
 
 
 async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
@@ -8623,7 +8560,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps: 25 MB, not 43)
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,
     # event logs): collecting the young generation less often and never rescanning what startup
-    # made halves the tail latency under load (bench: SSE p99 60 ms -> 31 ms).  Only here, where
+    # made cuts the tail latency under load (bench/RESULTS.md: gc.freeze).  Only here, where
     # this module owns the process; an application that mounts ``server.asgi`` keeps its own.
     import gc
     gc.freeze()
@@ -8753,37 +8690,11 @@ def _write_settings_table(path: str) -> None:
         f.write(page)
 
 
-# CPython keeps a script's syntax tree until the script's code returns: ~18 MB for this file, which
-# an HTTP server, running for good, would carry all its life (RSS at start 43 MB, as a module 25).
-# So ``python mcp_server.py`` serving HTTP starts over as the module, in the same process (exec):
-# the same interpreter options and arguments, the file's folder first on sys.path as for a
-# script.  Over stdio it stays a script: a client starts it for one session, and the second start
-# would delay the first answer.
-_RUN_AS_MODULE = ("import os, runpy, sys; folder, file = os.path.split(sys.argv.pop(1)); "
-                  "sys.path[:1] = [folder] if sys.path[:1] == [''] else [folder, *sys.path[:1]]; "
-                  "runpy.run_module(os.path.splitext(file)[0], run_name='__main__', alter_sys=True)")
-
-
-def _restart_as_module(settings: Settings) -> None:
-    if __name__ != "__main__" or __spec__ is not None or settings.stdio or os.name != "posix":
-        return  # imported, already a module, stdio, or no exec that keeps the process
-    path = os.path.abspath(__file__)  # (on the new command line too: ``pkill -f mcp_server.py`` finds it)
-    name, suffix = os.path.splitext(os.path.basename(path))
-    if not name.isidentifier() or suffix != ".py" or not os.path.isfile(path) \
-            or len(sys.orig_argv) < len(sys.argv) + 1:
-        return
-    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *options, "-c", _RUN_AS_MODULE, path, *sys.argv[1:]])
-
-
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
     ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
     ``python mcp_server.py settings``: print every setting as a Markdown table;
     ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["settings"]:
@@ -8803,8 +8714,6 @@ def main(argv: list | None = None) -> None:
             print("enc:" + _Vault(key).encrypt(argv[1], b"config"))
             return
         settings = Settings.load(argv)
-        if from_command_line:
-            _restart_as_module(settings)
         server = _builtin_server(settings)
     except _MissingPackage as exc:
         print(f"mcp_server: error: {exc}", file=sys.stderr)
