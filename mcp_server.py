@@ -4473,29 +4473,82 @@ def _body_too_large(limit: int) -> "_HttpError":
     return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
 
 
+class _AsgiExchange:
+    """The exchange interface over plain ASGI: any ASGI server (the bundled server's own adapter
+    is its ``_Cycle``, section 9).  ``_Http`` asks an exchange for no more than this:
+
+    - ``take_body()``: the whole body if it has all arrived and nobody took it, else None; then
+    - ``receive()``: ASGI's, the next body chunk or ``http.disconnect``;
+    - ``start(status, headers)``: the response head, sent with the first ``write``;
+    - ``await write(body, more)``: body bytes (``more=False`` ends the response);
+    - ``on_disconnect(callback)``: ``callback()`` once the client has gone before the response
+      ended (at most one per exchange); ``stop_watching()`` forgets it;
+    - ``forget_request()``: drop the request's raw headers where that is safe."""
+
+    __slots__ = ("receive", "send", "head", "watcher", "extension", "raw_headers")
+
+    def __init__(self, scope: dict, receive, send):
+        self.receive, self.send = receive, send
+        self.head = None  # the response start, waiting for the first write
+        self.watcher = None
+        # the bundled server's disconnect callbacks, when it runs us as a plain ASGI app (mounted)
+        self.extension = (scope.get("extensions") or {}).get("mcp_server.disconnect")
+        # its raw header list, which it never reads after the head; another server's is left alone
+        self.raw_headers = scope.get("headers") if self.extension is not None else None
+
+    def take_body(self) -> None:
+        return None
+
+    def start(self, status: int, headers: list) -> None:
+        self.head = {"type": "http.response.start", "status": status, "headers": headers}
+
+    async def write(self, body: bytes, more: bool) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            await self.send(head)
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+
+    def on_disconnect(self, callback) -> None:
+        if self.extension is not None:
+            self.extension(callback)
+        elif self.watcher is None:  # watch receive() for http.disconnect
+            async def watch():
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        callback()
+                        return
+            self.watcher = asyncio.get_running_loop().create_task(watch())
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+    def forget_request(self) -> None:
+        if type(self.raw_headers) is list:
+            self.raw_headers.clear()
+
+
+def _asgi_headers(scope: dict) -> dict:
+    return _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
+                         for name, value in scope.get("headers", ())])
+
+
 class _Http:
-    """One HTTP exchange, with the helpers every transport needs: seen through ASGI, or, under
-    the bundled server, through its ``_Cycle`` directly (``cycle``; no ASGI message dicts)."""
+    """One HTTP exchange, with the helpers every transport needs, over an exchange (``io``):
+    ``_AsgiExchange`` under any ASGI server, the bundled server's ``_Cycle`` under it."""
 
-    __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal", "base", "status", "cycle", "cancels")
+    __slots__ = ("scope", "io", "headers", "extra_headers", "started", "ended", "_callbacks",
+                 "_watching", "principal", "base", "status", "cancels")
 
-    def __init__(self, scope, receive, send, extra_headers: list, cycle: "_Cycle | None" = None):
-        self.scope, self.receive, self.send = scope, receive, send
-        self.cycle = cycle
-        if cycle is not None:
-            self.headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
-            self._native = None
-            cycle.http = self  # (it calls _fire if the client goes before the response ends)
-        else:
-            self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
-                                         for name, value in scope.get("headers", ())])
-            self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
-        self.extra_headers = extra_headers  # CORS and the like, added to every response
+    def __init__(self, scope: dict, headers: dict, io, extra_headers: list | None = None):
+        self.scope, self.headers, self.io = scope, headers, io  # headers: lower-cased name -> value
+        self.extra_headers = extra_headers or []  # CORS and the like, added to every response
         self.started = self.ended = False
         self._callbacks: tuple = ()  # (a tuple: most exchanges add none, and the rest one)
         self.cancels: Context | None = None  # the 2026 request that ends if the client goes
-        self._watcher = None
+        self._watching = False
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
@@ -4514,15 +4567,14 @@ class _Http:
         declared = self.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             raise _body_too_large(limit)
-        if self.cycle is not None:
-            whole = self.cycle.take_body()
-            if whole is not None:  # it has all arrived
-                if len(whole) > limit:
-                    raise _body_too_large(limit)
-                return whole
+        whole = self.io.take_body()
+        if whole is not None:  # it has all arrived
+            if len(whole) > limit:
+                raise _body_too_large(limit)
+            return whole
         chunks, size = [], 0
         while True:
-            message = await self.receive()
+            message = await self.io.receive()
             if message["type"] == "http.disconnect":
                 raise _Cancelled()
             chunk = message.get("body", b"")
@@ -4552,29 +4604,20 @@ class _Http:
         request's eager task)."""
         return asyncio.current_task()
 
-    async def start(self, status: int, headers: list) -> None:
+    def start(self, status: int, headers: list) -> None:
+        """The response head; it leaves with the first ``write`` or ``end``."""
         self.started = True
         self.status = status
-        if self.cycle is not None:
-            self.cycle.start(status, headers + self.extra_headers)
-        else:
-            await self.send({"type": "http.response.start", "status": status,
-                             "headers": headers + self.extra_headers})
+        self.io.start(status, headers + self.extra_headers)
 
     async def write(self, data: bytes) -> None:
         if not self.ended:
-            if self.cycle is not None:
-                await self.cycle.write(data, True)
-            else:
-                await self.send({"type": "http.response.body", "body": data, "more_body": True})
+            await self.io.write(data, True)
 
     async def end(self, data: bytes = b"") -> None:
         if not self.ended:
             self.ended = True
-            if self.cycle is not None:
-                await self.cycle.write(data, False)
-            else:
-                await self.send({"type": "http.response.body", "body": data, "more_body": False})
+            await self.io.write(data, False)
         self.stop_watching()
 
     async def respond(self, status: int, body: bytes = b"", content_type: str = "application/json",
@@ -4583,34 +4626,24 @@ class _Http:
         head.append((b"content-length", b"%d" % len(body)))
         if headers:
             head += headers
-        if self.cycle is not None:  # one write, no awaits on the way (the common answer)
-            self.started = self.ended = True
-            self.status = status
-            self.cycle.start(status, head + self.extra_headers)
-            await self.cycle.write(body, False)
-            self.stop_watching()
-            return
-        await self.start(status, head)
+        self.start(status, head)
         await self.end(body)
 
     def respond_json(self, status: int, value, headers: list | None = None) -> typing.Awaitable:
         return self.respond(status, _dumps(value).encode(), headers=headers)
 
     async def start_sse(self, headers: list | None = None) -> None:
-        await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+        self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                                (b"x-accel-buffering", b"no")] + (headers or []))
         await self.write(b"")  # an empty chunk sends the head now: the client knows the stream is open
 
     def forget_request(self) -> None:
         """For a long-lived response: drop the request's headers, which nothing reads any more
         (idle streams are many; each kept ~1 KB of them).  The session id stays for the access
-        log.  The scope's raw header list is emptied only under the bundled server, which never
-        reads it after the head; another ASGI server's scope is left alone."""
+        log.  The exchange drops its raw headers where that is safe."""
         session_id = self.headers.get("mcp-session-id")
         self.headers = {} if session_id is None else {"mcp-session-id": session_id}
-        raw = self.scope.get("headers")
-        if self._native is not None and type(raw) is list:
-            raw.clear()
+        self.io.forget_request()
 
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
@@ -4627,19 +4660,9 @@ class _Http:
 
     def _watch(self) -> None:
         """Have ``_fire`` called when the client goes."""
-        if self.cycle is not None:  # nothing to register: the cycle knows this exchange
-            if self.cycle.disconnected:
-                asyncio.get_running_loop().call_soon(self._fire)  # gone already
-        elif self._native is not None:
-            self._native(self._fire)
-        elif self._watcher is None:  # a foreign ASGI server: watch receive() for http.disconnect
-            async def watch():
-                while True:
-                    message = await self.receive()
-                    if message["type"] == "http.disconnect":
-                        self._fire()
-                        return
-            self._watcher = asyncio.get_running_loop().create_task(watch())
+        if not self._watching:
+            self._watching = True
+            self.io.on_disconnect(self._fire)
 
     def _fire(self) -> None:
         if self.ended or not (self._callbacks or self.cancels):
@@ -4656,9 +4679,9 @@ class _Http:
 
     def stop_watching(self) -> None:
         self._callbacks, self.cancels = (), None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        if self._watching:
+            self._watching = False
+            self.io.stop_watching()
 
 
 @functools.lru_cache(maxsize=64)
@@ -7360,12 +7383,12 @@ class _App:
             raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
                              "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
-    def _serve_native(self, cycle: "_Cycle", scope: dict) -> typing.Awaitable:
-        """The bundled server's entry: the same as ASGI's, without its message dicts."""
-        return self._handle(_Http(scope, cycle.receive, cycle.send, [], cycle))
+    def serve_exchange(self, scope: dict, headers: dict, exchange) -> typing.Awaitable:
+        """The bundled server's entry: the same as ASGI's, over its own exchange (``_Cycle``)."""
+        return self._handle(_Http(scope, headers, exchange))
 
     async def _http(self, scope, receive, send) -> None:
-        await self._handle(_Http(scope, receive, send, []))
+        await self._handle(_Http(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send)))
 
     async def _handle(self, http: _Http) -> None:
         scope, server = http.scope, self.server
@@ -7630,9 +7653,9 @@ class _BadRequest(Exception):
 class _ServerState:
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
-        # Our own app is called without ASGI's message dicts (same code, one layer less); any
-        # other ASGI app gets standard ASGI.
-        self.native = app._serve_native if isinstance(app, _App) else None
+        # Our own app takes the connection's ``_Cycle`` as its exchange (section 6: the same
+        # interface as ``_AsgiExchange``, one layer less); any other ASGI app gets standard ASGI.
+        self.native = app.serve_exchange if isinstance(app, _App) else None
         self.connections: set = set()
         self.per_address: collections.Counter = collections.Counter()  # client IP -> open connections
         self.draining = False
@@ -7734,14 +7757,16 @@ _FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encodin
 
 
 class _Cycle:
-    """One request/response on a connection; ``task`` runs the app (None once it finished)."""
+    """One request/response on a connection; ``task`` runs the app (None once it finished).  To
+    our own app it is the exchange (the interface ``_AsgiExchange`` describes); to any other
+    ASGI app it offers ``receive``/``send``."""
 
     # No reference to the scope: a foreign app's scope holds the disconnect extension, a bound
     # method of the cycle, and a cycle -> scope -> cycle loop would leave every finished request
     # to the garbage collector.
     __slots__ = ("protocol", "http11", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers", "http",
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
                  "bodiless")
 
     def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool,
@@ -7764,7 +7789,6 @@ class _Cycle:
         self.body_finished = False
         self._head = None
         self.headers = None  # lower-cased name -> value, for our own app
-        self.http = None  # our own app's _Http, until the response ends (told when the client goes)
 
     def take_body(self) -> bytes | None:
         """The whole body, if it has arrived and nobody took it (our own app's shortcut)."""
@@ -7783,16 +7807,19 @@ class _Cycle:
         else:
             self.callbacks = [callback]
 
+    def stop_watching(self) -> None:
+        self.callbacks = ()
+
+    def forget_request(self) -> None:
+        pass  # (our own app was handed the headers as a dict; no raw list is kept)
+
     def lost(self) -> None:
         if self.disconnected:
             return
         self.disconnected = True
         self.body_event.set()
         callbacks, self.callbacks = self.callbacks, ()
-        http, self.http = self.http, None
         if not self.response_done:
-            if http is not None:
-                callbacks = (http._fire, *callbacks)
             for callback in callbacks:
                 try:
                     callback()
@@ -7866,7 +7893,7 @@ class _Cycle:
             await protocol.drain()
         if not more:
             self.response_done = True
-            self.callbacks, self.http = (), None  # (they hold the exchange, which holds this cycle)
+            self.callbacks = ()  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
 
@@ -8325,7 +8352,8 @@ class _HttpProtocol(asyncio.Protocol):
     async def _run(self, cycle: _Cycle, scope: dict) -> None:
         try:
             if self.state.native is not None:
-                await self.state.native(cycle, scope)
+                headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
+                await self.state.native(scope, headers, cycle)
             else:
                 await self.state.app(scope, cycle.receive, cycle.send)
         except _REQUEST_ERRORS:

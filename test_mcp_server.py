@@ -3849,8 +3849,8 @@ class TestHTTPServer:
                 protocol = mcp_server._HttpProtocol(state)
                 protocol.connection_made(_SocketStandIn())
                 cycle = mcp_server._Cycle(protocol, True, False, True)
-                cycle.headers, cycle.more_body = {}, False
-                return cycle, mcp_server._Http({}, cycle.receive, cycle.send, [], cycle)
+                cycle.more_body = False
+                return cycle, mcp_server._Http({}, {}, cycle)
             fired = []
             cycle, early = exchange()  # registered, then the client goes: at once
             early.on_disconnect(lambda: fired.append("early"))
@@ -3929,6 +3929,85 @@ class TestHTTPServer:
             assert int(second.header("content-length")) > 0
             conn.request("GET", "/healthz")
             assert conn.read_response().json() == {"status": "ok"} and not conn.buf
+
+    def test_both_exchanges_give_a_transport_the_same_body_response_and_disconnect(self):
+        """``_Http`` runs over one exchange interface with two adapters: the bundled server's
+        ``_Cycle`` and ``_AsgiExchange`` over plain ASGI.  The same steps over each: the body
+        read whole and in chunks, a streamed response (head, then body, then its end), and the
+        client going before the response ended (the callback runs once), or after it (never)."""
+        server = build_server()
+
+        async def over_asgi(chunks: list):
+            sent, inbox = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+                               for i, c in enumerate(chunks)]
+            gone = asyncio.Event()
+
+            async def receive():
+                if inbox:
+                    return inbox.pop(0)
+                await gone.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(message):
+                sent.append(message)
+            exchange = mcp_server._AsgiExchange({"type": "http"}, receive, send)
+
+            def output():
+                return b"".join(m.get("body", b"") for m in sent), [m.get("status") for m in sent]
+            return exchange, output, gone.set
+
+        async def over_the_bundled_server(chunks: list):
+            state = mcp_server._ServerState(server.asgi, server.settings)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            protocol.connection_made(transport)
+            cycle = mcp_server._Cycle(protocol, True, False, True)
+            protocol.cycle = cycle
+            cycle.body += chunks[0]
+            cycle.more_body = len(chunks) > 1
+
+            async def feed_the_rest():
+                for i, chunk in enumerate(chunks[1:], 2):
+                    await asyncio.sleep(0)
+                    cycle.body += chunk
+                    cycle.more_body = i < len(chunks)
+                    cycle.body_event.set()
+            asyncio.get_running_loop().create_task(feed_the_rest())
+
+            def output():
+                protocol.send_now()
+                sent = b"".join(transport.writes)
+                head, _, body = sent.partition(b"\r\n\r\n")
+                chunked = b"transfer-encoding: chunked" in head
+                text = re.sub(rb"(?:^|\r\n)[0-9a-f]+\r\n", b"", body) if chunked else body
+                return text.replace(b"\r\n", b""), [int(head.split(b" ")[1])] if head else []
+            return cycle, output, lambda: protocol.connection_lost(None)
+
+        async def scenario(make):
+            for chunks in ([b'{"a": 1}'], [b'{"a"', b': 1', b"}"]):
+                exchange, output, client_goes = await make(chunks)
+                http = mcp_server._Http({"type": "http"}, {}, exchange)
+                assert await http.read_body(1000) == b'{"a": 1}'
+                http.start(200, [(b"content-type", b"text/plain")])
+                await http.write(b"first ")
+                await http.end(b"last")
+                body, statuses = output()
+                assert body == b"first last" and 200 in statuses, (body, statuses)
+                fired = []
+                http.on_disconnect(lambda: fired.append("gone"))  # after the end: never called
+                client_goes()
+                await asyncio.sleep(0)
+                assert fired == []
+            exchange, output, client_goes = await make([b"{}"])
+            http = mcp_server._Http({"type": "http"}, {}, exchange)
+            http.start(200, [])
+            await http.write(b"streaming")
+            http.on_disconnect(lambda: fired.append("gone"))
+            client_goes()
+            for _ in range(5):
+                await asyncio.sleep(0)
+            assert fired == ["gone"] and http.ended
+        for make in (over_asgi, over_the_bundled_server):
+            asyncio.run(scenario(make))
 
     def test_chunked_request_body(self, live):
         body = json.dumps({"jsonrpc": "2.0", "id": "c", "method": "tools/call",
