@@ -2,7 +2,7 @@
 #   docker build -t mcp-server .
 #   docker run -p 6901:6901 -e ENCRYPTION_KEY=... -e MCP_SECRET=... mcp-server
 # Everything is configured by environment (see docs/configuration.md).
-FROM python:3.11-slim
+FROM python:3.12-slim
 
 # PYTHONMALLOC=malloc: memory that ended sessions used goes back to the OS (the server trims
 # after a wave of closed connections); Python's own allocator would keep it for reuse.
