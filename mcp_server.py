@@ -7619,7 +7619,11 @@ async def _shutdown(server: MCPServer) -> None:
 # Rules:
 # - HTTP/1.1 on ``asyncio.Protocol``: keep-alive, pipelined requests answered in order,
 #   ``Content-Length`` and chunked bodies, ``Expect: 100-continue``, streamed responses (chunked
-#   when no length is given), backpressure both ways.
+#   when no length is given), backpressure both ways.  A HEAD response is GET's head (its
+#   Content-Length too) without a body, so pipelined responses stay in step.
+# - Public asyncio only: a request is an eager task (``_run_eagerly``); the end of a loop pass
+#   is a ``call_soon`` callback (``_PassEnd``); the loop is asyncio's default unless
+#   MCP_BUSY_POLL_US asks for polling.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
 #   body 408 and close, an idle keep-alive connection closed, connections capped (503), and
@@ -8588,7 +8592,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps: 25 MB, not 43)
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,
     # event logs): collecting the young generation less often and never rescanning what startup
-    # made cuts the tail latency under load (bench/RESULTS.md: gc.freeze).  Only here, where
+    # made cuts the tail latency under load (bench/RESULTS.md, issue 20: gc.freeze).  Only here, where
     # this module owns the process; an application that mounts ``server.asgi`` keeps its own.
     import gc
     gc.freeze()
