@@ -31,7 +31,7 @@ Use it:
     python mcp_server.py              # HTTP on http://127.0.0.1:6901/mcp (+ /sse, /messages, /http), OAuth on
     python mcp_server.py --no-auth    # the same without bearer tokens (local development)
     python mcp_server.py --stdio      # stdio, for Claude Desktop and other local clients
-    python mcp_server.py encrypt VAL  # print VAL as an enc:... setting (needs ENCRYPTION_KEY)
+    python mcp_server.py encrypt --setting NAME VAL  # VAL as an enc:... value of NAME (needs ENCRYPTION_KEY)
     python mcp_server.py settings     # every setting, as a Markdown table
 
     from mcp_server import MCPServer, Context
@@ -123,6 +123,10 @@ __all__ = [
 #   through ``_loads``: nesting deeper than MCP_MAX_JSON_DEPTH, NaN, Infinity and lone
 #   surrogates are a ValueError there, never a RecursionError or a value no answer can carry.
 # - A log line is one line: what a request put in it is escaped (``_escape_controls``).
+# - Every key and secret is checked before anything is served (``Settings.check_secrets``, from
+#   ``load`` and ``serve``): a key that does not parse, a short or placeholder secret (outside
+#   MCP_DEV) and a shared store without MCP_SECRET end the start with one line naming the
+#   setting, never its value.  An ``enc:`` value is bound to its setting's name.
 
 LEGACY_VERSIONS = ("2025-11-25", "2025-06-18", "2025-03-26", "2024-11-05")
 MODERN_VERSIONS = ("2026-07-28",)
@@ -302,6 +306,11 @@ _SETTING_SPECS = (
     ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 0,
      "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never, "
      "the default; it spends CPU to answer a client that sends one request at a time sooner)"),
+    ("drain_seconds", None, ("MCP_DRAIN_SECONDS",), float, 5.0,
+     "on SIGTERM, seconds /readyz answers 503 while the instance still serves, so balancers stop "
+     "sending it new work before it stops accepting (0: no wait)"),
+    ("drain_grace", None, ("MCP_DRAIN_GRACE",), float, 20.0,
+     "then, seconds requests in flight may take to finish before their connections are cut"),
     ("session_ttl", "--session-ttl", ("SESSION_TTL", "MCP_SESSION_TTL"), int, 3600,
      "seconds a session lives after its last activity"),
     ("max_sessions", None, ("MCP_MAX_SESSIONS",), int, 100000,
@@ -324,7 +333,10 @@ _SETTING_SPECS = (
     ("client_timeout", None, ("MCP_CLIENT_TIMEOUT",), float, 300.0,
      "seconds to wait for a client's answer to a server request"),
     ("page_size", None, ("MCP_PAGE_SIZE",), int, 200, "items per page of tools/prompts/resources lists"),
-    ("secret", None, ("MCP_SECRET",), str, "", "server secret for sealed state and signatures"),
+    ("secret", None, ("MCP_SECRET",), str, "",
+     "server secret for sealed state and signatures (32+ random characters; needed with Redis)"),
+    ("dev", "--dev", ("MCP_DEV",), _truthy, False,
+     "development mode: accept short or placeholder secrets (never in production)"),
     ("auth", None, ("MCP_AUTH",), str, "builtin",
      "who issues the bearer tokens HTTP requests need: builtin, external, or none"),
     ("no_auth", "--no-auth", ("MCP_NO_AUTH",), _truthy, False,
@@ -366,7 +378,8 @@ _SETTING_SPECS = (
     ("upstream_api_base", None, ("UPSTREAM_API_BASE",), str, "", "login: base URL of the provider's API"),
     ("service_paths", None, ("SERVICE_PATHS",), _csv, ("profile", "holdings", "positions", "orders"),
      "API paths the service tool may call (GET), relative to UPSTREAM_API_BASE"),
-    ("mask_fields", None, ("MASK_FIELDS",), _csv, (), "more field names to mask in tool results"),
+    ("mask_fields", None, ("MASK_FIELDS",), _csv, (),
+     "more field names to mask in login tools' results, in any spelling (added to the built-in patterns)"),
     ("encryption_key", None, ("ENCRYPTION_KEY",), str, "",
      "32-byte key (base64 or hex) for credentials at rest and enc: settings"),
     ("previous_encryption_keys", None, ("ENCRYPTION_KEY_PREVIOUS",), _csv, (),
@@ -417,6 +430,8 @@ class Settings:
     max_connections: int = 10000
     max_connections_per_address: int = 1000
     busy_poll_us: int = 0
+    drain_seconds: float = 5.0
+    drain_grace: float = 20.0
     session_ttl: int = 3600
     max_sessions: int = 100000
     max_sessions_per_principal: int = 100
@@ -431,6 +446,7 @@ class Settings:
     client_timeout: float = 300.0
     page_size: int = 200
     secret: str = ""
+    dev: bool = False
     auth: str = "builtin"
     no_auth: bool = False
     public_url: str = ""
@@ -473,8 +489,10 @@ class Settings:
     def load(cls, argv: list | None = None, environ: typing.Mapping | None = None,
              prog: str = "mcp_server.py", defaults: "Settings | None" = None) -> "Settings":
         """Defaults (``defaults``, e.g. what the code set) < ``.env`` < environment < flags.
-        Raises ``SystemExit`` with one line on bad input."""
-        env = dict(_read_dotenv(".env"))
+        Raises ``SystemExit`` with one line on bad input.  The ``.env`` read is the one in the
+        working directory; ``dotenv_file`` names it (``serve`` logs which, never its values)."""
+        dotenv = dict(_read_dotenv(".env"))
+        env = dict(dotenv)
         env.update(os.environ if environ is None else environ)
         values = dataclasses.asdict(defaults) if defaults is not None else {}
         for attr, _flag, names, parse, _default, _help in _SETTING_SPECS:
@@ -497,16 +515,14 @@ class Settings:
                 raise SystemExit(f"{prog}: error: {', '.join(encrypted)} is encrypted (enc:...) but "
                                  "ENCRYPTION_KEY is not set")
             try:
-                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()), prog)
-            except _MissingPackage as exc:
+                vault = _Vault(values["encryption_key"], values.get("previous_encryption_keys", ()))
+            except (ValueError, _MissingPackage) as exc:
                 raise SystemExit(f"{prog}: error: {exc}") from None
             for attr in encrypted:
-                plain = vault.decrypt(values[attr][4:], b"config")
-                if plain is None:
-                    raise SystemExit(f"{prog}: error: the encrypted value of {attr} does not decrypt with "
-                                     "ENCRYPTION_KEY (wrong key, or altered)")
-                values[attr] = plain
+                values[attr] = _decrypt_setting(vault, _setting_name(attr), values[attr][4:], prog)
         settings = cls(**values)
+        settings.dotenv_file = os.path.abspath(".env") if os.path.isfile(".env") else ""
+        settings.dotenv_names = sorted(dotenv)
         settings.validate(prog)
         return settings
 
@@ -552,6 +568,8 @@ class Settings:
             fail("--workers applies to HTTP, not --stdio")
         if self.session_cache < 0:
             fail("session_cache must be 0 or more")
+        if self.drain_seconds < 0 or self.drain_grace < 0:
+            fail("MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more")
         if not 0 <= self.busy_poll_us <= 10000:
             fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
         if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
@@ -567,6 +585,90 @@ class Settings:
             if getattr(self, attr) < 0:
                 fail(f"{attr} must be 0 (no limit) or more")
         self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
+        self.check_secrets(prog)
+
+    def check_secrets(self, prog: str = "mcp_server.py", shared_store: bool = False) -> None:
+        """Refuse, before anything is served, every key and secret that would fail or be weak in
+        use: a key that does not parse (else the first login would fail), a short or placeholder
+        secret outside MCP_DEV, and a shared store without a secret of the operator's (the
+        server would otherwise have to keep its own secret in the store, where a copy of the
+        store is enough to mint tokens).  Messages name the setting, never its value."""
+        def fail(message):
+            raise SystemExit(f"{prog}: error: {message}")
+        keys = [("ENCRYPTION_KEY", self.encryption_key)]
+        keys += [("ENCRYPTION_KEY_PREVIOUS", value) for value in self.previous_encryption_keys]
+        for name, value in keys:
+            if value:
+                try:
+                    _parse_key(value, name)
+                except ValueError as exc:
+                    fail(str(exc))
+        if not self.dev:
+            for name, value in (("MCP_SECRET", self.secret), ("MCP_PREVIOUS_SECRET", self.previous_secret),
+                                ("TOKEN_PARAMETER", self.token_parameter), ("MCP_AUTH_SECRET", self.auth_secret)):
+                problem = _secret_problem(value) if value else None
+                if problem:
+                    fail(f"{name} {problem} (make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\"; "
+                         "MCP_DEV=1 accepts it for local development)")
+        if (self.redis_url or shared_store) and not (self.secret or self.token_parameter):
+            fail("REDIS_URL needs MCP_SECRET: every instance must share one secret, and keeping a generated "
+                 "one in Redis would let anyone with a copy of Redis mint tokens "
+                 "(make one: python -c \"import secrets;print(secrets.token_urlsafe(32))\")")
+
+
+# Secrets of the documentation and of habit: refused outside MCP_DEV whatever their length.
+_PLACEHOLDER_SECRET = re.compile(r"change[-_ ]?me|replace[-_ ]?me|your[-_ ]|not[-_ ]?for[-_ ]?prod|demo|example|"
+                                 r"placeholder|<|\.\.\.", re.IGNORECASE)
+
+
+def _secret_problem(value: str) -> str | None:
+    """Why ``value`` is too weak to sign or seal with, or None."""
+    if _PLACEHOLDER_SECRET.search(value):
+        return "is a placeholder, not a secret"
+    if len(value) < 32:
+        return f"is {len(value)} characters long; a secret needs at least 32 random ones"
+    if len(set(value)) < 10:
+        return "repeats too few characters to be random"
+    return None
+
+
+def _parse_key(text: str, name: str = "ENCRYPTION_KEY") -> bytes:
+    """A 32-byte key given as hex (64 characters) or base64 (standard or URL-safe); ValueError
+    naming the setting otherwise (never a SystemExit: this also runs inside requests)."""
+    text = text.strip()
+    try:
+        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
+            return bytes.fromhex(text)
+        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None,
+                               validate=True)
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise ValueError(f"{name} must be 32 bytes, as 64 hex digits or base64 "
+                         "(make one: python -c \"import secrets;print(secrets.token_hex(32))\")")
+    return raw
+
+
+def _setting_name(attr: str) -> str:
+    """The canonical environment name of a setting."""
+    return next(names[0] for a, _flag, names, *_ in _SETTING_SPECS if a == attr)
+
+
+def _setting_ad(name: str) -> bytes:
+    """The associated data of an ``enc:`` value: its setting's name, so that a value encrypted for
+    one setting cannot be moved into another (the model of ``python mcp_server.py encrypt``)."""
+    return b"mcp_server/v1 setting " + name.encode()
+
+
+def _decrypt_setting(vault, name: str, token: str, prog: str) -> str:
+    plain = vault.decrypt(token, _setting_ad(name))
+    if plain is not None:
+        return plain
+    if vault.decrypt(token, b"config") is not None:  # made by a version that bound no setting name
+        raise SystemExit(f"{prog}: error: the encrypted value of {name} was made for no particular setting "
+                         f"(an older version); encrypt it again: python mcp_server.py encrypt --setting {name} -")
+    raise SystemExit(f"{prog}: error: the encrypted value of {name} does not decrypt with ENCRYPTION_KEY "
+                     "(wrong key, made for another setting, or altered)")
 
 
 def _redis_url_from_parts(env: typing.Mapping) -> str:
@@ -1002,6 +1104,19 @@ _metrics = _Metrics()
 
 
 @functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
+@functools.lru_cache(maxsize=4096)
+def _address_block(address: str) -> str:
+    """What a per-address limit counts: an IPv4 address, or the /64 an IPv6 address is in (one
+    subscriber gets a whole /64, so counting single IPv6 addresses would limit nothing)."""
+    if ":" not in address:
+        return address
+    import ipaddress
+    try:
+        return str(ipaddress.IPv6Network((address.split("%")[0], 64), strict=False))
+    except ValueError:
+        return address
+
+
 def _hash_id(value: str | None) -> str | None:
     """A session id as logs show it: a short hash, useless to anyone who reads the log."""
     return hashlib.sha256(value.encode()).hexdigest()[:12] if value else None
@@ -1039,6 +1154,7 @@ def _no_constant(name: str):
 
 
 _json_decoder = json.JSONDecoder(parse_float=_finite_float, parse_constant=_no_constant)
+_DECIMAL = re.compile(r"[0-9]{1,18}")  # a number a header or event id may carry (str.isdigit takes "²")
 _JSON_DEPTH = 64  # MCP_MAX_JSON_DEPTH's default; JSON the server wrote itself may nest deeper
 _STORED_JSON_DEPTH = 512  # (the C scanner's own limit, a RecursionError, is near 1000)
 # (for _within_depth: both kinds of bracket as one, quotes kept, every other ASCII character dropped)
@@ -1213,7 +1329,9 @@ class _Log:
         self.seq = 0
 
 
-_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:sandbox:", "mcp:quota:", "mcp:server-secret")
+# (not mcp:sandbox: the demo provider's codes and tokens are anyone's to make, so they may not
+# crowd out what is kept)
+_KEPT_PREFIXES = ("mcp:oauth:", "mcp:login:", "mcp:quota:")
 _KEPT_SUFFIX = ":user"  # mcp:{sid}:user, a user's session with the authorization server
 
 
@@ -1609,24 +1727,31 @@ class RedisStore(Store):
             self._client = None
 
 
+def _store_id(identifier: str) -> str:
+    """What a key or channel name holds of a session, task or user id: its SHA-256 (128 bits).
+    Without authorization a session id is the whole credential, and a copy of the store, or a
+    look at its channels, lists every key; the ids are random, so the digest gives none back."""
+    return hashlib.sha256(identifier.encode()).hexdigest()[:32]
+
+
 def _session_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:session"
+    return f"mcp:{{{_store_id(sid)}}}:session"
 
 
 def _events_key(sid: str, stream_id: str) -> str:
-    return f"mcp:{{{sid}}}:events:{stream_id}"
+    return f"mcp:{{{_store_id(sid)}}}:events:{stream_id}"
 
 
 def _streams_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:streams"
+    return f"mcp:{{{_store_id(sid)}}}:streams"
 
 
 def _session_channel(sid: str) -> str:
-    return f"mcp:{{{sid}}}:chan"
+    return f"mcp:{{{_store_id(sid)}}}:chan"
 
 
 def _reply_channel(sid: str) -> str:
-    return f"mcp:{{{sid}}}:replies"
+    return f"mcp:{{{_store_id(sid)}}}:replies"
 
 
 _BUS_CHANNEL = "mcp:bus"  # server-wide notifications: list changes, resource updates
@@ -1636,16 +1761,16 @@ _SESSION_CACHE_MAX = 50000  # sessions an instance keeps copies of (oldest dropp
 
 
 def _stream_channel(sid: str, stream_id: str) -> str:
-    return f"mcp:{{{sid}}}:stream:{stream_id}"
+    return f"mcp:{{{_store_id(sid)}}}:stream:{stream_id}"
 
 
 def _task_channel(task_id: str) -> str:
-    return f"mcp:task:{{{task_id}}}:ctl"
+    return f"mcp:task:{{{_store_id(task_id)}}}:ctl"
 
 
 def _quota_key(what: str, holder: str) -> str:
     """The set of things (sessions) a principal or a client address holds; the holder is hashed."""
-    return f"mcp:quota:{what}:{hashlib.sha256(holder.encode()).hexdigest()[:32]}"
+    return f"mcp:quota:{what}:{_store_id(holder)}"
 
 
 # ==== 3. Crypto and tokens ======================================================================
@@ -1664,6 +1789,9 @@ _KEY_LABELS = {
     "token": b"mcp_server/v1 access-token HS256",
     "cookie": b"mcp_server/v1 cookie HMAC-SHA256",
     "consent": b"mcp_server/v1 consent-request AES-256-GCM",
+    "login": b"mcp_server/v1 login-state AES-256-GCM",
+    "pairing": b"mcp_server/v1 pairing-code HMAC-SHA256",
+    "events": b"mcp_server/v1 stream-event AES-256-GCM",
 }
 
 
@@ -1689,12 +1817,15 @@ def _unb64url(text: str) -> bytes:
 
 
 class _KeyRing:
-    """Per-purpose keys derived from one secret (``token_key`` may be the seed's TOKEN_PARAMETER)."""
+    """Per-purpose keys derived from one secret (``token_key`` may be the seed's TOKEN_PARAMETER,
+    which, without a secret, is also the master the other keys derive from: instances that share
+    it agree on every key).  Without either, a random master that lives only in this process."""
 
     def __init__(self, secret: str | bytes | None, token_parameter: str | None = None):
-        self.ephemeral = not secret
-        master = secrets.token_bytes(32) if not secret else (
-            secret.encode() if isinstance(secret, str) else secret)
+        shared = secret or token_parameter
+        self.ephemeral = not shared
+        master = secrets.token_bytes(32) if not shared else (
+            shared.encode() if isinstance(shared, str) else shared)
         self._keys = {purpose: _hkdf(master, label) for purpose, label in _KEY_LABELS.items()}
         self.token_key = token_parameter.encode() if token_parameter else self._keys["token"]
         self.kid = hashlib.sha256(b"kid" + self.token_key).hexdigest()[:12]
@@ -1711,18 +1842,30 @@ class _KeyRing:
 
     def seal(self, payload: dict, purpose: str = "request_state") -> str:
         """Encrypt and authenticate a JSON payload (AES-256-GCM, random 96-bit nonce)."""
-        nonce = secrets.token_bytes(12)
-        return _b64url(nonce + self._cipher(purpose).encrypt(nonce, _dumps(payload).encode(), purpose.encode()))
+        return self.seal_text(_dumps(payload), purpose)
 
     def unseal(self, token: typing.Any, purpose: str = "request_state") -> dict | None:
         """The payload of a sealed token, or None when it is not one of ours or was altered."""
+        text = self.unseal_text(token, purpose)
+        try:
+            payload = None if text is None else _loads(text, _STORED_JSON_DEPTH)
+        except ValueError:
+            return None
+        return payload if isinstance(payload, dict) else None
+
+    def seal_text(self, text: str, purpose: str, context: str = "") -> str:
+        """``text`` encrypted and authenticated; ``context`` (associated data) binds it to its
+        place, so that it cannot be moved elsewhere and read there."""
+        nonce = secrets.token_bytes(12)
+        aad = purpose.encode() + (b"\n" + context.encode() if context else b"")
+        return _b64url(nonce + self._cipher(purpose).encrypt(nonce, text.encode(), aad))
+
+    def unseal_text(self, token: typing.Any, purpose: str, context: str = "") -> str | None:
         cipher = self._cipher(purpose)  # (a missing package is no bad token: it is said so)
+        aad = purpose.encode() + (b"\n" + context.encode() if context else b"")
         try:
             raw = _unb64url(token)
-            if len(raw) < 28:
-                return None
-            payload = _loads(cipher.decrypt(raw[:12], raw[12:], purpose.encode()), _STORED_JSON_DEPTH)
-            return payload if isinstance(payload, dict) else None
+            return None if len(raw) < 28 else cipher.decrypt(raw[:12], raw[12:], aad).decode()
         except Exception:
             return None
 
@@ -1742,34 +1885,20 @@ class _KeyRing:
             return None
 
 
-def _parse_key(text: str, prog: str = "mcp_server") -> bytes:
-    """A 32-byte key given as hex (64 characters) or base64 (standard or URL-safe)."""
-    text = text.strip()
-    try:
-        if re.fullmatch(r"[0-9a-fA-F]{64}", text):
-            return bytes.fromhex(text)
-        raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_" if ("-" in text or "_" in text) else None,
-                               validate=True)
-    except ValueError:
-        raw = b""
-    if len(raw) != 32:
-        raise SystemExit(f"{prog}: error: ENCRYPTION_KEY must be 32 bytes, as 64 hex digits or base64 "
-                         "(make one: python -c \"import secrets;print(secrets.token_hex(32))\")")
-    return raw
-
-
 class _Vault:
     """Credentials at rest: AES-256-GCM, a random nonce per value, associated data that binds a
     ciphertext to its owner (a session id), and a key id so that old keys still decrypt."""
 
-    def __init__(self, key: str | bytes | None, previous: typing.Iterable = (), prog: str = "mcp_server"):
+    def __init__(self, key: str | bytes | None, previous: typing.Iterable = ()):
+        """ValueError naming the setting when a key does not parse (``Settings.check_secrets``
+        finds that at start-up)."""
         aes_gcm = _require("vault").AESGCM
         self.ephemeral = not key
-        raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key, prog))
+        raw = secrets.token_bytes(32) if not key else (key if isinstance(key, bytes) else _parse_key(key))
         self.kid = hashlib.sha256(b"kid" + raw).hexdigest()[:8]
         self._ciphers = {self.kid: aes_gcm(raw)}
         for old in previous:
-            old_raw = _parse_key(old, prog)
+            old_raw = _parse_key(old, "ENCRYPTION_KEY_PREVIOUS")
             self._ciphers.setdefault(hashlib.sha256(b"kid" + old_raw).hexdigest()[:8], aes_gcm(old_raw))
 
     def encrypt(self, plain: str, associated: bytes) -> str:
@@ -2271,7 +2400,7 @@ def _resolve_ref(root: dict, ref: str):
         part = urllib.parse.unquote(part).replace("~1", "/").replace("~0", "~")
         if isinstance(node, dict) and part in node:
             node = node[part]
-        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+        elif isinstance(node, list) and _DECIMAL.fullmatch(part) and int(part) < len(node):
             node = node[int(part)]
         else:
             return None
@@ -3211,17 +3340,19 @@ class MCPServer:
         @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
         async def login(ctx: Context) -> dict:
             """Start signing in to your account at the upstream provider: returns a link to open in
-            your browser and a pairing code to enter there if asked."""
+            your browser and the pairing code to enter there."""
             flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
             # a 2026 client retries after the URL elicitation: the retry must reuse the same link
             started = ctx.round_state.get("login") or await flow.start(ctx)
             if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
                 ctx.round_state["login"] = started
-                await ctx.elicit_url("Sign in to your account in the browser (pairing code "
-                                     f"{started['pairing_code']}).", started["url"], key="login")
+                await ctx.elicit_url("Sign in to your account in the browser; enter the pairing code "
+                                     f"{started['pairing_code']} there. Keep the code to yourself.",
+                                     started["url"], key="login")
             return {"__mcp_result__": True, "structuredContent": started, "content": [{
-                "type": "text", "text": f"Open {started['url']} and, if asked, enter the pairing code "
-                                        f"{started['pairing_code']}. The link works for 10 minutes."}]}
+                "type": "text", "text": f"Open {started['url']} and enter the pairing code "
+                                        f"{started['pairing_code']} there. The link works for 10 minutes; "
+                                        "the code is for the user alone, never to be passed on."}]}
 
         @self.tool(title="Log out of the upstream account", annotations={"destructiveHint": False})
         async def logout(ctx: Context) -> str:
@@ -3291,19 +3422,16 @@ class MCPServer:
         return self._keys
 
     async def _keyring(self) -> _KeyRing:
-        """The key ring every instance agrees on: from MCP_SECRET, or (shared store, no secret)
-        from a secret generated once and kept in the store, with a warning to set one."""
+        """The key ring every instance agrees on: from MCP_SECRET (or TOKEN_PARAMETER).  A shared
+        store without either is refused (``Settings.check_secrets`` refuses REDIS_URL without
+        it at start-up): no usable secret is ever kept in the store, where a copy of it would
+        mint tokens for every user."""
         if self._keys is None:
             store = self._hub().store
-            if self.settings.secret or isinstance(store, MemoryStore):
-                self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
-            else:
-                await store.add("mcp:server-secret", secrets.token_urlsafe(32))
-                shared = await store.get("mcp:server-secret")
-                if self._keys is None:
-                    log.warning("MCP_SECRET is not set: using a secret generated once and kept in the "
-                                "store; set MCP_SECRET so that the secret is yours")
-                    self._keys = _KeyRing(shared, self.settings.token_parameter)
+            if not (self.settings.secret or self.settings.token_parameter or isinstance(store, MemoryStore)):
+                raise RpcError(INTERNAL_ERROR, "This server shares its store but has no MCP_SECRET: set the "
+                               "same MCP_SECRET on every instance.", status=503)
+            self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
         return self._keys
 
     def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
@@ -3606,7 +3734,8 @@ class MCPServer:
                               {f.lower() for f in self.settings.mask_fields})
             return _to_call_result(value, tool)
         except ToolError as exc:
-            return _tool_error(str(exc) or f"Tool {tool.name} failed.")
+            message = str(exc) or f"Tool {tool.name} failed."
+            return _tool_error(message if tool.mask is None else _mask_free_text(message))
         except (RpcError, _InputRequired, _Cancelled):
             raise
         except asyncio.CancelledError:
@@ -3618,8 +3747,15 @@ class MCPServer:
             raise
         except _REQUEST_ERRORS as exc:
             error_id = _error_id()
-            log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
+            if tool.mask is None:
+                log.error("tool %s raised (error id %s)", tool.name, error_id, exc_info=True)
+            else:  # a login tool's exception may quote the user's data: the log gets it masked
+                import traceback
+                log.error("tool %s raised (error id %s): %s", tool.name, error_id,
+                          _mask_free_text(traceback.format_exc()))
             detail = f": {exc!r}" if self.settings.expose_errors else ""
+            if detail and tool.mask is not None:
+                detail = _mask_free_text(detail)
             return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
         finally:
             if timer is not None:
@@ -3811,7 +3947,7 @@ def _has_tasks_extension(ctx: Context) -> bool:
 
 
 def _task_key(task_id: str) -> str:
-    return f"mcp:task:{{{task_id}}}"
+    return f"mcp:task:{{{_store_id(task_id)}}}"
 
 
 def _iso_now() -> str:
@@ -4053,6 +4189,10 @@ _MODERN_METHODS = {
 #   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
 #   instance), running tasks, /messages requests in flight (each a task holding no connection),
 #   the logs of a session's streams, and the JSON a session keeps for the client.
+# - A draining instance (SIGTERM) ends its GET /mcp streams, and with a shared store its
+#   2025-11-25 POST streams, with an SSE ``retry:`` hint: the client resumes on another instance
+#   with ``Last-Event-ID`` while the request runs on here and logs what it sends.  /sse and
+#   subscriptions/listen streams just end (they cannot resume).
 
 
 # ---- Running a request eagerly ---------------------------------------------------------------
@@ -4083,14 +4223,16 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
     return (head + "data: " + data + "\n\n").encode()
 
 
-async def _read_events(store: "Store", key: str, after: int) -> list:
-    """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps JSON text: a
-    string is one object the garbage collector never walks, where a message is dozens."""
-    return [(seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item)
-            for seq, item in await store.read_after(key, after)]
+_SEALED_EVENT = "sealed:"  # an event log item that is not JSON text but an AES-GCM token of it
 
 
 _SSE_KEEPALIVE = b": keep-alive\n\n"
+
+
+def _retry_hint(hub: "_Hub", resumable: bool) -> bytes:
+    """The last bytes of a stream the server ends: while it drains, a resumable stream's client is
+    told when to reconnect (through the balancer, to another instance, with ``Last-Event-ID``)."""
+    return f"retry: {hub.settings.sse_retry_ms}\n\n".encode() if hub.draining and resumable else b""
 
 
 class _Hub:
@@ -4108,6 +4250,8 @@ class _Hub:
         self.listeners: set = set()     # callables fed every bus event
         self.tasks: set = set()
         self.closing = False
+        self.unready = False  # SIGTERM: /readyz says 503 (balancers take the instance out), it still serves
+        self.draining = False  # then its streams end, resumable ones with a retry hint
         self._ids = 0
         self._prefix = secrets.token_hex(3)
         self.shared = not isinstance(store, MemoryStore)  # other processes may hold streams
@@ -4277,6 +4421,30 @@ class _Hub:
                     del self.held[key]
         return release
 
+    # -- event logs of resumable streams ----------------------------------------------------------
+
+    async def log_event(self, key: str, text: str) -> int:
+        """Append one event (JSON text) to a stream's log; returns its sequence number.  In a
+        shared store the event is sealed, bound to its log: a copy of the store would otherwise
+        hold tool results and the elicitations that carry a login link and its pairing code."""
+        if self.shared:
+            text = _SEALED_EVENT + (await self.server._keyring()).seal_text(text, "events", key)
+        return await self.store.append(key, text, self.settings.replay_events, self.settings.session_ttl)
+
+    async def read_events(self, key: str, after: int) -> list:
+        """A stream's logged events after ``after`` as ``(seq, message)``.  The log keeps text: a
+        string is one object the garbage collector never walks, where a message is dozens.  An
+        event that does not unseal (the secret changed, or someone wrote it) is left out."""
+        events = []
+        for seq, item in await self.store.read_after(key, after):
+            if isinstance(item, str) and item.startswith(_SEALED_EVENT):
+                item = (await self.server._keyring()).unseal_text(item[len(_SEALED_EVENT):], "events", key)
+                if item is None:
+                    log.warning("an event of a stream's log does not unseal: left out of the replay")
+                    continue
+            events.append((seq, _loads(item, _STORED_JSON_DEPTH) if isinstance(item, str) else item))
+        return events
+
     # -- requests the server sends to a legacy client ------------------------------------------------
 
     def next_request_id(self) -> str:
@@ -4394,6 +4562,16 @@ class _Hub:
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
         return {"_meta": tag}
+
+    async def end_streams(self) -> None:
+        """Graceful stop, first half (``_serve_http``): end every open stream, resumable ones with
+        a retry hint, so that their clients reconnect elsewhere and resume from the store.  The
+        requests behind POST streams run on, logging what they send, until they finish; a POST
+        stream ends early only where another instance can resume it (a shared store)."""
+        self.draining = True
+        self._on_bus({"kind": "shutdown"})  # session streams, resumed streams, subscriptions/listen
+        for channel in list(self.live_posts.values()) if self.shared else ():
+            await channel.detach()
 
     async def close(self) -> None:
         """Graceful stop: end listen and session streams, cancel background work."""
@@ -4557,7 +4735,7 @@ class _Http:
         """The client's IP address (a trusted proxy's X-Forwarded-For already applied); None when
         the server does not know it (a Unix socket), and then no per-address cap applies."""
         client = self.scope.get("client")
-        return client[0] if client else None
+        return _address_block(client[0]) if client else None
 
     def query(self, name: str) -> str | None:
         values = urllib.parse.parse_qs(self.scope.get("query_string", b"").decode("latin-1")).get(name)
@@ -4565,7 +4743,7 @@ class _Http:
 
     async def read_body(self, limit: int) -> bytes:
         declared = self.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
+        if declared is not None and _DECIMAL.fullmatch(declared) and int(declared) > limit:
             raise _body_too_large(limit)
         whole = self.io.take_body()
         if whole is not None:  # it has all arrived
@@ -4762,9 +4940,7 @@ class _PostChannel:
     async def _emit(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.resumable:
-            ttl = self.hub.settings.session_ttl
-            seq = await self.hub.store.append(_events_key(self.session_id, self.stream_id), text,
-                                              self.hub.settings.replay_events, ttl)
+            seq = await self.hub.log_event(_events_key(self.session_id, self.stream_id), text)
             event_id = f"{self.stream_id}:{seq}"
             for follower in self.followers:
                 follower.put_nowait((event_id, message))
@@ -4788,7 +4964,7 @@ class _PostChannel:
             if not self.streaming:
                 await self._start()
             self.detached = True
-            await self.http.end()
+            await self.http.end(_retry_hint(self.hub, True))
 
     def finish(self, response: dict | None, status: int, headers: list) -> typing.Awaitable:
         """Send the final response (or nothing, for a cancelled request).  The common answer, JSON
@@ -4887,7 +5063,7 @@ class _SessionStream:
             for event_id, message in replay:
                 await http.write(_sse(message, event_id))
             loop = asyncio.get_running_loop()
-            while not http.ended and not hub.closing:
+            while not http.ended and not hub.closing and not hub.draining:
                 if not self._items:
                     self._waiter = waiter = loop.create_future()
                     self.idle_since = loop.time()
@@ -4911,13 +5087,12 @@ class _SessionStream:
             hub.listeners.discard(self._on_bus)
             if hub.session_streams.get(self.session_id) is self:
                 del hub.session_streams[self.session_id]
-            await http.end()
+            await http.end(_retry_hint(hub, self.version is not None))  # (/sse streams cannot resume)
 
     async def _write(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.log_events:
-            seq = await self.hub.store.append(_events_key(self.session_id, "get"), text,
-                                              self.hub.settings.replay_events, self.hub.settings.session_ttl)
+            seq = await self.hub.log_event(_events_key(self.session_id, "get"), text)
             event_id = f"get:{seq}"
         await self.http.write(_sse(text, event_id))
 
@@ -5150,10 +5325,10 @@ class _StreamableHTTP:
         last_event = http.headers.get("last-event-id")
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
-            if stream_id != "get" and seq.isdigit():
+            if stream_id != "get" and _DECIMAL.fullmatch(seq):
                 release = hub.hold_stream(http.principal, http.client_address())
                 return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
-            replay = await _read_events(hub.store, _events_key(session_id, "get"), int(seq) if seq.isdigit() else 0)
+            replay = await hub.read_events(_events_key(session_id, "get"), int(seq) if _DECIMAL.fullmatch(seq) else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
             replay = []
@@ -5169,6 +5344,10 @@ class _StreamableHTTP:
         live = hub.live_posts.get((session_id, stream_id))
         queue: asyncio.Queue = asyncio.Queue()
         unsubscribe = None
+
+        def on_bus(event):
+            if event.get("kind") == "shutdown":
+                queue.put_nowait(None)
         if live is not None:
             live.followers.append(queue)
         elif hub.shared:  # the stream may be live on another instance
@@ -5177,7 +5356,7 @@ class _StreamableHTTP:
         try:
             if unsubscribe is not None:
                 await hub.store.subscribed()  # then the log read below misses nothing
-            events = await _read_events(hub.store, _events_key(session_id, stream_id), after)
+            events = await hub.read_events(_events_key(session_id, stream_id), after)
             await http.start_sse()
             last = after
             for seq, message in events:
@@ -5185,14 +5364,15 @@ class _StreamableHTTP:
                 last = seq
             finished = any("id" in m and "method" not in m for _s, m in events)
             http.on_disconnect(lambda: queue.put_nowait(None))
+            hub.listeners.add(on_bus)
             following = live is not None or unsubscribe is not None
-            while following and not finished and not http.ended:
+            while following and not finished and not http.ended and not hub.draining:
                 try:
                     async with asyncio.timeout(hub.settings.sse_keepalive):
                         item = await queue.get()
                 except TimeoutError:
                     if live is None:  # pub/sub may have dropped something: the log has it all
-                        missed = await _read_events(hub.store, _events_key(session_id, stream_id), last)
+                        missed = await hub.read_events(_events_key(session_id, stream_id), last)
                         for seq, message in missed:
                             await http.write(_sse(message, f"{stream_id}:{seq}"))
                             last = seq
@@ -5215,7 +5395,8 @@ class _StreamableHTTP:
                 live.followers.remove(queue)
             if unsubscribe is not None:
                 unsubscribe()
-            await http.end()
+            hub.listeners.discard(on_bus)
+            await http.end(_retry_hint(hub, True))
 
     # -- DELETE: end a session -------------------------------------------------------------------
 
@@ -5967,7 +6148,7 @@ def _parse_document_response(data: bytes, limit: int) -> tuple:
         key, _, value = line.partition(":")
         headers[key.strip().lower()] = value.strip()
     if "content-length" in headers:
-        length = int(headers["content-length"]) if headers["content-length"].isdigit() else -1
+        length = int(headers["content-length"]) if _DECIMAL.fullmatch(headers["content-length"]) else -1
         if length < 0 or length > len(body):
             raise ValueError("client metadata document was cut short")
         body = body[:length]
@@ -6082,7 +6263,7 @@ class _OAuth:
         limit = self.settings.auth_rate_limit if limit is None else limit
         if not limit:
             return
-        client = (http.scope.get("client") or ("unknown",))[0]
+        client = http.client_address() or "unknown"
         slot = int(_now() // window)
         count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
         if count > limit:
@@ -6555,11 +6736,7 @@ class _OAuth:
         session = await store.get(_user_key(record["sid"])) or {
             "state": "ANONYMOUS", "client_id": client["client_id"], "created": int(_now()), "revoked": [],
             "gen": secrets.token_hex(4)}
-        in_grace = (token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE
-                    and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE))
-        if in_grace:
-            pass  # the unused replacement is superseded; its record stays, so using it is reuse
-        elif token_hash != family["current"]:
+        if not await self._may_rotate(family, token_hash):
             await self._revoke_family(family)
             log.warning("refresh token reuse detected: the token family and its session were revoked")
             raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
@@ -6572,11 +6749,34 @@ class _OAuth:
                 raise _OAuthError("invalid_scope", "A refresh cannot widen the granted scope.")
             scope = " ".join(narrower)
         await store.set(_user_key(record["sid"]), session, self.settings.session_ttl)  # activity
-        return await self._issue(http, client, record["sid"], scope, record["resource"],
-                                 family=(family["id"], token_hash), generation=session.get("gen"))
+        answer = await self._issue(http, client, record["sid"], scope, record["resource"],
+                                   family=(family["id"], token_hash), generation=session.get("gen"))
+        if await store.get(f"mcp:oauth:revoked:{family['id']}") is not None:
+            # a concurrent reuse revoked the family while this rotation was writing it back
+            await self._revoke_family({**family, "current": _sha256(answer.get("refresh_token", "")),
+                                       "previous": None})
+            raise _OAuthError("invalid_grant", "The refresh token was already used; sign in again.")
+        return answer
+
+    async def _may_rotate(self, family: dict, token_hash: str) -> bool:
+        """Whether a refresh token may be exchanged now.  The family's newest, once: of concurrent
+        uses (on any instance) one claims it atomically.  Then once more, within _REFRESH_GRACE
+        seconds, the token a rotation replaced or one whose rotation is under way (a client that
+        lost the answer retries).  Every other use is reuse; a superseded replacement's record
+        stays, so using it is reuse too."""
+        store = self.server._hub().store
+        if token_hash == family["current"] and await store.add(f"mcp:oauth:rotated:{token_hash}", 1,
+                                                                self.settings.refresh_ttl):
+            return True
+        recent = token_hash == family["current"] or (
+            token_hash == family.get("previous") and _now() - family.get("rotated", 0) <= _REFRESH_GRACE)
+        return recent and await store.add(f"mcp:oauth:grace:{token_hash}", 1, 2 * _REFRESH_GRACE)
 
     async def _revoke_family(self, family: dict) -> None:
+        """End a token family and its session.  The mark comes first: a rotation that read the
+        family before this must see it when it is done, and undo what it wrote (_refresh_grant)."""
         store = self.server._hub().store
+        await store.set(f"mcp:oauth:revoked:{family['id']}", 1, self.settings.refresh_ttl)
         await store.delete(f"mcp:oauth:family:{family['id']}")
         for key in ("current", "previous"):
             if family.get(key):
@@ -6690,14 +6890,39 @@ class _OAuth:
                     None, self._jwks.get_signing_key_from_jwt, token)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
             audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
-            return jwt.decode(token, key, algorithms=algorithms, audience=audience,
-                              issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
+            claims = jwt.decode(token, key, algorithms=algorithms, audience=audience,
+                                issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
+            kind = str(jwt.get_unverified_header(token).get("typ", "JWT")).lower()
         except Exception:
             return None
+        # an access token (RFC 9068: at+jwt; many issuers still say JWT), for someone: an empty
+        # subject would make every such token one principal, "ext:"
+        if kind not in _ACCESS_TOKEN_TYPES or not isinstance(claims.get("sub"), str) or not claims["sub"].strip():
+            return None
+        return claims
+
+
+_ACCESS_TOKEN_TYPES = ("jwt", "at+jwt", "application/at+jwt")
 
 
 def _user_key(sid: str) -> str:
-    return f"mcp:{{{sid}}}:user"
+    return f"mcp:{{{_store_id(sid)}}}:user"
+
+
+def _login_tx_key(tx: str) -> str:
+    """A login transaction's key: a hash of its link, which a copy of the store does not give."""
+    return f"mcp:login:tx:{_sha256(tx)}"
+
+
+def _pairing_mac(keys: _KeyRing, tx: str, code: str) -> str:
+    """What the store keeps of a pairing code: a MAC under a key that is not in the store (a
+    plain hash of 40 bits would be reversed from a copy of it in minutes), bound to its link."""
+    return hmac.new(keys.key("pairing"), f"{tx}\n{code}".encode(), hashlib.sha256).hexdigest()
+
+
+def _credentials_ad(uid: str) -> bytes:
+    """The associated data of a user's sealed credentials: the user, and what the value is."""
+    return b"mcp_server/v1 credentials " + uid.encode()
 
 
 # ---- The upstream login flow --------------------------------------------------------------------
@@ -6705,20 +6930,28 @@ def _user_key(sid: str) -> str:
 # Rules:
 # - The LLM never sees the user's upstream password, tokens or raw identifiers: the user signs in
 #   to the provider in a browser, this server exchanges the code server-side, keeps the tokens
-#   encrypted in the user's session (AES-256-GCM, the session id as associated data), and masks
-#   sensitive fields in every result of a login tool.
-# - A login link opens our own page first.  A browser that is not the one that authorized the
-#   MCP client must enter the pairing code the login tool showed in the client (five tries),
-#   so a link forwarded by someone else cannot attach the victim's account to the sender's
-#   session (the phishing defence of URL-mode elicitation).
-# - Every state is single use with a 10-minute life, and bound to the browser by a cookie.
-#   Codes, tokens and the /redirect query string never reach a log.
+#   encrypted in the user's record (AES-256-GCM with ENCRYPTION_KEY, the user id as associated
+#   data), and masks every login tool's result and error: every scalar under a sensitive key (by
+#   pattern, in any spelling and nesting) and identifiers found in any string (``_mask``).
+# - A login link opens our own page first, and EVERY browser must enter the pairing code the
+#   login tool showed in the user's own client (five tries, counted atomically in the store),
+#   in MCP_AUTH=builtin, external and none alike.  No cookie skips it: any cookie this server
+#   sets can be planted in a victim's browser (an /authorize approval for the attacker's own
+#   client sets one; with MCP_CONSENT=never without a click), and a skip would let an attacker's
+#   link attach the victim's account to the attacker's session.  The page tells the user never
+#   to enter a code someone else gave them: that is the only way left to misuse a link.
+# - A link completes once: the right code takes the transaction.  Every state is single use
+#   with a 10-minute life and bound to the browser by a nonce cookie; a browser without the
+#   cookie cannot use it up.  Codes, tokens and the /redirect query string never reach a log.
+# - A copy of the store yields nothing usable: transactions are keyed by a hash of the link and
+#   keep a MAC of the pairing code under a key from MCP_SECRET; states are sealed (they hold the
+#   PKCE verifier); credentials are sealed with ENCRYPTION_KEY, which is never in the store.
 #
-# Theory of operation: ``login`` stores a transaction ``mcp:login:{tx}`` (user, pairing-code hash,
-# tries) and returns ``/login/{tx}``.  That page (after the pairing code, when needed) stores a
-# state ``mcp:login:state:{state}`` (tx, user, PKCE verifier, browser nonce), sets the nonce
-# cookie and redirects to the provider.  ``/redirect`` takes the state atomically, checks the
-# cookie, exchanges the code, and writes the encrypted credentials into ``mcp:{user}:user``.
+# Theory of operation: ``login`` stores a transaction ``mcp:login:tx:{hash(tx)}`` (user, pairing-
+# code MAC) and returns ``/login/{tx}``.  The right pairing code takes the transaction, stores a
+# sealed state ``mcp:login:state:{hash(state)}`` (tx, user, PKCE verifier, browser nonce), sets
+# the nonce cookie and redirects to the provider.  ``/redirect`` checks the cookie, takes the
+# state atomically, exchanges the code, and writes the sealed credentials into ``mcp:{user}:user``.
 
 _DEFAULT_MASK_FIELDS = frozenset((
     "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
@@ -6726,21 +6959,106 @@ _DEFAULT_MASK_FIELDS = frozenset((
     "phone", "phone_number", "mobile", "mobile_number", "bank_account", "bank_account_number",
     "bankaccount", "demat_id", "dp_id", "aadhaar", "ssn"))
 _PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
+_PAIRING_TRIES = 5
+
+# A key is sensitive when a run of its words (split at camelCase, digits and any of ``_-. ``,
+# lower-cased, joined) is one of these: ``panNumber``, ``Mobile-No``, ``bank.account.number``,
+# ``emailId``, ``x_access_token``.  A run, not a substring: ``company`` holds no ``pan``.
+_SENSITIVE_KEY = re.compile(
+    r"pan(no|num|number|card)?|e?mail(id|ids|address|addr)?|"
+    r"(phone|mobile|tel|telephone|cell|cellphone|landline|whatsapp)(no|num|number|numbers)?|"
+    r"(bank)?(account|acct)(no|num|number|nr|id|ids)?|bank|iban|ifsc|"
+    r"demat(id|no|number|account)?|dpid|boid|aadha+r(no|number|id)?|ssn|"
+    r"(access|refresh|id|auth|bearer|api|session|csrf)?tokens?|(api|secret|private|access|client|signing)key|"
+    r"(client)?secret|password|passwd|pwd|passcode|otp|pin(code)?|cvv|(card|creditcard|debitcard)(no|num|number)|"
+    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
+    r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
+    r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
+    r"customer|client|display)name|username|login|nominee|ucc")
+# Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
+# or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
+# PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
+_FREE_TEXT_MASKS = (
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    (re.compile(r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=-]{8,})"), 1),
+    (re.compile(r"\b([A-Za-z][\w.-]{0,40})([\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;<>{}\[\]]{3,})"), 3),
+    (re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"), 0),
+    (re.compile(r"[A-Za-z0-9._-]{2,}@[A-Za-z]{2,}(?![\w.@-])"), 0),  # a UPI id (VPA): no dot after the @
+    (re.compile(r"(?i)\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
+    (re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])"
+                r"[A-Za-z0-9+/_-]{24,}={0,2}"), 0),
+    (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?\(?\d{1,5}\)?(?:[ .-]?\d{2,5}){1,4}|\(?\d{3,5}\)?[.-]\d{3,5}[.-]?\d{0,5}|"
+                r"\d{4} \d{4} \d{4}|\d{5} \d{5})(?!\w)"), -1),
+    (re.compile(r"(?<!\d)\d{8,}(?!\d)"), 0),
+)
 
 
 def _mask_text(value) -> str:
+    """A masked value: all X, but the last 4 characters of a long one (enough to tell two apart)."""
     text = str(value)
-    return "X" * len(text) if len(text) <= 4 else "X" * (len(text) - 4) + text[-4:]
+    return "X" * len(text) if len(text) < 10 else "X" * (len(text) - 4) + text[-4:]
 
 
-def _mask(value, fields: frozenset):
-    """Mask the named fields (any depth, case-insensitive, ``-`` same as ``_``), keeping the last 4."""
+def _key_words(key: str) -> list:
+    return [word.lower() for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", key)][:12]
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_names(fields: frozenset) -> frozenset:
+    """MASK_FIELDS and a tool's ``mask`` names, spelt as ``_sensitive_key`` compares them."""
+    return frozenset("".join(_key_words(str(field))) for field in fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sensitive_key(key, names: frozenset) -> bool:
+    words = _key_words(str(key))
+    for start in range(len(words)):
+        for end in range(start + 1, len(words) + 1):
+            run = "".join(words[start:end])
+            if run in names or _SENSITIVE_KEY.fullmatch(run):
+                return True
+    return False
+
+
+def _mask_phone(match: re.Match) -> str:
+    text = match.group(0)
+    digits = sum(c.isdigit() for c in text)
+    return _mask_text(text) if digits >= 10 or (text.startswith("+") and digits >= 8) else text
+
+
+def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
+    """``text`` with every identifier or secret ``_FREE_TEXT_MASKS`` finds masked."""
+    for pattern, group in _FREE_TEXT_MASKS:
+        if group == -1:
+            text = pattern.sub(_mask_phone, text)
+        elif group == 3:
+            text = pattern.sub(lambda m: m.group(1) + m.group(2) + _mask_text(m.group(3))
+                               if _sensitive_key(m.group(1), names) else m.group(0), text)
+        elif group:
+            text = pattern.sub(lambda m: m.group(0)[:m.start(group) - m.start()] + _mask_text(m.group(group)), text)
+        else:
+            text = pattern.sub(lambda m: _mask_text(m.group(0)), text)
+    return text
+
+
+def _mask(value, fields: frozenset, under_sensitive: bool = False):
+    """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
+    ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
+    ones; and identifiers in every other string, dict keys included (``_mask_free_text``)."""
+    names = _mask_names(fields)
     if isinstance(value, dict):
-        return {k: (_mask_text(v) if v is not None and not isinstance(v, (dict, list))
-                    and str(k).lower().replace("-", "_") in fields else _mask(v, fields))
-                for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mask(v, fields) for v in value]
+        return {(_mask_free_text(k, names) if isinstance(k, str) else k):
+                _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v, fields, under_sensitive) for v in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if under_sensitive:
+        return _mask_text(value)
+    if isinstance(value, str):
+        return _mask_free_text(value, names)
+    if isinstance(value, (int, float)) and value == value and abs(value) >= 1e7 and value == int(value):
+        return _mask_text(int(value))  # a whole number of 8+ digits: an account or phone number, as text
     return value
 
 
@@ -6802,7 +7120,10 @@ class _Login:
                                    "in a shared store without it.", status=503)
                 log.warning("ENCRYPTION_KEY is not set: using a key that lives only in this process "
                             "(logins end when it stops)")
-            self._vault = _Vault(settings.encryption_key or None, settings.previous_encryption_keys)
+            try:
+                self._vault = _Vault(settings.encryption_key or None, settings.previous_encryption_keys)
+            except ValueError as exc:  # (refused at start-up; a server built in code may skip that)
+                raise RpcError(INTERNAL_ERROR, f"The login is misconfigured: {exc}.", status=503) from None
         return self._vault
 
     def provider(self, base: str) -> dict:
@@ -6840,7 +7161,7 @@ class _Login:
         sealed = record.get("cred")
         if record.get("state") != "AUTHENTICATED" or not sealed:
             raise _NotLoggedIn()
-        plain = self.vault().decrypt(sealed, uid.encode())
+        plain = self.vault().decrypt(sealed, _credentials_ad(uid))
         if plain is None:
             raise _NotLoggedIn("the stored login cannot be decrypted with the current ENCRYPTION_KEY")
         return _loads(plain, _STORED_JSON_DEPTH)
@@ -6856,7 +7177,7 @@ class _Login:
         cred = {"access_token": tokens["access_token"], "refresh_token": tokens.get("refresh_token"),
                 "expires_at": int(_now()) + int(expires) if isinstance(expires, (int, float)) else None}
         await self._save_user(uid, {**record, "state": "AUTHENTICATED", "logged_in_at": int(_now()),
-                                    "cred": self.vault().encrypt(_dumps(cred), uid.encode())})
+                                    "cred": self.vault().encrypt(_dumps(cred), _credentials_ad(uid))})
 
     # -- the login tool ------------------------------------------------------------------------
 
@@ -6868,7 +7189,9 @@ class _Login:
         tx = secrets.token_urlsafe(18)
         code = "".join(secrets.choice(_PAIRING_ALPHABET) for _ in range(8))
         pairing = f"{code[:4]}-{code[4:]}"
-        await self.server._hub().store.set(f"mcp:login:{tx}", {"uid": uid, "pairing": _sha256(code), "tries": 0}, 600)
+        keys = await self.server._keyring()
+        await self.server._hub().store.set(_login_tx_key(tx), {"uid": uid, "pairing": _pairing_mac(keys, tx, code)},
+                                           600)
         url = f"{base}/login/{tx}"
         return {"url": url, "pairing_code": pairing, "expires_in": 600}
 
@@ -6876,53 +7199,66 @@ class _Login:
 
     async def page(self, http: _Http, tx: str) -> None:
         store = self.server._hub().store
-        record = await store.get(f"mcp:login:{tx}")
-        if record is None:
-            await self._page(http, 400, "This sign-in link has expired",
-                             "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
-                             "<p>Ask your assistant to call <code>login</code> again.</p>")
-            return
+        if await store.get(_login_tx_key(tx)) is None:
+            await self._link_gone(http)
+        elif http.scope.get("method") == "POST":
+            await self._pair(http, tx)
+        else:
+            await self._pairing_form(http, tx)
+
+    async def _link_gone(self, http: _Http) -> None:
+        await self._page(http, 400, "This sign-in link has expired",
+                         "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
+                         "<p>Ask your assistant to call <code>login</code> again.</p>")
+
+    async def _pair(self, http: _Http, tx: str) -> None:
+        """The pairing form's answer.  Every try counts atomically in the store before the code is
+        compared, so concurrent guesses on any instance get ``_PAIRING_TRIES`` compared in all;
+        the right code takes the transaction, so a link completes once, in one browser."""
         oauth = self.server.asgi.oauth
+        store = self.server._hub().store
+        fields = _form_fields(await http.read_body(16 * 1024))
+        cookie = oauth._cookie(http, "mcp_csrf") or ""
+        if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
+            await self._page(http, 400, "This page has expired", "<p class=bad>Reload the sign-in link "
+                             "and try again.</p>")
+            return
+        tries = await store.incr(f"mcp:login:tries:{_sha256(tx)}", 600)
+        record = await store.get(_login_tx_key(tx)) if tries <= _PAIRING_TRIES else None
+        if record is None and tries <= _PAIRING_TRIES:
+            await self._link_gone(http)
+            return
+        typed = re.sub(r"[^A-Z0-9]", "", fields.get("code", "").upper())
         keys = await self.server._keyring()
-        if http.scope.get("method") == "POST":
-            fields = _form_fields(await http.read_body(16 * 1024))
-            cookie = oauth._cookie(http, "mcp_csrf") or ""
-            if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
-                await self._page(http, 400, "This page has expired", "<p class=bad>Reload the sign-in link "
-                                 "and try again.</p>")
+        if record is None or not hmac.compare_digest(_pairing_mac(keys, tx, typed), record["pairing"]):
+            if tries >= _PAIRING_TRIES:
+                await store.delete(_login_tx_key(tx))
+                await self._page(http, 400, "Too many wrong codes", "<p class=bad>This sign-in link no "
+                                 "longer works.</p><p>Ask your assistant to call <code>login</code> again.</p>")
                 return
-            typed = re.sub(r"[^A-Z0-9]", "", fields.get("code", "").upper())
-            if not hmac.compare_digest(_sha256(typed), record["pairing"]):
-                record = {**record, "tries": record["tries"] + 1}
-                if record["tries"] >= 5:
-                    await store.delete(f"mcp:login:{tx}")
-                    await self._page(http, 400, "Too many wrong codes", "<p class=bad>This sign-in link no "
-                                     "longer works.</p><p>Ask your assistant to call <code>login</code> again.</p>")
-                    return
-                await store.set(f"mcp:login:{tx}", record, 600)
-                await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
-                return
-            await self._to_provider(http, tx, record)
+            await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
             return
-        browser = oauth._cookie(http, "mcp_browser")
-        if browser and keys.verify(browser, "cookie") == record["uid"]:
-            await self._to_provider(http, tx, record)  # the browser that authorized this client
+        record = await store.take(_login_tx_key(tx))
+        if record is None:  # another browser paired it a moment ago
+            await self._link_gone(http)
             return
-        await self._pairing_form(http, tx)
+        await self._to_provider(http, tx, record)
 
     async def _pairing_form(self, http: _Http, tx: str, problem: str = "") -> None:
         import html
         oauth = self.server.asgi.oauth
         csrf = secrets.token_urlsafe(18)
         body = ((f"<p class=bad>{html.escape(problem)}</p>" if problem else "") +
-                "<p>To connect your account, enter the pairing code your assistant showed next to this "
-                "link. It makes sure the link was meant for you.</p>"
+                "<p>To connect your account, enter the pairing code your assistant showed you next to "
+                "this link.</p>"
+                "<p><b>Never enter a code that someone else gave you</b> (in a message, an e-mail, a call or "
+                "on another site): whoever sent it would get your account.</p>"
                 f"<form method=post action='{html.escape(oauth.issuer(http))}/login/{html.escape(tx)}'>"
                 f"<input type=hidden name=csrf value='{csrf}'>"
                 "<p><input name=code autocomplete=off placeholder='ABCD-1234' aria-label='Pairing code' "
                 "style='font:inherit;padding:.5rem;width:12rem;letter-spacing:.1em'></p>"
                 "<div class=row><button class=primary>Continue</button></div></form>"
-                "<p class=muted>If you did not ask your assistant to log in, close this page.</p>")
+                "<p class=muted>If you did not ask your own assistant to log in just now, close this page.</p>")
         await self._page(http, 200, "Enter your pairing code", body,
                          [oauth._set_cookie(http, "mcp_csrf", csrf, 600)])
 
@@ -6932,9 +7268,10 @@ class _Login:
         provider = self.provider(base)
         state, nonce = secrets.token_urlsafe(24), secrets.token_urlsafe(18)
         verifier = secrets.token_urlsafe(48)
-        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", {
+        keys = await self.server._keyring()
+        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", keys.seal({
             "tx": tx, "uid": record["uid"], "verifier": verifier, "nonce": _sha256(nonce),
-            "redirect_uri": base + "/redirect"}, 600)
+            "redirect_uri": base + "/redirect"}, "login"), 600)
         location = _with_query(provider["authorize"], {
             "response_type": "code", "client_id": provider["client_id"], "redirect_uri": base + "/redirect",
             "state": state, "scope": provider["scopes"] or None,
@@ -6942,17 +7279,32 @@ class _Login:
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
                                          oauth._set_cookie(http, "mcp_login", nonce, 600)])
 
+    async def _redirect_state(self, http: _Http, query: dict) -> dict | str:
+        """The login state ``/redirect`` names, taken (single use) only by the browser holding its
+        nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
+        if not query.get("state"):
+            return "expired"
+        store = self.server._hub().store
+        key = f"mcp:login:state:{_sha256(query['state'])}"
+        sealed = await store.get(key)
+        state = (await self.server._keyring()).unseal(sealed, "login") if sealed else None
+        if state is None:
+            return "expired"
+        nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
+        if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
+            return "browser"
+        return state if await store.take(key) is not None else "expired"
+
     async def redirect(self, http: _Http) -> None:
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
         store = self.server._hub().store
-        state = await store.take(f"mcp:login:state:{_sha256(query.get('state', ''))}") if query.get("state") else None
+        state = await self._redirect_state(http, query)
         retry = "<p>Ask your assistant to call <code>login</code> again.</p>"
-        if state is None:
+        if state == "expired":
             await self._page(http, 400, "This sign-in has expired",
                              "<p class=bad>The sign-in took longer than 10 minutes or was already completed.</p>" + retry)
             return
-        nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
-        if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
+        if state == "browser":
             await self._page(http, 400, "Finish in the same browser",
                              "<p class=bad>This sign-in started in another browser.</p>" + retry)
             return
@@ -6977,7 +7329,6 @@ class _Login:
             await self._page(http, 400, "Sign-in not saved", f"<p class=bad>{_escape(str(exc))}</p>")
             return
         _metrics.inc("mcp_logins_total", outcome="success")
-        await store.delete(f"mcp:login:{state['tx']}")
         await store.publish(_BUS_CHANNEL, {"kind": "tools"})  # clients refresh what they can do
         log.info("upstream login completed")
         await self._page(http, 200, "You are signed in",
@@ -7114,6 +7465,8 @@ class _Sandbox:
 
     async def handle(self, http: _Http, path: str) -> None:
         method = http.scope.get("method")
+        if method == "POST":  # each sign-in and token call stores something: anyone's to make
+            await self.server.asgi.oauth._rate_limit(http, "sandbox")
         if path == "/sandbox/authorize":
             await (self._sign_in(http) if method == "POST" else self._authorize_page(http))
         elif path == "/sandbox/token" and method == "POST":
@@ -7285,6 +7638,18 @@ def _split_host(value: str) -> str:
     return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
 
 
+# An Origin header is a serialized origin: scheme, host and port, nothing else (RFC 6454 6.2).
+_ORIGIN = re.compile(r"https?://([A-Za-z0-9.-]+|\[[0-9A-Fa-f:.]+\])(?::([0-9]{1,5}))?")
+
+
+def _is_loopback_origin(origin: str) -> bool:
+    """A well-formed http(s) origin on a loopback host.  Read by a pattern, not ``urlsplit``: that
+    finds 127.0.0.1 in ``http://evil.example@127.0.0.1`` and ``http://127.0.0.1:1.evil``."""
+    match = _ORIGIN.fullmatch(origin)
+    return (match is not None and int(match.group(2) or 0) <= 65535
+            and _is_loopback(match.group(1).strip("[]")))
+
+
 class _App:
     """The ASGI application behind ``MCPServer.asgi``."""
 
@@ -7331,8 +7696,7 @@ class _App:
         if path.startswith(_OAUTH_BROWSER_PATHS) and http.scope.get("method") == "POST":
             ok = own
         else:
-            ok = own or "*" in allowed or origin in allowed or (
-                origin != "null" and _is_loopback(urllib.parse.urlsplit(origin).hostname))
+            ok = own or "*" in allowed or origin in allowed or _is_loopback_origin(origin)
         if not ok:
             raise _HttpError(403, f"Forbidden: the Origin {origin!r} is not allowed; add it to "
                              "MCP_ALLOWED_ORIGINS (--allowed-origins) to allow it.")
@@ -7344,7 +7708,7 @@ class _App:
         (so the limit holds across instances); past it, 429 with Retry-After."""
         limit, store = self.server.settings.rate_limit, self.server._hub().store
         window = int(_now() // 60)
-        keys = [f"mcp:rate:ip:{(http.scope.get('client') or ('-',))[0]}:{window}"]
+        keys = [f"mcp:rate:ip:{http.client_address() or '-'}:{window}"]
         if http.headers.get("mcp-session-id"):
             keys.append(f"mcp:rate:session:{_hash_id(http.headers['mcp-session-id'])}:{window}")
         for key in keys:
@@ -7549,8 +7913,9 @@ class _App:
                 raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
             await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/readyz":
-            store = self.server._hub().store
-            if self.server._runtime.closing:
+            hub = self.server._hub()
+            store = hub.store
+            if hub.closing or hub.unready:  # (SIGTERM: the balancer takes this instance out first)
                 await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
             elif await store.ping():
                 await http.respond_json(200, {"status": "ready", "store": store.name})
@@ -7634,6 +7999,10 @@ async def _shutdown(server: MCPServer) -> None:
 #   a chunk size or trailer line over 1 KB; so is an HTTP/1.1 request without exactly one
 #   well-formed Host (RFC 9112 section 3.2).
 # - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
+# - SIGTERM drains: /readyz says 503 for MCP_DRAIN_SECONDS while everything is still served, then
+#   the listener closes, the hub ends the streams (``_Hub.end_streams``) and requests in flight
+#   get MCP_DRAIN_GRACE seconds before the store closes.  SIGINT (or a second SIGTERM) skips the
+#   readiness wait; a ``stop`` event set by code stops without it too.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
 # at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
@@ -7979,7 +8348,7 @@ def _parse_request_head(head: bytes) -> tuple:
         raise _BadRequest(400, "Malformed Host header.")
     content_length = fields.get("content-length")
     if content_length is not None:
-        if not content_length.isdigit() or len(content_length) > 18:
+        if not _DECIMAL.fullmatch(content_length):
             raise _BadRequest(400, "Malformed Content-Length.")
         content_length = int(content_length)
     transfer_encoding = fields.get("transfer-encoding")
@@ -8051,9 +8420,10 @@ class _HttpProtocol(asyncio.Protocol):
         if len(state.connections) >= self.settings.max_connections or state.draining:
             self._reject(503, "The server is at its connection limit; try again shortly.")
             return
-        address, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
+        peer, limit = self.client[0] if self.client else None, self.settings.max_connections_per_address
         proxies = self.settings.trusted_proxies  # (a proxy's connections are many clients')
-        if address is not None and limit and address not in proxies and "*" not in proxies:
+        address = _address_block(peer) if peer is not None else None
+        if address is not None and limit and peer not in proxies and "*" not in proxies:
             if state.per_address[address] >= limit:
                 self._reject(429, f"Too many connections from this client address: {limit} are open, the "
                              "limit (MCP_MAX_CONNECTIONS_PER_ADDRESS); close some, then retry.", b"retry-after: 5\r\n")
@@ -8476,9 +8846,13 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     state = _ServerState(app, settings)
     state.sweeper = loop.create_task(state.sweep())
     stop = stop or asyncio.Event()
+    terminated = asyncio.Event()  # SIGTERM (an orchestrator's stop): drain first
+
+    def on_signal(sig):  # SIGINT, or a second SIGTERM, stops without the readiness wait
+        (terminated if sig == signal.SIGTERM and not terminated.is_set() else stop).set()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
         except (NotImplementedError, RuntimeError, ValueError):
             pass  # not the main thread, or Windows
     life: dict = {}
@@ -8505,22 +8879,52 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
               f"(also /sse, /messages, /http); store: {store_name}", file=sys.stderr, flush=True)
     if ready is not None:
         ready(port)
+    # (stdio's side listener serves pages, not MCP: stdio stops its requests itself)
+    hub = server._hub() if server is not None and not settings.stdio else None
     try:
-        await stop.wait()
+        await _until_stopped(stop, terminated, hub, settings.drain_seconds)
     finally:
-        state.draining = True
-        listener.close()
-        for connection in list(state.connections):
-            if connection.cycle is None:
-                connection.close()  # idle keep-alive connections go at once
-        await _lifespan(app, "shutdown", life)  # ends streams; in-flight requests finish
-        deadline = loop.time() + 10
-        while state.connections and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+        await _drain(state, listener, hub)
+        await _lifespan(app, "shutdown", life)
         for connection in list(state.connections):
             connection.transport.abort()
         state.sweeper.cancel()
         await listener.wait_closed()
+
+
+async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Hub | None",
+                         drain_seconds: float) -> None:
+    """Serve until ``stop``; after a SIGTERM (``terminated``), first answer /readyz with 503 for
+    ``drain_seconds`` while still serving, so that balancers stop sending work here."""
+    stopped, signalled = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(terminated.wait())
+    await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    stopped.cancel()
+    signalled.cancel()
+    if terminated.is_set() and hub is not None and drain_seconds > 0:
+        hub.unready = True
+        log.info("SIGTERM: /readyz answers 503 for %g s (MCP_DRAIN_SECONDS), then the server stops "
+                 "accepting and drains", drain_seconds)
+        try:  # a second signal ends the wait
+            await asyncio.wait_for(stop.wait(), drain_seconds)
+        except TimeoutError:
+            pass
+
+
+async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
+    """Stop accepting, end the open streams (resumable ones with a retry hint: their clients go
+    on elsewhere), and let the requests in flight finish, for MCP_DRAIN_GRACE seconds at most:
+    the store stays open until they did, so what they send is logged for the resumed streams."""
+    state.draining = True
+    listener.close()
+    for connection in list(state.connections):
+        if connection.cycle is None:
+            connection.close()  # idle keep-alive connections go at once
+    if hub is not None:
+        hub.unready = True
+        await hub.end_streams()
+    deadline = state.clock() + state.settings.drain_grace
+    while (state.connections or (hub is not None and hub.running)) and state.clock() < deadline:
+        await asyncio.sleep(0.05)
 
 
 # ==== 10. Built-in tools and CLI ================================================================
@@ -8584,8 +8988,12 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     """Run ``server`` until interrupted: HTTP on the bundled server (``--workers`` processes), or stdio."""
     settings = settings or server.settings
     server.settings = settings
+    # (settings built in code skip Settings.load's check; a store given in code counts too)
+    settings.check_secrets(shared_store=server.store is not None and not isinstance(server.store, MemoryStore))
     _check_packages(server, settings)
     _configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    if getattr(settings, "dotenv_file", ""):  # which file, and what it set; never a value
+        log.info("settings read from %s: %s", settings.dotenv_file, ", ".join(settings.dotenv_names) or "none")
     if not settings.stdio:  # what starting up left behind (before the freeze, which would keep its cycles)
         _give_back_memory()
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
@@ -8657,7 +9065,7 @@ def _supervise(settings: Settings) -> int:
     for process in workers.values():
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + settings.drain_seconds + settings.drain_grace + 5  # (each worker drains)
     for process in workers.values():
         try:
             process.wait(max(0.1, deadline - time.monotonic()))
@@ -8675,6 +9083,7 @@ def _builtin_server(settings: Settings) -> MCPServer:
     if settings.redis_url and not settings.encryption_key:
         raise SystemExit("mcp_server: error: ENCRYPTION_KEY is required with Redis: the upstream "
                          "credentials kept there are encrypted with it")
+    settings.check_secrets("mcp_server")
     server.add_login_tools()
 
     @server.tool(title="Server information", annotations={"readOnlyHint": True, "openWorldHint": False})
@@ -8722,9 +9131,27 @@ def _write_settings_table(path: str) -> None:
         f.write(page)
 
 
+def _encrypt_command(args: list) -> None:
+    """``encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of setting NAME (bound
+    to it: it decrypts as no other setting).  VALUE ``-`` reads it from stdin, out of the shell's
+    history and the process list."""
+    usage = "mcp_server: error: usage: python mcp_server.py encrypt --setting NAME VALUE (VALUE - reads stdin)"
+    if len(args) != 3 or args[0] != "--setting":
+        raise SystemExit(usage)
+    textual = {env_names[0] for _attr, _flag, env_names, parse, *_ in _SETTING_SPECS if parse is str}
+    name = args[1].upper()
+    if name not in textual or name == "ENCRYPTION_KEY":
+        raise SystemExit(f"mcp_server: error: {args[1]!r} is not a setting that takes an enc: value")
+    value = sys.stdin.readline().rstrip("\r\n") if args[2] == "-" else args[2]
+    key = Settings.load([]).encryption_key
+    if not key:
+        raise SystemExit("mcp_server: error: set ENCRYPTION_KEY first (the same key the server uses)")
+    print("enc:" + _Vault(key).encrypt(value, _setting_ad(name)))
+
+
 def main(argv: list | None = None) -> None:
     """``python mcp_server.py [flags]``: the built-in server (see ``--help``);
-    ``python mcp_server.py encrypt VALUE``: print VALUE as an ``enc:`` setting;
+    ``python mcp_server.py encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of NAME;
     ``python mcp_server.py settings``: print every setting as a Markdown table;
     ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
     argv = sys.argv[1:] if argv is None else argv
@@ -8738,12 +9165,7 @@ def main(argv: list | None = None) -> None:
                 raise SystemExit("mcp_server: error: usage: python mcp_server.py settings [--write PAGE.md]")
             return
         if argv[:1] == ["encrypt"]:
-            if len(argv) != 2:
-                raise SystemExit("mcp_server: error: usage: python mcp_server.py encrypt VALUE")
-            key = Settings.load([]).encryption_key
-            if not key:
-                raise SystemExit("mcp_server: error: set ENCRYPTION_KEY first (the same key the server uses)")
-            print("enc:" + _Vault(key).encrypt(argv[1], b"config"))
+            _encrypt_command(argv[1:])
             return
         settings = Settings.load(argv)
         server = _builtin_server(settings)

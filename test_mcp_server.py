@@ -692,6 +692,7 @@ def clean_env(**extra) -> dict:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("MCP_", "MASK_MCP_", "REDIS_"))
            and k not in ("LOG_LEVEL", "SESSION_TTL", "APP_VERSION", "TOKEN_PARAMETER")}
+    env["MCP_DRAIN_SECONDS"] = "0"  # the suite's SIGTERMs stop at once; TestDrainAndDeploy sets its own
     env.update(extra)
     return env
 
@@ -4388,9 +4389,10 @@ class TestCLI:
     @pytest.mark.parametrize("blocked, args, env, package", [
         ("cryptography", ["--stdio"], {}, "cryptography"),  # the built-in server has the login tools
         ("jwt", ["--port", "0"], {}, "pyjwt"),  # OAuth (the default over HTTP)
-        ("redis", ["--port", "0", "--no-auth"], {"REDIS_URL": "redis://127.0.0.1:1", "ENCRYPTION_KEY": "11" * 32},
-         "redis"),
-        ("cryptography", ["encrypt", "secret"], {"ENCRYPTION_KEY": "11" * 32}, "cryptography"),
+        ("redis", ["--port", "0", "--no-auth"], {"REDIS_URL": "redis://127.0.0.1:1", "ENCRYPTION_KEY": "11" * 32,
+                                                 "MCP_SECRET": "missing-package-test-secret-0123456789"}, "redis"),
+        ("cryptography", ["encrypt", "--setting", "MCP_SECRET", "secret"], {"ENCRYPTION_KEY": "11" * 32},
+         "cryptography"),
         ("cryptography", ["--port", "0"], {"MCP_AUTH": "external", "MCP_AUTH_ISSUER": "https://issuer.example",
                                            "MCP_AUTH_JWKS_URL": "https://issuer.example/jwks",
                                            "MCP_PUBLIC_URL": "https://mcp.example"}, "cryptography"),
@@ -4983,7 +4985,7 @@ class TestScaleOut:
             conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
             stream = SSEStream(conn, conn.read_head())
             assert not stream.next_event().get("data")  # the priming event
-            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:chan")
+            _redis_wait_subscribed(redis_url, mcp_server._session_channel(s.sid))
             assert s.delete().status == 200  # on C
             assert stream.next_message() is None  # the stream on A ended
         # the instances that served the session drop their copies when C's message arrives
@@ -5069,7 +5071,7 @@ class TestScaleOut:
             ask = stream.next_message()
             assert ask["method"] == "elicitation/create" and ask["params"]["message"] == "Your name?"
             # A waits for the answer on the session's reply channel; the answer goes to B
-            _redis_wait_subscribed(redis_url, f"mcp:{{{s.sid}}}:replies")
+            _redis_wait_subscribed(redis_url, mcp_server._reply_channel(s.sid))
             answer = _redis_on(s, b).post({"jsonrpc": "2.0", "id": ask["id"],
                                            "result": {"action": "accept", "content": {"response": "Ada"}}})
             assert answer.status == 202 and answer.body == b""
@@ -5102,7 +5104,7 @@ class TestScaleOut:
         task_id = created["taskId"]
         seen = _task_result(_task_post(b, "tasks/get", task_id))
         assert seen["taskId"] == task_id and seen["status"] == "working"
-        _redis_wait_subscribed(redis_url, f"mcp:task:{{{task_id}}}:ctl")  # A listens for control messages
+        _redis_wait_subscribed(redis_url, mcp_server._task_channel(task_id))  # A listens for control messages
         assert _task_result(_task_post(c, "tasks/cancel", task_id))["resultType"] == "complete"
         for port in (a, b, c):
             record = _task_result(_task_post(port, "tasks/get", task_id))
@@ -5135,7 +5137,7 @@ class TestScaleOut:
             s = Session(doomed.port, capabilities={"elicitation": {}})
             s.initialize()
             call = s.body("tools/call", {"name": "test_elicitation", "arguments": {"message": "Still there?"}})
-            replies = f"mcp:{{{s.sid}}}:replies"
+            replies = mcp_server._reply_channel(s.sid)
             with Conn(doomed.port) as post_conn, Conn(doomed.port) as get_conn:
                 post_conn.request("POST", "/mcp", s.headers(), call)
                 post_stream = SSEStream(post_conn, post_conn.read_head())
@@ -5292,18 +5294,18 @@ class TestScaleOut:
                     {"Accept": "text/event-stream", "Content-Type": None, "Last-Event-ID": priming["id"]}))
                 follow = SSEStream(resumed, resumed.read_head())
                 assert follow.next_message() == ask  # replayed from the log
-                _redis_wait_subscribed(store.url, f"mcp:{{{s.sid}}}:stream:{stream_id}")  # B follows
+                _redis_wait_subscribed(store.url, mcp_server._stream_channel(s.sid, stream_id))  # B follows
                 frozen = instances[1].proc.proc
                 frozen.send_signal(signal.SIGSTOP)
                 client = store.client()
                 try:
                     client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # B's subscription is gone
+                    events_key = mcp_server._events_key(s.sid, stream_id)
+                    logged = client.llen(events_key)  # (sealed: counted, not read)
                     answer = _redis_on(s, a).post({"jsonrpc": "2.0", "id": ask["id"], "result": {
                         "action": "accept", "content": {"response": "Ada"}}})
                     assert answer.status == 202
-                    events_key = f"mcp:{{{s.sid}}}:events:{stream_id}"
-                    _redis_wait(lambda: any(b'result' in row for row in client.lrange(events_key, 0, -1)),
-                                "A's final response in the stream's log")
+                    _redis_wait(lambda: client.llen(events_key) > logged, "A's final response in the stream's log")
                 finally:
                     client.close()
                 frozen.send_signal(signal.SIGCONT)
@@ -7235,14 +7237,23 @@ class TestOAuth:
         _auth_assert_refused(port, retried["access_token"])
 
     @pytest.mark.parametrize("returning_browser", [False, True])
-    def test_instances_sharing_a_store_without_a_secret_agree_on_the_token_key(self, make_server,
-                                                                                returning_browser):
-        """Without MCP_SECRET on a shared store every instance uses the secret kept in the store,
-        whatever request first needs a key (a returning browser's consent cookie: bugs-auth.md #6)."""
+    def test_instances_sharing_a_store_agree_on_the_token_key_only_through_their_secret(self, make_server,
+                                                                                         returning_browser):
+        """Instances on a shared store agree on the keys through MCP_SECRET, whatever request first
+        needs a key (a returning browser's consent cookie: bugs-auth.md #6).  Without a secret they
+        refuse (503) and keep none in the store: the secret once generated into the store let a
+        copy of it mint tokens (issue 18 #6)."""
         inner = MemoryStore()
+        bare = make_server(build_server(store=_auth_SharedStore(inner), auth="builtin", consent="remember",
+                                        auth_rate_limit=0, public_url="http://mcp.example"))
+        _verifier, challenge = _auth_pkce()
+        refused = _auth_authorize(bare.port, _auth_register(bare.port)["client_id"], _AUTH_CB, challenge)
+        assert refused.status == 503 and b"MCP_SECRET" in refused.body, refused
+        assert not [key for key in inner._data if "secret" in key], list(inner._data)
         first, second = (make_server(build_server(store=_auth_SharedStore(inner), auth="builtin",
                                                   consent="remember", auth_rate_limit=0,
-                                                  public_url="http://mcp.example"))
+                                                  public_url="http://mcp.example",
+                                                  secret="shared-test-secret-0123456789abcdefgh"))
                          for _ in range(2))
         client = _auth_register(first.port)
         verifier, challenge = _auth_pkce()
@@ -7559,7 +7570,7 @@ class TestLogin:
     def _stored_credentials(self, st, session) -> dict:
         uid = "session:" + session.sid
         record = st.run(st.server.store.get(mcp_server._user_key(uid)))
-        return json.loads(st.server._login.vault().decrypt(record["cred"], uid.encode()))
+        return json.loads(st.server._login.vault().decrypt(record["cred"], mcp_server._credentials_ad(uid)))
 
     # -- the login tool and the pairing page -----------------------------------------------------------
 
@@ -7709,7 +7720,9 @@ class TestLogin:
         assert result.get("isError") is True and "no longer accepts" in _login_text(result), result
         _login_assert_not_logged_in(session)
 
-    def test_the_browser_that_authorized_the_client_skips_the_pairing_code(self, start, provider):
+    def test_even_the_browser_that_authorized_the_client_must_enter_the_pairing_code(self, start, provider):
+        """The ``mcp_browser`` cookie once skipped the pairing code; an attacker could plant one
+        (issue 18 #2), so no cookie skips it now: the user of the token pairs, then is signed in."""
         st = start(auth="builtin", consent="never", auth_rate_limit=0)
         port = st.port
         browser = _login_Browser()
@@ -7720,24 +7733,14 @@ class TestLogin:
                                         "code_challenge_method": "S256"})
         approved = browser.open(f"{_auth_base(port)}/authorize?{query}")
         code = _auth_location(approved, _AUTH_CB)["code"]
-        assert browser.cookie("mcp_browser")
         tokens = _auth_exchange(port, client["client_id"], code, verifier).json()
         session = _auth_Session(port, tokens["access_token"])
         session.initialize()
         _session, started = self._begin(st, session)
-        stranger = _login_Browser().open(started["url"])
-        assert stranger.status == 200 and b"pairing code" in stranger.body
-        # a browser that authorized someone else (a valid cookie, for another session) must pair too
-        other = _login_Browser()
-        _verifier, other_challenge = _auth_pkce()
-        other.open(f"{_auth_base(port)}/authorize?" + urllib.parse.urlencode({
-            "response_type": "code", "client_id": client["client_id"], "redirect_uri": _AUTH_CB,
-            "code_challenge": other_challenge, "code_challenge_method": "S256"}))
-        assert other.cookie("mcp_browser") and other.cookie("mcp_browser") != browser.cookie("mcp_browser")
-        assert other.open(started["url"]).status == 200
-        direct = browser.open(started["url"])
+        form = browser.open(started["url"])
+        assert form.status == 200 and b"pairing code" in form.body and b"Never enter a code" in form.body, form
+        direct = browser.pair(started["url"], started["pairing_code"])
         _auth_location(direct, provider["base"] + "/authorize")
-        # finish the login: the user of the token is signed in
         page = browser.open(direct.header("location"))
         back = browser.open(direct.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "ben"})
         assert browser.open(back.header("location")).status == 200
@@ -7867,7 +7870,7 @@ class TestLogin:
         b64_key = base64.b64encode(bytes.fromhex(_LOGIN_KEY_1)).decode()
         assert mcp_server._Vault(b64_key).decrypt(sealed, b"session:a") == "secret-value"  # same key, base64
         assert mcp_server._Vault(_LOGIN_KEY_1).decrypt(flip(sealed), b"session:a") is None
-        with pytest.raises(SystemExit):
+        with pytest.raises(ValueError):  # not SystemExit: it may run inside a request (issue 18 #5)
             mcp_server._Vault("too-short")
 
     # -- the provider misbehaving -----------------------------------------------------------------------
@@ -7928,7 +7931,8 @@ class TestLogin:
 
     def test_encrypt_command_and_enc_settings(self, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)  # no stray .env
-        done = run_cli(["encrypt", "sandbox-secret"], env=clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1))
+        done = run_cli(["encrypt", "--setting", "UPSTREAM_CLIENT_SECRET", "sandbox-secret"],
+                       env=clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1))
         assert done.returncode == 0, done.stderr
         value = done.stdout.strip()
         assert value.startswith("enc:v1.") and "sandbox-secret" not in value
@@ -7945,17 +7949,19 @@ class TestLogin:
         assert "does not decrypt" in str(wrong.value.code) and "sandbox-secret" not in str(wrong.value.code)
 
     def test_enc_setting_without_key_exits_with_one_line(self):
-        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt(
+            "sandbox-secret", mcp_server._setting_ad("UPSTREAM_CLIENT_SECRET"))
         result = run_cli(["--no-auth"], env=clean_env(UPSTREAM_CLIENT_SECRET=value))
         assert result.returncode == 2 and result.stdout == ""
         lines = result.stderr.splitlines()
         assert len(lines) == 1 and "ENCRYPTION_KEY" in lines[0] and "Traceback" not in result.stderr, result.stderr
-        no_key = run_cli(["encrypt", "x"], env=clean_env())
+        no_key = run_cli(["encrypt", "--setting", "MCP_SECRET", "x"], env=clean_env())
         assert no_key.returncode == 2 and len(no_key.stderr.splitlines()) == 1 and "ENCRYPTION_KEY" in no_key.stderr
 
     def test_enc_client_secret_reaches_the_provider_decrypted(self, start, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
-        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")
+        value = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt(
+            "sandbox-secret", mcp_server._setting_ad("UPSTREAM_CLIENT_SECRET"))
         tokens = {"access_token": "stub-at-" + secrets.token_hex(8), "expires_in": 60}
         with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens)}) as stub:
             loaded = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": value})
@@ -8172,7 +8178,8 @@ class TestAttackExternalIssuer:
         for token in (self._token(iss="https://evil.example"), self._token(aud=None), self._token(exp=past),
                       self._token(exp=None), self._token(nbf=int(time.time()) + 3600),
                       self._token(key="another-secret-of-thirty-two-bytes-or-more", sub="admin"),
-                      self._token(algorithm="HS384"),
+                      self._token(algorithm="HS384"), self._token(sub=""), self._token(sub="  "),
+                      self._token(sub=None), _auth_retyped(self._token(), "id_token+jwt", self.SECRET),
                       self._token().rsplit(".", 1)[0] + ".",  # the signature removed
                       _auth_unsigned({"iss": self.ISSUER, "aud": self.AUDIENCE, "sub": "alice",
                                       "exp": int(time.time()) + 300})):
@@ -8213,6 +8220,161 @@ class TestAttackExternalIssuer:
                 _auth_assert_refused(st.port, jwt.encode(claims, private, algorithm="RS256",
                                                          headers={"kid": f"unknown-{i}"}))
             assert len(idp.hits("/jwks")) <= 2, len(idp.hits("/jwks"))
+
+
+class TestAttackStoreCopy:
+    """Someone with a copy of Redis: the event logs of resumable streams hold nothing readable."""
+
+    def test_a_stream_log_in_redis_is_sealed_and_still_resumes_on_another_instance(self, redis_trio, redis_url):
+        a, b, _c = redis_trio
+        s = Session(a)
+        s.initialize()
+        call = s.body("tools/call", {"name": "test_reconnection", "arguments": {}})
+        events = s.post(call).events()
+        assert events and all(not e.get("data") for e in events)  # closed before the result
+        copy = _attack_redis_dump(redis_url)
+        assert f":events:" in copy and "sealed:" in copy  # the log is there, sealed
+        assert "Reconnection test completed" not in copy and '"jsonrpc"' not in copy
+        assert s.sid not in copy  # without authorization the session id is the credential
+        g = http(b, "GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                              "Last-Event-ID": events[-1]["id"]}))
+        assert g.status == 200, g
+        assert _redis_text(final_message(g, call["id"])["result"]) == "Reconnection test completed successfully"
+
+    def test_a_sealed_event_cannot_be_moved_to_another_log(self):
+        ring = mcp_server._KeyRing("a-secret-that-is-long-enough-for-the-test-0123")
+        token = ring.seal_text('{"jsonrpc":"2.0","method":"x"}', "events", "mcp:{s1}:events:1")
+        assert ring.unseal_text(token, "events", "mcp:{s1}:events:1") == '{"jsonrpc":"2.0","method":"x"}'
+        assert ring.unseal_text(token, "events", "mcp:{s2}:events:1") is None
+        assert ring.unseal_text(token, "request_state", "mcp:{s1}:events:1") is None
+
+
+class TestAttackRefreshRace:
+    """A stolen refresh token used at the same moment as the real client's, on two instances."""
+
+    def test_concurrent_refreshes_with_one_token_get_at_most_the_grace_and_then_revoke(self, make_server,
+                                                                                       redis_server, redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/8"
+        _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=8).flushdb()
+        settings = dict(auth="builtin", consent="never", auth_rate_limit=0, redis_url=own_db,
+                        secret=_REDIS_SECRET)
+        a, b = make_server(**settings), make_server(**settings)
+        first = _auth_login(a.port)
+        client_id, stolen = first["client"]["client_id"], first["refresh_token"]
+        start, answers = threading.Barrier(8), []
+
+        def refresh(port):
+            start.wait(WAIT)
+            answers.append(_auth_refresh(port, client_id, stolen))
+
+        threads = [threading.Thread(target=refresh, args=((a, b)[i % 2].port,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        issued = [r.json()["refresh_token"] for r in answers if r.status == 200]
+        # one rotation and one grace at most; the other six are reuse, which revokes the family, so
+        # even those two may end refused, and whatever was issued is dead afterwards
+        assert len(answers) == 8 and len(issued) <= 2, [r.status for r in answers]
+        assert _auth_refresh(a.port, client_id, stolen).status == 400  # reuse: the family is gone
+        later = [_auth_refresh(b.port, client_id, token) for token in issued]
+        assert all(r.status == 400 for r in later), [(r.status, r.body) for r in later]
+
+
+class TestAttackNumbersAndOrigins:
+    """Digits that are not ASCII, and origins that only parse as loopback."""
+
+    def test_unicode_digits_in_numeric_headers_are_refused_not_a_500(self, live):
+        with Conn(live.port) as conn:
+            conn.sock.sendall(b"POST /http HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                              b"Content-Length: \xb2\r\n\r\n")
+            assert conn.read_response().status == 400
+        s = Session(live.port)
+        s.initialize()
+        for last in ("s1:\u00b2", "get:\u00b2", "get:" + "9" * 5000, "s1:" + "9" * 5000):
+            with Conn(live.port) as conn:  # (a GET stream that opens stays open: the head says enough)
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": last}))
+                head = conn.read_head()
+                assert head.status < 500, (last[:12], head)
+
+    @pytest.mark.parametrize("origin", [
+        "http://127.0.0.1:{port}.evil", "http://evil.com@127.0.0.1", "http://evil.com\\@localhost",
+        "http://[::1]x", "http://127.0.0.1:99999", "file://localhost", "chrome-extension://localhost",
+        "javascript://localhost", "http://localhost/path", "http://localhost:80/", "null"])
+    def test_an_origin_that_only_parses_as_loopback_is_foreign(self, live, origin):
+        r = http(live.port, "POST", "/mcp", {"Origin": origin.format(port=live.port), "Content-Type": "application/json",
+                                            "Accept": ACCEPT_BOTH},
+                 {"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert r.status == 403 and r.header("access-control-allow-origin") is None, r
+
+    def test_a_loopback_origin_in_its_proper_form_is_allowed(self, live):
+        for origin in (f"http://127.0.0.1:{live.port}", "http://localhost", "https://[::1]:8443", "http://app.localhost:3000"):
+            r = http(live.port, "POST", "/http", {"Origin": origin, "Content-Type": "application/json"},
+                     {"method": "ping"})
+            assert r.status == 200 and r.header("access-control-allow-origin") == origin, (origin, r)
+
+
+class TestAttackMaskingVariants:
+    """Identifiers an upstream returns in shapes the first masking rules missed (second review)."""
+
+    @pytest.mark.parametrize("shape, raw", [
+        ({"contact": 9876543210}, "9876543"), ({"data": {"value": 919876543210}}, "91987654"),
+        ({"x": 9876543210.0}, "987654"), ({"upi_id": "rahul@okicici"}, "rahul"), ({"vpa": "asha@ybl"}, "asha"),
+        ({"note": "pay to rahul@okicici now"}, "rahul@"), ({"dob": "1990-01-01"}, "1990"),
+        ({"date_of_birth": "1990-01-01"}, "1990"), ({"address": "12 MG Road, Pune"}, "MG Road"),
+        ({"holderName": "Asha Rao"}, "Asha"), ({"username": "asharao"}, "asharao"), ({"user_name": "asharao"}, "asharao"),
+        ({"login": "asharao"}, "asharao"), ({"nominee": "Ben Okafor"}, "Okafor"), ({"ucc": "AB1234"}, "AB1234"),
+        ({"p": "pan abcde1234f"}, "abcde1234"), ({"p": "AbCdE1234F"}, "AbCdE1234"),
+        ({"rows": [{"Permanent-Address": {"line1": "7 Hill St"}}]}, "Hill")])
+    def test_the_shape_is_masked(self, shape, raw):
+        assert raw not in json.dumps(mcp_server._mask(shape, frozenset()))
+
+    def test_what_a_trader_needs_to_read_stays(self):
+        row = {"symbol": "INFY", "quantity": 40, "average_price": 1450.5, "last_price": 1532.25, "pnl": -1875.0,
+               "status": "COMPLETE", "name": "Infosys", "exchange": "NSE", "order_id": "SBX-1001"}
+        assert mcp_server._mask(row, frozenset()) == row
+
+
+class TestAttackSandboxFlood:
+    """Anyone may sign in at the demo provider: what that stores must not push out real sign-ins."""
+
+    def _sign_ins(self, port: int, count: int) -> dict:
+        query = urllib.parse.urlencode({"client_id": "sandbox-client", "redirect_uri": "http://127.0.0.1:1/cb",
+                                        "state": "s", "code_challenge": "A" * 43, "code_challenge_method": "S256",
+                                        "response_type": "code"})
+        page = _auth_get(port, "/sandbox/authorize?" + query)
+        assert page.status == 200, page
+        fields = {**_auth_hidden_fields(page.body.decode()), "user": "asha"}
+        statuses: dict = collections.Counter()
+        with Conn(port) as conn:
+            for _ in range(count):
+                conn.request("POST", "/sandbox/authorize", {
+                    "Host": f"127.0.0.1:{port}", "Origin": f"http://127.0.0.1:{port}",
+                    "Content-Type": "application/x-www-form-urlencoded"}, urllib.parse.urlencode(fields))
+                statuses[conn.read_response().status] += 1
+        return statuses
+
+    def _builtin(self, make_server, **settings):
+        return make_server(mcp_server._builtin_server(Settings(auth="builtin", consent="never", **settings)))
+
+    def test_a_flood_of_sandbox_sign_ins_does_not_evict_a_signed_in_user(self, make_server):
+        st = self._builtin(make_server, auth_rate_limit=0, max_sessions=200)
+        token = _auth_login(st.port)["access_token"]
+        assert self._sign_ins(st.port, 1000)[302] == 1000  # 1000 codes stored, past 4 x MCP_MAX_SESSIONS
+        assert _auth_call(st.port, token, "server_info", {}).status == 200
+
+    def test_sandbox_sign_ins_are_rate_limited_per_address(self, make_server):
+        st = self._builtin(make_server, auth_rate_limit=10)
+        statuses = self._sign_ins(st.port, 12)
+        assert statuses[429] >= 2 and statuses[302] <= 10, statuses
+
+
+def _auth_retyped(token: str, typ: str, key: str) -> str:
+    """The same claims, signed again with another ``typ`` header."""
+    import jwt
+    return jwt.encode(jwt.decode(token, options={"verify_signature": False}), key, algorithm="HS256",
+                      headers={"typ": typ})
 
 
 def _auth_unsigned(claims: dict, header: dict | None = None, hmac_key: bytes | None = None) -> str:
@@ -8675,6 +8837,452 @@ class TestAttackOAuth:
 
 
 # ---- attacks on the upstream login (pairing, masking, keys and secrets)
+
+
+_ATTACK_SECRET = "attack-test-secret-0123456789-abcdefghij"  # a shared MCP_SECRET of 40 characters
+# The 14 shapes of issue 18 #8 (one raw value each), and values a trading tool must show as they are.
+_ATTACK_SHAPES = {
+    "panNumber": "ABCPR1234K", "phoneNumber": "+91-98765-43210", "dematId": "IN30012345678901",
+    "bankAccountNumber": "001234567890", "emailId": "asha.rao@example.com", "mobileNo": "9876543210",
+    "access_token": "at-5f1e2d3c4b5a69788796a5b4", "email": ["first.mail@example.org", "second@example.net"],
+    "account_id": {"primary": "ACC-00012345", "linked": [{"no": "ACC-00067890"}]},
+    "Customer-ID": "CUST99881234", "user.id": "AB1234XY77", "DP_ID": "IN300123",
+    "note": "Call +44-7700-900123 or write to ben.okafor@example.com; PAN BQKPO5678M, account 009876543210, "
+            "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhc2hhIn0.c2lnbmF0dXJlLXZhbHVl",
+    "secrets": "api_key=9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+}
+_ATTACK_RAW = ("ABCPR1234K", "+91-98765-43210", "IN30012345678901", "001234567890", "asha.rao@example.com",
+               "9876543210", "at-5f1e2d3c4b5a69788796a5b4", "first.mail@example.org", "second@example.net",
+               "ACC-00012345", "ACC-00067890", "CUST99881234", "AB1234XY77", "IN300123", "+44-7700-900123",
+               "ben.okafor@example.com", "BQKPO5678M", "009876543210",
+               "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhc2hhIn0.c2lnbmF0dXJlLXZhbHVl",
+               "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08")
+_ATTACK_ORDINARY = {"symbol": "INFY", "quantity": 40, "price": 1532.25, "status": "COMPLETE", "side": "BUY",
+                    "order_id": "SBX-1001", "exchange": "NSE", "company": "Infosys", "placed_at": "2026-12-07T09:15:02Z",
+                    "summary": "Bought 40 INFY at 1532.25 on 2026-12-07; order SBX-1001 COMPLETE, 2 of 3 filled"}
+
+
+def _attack_spellings(words: list, rng: random.Random) -> str:
+    """One spelling of a key made of ``words``: snake, camel, Pascal, kebab, dotted, SHOUTING,
+    spaced or run together."""
+    style = rng.randrange(8)
+    if style == 0:
+        return "_".join(words)
+    if style == 1:
+        return words[0] + "".join(w.title() for w in words[1:])
+    if style == 2:
+        return "".join(w.title() for w in words)
+    if style == 3:
+        return "-".join(words)
+    if style == 4:
+        return ".".join(words)
+    if style == 5:
+        return "_".join(words).upper()
+    if style == 6:
+        return " ".join(w.title() for w in words)
+    return "".join(words)
+
+
+_ATTACK_KEYS = (["pan"], ["pan", "number"], ["phone"], ["phone", "number"], ["mobile", "no"], ["email"],
+                ["email", "id"], ["mail"], ["bank", "account", "number"], ["account", "no"], ["account", "id"],
+                ["demat", "id"], ["dp", "id"], ["aadhaar"], ["ssn"], ["access", "token"], ["refresh", "token"],
+                ["api", "key"], ["password"], ["client", "secret"], ["user", "id"], ["client", "id"],
+                ["customer", "id"], ["tel"])
+
+
+def _attack_free_text(rng: random.Random, raw: list) -> str:
+    """A sentence carrying identifiers a provider might put in free text (each added to ``raw``)."""
+    letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    found = [f"{''.join(rng.choices('abcdefghij', k=7))}.{rng.randrange(10, 99)}@mail{rng.randrange(9)}.example.com",
+             f"+91-9{rng.randrange(1000, 9999)}-{rng.randrange(10000, 99999)}",
+             str(rng.randrange(10 ** 8, 10 ** 12)),
+             "".join(rng.choices(letters, k=5)) + str(rng.randrange(1000, 9999)) + rng.choice(letters),
+             "eyJ" + "".join(rng.choices("abcdefghijkLMNOP0123", k=20)) + ".eyJ" +
+             "".join(rng.choices("qrstuvwxyz45678", k=24)) + "." + "".join(rng.choices("ABCxyz019_-", k=30)),
+             secrets.token_hex(20) + "a1"]
+    rng.shuffle(found)
+    raw.extend(found)
+    return "; ".join(f"{rng.choice(('see', 'ref', 'contact', 'id was', 'value'))} {item}" for item in found)
+
+
+def _attack_nest(rng: random.Random, depth: int, raw: list, ordinary: list, under: bool = False):
+    """A random result: dicts and lists, sensitive keys in random spellings with values (nested
+    too) recorded in ``raw``, free text with identifiers, and ordinary trading fields (recorded,
+    as (key, value), in ``ordinary``)."""
+    if under and (depth == 0 or rng.random() < 0.4):
+        value = rng.choice([f"S{secrets.token_hex(6)}", rng.randrange(10 ** 9, 10 ** 11)])
+        raw.append(str(value))
+        return value
+    if not under and (depth == 0 or rng.random() < 0.2):
+        pick = rng.randrange(3)
+        if pick == 0:
+            return _attack_free_text(rng, raw)
+        if pick == 1:
+            return {"comment": _attack_free_text(rng, raw)}
+        key = rng.choice(sorted(_ATTACK_ORDINARY))
+        ordinary.append((key, _ATTACK_ORDINARY[key]))
+        return {key: _ATTACK_ORDINARY[key]}
+    if rng.random() < 0.3:
+        return [_attack_nest(rng, depth - 1, raw, ordinary, under) for _ in range(rng.randrange(1, 4))]
+    result = {}
+    for _ in range(rng.randrange(1, 5)):
+        if rng.random() < 0.5:
+            result[_attack_spellings(rng.choice(_ATTACK_KEYS), rng)] = _attack_nest(rng, depth - 1, raw, ordinary, True)
+        elif under:  # an ordinary name under a sensitive key: masked all the same
+            result[rng.choice(sorted(_ATTACK_ORDINARY))] = _attack_nest(rng, depth - 1, raw, ordinary, True)
+        else:
+            key = rng.choice(sorted(_ATTACK_ORDINARY))
+            ordinary.append((key, _ATTACK_ORDINARY[key]))
+            result[key] = _ATTACK_ORDINARY[key]
+    return result
+
+
+def _attack_pairs(value, found: list) -> list:
+    """Every (key, value) pair of scalars anywhere in ``value``."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)):
+                _attack_pairs(item, found)
+            else:
+                found.append((key, item))
+    elif isinstance(value, list):
+        for item in value:
+            _attack_pairs(item, found)
+    return found
+
+
+def _attack_redis_dump(redis_url: str) -> str:
+    """Every key and string/hash/list value in the Redis database, as one text (what a stolen copy gives)."""
+    client = _redis_py.Redis.from_url(redis_url)
+    parts = []
+    try:
+        for key in client.scan_iter(count=1000):
+            kind = client.type(key)
+            parts.append(key.decode("utf-8", "replace"))
+            if kind == b"string":
+                parts.append((client.get(key) or b"").decode("utf-8", "replace"))
+            elif kind == b"hash":
+                parts.extend(f"{k!r}={v!r}" for k, v in client.hgetall(key).items())
+            elif kind == b"list":
+                parts.extend(v.decode("utf-8", "replace") for v in client.lrange(key, 0, -1))
+    finally:
+        client.close()
+    return "\n".join(parts)
+
+
+class TestAttackLogin:
+    """The upstream login as an attacker sees it: another user of the server, a page in the
+    victim's browser, someone holding a copy of Redis, an operator's slip in the settings."""
+
+    @staticmethod
+    def _serve(make_server, store=None, **settings) -> ServerThread:
+        """The built-in server with its login tools and the sandbox provider, in this process."""
+        values = {"auth": "none", "encryption_key": _LOGIN_KEY_1, "auth_rate_limit": 0, **settings}
+        server = mcp_server._builtin_server(Settings(**values))
+        if store is not None:
+            server.store = store
+        return make_server(server)
+
+    @staticmethod
+    def _to_sandbox(browser, st, started: dict, user: str = "asha") -> str:
+        """Pair, sign in at the sandbox: the /redirect URL the provider sends the browser to."""
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        page = browser.open(to_provider.header("location"))
+        back = browser.open(to_provider.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": user})
+        assert back.status == 302 and back.header("location").startswith(_auth_base(st.port) + "/redirect?"), back
+        return back.header("location")
+
+    # -- #2: a planted cookie once skipped the pairing code -----------------------------------------------
+
+    def test_a_planted_browser_cookie_does_not_skip_the_pairing_code(self, make_server):
+        """The attacker sends the victim's browser through /authorize of the attacker's own client
+        (MCP_CONSENT=never: no click), which planted the cookie that skipped pairing; the attacker
+        keeps the code, signs in as that session, and sends the victim its login link."""
+        st = self._serve(make_server, auth="builtin", consent="never")
+        client = _auth_register(st.port)
+        verifier, challenge = _auth_pkce()
+        victim = _login_Browser()
+        planted = victim.open(f"{_auth_base(st.port)}/authorize?" + urllib.parse.urlencode({
+            "response_type": "code", "client_id": client["client_id"], "redirect_uri": _AUTH_CB,
+            "code_challenge": challenge, "code_challenge_method": "S256"}))
+        code = _auth_location(planted, _AUTH_CB)["code"]  # reaches the attacker's redirect URI
+        tokens = _auth_exchange(st.port, client["client_id"], code, verifier).json()
+        attacker = _auth_Session(st.port, tokens["access_token"])
+        attacker.initialize()
+        _attacker, started = TestLogin._begin(st, attacker)
+        page = victim.open(started["url"])
+        assert page.status == 200 and b"Enter your pairing code" in page.body, page  # not a 302 to the provider
+        assert b"Never enter a code that someone else gave you" in page.body
+        guess = victim.pair(started["url"], "AAAA-AAAA")  # the victim has no code to enter
+        assert guess.status == 200 and guess.header("location") is None, guess
+        _login_assert_not_logged_in(attacker)
+
+    def test_external_mode_pairs_every_browser_too(self, make_server):
+        """MCP_AUTH=external: the principal comes from another issuer's token, and the pairing
+        code is asked all the same, whatever cookies the browser brings."""
+        import jwt
+        issuer, key = "https://idp.example", "external-test-secret-0123456789-abcdefgh"
+        st = self._serve(make_server, auth="external", auth_issuer=issuer, auth_secret=key)
+        token = jwt.encode({"iss": issuer, "sub": "alice", "aud": _auth_base(st.port) + "/mcp",
+                            "exp": int(time.time()) + 600}, key, algorithm="HS256")
+        session = _auth_Session(st.port, token)
+        session.initialize()
+        _session, started = TestLogin._begin(st, session)
+        browser = _login_Browser()
+        browser.jar.set_cookie(_login_cookiejar.Cookie(
+            0, "mcp_browser", "YWxpY2U.AAAAAAAAAAAAAAAA", None, False, "127.0.0.1", False, False, "/", True,
+            False, None, False, None, None, {}))  # whatever an attacker planted
+        page = browser.open(started["url"])
+        assert page.status == 200 and b"Enter your pairing code" in page.body, page
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        assert to_provider.status == 302, to_provider
+        _login_assert_not_logged_in(session)
+
+    def test_a_login_link_completes_once_in_one_browser(self, make_server):
+        st = self._serve(make_server)
+        session, started = TestLogin._begin(st)
+        first = _login_Browser().pair(started["url"], started["pairing_code"])
+        assert first.status == 302, first
+        second = _login_Browser().open(started["url"])  # the link, forwarded to or found by another browser
+        assert second.status == 400 and b"expired" in second.body, second
+        csrf = secrets.token_urlsafe(12)
+        paired_again = http(st.port, "POST", urllib.parse.urlsplit(started["url"]).path, {
+            "Host": f"127.0.0.1:{st.port}", "Cookie": f"mcp_csrf={csrf}",
+            "Content-Type": "application/x-www-form-urlencoded"},
+            urllib.parse.urlencode({"csrf": csrf, "code": started["pairing_code"]}))
+        assert paired_again.status == 400 and paired_again.header("location") is None, paired_again
+        _login_assert_not_logged_in(session)
+
+    def test_a_stranger_opening_the_redirect_url_does_not_use_up_the_sign_in(self, make_server):
+        st = self._serve(make_server)
+        session, started = TestLogin._begin(st)
+        browser = _login_Browser()
+        redirect_url = self._to_sandbox(browser, st, started)
+        stranger = _login_Browser().open(redirect_url)  # the URL leaked (history, a proxy log, a shoulder)
+        assert stranger.status == 400 and b"same browser" in stranger.body, stranger
+        done = browser.open(redirect_url)
+        assert done.status == 200 and b"You are signed in" in done.body, done
+        assert not session.call("holdings").get("isError")
+        assert browser.open(redirect_url).status == 400  # and it is single use
+
+    # -- #14: pairing guesses counted atomically -----------------------------------------------------------
+
+    def test_forty_concurrent_pairing_guesses_on_redis_evaluate_at_most_five(self, make_server, redis_url):
+        st = self._serve(make_server, redis_url=redis_url, secret=_ATTACK_SECRET)
+        _session, started = TestLogin._begin(st)
+        path = urllib.parse.urlsplit(started["url"]).path
+        csrf = secrets.token_urlsafe(12)  # double-submit: the attacker sets both halves itself
+        headers = {"Host": f"127.0.0.1:{st.port}", "Cookie": f"mcp_csrf={csrf}",
+                   "Content-Type": "application/x-www-form-urlencoded"}
+        alphabet = mcp_server._PAIRING_ALPHABET
+        rng = random.Random(1814)
+        guesses = []
+        while len(guesses) < 40:
+            guess = "".join(rng.choice(alphabet) for _ in range(8))
+            if guess != started["pairing_code"].replace("-", ""):
+                guesses.append(guess)
+        answers: list = [None] * len(guesses)
+        gate = threading.Barrier(len(guesses))
+
+        def guess_at(i):
+            with Conn(st.port) as conn:
+                gate.wait(WAIT)
+                conn.request("POST", path, headers, urllib.parse.urlencode({"csrf": csrf, "code": guesses[i]}))
+                answers[i] = conn.read_response()
+
+        threads = [threading.Thread(target=guess_at, args=(i,)) for i in range(len(guesses))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT * 2)
+        assert all(answer is not None for answer in answers)
+        evaluated = [a for a in answers if a.status == 200 and b"not right" in a.body]
+        assert len(evaluated) <= mcp_server._PAIRING_TRIES - 1, len(evaluated)  # the 5th burns the link
+        assert all(a.status in (200, 400) for a in answers), [a.status for a in answers]
+        right = http(st.port, "POST", path, headers, urllib.parse.urlencode(
+            {"csrf": csrf, "code": started["pairing_code"]}))
+        assert right.status == 400 and right.header("location") is None, right  # the transaction is dead
+
+    # -- #6 and the store: what a copy of Redis gives --------------------------------------------------------
+
+    def test_a_copy_of_redis_holds_no_usable_login_secret(self, make_server, redis_url):
+        st = self._serve(make_server, redis_url=redis_url, secret=_ATTACK_SECRET)
+        session, started = TestLogin._begin(st)
+        tx = started["url"].rsplit("/", 1)[1]
+        code = started["pairing_code"].replace("-", "")
+        dumps = [_attack_redis_dump(redis_url)]
+        browser = _login_Browser()
+        to_provider = browser.pair(started["url"], started["pairing_code"])
+        query = _auth_location(to_provider, to_provider.header("location"))
+        dumps.append(_attack_redis_dump(redis_url))
+        page = browser.open(to_provider.header("location"))
+        back = browser.open(to_provider.header("location"), {**_auth_hidden_fields(page.body.decode()), "user": "asha"})
+        assert browser.open(back.header("location")).status == 200
+        dumps.append(_attack_redis_dump(redis_url))
+        record = st.run(st.server.store.get(mcp_server._user_key("session:" + session.sid)))
+        cred = json.loads(st.server._login.vault().decrypt(record["cred"], mcp_server._credentials_ad(
+            "session:" + session.sid)))
+        everything = "\n".join(dumps)
+        for secret in (tx, code, hashlib.sha256(code.encode()).hexdigest(), query["state"], cred["access_token"],
+                       cred["refresh_token"], _ATTACK_SECRET, _LOGIN_KEY_1, browser.cookie("mcp_login")):
+            assert secret not in everything, f"a copy of Redis holds {secret!r}"
+        assert "mcp:server-secret" not in everything
+        # the PKCE verifier: no string in the copy hashes to the challenge the provider saw
+        for candidate in set(re.findall(r"[A-Za-z0-9_-]{43,128}", everything)):
+            assert _auth_b64url(hashlib.sha256(candidate.encode()).digest()) != query["code_challenge"], candidate
+
+    def test_redis_without_a_secret_refuses_to_start_and_keeps_none(self, redis_url):
+        result = run_cli(["--port", "0"], env=clean_env(REDIS_URL=redis_url, ENCRYPTION_KEY=_LOGIN_KEY_1))
+        assert result.returncode == 2 and result.stdout == "", result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and "MCP_SECRET" in lines[0] and "REDIS_URL" in lines[0], result.stderr
+        assert "mcp:server-secret" not in _attack_redis_dump(redis_url)
+
+    # -- #5: keys and secrets checked before anything is served -----------------------------------------------
+
+    @pytest.mark.parametrize("name, value", [
+        ("ENCRYPTION_KEY", "not-a-32-byte-key"), ("ENCRYPTION_KEY", "change-me-to-64-hex-digits"),
+        ("ENCRYPTION_KEY_PREVIOUS", "abcd"), ("MCP_SECRET", "s3cret-value"),
+        ("MCP_SECRET", "change-me-to-a-long-random-string"), ("MCP_PREVIOUS_SECRET", "old-secret"),
+        ("TOKEN_PARAMETER", "seed-key"), ("MCP_SECRET", "a" * 40),
+        ("MCP_SECRET", "shared-hs256-secret-for-demo-only-32b")])  # the documentation's own examples
+    def test_bad_keys_and_weak_secrets_are_refused_at_start_up(self, name, value):
+        env = {"ENCRYPTION_KEY": _LOGIN_KEY_1, name: value}
+        result = run_cli(["--port", "0", "--no-auth"], env=clean_env(**env))
+        assert result.returncode == 2 and result.stdout == "", result
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and name in lines[0] and "Traceback" not in result.stderr, result.stderr
+        assert value not in result.stderr  # the message names the setting, never its value
+
+    def test_development_mode_accepts_a_weak_secret(self):
+        env = clean_env(MCP_SECRET="dev-secret", MCP_DEV="1", ENCRYPTION_KEY=_LOGIN_KEY_1)
+        with Proc([SERVER_FILE, "--no-auth", "--port", "0"], env=env) as proc:
+            port = _login_port_of(proc)
+            health = http(port, "GET", "/healthz", {"Host": f"127.0.0.1:{port}"})
+            assert health.status == 200, health
+            proc.proc.send_signal(signal.SIGTERM)
+            assert proc.proc.wait(WAIT) == 0
+
+    def test_a_bad_key_in_a_server_built_in_code_fails_the_request_not_the_process(self, make_server):
+        """Settings built in code skip Settings.load: the bad key reaches the first login, which
+        once raised SystemExit inside the request and ended the process."""
+        server = build_server(encryption_key="not-a-32-byte-key")
+        server.add_login_tools()
+        st = make_server(server)
+        session = _auth_Session(st.port)
+        session.initialize()
+        for _ in range(2):  # the login refuses (its credentials could not be stored), and again
+            message = session.body("tools/call", {"name": "login", "arguments": {}})
+            failed = session.post(message)
+            assert failed.status == 503 and b"ENCRYPTION_KEY" in failed.body, failed
+            assert b"not-a-32" not in failed.body
+            assert_alive(st.port)
+        with pytest.raises(SystemExit) as refused:
+            mcp_server.serve(mcp_server.MCPServer("x", settings=Settings(encryption_key="not-a-32-byte-key")))
+        assert "ENCRYPTION_KEY" in str(refused.value.code)
+
+    # -- #15: enc: values bound to their setting; the .env file named ------------------------------------------
+
+    def test_enc_values_are_bound_to_their_setting(self, tmp_path):
+        env = clean_env(ENCRYPTION_KEY=_LOGIN_KEY_1)
+        made = subprocess.run([sys.executable, SERVER_FILE, "encrypt", "--setting", "UPSTREAM_CLIENT_SECRET", "-"],
+                              input="sandbox-secret\n", capture_output=True, text=True, timeout=WAIT * 3,
+                              env=env, cwd=str(tmp_path))
+        assert made.returncode == 0, made.stderr
+        value = made.stdout.strip()
+        assert value.startswith("enc:v1.") and "sandbox-secret" not in value
+        loaded = Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": value})
+        assert loaded.upstream_client_secret == "sandbox-secret"
+        with pytest.raises(SystemExit) as moved:  # the same ciphertext moved into another setting
+            Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "MCP_METRICS_TOKEN": value})
+        assert "MCP_METRICS_TOKEN" in str(moved.value.code) and "does not decrypt" in str(moved.value.code)
+        unbound = "enc:" + mcp_server._Vault(_LOGIN_KEY_1).encrypt("sandbox-secret", b"config")  # the old format
+        with pytest.raises(SystemExit) as old:
+            Settings.load([], environ={"ENCRYPTION_KEY": _LOGIN_KEY_1, "UPSTREAM_CLIENT_SECRET": unbound})
+        assert "encrypt --setting UPSTREAM_CLIENT_SECRET" in str(old.value.code), old.value.code
+        bare = run_cli(["encrypt", "sandbox-secret"], env=env)
+        assert bare.returncode == 2 and "--setting" in bare.stderr, bare
+
+    def test_the_dotenv_file_read_is_named_at_start_up_without_its_values(self, tmp_path):
+        token = "metrics-" + secrets.token_hex(16)
+        (tmp_path / ".env").write_text(f"MCP_METRICS_TOKEN={token}\nAPP_VERSION=7.7.7\n", encoding="utf-8")
+        with Proc([SERVER_FILE, "--no-auth", "--port", "0"], cwd=str(tmp_path), env=clean_env()) as proc:
+            _login_port_of(proc)
+            proc.proc.send_signal(signal.SIGTERM)
+            proc.proc.wait(WAIT)
+            for thread in proc._threads:
+                thread.join(WAIT)
+        stderr = bytes(proc.stderr).decode("utf-8", "replace")
+        assert str(tmp_path / ".env") in stderr and "MCP_METRICS_TOKEN" in stderr, stderr
+        assert token not in stderr and "7.7.7" not in stderr
+
+    # -- #8: masking by key patterns and by value patterns -----------------------------------------------------
+
+    def test_masking_catches_sensitive_keys_in_any_spelling_and_identifiers_in_free_text(self):
+        rng = random.Random(20261207)
+        names = mcp_server._DEFAULT_MASK_FIELDS
+        for round_ in range(300):
+            raw, ordinary = [], []
+            value = _attack_nest(rng, rng.randrange(1, 6), raw, ordinary)
+            masked = mcp_server._mask(value, names)
+            text = json.dumps(masked)
+            for item in raw:
+                assert item not in text, (round_, item, value, masked)
+            kept = _attack_pairs(masked, [])
+            assert not [pair for pair in ordinary if pair not in kept], (round_, value, masked)
+        shapes = mcp_server._mask({**_ATTACK_SHAPES, **_ATTACK_ORDINARY}, names)
+        text = json.dumps(shapes)
+        assert not [raw for raw in _ATTACK_RAW if raw in text], text
+        assert {k: shapes[k] for k in _ATTACK_ORDINARY} == _ATTACK_ORDINARY  # ordinary values untouched
+        assert mcp_server._mask({"nomineeName": "R. Rao"}, names | {"nominee_name"}) == {"nomineeName": "XXXXXX"}
+
+    def test_a_login_tool_masks_its_result_its_errors_and_its_log(self, make_server):
+        tokens = {"access_token": "stub-at-" + secrets.token_hex(8), "expires_in": 3600}
+        with _auth_Stub({("POST", "/token"): lambda r: (200, {}, tokens),
+                         ("GET", "/api/holdings"): lambda r: (200, {}, {"data": {**_ATTACK_SHAPES,
+                                                                                **_ATTACK_ORDINARY}})}) as stub:
+            server = mcp_server._builtin_server(Settings(
+                auth="none", encryption_key=_LOGIN_KEY_1, expose_errors=True,
+                upstream_authorize_url=stub.url + "/authorize", upstream_token_url=stub.url + "/token",
+                upstream_api_base=stub.url + "/api", upstream_client_id="c"))
+
+            @server.tool(mask=True)
+            def lookup(kind: str) -> str:
+                """A tool of the application, masked like a login tool."""
+                if kind == "tool-error":
+                    raise ToolError("no account ACC-00012345 for asha.rao@example.com (+91-98765-43210)")
+                raise ValueError("lookup failed for panNumber=ABCPR1234K, mail ben.okafor@example.com")
+
+            lines = []
+            handler = logging.Handler(logging.ERROR)
+            handler.emit = lambda record: lines.append(record.getMessage() + (
+                "".join(__import__("traceback").format_exception(*record.exc_info)) if record.exc_info else ""))
+            mcp_server.log.addHandler(handler)
+            try:
+                st = make_server(server)
+                session, started = TestLogin._begin(st)
+                browser = _login_Browser()
+                to_provider = browser.pair(started["url"], started["pairing_code"])
+                state = _auth_location(to_provider, stub.url + "/authorize")["state"]
+                assert browser.open(_auth_base(st.port) + "/redirect?" + urllib.parse.urlencode(
+                    {"code": "c0de", "state": state})).status == 200
+                message = session.body("tools/call", {"name": "holdings", "arguments": {}})
+                answer = session.post(message)
+                result = final_message(answer, message["id"])["result"]
+                errors = [session.call("lookup", {"kind": kind}) for kind in ("tool-error", "crash")]
+            finally:
+                mcp_server.log.removeHandler(handler)
+        body = answer.body.decode("utf-8")
+        assert not [raw for raw in _ATTACK_RAW if raw in body], body
+        data = result["structuredContent"]["data"]
+        assert {k: data[k] for k in _ATTACK_ORDINARY} == _ATTACK_ORDINARY
+        assert all(e.get("isError") is True for e in errors), errors
+        shown = json.dumps(errors) + "\n".join(lines)
+        for raw in ("ACC-00012345", "asha.rao@example.com", "+91-98765-43210", "ABCPR1234K", "ben.okafor@example.com"):
+            assert raw not in shown, (raw, shown)
+        assert any("lookup" in line for line in lines), lines  # the failure was logged, masked
+
 
 
 # ---- attacks on sessions and quotas (owners on every route and instance, caps per principal)
@@ -11321,6 +11929,184 @@ class TestOperations:
             assert proc.proc.wait(WAIT) == 0
 
 
+# ---- issue 23: graceful drain (SIGTERM) and the deploy kit -------------------------------------
+
+_DRAIN_SCRIPT = textwrap.dedent('''
+    import os, sys
+    sys.path.insert(0, {root!r})
+    from mcp_server import Context, MCPServer, Settings
+
+    server = MCPServer("drain", version="1.0.0", settings=Settings(auth="none"))
+
+    @server.tool()
+    async def numbered(ctx: Context) -> str:
+        """Progress 1 and 2, a question; 3 and 4, another question; 5 and 6."""
+        step = 0
+        for question in ("first", "second", None):
+            for _ in range(2):
+                step += 1
+                await ctx.report_progress(step, 6)
+            if question:
+                await ctx.elicit(question, {{"type": "object", "properties": {{}}}})
+        return "done"
+
+    if __name__ == "__main__":
+        server.run()
+''')
+
+
+def _drain_start(script: str, redis_url: str, **env) -> tuple:
+    """``script`` on a free port with its state in Redis; (Proc, port) once it listens."""
+    proc = Proc([script, "--port", "0", "--host", "127.0.0.1"],
+                env=clean_env(REDIS_URL=redis_url, MCP_SECRET=_REDIS_SECRET, **env))
+    lines = []
+    while True:
+        line = proc.err_line()
+        if line is None:
+            proc.__exit__()
+            pytest.fail(f"the server exited before listening: {''.join(lines)}")
+        lines.append(line)
+        match = _REDIS_LISTENING.search(line)
+        if match:
+            return proc, int(match.group(1))
+
+
+def _drain_read_until_ask(stream: SSEStream, seen: list) -> dict:
+    """Collect ``stream``'s messages as (event id, message) into ``seen`` up to a server request."""
+    while True:
+        event = stream.next_event()
+        assert event is not None, f"the stream ended early; seen: {seen}"
+        if event.get("data"):
+            message = json.loads(event["data"])
+            seen.append((event["id"], message))
+            if message.get("method") == "elicitation/create":
+                return message
+
+
+def _drain_rest(stream: SSEStream) -> list:
+    """What a stream sends until the server ends it (keep-alive comments aside)."""
+    rest = []
+    while (event := stream.next_event()) is not None:
+        rest.append(event)
+    return rest
+
+
+def _deploy_file(*parts: str) -> str:
+    with open(os.path.join(ROOT, "deploy", *parts), encoding="utf-8") as f:
+        return f.read()
+
+
+class TestDrainAndDeploy:
+    """SIGTERM: /readyz says 503 while the instance still serves, then it stops accepting, ends its
+    streams with a retry hint and lets requests in flight finish; clients resume elsewhere."""
+
+    def test_sigterm_drains_and_the_client_resumes_on_another_instance_losing_nothing(self, tmp_path, redis_url):
+        script = tmp_path / "drain_server.py"
+        script.write_text(_DRAIN_SCRIPT.format(root=ROOT))
+        proc_a, a = _drain_start(str(script), redis_url, MCP_DRAIN_SECONDS="600", MCP_DRAIN_GRACE="60")
+        proc_b, b = _drain_start(str(script), redis_url)
+        with proc_a, proc_b:
+            s = Session(a, capabilities={"elicitation": {}})
+            s.initialize()
+            call = s.body("tools/call", {"name": "numbered", "arguments": {}, "_meta": {"progressToken": "n"}})
+            seen: list = []  # (event id, message), in the order the client got them, from A then B
+            with Conn(a) as post_conn, Conn(a) as get_conn, Conn(a) as sse_conn:
+                post_conn.request("POST", "/mcp", s.headers(), call)
+                post = SSEStream(post_conn, post_conn.read_head())
+                priming = post.next_event()
+                assert priming["id"].endswith(":0") and not priming.get("data"), priming
+                first_ask = _drain_read_until_ask(post, seen)
+                get_conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None}))
+                get = SSEStream(get_conn, get_conn.read_head())
+                assert get.next_event()["id"] == "get:0"
+                sse_conn.request("GET", "/sse", {"Accept": "text/event-stream"})
+                legacy = SSEStream(sse_conn, sse_conn.read_head())
+                assert legacy.next_event()["event"] == "endpoint"
+
+                proc_a.proc.send_signal(signal.SIGTERM)
+                _redis_wait(lambda: http(a, "GET", "/readyz").status == 503, "A's /readyz to answer 503")
+                assert http(a, "GET", "/healthz").status == 200  # alive: not a reason to restart it
+                assert http(b, "GET", "/readyz").status == 200
+                # A still serves: the first question is answered through B and A's stream goes on
+                assert _redis_on(s, b).post({"jsonrpc": "2.0", "id": first_ask["id"],
+                                             "result": {"action": "accept", "content": {}}}).status == 202
+                second_ask = _drain_read_until_ask(post, seen)
+
+                proc_a.proc.send_signal(signal.SIGTERM)  # a second one ends the readiness wait
+                assert _drain_rest(post) == [{"retry": "1000"}]  # reconnect (elsewhere) in 1 s
+                assert _drain_rest(get) == [{"retry": "1000"}]
+                assert _drain_rest(legacy) == []  # HTTP+SSE cannot resume: it just ends
+                with pytest.raises(OSError):
+                    http(a, "GET", "/readyz")  # A accepts no more connections...
+                assert proc_a.proc.poll() is None  # ...and waits for the question it asked
+            # the client resumes the POST stream on B; the rest of the call (after the drain) follows
+            with Conn(b) as conn:
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": seen[-1][0]}))
+                resumed = SSEStream(conn, conn.read_head())
+                assert s.post({"jsonrpc": "2.0", "id": second_ask["id"],
+                               "result": {"action": "accept", "content": {}}}).status == 202
+                while not seen or seen[-1][1].get("id") != call["id"]:
+                    event = resumed.next_event()
+                    assert event is not None, f"the resumed stream ended early; seen: {seen}"
+                    if event.get("data"):
+                        seen.append((event["id"], json.loads(event["data"])))
+            stream_ids = {event_id.rpartition(":")[0] for event_id, _ in seen}
+            assert stream_ids == {priming["id"].rpartition(":")[0]}
+            assert [int(event_id.rpartition(":")[2]) for event_id, _ in seen] == list(range(1, len(seen) + 1))
+            progress = [m["params"]["progress"] for _, m in seen if m.get("method") == "notifications/progress"]
+            assert progress == [1, 2, 3, 4, 5, 6]  # none lost, none repeated
+            assert seen[-1][1]["result"]["content"] == [{"type": "text", "text": "done"}]
+            assert proc_a.proc.wait(WAIT) == 0  # its request done, A exits cleanly
+            # the session's GET stream reopens on B too
+            with Conn(b) as conn:
+                conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream", "Content-Type": None,
+                                                       "Last-Event-ID": "get:0"}))
+                assert conn.read_head().status == 200
+
+    def test_the_deploy_kit_gives_the_drain_its_time_and_the_balancer_no_affinity(self):
+        k8s = _deploy_file("kubernetes", "mcp-server.yaml")
+        env = {name: float(value) for name, value in re.findall(r'\{name: (MCP_DRAIN_\w+), value: "([\d.]+)"\}', k8s)}
+        pre_stop = int(re.search(r'preStop:\s+exec:\s+command: \["sleep", "(\d+)"\]', k8s).group(1))
+        grace = int(re.search(r"terminationGracePeriodSeconds: (\d+)", k8s).group(1))
+        assert env["MCP_DRAIN_SECONDS"] > 0 and grace > pre_stop + env["MCP_DRAIN_SECONDS"] + env["MCP_DRAIN_GRACE"]
+        assert re.search(r"readinessProbe:.*\n\s+httpGet: \{path: /readyz,", k8s)
+        assert re.search(r"livenessProbe:.*\n\s+httpGet: \{path: /healthz,", k8s)
+        for needed in ("kind: PodDisruptionBudget", "kind: Service", "sessionAffinity: None", "secretRef:",
+                       "requests: {cpu:", "replicas: 3", "kind: NetworkPolicy"):
+            assert needed in k8s, needed
+        # the kubelet's default Host (the pod's IP) fails the Host check: the probes name a loopback one
+        assert len(re.findall(r"httpGet: \{path: /\w+z, port: http, httpHeaders: \[\{name: Host, value: localhost\}\]\}",
+                              k8s)) == 3
+        compose = _deploy_file("compose.yaml")
+        assert len(re.findall(r"(?m)^  mcp\d: \*mcp-server$", compose)) == 3
+        stop_grace = int(re.search(r"stop_grace_period: (\d+)s", compose).group(1))
+        drain = {name: float(value) for name, value in re.findall(r'(MCP_DRAIN_\w+): "([\d.]+)"', compose)}
+        assert stop_grace > drain["MCP_DRAIN_SECONDS"] + drain["MCP_DRAIN_GRACE"]
+        for needed in ("--appendonly yes", "--requirepass", "env_file: .env", "./nginx.conf:/etc/nginx/nginx.conf"):
+            assert needed in compose, needed
+        balancer = re.sub(r"#.*", "", _deploy_file("nginx.conf") + _deploy_file("mcp-upstream.conf"))
+        for needed in ("proxy_buffering off;", "proxy_read_timeout 1h;", "include mcp-upstream.conf;"):
+            assert needed in balancer, needed
+        assert not re.search(r"\b(ip_hash|hash|sticky|least_conn)\b", balancer)  # round-robin, no affinity
+        example = _deploy_file(".env.example")
+        secrets_set = dict(re.findall(r"(?m)^(MCP_SECRET|ENCRYPTION_KEY|REDIS_PASSWORD)=(.*)$", example))
+        assert len(secrets_set) == 3 and all(v.startswith("CHANGE_ME_") for v in secrets_set.values())
+        assert "python -c 'import secrets; print(secrets.token_urlsafe(48))'" in example
+        assert ".env" in _deploy_file(".gitignore").split()
+        assert "deploy/check.py" in _doc(".ci/run")
+
+    def test_sigint_stops_at_once_and_bad_drain_settings_are_refused(self):
+        proc, port = _ops_start({"MCP_DRAIN_SECONDS": "600"})
+        with proc:
+            assert http(port, "GET", "/readyz").status == 200
+            proc.proc.send_signal(signal.SIGINT)  # a person's Ctrl-C: no readiness wait
+            assert proc.proc.wait(WAIT) == 0
+        for name in ("MCP_DRAIN_SECONDS", "MCP_DRAIN_GRACE"):
+            with pytest.raises(SystemExit, match="MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more"):
+                Settings.load([], environ={name: "-1"})
+
+
 def _doc(name: str) -> str:
     """A page of the repository: README.md or docs/<page>.md."""
     with open(os.path.join(ROOT, name), encoding="utf-8") as f:
@@ -11394,18 +12180,23 @@ class TestShipping:
             "MASK_MCP_HOST": "127.0.0.2", "MASK_MCP_PORT": "7001", "APP_VERSION": "9.1",
             "REDIS_HOST": "cache", "REDIS_PORT": "6380", "REDIS_P": "p@ss", "REDIS_DB": "3",
             "ENCRYPTION_KEY": "00" * 32, "ENCRYPTION_IV": "legacy", "LOG_FILE": str(tmp_path / "x.log"),
-            "TOKEN_PARAMETER": "seed-key", "ENCRYPTION_KEY_PREVIOUS": ""})
+            "TOKEN_PARAMETER": "seed-key-" + "0123456789abcdefghijklmnopqrstuv", "ENCRYPTION_KEY_PREVIOUS": ""})
         assert (settings.host, settings.port, settings.app_version) == ("127.0.0.2", 7001, "9.1")
         assert settings.redis_url == "redis://:p%40ss@cache:6380/3"
-        assert settings.token_parameter == "seed-key" and settings.log_file.endswith("x.log")
+        assert settings.token_parameter.startswith("seed-key-") and settings.log_file.endswith("x.log")
 
     def _dockerfile(self) -> str:
         return open(os.path.join(ROOT, "Dockerfile"), encoding="utf-8").read()
 
     def test_the_dockerfile_installs_the_requirements_and_runs_the_documented_command(self):
         docker, readme, operations = self._dockerfile(), _doc("README.md"), _doc("docs/operations.md")
-        assert re.search(r"^FROM python:3\.\d+-slim", docker, re.M)
-        assert "COPY requirements.txt" in docker and "pip install --no-cache-dir -r requirements.txt" in docker
+        assert re.search(r"^FROM python:3\.\d+\.\d+-slim-\w+$", docker, re.M)  # an exact version
+        assert "COPY requirements.txt" in docker
+        assert "RUN grep -v '^pytest' requirements.txt > /tmp/runtime.txt && pip install --no-cache-dir -r /tmp/runtime.txt" in docker
+        # only the runtime: no test packages, nothing but the two files (no secrets, no .env)
+        assert re.findall(r"(?m)^(?:COPY|ADD) (.*)$", docker) == ["requirements.txt .", "mcp_server.py ."]
+        names = re.findall(r"(?m)^([a-z]+)", _doc("requirements.txt").lower())
+        assert names == ["redis", "cryptography", "pyjwt", "anyio", "pytest"]  # the image takes the first four
         assert re.search(r'^CMD \["python", "-m", "mcp_server"\]$', docker, re.M)
         assert "RUN python -m compileall -q mcp_server.py" in docker  # the byte code that command loads
         assert re.search(r"^USER (?!root)\w+", docker, re.M) and "EXPOSE 6901" in docker

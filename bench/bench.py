@@ -166,7 +166,7 @@ class Server:
     def start(self, timeout: float = 60.0) -> "Server":
         env = base_env(**self.extra_env)
         if self.peer.startswith("ours"):
-            env.update(ours_env(self.peer), MCP_SECRET="bench-secret-not-for-production")
+            env.update(ours_env(self.peer), MCP_SECRET="bench-only-secret-0123456789-abcdefghijkl")
             if self.default_logging:  # our defaults: level info, one JSON access log line a request
                 env.update(LOG_LEVEL="info", MCP_ACCESS_LOG="1")
             if self.redis_url:
