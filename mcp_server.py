@@ -15,9 +15,11 @@ Map of the file (search for ``# ==== N.``):
                            the Redis store (strings, lists, pub/sub; Cluster-safe hash tags)
   3. Crypto and tokens     the HKDF key ring, sealed state (AES-256-GCM), signed cursors, the
                            credential vault with key ids
-  4. Registry and schemas  tools, resources, prompts; JSON Schema from type hints; a validator
+  4. Registry and schemas  tools, resources, prompts, skills (SKILL.md frontmatter, file snapshots);
+                           JSON Schema from type hints; a validator
   5. MCP core (sans-IO)    Context, era classification, the method tables, shaping per revision,
-                           Multi Round-Trip Requests, the tasks extension
+                           Multi Round-Trip Requests, the extension API and its extensions (tasks,
+                           skills, MCP Apps), the in-process test client
   6. Transports            the hub (streams, pending answers, cancellation across instances),
                            Streamable HTTP, HTTP+SSE, /http, stdio
   7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
@@ -88,6 +90,8 @@ __version__ = "0.1.0"
 __all__ = [
     "MCPServer",
     "Context",
+    "Extension",
+    "TestClient",
     "ToolError",
     "RpcError",
     "Param",
@@ -1926,6 +1930,9 @@ class _Vault:
 # - A parameter annotated ``Context`` is injected and never appears in a schema.
 # - Return values become content blocks (``_to_call_result``); dict-like values also become
 #   ``structuredContent``.  Revision-specific trimming happens later, in ``_shape_*`` (section 5).
+# - A skill (SEP-2640) is a snapshot taken at registration: the bytes its entry's digests describe
+#   are the bytes ``resources/read`` serves, and nothing outside the files given (or, from a
+#   folder, its regular non-dot files, links never followed) is ever published.
 # - Sync functions run in a worker thread: a slow tool never blocks the event loop.  Only one
 #   registered with ``inline=True`` runs on the loop; nothing moves there by itself, because a
 #   function fast a thousand times can still stall once (a network wait, a lock) and then stall
@@ -2613,6 +2620,7 @@ class _Resource(_Callable):
         super().__init__(fn)
         self.uri = uri
         self.mime_type = mime_type
+        self.listed = True  # in resources/list (a skill's supporting files are read, not listed)
         self.template = "{" in uri
         definition = {("uriTemplate" if self.template else "uri"): uri, "name": name or fn.__name__}
         for key, value in (("title", title), ("description", description or _description(fn)),
@@ -2768,6 +2776,218 @@ def _to_call_result(value, tool: _Tool) -> dict:
     return result
 
 
+# ---- Skills (SEP-2640): SKILL.md frontmatter and a skill's files ----------------------------------
+#
+# A skill is snapshotted when it is registered: its bytes are read once, its digests computed
+# from those bytes, and ``resources/read`` serves exactly them, so an entry's digests always
+# describe what is served.  A folder is read without following symbolic links and without
+# dot-files (``.git``, ``.env``): only what an author placed in the skill is ever published.
+
+_SKILL_NAME_RE = re.compile(r"(?!.*--)[a-z0-9](?:[a-z0-9-]{0,62}[a-z0-9])?")
+_SKILL_SEGMENT_RE = re.compile(r"[A-Za-z0-9._~-]+")
+_SKILL_MAX_FILES = 512
+_SKILL_MAX_BYTES = 16 * 1024 * 1024
+_YAML_KEY_RE = re.compile(r"([A-Za-z0-9_][A-Za-z0-9_.-]*):(?:[ \t]+(.*))?")
+_YAML_INT_RE = re.compile(r"[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+")
+_YAML_FLOAT_RE = re.compile(r"[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?")
+
+
+def _yaml_scalar(text: str, where: str):
+    """One YAML 1.2 core-schema scalar (plain or quoted), as a YAML parser types it."""
+    text = text.strip()
+    if text[:1] in ('"', "'"):
+        quote = text[0]
+        if len(text) < 2 or not text.endswith(quote):
+            raise ValueError(f"{where}: unterminated quoted string")
+        inner = text[1:-1]
+        if quote == "'":
+            if re.search(r"(?<!')'(?!')", inner.replace("''", "")):
+                raise ValueError(f"{where}: stray quote inside a single-quoted string")
+            return inner.replace("''", "'")
+        if re.search(r'(?<!\\)"', inner) or re.search(r'\\[^"\\nt/]', inner):
+            raise ValueError(f"{where}: only \\\" \\\\ \\n \\t \\/ escapes are supported")
+        return _loads(f'"{inner}"')
+    text = re.split(r"[ \t]#", text, maxsplit=1)[0].rstrip()
+    if text[:1] in tuple("[]{}>|*&!%@`,?:-") and text not in ("-",) and not _YAML_FLOAT_RE.fullmatch(text):
+        raise ValueError(f"{where}: flow collections, block scalars, anchors and tags are not supported; "
+                         "quote the value")
+    if ": " in text:
+        raise ValueError(f"{where}: a plain value may not contain ': '; quote it")
+    if text in ("", "~", "null", "Null", "NULL"):
+        return None
+    if text in ("true", "True", "TRUE", "false", "False", "FALSE"):
+        return text.lower() == "true"
+    if _YAML_INT_RE.fullmatch(text):
+        return int(text, 0) if text[:2] in ("0o", "0x") else int(text)
+    if _YAML_FLOAT_RE.fullmatch(text):
+        return float(text)
+    if text.lower() in (".inf", "+.inf", "-.inf", ".nan"):
+        return float(text.replace(".", "", 1))
+    return text
+
+
+def _yaml_block(lines: list, start: int, indent: int, where: str) -> tuple:
+    """(value, next line index) of the mapping or list whose lines are indented by ``indent``."""
+    i = start
+    is_list = lines[i][1].startswith("- ") or lines[i][1] == "-"
+    value: typing.Any = [] if is_list else {}
+    while i < len(lines):
+        depth, text = lines[i][0], lines[i][1]
+        if depth < indent:
+            break
+        if depth > indent:
+            raise ValueError(f"{where}: line {lines[i][2]}: unexpected indentation")
+        if is_list:
+            if not (text.startswith("- ") or text == "-"):
+                raise ValueError(f"{where}: line {lines[i][2]}: expected a '- ' list item")
+            value.append(_yaml_scalar(text[2:], f"{where}: line {lines[i][2]}"))
+            i += 1
+            continue
+        found = _YAML_KEY_RE.fullmatch(text)
+        if not found:
+            raise ValueError(f"{where}: line {lines[i][2]}: expected 'key: value'")
+        key, rest = found.group(1), found.group(2)
+        if key in value:
+            raise ValueError(f"{where}: line {lines[i][2]}: duplicate key {key!r}")
+        i += 1
+        if rest is not None and rest.split("#")[0].strip():
+            value[key] = _yaml_scalar(rest, f"{where}: line {lines[i - 1][2]}")
+        elif i < len(lines) and (lines[i][0] > depth or (
+                lines[i][0] == depth and lines[i][1].startswith("- "))):
+            value[key], i = _yaml_block(lines, i, lines[i][0], where)
+        else:
+            value[key] = None
+    return value, i
+
+
+def _parse_frontmatter(text: str, where: str = "SKILL.md") -> tuple:
+    """(frontmatter, body) of a SKILL.md: the leading ``---`` YAML block as JSON values.
+
+    Block mappings, block lists and core-schema scalars only (what frontmatter uses); anything
+    else is refused rather than guessed, because an entry's frontmatter MUST equal what a YAML
+    parser reads from the file."""
+    source = text[1:] if text.startswith("\ufeff") else text
+    found = re.match(r"---\r?\n(.*?)\r?\n---[ \t]*(?:\r?\n|$)", source, re.S)
+    if not found:
+        raise ValueError(f"{where} must begin with YAML frontmatter between '---' lines")
+    lines = []
+    for number, raw in enumerate(found.group(1).splitlines(), start=2):
+        if not raw.strip() or raw.lstrip().startswith("#"):
+            continue
+        if "\t" in raw[:len(raw) - len(raw.lstrip())]:
+            raise ValueError(f"{where}: line {number}: indent with spaces, not tabs")
+        lines.append((len(raw) - len(raw.lstrip(" ")), raw.strip(), number))
+    frontmatter = _yaml_block(lines, 0, 0, where)[0] if lines else {}
+    if not isinstance(frontmatter, dict):
+        raise ValueError(f"{where}: the frontmatter must be a mapping")
+    for field in ("name", "description"):
+        if not isinstance(frontmatter.get(field), str) or not frontmatter[field]:
+            raise ValueError(f"{where}: the frontmatter needs a non-empty string {field!r}")
+    return frontmatter, source[found.end():]
+
+
+def _file_mime(path: str) -> str:
+    import mimetypes
+    if path.endswith(".md"):
+        return "text/markdown"
+    return mimetypes.guess_type(path)[0] or "application/octet-stream"
+
+
+class _Skill:
+    """One skill: its ``skill://`` URIs, verbatim frontmatter and the files it publishes."""
+
+    def __init__(self, skill_md: str | bytes, files: dict | None = None, *, prefix: str = ""):
+        raw = skill_md.encode("utf-8") if isinstance(skill_md, str) else bytes(skill_md)
+        self.frontmatter, _ = _parse_frontmatter(raw.decode("utf-8"))
+        name = self.frontmatter["name"]
+        if not _SKILL_NAME_RE.fullmatch(name):
+            raise ValueError(f"skill name {name!r}: 1-64 lowercase letters, digits and single hyphens, "
+                             "starting and ending with a letter or digit (Agent Skills naming rules)")
+        segments = [s for s in prefix.strip("/").split("/") if s]
+        bad = [s for s in segments if not _SKILL_SEGMENT_RE.fullmatch(s)]
+        if bad:
+            raise ValueError(f"skill prefix segment(s) {bad}: use letters, digits and . _ ~ -")
+        self.path = "/".join(segments + [name])
+        self.root = f"skill://{self.path}"
+        self.uri = f"{self.root}/SKILL.md"
+        self.files = {"SKILL.md": raw}
+        for rel, data in (files or {}).items():
+            parts = rel.split("/")
+            if rel == "SKILL.md" or any(p in ("", ".", "..") or p.startswith(".") for p in parts):
+                raise ValueError(f"skill {name}: file path {rel!r} must be relative, without '.', '..' or "
+                                 "dot-files")
+            self.files[rel] = data.encode("utf-8") if isinstance(data, str) else bytes(data)
+        if len(self.files) > _SKILL_MAX_FILES or sum(map(len, self.files.values())) > _SKILL_MAX_BYTES:
+            raise ValueError(f"skill {name}: more than {_SKILL_MAX_FILES} files or 16 MiB, the limits every "
+                             "host must accept (SEP-2640)")
+        self.entry = {"uri": self.uri, "frontmatter": self.frontmatter, "resources": [
+            {"uri": self.file_uri(rel), "digest": "sha256:" + hashlib.sha256(data).hexdigest(), "size": len(data)}
+            for rel, data in self.files.items()]}
+
+    def file_uri(self, rel: str) -> str:
+        return f"{self.root}/{urllib.parse.quote(rel, safe='/')}"
+
+    @classmethod
+    def from_folder(cls, folder: str, prefix: str = "") -> "_Skill":
+        """The skill in ``folder`` (its SKILL.md and every regular file below it)."""
+        files = {}
+        for base, dirs, names in os.walk(folder, followlinks=False):
+            dirs[:] = sorted(d for d in dirs if not d.startswith(".") and not os.path.islink(os.path.join(base, d)))
+            for filename in sorted(names):
+                full = os.path.join(base, filename)
+                if filename.startswith(".") or os.path.islink(full) or not os.path.isfile(full):
+                    continue
+                rel = os.path.relpath(full, folder).replace(os.sep, "/")
+                with open(full, "rb") as f:
+                    files[rel] = f.read()
+        if "SKILL.md" not in files:
+            raise ValueError(f"{folder} has no SKILL.md")
+        skill_md = files.pop("SKILL.md")
+        try:
+            return cls(skill_md, files, prefix=prefix)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{os.path.join(folder, 'SKILL.md')}: {exc}") from None
+
+    def directories(self) -> dict:
+        """{directory URI: [child Resource]} for every directory level of the skill (and its prefix)."""
+        tree: dict = {self.root: {}}
+        segments = self.path.split("/")
+        for depth in range(1, len(segments)):  # the prefix levels (acme, acme/billing) are directories too
+            parent, child = "skill://" + "/".join(segments[:depth]), "skill://" + "/".join(segments[:depth + 1])
+            tree[parent] = {child: {"uri": child, "name": segments[depth], "mimeType": "inode/directory"}}
+        for rel, data in self.files.items():
+            parts = rel.split("/")
+            for depth in range(len(parts)):
+                parent = "/".join([self.root] + [urllib.parse.quote(p) for p in parts[:depth]])
+                tree.setdefault(parent, {})
+                child_uri = f"{parent}/{urllib.parse.quote(parts[depth])}"
+                if depth == len(parts) - 1:
+                    tree[parent][child_uri] = {"uri": child_uri, "name": parts[depth],
+                                               "mimeType": _file_mime(rel), "size": len(data)}
+                else:
+                    tree[parent][child_uri] = {"uri": child_uri, "name": parts[depth],
+                                               "mimeType": "inode/directory"}
+        return {uri: [children[k] for k in sorted(children)] for uri, children in tree.items()}
+
+
+def _skills_under(folder: str) -> list:
+    """Every skill under ``folder``: each directory holding a SKILL.md (links and dot-directories
+    are not followed); its path below ``folder`` is its skill path."""
+    skills = []
+    for base, dirs, names in sorted(os.walk(folder, followlinks=False)):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        if "SKILL.md" in names and os.path.realpath(base) != os.path.realpath(folder):
+            rel = os.path.relpath(base, folder).replace(os.sep, "/")
+            skill = _Skill.from_folder(base, prefix=rel.rpartition("/")[0])
+            if skill.frontmatter["name"] != rel.rpartition("/")[2]:
+                raise ValueError(f"{base}: the directory name must equal the frontmatter name "
+                                 f"{skill.frontmatter['name']!r}")
+            skills.append(skill)
+    if not skills:
+        raise ValueError(f"no skill (a directory with a SKILL.md) under {folder}")
+    return skills
+
+
 # ==== 5. MCP core (sans-IO) =====================================================================
 #
 # Rules:
@@ -2778,6 +2998,10 @@ def _to_call_result(value, tool: _Tool) -> dict:
 #   stateless); ``initialize`` and everything else is legacy and belongs to a session.
 # - Handlers build the newest result shape; ``_shape_*`` trims it for an older revision, and
 #   ``_finish_modern`` adds what 2026-07-28 requires (``resultType``, cache hints, serverInfo).
+# - Extensions are declared through ``Extension`` and held by the server's ``_Extensions``: that
+#   one component puts them in ``capabilities.extensions`` (2026-07-28 always, 2025-11-25 when
+#   any) and answers their methods after the core table; no extension replaces a core method.
+#   Tasks, skills and apps are built on it, as any user's extension would be.
 # - One tool API serves both eras: ``ctx.ask`` sends real server-to-client requests to a legacy
 #   client and waits; for a modern client it ends the round with ``input_required`` and a sealed
 #   ``requestState`` carrying the answers so far, and the tool runs again from the top on retry.
@@ -3213,6 +3437,68 @@ def _args_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
 
 
+class Extension:
+    """A protocol extension (SEP-2133), declared once with ``server.add_extension(...)``.
+
+    ``identifier`` is its ``<prefix>/<name>`` key in ``capabilities.extensions``, ``settings`` the
+    object under it, ``methods`` and ``notifications`` map method names to ``async fn(ctx)``
+    handlers (a method's returns the result object).  The extension is declared in the
+    ``initialize`` result (from revision ``since`` on) and in ``server/discover``, and its methods
+    join the method tables of those revisions.  ``declared`` (a callable) can hold the
+    declaration back until the server has something to offer; the methods answer either way."""
+
+    def __init__(self, identifier: str, settings: dict | None = None, *, methods: dict | None = None,
+                 notifications: dict | None = None, since: str = "2025-11-25",
+                 declared: typing.Callable[[], bool] | None = None):
+        prefix, _, name = identifier.rpartition("/")
+        if not prefix or not name:
+            raise ValueError(f"extension identifier {identifier!r}: use '<prefix>/<name>', e.g. "
+                             "'com.example/reports'")
+        self.identifier = identifier
+        self.settings = dict(settings or {})
+        self.methods = dict(methods or {})
+        self.notifications = dict(notifications or {})
+        self.since = since
+        self.declared = declared
+
+
+class _Extensions:
+    """The extensions one server declared: their capability entries and their method handlers.
+
+    Core methods always win: an extension cannot take over ``tools/call`` or another
+    extension's method, so declaring one never changes what an existing method does."""
+
+    def __init__(self):
+        self.by_id: dict = {}
+        self.owner: dict = {}  # method or notification name -> Extension
+
+    def add(self, extension: Extension) -> None:
+        names = [*extension.methods, *extension.notifications]
+        taken = [n for n in names if n in _LEGACY_METHODS or n in _MODERN_METHODS
+                 or self.owner.get(n, extension).identifier != extension.identifier]
+        if taken:
+            raise ValueError(f"extension {extension.identifier}: {', '.join(taken)} already has a handler")
+        previous = self.by_id.get(extension.identifier)
+        for name in ([*previous.methods, *previous.notifications] if previous else ()):
+            self.owner.pop(name, None)
+        self.by_id[extension.identifier] = extension
+        self.owner.update(dict.fromkeys(names, extension))
+        _EXTENSION_METHODS.update(names)
+
+    def capabilities(self, version: str) -> dict:
+        return {e.identifier: dict(e.settings) for e in self.by_id.values()
+                if version >= e.since and (e.declared is None or e.declared())}
+
+    def handler(self, method: str, version: str):
+        extension = self.owner.get(method)
+        if extension is None or version < extension.since:
+            return None
+        return extension.methods.get(method) or extension.notifications.get(method)
+
+
+_EXTENSION_METHODS: set = set()  # every extension method name declared in this process (metrics labels)
+
+
 class MCPServer:
     """An MCP server: register tools, resources and prompts, then ``run()`` or mount ``asgi``."""
 
@@ -3242,6 +3528,9 @@ class MCPServer:
         self._app = None
         self._login = None  # the _Login flow, once add_login_tools() ran
         self._local_base = None  # http://127.0.0.1:<port> of the listener, for calls to ourselves
+        self.extensions = _Extensions()
+        self.extensions.add(_tasks_extension(self))
+        self._skills = None  # the _Skills, once a skill was added
 
     # -- registration ------------------------------------------------------------------------
 
@@ -3249,7 +3538,7 @@ class MCPServer:
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
              output_schema: dict | None = None, meta: dict | None = None, task: str | None = None,
              task_start: str = "call", login_required: bool = False, mask: typing.Iterable | bool | None = None,
-             inline: bool = False):
+             inline: bool = False, app: str | None = None):
         """Register a function as a tool; its schema comes from its type hints.
 
         ``task="optional"`` or ``"required"`` lets a 2026-07-28 client that negotiated the tasks
@@ -3265,7 +3554,12 @@ class MCPServer:
         A sync function runs in a worker thread, so that it never blocks the event loop.
         ``inline=True`` runs it on the loop instead, which saves the thread hand-off: only for a
         function that never waits (no I/O, locks or sleeps), since while it runs no other
-        request of the process is served and the tool timeout cannot interrupt it."""
+        request of the process is served and the tool timeout cannot interrupt it.
+
+        ``app="ui://..."`` names the MCP App (``server.app``) a host renders the result in."""
+        if app is not None:
+            meta = {**(meta or {}), "ui": {**((meta or {}).get("ui") or {}), "resourceUri": app}}
+
         def register(fn):
             tool = _Tool(fn, name or fn.__name__, title=title, description=description,
                          annotations=annotations, icons=icons, input_schema=input_schema,
@@ -3321,6 +3615,47 @@ class MCPServer:
             self._completions[(ref_type, ref)] = _Callable(fn)
             return fn
         return register
+
+    def add_extension(self, extension: Extension) -> None:
+        """Declare an extension: its settings in ``capabilities.extensions``, its methods served."""
+        self.extensions.add(extension)
+
+    def add_skill(self, skill_md: str | bytes, files: dict | None = None, *, prefix: str = "") -> str:
+        """Serve a skill (SEP-2640) given in code: its SKILL.md text and ``{relative path: text or
+        bytes}``; ``prefix`` nests it (``acme/billing``).  Returns the SKILL.md URI."""
+        return self._add_skill(_Skill(skill_md, files, prefix=prefix))
+
+    def add_skills(self, folder: str) -> list:
+        """Serve every skill under ``folder``: each directory holding a SKILL.md is a skill, named by
+        the directory (which must equal its frontmatter ``name``), its parents the URI prefix."""
+        return [self._add_skill(skill) for skill in _skills_under(folder)]
+
+    def _add_skill(self, skill: _Skill) -> str:
+        if self._skills is None:
+            self._skills = _Skills(self)
+            self.extensions.add(self._skills.extension)
+        self._skills.add(skill)
+        return skill.uri
+
+    def app(self, uri: str, *, name: str | None = None, description: str | None = None,
+            csp: dict | None = None, permissions: dict | None = None, domain: str | None = None,
+            prefers_border: bool | None = None):
+        """Register an MCP App: a function returning the HTML document of a ``ui://`` resource
+        (``text/html;profile=mcp-app``).  Point a tool at it with ``@server.tool(app=uri)``.
+        ``csp`` lists the origins it needs (``connectDomains``, ``resourceDomains``...)."""
+        def register(fn):
+            ui = _app_ui_meta(csp, permissions, domain, prefers_border)
+            self._resources[uri] = _app_resource(fn, uri, name=name, description=description, ui=ui)
+            if APPS_EXTENSION not in self.extensions.by_id:
+                self.extensions.add(Extension(APPS_EXTENSION, {"mimeTypes": [APP_MIME_TYPE]}))
+            self._changed("resources")
+            return fn
+        return register
+
+    def test_client(self, era: str = LATEST_LEGACY, **handlers) -> "TestClient":
+        """An in-process client for tests: ``async with server.test_client() as client`` (see
+        ``TestClient``; ``era="2026-07-28"`` for a stateless client)."""
+        return TestClient(self, era, **handlers)
 
     def _login_flow(self) -> "_Login":
         if self._login is None:
@@ -3478,8 +3813,9 @@ class MCPServer:
                 "prompts": {"listChanged": True}, "logging": {}}
         if version >= "2025-03-26":
             caps["completions"] = {}
-        if version >= "2026-07-28":
-            caps["extensions"] = ({_TASKS_EXTENSION: {}} if any(t.task for t in self._tools.values()) else {})
+        extensions = self.extensions.capabilities(version)
+        if extensions or version >= "2026-07-28":  # (2026 always says; an older revision only when any)
+            caps["extensions"] = extensions
         return caps
 
     # -- the request path -------------------------------------------------------------------------
@@ -3542,9 +3878,13 @@ class MCPServer:
         table = _MODERN_METHODS if ctx.modern else _LEGACY_METHODS
         handler = table.get(ctx.method)
         if handler is None:
+            extension_handler = self.extensions.handler(ctx.method, ctx.protocol_version)
+            if extension_handler is not None:
+                return extension_handler(ctx)
             if ctx.request_id is None:
                 return _nothing()  # unknown notifications are ignored
-            known = ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS
+            known = (ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS
+                     or ctx.method in self.extensions.owner)
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
             message = (f"Method not found: {ctx.method} is not part of protocol version {era}."
                        if known else f"Method not found: {ctx.method}.")
@@ -3609,14 +3949,17 @@ class MCPServer:
             elif kind == "prompts":
                 items = [_shape_prompt(p.definition, version) for p in self._prompts.values()]
             elif kind == "resources":
-                items = [_shape_listing(r.definition, version) for r in self._resources.values()]
+                items = [_shape_listing(r.definition, version) for r in self._resources.values() if r.listed]
             else:
                 items = [_shape_listing(r.definition, version) for r in self._templates]
             self._shaped[key] = items
         return items
 
     async def _page(self, ctx: Context, kind: str, field: str) -> dict:
-        items = self._shaped_list(kind, ctx.protocol_version)
+        return await self._paginate(ctx, self._shaped_list(kind, ctx.protocol_version), kind, field)
+
+    async def _paginate(self, ctx: Context, items: list, kind: str, field: str) -> dict:
+        """One page of ``items`` as ``{field: [...], "nextCursor"?}``; cursors are signed, per kind."""
         cursor, start = ctx.params.get("cursor"), 0
         if len(items) <= self.settings.page_size and cursor in (None, ""):
             return {field: items}  # one page: no cursor to sign
@@ -3626,7 +3969,7 @@ class MCPServer:
             if text is None or not text.startswith(kind + ":"):
                 raise _invalid_params("Invalid cursor: pass back a nextCursor this server returned.",
                                       status=400 if ctx.modern else 200)
-            start = int(text.partition(":")[2])
+            start = int(text.rpartition(":")[2])
         end = start + self.settings.page_size
         result = {field: items[start:end] if start or end < len(items) else items}
         if end < len(items):
@@ -3868,50 +4211,6 @@ class MCPServer:
             values = []
         return {"completion": {"values": values[:100], "total": len(values), "hasMore": len(values) > 100}}
 
-    # -- the tasks extension (io.modelcontextprotocol/tasks, 2026-07-28) ----------------------
-
-    async def _load_task(self, ctx: Context) -> dict:
-        if not _has_tasks_extension(ctx):
-            raise _missing_capability({"extensions": {_TASKS_EXTENSION: {}}}, _TASKS_EXTENSION)
-        task_id = ctx.params.get("taskId")
-        if not isinstance(task_id, str):
-            raise _invalid_params(f"{ctx.method} needs params.taskId, a string.")
-        record = await self._hub().store.get(_task_key(task_id))
-        if record is None or record.get("sub") != ctx.principal:
-            raise _invalid_params(f"Unknown task: {task_id} (it never existed or has expired).",
-                                  {"taskId": task_id})
-        return record
-
-    async def _m_tasks_get(self, ctx: Context) -> dict:
-        record = await self._load_task(ctx)
-        return {k: v for k, v in record.items() if k not in _TASK_PRIVATE}
-
-    async def _m_tasks_update(self, ctx: Context) -> dict:
-        record = await self._load_task(ctx)
-        responses = ctx.params.get("inputResponses")
-        if not isinstance(responses, dict):
-            raise _invalid_params("tasks/update needs params.inputResponses, an object.")
-        hub = self._hub()
-        run = hub.task_runs.get(record["taskId"])
-        if run is not None:
-            await run.deliver(responses)
-        elif record["status"] not in _TASK_TERMINAL:
-            await hub.store.publish(_task_channel(record["taskId"]), {"update": responses})
-        return {}
-
-    async def _m_tasks_cancel(self, ctx: Context) -> dict:
-        record = await self._load_task(ctx)
-        if record["status"] not in _TASK_TERMINAL:
-            hub = self._hub()
-            run = hub.task_runs.get(record["taskId"])
-            if run is not None:
-                await run.cancel()
-            else:
-                await hub.store.publish(_task_channel(record["taskId"]), {"cancel": True})
-                await hub.store.set(_task_key(record["taskId"]), _task_record(
-                    record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
-        return {}
-
     async def _m_listen(self, ctx: Context) -> dict:
         return await self._hub().listen(ctx)
 
@@ -3937,7 +4236,8 @@ async def _nothing() -> None:
 
 @functools.lru_cache(maxsize=256)
 def _rpc_metric_key(method: str, outcome: str) -> tuple:
-    method = method if method in _LEGACY_METHODS or method in _MODERN_METHODS else "other"
+    known = method in _LEGACY_METHODS or method in _MODERN_METHODS or method in _EXTENSION_METHODS
+    method = method if known else "other"
     return ("mcp_rpc_calls_total", (("method", method), ("outcome", outcome)))
 
 
@@ -4128,6 +4428,315 @@ def _tool_error(message: str) -> dict:
     return {"content": [{"type": "text", "text": message}], "isError": True}
 
 
+# ---- the tasks extension (io.modelcontextprotocol/tasks, 2026-07-28) ---------------------------
+
+
+async def _load_task(ctx: Context) -> dict:
+    if not _has_tasks_extension(ctx):
+        raise _missing_capability({"extensions": {_TASKS_EXTENSION: {}}}, _TASKS_EXTENSION)
+    task_id = ctx.params.get("taskId")
+    if not isinstance(task_id, str):
+        raise _invalid_params(f"{ctx.method} needs params.taskId, a string.")
+    record = await ctx.server._hub().store.get(_task_key(task_id))
+    if record is None or record.get("sub") != ctx.principal:
+        raise _invalid_params(f"Unknown task: {task_id} (it never existed or has expired).",
+                              {"taskId": task_id})
+    return record
+
+
+async def _tasks_get(ctx: Context) -> dict:
+    record = await _load_task(ctx)
+    return {k: v for k, v in record.items() if k not in _TASK_PRIVATE}
+
+
+async def _tasks_update(ctx: Context) -> dict:
+    record = await _load_task(ctx)
+    responses = ctx.params.get("inputResponses")
+    if not isinstance(responses, dict):
+        raise _invalid_params("tasks/update needs params.inputResponses, an object.")
+    hub = ctx.server._hub()
+    run = hub.task_runs.get(record["taskId"])
+    if run is not None:
+        await run.deliver(responses)
+    elif record["status"] not in _TASK_TERMINAL:
+        await hub.store.publish(_task_channel(record["taskId"]), {"update": responses})
+    return {}
+
+
+async def _tasks_cancel(ctx: Context) -> dict:
+    record = await _load_task(ctx)
+    if record["status"] not in _TASK_TERMINAL:
+        hub = ctx.server._hub()
+        run = hub.task_runs.get(record["taskId"])
+        if run is not None:
+            await run.cancel()
+        else:
+            await hub.store.publish(_task_channel(record["taskId"]), {"cancel": True})
+            await hub.store.set(_task_key(record["taskId"]), _task_record(
+                record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
+    return {}
+
+
+def _tasks_extension(server: "MCPServer") -> Extension:
+    """Declared once a tool can run as a task; its methods answer (-32021 without the client's
+    extension) whatever the tools."""
+    return Extension(_TASKS_EXTENSION, since="2026-07-28",
+                     methods={"tasks/get": _tasks_get, "tasks/update": _tasks_update, "tasks/cancel": _tasks_cancel},
+                     declared=lambda: any(t.task for t in server._tools.values()))
+
+
+# ---- the skills extension (io.modelcontextprotocol/skills, SEP-2640) ---------------------------
+
+SKILLS_EXTENSION = "io.modelcontextprotocol/skills"
+
+
+class _Skills:
+    """A server's skills: ``skills/list``, ``skills/get`` and ``resources/directory/read``; every
+    skill file is also an ordinary resource (only each SKILL.md is listed in resources/list)."""
+
+    def __init__(self, server: "MCPServer"):
+        self.server = server
+        self.skills: dict = {}       # SKILL.md URI -> _Skill
+        self.directories: dict = {}  # directory URI -> {child URI: Resource}
+        self.extension = Extension(SKILLS_EXTENSION, {"directoryRead": True}, methods={
+            "skills/list": self.list, "skills/get": self.get, "resources/directory/read": self.read_directory})
+
+    def add(self, skill: _Skill) -> None:
+        if skill.uri in self.skills:
+            raise ValueError(f"a skill is already served at {skill.uri}")
+        self.skills[skill.uri] = skill
+        for uri, children in skill.directories().items():
+            self.directories.setdefault(uri, {}).update((c["uri"], c) for c in children)
+        for rel, data in skill.files.items():
+            self.server._resources[skill.file_uri(rel)] = _skill_file_resource(skill, rel, data)
+        self.server._changed("resources")
+
+    @staticmethod
+    def _cacheable(ctx: Context, result: dict) -> dict:
+        if ctx.modern:  # (CacheableResult: 2026-07-28 on; an older revision has no such fields)
+            result.update(ttlMs=60000, cacheScope="public")
+        return result
+
+    async def list(self, ctx: Context) -> dict:
+        items = [skill.entry for skill in self.skills.values()]
+        return self._cacheable(ctx, await self.server._paginate(ctx, items, "skills", "skills"))
+
+    async def get(self, ctx: Context) -> dict:
+        uri = _string_param(ctx, "uri")
+        skill = self.skills.get(uri)
+        if skill is None:
+            raise _invalid_params(f"No skill is served at {uri}.", {"uri": uri})
+        return self._cacheable(ctx, {"skill": skill.entry})
+
+    async def read_directory(self, ctx: Context) -> dict:
+        uri = _string_param(ctx, "uri")
+        children = self.directories.get(uri)
+        if children is None:
+            raise _invalid_params(f"{uri} is not a directory resource of this server.", {"uri": uri})
+        page = await self.server._paginate(ctx, [children[k] for k in sorted(children)], f"dir {uri}", "resources")
+        return self._cacheable(ctx, page)
+
+
+def _string_param(ctx: Context, field: str) -> str:
+    value = ctx.params.get(field)
+    if not isinstance(value, str):
+        raise _invalid_params(f"{ctx.method} needs params.{field}, a string.")
+    return value
+
+
+def _skill_file_resource(skill: _Skill, rel: str, data: bytes) -> _Resource:
+    try:
+        value: str | bytes = data.decode("utf-8")  # text when it is text: the same bytes, readable
+    except UnicodeDecodeError:
+        value = data
+
+    async def read():
+        return value
+    if rel == "SKILL.md":
+        resource = _Resource(read, skill.uri, name=skill.frontmatter["name"],
+                             description=skill.frontmatter["description"], mime_type="text/markdown")
+    else:
+        resource = _Resource(read, skill.file_uri(rel), name=rel.rpartition("/")[2],
+                             description=f"{rel} of the {skill.frontmatter['name']} skill",
+                             mime_type=_file_mime(rel))
+        resource.listed = False
+    return resource
+
+
+# ---- MCP Apps (io.modelcontextprotocol/ui) ---------------------------------------------------
+
+APPS_EXTENSION = "io.modelcontextprotocol/ui"
+APP_MIME_TYPE = "text/html;profile=mcp-app"
+
+
+def _app_ui_meta(csp: dict | None, permissions: dict | None, domain: str | None,
+                 prefers_border: bool | None) -> dict:
+    ui = {}
+    for key, value in (("csp", csp), ("permissions", permissions), ("domain", domain),
+                       ("prefersBorder", prefers_border)):
+        if value is not None:
+            ui[key] = value
+    return ui
+
+
+def _app_resource(fn, uri: str, *, name: str | None, description: str | None, ui: dict) -> _Resource:
+    """A ``ui://`` resource: the function's HTML with the app profile MIME type and ``_meta.ui``."""
+    if not uri.startswith("ui://") or "{" in uri:
+        raise ValueError(f"app URI {uri!r}: an MCP App is a fixed ui:// resource")
+    inner = _Callable(fn)
+
+    async def read(ctx: Context):
+        html = await inner.invoke({}, ctx)
+        if not isinstance(html, str):
+            raise ToolError(f"app {uri} must return its HTML document as a string")
+        return {"text": html, "mimeType": APP_MIME_TYPE, **({"_meta": {"ui": ui}} if ui else {})}
+    return _Resource(read, uri, name=name or fn.__name__, description=description or _description(fn),
+                     mime_type=APP_MIME_TYPE, meta={"ui": ui} if ui else None)
+
+
+# ---- the in-process test client ------------------------------------------------------------
+
+
+class _TestClientChannel:
+    """The outbound channel of a test client's requests: notifications are recorded, requests
+    to the client (legacy ``ctx.ask``) are answered by the client's handlers, in-process."""
+
+    def __init__(self, client: "TestClient"):
+        self.client = client
+
+    async def send(self, message: dict) -> None:
+        self.client.notifications.append(message)
+
+    async def request(self, method: str, params: dict):
+        return await self.client._answer(method, params)
+
+
+class TestClient:
+    """``async with server.test_client() as client``: a client that runs requests through the
+    server's real dispatch (middleware, validation, shaping) in this event loop: no socket,
+    thread or store.  ``era`` is ``"2025-11-25"`` (a session: initialize first, server-to-client
+    requests) or ``"2026-07-28"`` (stateless: input rounds answered and retried).  ``sampling``
+    and ``elicitation`` are ``fn(params) -> result`` (sync or async); ``roots`` a list of roots or
+    such a function.  A JSON-RPC error raises ``RpcError``; tool errors come back as results."""
+
+    __test__ = False  # (pytest: not a test class)
+    MAX_ROUNDS = 16
+
+    def __init__(self, server: "MCPServer", era: str = LATEST_LEGACY, *, sampling=None, elicitation=None,
+                 roots=None, capabilities: dict | None = None):
+        if era not in SUPPORTED_VERSIONS:
+            raise ValueError(f"era {era!r}: use one of {', '.join(SUPPORTED_VERSIONS)}")
+        self.server, self.era, self.modern = server, era, era in MODERN_VERSIONS
+        self.handlers = {"sampling/createMessage": sampling, "elicitation/create": elicitation,
+                         "roots/list": roots if roots is None or callable(roots) else (lambda _p: {"roots": list(roots)})}
+        caps = {"sampling": {}} if sampling else {}
+        if elicitation:
+            caps["elicitation"] = {"form": {}, "url": {}}
+        if roots is not None:
+            caps["roots"] = {"listChanged": True}
+        self.capabilities = {**caps, **(capabilities or {})}
+        self.notifications: list = []  # progress and log notifications the server sent
+        self.session: dict | None = None
+        self.initialize_result: dict | None = None
+        self._ids = itertools.count(1)
+        self._channel = _TestClientChannel(self)
+
+    async def __aenter__(self) -> "TestClient":
+        if not self.modern:
+            self.initialize_result = await self.request("initialize", {
+                "protocolVersion": self.era, "capabilities": self.capabilities,
+                "clientInfo": {"name": "mcp-test-client", "version": __version__}})
+            await self._send("notifications/initialized", {}, None)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        self.session = None
+
+    async def _answer(self, method: str, params: dict):
+        handler = self.handlers.get(method)
+        if handler is None:
+            raise RpcError(METHOD_NOT_FOUND, f"this test client has no handler for {method}")
+        result = handler(params)
+        return await result if inspect.isawaitable(result) else result
+
+    async def _send(self, method: str, params: dict, request_id):
+        if self.modern:
+            meta = {_META_VERSION: self.era, _META_CAPS: self.capabilities,
+                    "io.modelcontextprotocol/clientInfo": {"name": "mcp-test-client", "version": __version__}}
+            message = {"jsonrpc": "2.0", "id": request_id, "method": method,
+                       "params": {**params, "_meta": {**meta, **(params.get("_meta") or {})}}}
+            ctx = _modern_context(self.server, message, None, http=False, out=self._channel)
+        else:
+            version = (self.session or {}).get("v", self.era)
+            ctx = Context(self.server, method, params, request_id, version=version, out=self._channel,
+                          capabilities=(self.session or {}).get("caps", self.capabilities),
+                          session=self.session, session_id="test-client" if self.session else None)
+        response, _ = await self.server._respond(ctx)
+        if ctx._session_changed:
+            self.session = ctx.session
+        return response
+
+    async def request(self, method: str, params: dict | None = None) -> dict:
+        """Any request (an extension's too); its result, after answering any input rounds."""
+        params = dict(params or {})
+        for _ in range(self.MAX_ROUNDS):
+            response = await self._send(method, params, next(self._ids))
+            if "error" in response:
+                error = response["error"]
+                raise RpcError(error["code"], error["message"], error.get("data"))
+            result = response["result"]
+            if result.get("resultType") != "input_required":
+                return result
+            params["inputResponses"] = {key: await self._answer(r["method"], r.get("params") or {})
+                                        for key, r in result["inputRequests"].items()}
+            if "requestState" in result:
+                params["requestState"] = result["requestState"]
+        raise RpcError(INTERNAL_ERROR, f"{method} still asked for input after {self.MAX_ROUNDS} rounds")
+
+    async def _walk(self, method: str, field: str, params: dict | None = None) -> list:
+        items, cursor = [], None
+        for _ in range(10000):
+            page = await self.request(method, {**(params or {}), **({"cursor": cursor} if cursor else {})})
+            items.extend(page.get(field, []))
+            cursor = page.get("nextCursor")
+            if not cursor:
+                return items
+        raise RpcError(INTERNAL_ERROR, f"{method} never stopped returning nextCursor")
+
+    async def list_tools(self) -> list:
+        return await self._walk("tools/list", "tools")
+
+    async def call_tool(self, name: str, arguments: dict | None = None) -> dict:
+        """The CallToolResult (``content``, ``structuredContent``, ``isError``)."""
+        return await self.request("tools/call", {"name": name, "arguments": arguments or {}})
+
+    async def list_resources(self) -> list:
+        return await self._walk("resources/list", "resources")
+
+    async def list_resource_templates(self) -> list:
+        return await self._walk("resources/templates/list", "resourceTemplates")
+
+    async def read_resource(self, uri: str) -> list:
+        """The resource's ``contents``."""
+        return (await self.request("resources/read", {"uri": uri}))["contents"]
+
+    async def list_prompts(self) -> list:
+        return await self._walk("prompts/list", "prompts")
+
+    async def get_prompt(self, name: str, arguments: dict | None = None) -> dict:
+        return await self.request("prompts/get", {"name": name, "arguments": arguments or {}})
+
+    async def complete(self, ref: dict, argument: str, value: str, context: dict | None = None) -> dict:
+        """``completion/complete``: its ``completion`` (``values``, ``total``, ``hasMore``)."""
+        params = {"ref": ref, "argument": {"name": argument, "value": value}}
+        if context:
+            params["context"] = {"arguments": context}
+        return (await self.request("completion/complete", params))["completion"]
+
+    async def list_skills(self) -> list:
+        return await self._walk("skills/list", "skills")
+
+
 _COMMON_METHODS = {
     "tools/list": MCPServer._m_tools_list,
     "tools/call": MCPServer._m_tools_call,
@@ -4154,9 +4763,6 @@ _LEGACY_METHODS = {
 _MODERN_METHODS = {
     **_COMMON_METHODS,
     "subscriptions/listen": MCPServer._m_listen,
-    "tasks/get": MCPServer._m_tasks_get,
-    "tasks/update": MCPServer._m_tasks_update,
-    "tasks/cancel": MCPServer._m_tasks_cancel,
     "notifications/cancelled": MCPServer._n_cancelled,
 }
 
@@ -9074,6 +9680,62 @@ def _supervise(settings: Settings) -> int:
     return 0
 
 
+# The built-in server's own skills (SEP-2640): how to use its tools, served to any client that
+# speaks the skills extension (and readable by any other as ordinary skill:// resources).
+_BUILTIN_SKILLS = {
+    "upstream-login": ("""---
+name: upstream-login
+description: Sign the user in to their upstream account with the login tool, and what to do when a tool says to log in
+---
+
+# Signing in to the upstream account
+
+The account tools (`profile`, `holdings`, `orders`, `service`) act as the signed-in user.
+Until the user signs in, each of them answers with a tool error that says to log in.
+
+1. Call `login` (no arguments). It returns `url` and `pairing_code`; a client that supports
+   URL elicitation is also asked to open the link.
+2. Ask the user to open the link in their browser, sign in at the provider, and enter the
+   pairing code on the page. The link expires after 10 minutes.
+3. The pairing code is for the user alone: never repeat it anywhere else, never enter it
+   yourself, and never ask the user to send it to you.
+4. When the user says they are done, call the account tool again.
+
+`logout` revokes the upstream tokens and deletes the stored credentials. See
+`references/errors.md` for the messages the tools give and what each means.
+""", {"references/errors.md": """# Messages of the login and account tools
+
+| Message says | Meaning | What to do |
+| --- | --- | --- |
+| log in / not signed in | no credentials for this user | run the `login` skill steps |
+| expired / sign in again | the upstream session ended | call `login` again |
+| path not allowed | `service` was given a path outside the allowed list | use one of the paths in the tool's description |
+"""}),
+    "account-tools": ("""---
+name: account-tools
+description: What the profile, holdings, orders, service and server_info tools return and how to read their results
+---
+
+# The account tools and their results
+
+Every result has a text block and, for objects, `structuredContent` with the same data.
+Identifiers (account numbers, emails, phone numbers and the like) come back masked, for
+example `XXXX1234`: show them as they are, never try to reconstruct them.
+
+- `profile`: the user's account profile at the upstream provider.
+- `holdings`: the securities held, with quantities and prices.
+- `orders`: today's orders and their status.
+- `service`: GET one allowed path of the upstream API (`path`, optional `params`); the
+  allowed paths are listed in the tool's description.
+- `server_info`: this server's name, version, store and the protocol revision in use
+  (no sign-in needed).
+
+An error result (`isError: true`) explains itself in its text; when it says to log in,
+follow the `upstream-login` skill.
+""", None),
+}
+
+
 def _builtin_server(settings: Settings) -> MCPServer:
     """The server ``python mcp_server.py`` runs: its built-in tools on the configured store."""
     server = MCPServer("mcp_server", version=settings.app_version or __version__, settings=settings,
@@ -9093,6 +9755,8 @@ def _builtin_server(settings: Settings) -> MCPServer:
                 "store": server.store.name if server.store is not None else "memory",
                 "protocolVersion": ctx.protocol_version, "supportedVersions": list(SUPPORTED_VERSIONS)}
 
+    for skill_md, files in _BUILTIN_SKILLS.values():
+        server.add_skill(skill_md, files)
     return server
 
 

@@ -6380,6 +6380,532 @@ class TestTasks:
         assert result["resultType"] == "complete" and _redis_text(result) == f"done {token}"
 
 
+# ---- extensions, skills, apps and the test client (issue 22) --------------------------------
+
+
+def _with_client(server: MCPServer, check, era: str = LEGACY, **handlers):
+    """Run ``await check(client)`` with ``server.test_client(era, **handlers)``; its result."""
+    async def go():
+        async with server.test_client(era, **handlers) as client:
+            return await check(client)
+    return asyncio.run(go())
+
+
+def _client_error(server: MCPServer, method: str, params: dict | None = None, era: str = LEGACY) -> RpcError:
+    async def check(client):
+        with pytest.raises(RpcError) as caught:
+            await client.request(method, params)
+        return caught.value
+    return _with_client(server, check, era)
+
+
+def _echo_extension(seen: list, **options) -> mcp_server.Extension:
+    async def reverse(ctx: Context) -> dict:
+        return {"reversed": str(ctx.params.get("text", ""))[::-1], "era": ctx.protocol_version}
+
+    async def poked(ctx: Context) -> None:
+        seen.append(ctx.params.get("n"))
+    return mcp_server.Extension("com.example/echo", {"level": 2}, methods={"echo/reverse": reverse},
+                                notifications={"notifications/echo/poke": poked}, **options)
+
+
+class TestExtensions:
+    """One declaration puts an extension in capabilities.extensions of both eras and its methods
+    in the method tables; core methods stay the core's."""
+
+    def test_a_declared_extension_is_in_both_eras_and_its_method_answers_over_http(self, make_server):
+        server = build_server()
+        server.add_extension(_echo_extension([]))
+        st = make_server(server)
+        session = Session(st.port)
+        session.initialize()
+        assert session.init_result["capabilities"]["extensions"]["com.example/echo"] == {"level": 2}
+        legacy = session.request("echo/reverse", {"text": "abc"})["result"]
+        assert legacy == {"reversed": "cba", "era": LEGACY}
+        discover = modern_post(st.port, "server/discover").json()["result"]
+        assert discover["capabilities"]["extensions"]["com.example/echo"] == {"level": 2}
+        modern = modern_post(st.port, "echo/reverse", {"text": "xyz"}).json()["result"]
+        assert modern["reversed"] == "zyx" and modern["era"] == MODERN and modern["resultType"] == "complete"
+
+    def test_an_extension_is_absent_from_revisions_before_its_own(self):
+        server = build_server()
+        server.add_extension(_echo_extension([], since=MODERN))
+        init = core_result(server, "initialize", {"protocolVersion": LEGACY, "capabilities": {}})
+        assert "extensions" not in init["capabilities"]  # (2025-11-25 declares extensions only when any)
+        error = _client_error(server, "echo/reverse", {"text": "a"})
+        assert error.code == -32601 and f"not part of protocol version {LEGACY}" in error.message
+        old = core_result(server, "initialize", {"protocolVersion": "2025-06-18", "capabilities": {}})
+        assert "extensions" not in old["capabilities"]
+        result = _with_client(server, lambda c: c.request("echo/reverse", {"text": "ab"}), MODERN)
+        assert result["reversed"] == "ba"
+
+    def test_an_extension_cannot_take_over_a_core_or_another_extensions_method(self):
+        server = build_server()
+
+        async def hijack(ctx):
+            return {"content": [{"type": "text", "text": "hijacked"}]}
+        for method in ("tools/call", "initialize", "resources/read", "tasks/get"):
+            with pytest.raises(ValueError, match="already has a handler"):
+                server.add_extension(mcp_server.Extension("evil.example/x", methods={method: hijack}))
+        server.add_extension(_echo_extension([]))
+        with pytest.raises(ValueError, match="echo/reverse already has a handler"):
+            server.add_extension(mcp_server.Extension("evil.example/y", methods={"echo/reverse": hijack}))
+        result = _with_client(server, lambda c: c.call_tool("echo", {"text": "core"}))
+        assert result["content"] == [{"type": "text", "text": "core"}]
+        # declaring the same identifier again replaces it (its old methods go)
+        server.add_extension(mcp_server.Extension("com.example/echo", {"level": 3}))
+        assert _client_error(server, "echo/reverse").code == -32601
+        init = core_result(server, "initialize", {"protocolVersion": LEGACY, "capabilities": {}})
+        assert init["capabilities"]["extensions"]["com.example/echo"] == {"level": 3}
+        with pytest.raises(ValueError, match="<prefix>/<name>"):
+            mcp_server.Extension("no-prefix")
+
+    def test_extension_notifications_reach_their_handler(self):
+        seen: list = []
+        server = build_server()
+        server.add_extension(_echo_extension(seen))
+        response, status = core(server, "notifications/echo/poke", {"n": 7}, request_id=None)
+        assert response is None and status == 202 and seen == [7]
+        response, status = modern_core(server, "notifications/echo/poke", {"n": 8}, request_id=None)
+        assert response is None and seen == [7, 8]
+
+    def test_the_tasks_extension_is_declared_through_the_api_once_a_tool_runs_as_a_task(self):
+        server = build_server()
+        task_ext = mcp_server._TASKS_EXTENSION
+        assert task_ext in server.extensions.by_id
+        discover = _with_client(server, lambda c: c.request("server/discover"), MODERN)
+        assert discover["capabilities"]["extensions"] == {}
+        error = _client_error(server, "tasks/get", {"taskId": "x"}, MODERN)
+        assert error.code == -32021  # (its methods answer whatever the tools)
+
+        @server.tool(task="optional")
+        async def slow() -> str:
+            return "done"
+        discover = _with_client(server, lambda c: c.request("server/discover"), MODERN)
+        assert discover["capabilities"]["extensions"] == {task_ext: {}}
+        init = core_result(server, "initialize", {"protocolVersion": LEGACY, "capabilities": {}})
+        assert "extensions" not in init["capabilities"]  # tasks are a 2026-07-28 extension here
+        assert _client_error(server, "tasks/get", {"taskId": "x"}).code == -32601
+
+
+def _write(path, text) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(text if isinstance(text, bytes) else text.encode("utf-8"))
+
+
+_PDF_SKILL_MD = """---
+name: pdf-forms
+description: Fill PDF forms from the templates
+license: Apache-2.0
+compatibility: any
+metadata:
+  version: "2.1"
+  owner: docs-team
+  retries: 3
+  beta: true
+tags:
+  - pdf
+  - forms
+---
+
+# PDF forms
+
+Pick a template from `templates/`; the fields are in `references/FIELDS.md`.
+"""
+
+
+@pytest.fixture
+def skills_folder(tmp_path):
+    root = tmp_path / "skills"
+    _write(root / "pdf-forms" / "SKILL.md", _PDF_SKILL_MD)
+    _write(root / "pdf-forms" / "references" / "FIELDS.md", "# Fields\n\nname, date\n")
+    _write(root / "pdf-forms" / "templates" / "invoice.md", "# Invoice\r\nwith CRLF\r\n")
+    _write(root / "pdf-forms" / "templates" / "regional" / "eu invoice.md", "# EU invoice\n")
+    _write(root / "pdf-forms" / "assets" / "logo.png", bytes(range(256)) * 3)
+    _write(root / "acme" / "billing" / "refunds" / "SKILL.md",
+           "---\nname: refunds\ndescription: Handle refunds\n---\n\nRead policy.md.\n")
+    _write(root / "acme" / "billing" / "refunds" / "policy.md", "30 days.\n")
+    # what must never be published: a dot-file, a dot-directory, a link out of the folder
+    secret = tmp_path / "secret.txt"
+    _write(secret, "TOP-SECRET-VALUE")
+    _write(root / "pdf-forms" / ".env", "API_KEY=TOP-SECRET-VALUE")
+    _write(root / "pdf-forms" / ".git" / "config", "TOP-SECRET-VALUE")
+    os.symlink(secret, root / "pdf-forms" / "references" / "linked.md")
+    os.symlink(tmp_path, root / "pdf-forms" / "outside")
+    return root
+
+
+def _skills_server(folder) -> MCPServer:
+    server = build_server()
+    server.add_skills(str(folder))
+    return server
+
+
+def _read_bytes(contents: list) -> bytes:
+    (item,) = contents
+    return item["text"].encode("utf-8") if "text" in item else base64.b64decode(item["blob"])
+
+
+class TestSkills:
+    """SEP-2640: skills from a folder and from code, listed, got, read and verified."""
+
+    def test_every_listed_file_reads_back_as_exactly_its_digest_and_size(self, skills_folder):
+        server = _skills_server(skills_folder)
+
+        async def check(client):
+            skills = await client.list_skills()
+            reads = {}
+            for skill in skills:
+                for file in skill["resources"]:
+                    reads[file["uri"]] = (file, _read_bytes(await client.read_resource(file["uri"])))
+            return skills, reads
+        skills, reads = _with_client(server, check)
+        assert [s["uri"] for s in skills] == ["skill://acme/billing/refunds/SKILL.md", "skill://pdf-forms/SKILL.md"]
+        pdf = skills[1]
+        assert {f["uri"] for f in pdf["resources"]} == {
+            "skill://pdf-forms/SKILL.md", "skill://pdf-forms/references/FIELDS.md",
+            "skill://pdf-forms/templates/invoice.md", "skill://pdf-forms/templates/regional/eu%20invoice.md",
+            "skill://pdf-forms/assets/logo.png"}
+        for uri, (file, data) in reads.items():
+            assert file["digest"] == "sha256:" + hashlib.sha256(data).hexdigest(), uri
+            assert file["size"] == len(data), uri
+        assert reads["skill://pdf-forms/templates/invoice.md"][1] == b"# Invoice\r\nwith CRLF\r\n"
+        assert reads["skill://pdf-forms/assets/logo.png"][1] == bytes(range(256)) * 3
+
+    def test_frontmatter_passes_through_verbatim_as_json(self, skills_folder):
+        server = _skills_server(skills_folder)
+        entry = _with_client(server, lambda c: c.request("skills/get", {"uri": "skill://pdf-forms/SKILL.md"}))
+        assert entry["skill"]["frontmatter"] == {
+            "name": "pdf-forms", "description": "Fill PDF forms from the templates", "license": "Apache-2.0",
+            "compatibility": "any", "metadata": {"version": "2.1", "owner": "docs-team", "retries": 3, "beta": True},
+            "tags": ["pdf", "forms"]}
+        assert "nextCursor" not in entry and "ttlMs" not in entry  # (cache hints: 2026-07-28 only)
+
+    def test_links_dot_files_and_paths_out_of_the_skill_are_never_served(self, skills_folder):
+        """A skill folder with a link to a file outside it, a .env and a .git directory: none is
+        published (entry, listing, read), and no URI spelling reaches outside the snapshot."""
+        server = _skills_server(skills_folder)
+
+        async def check(client):
+            listed = json.dumps(await client.list_skills()) + json.dumps(await client.list_resources())
+            errors = []
+            for uri in ("skill://pdf-forms/references/linked.md", "skill://pdf-forms/.env",
+                        "skill://pdf-forms/.git/config", "skill://pdf-forms/outside/secret.txt",
+                        "skill://pdf-forms/../secret.txt", "skill://pdf-forms/references/../../../secret.txt",
+                        "skill://pdf-forms/%2e%2e/secret.txt", "skill://pdf-forms/SKILL.md/../.env"):
+                with pytest.raises(RpcError) as caught:
+                    await client.read_resource(uri)
+                errors.append(caught.value.code)
+            return listed, errors
+        listed, errors = _with_client(server, check)
+        assert "TOP-SECRET" not in listed and "linked" not in listed and ".env" not in listed
+        assert "outside" not in listed and ".git" not in listed
+        assert set(errors) == {-32002}  # (resource not found, the 2025-11-25 code)
+        with pytest.raises(ValueError, match="dot-files"):
+            server.add_skill("---\nname: sneaky\ndescription: d\n---\n", {"../../etc/passwd": "x"})
+        with pytest.raises(ValueError, match="dot-files"):
+            server.add_skill("---\nname: sneaky\ndescription: d\n---\n", {"a/.env": "x"})
+
+    def test_skills_get_and_directory_read_answer_and_refuse_with_invalid_params(self, skills_folder):
+        server = _skills_server(skills_folder)
+        for era in (LEGACY, MODERN):
+            for method, uri in (("skills/get", "skill://nope/SKILL.md"), ("skills/get", "skill://pdf-forms"),
+                                ("resources/directory/read", "skill://pdf-forms/SKILL.md"),
+                                ("resources/directory/read", "skill://nope")):
+                error = _client_error(server, method, {"uri": uri}, era)
+                assert error.code == -32602 and uri in error.message, (era, method, error.message)
+            assert _client_error(server, "skills/get", {}, era).code == -32602
+
+        async def check(client):
+            return {uri: (await client.request("resources/directory/read", {"uri": uri}))["resources"]
+                    for uri in ("skill://pdf-forms", "skill://pdf-forms/templates", "skill://acme",
+                                "skill://acme/billing")}
+        dirs = _with_client(server, check, MODERN)
+        assert [(r["name"], r["mimeType"]) for r in dirs["skill://pdf-forms"]] == [
+            ("SKILL.md", "text/markdown"), ("assets", "inode/directory"),
+            ("references", "inode/directory"), ("templates", "inode/directory")]
+        assert [r["uri"] for r in dirs["skill://pdf-forms/templates"]] == [
+            "skill://pdf-forms/templates/invoice.md", "skill://pdf-forms/templates/regional"]
+        assert [r["uri"] for r in dirs["skill://acme"]] == ["skill://acme/billing"]
+        assert [r["uri"] for r in dirs["skill://acme/billing"]] == ["skill://acme/billing/refunds"]
+
+    def test_frontmatter_a_yaml_parser_would_read_differently_is_refused_at_registration(self, tmp_path):
+        server = build_server()
+        for frontmatter, why in (
+                ("name: a-b\ndescription: &x anchored", "anchors"),
+                ("name: a-b\ndescription: d\ntags: [a, b]", "flow"),
+                ("name: a-b\ndescription: |\n  block", "block scalars"),
+                ("name: a-b\ndescription: d: e", "': '"),
+                ("name: a-b\nname: c\ndescription: d", "duplicate key"),
+                ("name: a-b", "'description'"),
+                ("name: A_B\ndescription: d", "naming rules"),
+                ("name: a--b\ndescription: d", "naming rules"),
+                ("name: a-b\ndescription: 'it's'", "stray quote")):
+            with pytest.raises(ValueError, match=re.escape(why)):
+                server.add_skill(f"---\n{frontmatter}\n---\nbody\n")
+        with pytest.raises(ValueError, match="must begin with YAML frontmatter"):
+            server.add_skill("# no frontmatter\n")
+        _write(tmp_path / "s" / "folder-name" / "SKILL.md", "---\nname: other-name\ndescription: d\n---\n")
+        with pytest.raises(ValueError, match="must equal the frontmatter name"):
+            server.add_skills(str(tmp_path / "s"))
+        with pytest.raises(ValueError, match="512 files"):
+            server.add_skill("---\nname: big\ndescription: d\n---\n", {f"f{i}.md": "x" for i in range(512)})
+        with pytest.raises(ValueError, match="already served"):
+            server.add_skill("---\nname: twice\ndescription: d\n---\n")
+            server.add_skill("---\nname: twice\ndescription: d\n---\n")
+
+    def test_skill_md_is_a_listed_resource_and_supporting_files_are_not(self, skills_folder):
+        server = _skills_server(skills_folder)
+        listed = {r["uri"]: r for r in _with_client(server, lambda c: c.list_resources())}
+        assert listed["skill://pdf-forms/SKILL.md"] == {
+            "uri": "skill://pdf-forms/SKILL.md", "name": "pdf-forms", "mimeType": "text/markdown",
+            "description": "Fill PDF forms from the templates"}
+        assert not [uri for uri in listed if uri.startswith("skill://") and not uri.endswith("/SKILL.md")]
+
+    def test_listing_pages_with_signed_cursors_and_cache_hints_on_2026(self, skills_folder):
+        server = MCPServer("paged", settings=Settings(page_size=1))
+        server.add_skills(str(skills_folder))
+
+        async def check(client):
+            first = await client.request("skills/list")
+            second = await client.request("skills/list", {"cursor": first["nextCursor"]})
+            return first, second, await client.list_skills()
+        first, second, walked = _with_client(server, check, MODERN)
+        assert len(first["skills"]) == 1 and len(second["skills"]) == 1 and "nextCursor" not in second
+        assert first["ttlMs"] >= 0 and first["cacheScope"] in ("public", "private")
+        assert [s["uri"] for s in walked] == [first["skills"][0]["uri"], second["skills"][0]["uri"]]
+        forged = first["nextCursor"][:-2] + ("AA" if not first["nextCursor"].endswith("AA") else "BB")
+        assert _client_error(server, "skills/list", {"cursor": forged}, MODERN).code == -32602
+        legacy = _with_client(server, lambda c: c.request("skills/list"))
+        assert "ttlMs" not in legacy and "cacheScope" not in legacy
+
+    def test_over_http_in_both_eras_and_not_for_an_older_revision(self, make_server, skills_folder):
+        st = make_server(_skills_server(skills_folder))
+        session = Session(st.port)
+        session.initialize()
+        assert session.init_result["capabilities"]["extensions"] == {
+            "io.modelcontextprotocol/skills": {"directoryRead": True}}
+        assert "resources" in session.init_result["capabilities"]
+        legacy = session.request("skills/list")["result"]["skills"]
+        modern = modern_post(st.port, "skills/list").json()["result"]
+        assert modern["skills"] == legacy and modern["resultType"] == "complete"
+        old = Session(st.port, version="2025-06-18")
+        old.initialize()
+        assert "extensions" not in old.init_result["capabilities"]
+        assert old.request("skills/list")["error"]["code"] == -32601
+
+    def test_the_built_in_server_serves_skills_for_its_own_tools(self):
+        server = mcp_server._builtin_server(Settings())
+
+        async def check(client):
+            skills = {s["frontmatter"]["name"]: s for s in await client.list_skills()}
+            texts = {name: (await client.read_resource(s["uri"]))[0]["text"] for name, s in skills.items()}
+            return skills, texts, {t["name"] for t in await client.list_tools()}
+        skills, texts, tools = _with_client(server, check)
+        assert set(skills) == {"upstream-login", "account-tools"}
+        mentioned = set(re.findall(r"`([a-z_]+)`", texts["account-tools"] + texts["upstream-login"]))
+        assert {"login", "logout", "profile", "holdings", "orders", "service", "server_info"} <= tools
+        assert mentioned & tools >= {"login", "logout", "profile", "holdings", "orders", "service", "server_info"}
+        assert "pairing code" in texts["upstream-login"] and "masked" in texts["account-tools"]
+
+
+def _load_example(name: str):
+    spec = importlib.util.spec_from_file_location(f"example_{name}", os.path.join(ROOT, "examples", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def _host_page(app_html: str, tool_result: dict, next_result: dict) -> str:
+    """A minimal MCP Apps host: renders the view in a sandboxed iframe, answers ui/initialize,
+    sends the tool result, answers the view's tools/call, and writes what it saw into its page."""
+    import html as html_lib
+    return f"""<!DOCTYPE html><html><body><pre id="log"></pre>
+<iframe id="view" sandbox="allow-scripts allow-same-origin" srcdoc="{html_lib.escape(app_html, quote=True)}"></iframe>
+<script>
+const log = document.getElementById("log"), view = document.getElementById("view");
+const toolResult = {json.dumps(tool_result)}, nextResult = {json.dumps(next_result)};
+window.addEventListener("message", (e) => {{
+  const m = e.data;
+  log.textContent += m.method + (m.method === "tools/call" ? " " + JSON.stringify(m.params) : "") + "\\n";
+  const reply = (r) => view.contentWindow.postMessage({{jsonrpc: "2.0", id: m.id, result: r}}, "*");
+  if (m.method === "ui/initialize") reply({{protocolVersion: "2026-01-26", hostInfo: {{name: "pytest-host",
+      version: "1"}}, hostCapabilities: {{serverTools: {{}}}}, hostContext: {{theme: "dark"}}}});
+  else if (m.method === "ui/notifications/initialized") view.contentWindow.postMessage(
+      {{jsonrpc: "2.0", method: "ui/notifications/tool-result", params: toolResult}}, "*");
+  else if (m.method === "tools/call") reply(nextResult);
+  else if (m.method === "ui/notifications/size-changed") {{
+    const d = view.contentDocument;
+    log.textContent += "shown " + d.body.dataset.state + " " + d.getElementById("count").textContent + "\\n";
+    if (!window.clicked) {{ window.clicked = true; d.getElementById("increment").click(); }}
+  }}
+}});
+</script></body></html>"""
+
+
+def _chromium_dom(path) -> str:
+    profile = tempfile.mkdtemp(prefix="mcp-test-chromium-")
+    try:
+        run = subprocess.run([_CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                              "--no-first-run", "--disable-background-networking", "--disable-component-update",
+                              "--disable-sync", f"--user-data-dir={profile}", "--virtual-time-budget=5000",
+                              "--dump-dom", f"file://{path}"],
+                             capture_output=True, text=True, timeout=WAIT * 6, stdin=subprocess.DEVNULL)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return run.stdout
+
+
+class TestApps:
+    """MCP Apps: ui:// resources with the app profile, tools pointing at them, the extension
+    declared when a server registers one; the example app runs in a real browser."""
+
+    def test_the_example_app_is_advertised_linked_and_served(self):
+        server = _load_example("apps_server").server
+
+        async def check(client):
+            return (await client.request("server/discover"), await client.list_tools(),
+                    await client.list_resources(), await client.read_resource("ui://counter/view"),
+                    await client.call_tool("show_counter", {"start": 5}))
+        discover, tools, resources, contents, result = _with_client(server, check, MODERN)
+        assert discover["capabilities"]["extensions"][mcp_server.APPS_EXTENSION] == {
+            "mimeTypes": ["text/html;profile=mcp-app"]}
+        meta = {t["name"]: t["_meta"]["ui"] for t in tools}
+        assert meta == {"show_counter": {"resourceUri": "ui://counter/view"},
+                        "increment": {"resourceUri": "ui://counter/view", "visibility": ["app"]}}
+        (listed,) = [r for r in resources if r["uri"] == "ui://counter/view"]
+        assert listed["mimeType"] == "text/html;profile=mcp-app" and listed["_meta"] == {"ui": {"prefersBorder": True}}
+        (content,) = contents
+        assert content["mimeType"] == "text/html;profile=mcp-app" and content["text"].startswith("<!DOCTYPE html>")
+        assert content["_meta"] == {"ui": {"prefersBorder": True}}
+        assert result["structuredContent"] == {"count": 5} and result["content"][0]["type"] == "text"
+
+    def test_no_app_no_extension_and_an_app_is_a_fixed_ui_uri_returning_html(self):
+        server = build_server()
+        init = core_result(server, "initialize", {"protocolVersion": LEGACY, "capabilities": {}})
+        assert mcp_server.APPS_EXTENSION not in init["capabilities"].get("extensions", {})
+        for uri in ("https://example.com/app", "ui://apps/{id}", "file:///etc/passwd"):
+            with pytest.raises(ValueError, match="ui://"):
+                server.app(uri)(lambda: "<html></html>")
+
+        @server.app("ui://bad/view")
+        def bad() -> dict:
+            return {"not": "html"}
+        error = _client_error(server, "resources/read", {"uri": "ui://bad/view"})
+        assert error.code == -32603 and "must return its HTML" in error.message
+        init = core_result(server, "initialize", {"protocolVersion": LEGACY, "capabilities": {}})
+        assert init["capabilities"]["extensions"][mcp_server.APPS_EXTENSION]["mimeTypes"] == [mcp_server.APP_MIME_TYPE]
+
+    @pytest.mark.skipif(_CHROMIUM is None, reason="needs chromium on PATH (apt-get install chromium) for the "
+                                                  "headless browser check of the example MCP App")
+    def test_the_counter_app_renders_and_calls_its_tool_in_headless_chromium(self, tmp_path):
+        server = _load_example("apps_server").server
+
+        async def check(client):
+            html = (await client.read_resource("ui://counter/view"))[0]["text"]
+            return html, await client.call_tool("show_counter", {"start": 41}), await client.call_tool(
+                "increment", {"count": 41})
+        html, first, second = _with_client(server, check)
+        (tmp_path / "app.html").write_text(html, encoding="utf-8")
+        (tmp_path / "host.html").write_text(_host_page(html, first, second), encoding="utf-8")
+        hosted = _chromium_dom(tmp_path / "host.html")
+        log = re.search(r'<pre id="log">(.*?)</pre>', hosted, re.S).group(1)
+        assert log.splitlines() == [
+            "ui/initialize", "ui/notifications/initialized", "ui/notifications/size-changed", "shown ready 41",
+            'tools/call {"name":"increment","arguments":{"count":41}}',
+            "ui/notifications/size-changed", "shown ready 42"], log
+        alone = _chromium_dom(tmp_path / "app.html")  # no host: the page says so
+        assert 'data-state="no-host"' in alone and "No MCP host" in alone
+
+
+class TestTestClient:
+    """``server.test_client()``: the real dispatch in-process, both eras, client handlers."""
+
+    def test_every_helper_on_both_eras(self):
+        server = build_server()
+
+        @server.completion("ref/prompt", "greeting")
+        def styles(argument, value, context):
+            return [s for s in ("plain", "pirate") if s.startswith(value)]
+
+        async def check(client):
+            return ({t["name"] for t in await client.list_tools()}, await client.call_tool("add", {"a": 2, "b": 5}),
+                    [r["uri"] for r in await client.list_resources()], await client.read_resource("test://items/7"),
+                    [p["name"] for p in await client.list_prompts()],
+                    await client.get_prompt("greeting", {"name": "Ada"}),
+                    await client.complete({"type": "ref/prompt", "name": "greeting"}, "style", "pi"),
+                    [t["uriTemplate"] for t in await client.list_resource_templates()])
+        for era in (LEGACY, MODERN):
+            tools, added, resources, item, prompts, prompt, completion, templates = _with_client(server, check, era)
+            assert {"echo", "add", "ask_name"} <= tools
+            assert added["structuredContent"] == {"sum": 7} and not added.get("isError"), added
+            assert "test://static" in resources and templates == ["test://items/{id}"]
+            assert item[0]["uri"] == "test://items/7"
+            assert "greeting" in prompts and prompt["messages"][0]["role"] == "user"
+            assert completion["values"] == ["pirate"]
+
+    def test_elicitation_sampling_and_roots_handlers_answer_the_server_in_both_eras(self):
+        server = build_server()
+
+        @server.tool()
+        async def consult(ctx: Context) -> str:
+            roots = await ctx.list_roots(key="roots")
+            sampled = await ctx.sample("Say hi", key="sample")
+            return f"{roots[0]['uri']} {sampled['content']['text']}"
+        asked = []
+
+        def elicitation(params):
+            asked.append(params["message"])
+            return {"action": "accept", "content": {"name": "Ada"}}
+
+        async def sampling(params):
+            return {"role": "assistant", "model": "test", "content": {"type": "text", "text": "hi"}}
+        for era in (LEGACY, MODERN):
+            async def check(client):
+                return await client.call_tool("ask_name"), await client.call_tool("consult")
+            named, consulted = _with_client(server, check, era, elicitation=elicitation, sampling=sampling,
+                                            roots=[{"uri": "file:///work", "name": "work"}])
+            assert named["content"] == [{"type": "text", "text": "Hello, Ada!"}], (era, named)
+            assert consulted["content"] == [{"type": "text", "text": "file:///work hi"}], (era, consulted)
+        assert asked == ["What is your name?", "What is your name?"]
+        declined = _with_client(server, lambda c: c.call_tool("ask_name"), MODERN,
+                                elicitation=lambda p: {"action": "decline"})
+        assert declined["content"] == [{"type": "text", "text": "no name (decline)"}]
+        without = _with_client(server, lambda c: c.call_tool("ask_name"))  # no handler: no capability
+        assert without["isError"] and "elicitation" in without["content"][0]["text"]
+
+    def test_errors_notifications_and_middleware_go_through_the_real_dispatch(self):
+        server = build_server()
+        seen = []
+
+        async def hook(ctx, call_next):
+            seen.append(ctx.method)
+            return await call_next()
+        server.add_middleware(hook)
+
+        async def check(client):
+            with pytest.raises(RpcError) as unknown:
+                await client.call_tool("no_such_tool")
+            refused = await client.call_tool("add", {"a": "two"})
+            await client.request("logging/setLevel", {"level": "debug"})
+            done = await client.request("tools/call", {"name": "progress", "arguments": {"steps": 2},
+                                                       "_meta": {"progressToken": "p1"}})
+            return unknown.value, refused, done, list(client.notifications)
+        unknown, refused, done, notes = _with_client(server, check)
+        assert unknown.code == -32602 and "no_such_tool" in unknown.message
+        assert refused["isError"] and "arguments.a" in refused["content"][0]["text"]
+        assert done["content"] == [{"type": "text", "text": "progress done"}]
+        assert [n["params"]["progress"] for n in notes if n["method"] == "notifications/progress"] == [1, 2]
+        assert seen[:2] == ["initialize", "notifications/initialized"] and "tools/call" in seen
+        assert server._runtime is None or not server._runtime.started  # no listener, no hub running
+        with pytest.raises(ValueError, match="era"):
+            server.test_client("1999-01-01")
+
+
 # ==== 7. OAuth and login =====================================================================
 
 # =================================================================================================
@@ -12269,8 +12795,13 @@ class TestDocsExamples:
     def test_the_readme_first_tool_runs_as_printed(self, tmp_path):
         readme = _doc("README.md")
         blocks = _doc_blocks(readme, "python", "## Your first tool", "## How it compares")
-        assert len(blocks) == 1 and len([line for line in blocks[0].splitlines() if line.strip()]) <= 10
+        assert len(blocks) == 2 and len([line for line in blocks[0].splitlines() if line.strip()]) <= 10
         (tmp_path / "hello_server.py").write_text(blocks[0], encoding="utf-8")
+        (tmp_path / "test_hello.py").write_text(blocks[1], encoding="utf-8")  # the README's test, as printed
+        tested = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hello.py"],
+                                cwd=str(tmp_path), env=clean_env(PYTHONPATH=ROOT), capture_output=True, text=True,
+                                timeout=WAIT * 6, stdin=subprocess.DEVNULL)
+        assert tested.returncode == 0 and "1 passed" in tested.stdout, tested.stdout + tested.stderr
         with Proc(["hello_server.py", "--stdio"], cwd=str(tmp_path), env=clean_env(PYTHONPATH=ROOT)) as proc:
             assert proc.initialize()["result"]["serverInfo"]["name"] == "hello"
             (tool,) = proc.request("tools/list")["result"]["tools"]

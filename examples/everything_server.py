@@ -5,11 +5,14 @@ schemas, that ``@modelcontextprotocol/conformance`` (0.2.0-alpha.12) drives. The
 definitions serve both wires: the stateful 2025-11-25 one and the stateless 2026-07-28 one.
 On 2025-11-25, ``ctx.sample``/``ctx.elicit``/``ctx.list_roots`` become real server-to-client
 requests. On 2026-07-28 they become multi-round-trip ``input_required`` results.
+It also serves two skills (SEP-2640) for the suite's ``sep-2640-*`` scenarios: one read from
+``examples/skills/`` and one registered in code under a nested path.
 
 Run it, then point the harness at it::
 
     python examples/everything_server.py --port 3001
     npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --requirements 2026-07-28
+    npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --scenario sep-2640-skills-enumeration
 """
 
 import asyncio
@@ -541,6 +544,23 @@ async def test_input_required_result_prompt(ctx: Context) -> str:
 def complete_prompt_argument(argument: str, value: str, context: dict) -> list[str]:
     """No suggestions: the suite only checks that completion/complete answers with a list."""
     return []
+
+
+# --- Skills (SEP-2640) ----------------------------------------------------------------------
+# One skill from a folder (SKILL.md, references/, templates/) and one registered in code under a
+# nested path: skills/list, skills/get, resources/directory/read and resources/read serve them.
+
+server.add_skills(os.path.join(os.path.dirname(os.path.abspath(__file__)), "skills"))
+server.add_skill("""---
+name: refunds
+description: Decide whether a refund request follows the policy, and draft the answer
+---
+
+# Refunds
+
+Read `policy.md`, then answer the customer with the decision and its reason.
+""", {"policy.md": "# Refund policy\n\nRefunds within 30 days of purchase, with the receipt.\n"},
+    prefix="acme/billing")
 
 
 if __name__ == "__main__":
