@@ -85,6 +85,9 @@ import types
 import typing
 import urllib.parse
 
+if sys.version_info < (3, 11):
+    raise ImportError("mcp_server needs Python 3.11 or newer; this is Python %d.%d" % sys.version_info[:2])
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -317,8 +320,9 @@ _SETTING_SPECS = (
     ("max_connections", None, ("MCP_MAX_CONNECTIONS",), int, 10000, "open connections at most"),
     ("max_connections_per_address", None, ("MCP_MAX_CONNECTIONS_PER_ADDRESS",), int, 1000,
      "open connections from one client address at most (trusted proxies are exempt; 0: no limit)"),
-    ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 100,
-     "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never)"),
+    ("busy_poll_us", None, ("MCP_BUSY_POLL_US",), int, 0,
+     "µs the HTTP server polls for the next request before it sleeps, after a short wait (0: never, "
+     "the default; it spends CPU to answer a client that sends one request at a time sooner)"),
     ("drain_seconds", None, ("MCP_DRAIN_SECONDS",), float, 5.0,
      "on SIGTERM, seconds /readyz answers 503 while the instance still serves, so balancers stop "
      "sending it new work before it stops accepting (0: no wait)"),
@@ -450,7 +454,7 @@ class Settings:
     idle_timeout: float = 30.0
     max_connections: int = 10000
     max_connections_per_address: int = 1000
-    busy_poll_us: int = 100
+    busy_poll_us: int = 0
     drain_seconds: float = 5.0
     drain_grace: float = 20.0
     session_ttl: int = 3600
@@ -751,10 +755,13 @@ def _redact_url(url: str) -> str:
     """A URL fit for logs: any password replaced by ***."""
     parts = original = urllib.parse.urlsplit(url)
     if parts.password:
-        parts = parts._replace(netloc=parts.netloc.replace(":" + parts.password + "@", ":***@"))
-    if "password" in parts.query:  # a sentinel's (_sentinel_parts)
-        parts = parts._replace(query=re.sub(r"(password=)[^&]*", r"\1***", parts.query))
-    return url if parts == original else urllib.parse.urlunsplit(parts)
+        netloc = parts.netloc.replace(":" + parts.password + "@", ":***@")
+    else:
+        netloc = parts.netloc
+    query = re.sub(r"(password=)[^&]*", r"\1***", parts.query)  # a sentinel's (_sentinel_parts)
+    if (netloc, query) == (original.netloc, original.query):
+        return url
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def _read_dotenv(path: str) -> typing.Iterator[tuple]:
@@ -938,24 +945,24 @@ def _control_escape(char: str, json_text: bool) -> str:
 class _PassEnd:
     """Writes that wait for the end of the event loop's current pass, so that what the pass's
     callbacks write leaves in one system call: the bundled server's answers (section 9) and the
-    log lines of ``_Batching``.  One callback at the end of the pass runs them all, in the order
-    they were added (answers before the lines that log them).  While a connection's data arrives,
-    and through each step of a request that had to wait (``_Resumed``), nothing is scheduled
-    (``hold``); if, as it returns (``release``), the loop has nothing else ready, the pass ends
-    there and the writes go at once: a client that sent one request and waits for it gets its
-    answer without a trip through the loop (an ``epoll_wait`` and a pass more; bench: 5% more
-    requests a second on one connection)."""
+    log lines of ``_Batching``.  One callback at the end of the pass (``call_soon``) runs them
+    all, in the order they were added (answers before the lines that log them).  While a
+    connection's data arrives nothing is scheduled (``hold``); as it returns (``release``), if
+    the last pass wrote for at most one connection (``alone``: a client that sent one request
+    and waits for it), the writes go at once, without waiting for another trip through the
+    loop; while many connections are busy they wait, and leave together at the end of the pass.
+    (Which callbacks remain in this pass is the loop's private business: the last pass is the
+    public stand-in for it.)"""
 
-    __slots__ = ("loop", "ready", "writes", "scheduled", "holding")
+    __slots__ = ("loop", "writes", "scheduled", "holding", "senders", "alone")
 
     def __init__(self, loop: asyncio.AbstractEventLoop):
         self.loop = loop
-        # asyncio's queue of callbacks ready to run; None on a loop without one (all writes then
-        # wait for the scheduled callback)
-        self.ready = getattr(loop, "_ready", None)
         self.writes: list = []
         self.scheduled = False
         self.holding = False
+        self.senders = 0  # releases with something to write in this pass
+        self.alone = True  # the last pass had at most one
 
     def add(self, write) -> None:
         """Call ``write`` at the end of this pass.  (Each writer adds itself when it first has
@@ -970,15 +977,20 @@ class _PassEnd:
 
     def release(self) -> None:
         self.holding = False
-        if self.writes and not self.scheduled:
-            if self.ready is not None and not self.ready:
-                self.run()
-            else:
+        if self.writes:
+            self.senders += 1
+            if self.alone and self.senders == 1:
+                self.write()
+            if not self.scheduled:  # (even when nothing waits now: it ends the pass's count)
                 self.scheduled = True
                 self.loop.call_soon(self.run)
 
     def run(self) -> None:
         self.scheduled = False
+        self.alone, self.senders = self.senders <= 1, 0
+        self.write()
+
+    def write(self) -> None:
         writes, self.writes = self.writes, []
         for write in writes:
             try:
@@ -5214,100 +5226,25 @@ _MODERN_METHODS = {
 
 # ---- Running a request eagerly ---------------------------------------------------------------
 #
-# A request runs at once, in the callback that received it, until it first has to wait; only
-# then does it become a task.  Most tools/call never wait, and a task costs more than they do.
-# Meanwhile asyncio.current_task() returns a stand-in that forwards to the task the request
-# becomes, so timeouts, cancellation and task groups entered early act on it.  CPython exposes
-# the hooks for that (3.11+); without them every request is a task from the start.
-
-_enter_task = getattr(asyncio.tasks, "_enter_task", None)
-_leave_task = getattr(asyncio.tasks, "_leave_task", None)
+# A request runs at once, in the callback that received it, until it first has to wait (an
+# eager task, Python 3.12+): most tools/call never wait, and are answered before that callback
+# returns, without a trip through the event loop.  It is a real task from the start, so
+# asyncio.current_task(), timeouts, cancellation and task groups act on it as on any other.
 
 
-class _Resumed(collections.abc.Coroutine):
-    """The rest of a coroutine that ran eagerly until it waited on ``waiting``: as a task's
-    coroutine, its first step hands the task that future, and every later step goes on."""
-
-    __slots__ = ("_coroutine", "_waiting", "_pass_end")
-
-    def __init__(self, coroutine, waiting, pass_end: _PassEnd):
-        self._coroutine, self._waiting = coroutine, [waiting]
-        self._pass_end = pass_end  # held through each step, as data_received holds it
-
-    def send(self, value):
-        if self._waiting:
-            return self._waiting.pop()
-        self._pass_end.hold()
-        try:
-            return self._coroutine.send(value)
-        finally:
-            self._pass_end.release()
-
-    def throw(self, *exc):  # cancelled, maybe before the first step: the coroutine gets it where it waits
-        self._waiting = None
-        self._pass_end.hold()
-        try:
-            return self._coroutine.throw(*exc)
-        finally:
-            self._pass_end.release()
-
-    def close(self):
-        self._coroutine.close()
-
-    def __await__(self):
-        return self
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        return self.send(None)
+# Python 3.11 has no eager tasks: there a request starts on the loop's next pass (slower, the same)
+_EAGER = {"eager_start": True} if sys.version_info >= (3, 12) else {}
 
 
-class _TaskStandIn:
-    """What ``asyncio.current_task()`` returns while a request runs eagerly; ``task`` is the
-    task the request became, once it had to wait."""
-
-    __slots__ = ()  # (subclasses hold ``task``)
-
-    def cancel(self, msg=None) -> bool:
-        return self.task.cancel(msg) if self.task is not None else False
-
-    def cancelling(self) -> int:
-        return self.task.cancelling() if self.task is not None else 0
-
-    def uncancel(self) -> int:
-        return self.task.uncancel() if self.task is not None else 0
-
-
-class _EagerRequest(_TaskStandIn):
-    __slots__ = ("task",)
-
-    def __init__(self):
-        self.task = None
-
-
-def _run_eagerly(coroutine, loop, stand_in: _TaskStandIn) -> "asyncio.Task | None":
-    """Run ``coroutine`` until it first waits; then hand the rest to a task, which is returned
-    (None: it finished).  Inside a running task (stdio's reader), that task steps aside."""
-    if _enter_task is None:
-        return loop.create_task(coroutine)
-    current = asyncio.current_task(loop)
-    if current is not None:
-        _leave_task(loop, current)
-    _enter_task(loop, stand_in)
-    try:
-        waiting = coroutine.send(None)
-    except StopIteration:
-        return None
-    except BaseException:
-        coroutine.close()
-        raise
-    finally:
-        _leave_task(loop, stand_in)
-        if current is not None:
-            _enter_task(loop, current)
-    return loop.create_task(_Resumed(coroutine, waiting, _pass_end(loop)))
+def _run_eagerly(coroutine) -> "asyncio.Task | None":
+    """Run ``coroutine`` as a task that starts at once, in this callback, until it first waits;
+    the task, or None when it finished then (its exception, if any, raised here)."""
+    task = asyncio.Task(coroutine, loop=asyncio.get_running_loop(), **_EAGER)
+    if not task.done():
+        return task
+    if not task.cancelled():
+        task.result()
+    return None
 
 
 def _sse(message: dict | str | None, event_id: str | None = None, event: str = "message") -> bytes:
@@ -5762,29 +5699,82 @@ def _body_too_large(limit: int) -> "_HttpError":
     return _HttpError(413, f"Request body is larger than the limit of {limit} bytes (MCP_MAX_BODY).")
 
 
+class _AsgiExchange:
+    """The exchange interface over plain ASGI: any ASGI server (the bundled server's own adapter
+    is its ``_Cycle``, section 9).  ``_Http`` asks an exchange for no more than this:
+
+    - ``take_body()``: the whole body if it has all arrived and nobody took it, else None; then
+    - ``receive()``: ASGI's, the next body chunk or ``http.disconnect``;
+    - ``start(status, headers)``: the response head, sent with the first ``write``;
+    - ``await write(body, more)``: body bytes (``more=False`` ends the response);
+    - ``on_disconnect(callback)``: ``callback()`` once the client has gone before the response
+      ended (at most one per exchange); ``stop_watching()`` forgets it;
+    - ``forget_request()``: drop the request's raw headers where that is safe."""
+
+    __slots__ = ("receive", "send", "head", "watcher", "extension", "raw_headers")
+
+    def __init__(self, scope: dict, receive, send):
+        self.receive, self.send = receive, send
+        self.head = None  # the response start, waiting for the first write
+        self.watcher = None
+        # the bundled server's disconnect callbacks, when it runs us as a plain ASGI app (mounted)
+        self.extension = (scope.get("extensions") or {}).get("mcp_server.disconnect")
+        # its raw header list, which it never reads after the head; another server's is left alone
+        self.raw_headers = scope.get("headers") if self.extension is not None else None
+
+    def take_body(self) -> None:
+        return None
+
+    def start(self, status: int, headers: list) -> None:
+        self.head = {"type": "http.response.start", "status": status, "headers": headers}
+
+    async def write(self, body: bytes, more: bool) -> None:
+        if self.head is not None:
+            head, self.head = self.head, None
+            await self.send(head)
+        await self.send({"type": "http.response.body", "body": body, "more_body": more})
+
+    def on_disconnect(self, callback) -> None:
+        if self.extension is not None:
+            self.extension(callback)
+        elif self.watcher is None:  # watch receive() for http.disconnect
+            async def watch():
+                while True:
+                    message = await self.receive()
+                    if message["type"] == "http.disconnect":
+                        callback()
+                        return
+            self.watcher = asyncio.get_running_loop().create_task(watch())
+
+    def stop_watching(self) -> None:
+        if self.watcher is not None:
+            self.watcher.cancel()
+            self.watcher = None
+
+    def forget_request(self) -> None:
+        if type(self.raw_headers) is list:
+            self.raw_headers.clear()
+
+
+def _asgi_headers(scope: dict) -> dict:
+    return _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
+                         for name, value in scope.get("headers", ())])
+
+
 class _Http:
-    """One HTTP exchange, with the helpers every transport needs: seen through ASGI, or, under
-    the bundled server, through its ``_Cycle`` directly (``cycle``; no ASGI message dicts)."""
+    """One HTTP exchange, with the helpers every transport needs, over an exchange (``io``):
+    ``_AsgiExchange`` under any ASGI server, the bundled server's ``_Cycle`` under it."""
 
-    __slots__ = ("scope", "receive", "send", "headers", "extra_headers", "started", "ended",
-                 "_callbacks", "_watcher", "_native", "principal", "base", "status", "cycle", "cancels")
+    __slots__ = ("scope", "io", "headers", "extra_headers", "started", "ended", "_callbacks",
+                 "_watching", "principal", "base", "status", "cancels")
 
-    def __init__(self, scope, receive, send, extra_headers: list, cycle: "_Cycle | None" = None):
-        self.scope, self.receive, self.send = scope, receive, send
-        self.cycle = cycle
-        if cycle is not None:
-            self.headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
-            self._native = None
-            cycle.http = self  # (it calls _fire if the client goes before the response ends)
-        else:
-            self.headers = _header_dict([(name.decode("latin-1").lower(), value.decode("latin-1"))
-                                         for name, value in scope.get("headers", ())])
-            self._native = (scope.get("extensions") or {}).get("mcp_server.disconnect")
-        self.extra_headers = extra_headers  # CORS and the like, added to every response
+    def __init__(self, scope: dict, headers: dict, io, extra_headers: list | None = None):
+        self.scope, self.headers, self.io = scope, headers, io  # headers: lower-cased name -> value
+        self.extra_headers = extra_headers or []  # CORS and the like, added to every response
         self.started = self.ended = False
         self._callbacks: tuple = ()  # (a tuple: most exchanges add none, and the rest one)
         self.cancels: Context | None = None  # the 2026 request that ends if the client goes
-        self._watcher = None
+        self._watching = False
         self.principal = None  # who the bearer token names (None with MCP_AUTH=none)
         self.base = None  # this server's external base URL as the client sees it
         self.status = 0
@@ -5803,15 +5793,14 @@ class _Http:
         declared = self.headers.get("content-length")
         if declared is not None and _DECIMAL.fullmatch(declared) and int(declared) > limit:
             raise _body_too_large(limit)
-        if self.cycle is not None:
-            whole = self.cycle.take_body()
-            if whole is not None:  # it has all arrived
-                if len(whole) > limit:
-                    raise _body_too_large(limit)
-                return whole
+        whole = self.io.take_body()
+        if whole is not None:  # it has all arrived
+            if len(whole) > limit:
+                raise _body_too_large(limit)
+            return whole
         chunks, size = [], 0
         while True:
-            message = await self.receive()
+            message = await self.io.receive()
             if message["type"] == "http.disconnect":
                 raise _Cancelled()
             chunk = message.get("body", b"")
@@ -5837,33 +5826,24 @@ class _Http:
             raise _HttpError(400, _parse_error_text(exc), PARSE_ERROR) from None
 
     def running_task(self):
-        """What cancels this exchange's handler: under the bundled server its cycle, which stands
-        in for the task (no system call to find it); elsewhere the running task."""
-        return self.cycle if self.cycle is not None else asyncio.current_task()
+        """What cancels this exchange's handler: the running task (under the bundled server, the
+        request's eager task)."""
+        return asyncio.current_task()
 
-    async def start(self, status: int, headers: list) -> None:
+    def start(self, status: int, headers: list) -> None:
+        """The response head; it leaves with the first ``write`` or ``end``."""
         self.started = True
         self.status = status
-        if self.cycle is not None:
-            self.cycle.start(status, headers + self.extra_headers)
-        else:
-            await self.send({"type": "http.response.start", "status": status,
-                             "headers": headers + self.extra_headers})
+        self.io.start(status, headers + self.extra_headers)
 
     async def write(self, data: bytes) -> None:
         if not self.ended:
-            if self.cycle is not None:
-                await self.cycle.write(data, True)
-            else:
-                await self.send({"type": "http.response.body", "body": data, "more_body": True})
+            await self.io.write(data, True)
 
     async def end(self, data: bytes = b"") -> None:
         if not self.ended:
             self.ended = True
-            if self.cycle is not None:
-                await self.cycle.write(data, False)
-            else:
-                await self.send({"type": "http.response.body", "body": data, "more_body": False})
+            await self.io.write(data, False)
         self.stop_watching()
 
     async def respond(self, status: int, body: bytes = b"", content_type: str = "application/json",
@@ -5872,34 +5852,24 @@ class _Http:
         head.append((b"content-length", b"%d" % len(body)))
         if headers:
             head += headers
-        if self.cycle is not None:  # one write, no awaits on the way (the common answer)
-            self.started = self.ended = True
-            self.status = status
-            self.cycle.start(status, head + self.extra_headers)
-            await self.cycle.write(body, False)
-            self.stop_watching()
-            return
-        await self.start(status, head)
+        self.start(status, head)
         await self.end(body)
 
     def respond_json(self, status: int, value, headers: list | None = None) -> typing.Awaitable:
         return self.respond(status, _dumps(value).encode(), headers=headers)
 
     async def start_sse(self, headers: list | None = None) -> None:
-        await self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+        self.start(200, [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
                                (b"x-accel-buffering", b"no")] + (headers or []))
         await self.write(b"")  # an empty chunk sends the head now: the client knows the stream is open
 
     def forget_request(self) -> None:
         """For a long-lived response: drop the request's headers, which nothing reads any more
         (idle streams are many; each kept ~1 KB of them).  The session id stays for the access
-        log.  The scope's raw header list is emptied only under the bundled server, which never
-        reads it after the head; another ASGI server's scope is left alone."""
+        log.  The exchange drops its raw headers where that is safe."""
         session_id = self.headers.get("mcp-session-id")
         self.headers = {} if session_id is None else {"mcp-session-id": session_id}
-        raw = self.scope.get("headers")
-        if self._native is not None and type(raw) is list:
-            raw.clear()
+        self.io.forget_request()
 
     def on_disconnect(self, callback) -> None:
         """Call ``callback()`` if the client goes away before the response ends."""
@@ -5916,19 +5886,9 @@ class _Http:
 
     def _watch(self) -> None:
         """Have ``_fire`` called when the client goes."""
-        if self.cycle is not None:  # nothing to register: the cycle knows this exchange
-            if self.cycle.disconnected:
-                asyncio.get_running_loop().call_soon(self._fire)  # gone already
-        elif self._native is not None:
-            self._native(self._fire)
-        elif self._watcher is None:  # a foreign ASGI server: watch receive() for http.disconnect
-            async def watch():
-                while True:
-                    message = await self.receive()
-                    if message["type"] == "http.disconnect":
-                        self._fire()
-                        return
-            self._watcher = asyncio.get_running_loop().create_task(watch())
+        if not self._watching:
+            self._watching = True
+            self.io.on_disconnect(self._fire)
 
     def _fire(self) -> None:
         if self.ended or not (self._callbacks or self.cancels):
@@ -5945,9 +5905,9 @@ class _Http:
 
     def stop_watching(self) -> None:
         self._callbacks, self.cancels = (), None
-        if self._watcher is not None:
-            self._watcher.cancel()
-            self._watcher = None
+        if self._watching:
+            self._watching = False
+            self.io.stop_watching()
 
 
 @functools.lru_cache(maxsize=64)
@@ -6932,10 +6892,8 @@ class _Stdio:
                           base_url=self.server._local_base)
         if kind == "notification" or batch or ctx.method not in _CONCURRENT_METHODS:
             return await self._run(ctx, batch)  # cheap and ordered: initialize, lists, ping...
-        stand_in = _EagerRequest()
-        task = _run_eagerly(self._run(ctx, batch), asyncio.get_running_loop(), stand_in)
+        task = _run_eagerly(self._run(ctx, batch))
         if task is not None:  # it waits (on the client, a thread, I/O): reading goes on meanwhile
-            stand_in.task = task
             self.tasks[request_id] = task
             task.add_done_callback(lambda _t, rid=request_id: self.tasks.pop(rid, None))
         return None
@@ -7141,7 +7099,7 @@ def _with_query(uri: str, params: dict) -> str:
     parts = urllib.parse.urlsplit(uri)
     query = parts.query + ("&" if parts.query else "") + urllib.parse.urlencode(
         {k: v for k, v in params.items() if v is not None})
-    return urllib.parse.urlunsplit(parts._replace(query=query))
+    return urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, query, parts.fragment))
 
 
 _REFRESH_GRACE = 60       # seconds a just-replaced refresh token may be used, once, for a lost answer
@@ -9333,12 +9291,12 @@ class _App:
             raise _HttpError(403, f"Forbidden: the Host {value!r} is not allowed; add it to "
                              "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
-    def _serve_native(self, cycle: "_Cycle", scope: dict) -> typing.Awaitable:
-        """The bundled server's entry: the same as ASGI's, without its message dicts."""
-        return self._handle(_Http(scope, cycle.receive, cycle.send, [], cycle))
+    def serve_exchange(self, scope: dict, headers: dict, exchange) -> typing.Awaitable:
+        """The bundled server's entry: the same as ASGI's, over its own exchange (``_Cycle``)."""
+        return self._handle(_Http(scope, headers, exchange))
 
     async def _http(self, scope, receive, send) -> None:
-        await self._handle(_Http(scope, receive, send, []))
+        await self._handle(_Http(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send)))
 
     async def _handle(self, http: _Http) -> None:
         scope, server = http.scope, self.server
@@ -9572,7 +9530,11 @@ async def _shutdown(server: MCPServer) -> None:
 # Rules:
 # - HTTP/1.1 on ``asyncio.Protocol``: keep-alive, pipelined requests answered in order,
 #   ``Content-Length`` and chunked bodies, ``Expect: 100-continue``, streamed responses (chunked
-#   when no length is given), backpressure both ways.
+#   when no length is given), backpressure both ways.  A HEAD response is GET's head (its
+#   Content-Length too) without a body, so pipelined responses stay in step.
+# - Public asyncio only: a request is an eager task (``_run_eagerly``); the end of a loop pass
+#   is a ``call_soon`` callback (``_PassEnd``); the loop is asyncio's default unless
+#   MCP_BUSY_POLL_US asks for polling.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
 #   body 408 and close, an idle keep-alive connection closed, connections capped (503), and
@@ -9610,9 +9572,9 @@ class _BadRequest(Exception):
 class _ServerState:
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
-        # Our own app is called without ASGI's message dicts (same code, one layer less); any
-        # other ASGI app gets standard ASGI.
-        self.native = app._serve_native if isinstance(app, _App) else None
+        # Our own app takes the connection's ``_Cycle`` as its exchange (section 6: the same
+        # interface as ``_AsgiExchange``, one layer less); any other ASGI app gets standard ASGI.
+        self.native = app.serve_exchange if isinstance(app, _App) else None
         self.connections: set = set()
         self.per_address: collections.Counter = collections.Counter()  # client IP -> open connections
         self.draining = False
@@ -9713,20 +9675,24 @@ _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) for s
 _FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encoding"))
 
 
-class _Cycle(_TaskStandIn):
-    """One request/response on a connection (and, while its app runs eagerly, the stand-in for
-    the task it becomes: ``_run_eagerly``)."""
+class _Cycle:
+    """One request/response on a connection; ``task`` runs the app (None once it finished).  To
+    our own app it is the exchange (the interface ``_AsgiExchange`` describes); to any other
+    ASGI app it offers ``receive``/``send``."""
 
     # No reference to the scope: a foreign app's scope holds the disconnect extension, a bound
     # method of the cycle, and a cycle -> scope -> cycle loop would leave every finished request
     # to the garbage collector.
     __slots__ = ("protocol", "http11", "body", "body_event", "more_body", "expect_continue",
                  "disconnected", "callbacks", "response_started", "response_done", "chunked",
-                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers", "http")
+                 "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
+                 "bodiless")
 
-    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool):
+    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool,
+                 bodiless: bool = False):
         self.protocol = protocol
         self.http11 = http11
+        self.bodiless = bodiless  # a HEAD request: its response has no body (RFC 9110 9.3.2)
         self.body = bytearray()
         self.body_event = _LazyEvent()
         self.more_body = True
@@ -9742,7 +9708,6 @@ class _Cycle(_TaskStandIn):
         self.body_finished = False
         self._head = None
         self.headers = None  # lower-cased name -> value, for our own app
-        self.http = None  # our own app's _Http, until the response ends (told when the client goes)
 
     def take_body(self) -> bytes | None:
         """The whole body, if it has arrived and nobody took it (our own app's shortcut)."""
@@ -9761,16 +9726,19 @@ class _Cycle(_TaskStandIn):
         else:
             self.callbacks = [callback]
 
+    def stop_watching(self) -> None:
+        self.callbacks = ()
+
+    def forget_request(self) -> None:
+        pass  # (our own app was handed the headers as a dict; no raw list is kept)
+
     def lost(self) -> None:
         if self.disconnected:
             return
         self.disconnected = True
         self.body_event.set()
         callbacks, self.callbacks = self.callbacks, ()
-        http, self.http = self.http, None
         if not self.response_done:
-            if http is not None:
-                callbacks = (http._fire, *callbacks)
             for callback in callbacks:
                 try:
                     callback()
@@ -9828,8 +9796,12 @@ class _Cycle(_TaskStandIn):
         head = self._head
         if head is not None:
             self._head = None
-            out = self._encode_head(head, body, more) + (body if not self.chunked else (
-                b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (b"0\r\n\r\n" if self.chunked and not more else b"")
+            out = self._encode_head(head, body, more)
+            if not self.bodiless:
+                out += (body if not self.chunked else (b"%x\r\n%s\r\n" % (len(body), body) if body else b"")) + (
+                    b"0\r\n\r\n" if self.chunked and not more else b"")
+        elif self.bodiless:  # (a HEAD response: the head says what GET would send, and that is all)
+            out = b""
         elif self.chunked:
             out = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + (b"" if more else b"0\r\n\r\n")
         else:
@@ -9840,7 +9812,7 @@ class _Cycle(_TaskStandIn):
             await protocol.drain()
         if not more:
             self.response_done = True
-            self.callbacks, self.http = (), None  # (they hold the exchange, which holds this cycle)
+            self.callbacks = ()  # (they hold the exchange, which holds this cycle)
             self.body_event.set()
             protocol.cycle_done(self)
 
@@ -10054,9 +10026,9 @@ class _HttpProtocol(asyncio.Protocol):
         """Send ``data`` at the end of this loop pass (``_PassEnd``), with whatever else this
         connection and the others write until then.  Each send to a peer that sleeps wakes it,
         and on loopback (a proxy or a load generator on the same host) that wake-up costs the
-        server more than the send itself; answers that leave together wake the peer once.  (bench:
-        12 -> 5 µs of kernel time per tools/call; the wait is at most one pass over the ready
-        connections.)"""
+        server more than the send itself; answers that leave together wake the peer once (the
+        wait is at most one pass over the ready connections).  A lone client's answer goes at once
+        (``_PassEnd.release``)."""
         unsent = self.unsent
         if unsent is None:
             self.unsent, self.unsent_size = [data], len(data)
@@ -10188,7 +10160,7 @@ class _HttpProtocol(asyncio.Protocol):
                               "bytes (MCP_MAX_BODY).")
         scope = template.copy()
         scope["root_path"], scope["client"], scope["server"] = self.state.root_path, self.client, self.server
-        cycle = _Cycle(self, http11, expect, keep_alive)
+        cycle = _Cycle(self, http11, expect, keep_alive, template["method"] == "HEAD")
         if self.state.native is not None:
             cycle.headers = fields.copy()
         else:
@@ -10212,7 +10184,7 @@ class _HttpProtocol(asyncio.Protocol):
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
-        cycle.task = _run_eagerly(self._run(cycle, scope), self.state.loop, cycle)
+        cycle.task = _run_eagerly(self._run(cycle, scope))
 
     def _feed_body(self) -> bool:
         """Move body bytes from the buffer to the cycle; False when more input is needed."""
@@ -10300,7 +10272,8 @@ class _HttpProtocol(asyncio.Protocol):
     async def _run(self, cycle: _Cycle, scope: dict) -> None:
         try:
             if self.state.native is not None:
-                await self.state.native(cycle, scope)
+                headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
+                await self.state.native(scope, headers, cycle)
             else:
                 await self.state.app(scope, cycle.receive, cycle.send)
         except _REQUEST_ERRORS:
@@ -10361,17 +10334,16 @@ async def _lifespan(app, phase: str, state: dict) -> None:
 
 
 class _BusyPollSelector(selectors.DefaultSelector):
-    """The event loop's selector, polling for up to ``window`` seconds before it sleeps, when the
-    wait before was short.
+    """The event loop's selector with MCP_BUSY_POLL_US set (off by default): it polls for up to
+    ``window`` seconds before it sleeps, when the wait before was short.
 
     A process that sleeps in ``epoll_wait`` pays when woken: the wake-up itself, then the request
-    that woke it runs on cold caches (in-process: a tools/call costs 45 µs one at a time against
-    22 µs with 64 connections busy).  A client that sends its next request as soon as it has the
-    answer (most MCP clients) waits for all of that each time.  So while the waits are short the
-    loop polls first, yielding the core to anyone else runnable between polls, and sleeps only if
-    nothing came within the window; a wait the window would not have covered turns polling off
-    until a short one is seen again, so sparse traffic costs at most one window per busy spell.
-    (bench: one client 6,070 -> 9,950 tools/call a second; 64 connections unchanged.)"""
+    that woke it runs on cold caches.  A client that sends its next request as soon as it has the
+    answer waits for all of that each time.  So while the waits are short the loop polls first,
+    yielding the core to anyone else runnable between polls, and sleeps only if nothing came
+    within the window; a wait the window would not have covered turns polling off until a short
+    one is seen again.  It buys one such client a shorter round trip (bench/RESULTS.md) with CPU
+    time that shows in ``top`` as a busy core: so an operator asks for it."""
 
     def __init__(self, window: float):
         super().__init__()
@@ -10402,12 +10374,16 @@ class _BusyPollSelector(selectors.DefaultSelector):
 
 
 def _http_loop_factory(settings: Settings) -> typing.Callable | None:
-    """The event loop the bundled HTTP server runs on: asyncio's, with ``_BusyPollSelector``
-    unless MCP_BUSY_POLL_US=0 (or the platform has no ``sched_yield``); None: asyncio's default."""
+    """The event loop the bundled HTTP server runs on: asyncio's default (None), or with
+    MCP_BUSY_POLL_US set (and ``sched_yield`` on the platform) a selector loop on
+    ``_BusyPollSelector``."""
     if settings.busy_poll_us <= 0 or not hasattr(os, "sched_yield"):
         return None
-    window = settings.busy_poll_us / 1e6
-    return lambda: asyncio.SelectorEventLoop(_BusyPollSelector(window))
+    return functools.partial(_busy_poll_loop, settings.busy_poll_us / 1e6)
+
+
+def _busy_poll_loop(window: float) -> asyncio.AbstractEventLoop:
+    return asyncio.SelectorEventLoop(_BusyPollSelector(window))
 
 
 async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
@@ -10575,7 +10551,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
         _metrics.share(os.environ[_WORKER_METRICS_DIR], os.environ["MCP_WORKER_ID"])
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,
     # event logs): collecting the young generation less often and never rescanning what startup
-    # made halves the tail latency under load (bench: SSE p99 60 ms -> 31 ms).  Only here, where
+    # made cuts the tail latency under load (bench/RESULTS.md, issue 20: gc.freeze).  Only here, where
     # this module owns the process; an application that mounts ``server.asgi`` keeps its own.
     import gc
     gc.freeze()
@@ -10779,31 +10755,6 @@ def _write_settings_table(path: str) -> None:
         f.write(page)
 
 
-# CPython keeps a script's syntax tree until the script's code returns: ~18 MB for this file, which
-# an HTTP server, running for good, would carry all its life (RSS at start 43 MB, as a module 25).
-# So ``python mcp_server.py`` serving HTTP starts over as the module, in the same process (exec):
-# the same interpreter options and arguments, the file's folder first on sys.path as for a
-# script.  Over stdio it stays a script: a client starts it for one session, and the second start
-# would delay the first answer.
-_RUN_AS_MODULE = ("import os, runpy, sys; folder, file = os.path.split(sys.argv.pop(1)); "
-                  "sys.path[:1] = [folder] if sys.path[:1] == [''] else [folder, *sys.path[:1]]; "
-                  "runpy.run_module(os.path.splitext(file)[0], run_name='__main__', alter_sys=True)")
-
-
-def _restart_as_module(settings: Settings) -> None:
-    if __name__ != "__main__" or __spec__ is not None or settings.stdio or os.name != "posix":
-        return  # imported, already a module, stdio, or no exec that keeps the process
-    path = os.path.abspath(__file__)  # (on the new command line too: ``pkill -f mcp_server.py`` finds it)
-    name, suffix = os.path.splitext(os.path.basename(path))
-    if not name.isidentifier() or suffix != ".py" or not os.path.isfile(path) \
-            or len(sys.orig_argv) < len(sys.argv) + 1:
-        return
-    options = sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv)]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(sys.executable, [sys.executable, *options, "-c", _RUN_AS_MODULE, path, *sys.argv[1:]])
-
-
 def _encrypt_command(args: list) -> None:
     """``encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of setting NAME (bound
     to it: it decrypts as no other setting).  VALUE ``-`` reads it from stdin, out of the shell's
@@ -10827,7 +10778,6 @@ def main(argv: list | None = None) -> None:
     ``python mcp_server.py encrypt --setting NAME VALUE``: print VALUE as an ``enc:`` value of NAME;
     ``python mcp_server.py settings``: print every setting as a Markdown table;
     ``python mcp_server.py settings --write docs/configuration.md``: put it into that page."""
-    from_command_line = argv is None
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["settings"]:
@@ -10842,8 +10792,6 @@ def main(argv: list | None = None) -> None:
             _encrypt_command(argv[1:])
             return
         settings = Settings.load(argv)
-        if from_command_line:
-            _restart_as_module(settings)
         server = _builtin_server(settings)
     except _MissingPackage as exc:
         print(f"mcp_server: error: {exc}", file=sys.stderr)
