@@ -10479,7 +10479,8 @@ class TestAttackSessions:
                                                                                  "method": "ping"}))
 
     @pytest.fixture(scope="class")
-    def guarded_pair(self, redis_url):
+    @classmethod  # a class-scoped fixture as an instance method is deprecated (pytest 10)
+    def guarded_pair(cls, redis_url):
         """Two instances on one Redis with the built-in authorization server (one issuer URL, so
         a token of either is good on both), at most 3 sessions per principal."""
         pair = _redis_instances(redis_url, 2, MCP_AUTH="builtin", MCP_CONSENT="never", MCP_AUTH_RATE_LIMIT="0",
