@@ -1427,7 +1427,6 @@ class _Telemetry:
 _telemetry = _Telemetry()
 
 
-@functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
 @functools.lru_cache(maxsize=4096)
 def _address_block(address: str) -> str:
     """What a per-address limit counts: an IPv4 address, or the /64 an IPv6 address is in (one
@@ -1441,6 +1440,7 @@ def _address_block(address: str) -> str:
         return address
 
 
+@functools.lru_cache(maxsize=1024)  # (an access log line a request: a session's requests repeat its id)
 def _hash_id(value: str | None) -> str | None:
     """A session id as logs show it: a short hash, useless to anyone who reads the log."""
     return hashlib.sha256(value.encode()).hexdigest()[:12] if value else None
@@ -9849,7 +9849,8 @@ class _Cycle:
 
 # Parsed request heads by their exact bytes: a client repeats the same head (the same path,
 # session, Accept, Content-Type, and often the same length) request after request, and a hit
-# skips the validation and the splitting.  Bounded in entries and in head size (at most about
+# skips the validation and the splitting.  A head with credentials (Authorization, Cookie) is
+# never kept: a module-wide table must not hold bearer tokens past their request.  Bounded in entries and in head size (at most about
 # 0.4 MB: with 512 entries, a thousand one-off sessions kept 1 KB each of heads alive).  Each
 # request gets its own copy of the header dict, so a handler may change it (``_apply_forwarded``
 # does) without reaching the next request with the same head.
@@ -9926,7 +9927,7 @@ def _parse_request_head(head: bytes) -> tuple:
                 "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
                 "query_string": query, "root_path": "", "client": None, "server": None}
     parsed = (template, http11, fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
-    if len(head) <= _REQUEST_HEAD_CACHED_SIZE:
+    if len(head) <= _REQUEST_HEAD_CACHED_SIZE and "authorization" not in fields and "cookie" not in fields:
         if len(_REQUEST_HEADS) >= _REQUEST_HEADS_MAX:
             _REQUEST_HEADS.clear()
         _REQUEST_HEADS[head] = parsed

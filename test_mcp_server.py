@@ -9277,6 +9277,20 @@ class TestAttackRefreshRace:
         assert all(r.status == 400 for r in later), [(r.status, r.body) for r in later]
 
 
+class TestAttackCachedHeads:
+    """The parsed-head cache is module-wide: it must never hold a bearer token or a cookie."""
+
+    def test_a_head_with_credentials_is_not_kept(self):
+        plain = b"POST /mcp HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json"
+        secret = plain + b"\r\nAuthorization: Bearer kept-secret-token-0123456789"
+        cookie = plain + b"\r\nCookie: mcp_login=kept-secret-cookie"
+        for head in (plain, secret, cookie):
+            mcp_server._parse_request_head(head)
+        assert plain in mcp_server._REQUEST_HEADS
+        assert secret not in mcp_server._REQUEST_HEADS and cookie not in mcp_server._REQUEST_HEADS
+        assert not any(b"kept-secret" in head for head in mcp_server._REQUEST_HEADS)
+
+
 class TestAttackNumbersAndOrigins:
     """Digits that are not ASCII, and origins that only parse as loopback."""
 
