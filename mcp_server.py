@@ -3441,7 +3441,7 @@ class Context:
 
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
-                 "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
+                 "_responses", "_asked", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
                  "_task", "_log_threshold", "_task_run", "base_url", "round_state")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
@@ -3467,6 +3467,9 @@ class Context:
         self._out = out
         self._answers: dict = {}
         self._responses: dict = {}
+        # key -> digest of the question asked under it (sealed in requestState): an answer counts
+        # only for the very question this server asked, never for one it did not ask.
+        self._asked: dict = {}
         self._ask_seq = 0
         self._cancelled = False
         self._last_progress = None
@@ -3557,16 +3560,21 @@ class Context:
             return dict(zip(requests, results))
         answers, missing = {}, {}
         for key, request in requests.items():
-            if key in self._answers:
+            question = {"method": request["method"], "params": request.get("params", {})}
+            if self._asked.get(key) != _question_digest(question):
+                self._answers.pop(key, None)  # an answer to another question (or none asked): ask this one
+                missing[key] = question
+            elif key in self._answers:
                 answers[key] = self._answers[key]
             elif key in self._responses:
                 answers[key] = self._answers[key] = _checked_input_response(
                     key, request["method"], self._responses[key])
             else:
-                missing[key] = {"method": request["method"], "params": request.get("params", {})}
+                missing[key] = question
         if missing and self._task_run is not None and self._task_run.started:
             for key, value in (await self._task_run.wait_input(missing)).items():
                 answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
+                self._asked[key] = _question_digest(missing[key])
         elif missing:
             _require("sealing")  # the answers so far travel sealed: without it, a tool error now
             raise _InputRequired(missing)
@@ -3829,6 +3837,13 @@ def _modern_context(server: "MCPServer", message: dict, header_version: str | No
 
 def _args_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def _question_digest(question: dict) -> str:
+    """What an answer in ``inputResponses`` is bound to: the method and params asked (message,
+    schema, URL), less the elicitationId a URL elicitation makes anew each round."""
+    params = {k: v for k, v in (question.get("params") or {}).items() if k != "elicitationId"}
+    return _args_digest({"method": question["method"], "params": params})
 
 
 class Extension:
@@ -4127,7 +4142,7 @@ class MCPServer:
                     price is not None and not 0 < price < 1e9):
                 raise ToolError("Give a symbol (letters, digits, & _ . -), a quantity from 1 to 1000000 and "
                                 "a positive price, or none for a market order.")
-            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price:g}" if price is not None else "at market price")
+            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price}" if price is not None else "at market price")
             return await flow.change(ctx, "place", {"symbol": symbol, "side": side, "quantity": quantity,
                                                     "price": price}, summary)
 
@@ -4333,9 +4348,9 @@ class MCPServer:
         return params.get("name"), _args_digest(params.get("arguments") or {})
 
     async def _restore_round(self, ctx: Context) -> None:
-        responses = ctx.params.get("inputResponses")
-        if isinstance(responses, dict):
-            ctx._responses = responses
+        """The answers and state of the rounds so far.  ``inputResponses`` count only for keys
+        the sealed requestState lists as asked: without one, this server asked nothing, so the
+        answers are ignored (unknown keys, as the spec says) and the handler asks again."""
         sealed = ctx.params.get("requestState")
         if sealed is None:
             return
@@ -4348,13 +4363,18 @@ class MCPServer:
                                   "retry the request without it.")
         ctx._answers = dict(state.get("a") or {})
         ctx.round_state = dict(state.get("c") or {})
+        ctx._asked = dict(state.get("q") or {})
+        responses = ctx.params.get("inputResponses")
+        if isinstance(responses, dict):
+            ctx._responses = {key: value for key, value in responses.items() if key in ctx._asked}
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
         """A handler asked the client for input: the 2026 input_required result, or an error."""
         if ctx.method not in _MRTR_METHODS or not ctx.modern:
             raise RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.", status=500)
         target, digest = self._round_target(ctx)
-        state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
+        asked = ctx._asked | {key: _question_digest(question) for key, question in requests.items()}
+        state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "q": asked, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
         if ctx.round_state:
             state["c"] = ctx.round_state
@@ -8173,7 +8193,12 @@ def _api_url(base: str, path: str, params: dict | None = None) -> str:
 
 
 class _NoAnswer(ToolError):
-    """The provider could not be reached or did not answer: whether a call took effect is unknown."""
+    """The provider could not be reached or its answer was unclear (no answer, 3xx, 5xx, not JSON,
+    over 1 MiB): whether a call took effect is unknown."""
+
+
+class _Refused(ToolError):
+    """The provider refused the call (a 4xx answer): it did not take effect."""
 
 
 class Provider:
@@ -8243,7 +8268,7 @@ class Provider:
             return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
                 _http_call, method, url, form=form, json_body=json, headers=headers))
         except (OSError, TimeoutError, ValueError) as exc:
-            raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
+            raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}).") from None
 
     def _at(self, url: str) -> str:
         """``url`` with ``{base}`` (this server as the browser sees it) and ``{local}`` (as the server
@@ -8756,10 +8781,12 @@ class _Login:
                     break
                 await self._store_credentials(uid, cred)
                 continue
-            if not 200 <= status < 300:
-                raise ToolError(f"The provider answered HTTP {status} for {path}; try again later.")
+            if 400 <= status < 500:
+                raise _Refused(f"The provider refused the call to {path} (HTTP {status}).")
+            if not 200 <= status < 300:  # a 3xx or 5xx: a gateway may answer so after the call took effect
+                raise _NoAnswer(f"The provider answered HTTP {status} for {path}.")
             if answer is None:
-                raise ToolError(f"The provider's answer for {path} was not JSON; try again later.")
+                raise _NoAnswer(f"The provider's answer for {path} was not JSON (or over 1 MiB).")
             return answer
         record = await self._user(uid)
         await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
@@ -8784,8 +8811,10 @@ class _Login:
         """Place or cancel an order (``Provider.order_request``) once the user confirmed
         ``summary`` in a form (elicitation), at most once per confirmation: its key is made in
         the first 2026-07-28 round (and comes back sealed in requestState) or, on a session, is
-        the request's id and arguments; the outcome is kept under the user's session key, so a
-        client's retry gets the first call's outcome and the broker is not called twice."""
+        the request's id and arguments; the outcome (done, declined, unknown) is kept sealed under
+        the user's key, so a retry gets the first answer's outcome and the broker is not called
+        twice.  Only a definite refusal (a 4xx, or the login ended) frees the confirmation; an
+        unclear answer (no answer, 3xx, 5xx, not JSON, any error) leaves the outcome unknown."""
         uid = self.user_id(ctx)
         await self.credentials(ctx)  # not logged in: say so before asking anything
         if not ctx.supports("elicitation.form"):
@@ -8797,28 +8826,33 @@ class _Login:
         else:
             key = f"{ctx.session_id}|{ctx.request_id!r}|{ctx.params.get('name')}|" \
                   f"{_args_digest(ctx.params.get('arguments') or {})}"
-        store, slot = self.server._hub().store, f"mcp:{{{uid}}}:change:{_sha256(key)}"
-        if (done := await store.get(slot)) is not None:
+        hub = self.server._hub()
+        store, slot = hub.store, f"mcp:{{{_store_id(uid)}}}:change:{_sha256(key)}"
+        if (done := await hub.get_sealed(slot)) is not None:
             return self._replayed(done)
         answer = await ctx.elicit(f"Please confirm: {summary}. This changes your account at the provider.", {
             "type": "object", "required": ["confirm"], "properties": {"confirm": {
                 "type": "boolean", "title": "Yes, " + summary, "description": "Leave unticked to do nothing."}}},
             key="confirm")
         content = answer.get("content") if isinstance(answer, dict) else None
-        if answer.get("action") != "accept" or not isinstance(content, dict) or content.get("confirm") is not True:
+        confirmed = answer.get("action") == "accept" and isinstance(content, dict) and content.get("confirm") is True
+        if not await store.add(slot, {"status": "pending"}, 86400):  # one answer per confirmation
+            return self._replayed(await hub.get_sealed(slot) or {"status": "pending"})
+        if not confirmed:  # kept: the same requestState with an "accept" must not turn this into a yes
+            await hub.set_sealed(slot, {"status": "declined"}, 86400)
             return {"done": False, "message": f"Nothing was done: you did not confirm ({summary})."}
-        if not await store.add(slot, {"status": "pending"}, 86400):
-            return self._replayed(await store.get(slot) or {"status": "pending"})
         method, path, body = self.provider.order_request(action, details)
         try:
             result = await self.api(ctx, path, method=method, body=body)
-        except _NoAnswer:
-            await store.set(slot, {"status": "unknown"}, 86400)  # it may have happened: never again blindly
+        except (_Refused, _NotLoggedIn):
+            await store.delete(slot)  # refused: nothing happened, a new confirmation may try again
             raise
-        except ToolError:
-            await store.delete(slot)  # refused: a new confirmation may try again
-            raise
-        await store.set(slot, {"status": "done", "result": result}, 86400)
+        except Exception as exc:  # it may have happened: never again blindly
+            await hub.set_sealed(slot, {"status": "unknown"}, 86400)
+            reason = str(exc) if isinstance(exc, ToolError) else type(exc).__name__
+            raise ToolError(f"{reason} Whether the provider did it ({summary}) is unknown: check your orders "
+                            "before asking again; this confirmation will not be sent again.") from None
+        await hub.set_sealed(slot, {"status": "done", "result": result}, 86400)
         return {"done": True, "message": f"Done: {summary}.", "result": result}
 
     @staticmethod
@@ -8826,6 +8860,9 @@ class _Login:
         if outcome.get("status") == "done":
             return {"done": True, "replayed": True, "message": "Already done for this confirmation (not repeated).",
                     "result": outcome.get("result")}
+        if outcome.get("status") == "declined":
+            return {"done": False, "replayed": True, "message": "Nothing was done: this confirmation was "
+                    "declined, and an answer counts once. Ask again to be asked again."}
         raise ToolError("This confirmed request was already sent and its outcome is unknown; check your "
                         "orders before asking again.")
 

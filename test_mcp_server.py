@@ -2204,8 +2204,9 @@ class TestCore:
         assert response["error"]["code"] == -32602
 
     def test_malformed_input_response_is_invalid_params(self, server):
+        state = modern_core(server, "tools/call", {"name": "ask_name"}, caps=self.CAPS)[0]["result"]["requestState"]
         response, status = modern_core(server, "tools/call", {
-            "name": "ask_name", "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
+            "name": "ask_name", "requestState": state, "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
         assert response["error"]["code"] == -32602 and "who" in response["error"]["message"]
 
     def test_missing_capability_modern_is_32021(self, server):
