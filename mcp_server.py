@@ -8054,7 +8054,10 @@ _SENSITIVE_KEY = re.compile(
     r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
     r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
     r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
-    r"customer|client|display)name|username|login|nominee|ucc")
+    r"customer|client|display)name|username|login|nominee|ucc|placedby")
+# Keys that name the user's own orders, not the user: their values (Kite's order ids are 15-16
+# digits) stay whole, or cancel_order could not be given an id the orders tool showed.
+_ORDER_ID_KEYS = frozenset({"orderid", "exchangeorderid", "parentorderid"})
 # Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
 # or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
 # PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
@@ -8121,6 +8124,15 @@ def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
     return text
 
 
+def _is_order_id(key, value, names: frozenset) -> bool:
+    """An order id of the user's own (a number, or digits/letters as text) under an order-id key
+    that MASK_FIELDS does not name: left out of the digit-run and whole-number masking."""
+    if not isinstance(key, str) or "".join(_key_words(key)) not in _ORDER_ID_KEYS or _sensitive_key(key, names):
+        return False
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None)
+
+
 def _mask(value, fields: frozenset, under_sensitive: bool = False):
     """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
     ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
@@ -8128,6 +8140,7 @@ def _mask(value, fields: frozenset, under_sensitive: bool = False):
     names = _mask_names(fields)
     if isinstance(value, dict):
         return {(_mask_free_text(k, names) if isinstance(k, str) else k):
+                v if not under_sensitive and _is_order_id(k, v, names) else
                 _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_mask(v, fields, under_sensitive) for v in value]
@@ -9299,14 +9312,21 @@ class _App:
                                  headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
 
     def _apply_forwarded(self, http: _Http) -> None:
-        """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES)."""
+        """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES).
+        The last X-Forwarded-For hop (the one the proxy added) counts only if it is an IP address:
+        anything else would become the per-address rate-limit key, one a client could vary."""
         trusted = self.server.settings.trusted_proxies
         client = http.scope.get("client")
         if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
             return
         headers, scope = http.headers, dict(http.scope)
         if headers.get("x-forwarded-for"):
-            scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
+            import ipaddress
+            hop = headers["x-forwarded-for"].split(",")[-1].strip()
+            try:
+                scope["client"] = (str(ipaddress.ip_address(hop)), 0)
+            except ValueError:
+                pass  # not an address: keep the proxy's own
         if headers.get("x-forwarded-proto") in ("http", "https"):
             scope["scheme"] = headers["x-forwarded-proto"]
         if headers.get("x-forwarded-host"):
