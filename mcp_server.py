@@ -3397,7 +3397,9 @@ def _skills_under(folder: str) -> list:
 # - One tool API serves both eras: ``ctx.ask`` sends real server-to-client requests to a legacy
 #   client and waits; for a modern client it ends the round with ``input_required`` and a sealed
 #   ``requestState`` carrying the answers so far, and the tool runs again from the top on retry.
-#   A tool therefore does its side effects after its asks.
+#   A tool therefore does its side effects after its asks.  An ``inputResponses`` answer counts
+#   only for a key that requestState lists as asked, with a digest of that very question; answers
+#   without a requestState are ignored (the question is asked).
 #
 # Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
 # method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
