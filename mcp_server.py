@@ -3397,7 +3397,9 @@ def _skills_under(folder: str) -> list:
 # - One tool API serves both eras: ``ctx.ask`` sends real server-to-client requests to a legacy
 #   client and waits; for a modern client it ends the round with ``input_required`` and a sealed
 #   ``requestState`` carrying the answers so far, and the tool runs again from the top on retry.
-#   A tool therefore does its side effects after its asks.
+#   A tool therefore does its side effects after its asks.  An ``inputResponses`` answer counts
+#   only for a key that requestState lists as asked, with a digest of that very question; answers
+#   without a requestState are ignored (the question is asked).
 #
 # Theory of operation: ``_respond`` runs the middleware chain around ``_dispatch``, which looks the
 # method up in the era's table.  Errors leave as ``RpcError`` (with an HTTP status for the
@@ -3441,7 +3443,7 @@ class Context:
 
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
-                 "_responses", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
+                 "_responses", "_asked", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
                  "_task", "_log_threshold", "_task_run", "base_url", "round_state")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
@@ -3467,6 +3469,9 @@ class Context:
         self._out = out
         self._answers: dict = {}
         self._responses: dict = {}
+        # key -> digest of the question asked under it (sealed in requestState): an answer counts
+        # only for the very question this server asked, never for one it did not ask.
+        self._asked: dict = {}
         self._ask_seq = 0
         self._cancelled = False
         self._last_progress = None
@@ -3557,16 +3562,21 @@ class Context:
             return dict(zip(requests, results))
         answers, missing = {}, {}
         for key, request in requests.items():
-            if key in self._answers:
+            question = {"method": request["method"], "params": request.get("params", {})}
+            if self._asked.get(key) != _question_digest(question):
+                self._answers.pop(key, None)  # an answer to another question (or none asked): ask this one
+                missing[key] = question
+            elif key in self._answers:
                 answers[key] = self._answers[key]
             elif key in self._responses:
                 answers[key] = self._answers[key] = _checked_input_response(
                     key, request["method"], self._responses[key])
             else:
-                missing[key] = {"method": request["method"], "params": request.get("params", {})}
+                missing[key] = question
         if missing and self._task_run is not None and self._task_run.started:
             for key, value in (await self._task_run.wait_input(missing)).items():
                 answers[key] = self._answers[key] = _checked_input_response(key, missing[key]["method"], value)
+                self._asked[key] = _question_digest(missing[key])
         elif missing:
             _require("sealing")  # the answers so far travel sealed: without it, a tool error now
             raise _InputRequired(missing)
@@ -3829,6 +3839,13 @@ def _modern_context(server: "MCPServer", message: dict, header_version: str | No
 
 def _args_digest(value) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:32]
+
+
+def _question_digest(question: dict) -> str:
+    """What an answer in ``inputResponses`` is bound to: the method and params asked (message,
+    schema, URL), less the elicitationId a URL elicitation makes anew each round."""
+    params = {k: v for k, v in (question.get("params") or {}).items() if k != "elicitationId"}
+    return _args_digest({"method": question["method"], "params": params})
 
 
 class Extension:
@@ -4127,7 +4144,7 @@ class MCPServer:
                     price is not None and not 0 < price < 1e9):
                 raise ToolError("Give a symbol (letters, digits, & _ . -), a quantity from 1 to 1000000 and "
                                 "a positive price, or none for a market order.")
-            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price:g}" if price is not None else "at market price")
+            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price}" if price is not None else "at market price")
             return await flow.change(ctx, "place", {"symbol": symbol, "side": side, "quantity": quantity,
                                                     "price": price}, summary)
 
@@ -4333,9 +4350,9 @@ class MCPServer:
         return params.get("name"), _args_digest(params.get("arguments") or {})
 
     async def _restore_round(self, ctx: Context) -> None:
-        responses = ctx.params.get("inputResponses")
-        if isinstance(responses, dict):
-            ctx._responses = responses
+        """The answers and state of the rounds so far.  ``inputResponses`` count only for keys
+        the sealed requestState lists as asked: without one, this server asked nothing, so the
+        answers are ignored (unknown keys, as the spec says) and the handler asks again."""
         sealed = ctx.params.get("requestState")
         if sealed is None:
             return
@@ -4348,13 +4365,18 @@ class MCPServer:
                                   "retry the request without it.")
         ctx._answers = dict(state.get("a") or {})
         ctx.round_state = dict(state.get("c") or {})
+        ctx._asked = dict(state.get("q") or {})
+        responses = ctx.params.get("inputResponses")
+        if isinstance(responses, dict):
+            ctx._responses = {key: value for key, value in responses.items() if key in ctx._asked}
 
     async def _input_required(self, ctx: Context, requests: dict) -> dict:
         """A handler asked the client for input: the 2026 input_required result, or an error."""
         if ctx.method not in _MRTR_METHODS or not ctx.modern:
             raise RpcError(INTERNAL_ERROR, f"{ctx.method} cannot ask the client for input.", status=500)
         target, digest = self._round_target(ctx)
-        state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "sub": ctx.principal,
+        asked = ctx._asked | {key: _question_digest(question) for key, question in requests.items()}
+        state = {"m": ctx.method, "t": target, "h": digest, "a": ctx._answers, "q": asked, "sub": ctx.principal,
                  "exp": int(_now()) + 3600, "n": secrets.token_hex(4)}
         if ctx.round_state:
             state["c"] = ctx.round_state
@@ -8034,7 +8056,10 @@ _SENSITIVE_KEY = re.compile(
     r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
     r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
     r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
-    r"customer|client|display)name|username|login|nominee|ucc")
+    r"customer|client|display)name|username|login|nominee|ucc|placedby")
+# Keys that name the user's own orders, not the user: their values (Kite's order ids are 15-16
+# digits) stay whole, or cancel_order could not be given an id the orders tool showed.
+_ORDER_ID_KEYS = frozenset({"orderid", "exchangeorderid", "parentorderid"})
 # Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
 # or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
 # PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
@@ -8101,6 +8126,15 @@ def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
     return text
 
 
+def _is_order_id(key, value, names: frozenset) -> bool:
+    """An order id of the user's own (a number, or digits/letters as text) under an order-id key
+    that MASK_FIELDS does not name: left out of the digit-run and whole-number masking."""
+    if not isinstance(key, str) or "".join(_key_words(key)) not in _ORDER_ID_KEYS or _sensitive_key(key, names):
+        return False
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None)
+
+
 def _mask(value, fields: frozenset, under_sensitive: bool = False):
     """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
     ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
@@ -8108,6 +8142,7 @@ def _mask(value, fields: frozenset, under_sensitive: bool = False):
     names = _mask_names(fields)
     if isinstance(value, dict):
         return {(_mask_free_text(k, names) if isinstance(k, str) else k):
+                v if not under_sensitive and _is_order_id(k, v, names) else
                 _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_mask(v, fields, under_sensitive) for v in value]
@@ -8173,7 +8208,12 @@ def _api_url(base: str, path: str, params: dict | None = None) -> str:
 
 
 class _NoAnswer(ToolError):
-    """The provider could not be reached or did not answer: whether a call took effect is unknown."""
+    """The provider could not be reached or its answer was unclear (no answer, 3xx, 5xx, not JSON,
+    over 1 MiB): whether a call took effect is unknown."""
+
+
+class _Refused(ToolError):
+    """The provider refused the call (a 4xx answer): it did not take effect."""
 
 
 class Provider:
@@ -8243,7 +8283,7 @@ class Provider:
             return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
                 _http_call, method, url, form=form, json_body=json, headers=headers))
         except (OSError, TimeoutError, ValueError) as exc:
-            raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}); try again shortly.") from None
+            raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}).") from None
 
     def _at(self, url: str) -> str:
         """``url`` with ``{base}`` (this server as the browser sees it) and ``{local}`` (as the server
@@ -8756,10 +8796,12 @@ class _Login:
                     break
                 await self._store_credentials(uid, cred)
                 continue
-            if not 200 <= status < 300:
-                raise ToolError(f"The provider answered HTTP {status} for {path}; try again later.")
+            if 400 <= status < 500:
+                raise _Refused(f"The provider refused the call to {path} (HTTP {status}).")
+            if not 200 <= status < 300:  # a 3xx or 5xx: a gateway may answer so after the call took effect
+                raise _NoAnswer(f"The provider answered HTTP {status} for {path}.")
             if answer is None:
-                raise ToolError(f"The provider's answer for {path} was not JSON; try again later.")
+                raise _NoAnswer(f"The provider's answer for {path} was not JSON (or over 1 MiB).")
             return answer
         record = await self._user(uid)
         await self._save_user(uid, {k: v for k, v in record.items() if k != "cred"} | {"state": "ANONYMOUS"})
@@ -8784,8 +8826,10 @@ class _Login:
         """Place or cancel an order (``Provider.order_request``) once the user confirmed
         ``summary`` in a form (elicitation), at most once per confirmation: its key is made in
         the first 2026-07-28 round (and comes back sealed in requestState) or, on a session, is
-        the request's id and arguments; the outcome is kept under the user's session key, so a
-        client's retry gets the first call's outcome and the broker is not called twice."""
+        the request's id and arguments; the outcome (done, declined, unknown) is kept sealed under
+        the user's key, so a retry gets the first answer's outcome and the broker is not called
+        twice.  Only a definite refusal (a 4xx, or the login ended) frees the confirmation; an
+        unclear answer (no answer, 3xx, 5xx, not JSON, any error) leaves the outcome unknown."""
         uid = self.user_id(ctx)
         await self.credentials(ctx)  # not logged in: say so before asking anything
         if not ctx.supports("elicitation.form"):
@@ -8797,28 +8841,33 @@ class _Login:
         else:
             key = f"{ctx.session_id}|{ctx.request_id!r}|{ctx.params.get('name')}|" \
                   f"{_args_digest(ctx.params.get('arguments') or {})}"
-        store, slot = self.server._hub().store, f"mcp:{{{uid}}}:change:{_sha256(key)}"
-        if (done := await store.get(slot)) is not None:
+        hub = self.server._hub()
+        store, slot = hub.store, f"mcp:{{{_store_id(uid)}}}:change:{_sha256(key)}"
+        if (done := await hub.get_sealed(slot)) is not None:
             return self._replayed(done)
         answer = await ctx.elicit(f"Please confirm: {summary}. This changes your account at the provider.", {
             "type": "object", "required": ["confirm"], "properties": {"confirm": {
                 "type": "boolean", "title": "Yes, " + summary, "description": "Leave unticked to do nothing."}}},
             key="confirm")
         content = answer.get("content") if isinstance(answer, dict) else None
-        if answer.get("action") != "accept" or not isinstance(content, dict) or content.get("confirm") is not True:
+        confirmed = answer.get("action") == "accept" and isinstance(content, dict) and content.get("confirm") is True
+        if not await store.add(slot, {"status": "pending"}, 86400):  # one answer per confirmation
+            return self._replayed(await hub.get_sealed(slot) or {"status": "pending"})
+        if not confirmed:  # kept: the same requestState with an "accept" must not turn this into a yes
+            await hub.set_sealed(slot, {"status": "declined"}, 86400)
             return {"done": False, "message": f"Nothing was done: you did not confirm ({summary})."}
-        if not await store.add(slot, {"status": "pending"}, 86400):
-            return self._replayed(await store.get(slot) or {"status": "pending"})
         method, path, body = self.provider.order_request(action, details)
         try:
             result = await self.api(ctx, path, method=method, body=body)
-        except _NoAnswer:
-            await store.set(slot, {"status": "unknown"}, 86400)  # it may have happened: never again blindly
+        except (_Refused, _NotLoggedIn):
+            await store.delete(slot)  # refused: nothing happened, a new confirmation may try again
             raise
-        except ToolError:
-            await store.delete(slot)  # refused: a new confirmation may try again
-            raise
-        await store.set(slot, {"status": "done", "result": result}, 86400)
+        except Exception as exc:  # it may have happened: never again blindly
+            await hub.set_sealed(slot, {"status": "unknown"}, 86400)
+            reason = str(exc) if isinstance(exc, ToolError) else type(exc).__name__
+            raise ToolError(f"{reason} Whether the provider did it ({summary}) is unknown: check your orders "
+                            "before asking again; this confirmation will not be sent again.") from None
+        await hub.set_sealed(slot, {"status": "done", "result": result}, 86400)
         return {"done": True, "message": f"Done: {summary}.", "result": result}
 
     @staticmethod
@@ -8826,6 +8875,9 @@ class _Login:
         if outcome.get("status") == "done":
             return {"done": True, "replayed": True, "message": "Already done for this confirmation (not repeated).",
                     "result": outcome.get("result")}
+        if outcome.get("status") == "declined":
+            return {"done": False, "replayed": True, "message": "Nothing was done: this confirmation was "
+                    "declined, and an answer counts once. Ask again to be asked again."}
         raise ToolError("This confirmed request was already sent and its outcome is unknown; check your "
                         "orders before asking again.")
 
@@ -9262,14 +9314,21 @@ class _App:
                                  headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
 
     def _apply_forwarded(self, http: _Http) -> None:
-        """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES)."""
+        """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES).
+        The last X-Forwarded-For hop (the one the proxy added) counts only if it is an IP address:
+        anything else would become the per-address rate-limit key, one a client could vary."""
         trusted = self.server.settings.trusted_proxies
         client = http.scope.get("client")
         if not trusted or not client or (client[0] not in trusted and "*" not in trusted):
             return
         headers, scope = http.headers, dict(http.scope)
         if headers.get("x-forwarded-for"):
-            scope["client"] = (headers["x-forwarded-for"].split(",")[-1].strip(), 0)
+            import ipaddress
+            hop = headers["x-forwarded-for"].split(",")[-1].strip()
+            try:
+                scope["client"] = (str(ipaddress.ip_address(hop)), 0)
+            except ValueError:
+                pass  # not an address: keep the proxy's own
         if headers.get("x-forwarded-proto") in ("http", "https"):
             scope["scheme"] = headers["x-forwarded-proto"]
         if headers.get("x-forwarded-host"):

@@ -2204,8 +2204,9 @@ class TestCore:
         assert response["error"]["code"] == -32602
 
     def test_malformed_input_response_is_invalid_params(self, server):
+        state = modern_core(server, "tools/call", {"name": "ask_name"}, caps=self.CAPS)[0]["result"]["requestState"]
         response, status = modern_core(server, "tools/call", {
-            "name": "ask_name", "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
+            "name": "ask_name", "requestState": state, "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
         assert response["error"]["code"] == -32602 and "who" in response["error"]["message"]
 
     def test_missing_capability_modern_is_32021(self, server):
@@ -9121,6 +9122,174 @@ class TestProviders:
         assert len(call("orders", {})["structuredContent"]["data"]) == len(after)
 
 
+class _orders_Broker(mcp_server.Provider):
+    """A broker that takes every order it is sent, but whose gateway answers ``answer``
+    (status, parsed body) to it, or raises ``answer`` (an exception)."""
+
+    def __init__(self, answer):
+        self.answer, self.placed = answer, []
+
+    async def authorize_url(self, login):
+        return "https://broker.example/signin?" + urllib.parse.urlencode({"state": login["state"]})
+
+    async def exchange(self, query, login):
+        return {"access_token": "AT-" + query["code"]}
+
+    def request(self, cred, method, path, params=None, body=None):
+        return {"method": method, "url": "https://broker.example/api/" + path, "json": body, "headers": {}}
+
+    async def fetch(self, method, url, *, form=None, json=None, headers=None):
+        if method != "POST":
+            return 200, {"data": self.placed}
+        self.placed.append(json)
+        if isinstance(self.answer, Exception):
+            raise self.answer
+        return self.answer
+
+
+class TestOrderReview:
+    """The third review of the order tools: an unclear broker answer is never followed by a second
+    order, answers count only for questions this server asked (and once), the stored outcome is
+    sealed under a hashed key, the confirmation shows what is sent, and order ids stay whole."""
+
+    _settings = staticmethod(TestProviders._settings)  # TestProviders' helpers, not its tests
+    _start = TestProviders._start
+    _to_provider = staticmethod(TestProviders._to_provider)
+    _sandbox_sign_in = staticmethod(TestProviders._sandbox_sign_in)
+    _sandbox_login = TestProviders._sandbox_login
+
+    def _modern_caller(self, make_server, **overrides):
+        st = self._start(make_server, upstream_trading=True, auth="builtin", consent="never", auth_rate_limit=0,
+                         **overrides)
+        token = _auth_login(st.port)["access_token"]
+        session = _auth_Session(st.port, token)
+        session.initialize()
+        bearer = {"Authorization": f"Bearer {token}", "Host": f"127.0.0.1:{st.port}"}
+
+        def call(name, arguments, **extra):
+            r = modern_post(st.port, "tools/call", {"name": name, "arguments": arguments, **extra},
+                            caps={"elicitation": {"form": {}}}, headers=bearer)
+            assert r.status == 200, r
+            return r.json()["result"]
+        return st, session, call
+
+    @pytest.mark.parametrize("answer", [(502, None), (504, {"error": "upstream timed out"}), (200, None),
+                                        (302, None), RuntimeError("gateway reset")],
+                             ids=["502", "504-json", "200-not-json", "302", "exception"])
+    def test_an_unclear_broker_answer_is_never_followed_by_a_second_order(self, make_server, answer):
+        broker = _orders_Broker(answer)
+        st, session, call = self._modern_caller(make_server, provider=broker)
+        session, browser, location = self._to_provider(st, session)
+        state = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["state"][0]
+        done = browser.open(f"{_auth_base(st.port)}/redirect?" + urllib.parse.urlencode({"state": state, "code": "c1"}))
+        assert b"You are signed in" in done.body, done
+        order = {"symbol": "INFY", "side": "BUY", "quantity": 100}
+        first = call("place_order", order)
+        answered = {"requestState": first["requestState"], "inputResponses": {"confirm": _PROV_CONFIRM}}
+        unclear = call("place_order", order, **answered)
+        assert unclear["isError"] is True and "unknown" in _login_text(unclear), unclear
+        assert "try again" not in _login_text(unclear), unclear
+        for _ in range(2):  # the client's retries of the same request
+            again = call("place_order", order, **answered)
+            assert again["isError"] is True and "check your orders" in _login_text(again), again
+        assert len(broker.placed) == 1
+
+    def test_a_refusal_frees_the_confirmation(self, make_server):
+        broker = _orders_Broker((400, {"error": "insufficient funds"}))
+        st, session, call = self._modern_caller(make_server, provider=broker)
+        session, browser, location = self._to_provider(st, session)
+        state = urllib.parse.parse_qs(urllib.parse.urlsplit(location).query)["state"][0]
+        browser.open(f"{_auth_base(st.port)}/redirect?" + urllib.parse.urlencode({"state": state, "code": "c1"}))
+        order = {"symbol": "INFY", "side": "BUY", "quantity": 1}
+        first = call("place_order", order)
+        answered = {"requestState": first["requestState"], "inputResponses": {"confirm": _PROV_CONFIRM}}
+        refused = call("place_order", order, **answered)
+        assert refused["isError"] is True and "refused" in _login_text(refused), refused
+        broker.answer = (200, {"order_id": "250101000123456"})
+        placed = call("place_order", order, **answered)  # nothing happened: the same yes may go through
+        assert placed["structuredContent"]["done"] is True, placed
+        assert placed["structuredContent"]["result"] == {"order_id": "250101000123456"}  # whole: cancel needs it
+        assert len(broker.placed) == 2
+
+    def test_input_responses_without_request_state_ask_instead_of_placing(self, make_server):
+        st, session, call = self._modern_caller(make_server, upstream_provider="sandbox-kite")
+        self._sandbox_login(st, session)
+        before = call("orders", {})["structuredContent"]["data"]
+        order = {"symbol": "TCS", "side": "BUY", "quantity": 500}
+        for _ in range(2):
+            forged = call("place_order", order, inputResponses={"confirm": _PROV_CONFIRM})  # never asked
+            assert forged["resultType"] == "input_required" and "confirm" in forged["inputRequests"], forged
+        assert len(call("orders", {})["structuredContent"]["data"]) == len(before)
+
+    def test_a_decline_cannot_be_turned_into_a_yes(self, make_server):
+        st, session, call = self._modern_caller(make_server, upstream_provider="sandbox-kite")
+        self._sandbox_login(st, session)
+        before = call("orders", {})["structuredContent"]["data"]
+        order = {"symbol": "INFY", "side": "SELL", "quantity": 40}
+        first = call("place_order", order)
+        declined = call("place_order", order, requestState=first["requestState"],
+                        inputResponses={"confirm": {"action": "decline"}})
+        assert declined["structuredContent"]["done"] is False, declined
+        later = call("place_order", order, requestState=first["requestState"],
+                     inputResponses={"confirm": _PROV_CONFIRM})
+        assert later["structuredContent"]["done"] is False and later["structuredContent"]["replayed"], later
+        assert len(call("orders", {})["structuredContent"]["data"]) == len(before)
+
+    def test_an_answer_counts_only_for_the_question_asked(self):
+        server = build_server()
+        state = modern_core(server, "tools/call", {"name": "ask_name"}, caps=TestCore.CAPS)[0]["result"]["requestState"]
+        other = {"name": "ask_two", "requestState": state,  # a state of ask_name cannot carry ask_two's answers
+                 "inputResponses": {"first": {"action": "accept", "content": {"name": "Eve"}}}}
+        assert modern_core(server, "tools/call", other, caps=TestCore.CAPS)[0]["error"]["code"] == -32602
+        ctx = mcp_server.Context(server, "tools/call", {"name": "ask_name"}, 1, modern=True,
+                                 capabilities=TestCore.CAPS)
+        ctx._asked = {"who": mcp_server._question_digest({"method": "elicitation/create",
+                                                          "params": {"message": "Another question?"}})}
+        ctx._responses = {"who": {"action": "accept", "content": {"name": "Eve"}}}
+        with pytest.raises(mcp_server._InputRequired):  # the answer was to another question: asked anew
+            asyncio.run(ctx.elicit("Your name?", {"type": "object", "properties": {}}, key="who"))
+
+    def test_the_confirmation_shows_the_exact_price_sent(self, make_server):
+        st, session, call = self._modern_caller(make_server, upstream_provider="sandbox-kite")
+        self._sandbox_login(st, session)
+        first = call("place_order", {"symbol": "TCS", "side": "BUY", "quantity": 1, "price": 1234.56789})
+        assert "buy 1 TCS at 1234.56789" in first["inputRequests"]["confirm"]["params"]["message"], first
+
+    def test_the_outcome_is_sealed_under_a_hashed_key(self, make_server, redis_server, redis_url):
+        own_db = redis_url.rsplit("/", 1)[0] + "/9"
+        r = _redis_py.Redis(host="127.0.0.1", port=redis_server.port, db=9)
+        r.flushdb()
+        st = self._start(make_server, upstream_trading=True, redis_url=own_db, secret=_REDIS_SECRET)
+        victim = _prov_Legacy(st.port, answer=lambda ask: _PROV_CONFIRM, capabilities={"elicitation": {}})
+        victim.initialize()
+        victim, _browser = self._sandbox_login(st, victim)
+        placed = victim.call_with_id("place_order", {"symbol": "INFY", "side": "BUY", "quantity": 1}, 77)
+        assert placed["structuredContent"]["done"], placed
+        changes = [k for k in r.scan_iter("*") if b":change:" in k]
+        assert changes and all(victim.sid.encode() not in k for k in changes), changes
+        stored = r.get(changes[0])
+        assert stored and b"done" not in stored and b"INFY" not in stored, stored
+        again = victim.call_with_id("place_order", {"symbol": "INFY", "side": "BUY", "quantity": 1}, 77)
+        assert again["structuredContent"]["replayed"] is True, again  # the sealed outcome reads back
+
+    def test_order_ids_stay_whole_and_placed_by_is_masked(self):
+        result = mcp_server._mask({"data": [{"order_id": "250101000123456", "exchange_order_id": "1100000012345678",
+                                             "parentOrderId": 250101000123455, "placed_by": "AB1234",
+                                             "note": "call 9876543210"}]}, frozenset())
+        order = result["data"][0]
+        assert order["order_id"] == "250101000123456" and order["exchange_order_id"] == "1100000012345678"
+        assert order["parentOrderId"] == 250101000123455
+        assert order["placed_by"] == "XXXXXX" and "9876543210" not in order["note"]
+        assert mcp_server._mask({"order_id": "250101000123456"}, frozenset({"order_id"}))["order_id"] != \
+            "250101000123456"  # MASK_FIELDS still wins
+
+    def test_a_forwarded_address_that_is_not_an_ip_is_not_the_rate_limit_key(self, make_server):
+        st = make_server(trusted_proxies=("127.0.0.1",), rate_limit=2)
+        statuses = [modern_post(st.port, "tools/list", {}, headers={"X-Forwarded-For": f"10.0.0.1, garbage-{i}"}).status
+                    for i in range(3)]
+        assert statuses == [200, 200, 429], statuses  # every garbage hop counted as the proxy itself
+        assert modern_post(st.port, "tools/list", {}, headers={"X-Forwarded-For": "203.0.113.7"}).status == 200
+
 
 # ==== Attacks: the chains of the security review (issue 18), one class per surface =============
 #
@@ -11204,8 +11373,8 @@ class TestHostileInput:
             assert_alive(st.port)
         finally:
             mcp_server.log.removeHandler(handler)
-        access = [line for line in lines if "forged" in line]
-        assert access and all(line.isprintable() for line in access), access
+        access = [line for line in lines if "/healthz" in line]  # a hop that is not an IP is not believed
+        assert access and all(line.isprintable() and "forged" not in line for line in access), access
 
     # -- SystemExit and KeyboardInterrupt end only their request ------------------------------------
 
