@@ -3548,10 +3548,12 @@ class Context:
 
     # -- asking the client ---------------------------------------------------------------------
 
-    async def ask(self, requests: dict) -> dict:
+    async def ask(self, requests: dict, *, asked_only: bool = False) -> dict:
         """Ask the client several things at once: ``{key: {"method": ..., "params": ...}}``.
 
-        Returns ``{key: result}``.  Legacy clients get real requests; modern ones a round trip."""
+        Returns ``{key: result}``.  Legacy clients get real requests; modern ones a round trip.
+        ``asked_only``: on 2026-07-28 an answer counts only if the sealed requestState shows
+        this very question was asked (for a confirmation: no answer made up in advance)."""
         for key, request in requests.items():
             self._require_capability(request)
         if not self.modern:
@@ -3563,7 +3565,8 @@ class Context:
         answers, missing = {}, {}
         for key, request in requests.items():
             question = {"method": request["method"], "params": request.get("params", {})}
-            if self._asked.get(key) != _question_digest(question):
+            asked, digest = self._asked.get(key), _question_digest(question)
+            if asked != digest and (asked is not None or asked_only):
                 self._answers.pop(key, None)  # an answer to another question (or none asked): ask this one
                 missing[key] = question
             elif key in self._answers:
@@ -3600,17 +3603,19 @@ class Context:
         if self._task_run is not None and not self._task_run.started:
             await self._task_run.start()
 
-    async def _ask_one(self, method: str, params: dict, key: str | None):
+    async def _ask_one(self, method: str, params: dict, key: str | None, asked_only: bool = False):
         if key is None:
             self._ask_seq += 1
             key = f"ask{self._ask_seq}"
-        answers = await self.ask({key: {"method": method, "params": params}})
+        answers = await self.ask({key: {"method": method, "params": params}}, asked_only=asked_only)
         return answers[key]
 
-    async def elicit(self, message: str, schema: dict, *, key: str | None = None) -> dict:
-        """Ask the user for structured input (form mode).  Returns ``{"action", "content"?}``."""
+    async def elicit(self, message: str, schema: dict, *, key: str | None = None,
+                     asked_only: bool = False) -> dict:
+        """Ask the user for structured input (form mode).  Returns ``{"action", "content"?}``.
+        ``asked_only``: see ``ask`` (a confirmation must not take an answer given in advance)."""
         params = {"message": message, "requestedSchema": schema}
-        return await self._ask_one("elicitation/create", params, key)
+        return await self._ask_one("elicitation/create", params, key, asked_only)
 
     async def elicit_url(self, message: str, url: str, *, elicitation_id: str | None = None,
                          key: str | None = None) -> dict:
@@ -4350,11 +4355,15 @@ class MCPServer:
         return params.get("name"), _args_digest(params.get("arguments") or {})
 
     async def _restore_round(self, ctx: Context) -> None:
-        """The answers and state of the rounds so far.  ``inputResponses`` count only for keys
-        the sealed requestState lists as asked: without one, this server asked nothing, so the
-        answers are ignored (unknown keys, as the spec says) and the handler asks again."""
+        """The answers and state of the rounds so far.  With a sealed requestState,
+        ``inputResponses`` count only for the keys it lists as asked (others are unknown keys,
+        ignored as the spec says).  Without one they are offered as they are: a handler's
+        ``ask`` takes them, except an ``asked_only`` ask (a confirmation), which needs the
+        question to have been asked."""
         sealed = ctx.params.get("requestState")
         if sealed is None:
+            responses = ctx.params.get("inputResponses")
+            ctx._responses = dict(responses) if isinstance(responses, dict) else {}
             return
         state = (await self._keyring()).unseal(sealed)
         target, digest = self._round_target(ctx)
@@ -8848,7 +8857,7 @@ class _Login:
         answer = await ctx.elicit(f"Please confirm: {summary}. This changes your account at the provider.", {
             "type": "object", "required": ["confirm"], "properties": {"confirm": {
                 "type": "boolean", "title": "Yes, " + summary, "description": "Leave unticked to do nothing."}}},
-            key="confirm")
+            key="confirm", asked_only=True)
         content = answer.get("content") if isinstance(answer, dict) else None
         confirmed = answer.get("action") == "accept" and isinstance(content, dict) and content.get("confirm") is True
         if not await store.add(slot, {"status": "pending"}, 86400):  # one answer per confirmation

@@ -2209,6 +2209,13 @@ class TestCore:
             "name": "ask_name", "requestState": state, "inputResponses": {"who": {"nonsense": True}}}, caps=self.CAPS)
         assert response["error"]["code"] == -32602 and "who" in response["error"]["message"]
 
+    def test_answers_without_request_state_complete_an_ordinary_ask_and_extra_keys_are_ignored(self, server):
+        # (the spec: ignore what you do not recognize; a confirmation, asked_only, is stricter: TestOrderReview)
+        response, _ = modern_core(server, "tools/call", {"name": "ask_name", "inputResponses": {
+            "who": {"action": "accept", "content": {"name": "Ada"}},
+            "unknown_extra_key": {"action": "accept", "content": {"x": 1}}}}, caps=self.CAPS)
+        assert response["result"]["resultType"] == "complete", response
+
     def test_missing_capability_modern_is_32021(self, server):
         response, status = modern_core(server, "tools/call", {"name": "ask_name"}, caps={})
         assert status == 400 and response["error"]["code"] == -32021
