@@ -9002,16 +9002,21 @@ class _Sandbox:
                 "<div class=row><button class=primary>Sign in</button></div></form>")
         await http.respond(200, _html_page(title, body), "text/html; charset=utf-8", list(_HTML_HEADERS))
 
-    async def _sign_in(self, http: _Http) -> None:
+    async def _signed_in(self, http: _Http, kind: str) -> tuple:
+        """(the sealed request, the demo user) of a sign-in form of ``kind`` posted back."""
         fields = _form_fields(await http.read_body(16 * 1024))
         request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
-        if request is None or request.get("kind") != "sandbox" or request.get("exp", 0) < _now():
+        if request is None or request.get("kind") != kind or request.get("exp", 0) < _now():
             raise _HttpError(400, "This sign-in form is stale or was not made by the sandbox; start again.")
         if fields.get("user") not in _SANDBOX_USERS:
             raise _HttpError(400, "Choose one of the demo users.")
+        return request, fields["user"]
+
+    async def _sign_in(self, http: _Http) -> None:
+        request, user = await self._signed_in(http, "sandbox")
         code = secrets.token_urlsafe(24)
         await self.server._hub().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
-            "user": fields["user"], "challenge": request["code_challenge"], "client_id": request["client_id"],
+            "user": user, "challenge": request["code_challenge"], "client_id": request["client_id"],
             "redirect_uri": request["redirect_uri"]}, 300)
         location = _with_query(request["redirect_uri"], {"code": code, "state": request["state"]})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
@@ -9131,14 +9136,9 @@ class _Sandbox:
     async def _kite_sign_in(self, http: _Http) -> None:
         """Kite sends the browser to the app's registered redirect URL (here: this server's
         /redirect) with a request_token and the app's redirect_params."""
-        fields = _form_fields(await http.read_body(16 * 1024))
-        request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
-        if request is None or request.get("kind") != "sandbox-kite" or request.get("exp", 0) < _now():
-            raise _HttpError(400, "This login form is stale or was not made by the sandbox; start again.")
-        if fields.get("user") not in _SANDBOX_USERS:
-            raise _HttpError(400, "Choose one of the demo users.")
+        request, user = await self._signed_in(http, "sandbox-kite")
         token = secrets.token_urlsafe(24)
-        await self.server._hub().store.set(f"mcp:sandbox:kite-rt:{_sha256(token)}", fields["user"], 300)
+        await self.server._hub().store.set(f"mcp:sandbox:kite-rt:{_sha256(token)}", user, 300)
         extra = dict(urllib.parse.parse_qsl(request["redirect_params"]))
         location = _with_query(self.server.asgi.oauth.issuer(http) + "/redirect", {
             **extra, "action": "login", "type": "login", "status": "success", "request_token": token})
