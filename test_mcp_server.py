@@ -11104,10 +11104,15 @@ def status_of(data: bytes) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def send_raw(port: int, data: bytes) -> int | None:
+def send_raw(port: int, data: bytes, half_close: bool = True) -> int | None:
+    """The status the server answers ``data`` with (None: it only closed).  ``half_close``: the
+    client then says it sends no more, which the server takes as the client gone (as any ASGI
+    server does): a request still waiting (on a worker thread, say) is dropped.  Without it the
+    request must end the connection itself (``Connection: close``)."""
     with Conn(port) as conn:
         conn.send(data)
-        conn.sock.shutdown(socket.SHUT_WR)
+        if half_close:
+            conn.sock.shutdown(socket.SHUT_WR)
         return status_of(read_to_close(conn))
 
 
@@ -11655,11 +11660,11 @@ class TestParserFuzz:
             headers["Mcp-Name"] = "=?base64?" + base64.b64encode(headers["Mcp-Name"].encode()).decode() + "?="
         return path, headers, body
 
-    def _run_cases(self, port: int, make_case, caplog) -> collections.Counter:
+    def _run_cases(self, port: int, make_case, caplog, half_close: bool = True) -> collections.Counter:
         statuses = collections.Counter()
         with Conn(port) as health:
             for i in range(FUZZ_CASES):
-                status = send_raw(port, make_case())
+                status = send_raw(port, make_case(), half_close)
                 assert status is None or status < 500, (i, status)
                 statuses[status] += 1
                 health.request("GET", "/healthz")  # still serving, after every case
@@ -11678,10 +11683,10 @@ class TestParserFuzz:
         caplog.set_level(logging.WARNING, logger="mcp_server")
         rng = random.Random(0x19_0002)
 
-        def case() -> bytes:
+        def case() -> bytes:  # (whole requests that end their connection: a tool may run on a thread)
             path, headers, body = self._mutate_message(rng)
-            return raw_request("POST", path, headers, body)
-        statuses = self._run_cases(hostile.port, case, caplog)
+            return raw_request("POST", path, {**headers, "Connection": "close"}, body)
+        statuses = self._run_cases(hostile.port, case, caplog, half_close=False)
         assert statuses[200] and statuses[400], statuses
         assert_alive(hostile.port)
 
