@@ -7218,7 +7218,6 @@ def _fetch_json_document(url: str, allow_private: bool, limit: int = _CIMD_LIMIT
     return _parse_document_response(bytes(data), limit, what)
 
 
-_fetch_client_document = _fetch_json_document  # (the name the OAuth side and its tests know)
 
 
 def _parse_document_response(data: bytes, limit: int, what: str = "client metadata document") -> tuple:
@@ -7437,7 +7436,7 @@ class _OAuth:
         return client
 
     async def _fetch_document(self, client_id: str) -> tuple:
-        """``_fetch_client_document`` on the fetch threads, within the fetch deadline; a fetch of
+        """``_fetch_json_document`` on the fetch threads, within the fetch deadline; a fetch of
         the same URL already under way is shared.  Past the cap: 503, at once."""
         import concurrent.futures
         running = self._fetches.get(client_id)
@@ -7449,7 +7448,7 @@ class _OAuth:
 
             def fetch():
                 try:
-                    return _fetch_client_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
+                    return _fetch_json_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
                 finally:
                     self._fetch_slots.release()
 
@@ -7588,7 +7587,7 @@ class _OAuth:
 
     async def _remembered(self, http: _Http) -> list:
         """The clients this browser approved.  The signed text starts with ``consent:`` so that no
-        other cookie signed with the same key (``mcp_browser``) can stand in for it."""
+        other value signed with the same key can stand in for it."""
         value = self._cookie(http, "mcp_consent")
         text = (await self.server._keyring()).verify(value, "cookie") if value else None
         kind, _, approved = (text or "").partition(" ")
@@ -7657,10 +7656,7 @@ class _OAuth:
             "client_id": request["client_id"], "redirect_uri": request["redirect_uri"],
             "explicit_redirect": request["explicit_redirect"], "challenge": request["challenge"],
             "resource": request["resource"], "scope": request["scope"], "sid": sid, "gen": generation}, 600)
-        keys = await self.server._keyring()
-        headers = [self._set_cookie(http, "mcp_browser", keys.sign(sid, "cookie"), self.settings.session_ttl)]
-        if extra_cookie:
-            headers.append(extra_cookie)
+        headers = [extra_cookie] if extra_cookie else []
         location = _with_query(request["redirect_uri"], {"code": code, "state": request.get("state"),
                                                          "iss": self.issuer(http)})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])

@@ -7328,7 +7328,7 @@ class TestOAuth:
                                  {"Cookie": f"mcp_csrf={cookies['mcp_csrf']}", "Origin": _auth_base(port)})
         query = _auth_location(answer, _AUTH_CB)
         assert query["state"] == "s-1" and query["iss"] == _auth_base(port)
-        assert "mcp_browser" in _auth_cookies(answer)
+        assert "mcp_browser" not in _auth_cookies(answer)  # no signed session id left in the browser
         t = _auth_exchange(port, client["client_id"], query["code"], verifier)
         assert t.status == 200, t
         _auth_assert_ok(port, t.json()["access_token"])
@@ -7889,9 +7889,9 @@ class TestOAuth:
                 _auth_assert_page(r, 400)
             assert stub.requests == []
             with pytest.raises(ValueError, match="non-public"):
-                mcp_server._fetch_client_document(f"https://127.0.0.1:{stub.port}/client.json", False)
+                mcp_server._fetch_json_document(f"https://127.0.0.1:{stub.port}/client.json", False)
             with pytest.raises(ValueError, match="https"):
-                mcp_server._fetch_client_document(stub.url + "/client.json", False)
+                mcp_server._fetch_json_document(stub.url + "/client.json", False)
             assert stub.requests == []
 
     # -- limits and modes ---------------------------------------------------------------------------------
@@ -10004,7 +10004,7 @@ class TestAttackOAuth:
                                          "169.254.169.254", "[fd00::1]", "0.0.0.0"])
     def test_metadata_documents_are_fetched_only_from_global_addresses(self, address):
         with pytest.raises(ValueError, match="non-public"):
-            mcp_server._fetch_client_document(f"https://{address}/client.json", False)
+            mcp_server._fetch_json_document(f"https://{address}/client.json", False)
 
     def test_every_endpoint_that_may_fetch_is_rate_limited(self, make_server, monkeypatch):
         frozen = 1_700_000_010.0
