@@ -59,6 +59,7 @@ import base64
 import bisect
 import collections
 import collections.abc
+import contextlib
 import contextvars
 import dataclasses
 import datetime
@@ -84,6 +85,8 @@ import time
 import types
 import typing
 import urllib.parse
+
+import anyio
 
 if sys.version_info < (3, 11):
     raise ImportError("mcp_server needs Python 3.11 or newer; this is Python %d.%d" % sys.version_info[:2])
@@ -343,6 +346,11 @@ _SETTING_SPECS = (
      "open GET /mcp and /sse streams one client address may hold on an instance (0: no limit)"),
     ("max_tasks_per_principal", None, ("MCP_MAX_TASKS_PER_PRINCIPAL",), int, 100,
      "tasks (tasks extension) one principal may have running on an instance (0: no limit)"),
+    ("stream_buffer", None, ("MCP_STREAM_BUFFER",), int, 256,
+     "messages a stream may hold for a client that reads too slowly; past it the stream ends "
+     "(a resumable one is resumed from its log with Last-Event-ID)"),
+    ("tool_threads", None, ("MCP_TOOL_THREADS",), int, 40,
+     "worker threads sync tools, resources and prompts may occupy at once (the rest wait)"),
     ("sse_keepalive", None, ("MCP_SSE_KEEPALIVE",), float, 15.0, "seconds between SSE keep-alive comments"),
     ("sse_retry_ms", None, ("MCP_SSE_RETRY_MS",), int, 1000, "SSE retry hint for 2025-11-25 clients, in ms"),
     ("replay_events", None, ("MCP_REPLAY_EVENTS",), int, 256, "events kept per stream for Last-Event-ID resume"),
@@ -464,6 +472,8 @@ class Settings:
     max_streams_per_principal: int = 20
     max_streams_per_address: int = 200
     max_tasks_per_principal: int = 100
+    stream_buffer: int = 256
+    tool_threads: int = 40
     sse_keepalive: float = 15.0
     sse_retry_ms: int = 1000
     replay_events: int = 256
@@ -621,7 +631,7 @@ class Settings:
         if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
             fail(f"MCP_MAX_JSON_DEPTH={self.max_json_depth} is not between 1 and {_STORED_JSON_DEPTH}")
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
-                     "page_size", "replay_events", "workers", "store_timeout"):
+                     "page_size", "replay_events", "workers", "store_timeout", "stream_buffer", "tool_threads"):
             if getattr(self, attr) <= 0:
                 fail(f"{attr} must be positive")
         if self.client_ttl <= 0 or self.client_fetch_timeout <= 0:
@@ -1072,7 +1082,7 @@ def _log_access(values: tuple) -> None:
     if not log.isEnabledFor(logging.INFO):
         return
     handlers = log.handlers
-    direct = bool(handlers) and not log.filters
+    direct = bool(handlers) and not log.filters and _on_asyncio()  # (the batching is asyncio's)
     for handler in handlers:
         if not isinstance(handler, _Batching) or handler.filters or not isinstance(handler.formatter, _LineFormatter):
             direct = False
@@ -1556,6 +1566,239 @@ def _parse_error_text(exc: ValueError, what: str = "body") -> str:
 
 def _now() -> float:
     return time.time()
+
+
+# ---- Concurrency: anyio, on asyncio or trio ------------------------------------------------------
+#
+# Rules:
+# - What ``server.asgi`` reaches (sections 2-8, but the Redis store: redis-py's client is
+#   asyncio's) runs on asyncio and on trio: it waits, sleeps, locks, hands work to threads and
+#   cancels through anyio or the helpers here, never through asyncio directly.  The bundled HTTP
+#   server and stdio (sections 9, 10 and the stdio transport) are asyncio's own.
+# - A request's cancel scope (``_cancel_scope``) is, on asyncio, its task (``_TaskScope``): most
+#   requests never wait, and anyio's scope would be most of what such a call costs.  On trio it
+#   is anyio's.  Both are cancelled with ``cancel()`` and say ``cancelled_caught`` afterwards.
+# - Work that outlives the request that started it runs in ``_Background``: the task group of
+#   whoever serves the app (the ASGI lifespan, stdio), each job in its own cancel scope, its
+#   failure logged and kept from its siblings.
+# - What callbacks hand to one waiting stream goes through a bounded ``_Inbox``: a client that
+#   reads too slowly ends its stream instead of making the server hold ever more for it.
+
+
+def _on_asyncio() -> bool:
+    """Whether this runs in an asyncio event loop (else trio, through anyio)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+class _TaskScope:
+    """A cancel scope over asyncio's running task, with an optional time limit: ``cancel()``
+    cancels the task, and leaving the scope takes back that cancellation and no other (as
+    ``asyncio.timeout`` does), so code outside it goes on; ``cancelled_caught`` says it did."""
+
+    __slots__ = ("task", "limit", "timer", "requested", "cancelling", "cancelled_caught")
+
+    def __init__(self, limit: float | None = None):
+        self.limit = limit
+        self.task = self.timer = None
+        self.requested = self.cancelled_caught = False
+        self.cancelling = 0
+
+    def __enter__(self) -> "_TaskScope":
+        task = self.task = asyncio.current_task()
+        if self.limit:
+            self.timer = task.get_loop().call_later(self.limit, self.cancel)
+        return self
+
+    def cancel(self) -> None:
+        task = self.task
+        if not self.requested and task is not None and not task.done():
+            self.requested = True
+            self.cancelling = task.cancelling()  # (a cancellation already pending is not ours to take back)
+            task.cancel()
+
+    def __exit__(self, kind, exc, traceback) -> bool:
+        if self.timer is not None:
+            self.timer.cancel()
+        task, self.task = self.task, None  # (a late cancel() finds nothing to cancel)
+        if self.requested and task.uncancel() <= self.cancelling and kind is asyncio.CancelledError:
+            self.cancelled_caught = True
+            return True
+        return False
+
+
+def _cancel_scope(limit: float | None = None):
+    """A cancel scope for a request or a step of it, ended after ``limit`` seconds if given."""
+    if _on_asyncio():
+        return _TaskScope(limit)
+    return anyio.CancelScope(deadline=anyio.current_time() + limit if limit else math.inf)
+
+
+def _cancelled_class() -> type:
+    """The exception that cancels a task here (in an ``except`` clause: evaluated only when
+    something is raised)."""
+    return anyio.get_cancelled_exc_class()
+
+
+class _Answer:
+    """A value one task waits for and another (or a callback) delivers once: a client's answer,
+    a task's first outcome.  ``set``/``fail`` deliver, ``await wait()`` takes it."""
+
+    __slots__ = ("event", "value", "error")
+
+    def __init__(self):
+        self.event = anyio.Event()
+        self.value = self.error = None
+
+    @property
+    def done(self) -> bool:
+        return self.event.is_set()
+
+    def set(self, value) -> None:
+        if not self.event.is_set():
+            self.value = value
+            self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
+
+    async def wait(self):
+        await self.event.wait()
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+async def _gather(*awaitables) -> list:
+    """Run awaitables concurrently in a task group; their results in order.  The first failure
+    cancels the others and is raised as it is (not in an exception group)."""
+    results: list = [None] * len(awaitables)
+    failures: list = []
+
+    async def one(index, awaitable):
+        try:
+            results[index] = await awaitable
+        except _REQUEST_ERRORS as exc:
+            if not failures:
+                failures.append(exc)
+                group.cancel_scope.cancel()
+    async with anyio.create_task_group() as group:
+        for index, awaitable in enumerate(awaitables):
+            group.start_soon(one, index, awaitable)
+    if failures:
+        raise failures[0]
+    return results
+
+
+class _Job:
+    """A piece of background work: ``cancel()`` ends it, ``done`` says it ended."""
+
+    __slots__ = ("scope", "ended")
+
+    def __init__(self):
+        self.scope = anyio.CancelScope()
+        self.ended = anyio.Event()
+
+    @property
+    def done(self) -> bool:
+        return self.ended.is_set()
+
+    def cancel(self) -> None:
+        self.scope.cancel()
+
+
+class _Background:
+    """Where work that outlives its request runs: the task group of whoever serves (``serving``,
+    for the ASGI lifespan and stdio).  Outside one, on asyncio, a job is a task of its own (an
+    ASGI server run without lifespan events); on trio it must be inside one."""
+
+    def __init__(self):
+        self.group = None
+        self.jobs: set = set()
+
+    @contextlib.asynccontextmanager
+    async def serving(self):
+        async with anyio.create_task_group() as group:
+            self.group = group
+            try:
+                yield
+            finally:
+                self.group = None
+                await self.close()
+
+    def spawn(self, coroutine) -> _Job:
+        job = _Job()
+        self.jobs.add(job)
+        if self.group is not None:
+            self.group.start_soon(self._run, job, coroutine)
+        elif _on_asyncio():
+            asyncio.get_running_loop().create_task(self._run(job, coroutine))
+        else:
+            coroutine.close()
+            self.jobs.discard(job)
+            raise RuntimeError("mcp_server on trio needs the ASGI lifespan protocol (background work runs "
+                               "in its task group): turn lifespan events on in the ASGI server")
+        return job
+
+    async def _run(self, job: _Job, coroutine) -> None:
+        try:
+            with job.scope:
+                await coroutine
+        except _REQUEST_ERRORS:
+            log.error("background task failed (error id %s)", _error_id(), exc_info=True)
+        finally:
+            self.jobs.discard(job)
+            job.ended.set()
+
+    async def close(self) -> None:
+        """Cancel every job and wait for them to end."""
+        jobs = list(self.jobs)
+        for job in jobs:
+            job.cancel()
+        with anyio.CancelScope(shield=True):
+            for job in jobs:
+                await job.ended.wait()
+
+
+class _Inbox:
+    """What callbacks (store subscriptions, the bus, a disconnect) hand to one waiting stream: a
+    bounded anyio memory object stream.  ``put`` never waits: past ``size`` items the client is
+    reading too slowly, the inbox closes (``overflowed``), and ``get`` returns None once it has
+    handed out what it holds, which ends the stream."""
+
+    __slots__ = ("sender", "receiver", "overflowed")
+
+    QUIET = object()  # what ``get`` returns when nothing came within its time
+
+    def __init__(self, size: int):
+        self.sender, self.receiver = anyio.create_memory_object_stream(size)
+        self.overflowed = False
+
+    def put(self, item) -> None:
+        try:
+            self.sender.send_nowait(item)
+        except anyio.WouldBlock:
+            self.overflowed = True
+            self.sender.close()
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    async def get(self, within: float):
+        with anyio.move_on_after(within):
+            try:
+                return await self.receiver.receive()
+            except (anyio.EndOfStream, anyio.ClosedResourceError):
+                return None
+        return self.QUIET
+
+    def close(self) -> None:
+        self.sender.close()
+        self.receiver.close()
 
 
 # ==== 2. Store ==================================================================================
@@ -2905,7 +3148,9 @@ class _Callable:
         """A sync function declared to run on the event loop (``inline=True``)."""
         return self.inline and not self.is_async
 
-    async def invoke(self, arguments: dict, ctx):
+    async def invoke(self, arguments: dict, ctx, threads: anyio.CapacityLimiter | None = None):
+        """Call the function with ``arguments`` (and ``ctx``); a sync one on a worker thread, one
+        of ``threads`` (anyio's default limiter without it), unless declared ``inline``."""
         kwargs = {name: arguments[name] if tp is None else _convert(arguments[name], tp)
                   for name, tp in self.arg_types if name in arguments}
         if self.takes_kwargs:
@@ -2917,10 +3162,9 @@ class _Callable:
                 result = await self.fn(**kwargs)
             elif self.inline:
                 result = self.fn(**kwargs)  # declared cheap: no thread hand-off
-            else:
-                context = contextvars.copy_context()
-                result = await asyncio.get_running_loop().run_in_executor(
-                    None, functools.partial(context.run, self.fn, **kwargs))
+            else:  # (the thread runs in a copy of this context: contextvars reach it)
+                result = await anyio.to_thread.run_sync(functools.partial(self.fn, **kwargs),
+                                                        abandon_on_cancel=True, limiter=threads)
             if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
                 result = await result
         except (SystemExit, KeyboardInterrupt) as exc:
@@ -3444,7 +3688,7 @@ class Context:
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
                  "client_capabilities", "session_id", "session", "principal", "_out", "_answers",
                  "_responses", "_asked", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
-                 "_task", "_log_threshold", "_task_run", "base_url", "round_state")
+                 "_scope", "_log_threshold", "_task_run", "base_url", "round_state")
 
     def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
                  version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
@@ -3476,7 +3720,7 @@ class Context:
         self._cancelled = False
         self._last_progress = None
         self._session_changed = False
-        self._task = None
+        self._scope = None  # the request's cancel scope (``_cancel_scope``): cancel() ends it
         self._task_run = None  # the _TaskRun when this call runs as a task (tasks extension)
         if modern:
             level = self.meta.get(_META_LOGLEVEL)
@@ -3559,7 +3803,7 @@ class Context:
         if not self.modern:
             if self._out is None or not hasattr(self._out, "request"):
                 raise ToolError("This transport cannot carry requests to the client.")
-            results = await asyncio.gather(*(self._out.request(r["method"], r.get("params", {}))
+            results = await _gather(*(self._out.request(r["method"], r.get("params", {}))
                                              for r in requests.values()))
             return dict(zip(requests, results))
         answers, missing = {}, {}
@@ -3941,6 +4185,7 @@ class MCPServer:
         self._shaped: dict = {}  # (kind, version) -> shaped list; cleared when a registry changes
         self._keys: _KeyRing | None = None
         self._runtime = None  # the _Hub, made on first use inside a running loop
+        self.threads: anyio.CapacityLimiter | None = None  # what sync functions' threads (MCP_TOOL_THREADS)
         self._app = None
         self._login = None  # the _Login flow, once add_login_tools() ran
         self._local_base = None  # http://127.0.0.1:<port> of the listener, for calls to ourselves
@@ -4243,6 +4488,7 @@ class MCPServer:
         hub = self._runtime if self._runtime is not None else self._hub()
         if not hub.started:
             hub.start()
+            self.threads = anyio.CapacityLimiter(self.settings.tool_threads)
             _telemetry.instrument(self)
             if self.settings.metrics_token:
                 _metrics.on = True  # (for good: another server in this process may serve them too)
@@ -4513,19 +4759,15 @@ class MCPServer:
 
     async def _run_tool(self, tool: _Tool, arguments: dict, ctx: Context) -> dict:
         limit = self.settings.tool_timeout
-        timer, expired = None, []
-        if limit and not tool.on_loop:  # (a sync call on the loop cannot be interrupted anyway)
-            # a bare timer handle: cheaper than asyncio.timeout() on every call
-            task = ctx._task or asyncio.current_task()
-
-            def expire():
-                expired.append(True)
-                task.cancel()
-            timer = asyncio.get_running_loop().call_later(limit, expire)
+        # (a sync call on the loop cannot be interrupted anyway)
+        deadline = _cancel_scope(limit if not tool.on_loop else None)
         try:
-            if tool.login_required:
-                await ctx.credentials()  # a tool error telling the user to log in, if they did not
-            value = await tool.invoke(arguments, ctx)
+            with deadline:
+                if tool.login_required:
+                    await ctx.credentials()  # a tool error telling the user to log in, if they did not
+                value = await tool.invoke(arguments, ctx, self.threads)
+            if deadline.cancelled_caught:
+                return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
             if tool.mask is not None:
                 value = _mask(_plain(value), _DEFAULT_MASK_FIELDS | tool.mask |
                               {f.lower() for f in self.settings.mask_fields})
@@ -4535,10 +4777,7 @@ class MCPServer:
             return _tool_error(message if tool.mask is None else _mask_free_text(message))
         except (RpcError, _InputRequired, _Cancelled):
             raise
-        except asyncio.CancelledError:
-            if expired:
-                asyncio.current_task().uncancel()
-                return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
+        except _cancelled_class():
             if ctx._cancelled:
                 raise _Cancelled() from None
             raise
@@ -4554,9 +4793,6 @@ class MCPServer:
             if detail and tool.mask is not None:
                 detail = _mask_free_text(detail)
             return _tool_error(f"Tool {tool.name} failed with an internal error (error id {error_id}){detail}.")
-        finally:
-            if timer is not None:
-                timer.cancel()
 
     async def _m_resources_list(self, ctx: Context) -> dict:
         return await self._page(ctx, "resources", "resources")
@@ -4587,7 +4823,7 @@ class MCPServer:
         if resource is None:
             raise self._resource_not_found(ctx, uri)
         try:
-            value = await resource.invoke(variables, ctx)
+            value = await resource.invoke(variables, ctx, self.threads)
         except (LookupError, FileNotFoundError):
             raise self._resource_not_found(ctx, uri) from None
         except ToolError as exc:
@@ -4631,7 +4867,7 @@ class MCPServer:
             raise _invalid_params(f"Prompt {name} needs the argument(s) {', '.join(missing)}.",
                                   {"missing": missing})
         try:
-            value = await prompt.invoke(arguments, ctx)
+            value = await prompt.invoke(arguments, ctx, self.threads)
         except ToolError as exc:
             raise RpcError(INTERNAL_ERROR, str(exc)) from None
         result = {"messages": [{"role": m["role"], "content": _shape_block(m["content"], ctx.protocol_version)}
@@ -4731,13 +4967,13 @@ class _TaskRun:
         self.task_id = secrets.token_urlsafe(16)
         self.started = False
         self.record: dict = {}
-        self.outcome = asyncio.get_running_loop().create_future()
+        self.outcome = _Answer()  # what answers the request: the result, or the task's creation
         self.pending: dict = {}       # key -> input request still unanswered
         self.delivered: dict = {}     # key -> answer from tasks/update, not yet taken
-        self.arrived = asyncio.Event()
+        self.arrived = anyio.Event()  # set (then made anew) when tasks/update delivers answers
         self.runner = None
         self._unsubscribe = lambda: None
-        self._saving = asyncio.Lock()
+        self._saving = anyio.Lock()
         self._counted = None  # the principal whose running tasks count this one
         ctx._task_run = self
 
@@ -4751,8 +4987,8 @@ class _TaskRun:
             self._uncount()
             raise
         try:
-            return await asyncio.shield(self.outcome)
-        except asyncio.CancelledError:
+            return await self.outcome.wait()  # (the request going away does not end the task)
+        except _cancelled_class():
             if not self.started:
                 self.runner.cancel()  # the request went away before the task began
             raise
@@ -4786,8 +5022,8 @@ class _TaskRun:
         self.started = True
         self.hub.task_runs[self.task_id] = self
         self._unsubscribe = self.hub.store.subscribe(_task_channel(self.task_id), self._on_control)
-        if not self.outcome.done():
-            self.outcome.set_result({"resultType": "task", **{k: v for k, v in self.record.items()
+        if not self.outcome.done:
+            self.outcome.set({"resultType": "task", **{k: v for k, v in self.record.items()
                                                                if k not in _TASK_PRIVATE}})
         self.ctx._out = None  # the request is answered: progress and logs have nowhere to go
 
@@ -4808,15 +5044,16 @@ class _TaskRun:
             result = await self.server._run_tool(self.tool, arguments, ctx)
         except (RpcError, _InputRequired) as exc:
             if not self.started:
-                self.outcome.set_exception(exc)
+                self.outcome.fail(exc)
             elif isinstance(exc, RpcError):
                 await self._finish("failed", error=exc.to_dict())
             return
-        except (_Cancelled, asyncio.CancelledError):
-            if not self.started and not self.outcome.done():
-                self.outcome.set_exception(_Cancelled())
-            elif self.started:
-                await self._finish("cancelled", statusMessage="Cancelled by the client.")
+        except (_Cancelled, _cancelled_class()):
+            if not self.started:
+                self.outcome.fail(_Cancelled())
+            else:
+                with anyio.CancelScope(shield=True):  # (its own scope is cancelled: the record is not)
+                    await self._finish("cancelled", statusMessage="Cancelled by the client.")
             return
         finally:
             self._uncount()
@@ -4825,7 +5062,7 @@ class _TaskRun:
                 self._unsubscribe()
         shaped = _shape_call_result(result, ctx.protocol_version)
         if not self.started:
-            self.outcome.set_result(shaped)
+            self.outcome.set(shaped)
         else:
             await self._finish("completed", result={"resultType": "complete", **shaped})
 
@@ -4840,7 +5077,7 @@ class _TaskRun:
                 if key in self.delivered and key not in answers:
                     answers[key] = self.delivered.pop(key)
             if len(answers) < len(missing):
-                self.arrived.clear()
+                self.arrived = anyio.Event()
                 await self.arrived.wait()
         for key in missing:
             self.pending.pop(key, None)
@@ -5312,7 +5549,7 @@ class _Hub:
         self.live_posts: dict = {}      # (session id, stream id) -> _PostChannel (resumable)
         self.task_runs: dict = {}       # task id -> _TaskRun running here
         self.listeners: set = set()     # callables fed every bus event
-        self.tasks: set = set()
+        self.background = _Background()  # work that outlives its request
         self.closing = False
         self.unready = False  # SIGTERM: /readyz says 503 (balancers take the instance out), it still serves
         self.draining = False  # then its streams end, resumable ones with a retry hint
@@ -5334,6 +5571,10 @@ class _Hub:
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
+        if isinstance(self.store, RedisStore) and not _on_asyncio():
+            raise RuntimeError("The Redis store (REDIS_URL) needs asyncio: redis-py's client runs on asyncio "
+                               "alone.  Serve server.asgi on asyncio (uvicorn, hypercorn's asyncio worker, the "
+                               "bundled server), or on trio without REDIS_URL.")
         self.started = True
         self._unsubscribes = [self.store.subscribe(_BUS_CHANNEL, self._on_bus),
                               self.store.subscribe(_CANCEL_CHANNEL, self._on_cancel)]
@@ -5394,16 +5635,8 @@ class _Hub:
         if isinstance(message, dict) and self.session_cache.pop(message.get("sid"), None) is not None:
             _metrics.inc("mcp_session_cache_drops_total")
 
-    def spawn(self, coro) -> asyncio.Task:
-        task = asyncio.get_running_loop().create_task(coro)
-        self.tasks.add(task)
-        task.add_done_callback(self._task_done)
-        return task
-
-    def _task_done(self, task: asyncio.Task) -> None:
-        self.tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task failed (error id %s)", _error_id(), exc_info=task.exception())
+    def spawn(self, coroutine) -> _Job:
+        return self.background.spawn(coroutine)
 
     def _on_bus(self, event: dict) -> None:
         for listener in list(self.listeners):
@@ -5411,21 +5644,20 @@ class _Hub:
 
     def watch_idle_streams(self) -> None:
         """Make sure the keep-alive ticker runs (one timer for every stream, not one each)."""
-        if self._ticker is None or self._ticker.done():
+        if self._ticker is None or self._ticker.done:
             self._ticker = self.spawn(self._keep_alive())
 
     async def _keep_alive(self) -> None:
         """Wake the streams that were quiet for MCP_SSE_KEEPALIVE seconds; they send a comment."""
         period = self.settings.sse_keepalive
         tick = min(1.0, period / 4)
-        loop = asyncio.get_running_loop()
         while self.session_streams and not self.closing:
-            await asyncio.sleep(tick)
-            now = loop.time()
+            await anyio.sleep(tick)
+            now = anyio.current_time()
             for stream in list(self.session_streams.values()):
-                waiter = stream._waiter
-                if waiter is not None and not waiter.done() and now - stream.idle_since >= period:
-                    waiter.set_result(None)
+                waiter = stream.waiter
+                if waiter is not None and now - stream.idle_since >= period:
+                    waiter.set()
 
     # -- quotas: sessions in the store (they hold across instances), streams here ------------------
 
@@ -5533,19 +5765,19 @@ class _Hub:
     async def ask_client(self, session_id: str | None, method: str, params: dict, write) -> dict:
         """Send a server-to-client request with ``write(message)`` and wait for its answer."""
         request_id = self.next_request_id()
-        future = asyncio.get_running_loop().create_future()
+        reply = _Answer()
         key = (session_id, request_id)
-        self.pending[key] = future
+        self.pending[key] = reply
         # the answer may be POSTed to another instance: it arrives on the session's reply channel
         unsubscribe = self.store.subscribe(_reply_channel(session_id), lambda m: self.resolve(session_id, m))
         try:
             await self.store.subscribed()  # the answer may come through another instance at once
             await write({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            timeout = self.settings.client_timeout or None
-            try:
-                answer = await asyncio.wait_for(future, timeout)
-            except asyncio.TimeoutError:
-                raise ToolError(f"The client did not answer {method} within {timeout:g} seconds.") from None
+            timeout, answer = self.settings.client_timeout or math.inf, None
+            with anyio.move_on_after(timeout):
+                answer = await reply.wait()
+            if answer is None:
+                raise ToolError(f"The client did not answer {method} within {timeout:g} seconds.")
         finally:
             self.pending.pop(key, None)
             unsubscribe()
@@ -5556,21 +5788,27 @@ class _Hub:
         return result if isinstance(result, dict) else {}
 
     def resolve(self, session_id: str | None, message: dict) -> bool:
-        future = self.pending.get((session_id, message.get("id")))
-        if future is None or future.done():
+        answer = self.pending.get((session_id, message.get("id")))
+        if answer is None or answer.done:
             return False
-        future.set_result(message)
+        answer.set(message)
         return True
 
     # -- running requests and cancellation -------------------------------------------------------
 
-    def track(self, ctx: Context) -> None:
-        if ctx._task is None:
-            ctx._task = asyncio.current_task()
-        self.running[(ctx.session_id, ctx.request_id)] = ctx
-
-    def untrack(self, ctx: Context) -> None:
-        self.running.pop((ctx.session_id, ctx.request_id), None)
+    async def respond_cancellable(self, ctx: Context) -> tuple:
+        """``_respond`` for a request of a legacy session, in a cancel scope that
+        ``notifications/cancelled`` (on any instance) ends; (None, 0) when it did."""
+        key = (ctx.session_id, ctx.request_id)
+        with _cancel_scope() as ctx._scope:
+            if ctx.request_id is not None:
+                self.running[key] = ctx
+            try:
+                return await self.server._respond(ctx)
+            finally:
+                if self.running.get(key) is ctx:
+                    del self.running[key]
+        return None, 0
 
     def cancel(self, session_id: str | None, request_id) -> None:
         """Cancel a running request here, or tell the instance that runs it."""
@@ -5585,8 +5823,8 @@ class _Hub:
         if ctx is None or ctx.method == "initialize":
             return False  # unknown, finished, or not cancellable: ignored, as the spec allows
         ctx._cancelled = True
-        if ctx._task is not None:
-            ctx._task.cancel()
+        if ctx._scope is not None:
+            ctx._scope.cancel()
         return True
 
     # -- 2026 subscriptions/listen ----------------------------------------------------------------
@@ -5609,7 +5847,7 @@ class _Hub:
         except _HttpError as exc:
             raise RpcError(exc.code, exc.message, status=exc.status) from None
         tag = {_META_SUBSCRIPTION: ctx.request_id}
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(self.settings.stream_buffer)
 
         def on_event(event):
             method = _listen_method(event, honored)
@@ -5617,9 +5855,9 @@ class _Hub:
                 params = {"_meta": tag}
                 if event["kind"] == "updated":
                     params["uri"] = event["uri"]
-                queue.put_nowait({"jsonrpc": "2.0", "method": method, "params": params})
+                inbox.put({"jsonrpc": "2.0", "method": method, "params": params})
             elif event.get("kind") == "shutdown":
-                queue.put_nowait(None)
+                inbox.put(None)
 
         self.listeners.add(on_event)  # before the acknowledgement: nothing after it is missed
         _metrics.inc("mcp_open_streams", kind="listen")
@@ -5627,16 +5865,15 @@ class _Hub:
             await out.send({"jsonrpc": "2.0", "method": "notifications/subscriptions/acknowledged",
                             "params": {"_meta": tag, "notifications": honored}})
             while not self.closing:
-                try:
-                    async with asyncio.timeout(self.settings.sse_keepalive):
-                        message = await queue.get()
-                except TimeoutError:
+                message = await inbox.get(self.settings.sse_keepalive)
+                if message is inbox.QUIET:
                     await out.keepalive()
                     continue
                 if message is None:
                     break
                 await out.send(message)
         finally:
+            inbox.close()
             release()
             self.listeners.discard(on_event)
             _metrics.inc("mcp_open_streams", -1, kind="listen")
@@ -5656,10 +5893,7 @@ class _Hub:
         """Graceful stop: end listen and session streams, cancel background work."""
         self.closing = True
         self._on_bus({"kind": "shutdown"})
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.background.close()
         for unsubscribe in self._unsubscribes:
             unsubscribe()
         await self.store.close()
@@ -5742,10 +5976,11 @@ class _AsgiExchange:
       ended (at most one per exchange); ``stop_watching()`` forgets it;
     - ``forget_request()``: drop the request's raw headers where that is safe."""
 
-    __slots__ = ("receive", "send", "head", "watcher", "extension", "raw_headers")
+    __slots__ = ("receive", "send", "spawn", "head", "watcher", "extension", "raw_headers")
 
-    def __init__(self, scope: dict, receive, send):
+    def __init__(self, scope: dict, receive, send, spawn):
         self.receive, self.send = receive, send
+        self.spawn = spawn  # runs a coroutine as background work (``_Hub.spawn``)
         self.head = None  # the response start, waiting for the first write
         self.watcher = None
         # the bundled server's disconnect callbacks, when it runs us as a plain ASGI app (mounted)
@@ -5775,7 +6010,7 @@ class _AsgiExchange:
                     if message["type"] == "http.disconnect":
                         callback()
                         return
-            self.watcher = asyncio.get_running_loop().create_task(watch())
+            self.watcher = self.spawn(watch())
 
     def stop_watching(self) -> None:
         if self.watcher is not None:
@@ -5856,11 +6091,6 @@ class _Http:
         except ValueError as exc:
             raise _HttpError(400, _parse_error_text(exc), PARSE_ERROR) from None
 
-    def running_task(self):
-        """What cancels this exchange's handler: the running task (under the bundled server, the
-        request's eager task)."""
-        return asyncio.current_task()
-
     def start(self, status: int, headers: list) -> None:
         """The response head; it leaves with the first ``write`` or ``end``."""
         self.started = True
@@ -5929,8 +6159,8 @@ class _Http:
         ctx, self.cancels = self.cancels, None
         if ctx is not None:
             ctx._cancelled = True
-            if ctx._task is not None:
-                ctx._task.cancel()
+            if ctx._scope is not None:
+                ctx._scope.cancel()
         for callback in callbacks:
             callback()
 
@@ -6022,7 +6252,7 @@ class _PostChannel:
             seq = await self.hub.log_event(_events_key(self.session_id, self.stream_id), text)
             event_id = f"{self.stream_id}:{seq}"
             for follower in self.followers:
-                follower.put_nowait((event_id, message))
+                follower.put((event_id, message))
             if self.hub.shared:  # a client may resume this stream on another instance
                 await self.hub.store.publish(_stream_channel(self.session_id, self.stream_id), [event_id, message])
         if not self.detached:
@@ -6084,7 +6314,7 @@ class _PostChannel:
         finally:
             self.done = True
             for follower in self.followers:
-                follower.put_nowait(None)
+                follower.put(None)
             if self.stream_id:
                 self.hub.live_posts.pop((self.session_id, self.stream_id), None)
 
@@ -6095,26 +6325,35 @@ class _SessionStream:
     It carries session-wide notifications, server requests routed to it, and, for /sse, every
     response.  A newer stream for the same session takes over and this one ends."""
 
-    # Idle streams are the common case, thousands per process: a list, and a future only while
-    # waiting, instead of an asyncio.Queue (four deques, ~3 KB) and an asyncio.timeout each;
-    # the hub's one ticker wakes a stream that has been quiet for the keep-alive period.
-    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "_waiter", "idle_since")
+    # Idle streams are the common case, thousands per process: a list, and an event only while
+    # waiting, instead of an ``_Inbox`` and a cancel scope each (bench/RESULTS.md: the memory per
+    # idle stream); the hub's one ticker wakes a stream that has been quiet for the keep-alive
+    # period.  The list is bounded all the same: past MCP_STREAM_BUFFER undelivered items the
+    # client reads too slowly, and the stream ends (a 2025-11-25 client resumes from the log).
+    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "waiter", "idle_since",
+                 "overflowed")
 
     def __init__(self, hub: _Hub, http: _Http, session_id: str, version: str | None, log_events: bool):
         self.hub, self.http, self.session_id = hub, http, session_id
         self.version = version
         self.log_events = log_events
         self._items: list | None = None  # what put() delivered and run() has not taken yet
-        self._waiter: asyncio.Future | None = None  # while run() waits
-        self.idle_since = 0.0  # loop time when it began to wait
+        self.waiter: anyio.Event | None = None  # while run() waits
+        self.idle_since = 0.0  # anyio.current_time() when it began to wait
+        self.overflowed = False
 
     def put(self, item) -> None:
+        if self.overflowed:
+            return
         if self._items is None:
             self._items = [item]
-        else:
+        elif len(self._items) < self.hub.settings.stream_buffer:
             self._items.append(item)
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        else:  # the client reads too slowly: end the stream (the end is the one item let in)
+            self.overflowed = True
+            self._items.append(None)
+        if self.waiter is not None:
+            self.waiter.set()
 
     def _end(self) -> None:
         self.put(None)
@@ -6141,16 +6380,15 @@ class _SessionStream:
                 await http.write(first)
             for event_id, message in replay:
                 await http.write(_sse(message, event_id))
-            loop = asyncio.get_running_loop()
             while not http.ended and not hub.closing and not hub.draining:
                 if not self._items:
-                    self._waiter = waiter = loop.create_future()
-                    self.idle_since = loop.time()
+                    self.waiter = waiter = anyio.Event()
+                    self.idle_since = anyio.current_time()
                     hub.watch_idle_streams()
                     try:
-                        await waiter
+                        await waiter.wait()
                     finally:
-                        self._waiter = None
+                        self.waiter = None
                     if not self._items:
                         await http.write(_SSE_KEEPALIVE)
                         continue
@@ -6258,19 +6496,15 @@ class _StreamableHTTP:
             return
         channel = _PostChannel(http, hub, None, sse_ok, False, [])
         ctx._out = channel
-        ctx._task = http.running_task()
-        http.cancel_on_disconnect(ctx)
-        if sse_first:
-            await channel._start()
-        try:
-            response, status = await server._respond(ctx)
-        except asyncio.CancelledError:
-            if ctx._cancelled:
-                asyncio.current_task().uncancel()
-                return
-            raise
-        finally:
-            http.stop_watching()
+        response = None
+        with _cancel_scope() as ctx._scope:
+            http.cancel_on_disconnect(ctx)
+            try:
+                if sse_first:
+                    await channel._start()
+                response, status = await server._respond(ctx)
+            finally:
+                http.stop_watching()
         if response is None or ctx._cancelled:
             if not ctx._cancelled:
                 await channel.finish_cancelled(request_id, [])
@@ -6315,22 +6549,11 @@ class _StreamableHTTP:
         extra = []
         channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
-        ctx._task = http.running_task()
         if sse_first:
             channel.must_stream = True
             if method != "initialize":  # initialize's stream waits for the new session's id
                 await channel._start()
-        hub.track(ctx)
-        try:
-            response, status = await server._respond(ctx)
-        except asyncio.CancelledError:
-            if ctx._cancelled:
-                asyncio.current_task().uncancel()
-                response, status = None, 0
-            else:
-                raise
-        finally:
-            hub.untrack(ctx)
+        response, status = await hub.respond_cancellable(ctx)
         headers = []
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
@@ -6422,17 +6645,17 @@ class _StreamableHTTP:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
         hub = self.server._hub()
         live = hub.live_posts.get((session_id, stream_id))
-        queue: asyncio.Queue = asyncio.Queue()
+        inbox = _Inbox(hub.settings.stream_buffer)
         unsubscribe = None
 
         def on_bus(event):
             if event.get("kind") == "shutdown":
-                queue.put_nowait(None)
+                inbox.put(None)
         if live is not None:
-            live.followers.append(queue)
+            live.followers.append(inbox)
         elif hub.shared:  # the stream may be live on another instance
             unsubscribe = hub.store.subscribe(_stream_channel(session_id, stream_id),
-                                              lambda item: queue.put_nowait(tuple(item)))
+                                              lambda item: inbox.put(tuple(item)))
         try:
             if unsubscribe is not None:
                 await hub.store.subscribed()  # then the log read below misses nothing
@@ -6443,14 +6666,12 @@ class _StreamableHTTP:
                 await http.write(_sse(message, f"{stream_id}:{seq}"))
                 last = seq
             finished = any("id" in m and "method" not in m for _s, m in events)
-            http.on_disconnect(lambda: queue.put_nowait(None))
+            http.on_disconnect(lambda: inbox.put(None))
             hub.listeners.add(on_bus)
             following = live is not None or unsubscribe is not None
             while following and not finished and not http.ended and not hub.draining:
-                try:
-                    async with asyncio.timeout(hub.settings.sse_keepalive):
-                        item = await queue.get()
-                except TimeoutError:
+                item = await inbox.get(hub.settings.sse_keepalive)
+                if item is inbox.QUIET:
                     if live is None:  # pub/sub may have dropped something: the log has it all
                         missed = await hub.read_events(_events_key(session_id, stream_id), last)
                         for seq, message in missed:
@@ -6471,8 +6692,9 @@ class _StreamableHTTP:
                 last = int(event_id.rpartition(":")[2])
                 finished = "id" in message and "method" not in message
         finally:
-            if live is not None and queue in live.followers:
-                live.followers.remove(queue)
+            inbox.close()
+            if live is not None and inbox in live.followers:
+                live.followers.remove(inbox)
             if unsubscribe is not None:
                 unsubscribe()
             hub.listeners.discard(on_bus)
@@ -6697,11 +6919,7 @@ class _LegacySSE:
         ctx = Context(server, message["method"], message.get("params") or {}, request_id, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
                       out=channel, principal=principal, base_url=base_url)
-        hub.track(ctx)
-        try:
-            response, _status = await server._respond(ctx)
-        finally:
-            hub.untrack(ctx)
+        response, _status = await hub.respond_cancellable(ctx)
         if ctx._session_changed:
             await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
                                                 "q": record.get("q", [])})
@@ -6930,17 +7148,7 @@ class _Stdio:
         return None
 
     async def _run(self, ctx: Context, batch: bool):
-        hub = self.server._hub()
-        if ctx.request_id is not None:
-            hub.track(ctx)
-        try:
-            response, _status = await self.server._respond(ctx)
-        except asyncio.CancelledError:
-            if ctx._cancelled:
-                return None
-            raise
-        finally:
-            hub.untrack(ctx)
+        response, _status = await self.server._hub().respond_cancellable(ctx)
         if ctx._session_changed:
             self.session = ctx.session
         if response is None:
@@ -7263,8 +7471,8 @@ class _OAuth:
         # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
         # documents never hold the pool that runs tools and upstream calls.
         self._fetch_slots = threading.BoundedSemaphore(_CIMD_MAX_FETCHES)
-        self._fetch_pool = None
-        self._fetches: dict = {}  # URL -> the fetch in flight, shared by concurrent requests
+        self._fetch_threads = None  # anyio.CapacityLimiter(_CIMD_MAX_FETCHES), made in the running loop
+        self._fetches: dict = {}  # URL -> _Answer of the fetch in flight, shared by concurrent requests
 
     @property
     def settings(self) -> Settings:
@@ -7438,29 +7646,34 @@ class _OAuth:
     async def _fetch_document(self, client_id: str) -> tuple:
         """``_fetch_json_document`` on the fetch threads, within the fetch deadline; a fetch of
         the same URL already under way is shared.  Past the cap: 503, at once."""
-        import concurrent.futures
-        running = self._fetches.get(client_id)
+        fetched = self._fetches.get(client_id)
         timeout = self.settings.client_fetch_timeout
-        if running is None:
-            if not self._fetch_slots.acquire(blocking=False):
+        if fetched is None:
+            if not self._fetch_slots.acquire(blocking=False):  # (given back when the thread ends)
                 raise _OAuthError("temporarily_unavailable", "Too many client metadata documents are being "
                                   "fetched right now; try again in a moment.", 503)
+            fetched = self._fetches[client_id] = _Answer()
+            self.server._hub().spawn(self._fetch_into(fetched, client_id, timeout))
+        with anyio.move_on_after(timeout + 1):
+            return await fetched.wait()
+        raise ValueError(f"client metadata document took longer than {timeout:g} s")
 
-            def fetch():
-                try:
-                    return _fetch_json_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
-                finally:
-                    self._fetch_slots.release()
-
-            if self._fetch_pool is None:
-                self._fetch_pool = concurrent.futures.ThreadPoolExecutor(_CIMD_MAX_FETCHES, "mcp-client-document")
-            running = asyncio.get_running_loop().run_in_executor(self._fetch_pool, fetch)
-            self._fetches[client_id] = running
-            running.add_done_callback(lambda _done: self._fetches.pop(client_id, None))
+    async def _fetch_into(self, fetched: _Answer, client_id: str, timeout: float) -> None:
+        """Fetch a client's document on a fetch thread, for every request waiting on ``fetched``
+        (a background job: a request that goes away does not take the fetch with it)."""
+        def fetch():
+            try:
+                return _fetch_json_document(client_id, self.settings.allow_private_fetch, timeout=timeout)
+            finally:
+                self._fetch_slots.release()
+        if self._fetch_threads is None:
+            self._fetch_threads = anyio.CapacityLimiter(_CIMD_MAX_FETCHES)
         try:
-            return await asyncio.wait_for(asyncio.shield(running), timeout + 1)
-        except asyncio.TimeoutError:
-            raise ValueError(f"client metadata document took longer than {timeout:g} s") from None
+            fetched.set(await anyio.to_thread.run_sync(fetch, abandon_on_cancel=True, limiter=self._fetch_threads))
+        except Exception as exc:
+            fetched.fail(exc)
+        finally:
+            self._fetches.pop(client_id, None)
 
     @staticmethod
     def _client_from_document(client_id: str, document) -> dict:
@@ -7968,8 +8181,8 @@ class _OAuth:
                     # once in that many seconds, so bogus tokens cannot make this server a fetcher
                     self._jwks = jwt.PyJWKClient(settings.auth_jwks_url, cache_keys=True, timeout=5,
                                                  cooldown_duration=30)
-                signing = await asyncio.get_running_loop().run_in_executor(
-                    None, self._jwks.get_signing_key_from_jwt, token)
+                signing = await anyio.to_thread.run_sync(self._jwks.get_signing_key_from_jwt, token,
+                                                         abandon_on_cancel=True)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
             audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
             claims = jwt.decode(token, key, algorithms=algorithms, audience=audience,
@@ -8285,8 +8498,8 @@ class Provider:
                     headers: dict | None = None) -> tuple:
         """One HTTP call to the provider from a worker thread: (status, parsed JSON or None)."""
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                _http_call, method, url, form=form, json_body=json, headers=headers))
+            return await anyio.to_thread.run_sync(functools.partial(
+                _http_call, method, url, form=form, json_body=json, headers=headers), abandon_on_cancel=True)
         except (OSError, TimeoutError, ValueError) as exc:
             raise _NoAnswer(f"The provider did not answer ({type(exc).__name__}).") from None
 
@@ -8374,8 +8587,9 @@ class OIDCProvider(OAuth2Provider):
 
     async def _document(self, url: str, what: str) -> tuple:
         try:
-            return await asyncio.get_running_loop().run_in_executor(None, functools.partial(
-                _fetch_json_document, url, self.allow_private, _CIMD_LIMIT, self.timeout, what))
+            return await anyio.to_thread.run_sync(functools.partial(
+                _fetch_json_document, url, self.allow_private, _CIMD_LIMIT, self.timeout, what),
+                abandon_on_cancel=True)
         except (OSError, ValueError) as exc:
             raise ToolError(f"The identity provider's {what} could not be read: {exc}.") from None
 
@@ -9270,20 +9484,26 @@ class _App:
         else:
             raise RuntimeError(f"mcp_server: unsupported ASGI scope type {kind!r}")
 
+    def _spawn(self, coroutine) -> _Job:
+        return self.server._hub().spawn(coroutine)
+
     async def _lifespan(self, receive, send) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                try:
-                    await self.server._ready()
-                except Exception as exc:
-                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
-                    return
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                await _shutdown(self.server)
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+        """Startup readies the runtime, whose background work then runs in this task's task group
+        until shutdown (the only place it can run on trio)."""
+        message = await receive()
+        if message["type"] != "lifespan.startup":
+            return
+        try:
+            hub = await self.server._ready()
+        except Exception as exc:
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+            return
+        async with hub.background.serving():
+            await send({"type": "lifespan.startup.complete"})
+            while (await receive())["type"] != "lifespan.shutdown":
+                pass
+            await _shutdown(self.server)
+        await send({"type": "lifespan.shutdown.complete"})
 
     def _check_origin(self, http: _Http, path: str) -> list:
         """CORS headers for an allowed Origin; raises 403 for a foreign one.  The browser pages of
@@ -9360,7 +9580,7 @@ class _App:
         return self._handle(_Http(scope, headers, exchange))
 
     async def _http(self, scope, receive, send) -> None:
-        await self._handle(_Http(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send)))
+        await self._handle(_Http(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send, self._spawn)))
 
     async def _handle(self, http: _Http) -> None:
         scope, server = http.scope, self.server

@@ -957,6 +957,123 @@ class _Writes:
         return "".join(self.writes).splitlines()
 
 
+class TestConcurrency:
+    """The concurrency helpers of section 1, on asyncio and on trio (through anyio)."""
+
+    BACKENDS = ["asyncio", pytest.param("trio", marks=pytest.mark.skipif(
+        importlib.util.find_spec("trio") is None, reason="trio is not installed"))]
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_a_cancel_scope_takes_back_its_own_cancellation_and_no_other(self, backend):
+        import anyio
+
+        async def main():
+            outcomes = []
+            with mcp_server._cancel_scope() as scope:
+                async def cancel_soon():
+                    scope.cancel()
+                async with anyio.create_task_group() as group:
+                    group.start_soon(cancel_soon)
+                    await anyio.sleep_forever()
+            outcomes.append(scope.cancelled_caught)
+            with mcp_server._cancel_scope(0.01) as limited:
+                await anyio.sleep_forever()
+            outcomes.append(limited.cancelled_caught)
+            with mcp_server._cancel_scope(5) as untouched:
+                await anyio.sleep(0)
+            outcomes.append(untouched.cancelled_caught)
+            with anyio.CancelScope() as outer:  # someone else's cancellation goes through an inner scope
+                with mcp_server._cancel_scope() as inner:
+                    outer.cancel()
+                    await anyio.sleep_forever()
+            outcomes.append((inner.cancelled_caught, outer.cancelled_caught))
+            await anyio.sleep(0)  # nothing is left pending on the task
+            return outcomes
+        assert anyio.run(main, backend=backend) == [True, True, False, (False, True)]
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_an_inbox_ends_when_its_reader_falls_too_far_behind(self, backend):
+        import anyio
+
+        async def main():
+            inbox = mcp_server._Inbox(3)
+            quiet = await inbox.get(0.01)
+            for item in range(5):  # two past the bound: the inbox closes
+                inbox.put(item)
+            got = [await inbox.get(1) for _ in range(4)]
+            return quiet is inbox.QUIET, inbox.overflowed, got
+        assert anyio.run(main, backend=backend) == (True, True, [0, 1, 2, None])
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_background_jobs_fail_alone_and_end_when_cancelled(self, backend, caplog):
+        import anyio
+
+        async def main():
+            background, ran = mcp_server._Background(), []
+
+            async def fails():
+                raise ValueError("boom")
+
+            async def waits():
+                try:
+                    await anyio.sleep_forever()
+                finally:
+                    ran.append("cancelled")
+            async with background.serving():
+                background.spawn(fails())
+                job = background.spawn(waits())
+                await anyio.sleep(0.01)
+                assert not job.done
+                job.cancel()
+                await job.ended.wait()
+                background.spawn(waits())  # still running at shutdown: cancelled then
+            return ran, background.jobs
+        with caplog.at_level(logging.ERROR, logger="mcp_server"):
+            ran, left = anyio.run(main, backend=backend)
+        assert ran == ["cancelled", "cancelled"] and not left
+        assert any("background task failed" in r.getMessage() for r in caplog.records)
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_gather_keeps_order_and_raises_the_first_failure_itself(self, backend):
+        import anyio
+
+        async def value(v, delay):
+            await anyio.sleep(delay)
+            return v
+
+        async def fails():
+            raise ToolError("no")
+
+        async def main():
+            results = await mcp_server._gather(value("a", 0.02), value("b", 0))
+            try:
+                await mcp_server._gather(value("c", 5), fails())
+            except ToolError as exc:
+                return results, str(exc)
+        assert anyio.run(main, backend=backend) == (["a", "b"], "no")
+
+    def test_trio_without_a_lifespan_cannot_start_background_work(self):
+        trio = pytest.importorskip("trio")
+
+        async def main():
+            async def nothing():
+                return None
+            with pytest.raises(RuntimeError, match="needs the ASGI lifespan"):
+                mcp_server._Background().spawn(nothing())
+        trio.run(main)
+
+    def test_a_session_stream_that_falls_behind_ends(self):
+        server = build_server(stream_buffer=4)
+
+        async def main():
+            stream = mcp_server._SessionStream(server._hub(), None, "sid", LEGACY, False)
+            for n in range(10):
+                stream.put({"n": n})
+            return stream.overflowed, stream._items
+        overflowed, items = asyncio.run(main())
+        assert overflowed and items == [{"n": 0}, {"n": 1}, {"n": 2}, {"n": 3}, None]
+
+
 class TestLogLines:
     @pytest.fixture
     def logger(self):
@@ -3494,6 +3611,200 @@ class TestASGI:
             thread.join(WAIT)
 
 
+# ---- server.asgi on trio: hypercorn's trio worker, real sockets -----------------------------------
+
+
+def _trio_build_server(**settings) -> MCPServer:
+    """Tools that wait the way code meant for any backend does: through anyio."""
+    import anyio
+    server = MCPServer("trio-server", version="1.0.0", settings=Settings(auth="none", **settings))
+
+    @server.tool()
+    async def nap(token: str, ctx: Context) -> str:
+        """Sleep until cancelled (or the tool timeout)."""
+        p = probe(token)
+        p.started.set()
+        try:
+            await anyio.sleep_forever()
+        finally:
+            p.cancelled = ctx.cancelled
+            p.finished.set()
+        return "unreachable"
+
+    @server.tool()
+    async def steps(count: int, ctx: Context) -> str:
+        """Report progress ``count`` times."""
+        for i in range(1, count + 1):
+            await ctx.report_progress(i, count)
+        return f"{count} steps"
+
+    @server.tool()
+    async def ask_name(ctx: Context) -> str:
+        """Ask the client for a name (elicitation)."""
+        answer = await ctx.elicit("Your name?", NAME_SCHEMA, key="who")
+        return f"Hello, {answer['content']['name']}!"
+
+    @server.tool()
+    def thread_name() -> str:
+        """A sync tool: it runs on a worker thread."""
+        return threading.current_thread().name
+
+    @server.tool()
+    async def announce() -> str:
+        """Tell every client the tool list changed."""
+        await server.notify_tools_changed()
+        return "announced"
+
+    @server.tool(task="optional")
+    async def later(text: str) -> str:
+        """Runs as a task when asked."""
+        await anyio.sleep(0)
+        return f"later {text}"
+
+    return server
+
+
+@contextlib.contextmanager
+def trio_server(server: MCPServer):
+    """``server.asgi`` under hypercorn's trio worker, in a thread; yields the port."""
+    trio = pytest.importorskip("trio")
+    hypercorn_trio = pytest.importorskip("hypercorn.trio")
+    from hypercorn.config import Config
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]  # (hypercorn closes it)
+    config.loglevel = "WARNING"
+    running: dict = {}
+    failure: list = []
+
+    async def main():
+        running["token"], running["stop"] = trio.lowlevel.current_trio_token(), trio.Event()
+        await hypercorn_trio.serve(server.asgi, config, shutdown_trigger=running["stop"].wait)
+
+    def run():
+        try:
+            trio.run(main)
+        except BaseException as exc:  # (reported by the test, not lost in the thread)
+            failure.append(exc)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:  # polling readiness, not a timed assertion
+            assert not failure and time.monotonic() < deadline, f"hypercorn (trio) did not start: {failure}"
+            try:
+                if http(port, "GET", "/healthz").status == 200:
+                    break
+            except OSError:
+                time.sleep(0.02)
+        yield port
+    finally:
+        if "token" in running:
+            running["token"].run_sync_soon(running["stop"].set)
+        thread.join(WAIT)
+    assert not thread.is_alive() and not failure, failure
+
+
+class TestTrio:
+    """``server.asgi`` on trio (hypercorn's trio worker) does what it does on asyncio: sessions,
+    streams, server-to-client requests, cancellation, threads, deadlines and background tasks."""
+
+    def test_a_legacy_session_streams_progress_and_asks_the_client(self):
+        with trio_server(_trio_build_server()) as port:
+            s = Session(port, capabilities={"elicitation": {}})
+            s.initialize()
+            call = s.body("tools/call", {"name": "steps", "arguments": {"count": 3},
+                                         "_meta": {"progressToken": "p"}})
+            messages = s.post(call, {"Accept": "text/event-stream"}).messages()
+            assert [m["params"]["progress"] for m in messages if m.get("method") == "notifications/progress"] == [1, 2, 3]
+            assert messages[-1]["result"]["content"][0]["text"] == "3 steps"
+            ask_call = s.body("tools/call", {"name": "ask_name", "arguments": {}})
+            with Conn(port) as conn:
+                conn.request("POST", "/mcp", s.headers(), ask_call)
+                stream = SSEStream(conn, conn.read_head())
+                ask = stream.next_message()
+                assert ask["method"] == "elicitation/create"
+                assert s.post({"jsonrpc": "2.0", "id": ask["id"],
+                               "result": {"action": "accept", "content": {"name": "Ada"}}}).status == 202
+                assert stream.next_message()["result"]["content"][0]["text"] == "Hello, Ada!"
+
+    def test_cancellation_by_notification_and_by_a_closed_2026_stream(self):
+        with trio_server(_trio_build_server()) as port:
+            s = Session(port)
+            s.initialize()
+            token = new_token("trio")
+            call = s.body("tools/call", {"name": "nap", "arguments": {"token": token}})
+            with Conn(port) as conn:
+                conn.request("POST", "/mcp", s.headers(), call)
+                assert probe(token).started.wait(WAIT)
+                s.post({"jsonrpc": "2.0", "method": "notifications/cancelled",
+                        "params": {"requestId": call["id"]}})
+                assert probe(token).finished.wait(WAIT) and probe(token).cancelled is True
+                resp = conn.read_response()
+                assert resp.status == 200 and not any("result" in m for m in resp.messages())
+            token = new_token("trio")
+            body = modern_body("tools/call", {"name": "nap", "arguments": {"token": token}})
+            with Conn(port) as conn:
+                conn.request("POST", "/mcp", modern_headers(body), body)
+                assert probe(token).started.wait(WAIT)
+            assert probe(token).finished.wait(WAIT) and probe(token).cancelled is True
+            assert Session(port).initialize().status == 200  # and the server goes on
+
+    def test_sync_tools_run_on_worker_threads_and_slow_tools_meet_their_deadline(self):
+        with trio_server(_trio_build_server(tool_timeout=0.2)) as port:
+            s = Session(port)
+            s.initialize()
+            assert s.call("thread_name")["content"][0]["text"] != "MainThread"
+            token = new_token("trio")
+            result = s.call("nap", {"token": token})
+            assert result["isError"] and "did not finish within 0.2 seconds" in result["content"][0]["text"]
+            assert probe(token).cancelled is False
+            assert not s.call("thread_name").get("isError")
+
+    def test_list_changes_reach_a_get_stream_and_a_listen_stream(self):
+        server = _trio_build_server()
+        with trio_server(server) as port:
+            s = Session(port)
+            s.initialize()
+            with Conn(port) as get_conn, Conn(port) as listen_conn:
+                get_conn.request("GET", "/mcp", s.headers({"Accept": "text/event-stream"}))
+                get_stream = SSEStream(get_conn, get_conn.read_head())
+                listen = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}})
+                listen_conn.request("POST", "/mcp", modern_headers(listen), listen)
+                listen_stream = SSEStream(listen_conn, listen_conn.read_head())
+                assert listen_stream.next_message()["method"] == "notifications/subscriptions/acknowledged"
+                assert Session(port).initialize() and s.call("announce")["content"][0]["text"] == "announced"
+                assert listen_stream.next_message()["method"] == "notifications/tools/list_changed"
+                assert get_stream.next_message()["method"] == "notifications/tools/list_changed"
+
+    def test_a_task_runs_in_the_lifespan_task_group(self):
+        with trio_server(_trio_build_server()) as port:
+            created = _task_create(port, "later", {"text": "x"})
+            done = _task_poll(port, created["taskId"], lambda r: r["status"] == "completed", "completion")
+            assert done["result"]["content"] == [{"type": "text", "text": "later x"}]
+
+    def test_the_redis_store_refuses_trio_with_a_clear_message(self):
+        trio = pytest.importorskip("trio")
+        server = MCPServer("redis-on-trio", settings=Settings(auth="none", redis_url="redis://127.0.0.1:1/0",
+                                                              secret="s" * 40))
+        sent = []
+
+        async def main():
+            messages = [{"type": "lifespan.startup"}]
+
+            async def receive():
+                return messages.pop(0)
+
+            async def send(message):
+                sent.append(message)
+            await server.asgi({"type": "lifespan", "asgi": {"version": "3.0"}}, receive, send)
+        trio.run(main)
+        assert sent[0]["type"] == "lifespan.startup.failed"
+        assert "needs asyncio" in sent[0]["message"] and "trio without REDIS_URL" in sent[0]["message"]
+
+
 # =================================================================================================
 # 9. HTTP server
 # =================================================================================================
@@ -3884,7 +4195,7 @@ class TestHTTPServer:
             await asyncio.sleep(0)
             assert fired == ["early"]
 
-            class Running:  # the task a 2026 request runs in
+            class Running:  # the cancel scope a 2026 request runs in
                 cancelled = 0
 
                 def cancel(self):
@@ -3892,22 +4203,22 @@ class TestHTTPServer:
             for late in (False, True):  # a 2026 request ends with its stream, registered before or after
                 cycle, modern = exchange()
                 ctx = mcp_server.Context(state.app.server, "tools/call", {}, 1, modern=True)
-                ctx._task = Running()
+                ctx._scope = Running()
                 if late:
                     cycle.lost()
                 modern.cancel_on_disconnect(ctx)
                 if not late:
                     cycle.lost()
                 await asyncio.sleep(0)
-                assert ctx.cancelled and ctx._task.cancelled == 1
+                assert ctx.cancelled and ctx._scope.cancelled == 1
             cycle, finished = exchange()  # the handler had finished (stop_watching): left alone
             ctx = mcp_server.Context(state.app.server, "tools/call", {}, 1, modern=True)
-            ctx._task = Running()
+            ctx._scope = Running()
             finished.cancel_on_disconnect(ctx)
             finished.stop_watching()
             cycle.lost()
             await asyncio.sleep(0)
-            assert not ctx.cancelled and ctx._task.cancelled == 0
+            assert not ctx.cancelled and ctx._scope.cancelled == 0
         asyncio.run(go())
 
     def test_keep_alive_two_requests_on_one_connection(self, live):
@@ -3966,7 +4277,7 @@ class TestHTTPServer:
 
             async def send(message):
                 sent.append(message)
-            exchange = mcp_server._AsgiExchange({"type": "http"}, receive, send)
+            exchange = mcp_server._AsgiExchange({"type": "http"}, receive, send, server._hub().spawn)
 
             def output():
                 return b"".join(m.get("body", b"") for m in sent), [m.get("status") for m in sent]

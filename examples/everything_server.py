@@ -8,14 +8,17 @@ requests. On 2026-07-28 they become multi-round-trip ``input_required`` results.
 It also serves two skills (SEP-2640) for the suite's ``sep-2640-*`` scenarios: one read from
 ``examples/skills/`` and one registered in code under a nested path.
 
-Run it, then point the harness at it::
+Run it (on the bundled server, or as ``server.asgi`` under any ASGI server, trio included: its
+tools wait with ``anyio``, which runs on both), then point the harness at it::
 
     python examples/everything_server.py --port 3001
+    # or: cd examples && uvicorn everything_server:server.asgi --port 3001
+    # or: cd examples && hypercorn -k trio -b 127.0.0.1:3001 everything_server:server.asgi
     npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --requirements 2026-07-28
     npx @modelcontextprotocol/conformance server --url http://127.0.0.1:3001/mcp --scenario sep-2640-skills-enumeration
 """
 
-import asyncio
+import anyio
 import base64
 import json
 import os
@@ -213,9 +216,9 @@ def test_error_handling() -> str:
 async def test_tool_with_progress(ctx: Context) -> str:
     """Tests tool that reports progress notifications"""
     await ctx.report_progress(0, 100)
-    await asyncio.sleep(0.05)
+    await anyio.sleep(0.05)
     await ctx.report_progress(50, 100)
-    await asyncio.sleep(0.05)
+    await anyio.sleep(0.05)
     await ctx.report_progress(100, 100)
     return str(ctx.meta.get("progressToken"))
 
@@ -224,9 +227,9 @@ async def test_tool_with_progress(ctx: Context) -> str:
 async def test_tool_with_logging(ctx: Context) -> str:
     """Tests tool that emits log messages during execution"""
     await ctx.log("info", "Tool execution started")
-    await asyncio.sleep(0.05)
+    await anyio.sleep(0.05)
     await ctx.log("info", "Tool processing data")
-    await asyncio.sleep(0.05)
+    await anyio.sleep(0.05)
     await ctx.log("info", "Tool execution completed")
     return "Tool with logging executed successfully"
 
@@ -294,7 +297,7 @@ async def test_reconnection(ctx: Context) -> str:
     The server closes the response stream mid-call; the result reaches the client only
     through its Last-Event-ID reconnection."""
     await ctx.close_sse_stream()
-    await asyncio.sleep(0.1)
+    await anyio.sleep(0.1)
     return "Reconnection test completed successfully"
 
 
@@ -423,14 +426,14 @@ def greet(name: str) -> str:
 @server.tool(task="optional")
 async def slow_compute(seconds: float = 1.0, label: str = "") -> str:
     """Sleeps for the given number of seconds, so it can be cancelled while running"""
-    await asyncio.sleep(seconds)
+    await anyio.sleep(seconds)
     return f"Computed {label} after {seconds} seconds"
 
 
 @server.tool(task="required")
 async def failing_job() -> str:
     """Always fails with a tool error after about a second; runs only as a task"""
-    await asyncio.sleep(1)
+    await anyio.sleep(1)
     raise ToolError("This job intentionally fails for testing")
 
 
