@@ -2690,12 +2690,23 @@ _PRIMITIVE_SCHEMAS = {str: {"type": "string"}, int: {"type": "integer"}, float: 
 _FORMAT_BY_NAME = {"datetime": "date-time", "date": "date", "time": "time", "UUID": "uuid"}
 
 
+class _Injected:
+    """Base of what the registry passes a function instead of an argument: a parameter annotated
+    with a subclass (``Context``, section 5) is filled in by the server and left out of schemas."""
+
+    __slots__ = ()
+
+
+def _is_injected(annotation: typing.Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, _Injected)
+
+
 def _is_context_annotation(annotation: typing.Any) -> bool:
-    if annotation is Context:
+    if _is_injected(annotation):
         return True
     origin = typing.get_origin(annotation)
     if origin in (typing.Union, types.UnionType):
-        return any(arg is Context for arg in typing.get_args(annotation))
+        return any(_is_injected(arg) for arg in typing.get_args(annotation))
     return False
 
 
@@ -3682,7 +3693,7 @@ _CACHEABLE = ("server/discover", "tools/list", "prompts/list", "resources/list",
               "resources/templates/list", "resources/read")
 
 
-class Context:
+class Context(_Injected):
     """The request a tool, resource or prompt function is serving, and what it can do with it."""
 
     __slots__ = ("server", "method", "request_id", "params", "meta", "protocol_version", "modern",
@@ -3690,7 +3701,7 @@ class Context:
                  "_responses", "_asked", "_ask_seq", "_cancelled", "_last_progress", "_session_changed",
                  "_scope", "_log_threshold", "_task_run", "base_url", "round_state")
 
-    def __init__(self, server: "MCPServer", method: str, params: dict, request_id=None, *,
+    def __init__(self, server: _CoreMethods, method: str, params: dict, request_id=None, *,
                  version: str = LATEST_LEGACY, modern: bool = False, capabilities: dict | None = None,
                  session_id: str | None = None, session: dict | None = None, out=None,
                  principal: str | None = None, base_url: str | None = None):
@@ -4078,7 +4089,7 @@ def _modern_context_facts(message: dict, header_version: str | None, http: bool)
     return version, caps
 
 
-def _modern_context(server: "MCPServer", message: dict, header_version: str | None, *, http: bool,
+def _modern_context(server: _CoreMethods, message: dict, header_version: str | None, *, http: bool,
                     **context) -> "Context":
     """The Context of a 2026-07-28 request (every transport's), or its RpcError (HTTP 400)."""
     version, caps = _modern_context_facts(message, header_version, http=http)
@@ -4159,18 +4170,182 @@ class _Extensions:
 _EXTENSION_METHODS: set = set()  # every extension method name declared in this process (metrics labels)
 
 
-class MCPServer:
-    """An MCP server: register tools, resources and prompts, then ``run()`` or mount ``asgi``."""
+# ---- Masking what a tool returns (``mask``: the login tools by default) --------------------------
+#
+# Rules:
+# - A masked tool's result, structuredContent and error text pass through ``_mask``: every
+#   scalar under a sensitive key (by pattern, in any spelling and nesting) and identifiers found
+#   in any string (``_mask_free_text``); the log gets its exceptions masked the same way.
 
-    def __init__(self, name: str, version: str = "0.1.0", *, instructions: str | None = None,
-                 title: str | None = None, description: str | None = None,
-                 website_url: str | None = None, icons: list | None = None,
-                 settings: Settings | None = None, store: Store | None = None,
-                 middleware: list | None = None):
+_DEFAULT_MASK_FIELDS = frozenset((
+    "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
+    "user_id", "userid", "customer_id", "customerid", "pan", "pan_number", "email", "email_id", "mail",
+    "phone", "phone_number", "mobile", "mobile_number", "bank_account", "bank_account_number",
+    "bankaccount", "demat_id", "dp_id", "aadhaar", "ssn"))
+
+# A key is sensitive when a run of its words (split at camelCase, digits and any of ``_-. ``,
+# lower-cased, joined) is one of these: ``panNumber``, ``Mobile-No``, ``bank.account.number``,
+# ``emailId``, ``x_access_token``.  A run, not a substring: ``company`` holds no ``pan``.
+_SENSITIVE_KEY = re.compile(
+    r"pan(no|num|number|card)?|e?mail(id|ids|address|addr)?|"
+    r"(phone|mobile|tel|telephone|cell|cellphone|landline|whatsapp)(no|num|number|numbers)?|"
+    r"(bank)?(account|acct)(no|num|number|nr|id|ids)?|bank|iban|ifsc|"
+    r"demat(id|no|number|account)?|dpid|boid|aadha+r(no|number|id)?|ssn|"
+    r"(access|refresh|id|auth|bearer|api|session|csrf)?tokens?|(api|secret|private|access|client|signing)key|"
+    r"(client)?secret|password|passwd|pwd|passcode|otp|pin(code)?|cvv|(card|creditcard|debitcard)(no|num|number)|"
+    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
+    r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
+    r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
+    r"customer|client|display)name|username|login|nominee|ucc|placedby")
+# Keys that name the user's own orders, not the user: their values (Kite's order ids are 15-16
+# digits) stay whole, or cancel_order could not be given an id the orders tool showed.
+_ORDER_ID_KEYS = frozenset({"orderid", "exchangeorderid", "parentorderid"})
+# Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
+# or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
+# PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
+_FREE_TEXT_MASKS = (
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
+    (re.compile(r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=-]{8,})"), 1),
+    (re.compile(r"\b([A-Za-z][\w.-]{0,40})([\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;<>{}\[\]]{3,})"), 3),
+    (re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"), 0),
+    (re.compile(r"[A-Za-z0-9._-]{2,}@[A-Za-z]{2,}(?![\w.@-])"), 0),  # a UPI id (VPA): no dot after the @
+    (re.compile(r"(?i)\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
+    (re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])"
+                r"[A-Za-z0-9+/_-]{24,}={0,2}"), 0),
+    (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?\(?\d{1,5}\)?(?:[ .-]?\d{2,5}){1,4}|\(?\d{3,5}\)?[.-]\d{3,5}[.-]?\d{0,5}|"
+                r"\d{4} \d{4} \d{4}|\d{5} \d{5})(?!\w)"), -1),
+    (re.compile(r"(?<!\d)\d{8,}(?!\d)"), 0),
+)
+
+
+def _mask_text(value) -> str:
+    """A masked value: all X, but the last 4 characters of a long one (enough to tell two apart)."""
+    text = str(value)
+    return "X" * len(text) if len(text) < 10 else "X" * (len(text) - 4) + text[-4:]
+
+
+def _key_words(key: str) -> list:
+    return [word.lower() for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", key)][:12]
+
+
+@functools.lru_cache(maxsize=256)
+def _mask_names(fields: frozenset) -> frozenset:
+    """MASK_FIELDS and a tool's ``mask`` names, spelt as ``_sensitive_key`` compares them."""
+    return frozenset("".join(_key_words(str(field))) for field in fields)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sensitive_key(key, names: frozenset) -> bool:
+    words = _key_words(str(key))
+    for start in range(len(words)):
+        for end in range(start + 1, len(words) + 1):
+            run = "".join(words[start:end])
+            if run in names or _SENSITIVE_KEY.fullmatch(run):
+                return True
+    return False
+
+
+def _mask_phone(match: re.Match) -> str:
+    text = match.group(0)
+    digits = sum(c.isdigit() for c in text)
+    return _mask_text(text) if digits >= 10 or (text.startswith("+") and digits >= 8) else text
+
+
+def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
+    """``text`` with every identifier or secret ``_FREE_TEXT_MASKS`` finds masked."""
+    for pattern, group in _FREE_TEXT_MASKS:
+        if group == -1:
+            text = pattern.sub(_mask_phone, text)
+        elif group == 3:
+            text = pattern.sub(lambda m: m.group(1) + m.group(2) + _mask_text(m.group(3))
+                               if _sensitive_key(m.group(1), names) else m.group(0), text)
+        elif group:
+            text = pattern.sub(lambda m: m.group(0)[:m.start(group) - m.start()] + _mask_text(m.group(group)), text)
+        else:
+            text = pattern.sub(lambda m: _mask_text(m.group(0)), text)
+    return text
+
+
+def _is_order_id(key, value, names: frozenset) -> bool:
+    """An order id of the user's own (a number, or digits/letters as text) under an order-id key
+    that MASK_FIELDS does not name: left out of the digit-run and whole-number masking."""
+    if not isinstance(key, str) or "".join(_key_words(key)) not in _ORDER_ID_KEYS or _sensitive_key(key, names):
+        return False
+    return (isinstance(value, int) and not isinstance(value, bool)) or (
+        isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None)
+
+
+def _mask(value, fields: frozenset, under_sensitive: bool = False):
+    """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
+    ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
+    ones; and identifiers in every other string, dict keys included (``_mask_free_text``)."""
+    names = _mask_names(fields)
+    if isinstance(value, dict):
+        return {(_mask_free_text(k, names) if isinstance(k, str) else k):
+                v if not under_sensitive and _is_order_id(k, v, names) else
+                _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mask(v, fields, under_sensitive) for v in value]
+    if value is None or isinstance(value, bool):
+        return value
+    if under_sensitive:
+        return _mask_text(value)
+    if isinstance(value, str):
+        return _mask_free_text(value, names)
+    if isinstance(value, (int, float)) and value == value and abs(value) >= 1e7 and value == int(value):
+        return _mask_text(int(value))  # a whole number of 8+ digits: an account or phone number, as text
+    return value
+
+
+class _RuntimePort:
+    """What the protocol core asks of the world around it, and nothing more: section 6's
+    ``_Runtime`` is the real one (over a ``Store``); a test may pass a plain fake.  Events on the
+    bus reach every client's streams on every instance; records are sealed where the store is
+    shared; ``listen`` holds a subscriptions/listen stream open."""
+
+    shared = False  # other processes share the store (then the key ring needs MCP_SECRET)
+    task_runs: dict  # task id -> the _TaskRun running here
+    tasks_running: collections.Counter  # principal -> its tasks running here
+
+    def spawn(self, coroutine):
+        """Run ``coroutine`` as background work; returns what ``cancel()`` ends."""
+        raise NotImplementedError
+
+    async def publish_event(self, event: dict) -> None:
+        """Tell every client a list changed or a resource was updated (``{"kind": ...}``)."""
+        raise NotImplementedError
+
+    async def publish(self, channel: str, message) -> None:
+        raise NotImplementedError
+
+    def subscribe(self, channel: str, callback) -> typing.Callable:
+        """Call ``callback(message)`` for what is published on ``channel``; returns the unsubscribe."""
+        raise NotImplementedError
+
+    async def set_sealed(self, key: str, record: dict, ttl: float) -> None:
+        raise NotImplementedError
+
+    async def get_sealed(self, key: str) -> dict | None:
+        raise NotImplementedError
+
+    async def listen(self, ctx: "Context", honored: dict) -> dict:
+        """Stream the ``honored`` notifications to ``ctx``'s client until it goes."""
+        raise NotImplementedError
+
+    def cancel(self, session_id: str | None, request_id) -> None:
+        """Cancel a running request, here or on the instance that runs it."""
+        raise NotImplementedError
+
+
+class _Registry:
+    """What a server offers, and the decorators of ``MCPServer``'s public API that register it:
+    tools, resources, prompts, completions, skills, MCP Apps, extensions, middleware.  The
+    protocol core (``_ProtocolCore``) serves what is registered here."""
+
+    def __init__(self, name: str, version: str, *, instructions: str | None, title: str | None,
+                 description: str | None, website_url: str | None, icons: list | None, middleware: list | None):
         self.name, self.version = name, version
         self.instructions = instructions
-        self.settings = settings or Settings()
-        self.store = store
         self.middleware = list(middleware or [])
         self.info = {"name": name, "version": version}
         for key, value in (("title", title), ("description", description), ("websiteUrl", website_url),
@@ -4183,17 +4358,9 @@ class MCPServer:
         self._prompts: dict = {}
         self._completions: dict = {}
         self._shaped: dict = {}  # (kind, version) -> shaped list; cleared when a registry changes
-        self._keys: _KeyRing | None = None
-        self._runtime = None  # the _Hub, made on first use inside a running loop
-        self.threads: anyio.CapacityLimiter | None = None  # what sync functions' threads (MCP_TOOL_THREADS)
-        self._app = None
-        self._login = None  # the _Login flow, once add_login_tools() ran
-        self._local_base = None  # http://127.0.0.1:<port> of the listener, for calls to ourselves
         self.extensions = _Extensions()
         self.extensions.add(_tasks_extension(self))
         self._skills = None  # the _Skills, once a skill was added
-
-    # -- registration ------------------------------------------------------------------------
 
     def tool(self, name: str | None = None, *, title: str | None = None, description: str | None = None,
              annotations: dict | None = None, icons: list | None = None, input_schema: dict | None = None,
@@ -4313,130 +4480,72 @@ class MCPServer:
             return fn
         return register
 
+    def add_middleware(self, hook) -> None:
+        """Add ``async def hook(ctx, call_next)`` around every MCP request; outermost first."""
+        self.middleware.append(hook)
+
+    def _changed(self, kind: str) -> None:
+        """A registry changed: its shaped lists go, and the clients hear of it (``_announce``)."""
+        self._shaped.clear()
+        self._announce(kind)
+
+    def _announce(self, kind: str) -> None:
+        """Tell the clients that ``kind`` changed: the protocol core does, once it runs."""
+
     def test_client(self, era: str = LATEST_LEGACY, **handlers) -> "TestClient":
         """An in-process client for tests: ``async with server.test_client() as client`` (see
         ``TestClient``; ``era="2026-07-28"`` for a stateless client)."""
         return TestClient(self, era, **handlers)
+
+class _ProtocolCore(_Registry):
+    """The MCP protocol core: the method tables, shaping per revision, pagination, Multi
+    Round-Trip Requests, tasks.  It owns no I/O: what it needs beyond a request's ``Context``
+    goes through its runtime port (``_runtime()``, a ``_RuntimePort``), which ``MCPServer``
+    wires (section 10)."""
+
+    def __init__(self, name: str, version: str = "0.1.0", *, instructions: str | None = None,
+                 title: str | None = None, description: str | None = None, website_url: str | None = None,
+                 icons: list | None = None, settings: Settings | None = None, middleware: list | None = None):
+        super().__init__(name, version, instructions=instructions, title=title, description=description,
+                         website_url=website_url, icons=icons, middleware=middleware)
+        self.settings = settings or Settings()
+        self._keys: _KeyRing | None = None
+        self.threads: anyio.CapacityLimiter | None = None  # sync functions' threads (MCP_TOOL_THREADS)
+        self._login = None  # the upstream login flow (section 7), once add_login_tools() ran
+        self._local_base = None  # http://127.0.0.1:<port> of the listener, for calls to ourselves
+        self._live_runtime: _RuntimePort | None = None  # the runtime port, once made
+
+    def _runtime(self) -> _RuntimePort:
+        """The runtime port, made on first use (``MCPServer`` wires it)."""
+        raise NotImplementedError("the protocol core has no runtime of its own: use MCPServer")
+
+    async def _started_runtime(self) -> _RuntimePort:
+        """The runtime port, started (in the running event loop)."""
+        raise NotImplementedError("the protocol core has no runtime of its own: use MCPServer")
 
     def _login_flow(self) -> "_Login":
         if self._login is None:
             raise ToolError("This server has no upstream login (call server.add_login_tools()).")
         return self._login
 
-    def add_login_tools(self, provider=None) -> None:
-        """Add the upstream login flow: the ``login``, ``logout``, ``profile``, ``holdings``,
-        ``orders`` and ``service`` tools (with UPSTREAM_TRADING, ``place_order`` and
-        ``cancel_order``), the /login and /redirect pages, and, for the sandbox presets, the
-        sandbox provider under /sandbox/.  ``provider`` (a ``Provider``) replaces the one the
-        UPSTREAM_* settings describe."""
-        self._login = _Login(self, provider)
-        flow = self._login
-        if self.settings.encryption_iv:
-            log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
-                        "nonce for every value")
-
-        @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
-        async def login(ctx: Context) -> dict:
-            """Start signing in to your account at the upstream provider: returns a link to open in
-            your browser and the pairing code to enter there."""
-            flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
-            # a 2026 client retries after the URL elicitation: the retry must reuse the same link
-            started = ctx.round_state.get("login") or await flow.start(ctx)
-            if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
-                ctx.round_state["login"] = started
-                await ctx.elicit_url("Sign in to your account in the browser; enter the pairing code "
-                                     f"{started['pairing_code']} there. Keep the code to yourself.",
-                                     started["url"], key="login")
-            return {"__mcp_result__": True, "structuredContent": started, "content": [{
-                "type": "text", "text": f"Open {started['url']} and enter the pairing code "
-                                        f"{started['pairing_code']} there. The link works for 10 minutes; "
-                                        "the code is for the user alone, never to be passed on."}]}
-
-        @self.tool(title="Log out of the upstream account", annotations={"destructiveHint": False})
-        async def logout(ctx: Context) -> str:
-            """Sign out of the upstream account: revokes its tokens and deletes the stored credentials."""
-            return await flow.logout(ctx)
-
-        @self.tool(title="Account profile", login_required=True, annotations={"readOnlyHint": True})
-        async def profile(ctx: Context) -> dict:
-            """Your account profile at the upstream provider (identifiers masked)."""
-            return await ctx.upstream(flow.path("profile"))
-
-        @self.tool(title="Holdings", login_required=True, annotations={"readOnlyHint": True})
-        async def holdings(ctx: Context) -> dict:
-            """The securities held in your account, with quantities and prices."""
-            return await ctx.upstream(flow.path("holdings"))
-
-        @self.tool(title="Orders", login_required=True, annotations={"readOnlyHint": True})
-        async def orders(ctx: Context) -> dict:
-            """Today's orders in your account and their status."""
-            return await ctx.upstream(flow.path("orders"))
-
-        allowed = ", ".join(self.settings.service_paths)
-
-        @self.tool(title="Upstream API", login_required=True, annotations={"readOnlyHint": True},
-                   description=f"Call an allowed path of the upstream API (GET) and return its data. "
-                               f"Allowed paths: {allowed}.")
-        async def service(path: str, ctx: Context, params: dict[str, str] | None = None) -> dict:
-            return await ctx.upstream(flow.path(_service_path(path, self.settings.service_paths)), params)
-
-        if self.settings.upstream_trading:
-            self._add_trading_tools(flow)
-
-    def _add_trading_tools(self, flow) -> None:
-        @self.tool(title="Place an order", login_required=True,
-                   annotations={"destructiveHint": True, "idempotentHint": False, "openWorldHint": True})
-        async def place_order(symbol: str, side: typing.Literal["BUY", "SELL"], quantity: int, ctx: Context,
-                              price: float | None = None) -> dict:
-            """Place an order in your account (you confirm it first). Without a price it is a market order."""
-            symbol = symbol.strip().upper()
-            if not re.fullmatch(r"[A-Z0-9&_.-]{1,40}", symbol) or not 0 < quantity <= 1_000_000 or (
-                    price is not None and not 0 < price < 1e9):
-                raise ToolError("Give a symbol (letters, digits, & _ . -), a quantity from 1 to 1000000 and "
-                                "a positive price, or none for a market order.")
-            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price}" if price is not None else "at market price")
-            return await flow.change(ctx, "place", {"symbol": symbol, "side": side, "quantity": quantity,
-                                                    "price": price}, summary)
-
-        @self.tool(title="Cancel an order", login_required=True,
-                   annotations={"destructiveHint": True, "idempotentHint": True, "openWorldHint": True})
-        async def cancel_order(order_id: str, ctx: Context) -> dict:
-            """Cancel one of your open orders (you confirm it first)."""
-            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", order_id or ""):
-                raise ToolError("Give the order id as the orders tool shows it.")
-            return await flow.change(ctx, "cancel", {"order_id": order_id}, f"cancel order {order_id}")
-
-    def add_middleware(self, hook) -> None:
-        """Add ``async def hook(ctx, call_next)`` around every MCP request; outermost first."""
-        self.middleware.append(hook)
-
-    def _changed(self, kind: str) -> None:
-        self._shaped.clear()
-        if self._runtime is not None:
-            self._runtime.spawn(self._runtime.store.publish(_BUS_CHANNEL, {"kind": kind}))
-
     # -- notifications to every client -------------------------------------------------------
 
     async def notify_tools_changed(self) -> None:
-        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "tools"})
+        await self._runtime().publish_event({"kind": "tools"})
 
     async def notify_prompts_changed(self) -> None:
-        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "prompts"})
+        await self._runtime().publish_event({"kind": "prompts"})
 
     async def notify_resources_changed(self) -> None:
-        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "resources"})
+        await self._runtime().publish_event({"kind": "resources"})
 
     async def notify_resource_updated(self, uri: str) -> None:
-        await self._hub().store.publish(_BUS_CHANNEL, {"kind": "updated", "uri": uri})
+        await self._runtime().publish_event({"kind": "updated", "uri": uri})
 
-    # -- running --------------------------------------------------------------------------------
-
-    @property
-    def asgi(self):
-        """This server as a raw ASGI 3 application (http and lifespan scopes)."""
-        if self._app is None:
-            self._app = _App(self)
-        return self._app
+    def _announce(self, kind: str) -> None:
+        runtime = self._live_runtime
+        if runtime is not None:
+            runtime.spawn(runtime.publish_event({"kind": kind}))
 
     @property
     def keys(self) -> _KeyRing:
@@ -4451,48 +4560,11 @@ class MCPServer:
         it at start-up): no usable secret is ever kept in the store, where a copy of it would
         mint tokens for every user."""
         if self._keys is None:
-            store = self._hub().store
-            if not (self.settings.secret or self.settings.token_parameter or isinstance(store, MemoryStore)):
+            if not (self.settings.secret or self.settings.token_parameter or not self._runtime().shared):
                 raise RpcError(INTERNAL_ERROR, "This server shares its store but has no MCP_SECRET: set the "
                                "same MCP_SECRET on every instance.", status=503)
             self._keys = _KeyRing(self.settings.secret, self.settings.token_parameter)
         return self._keys
-
-    def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
-        """Serve until interrupted, configured by the command line (``--help``) and environment."""
-        try:
-            self.settings = Settings.load(sys.argv[1:] if argv is None else argv,
-                                          prog=os.path.basename(sys.argv[0]) or "mcp_server",
-                                          defaults=self.settings)
-        except SystemExit as exc:
-            if exc.code not in (0, None):
-                print(exc.code, file=sys.stderr)
-                sys.exit(2)
-            raise
-        if stdio is not None:
-            self.settings.stdio = stdio
-        serve(self, self.settings)
-
-    def _hub(self) -> "_Hub":
-        if self._runtime is None:
-            if self.store is None:
-                settings = self.settings
-                self.store = (RedisStore(settings.redis_url, cluster=settings.redis_cluster,
-                                         timeout=settings.store_timeout) if settings.redis_url
-                              else MemoryStore(max_keys=settings.max_sessions * 4))
-            self._runtime = _Hub(self, self.store)
-        return self._runtime
-
-    async def _ready(self) -> "_Hub":
-        """The runtime, started (subscriptions made) on first use in a running loop."""
-        hub = self._runtime if self._runtime is not None else self._hub()
-        if not hub.started:
-            hub.start()
-            self.threads = anyio.CapacityLimiter(self.settings.tool_threads)
-            _telemetry.instrument(self)
-            if self.settings.metrics_token:
-                _metrics.on = True  # (for good: another server in this process may serve them too)
-        return hub
 
     # -- capabilities and descriptions ---------------------------------------------------------
 
@@ -4676,7 +4748,12 @@ class MCPServer:
             result["nextCursor"] = keys.sign(f"{kind}:{end}")
         return result
 
-    # -- method handlers --------------------------------------------------------------------------
+
+
+class _CoreMethods(_ProtocolCore):
+    """The handlers of the core's method tables (``_LEGACY_METHODS``, ``_MODERN_METHODS``): one
+    ``_m_<name>`` per request method, one ``_n_<name>`` per notification."""
+
 
     async def _m_initialize(self, ctx: Context) -> dict:
         params = ctx.params
@@ -4902,13 +4979,26 @@ class MCPServer:
         return {"completion": {"values": values[:100], "total": len(values), "hasMore": len(values) > 100}}
 
     async def _m_listen(self, ctx: Context) -> dict:
-        return await self._hub().listen(ctx)
+        """2026-07-28 ``subscriptions/listen``: what the client asked to hear, checked here; the
+        stream that carries it is the runtime's."""
+        wanted = ctx.params.get("notifications")
+        if not isinstance(wanted, dict):
+            raise _invalid_params("subscriptions/listen needs params.notifications, an object.", status=400)
+        honored = {k: True for k in ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
+                   if wanted.get(k) is True}
+        uris = wanted.get("resourceSubscriptions")
+        if isinstance(uris, list) and all(isinstance(u, str) for u in uris):
+            honored["resourceSubscriptions"] = uris
+        if ctx._out is None or not getattr(ctx._out, "can_stream", False):
+            raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
+                            "send Accept: text/event-stream.", status=400)
+        return await self._runtime().listen(ctx, honored)
 
     async def _n_initialized(self, ctx: Context):
         return None
 
     async def _n_cancelled(self, ctx: Context):
-        self._hub().cancel(ctx.session_id, ctx.params.get("requestId"))
+        self._runtime().cancel(ctx.session_id, ctx.params.get("requestId"))
         return None
 
     async def _n_ignored(self, ctx: Context):
@@ -4962,8 +5052,8 @@ class _TaskRun:
     input_required round answers the request).  After the start, the tool's asks park the task
     in ``input_required`` until ``tasks/update`` delivers the answers."""
 
-    def __init__(self, server: MCPServer, tool: _Tool, ctx: Context):
-        self.server, self.hub, self.tool, self.ctx = server, server._hub(), tool, ctx
+    def __init__(self, server: _CoreMethods, tool: _Tool, ctx: Context):
+        self.server, self.hub, self.tool, self.ctx = server, server._runtime(), tool, ctx
         self.task_id = secrets.token_urlsafe(16)
         self.started = False
         self.record: dict = {}
@@ -5021,7 +5111,7 @@ class _TaskRun:
         await self._save()
         self.started = True
         self.hub.task_runs[self.task_id] = self
-        self._unsubscribe = self.hub.store.subscribe(_task_channel(self.task_id), self._on_control)
+        self._unsubscribe = self.hub.subscribe(_task_channel(self.task_id), self._on_control)
         if not self.outcome.done:
             self.outcome.set({"resultType": "task", **{k: v for k, v in self.record.items()
                                                                if k not in _TASK_PRIVATE}})
@@ -5128,7 +5218,7 @@ async def _load_task(ctx: Context) -> dict:
     task_id = ctx.params.get("taskId")
     if not isinstance(task_id, str):
         raise _invalid_params(f"{ctx.method} needs params.taskId, a string.")
-    record = await ctx.server._hub().get_sealed(_task_key(task_id))
+    record = await ctx.server._runtime().get_sealed(_task_key(task_id))
     if record is None or record.get("sub") != ctx.principal:
         raise _invalid_params(f"Unknown task: {task_id} (it never existed or has expired).",
                               {"taskId": task_id})
@@ -5145,30 +5235,30 @@ async def _tasks_update(ctx: Context) -> dict:
     responses = ctx.params.get("inputResponses")
     if not isinstance(responses, dict):
         raise _invalid_params("tasks/update needs params.inputResponses, an object.")
-    hub = ctx.server._hub()
+    hub = ctx.server._runtime()
     run = hub.task_runs.get(record["taskId"])
     if run is not None:
         await run.deliver(responses)
     elif record["status"] not in _TASK_TERMINAL:
-        await hub.store.publish(_task_channel(record["taskId"]), {"update": responses})
+        await hub.publish(_task_channel(record["taskId"]), {"update": responses})
     return {}
 
 
 async def _tasks_cancel(ctx: Context) -> dict:
     record = await _load_task(ctx)
     if record["status"] not in _TASK_TERMINAL:
-        hub = ctx.server._hub()
+        hub = ctx.server._runtime()
         run = hub.task_runs.get(record["taskId"])
         if run is not None:
             await run.cancel()
         else:
-            await hub.store.publish(_task_channel(record["taskId"]), {"cancel": True})
+            await hub.publish(_task_channel(record["taskId"]), {"cancel": True})
             await hub.set_sealed(_task_key(record["taskId"]), _task_record(
                 record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
     return {}
 
 
-def _tasks_extension(server: "MCPServer") -> Extension:
+def _tasks_extension(server: _CoreMethods) -> Extension:
     """Declared once a tool can run as a task; its methods answer (-32021 without the client's
     extension) whatever the tools."""
     return Extension(_TASKS_EXTENSION, since="2026-07-28",
@@ -5185,7 +5275,7 @@ class _Skills:
     """A server's skills: ``skills/list``, ``skills/get`` and ``resources/directory/read``; every
     skill file is also an ordinary resource (only each SKILL.md is listed in resources/list)."""
 
-    def __init__(self, server: "MCPServer"):
+    def __init__(self, server: _CoreMethods):
         self.server = server
         self.skills: dict = {}       # SKILL.md URI -> _Skill
         self.directories: dict = {}  # directory URI -> {child URI: Resource}
@@ -5313,7 +5403,7 @@ class TestClient:
     __test__ = False  # (pytest: not a test class)
     MAX_ROUNDS = 16
 
-    def __init__(self, server: "MCPServer", era: str = LATEST_LEGACY, *, sampling=None, elicitation=None,
+    def __init__(self, server: _CoreMethods, era: str = LATEST_LEGACY, *, sampling=None, elicitation=None,
                  roots=None, capabilities: dict | None = None):
         if era not in SUPPORTED_VERSIONS:
             raise ValueError(f"era {era!r}: use one of {', '.join(SUPPORTED_VERSIONS)}")
@@ -5429,32 +5519,32 @@ class TestClient:
 
 
 _COMMON_METHODS = {
-    "tools/list": MCPServer._m_tools_list,
-    "tools/call": MCPServer._m_tools_call,
-    "resources/list": MCPServer._m_resources_list,
-    "resources/templates/list": MCPServer._m_templates_list,
-    "resources/read": MCPServer._m_resources_read,
-    "prompts/list": MCPServer._m_prompts_list,
-    "prompts/get": MCPServer._m_prompts_get,
-    "completion/complete": MCPServer._m_complete,
-    "server/discover": MCPServer._m_discover,
+    "tools/list": _CoreMethods._m_tools_list,
+    "tools/call": _CoreMethods._m_tools_call,
+    "resources/list": _CoreMethods._m_resources_list,
+    "resources/templates/list": _CoreMethods._m_templates_list,
+    "resources/read": _CoreMethods._m_resources_read,
+    "prompts/list": _CoreMethods._m_prompts_list,
+    "prompts/get": _CoreMethods._m_prompts_get,
+    "completion/complete": _CoreMethods._m_complete,
+    "server/discover": _CoreMethods._m_discover,
 }
 _LEGACY_METHODS = {
     **_COMMON_METHODS,
-    "initialize": MCPServer._m_initialize,
-    "ping": MCPServer._m_ping,
-    "logging/setLevel": MCPServer._m_set_level,
-    "resources/subscribe": MCPServer._m_subscribe,
-    "resources/unsubscribe": MCPServer._m_subscribe,
-    "notifications/initialized": MCPServer._n_initialized,
-    "notifications/cancelled": MCPServer._n_cancelled,
-    "notifications/roots/list_changed": MCPServer._n_ignored,
-    "notifications/progress": MCPServer._n_ignored,
+    "initialize": _CoreMethods._m_initialize,
+    "ping": _CoreMethods._m_ping,
+    "logging/setLevel": _CoreMethods._m_set_level,
+    "resources/subscribe": _CoreMethods._m_subscribe,
+    "resources/unsubscribe": _CoreMethods._m_subscribe,
+    "notifications/initialized": _CoreMethods._n_initialized,
+    "notifications/cancelled": _CoreMethods._n_cancelled,
+    "notifications/roots/list_changed": _CoreMethods._n_ignored,
+    "notifications/progress": _CoreMethods._n_ignored,
 }
 _MODERN_METHODS = {
     **_COMMON_METHODS,
-    "subscriptions/listen": MCPServer._m_listen,
-    "notifications/cancelled": MCPServer._n_cancelled,
+    "subscriptions/listen": _CoreMethods._m_listen,
+    "notifications/cancelled": _CoreMethods._n_cancelled,
 }
 
 
@@ -5479,7 +5569,7 @@ _MODERN_METHODS = {
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
-# - Only what cannot leave the process lives in the ``_Hub``: open streams, running requests,
+# - Only what cannot leave the process lives in the ``_Runtime``: open streams, running requests,
 #   futures awaiting a client's answer.
 # - Tokens are free, so everything a client makes the server hold is capped per principal and per
 #   client address, with a 429 that names the setting: live sessions (counted in the store, so the
@@ -5524,22 +5614,23 @@ def _sse(message: dict | str | None, event_id: str | None = None, event: str = "
     return (head + "data: " + data + "\n\n").encode()
 
 
-_SEALED = "sealed:"  # a stored value that is not JSON but an AES-GCM token of it (``_Hub``)
+_SEALED = "sealed:"  # a stored value that is not JSON but an AES-GCM token of it (``_Runtime``)
 
 
 _SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
-def _retry_hint(hub: "_Hub", resumable: bool) -> bytes:
+def _retry_hint(hub: "_Runtime", resumable: bool) -> bytes:
     """The last bytes of a stream the server ends: while it drains, a resumable stream's client is
     told when to reconnect (through the balancer, to another instance, with ``Last-Event-ID``)."""
     return f"retry: {hub.settings.sse_retry_ms}\n\n".encode() if hub.draining and resumable else b""
 
 
-class _Hub:
-    """Process-local runtime: open streams, running requests, pending client answers."""
+class _Runtime(_RuntimePort):
+    """The protocol core's runtime port over a ``Store``, and what cannot leave the process:
+    open streams, running requests, pending client answers."""
 
-    def __init__(self, server: MCPServer, store: Store):
+    def __init__(self, server: _ProtocolCore, store: Store):
         self.server = server
         self.store = store
         self.settings = server.settings
@@ -5637,6 +5728,15 @@ class _Hub:
 
     def spawn(self, coroutine) -> _Job:
         return self.background.spawn(coroutine)
+
+    async def publish_event(self, event: dict) -> None:
+        await self.store.publish(_BUS_CHANNEL, event)
+
+    async def publish(self, channel: str, message) -> None:
+        await self.store.publish(channel, message)
+
+    def subscribe(self, channel: str, callback) -> typing.Callable:
+        return self.store.subscribe(channel, callback)
 
     def _on_bus(self, event: dict) -> None:
         for listener in list(self.listeners):
@@ -5829,19 +5929,9 @@ class _Hub:
 
     # -- 2026 subscriptions/listen ----------------------------------------------------------------
 
-    async def listen(self, ctx: Context) -> dict:
-        wanted = ctx.params.get("notifications")
-        if not isinstance(wanted, dict):
-            raise _invalid_params("subscriptions/listen needs params.notifications, an object.", status=400)
-        honored = {k: True for k in ("toolsListChanged", "promptsListChanged", "resourcesListChanged")
-                   if wanted.get(k) is True}
-        uris = wanted.get("resourceSubscriptions")
-        if isinstance(uris, list) and all(isinstance(u, str) for u in uris):
-            honored["resourceSubscriptions"] = uris
+    async def listen(self, ctx: Context, honored: dict) -> dict:
+        """The stream of a subscriptions/listen request (the core checked what it asks)."""
         out = ctx._out
-        if out is None or not getattr(out, "can_stream", False):
-            raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
-                            "send Accept: text/event-stream.", status=400)
         try:  # (its connection counts against the client address)
             release = self.hold_stream(ctx.principal, None)
         except _HttpError as exc:
@@ -5980,7 +6070,7 @@ class _AsgiExchange:
 
     def __init__(self, scope: dict, receive, send, spawn):
         self.receive, self.send = receive, send
-        self.spawn = spawn  # runs a coroutine as background work (``_Hub.spawn``)
+        self.spawn = spawn  # runs a coroutine as background work (``_Runtime.spawn``)
         self.head = None  # the response start, waiting for the first write
         self.watcher = None
         # the bundled server's disconnect callbacks, when it runs us as a plain ASGI app (mounted)
@@ -6204,7 +6294,7 @@ class _PostChannel:
     __slots__ = ("http", "hub", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
                  "followers", "extra_headers", "done", "must_stream")
 
-    def __init__(self, http: _Http, hub: _Hub, session_id: str | None, sse_ok: bool, resumable: bool,
+    def __init__(self, http: _Http, hub: _Runtime, session_id: str | None, sse_ok: bool, resumable: bool,
                  extra_headers: list):
         self.http, self.hub, self.session_id = http, hub, session_id
         self.sse_ok, self.resumable = sse_ok, resumable and session_id is not None
@@ -6333,7 +6423,7 @@ class _SessionStream:
     __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "waiter", "idle_since",
                  "overflowed")
 
-    def __init__(self, hub: _Hub, http: _Http, session_id: str, version: str | None, log_events: bool):
+    def __init__(self, hub: _Runtime, http: _Http, session_id: str, version: str | None, log_events: bool):
         self.hub, self.http, self.session_id = hub, http, session_id
         self.version = version
         self.log_events = log_events
@@ -6436,7 +6526,7 @@ class _SessionChannel:
 
     can_stream = True
 
-    def __init__(self, hub: _Hub, session_id: str):
+    def __init__(self, hub: _Runtime, session_id: str):
         self.hub, self.session_id = hub, session_id
 
     async def send(self, message: dict) -> None:
@@ -6452,7 +6542,7 @@ class _SessionChannel:
 class _StreamableHTTP:
     """POST, GET and DELETE on the MCP endpoint, for every revision."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
 
     # -- POST ------------------------------------------------------------------------------------
@@ -6481,7 +6571,7 @@ class _StreamableHTTP:
 
     async def _modern(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         request_id = message.get("id")
         try:
             ctx = _modern_context(server, message, header_version, http=True, principal=http.principal,
@@ -6513,7 +6603,7 @@ class _StreamableHTTP:
 
     async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         settings = server.settings
         request_id = message.get("id") if kind == "request" else None
         if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -6571,7 +6661,7 @@ class _StreamableHTTP:
 
     async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
         """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         session_id = http.headers.get("mcp-session-id")
         session = None
         if session_id is not None:
@@ -6611,7 +6701,7 @@ class _StreamableHTTP:
     # -- GET: the session's standalone stream, or a resumed one --------------------------------
 
     async def get(self, http: _Http) -> typing.Awaitable | None:
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
             raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no GET stream; use "
@@ -6643,7 +6733,7 @@ class _StreamableHTTP:
 
     async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
-        hub = self.server._hub()
+        hub = self.server._runtime()
         live = hub.live_posts.get((session_id, stream_id))
         inbox = _Inbox(hub.settings.stream_buffer)
         unsubscribe = None
@@ -6703,7 +6793,7 @@ class _StreamableHTTP:
     # -- DELETE: end a session -------------------------------------------------------------------
 
     async def delete(self, http: _Http) -> None:
-        hub = self.server._hub()
+        hub = self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
             raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no sessions to delete.",
@@ -6725,7 +6815,7 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-async def _session_of(hub: _Hub, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
+async def _session_of(hub: _Runtime, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
     """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
     made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
     session id is no session on the other."""
@@ -6767,7 +6857,7 @@ def _header_mismatch(text: str) -> RpcError:
     return RpcError(HEADER_MISMATCH, text, status=400)
 
 
-def _check_modern_headers(headers: dict, message: dict, server: MCPServer) -> None:
+def _check_modern_headers(headers: dict, message: dict, server: _ProtocolCore) -> None:
     """SEP-2243: ``Mcp-Method``, ``Mcp-Name`` and ``Mcp-Param-*`` must mirror the body (-32020)."""
     mismatch = _header_mismatch
     method = message.get("method")
@@ -6830,11 +6920,11 @@ _MAX_IN_FLIGHT = 100  # /messages requests of one token running on an instance a
 class _LegacySSE:
     """GET /sse opens the stream and names the POST endpoint; POST /messages answers 202."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
 
     async def get(self, http: _Http, root_path: str) -> typing.Awaitable | None:
-        hub = self.server._hub()
+        hub = self.server._runtime()
         session_id = http.query("session_id")
         if session_id is not None:
             if await _session_of(hub, http, session_id, "sse") is None:
@@ -6860,7 +6950,7 @@ class _LegacySSE:
         try:
             await stream.run(first)
         finally:
-            hub = self.server._hub()
+            hub = self.server._runtime()
             # (not when another stream took the session over, nor while the server stops)
             if opened and stream.session_id not in hub.session_streams and not hub.closing:
                 record = await hub.store.get(_session_key(stream.session_id))
@@ -6868,7 +6958,7 @@ class _LegacySSE:
                     await hub.drop_session(stream.session_id, record)
 
     async def post(self, http: _Http) -> None:
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
@@ -6894,7 +6984,7 @@ class _LegacySSE:
 
     async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
-        server, hub = self.server, self.server._hub()
+        server, hub = self.server, self.server._runtime()
         session = record if "v" in record else None  # (None: opened, not initialized yet)
         channel = _SessionChannel(hub, session_id)
         request_id = message.get("id") if kind == "request" else None
@@ -6933,12 +7023,12 @@ class _LegacySSE:
 class _DirectHTTP:
     """POST one JSON-RPC request (or ``{"method", "params"}``) and get its answer in the body."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
 
     async def post(self, http: _Http) -> None:
         server = self.server
-        server._hub()
+        server._runtime()
         message = await http.read_message(server.settings)
         short = isinstance(message, dict) and "jsonrpc" not in message and "method" in message
         if short:
@@ -6988,7 +7078,7 @@ class _Stdio:
 
     SESSION = "stdio"
 
-    def __init__(self, server: MCPServer, stdin=None, stdout_fd: int | None = None):
+    def __init__(self, server: _ProtocolCore, stdin=None, stdout_fd: int | None = None):
         self.server = server
         self.uid = "stdio:" + secrets.token_urlsafe(12)  # the local user this process serves
         self.session: dict | None = None
@@ -7030,12 +7120,12 @@ class _Stdio:
         return None
 
     async def request(self, method: str, params: dict) -> dict:
-        return await self.server._hub().ask_client(self.SESSION, method, params, self.send)
+        return await self.server._runtime().ask_client(self.SESSION, method, params, self.send)
 
     async def run(self) -> None:
         self._guard_stdio()
         loop = asyncio.get_running_loop()
-        hub = await self.server._ready()
+        hub = await self.server._started_runtime()
         batches: asyncio.Queue = asyncio.Queue()
         stdin = self._stdin
         limit = self.server.settings.max_body
@@ -7118,7 +7208,7 @@ class _Stdio:
         except RpcError as exc:
             return self._answer(_error_response(message.get("id") if isinstance(message, dict) else None, exc), batch)
         if kind == "response":
-            self.server._hub().resolve(self.SESSION, message)
+            self.server._runtime().resolve(self.SESSION, message)
             return None
         if batch and message.get("method") == "initialize":
             return _error_response(message.get("id"), RpcError(INVALID_REQUEST, "initialize must not be batched."))
@@ -7148,7 +7238,7 @@ class _Stdio:
         return None
 
     async def _run(self, ctx: Context, batch: bool):
-        response, _status = await self.server._hub().respond_cancellable(ctx)
+        response, _status = await self.server._runtime().respond_cancellable(ctx)
         if ctx._session_changed:
             self.session = ctx.session
         if response is None:
@@ -7465,7 +7555,7 @@ def _remember(approved: list, client_id: str, keep: int = 20, size: int = 3000) 
 class _OAuth:
     """The built-in authorization server and the resource-server checks."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
         # Client metadata documents are fetched on threads of their own, at most
         # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
@@ -7558,7 +7648,7 @@ class _OAuth:
             return
         client = http.client_address() or "unknown"
         slot = int(_now() // window)
-        count = await self.server._hub().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
+        count = await self.server._runtime().store.incr(f"mcp:rate:{route}:{client}:{slot}", window)
         if count > limit:
             wait = window - int(_now()) % window
             raise _HttpError(429, message or f"Too many requests to {route}; try again in a minute.",
@@ -7589,7 +7679,7 @@ class _OAuth:
             client["secret_hash"] = _sha256(secret)
             response["client_secret"] = secret
             response["client_secret_expires_at"] = 0
-        await self.server._hub().store.set(f"mcp:oauth:client:{client['client_id']}", client,
+        await self.server._runtime().store.set(f"mcp:oauth:client:{client['client_id']}", client,
                                            self.settings.client_ttl)
         await http.respond_json(201, response, headers=list(_NO_STORE))
 
@@ -7623,7 +7713,7 @@ class _OAuth:
         fetched (and cached, failures too) from its URL."""
         if not isinstance(client_id, str) or not client_id or len(client_id) > 2048:
             return None
-        store = self.server._hub().store
+        store = self.server._runtime().store
         if not client_id.startswith(("https://", "http://")):
             return await store.get_touch(f"mcp:oauth:client:{client_id}", self.settings.client_ttl)
         cache_key = f"mcp:oauth:cimd:{_sha256(client_id)}"
@@ -7653,7 +7743,7 @@ class _OAuth:
                 raise _OAuthError("temporarily_unavailable", "Too many client metadata documents are being "
                                   "fetched right now; try again in a moment.", 503)
             fetched = self._fetches[client_id] = _Answer()
-            self.server._hub().spawn(self._fetch_into(fetched, client_id, timeout))
+            self.server._runtime().spawn(self._fetch_into(fetched, client_id, timeout))
         with anyio.move_on_after(timeout + 1):
             return await fetched.wait()
         raise ValueError(f"client metadata document took longer than {timeout:g} s")
@@ -7859,7 +7949,7 @@ class _OAuth:
         await self._approve(http, request, remember)
 
     async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
-        store = self.server._hub().store
+        store = self.server._runtime().store
         sid, generation = secrets.token_urlsafe(24), secrets.token_hex(4)
         await store.set(_user_key(sid), {"state": "ANONYMOUS", "client_id": request["client_id"],
                                          "created": int(_now()), "revoked": [], "gen": generation},
@@ -7952,7 +8042,7 @@ class _OAuth:
         await http.respond_json(200, answer, headers=list(_NO_STORE))
 
     async def _code_grant(self, http: _Http, client: dict, fields: dict) -> dict:
-        store = self.server._hub().store
+        store = self.server._runtime().store
         code = fields.get("code", "")
         code_hash = _sha256(code)
         grant = await store.take(f"mcp:oauth:code:{code_hash}")
@@ -8001,7 +8091,7 @@ class _OAuth:
 
     async def _new_refresh(self, client: dict, sid: str, scope: str, resource: str, family: tuple) -> str:
         """A new refresh token; ``family`` is ``(id, hash of the token it replaces, or None)``."""
-        store, ttl = self.server._hub().store, self.settings.refresh_ttl
+        store, ttl = self.server._runtime().store, self.settings.refresh_ttl
         token = secrets.token_urlsafe(32)
         token_hash = _sha256(token)
         family_id, replaced = family
@@ -8016,7 +8106,7 @@ class _OAuth:
         """Rotate: the presented token must be the family's newest, or the one it replaced, once,
         within _REFRESH_GRACE seconds of the rotation (a client retrying a lost answer; RFC 9700
         4.14.2).  Anything else is reuse: the family and its session are revoked."""
-        store = self.server._hub().store
+        store = self.server._runtime().store
         token_hash = _sha256(fields.get("refresh_token", ""))
         record = await store.get(f"mcp:oauth:rt:{token_hash}")
         if record is None or record["client_id"] != client["client_id"]:
@@ -8059,7 +8149,7 @@ class _OAuth:
         seconds, the token a rotation replaced or one whose rotation is under way (a client that
         lost the answer retries).  Every other use is reuse; a superseded replacement's record
         stays, so using it is reuse too."""
-        store = self.server._hub().store
+        store = self.server._runtime().store
         if token_hash == family["current"] and await store.add(f"mcp:oauth:rotated:{token_hash}", 1,
                                                                 self.settings.refresh_ttl):
             return True
@@ -8070,7 +8160,7 @@ class _OAuth:
     async def _revoke_family(self, family: dict) -> None:
         """End a token family and its session.  The mark comes first: a rotation that read the
         family before this must see it when it is done, and undo what it wrote (_refresh_grant)."""
-        store = self.server._hub().store
+        store = self.server._runtime().store
         await store.set(f"mcp:oauth:revoked:{family['id']}", 1, self.settings.refresh_ttl)
         await store.delete(f"mcp:oauth:family:{family['id']}")
         for key in ("current", "previous"):
@@ -8087,7 +8177,7 @@ class _OAuth:
             await self._json_error(http, exc)
             return
         token = fields.get("token", "")
-        store = self.server._hub().store
+        store = self.server._runtime().store
         record = await store.get(f"mcp:oauth:rt:{_sha256(token)}")
         # RFC 7009 2.1: a client may revoke only its own tokens; anything else is ignored (200)
         if record is not None and record["client_id"] != client["client_id"]:
@@ -8156,7 +8246,7 @@ class _OAuth:
         if claims is None:
             raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server",
                                   endpoint=endpoint)
-        session = await self.server._hub().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
+        session = await self.server._runtime().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
         if (session is None or claims["jti"] in session.get("revoked", ())
                 or claims.get("gen") != session.get("gen")):
             raise self._challenge(http, "invalid_token", "the token was revoked or its session ended",
@@ -8253,127 +8343,8 @@ def _credentials_ad(uid: str) -> bytes:
 # the cookie, takes the state atomically, has the provider exchange the callback's parameters, and
 # writes the sealed credentials into ``mcp:{user}:user``.
 
-_DEFAULT_MASK_FIELDS = frozenset((
-    "account_id", "accountid", "account_no", "account_number", "accountnumber", "client_id", "clientid",
-    "user_id", "userid", "customer_id", "customerid", "pan", "pan_number", "email", "email_id", "mail",
-    "phone", "phone_number", "mobile", "mobile_number", "bank_account", "bank_account_number",
-    "bankaccount", "demat_id", "dp_id", "aadhaar", "ssn"))
 _PAIRING_ALPHABET = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789"  # no 0/O, 1/I
 _PAIRING_TRIES = 5
-
-# A key is sensitive when a run of its words (split at camelCase, digits and any of ``_-. ``,
-# lower-cased, joined) is one of these: ``panNumber``, ``Mobile-No``, ``bank.account.number``,
-# ``emailId``, ``x_access_token``.  A run, not a substring: ``company`` holds no ``pan``.
-_SENSITIVE_KEY = re.compile(
-    r"pan(no|num|number|card)?|e?mail(id|ids|address|addr)?|"
-    r"(phone|mobile|tel|telephone|cell|cellphone|landline|whatsapp)(no|num|number|numbers)?|"
-    r"(bank)?(account|acct)(no|num|number|nr|id|ids)?|bank|iban|ifsc|"
-    r"demat(id|no|number|account)?|dpid|boid|aadha+r(no|number|id)?|ssn|"
-    r"(access|refresh|id|auth|bearer|api|session|csrf)?tokens?|(api|secret|private|access|client|signing)key|"
-    r"(client)?secret|password|passwd|pwd|passcode|otp|pin(code)?|cvv|(card|creditcard|debitcard)(no|num|number)|"
-    r"(user|client|customer|login|member|holder|u)id|(user|client|customer)(code|no|number)|"
-    r"upi(id|handle)?|vpa|dob|(date)?(of)?birth(date|day)?|(postal|home|residential|permanent|mailing)?"
-    r"(address|addr)(line\d*)?|(user|holder|account|nominee|father|mother|spouse|full|first|last|middle|legal|"
-    r"customer|client|display)name|username|login|nominee|ucc|placedby")
-# Keys that name the user's own orders, not the user: their values (Kite's order ids are 15-16
-# digits) stay whole, or cancel_order could not be given an id the orders tool showed.
-_ORDER_ID_KEYS = frozenset({"orderid", "exchangeorderid", "parentorderid"})
-# Identifiers and secrets in free text, masked wherever a string appears in a login tool's result
-# or error: JWTs, Authorization values, key=value pairs with a sensitive key, e-mail addresses,
-# PAN-like codes, long base64/hex runs, phone numbers and runs of 8+ digits.
-_FREE_TEXT_MASKS = (
-    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), 0),
-    (re.compile(r"(?i)\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=-]{8,})"), 1),
-    (re.compile(r"\b([A-Za-z][\w.-]{0,40})([\"']?\s*[:=]\s*[\"']?)([^\s\"'&,;<>{}\[\]]{3,})"), 3),
-    (re.compile(r"[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)+"), 0),
-    (re.compile(r"[A-Za-z0-9._-]{2,}@[A-Za-z]{2,}(?![\w.@-])"), 0),  # a UPI id (VPA): no dot after the @
-    (re.compile(r"(?i)\b[A-Z]{5}[0-9]{4}[A-Z]\b"), 0),
-    (re.compile(r"(?<![A-Za-z0-9+/_-])(?=[A-Za-z0-9+/_-]*[0-9])(?=[A-Za-z0-9+/_-]*[A-Za-z])"
-                r"[A-Za-z0-9+/_-]{24,}={0,2}"), 0),
-    (re.compile(r"(?<![\w+])(?:\+\d{1,3}[ .-]?\(?\d{1,5}\)?(?:[ .-]?\d{2,5}){1,4}|\(?\d{3,5}\)?[.-]\d{3,5}[.-]?\d{0,5}|"
-                r"\d{4} \d{4} \d{4}|\d{5} \d{5})(?!\w)"), -1),
-    (re.compile(r"(?<!\d)\d{8,}(?!\d)"), 0),
-)
-
-
-def _mask_text(value) -> str:
-    """A masked value: all X, but the last 4 characters of a long one (enough to tell two apart)."""
-    text = str(value)
-    return "X" * len(text) if len(text) < 10 else "X" * (len(text) - 4) + text[-4:]
-
-
-def _key_words(key: str) -> list:
-    return [word.lower() for word in re.findall(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+", key)][:12]
-
-
-@functools.lru_cache(maxsize=256)
-def _mask_names(fields: frozenset) -> frozenset:
-    """MASK_FIELDS and a tool's ``mask`` names, spelt as ``_sensitive_key`` compares them."""
-    return frozenset("".join(_key_words(str(field))) for field in fields)
-
-
-@functools.lru_cache(maxsize=4096)
-def _sensitive_key(key, names: frozenset) -> bool:
-    words = _key_words(str(key))
-    for start in range(len(words)):
-        for end in range(start + 1, len(words) + 1):
-            run = "".join(words[start:end])
-            if run in names or _SENSITIVE_KEY.fullmatch(run):
-                return True
-    return False
-
-
-def _mask_phone(match: re.Match) -> str:
-    text = match.group(0)
-    digits = sum(c.isdigit() for c in text)
-    return _mask_text(text) if digits >= 10 or (text.startswith("+") and digits >= 8) else text
-
-
-def _mask_free_text(text: str, names: frozenset = frozenset()) -> str:
-    """``text`` with every identifier or secret ``_FREE_TEXT_MASKS`` finds masked."""
-    for pattern, group in _FREE_TEXT_MASKS:
-        if group == -1:
-            text = pattern.sub(_mask_phone, text)
-        elif group == 3:
-            text = pattern.sub(lambda m: m.group(1) + m.group(2) + _mask_text(m.group(3))
-                               if _sensitive_key(m.group(1), names) else m.group(0), text)
-        elif group:
-            text = pattern.sub(lambda m: m.group(0)[:m.start(group) - m.start()] + _mask_text(m.group(group)), text)
-        else:
-            text = pattern.sub(lambda m: _mask_text(m.group(0)), text)
-    return text
-
-
-def _is_order_id(key, value, names: frozenset) -> bool:
-    """An order id of the user's own (a number, or digits/letters as text) under an order-id key
-    that MASK_FIELDS does not name: left out of the digit-run and whole-number masking."""
-    if not isinstance(key, str) or "".join(_key_words(key)) not in _ORDER_ID_KEYS or _sensitive_key(key, names):
-        return False
-    return (isinstance(value, int) and not isinstance(value, bool)) or (
-        isinstance(value, str) and re.fullmatch(r"[A-Za-z0-9_-]{1,64}", value) is not None)
-
-
-def _mask(value, fields: frozenset, under_sensitive: bool = False):
-    """Mask a result: every scalar under a sensitive key (``_sensitive_key``: the patterns and
-    ``fields``, in any spelling), whatever the nesting, keeping the last 4 characters of long
-    ones; and identifiers in every other string, dict keys included (``_mask_free_text``)."""
-    names = _mask_names(fields)
-    if isinstance(value, dict):
-        return {(_mask_free_text(k, names) if isinstance(k, str) else k):
-                v if not under_sensitive and _is_order_id(k, v, names) else
-                _mask(v, fields, under_sensitive or _sensitive_key(k, names)) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_mask(v, fields, under_sensitive) for v in value]
-    if value is None or isinstance(value, bool):
-        return value
-    if under_sensitive:
-        return _mask_text(value)
-    if isinstance(value, str):
-        return _mask_free_text(value, names)
-    if isinstance(value, (int, float)) and value == value and abs(value) >= 1e7 and value == int(value):
-        return _mask_text(int(value))  # a whole number of 8+ digits: an account or phone number, as text
-    return value
-
 
 def _http_call(method: str, url: str, *, form: dict | None = None, json_body: dict | None = None,
                headers: dict | None = None, timeout: float = 10.0) -> tuple:
@@ -8753,7 +8724,7 @@ class _NotLoggedIn(ToolError):
 class _Login:
     """The login flow and the upstream API client of one MCPServer."""
 
-    def __init__(self, server: MCPServer, provider: Provider | None = None):
+    def __init__(self, server: _ProtocolCore, provider: Provider | None = None):
         self.server = server
         self._vault = None
         self.provider = provider or _provider_from_settings(server.settings)
@@ -8804,11 +8775,11 @@ class _Login:
         raise ToolError("Logging in needs a signed-in client (OAuth) or an MCP session; this request has neither.")
 
     async def _user(self, uid: str) -> dict:
-        store = self.server._hub().store
+        store = self.server._runtime().store
         return await store.get_touch(_user_key(uid), self.settings.session_ttl) or {"state": "ANONYMOUS"}
 
     async def _save_user(self, uid: str, record: dict) -> None:
-        await self.server._hub().store.set(_user_key(uid), record, self.settings.session_ttl)
+        await self.server._runtime().store.set(_user_key(uid), record, self.settings.session_ttl)
 
     async def credentials(self, ctx: Context) -> dict:
         uid = self.user_id(ctx)
@@ -8822,7 +8793,7 @@ class _Login:
         return _loads(plain, _STORED_JSON_DEPTH)
 
     async def _store_credentials(self, uid: str, cred: dict) -> None:
-        record = await self.server._hub().store.get_touch(_user_key(uid), self.settings.session_ttl)
+        record = await self.server._runtime().store.get_touch(_user_key(uid), self.settings.session_ttl)
         if record is None:
             if ":" not in uid:  # an OAuth session of this server: gone means revoked or expired
                 raise ToolError("Your session with this server ended meanwhile; connect your assistant "
@@ -8844,7 +8815,7 @@ class _Login:
         code = "".join(secrets.choice(_PAIRING_ALPHABET) for _ in range(8))
         pairing = f"{code[:4]}-{code[4:]}"
         keys = await self.server._keyring()
-        await self.server._hub().store.set(_login_tx_key(tx), {"uid": uid, "pairing": _pairing_mac(keys, tx, code)},
+        await self.server._runtime().store.set(_login_tx_key(tx), {"uid": uid, "pairing": _pairing_mac(keys, tx, code)},
                                            600)
         url = f"{base}/login/{tx}"
         return {"url": url, "pairing_code": pairing, "expires_in": 600}
@@ -8852,7 +8823,7 @@ class _Login:
     # -- pages: /login/<tx> and /redirect -----------------------------------------------------------
 
     async def page(self, http: _Http, tx: str) -> None:
-        store = self.server._hub().store
+        store = self.server._runtime().store
         if await store.get(_login_tx_key(tx)) is None:
             await self._link_gone(http)
         elif http.scope.get("method") == "POST":
@@ -8870,7 +8841,7 @@ class _Login:
         compared, so concurrent guesses on any instance get ``_PAIRING_TRIES`` compared in all;
         the right code takes the transaction, so a link completes once, in one browser."""
         oauth = self.server.asgi.oauth
-        store = self.server._hub().store
+        store = self.server._runtime().store
         fields = _form_fields(await http.read_body(16 * 1024))
         cookie = oauth._cookie(http, "mcp_csrf") or ""
         if not cookie or not hmac.compare_digest(cookie, fields.get("csrf", "")):
@@ -8930,7 +8901,7 @@ class _Login:
             await self._page(http, 502, "Sign-in is not available", f"<p class=bad>{_escape(str(exc))}</p>")
             return
         keys = await self.server._keyring()
-        await self.server._hub().store.set(f"mcp:login:state:{_sha256(state)}", keys.seal({
+        await self.server._runtime().store.set(f"mcp:login:state:{_sha256(state)}", keys.seal({
             "tx": tx, "uid": record["uid"], "verifier": verifier, "nonce": _sha256(nonce),
             "oidc_nonce": oidc_nonce, "redirect_uri": login["redirect_uri"]}, "login"), 600)
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
@@ -8941,7 +8912,7 @@ class _Login:
         nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
         if not isinstance(query.get(self.provider.state_param), str) or not query[self.provider.state_param]:
             return "expired"
-        store = self.server._hub().store
+        store = self.server._runtime().store
         key = f"mcp:login:state:{_sha256(query[self.provider.state_param])}"
         sealed = await store.get(key)
         state = (await self.server._keyring()).unseal(sealed, "login") if sealed else None
@@ -8954,7 +8925,7 @@ class _Login:
 
     async def redirect(self, http: _Http) -> None:
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
-        store = self.server._hub().store
+        store = self.server._runtime().store
         state = await self._redirect_state(http, query)
         retry = "<p>Ask your assistant to call <code>login</code> again.</p>"
         if state == "expired":
@@ -9060,7 +9031,7 @@ class _Login:
         else:
             key = f"{ctx.session_id}|{ctx.request_id!r}|{ctx.params.get('name')}|" \
                   f"{_args_digest(ctx.params.get('arguments') or {})}"
-        hub = self.server._hub()
+        hub = self.server._runtime()
         store, slot = hub.store, f"mcp:{{{_store_id(uid)}}}:change:{_sha256(key)}"
         if (done := await hub.get_sealed(slot)) is not None:
             return self._replayed(done)
@@ -9154,7 +9125,7 @@ _SANDBOX_USERS = {
 class _Sandbox:
     """The sandbox provider's endpoints: authorize (a page), token, revoke, and the demo API."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
 
     async def handle(self, http: _Http, path: str) -> None:
@@ -9167,7 +9138,7 @@ class _Sandbox:
             await self._token(http)
         elif path == "/sandbox/revoke" and method == "POST":
             fields = _form_fields(await http.read_body(16 * 1024))
-            store = self.server._hub().store
+            store = self.server._runtime().store
             for prefix in ("mcp:sandbox:at:", "mcp:sandbox:rt:"):
                 await store.delete(prefix + _sha256(fields.get("token", "")))
             await http.respond(200)
@@ -9225,7 +9196,7 @@ class _Sandbox:
     async def _sign_in(self, http: _Http) -> None:
         request, user = await self._signed_in(http, "sandbox")
         code = secrets.token_urlsafe(24)
-        await self.server._hub().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
+        await self.server._runtime().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
             "user": user, "challenge": request["code_challenge"], "client_id": request["client_id"],
             "redirect_uri": request["redirect_uri"]}, 300)
         location = _with_query(request["redirect_uri"], {"code": code, "state": request["state"]})
@@ -9233,7 +9204,7 @@ class _Sandbox:
 
     async def _token(self, http: _Http) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
-        store = self.server._hub().store
+        store = self.server._runtime().store
         user = None
         if fields.get("grant_type") == "authorization_code":
             grant = await store.take(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
@@ -9257,7 +9228,7 @@ class _Sandbox:
         """The demo API: GET a resource, POST orders (place), DELETE orders/{id} (cancel).  The
         generic API takes JSON bodies and answers 401 to a bad token; the Kite one takes forms and
         answers 403 TokenException, as Kite does."""
-        store = self.server._hub().store
+        store = self.server._runtime().store
         user = await store.get(f"mcp:sandbox:at:{_sha256(token)}") if token else None
         if user is None:
             await http.respond_json(403 if kite else 401, {"status": "error", "error_type": "TokenException",
@@ -9287,7 +9258,7 @@ class _Sandbox:
         await http.respond_json(200, {"status": "success", "sandbox": True, "data": data})
 
     async def _orders(self, user: str) -> list:
-        return await self.server._hub().store.get(f"mcp:sandbox:orders:{user}") or _SANDBOX_USERS[user]["orders"]
+        return await self.server._runtime().store.get(f"mcp:sandbox:orders:{user}") or _SANDBOX_USERS[user]["orders"]
 
     async def _place(self, user: str, order, kite: bool) -> dict:
         if kite and isinstance(order, dict):
@@ -9303,14 +9274,14 @@ class _Sandbox:
         placed = {"order_id": "SBX-" + secrets.token_hex(4).upper(), "symbol": symbol, "side": side,
                   "quantity": quantity, "price": price, "status": "OPEN"}
         orders = await self._orders(user)
-        await self.server._hub().store.set(f"mcp:sandbox:orders:{user}", [*orders, placed], 86400)
+        await self.server._runtime().store.set(f"mcp:sandbox:orders:{user}", [*orders, placed], 86400)
         return {"order_id": placed["order_id"]}
 
     async def _cancel(self, user: str, order_id: str) -> dict:
         orders = await self._orders(user)
         if not any(o["order_id"] == order_id and o["status"] == "OPEN" for o in orders):
             raise _HttpError(400, f"No open order {order_id!r} to cancel.")
-        await self.server._hub().store.set(f"mcp:sandbox:orders:{user}", [
+        await self.server._runtime().store.set(f"mcp:sandbox:orders:{user}", [
             {**o, "status": "CANCELLED"} if o["order_id"] == order_id else o for o in orders], 86400)
         return {"order_id": order_id}
 
@@ -9323,7 +9294,7 @@ class _Sandbox:
             await self._kite_session(http)
         elif path == "session/token" and method == "DELETE":
             query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
-            await self.server._hub().store.delete(f"mcp:sandbox:at:{_sha256(query.get('access_token', ''))}")
+            await self.server._runtime().store.delete(f"mcp:sandbox:at:{_sha256(query.get('access_token', ''))}")
             await http.respond_json(200, {"status": "success", "data": True})
         else:
             header = http.headers.get("authorization", "")
@@ -9348,7 +9319,7 @@ class _Sandbox:
         /redirect) with a request_token and the app's redirect_params."""
         request, user = await self._signed_in(http, "sandbox-kite")
         token = secrets.token_urlsafe(24)
-        await self.server._hub().store.set(f"mcp:sandbox:kite-rt:{_sha256(token)}", user, 300)
+        await self.server._runtime().store.set(f"mcp:sandbox:kite-rt:{_sha256(token)}", user, 300)
         extra = dict(urllib.parse.parse_qsl(request["redirect_params"]))
         location = _with_query(self.server.asgi.oauth.issuer(http) + "/redirect", {
             **extra, "action": "login", "type": "login", "status": "success", "request_token": token})
@@ -9358,7 +9329,7 @@ class _Sandbox:
         fields = _form_fields(await http.read_body(16 * 1024))
         token = fields.get("request_token", "")
         expected = hashlib.sha256((_SANDBOX_KITE_KEY + token + _SANDBOX_KITE_SECRET).encode()).hexdigest()
-        store = self.server._hub().store
+        store = self.server._runtime().store
         user = None
         if fields.get("api_key") == _SANDBOX_KITE_KEY and hmac.compare_digest(fields.get("checksum", ""), expected):
             user = await store.take(f"mcp:sandbox:kite-rt:{_sha256(token)}")
@@ -9468,7 +9439,7 @@ def _is_loopback_origin(origin: str) -> bool:
 class _App:
     """The ASGI application behind ``MCPServer.asgi``."""
 
-    def __init__(self, server: MCPServer):
+    def __init__(self, server: _ProtocolCore):
         self.server = server
         self.oauth = _OAuth(server)
         self.streamable = _StreamableHTTP(server)
@@ -9485,7 +9456,7 @@ class _App:
             raise RuntimeError(f"mcp_server: unsupported ASGI scope type {kind!r}")
 
     def _spawn(self, coroutine) -> _Job:
-        return self.server._hub().spawn(coroutine)
+        return self.server._runtime().spawn(coroutine)
 
     async def _lifespan(self, receive, send) -> None:
         """Startup readies the runtime, whose background work then runs in this task's task group
@@ -9494,7 +9465,7 @@ class _App:
         if message["type"] != "lifespan.startup":
             return
         try:
-            hub = await self.server._ready()
+            hub = await self.server._started_runtime()
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
@@ -9527,7 +9498,7 @@ class _App:
     async def _rate_limit(self, http: _Http) -> None:
         """MCP_RATE_LIMIT requests a minute per client IP and per session, counted in the store
         (so the limit holds across instances); past it, 429 with Retry-After."""
-        limit, store = self.server.settings.rate_limit, self.server._hub().store
+        limit, store = self.server.settings.rate_limit, self.server._runtime().store
         window = int(_now() // 60)
         keys = [f"mcp:rate:ip:{http.client_address() or '-'}:{window}"]
         if http.headers.get("mcp-session-id"):
@@ -9612,8 +9583,8 @@ class _App:
             host = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
             server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
         try:
-            if server._runtime is None or not server._runtime.started:
-                await server._ready()
+            if server._live_runtime is None or not server._live_runtime.started:
+                await server._started_runtime()
             if _telemetry.on:  # (the trace context of the HTTP request, for the MCP server span)
                 _telemetry.http_headers.set(headers)
             self._check_host(http)
@@ -9743,7 +9714,7 @@ class _App:
                 raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
             await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
         elif path == "/readyz":
-            hub = self.server._hub()
+            hub = self.server._runtime()
             store = hub.store
             if hub.closing or hub.unready:  # (SIGTERM: the balancer takes this instance out first)
                 await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
@@ -9803,10 +9774,10 @@ def _require_method(method: str, allowed: str, path: str) -> None:
                          headers=[(b"allow", allowed.encode())])
 
 
-async def _shutdown(server: MCPServer) -> None:
-    if server._runtime is not None:
-        await server._runtime.close()
-        server._runtime = None
+async def _shutdown(server: _ProtocolCore) -> None:
+    if server._live_runtime is not None:
+        await server._live_runtime.close()
+        server._live_runtime = None
 
 
 # ==== 9. HTTP server ============================================================================
@@ -9830,7 +9801,7 @@ async def _shutdown(server: MCPServer) -> None:
 #   well-formed Host (RFC 9112 section 3.2).
 # - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
 # - SIGTERM drains: /readyz says 503 for MCP_DRAIN_SECONDS while everything is still served, then
-#   the listener closes, the hub ends the streams (``_Hub.end_streams``) and requests in flight
+#   the listener closes, the hub ends the streams (``_Runtime.end_streams``) and requests in flight
 #   get MCP_DRAIN_GRACE seconds before the store closes.  SIGINT (or a second SIGTERM) skips the
 #   readiness wait; a ``stop`` event set by code stops without it too.
 #
@@ -10671,7 +10642,7 @@ def _busy_poll_loop(window: float) -> asyncio.AbstractEventLoop:
     return asyncio.SelectorEventLoop(_BusyPollSelector(window))
 
 
-async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
+async def _serve_http(app, settings: Settings, server: _ProtocolCore | None = None,
                       ready: typing.Callable | None = None, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     state = _ServerState(app, settings)
@@ -10711,7 +10682,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
     if ready is not None:
         ready(port)
     # (stdio's side listener serves pages, not MCP: stdio stops its requests itself)
-    hub = server._hub() if server is not None and not settings.stdio else None
+    hub = server._runtime() if server is not None and not settings.stdio else None
     try:
         await _until_stopped(stop, terminated, hub, settings.drain_seconds)
     finally:
@@ -10723,7 +10694,7 @@ async def _serve_http(app, settings: Settings, server: MCPServer | None = None,
         await listener.wait_closed()
 
 
-async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Hub | None",
+async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Runtime | None",
                          drain_seconds: float) -> None:
     """Serve until ``stop``; after a SIGTERM (``terminated``), first answer /readyz with 503 for
     ``drain_seconds`` while still serving, so that balancers stop sending work here."""
@@ -10741,7 +10712,7 @@ async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_
             pass
 
 
-async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
+async def _drain(state: _ServerState, listener, hub: "_Runtime | None") -> None:
     """Stop accepting, end the open streams (resumable ones with a retry hint: their clients go
     on elsewhere), and let the requests in flight finish, for MCP_DRAIN_GRACE seconds at most:
     the store stays open until they did, so what they send is logged for the resumed streams."""
@@ -10758,7 +10729,155 @@ async def _drain(state: _ServerState, listener, hub: "_Hub | None") -> None:
         await asyncio.sleep(0.05)
 
 
-# ==== 10. Built-in tools and CLI ================================================================
+# ==== 10. MCPServer, built-in tools and CLI ====================================================
+#
+# Rules:
+# - ``MCPServer`` is the public face: the protocol core of section 5 with its runtime, app, login
+#   tools and command line wired in.  Nothing in sections 1-5 names it.
+# - ``serve`` runs a server (stdio, HTTP, ``--workers``); ``main()`` is the command line.
+
+
+class MCPServer(_CoreMethods):
+    """An MCP server: register tools, resources and prompts, then ``run()`` or mount ``asgi``.
+
+    The protocol core (section 5) wired to the world: the store and the runtime (section 6), the
+    ASGI app (section 8), the upstream login tools (section 7) and the command line (``serve``)."""
+
+    def __init__(self, name: str, version: str = "0.1.0", *, instructions: str | None = None,
+                 title: str | None = None, description: str | None = None,
+                 website_url: str | None = None, icons: list | None = None,
+                 settings: Settings | None = None, store: Store | None = None,
+                 middleware: list | None = None):
+        super().__init__(name, version, instructions=instructions, title=title, description=description,
+                         website_url=website_url, icons=icons, settings=settings, middleware=middleware)
+        self.store = store
+        self._app = None
+
+    def add_login_tools(self, provider=None) -> None:
+        """Add the upstream login flow: the ``login``, ``logout``, ``profile``, ``holdings``,
+        ``orders`` and ``service`` tools (with UPSTREAM_TRADING, ``place_order`` and
+        ``cancel_order``), the /login and /redirect pages, and, for the sandbox presets, the
+        sandbox provider under /sandbox/.  ``provider`` (a ``Provider``) replaces the one the
+        UPSTREAM_* settings describe."""
+        self._login = _Login(self, provider)
+        flow = self._login
+        if self.settings.encryption_iv:
+            log.warning("ENCRYPTION_IV is ignored: a fixed IV is unsafe; AES-GCM takes a fresh random "
+                        "nonce for every value")
+
+        @self.tool(title="Log in to the upstream account", annotations={"openWorldHint": True})
+        async def login(ctx: Context) -> dict:
+            """Start signing in to your account at the upstream provider: returns a link to open in
+            your browser and the pairing code to enter there."""
+            flow.vault()  # a login whose credentials could not be stored must not start (a missing package)
+            # a 2026 client retries after the URL elicitation: the retry must reuse the same link
+            started = ctx.round_state.get("login") or await flow.start(ctx)
+            if ctx.supports("elicitation.url") and ctx.protocol_version >= "2025-11-25":
+                ctx.round_state["login"] = started
+                await ctx.elicit_url("Sign in to your account in the browser; enter the pairing code "
+                                     f"{started['pairing_code']} there. Keep the code to yourself.",
+                                     started["url"], key="login")
+            return {"__mcp_result__": True, "structuredContent": started, "content": [{
+                "type": "text", "text": f"Open {started['url']} and enter the pairing code "
+                                        f"{started['pairing_code']} there. The link works for 10 minutes; "
+                                        "the code is for the user alone, never to be passed on."}]}
+
+        @self.tool(title="Log out of the upstream account", annotations={"destructiveHint": False})
+        async def logout(ctx: Context) -> str:
+            """Sign out of the upstream account: revokes its tokens and deletes the stored credentials."""
+            return await flow.logout(ctx)
+
+        @self.tool(title="Account profile", login_required=True, annotations={"readOnlyHint": True})
+        async def profile(ctx: Context) -> dict:
+            """Your account profile at the upstream provider (identifiers masked)."""
+            return await ctx.upstream(flow.path("profile"))
+
+        @self.tool(title="Holdings", login_required=True, annotations={"readOnlyHint": True})
+        async def holdings(ctx: Context) -> dict:
+            """The securities held in your account, with quantities and prices."""
+            return await ctx.upstream(flow.path("holdings"))
+
+        @self.tool(title="Orders", login_required=True, annotations={"readOnlyHint": True})
+        async def orders(ctx: Context) -> dict:
+            """Today's orders in your account and their status."""
+            return await ctx.upstream(flow.path("orders"))
+
+        allowed = ", ".join(self.settings.service_paths)
+
+        @self.tool(title="Upstream API", login_required=True, annotations={"readOnlyHint": True},
+                   description=f"Call an allowed path of the upstream API (GET) and return its data. "
+                               f"Allowed paths: {allowed}.")
+        async def service(path: str, ctx: Context, params: dict[str, str] | None = None) -> dict:
+            return await ctx.upstream(flow.path(_service_path(path, self.settings.service_paths)), params)
+
+        if self.settings.upstream_trading:
+            self._add_trading_tools(flow)
+
+    def _add_trading_tools(self, flow) -> None:
+        @self.tool(title="Place an order", login_required=True,
+                   annotations={"destructiveHint": True, "idempotentHint": False, "openWorldHint": True})
+        async def place_order(symbol: str, side: typing.Literal["BUY", "SELL"], quantity: int, ctx: Context,
+                              price: float | None = None) -> dict:
+            """Place an order in your account (you confirm it first). Without a price it is a market order."""
+            symbol = symbol.strip().upper()
+            if not re.fullmatch(r"[A-Z0-9&_.-]{1,40}", symbol) or not 0 < quantity <= 1_000_000 or (
+                    price is not None and not 0 < price < 1e9):
+                raise ToolError("Give a symbol (letters, digits, & _ . -), a quantity from 1 to 1000000 and "
+                                "a positive price, or none for a market order.")
+            summary = f"{side.lower()} {quantity} {symbol} " + (f"at {price}" if price is not None else "at market price")
+            return await flow.change(ctx, "place", {"symbol": symbol, "side": side, "quantity": quantity,
+                                                    "price": price}, summary)
+
+        @self.tool(title="Cancel an order", login_required=True,
+                   annotations={"destructiveHint": True, "idempotentHint": True, "openWorldHint": True})
+        async def cancel_order(order_id: str, ctx: Context) -> dict:
+            """Cancel one of your open orders (you confirm it first)."""
+            if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", order_id or ""):
+                raise ToolError("Give the order id as the orders tool shows it.")
+            return await flow.change(ctx, "cancel", {"order_id": order_id}, f"cancel order {order_id}")
+
+    @property
+    def asgi(self):
+        """This server as a raw ASGI 3 application (http and lifespan scopes)."""
+        if self._app is None:
+            self._app = _App(self)
+        return self._app
+
+    def run(self, argv: list | None = None, *, stdio: bool | None = None) -> None:
+        """Serve until interrupted, configured by the command line (``--help``) and environment."""
+        try:
+            self.settings = Settings.load(sys.argv[1:] if argv is None else argv,
+                                          prog=os.path.basename(sys.argv[0]) or "mcp_server",
+                                          defaults=self.settings)
+        except SystemExit as exc:
+            if exc.code not in (0, None):
+                print(exc.code, file=sys.stderr)
+                sys.exit(2)
+            raise
+        if stdio is not None:
+            self.settings.stdio = stdio
+        serve(self, self.settings)
+
+    def _runtime(self) -> "_Runtime":
+        if self._live_runtime is None:
+            if self.store is None:
+                settings = self.settings
+                self.store = (RedisStore(settings.redis_url, cluster=settings.redis_cluster,
+                                         timeout=settings.store_timeout) if settings.redis_url
+                              else MemoryStore(max_keys=settings.max_sessions * 4))
+            self._live_runtime = _Runtime(self, self.store)
+        return self._live_runtime
+
+    async def _started_runtime(self) -> "_Runtime":
+        """The runtime, started (subscriptions made) on first use in a running loop."""
+        hub = self._live_runtime if self._live_runtime is not None else self._runtime()
+        if not hub.started:
+            hub.start()
+            self.threads = anyio.CapacityLimiter(self.settings.tool_threads)
+            _telemetry.instrument(self)
+            if self.settings.metrics_token:
+                _metrics.on = True  # (for good: another server in this process may serve them too)
+        return hub
 
 
 async def _serve_stdio(server: MCPServer) -> None:

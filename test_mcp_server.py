@@ -1066,7 +1066,7 @@ class TestConcurrency:
         server = build_server(stream_buffer=4)
 
         async def main():
-            stream = mcp_server._SessionStream(server._hub(), None, "sid", LEGACY, False)
+            stream = mcp_server._SessionStream(server._runtime(), None, "sid", LEGACY, False)
             for n in range(10):
                 stream.put({"n": n})
             return stream.overflowed, stream._items
@@ -3884,7 +3884,7 @@ class TestHTTPServer:
                 assert len(transport.writes) == 1, transport.writes
                 assert b"one write" in transport.writes[0]
                 assert (b"text/event-stream" in transport.writes[0]) == (accept == ACCEPT_BOTH)
-            await server._runtime.close()
+            await server._live_runtime.close()
         asyncio.run(scenario())
 
     @EAGER_ONLY
@@ -3944,7 +3944,7 @@ class TestHTTPServer:
             assert len(transport.writes) == 1 and b"sent before close" in transport.writes[0] and transport.closed
             await asyncio.sleep(0)
             assert len(transport.writes) == 1  # not sent twice
-            await server._runtime.close()
+            await server._live_runtime.close()
         asyncio.run(scenario())
 
     @EAGER_ONLY
@@ -3983,7 +3983,7 @@ class TestHTTPServer:
             await asyncio.sleep(0)
             assert [kind for kind, _ in events] == ["answer", "log", "other"]  # (the end of the pass came first)
             assert b'"text":"not alone"' in events[0][1]
-            await server._runtime.close()
+            await server._live_runtime.close()
         try:
             mcp_server._configure_logging("info", "json")
             server = build_server(access_log=True)
@@ -4029,7 +4029,7 @@ class TestHTTPServer:
             await asyncio.sleep(0)  # (the end of that pass)
             assert tasks_seen == [task, task] and b'"text":"after the gate"' in transport.writes[0]
             assert written_in == [None]  # written by the pass's end, not inside the task's step
-            await server._runtime.close()
+            await server._live_runtime.close()
         asyncio.run(scenario())
 
     def test_the_loop_polls_before_sleeping_only_while_its_waits_are_short(self):
@@ -4277,7 +4277,7 @@ class TestHTTPServer:
 
             async def send(message):
                 sent.append(message)
-            exchange = mcp_server._AsgiExchange({"type": "http"}, receive, send, server._hub().spawn)
+            exchange = mcp_server._AsgiExchange({"type": "http"}, receive, send, server._runtime().spawn)
 
             def output():
                 return b"".join(m.get("body", b"") for m in sent), [m.get("status") for m in sent]
@@ -6324,7 +6324,7 @@ def _rev_transcript(st, revision: str, transport: str) -> list:
 
 def _rev_stream_registered(st, sid: str) -> bool:
     async def check():
-        return sid in st.server._runtime.session_streams
+        return sid in st.server._live_runtime.session_streams
     return st.run(check())
 
 
@@ -7231,7 +7231,7 @@ class TestTestClient:
         assert done["content"] == [{"type": "text", "text": "progress done"}]
         assert [n["params"]["progress"] for n in notes if n["method"] == "notifications/progress"] == [1, 2]
         assert seen[:2] == ["initialize", "notifications/initialized"] and "tools/call" in seen
-        assert server._runtime is None or not server._runtime.started  # no listener, no hub running
+        assert server._live_runtime is None or not server._live_runtime.started  # no listener, no hub running
         with pytest.raises(ValueError, match="era"):
             server.test_client("1999-01-01")
 
@@ -9160,7 +9160,7 @@ class TestProviders:
 
     @staticmethod
     def _stored(st, uid: str) -> dict:
-        record = st.run(st.server._hub().store.get(mcp_server._user_key(uid)))
+        record = st.run(st.server._runtime().store.get(mcp_server._user_key(uid)))
         return json.loads(st.server._login.vault().decrypt(record["cred"], mcp_server._credentials_ad(uid)))
 
     # -- Kite Connect -----------------------------------------------------------------------------------
@@ -9191,7 +9191,7 @@ class TestProviders:
         assert "Asha Rao" in profile and not [raw for raw in _LOGIN_RAW_ASHA if raw in profile], profile
         assert session.call("logout")["content"][0]["text"].startswith("Logged out")
         token_key = "mcp:sandbox:at:" + hashlib.sha256(cred["access_token"].encode()).hexdigest()
-        assert st.run(st.server._hub().store.get(token_key)) is None  # DELETE /session/token reached Kite
+        assert st.run(st.server._runtime().store.get(token_key)) is None  # DELETE /session/token reached Kite
         _login_assert_not_logged_in(session)
 
     def test_the_kite_api_takes_only_its_token_header_and_version(self, make_server):
@@ -14168,7 +14168,7 @@ class TestTelemetry:
                 sys.modules["opentelemetry"] = None  # (what an absent package looks like to import)
             import mcp_server
             server = mcp_server.MCPServer("t", settings=mcp_server.Settings(auth="none"))
-            asyncio.run(server._ready())
+            asyncio.run(server._started_runtime())
             print("_respond" in vars(server), mcp_server._telemetry.on,
                   sorted({{m.partition(".")[0] for m in sys.modules if m.startswith("opentelemetry")}}))
         """)
