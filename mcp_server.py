@@ -3,15 +3,17 @@
 It serves every MCP revision a client may speak (2024-11-05, 2025-03-26, 2025-06-18,
 2025-11-25 with the ``initialize`` handshake, and the stateless 2026-07-28) on one endpoint,
 over Streamable HTTP, the legacy HTTP+SSE transport, a direct JSON endpoint and stdio, under
-its own asyncio HTTP/1.1 server or any ASGI server.  Its runtime needs nothing beyond the
-standard library until a feature asks for more (``cryptography`` for sealed state, ``redis``
-for the shared store, ``jwt`` for tokens), and those are imported when first used.
+its own asyncio HTTP/1.1 server or any ASGI server, on asyncio or trio.  Beyond the standard
+library it always needs ``anyio`` (how everything ``server.asgi`` reaches waits and cancels);
+the rest is imported when a feature first asks for it (``cryptography`` for sealed state,
+``redis`` for the shared store, ``jwt`` for tokens).
 
 Map of the file (search for ``# ==== N.``):
 
   1. Settings and errors   protocol constants, JSON-RPC errors, Settings (flags, env, .env, enc:),
                            JSON/text logs with request ids, Prometheus metrics (summed over
-                           ``--workers``), OpenTelemetry spans and histograms (when installed)
+                           ``--workers``), OpenTelemetry spans and histograms (when installed);
+                           concurrency through anyio (cancel scopes, background jobs, inboxes)
   2. Store                 the Store contract; the in-memory store (TTL, sliding expiry, LRU) and
                            the Redis store (strings, lists, pub/sub; Cluster-safe hash tags;
                            a primary found through Redis Sentinel)
@@ -19,17 +21,20 @@ Map of the file (search for ``# ==== N.``):
                            credential vault with key ids
   4. Registry and schemas  tools, resources, prompts, skills (SKILL.md frontmatter, file snapshots);
                            JSON Schema from type hints; a validator
-  5. MCP core (sans-IO)    Context, era classification, the method tables, shaping per revision,
-                           Multi Round-Trip Requests, the extension API and its extensions (tasks,
-                           skills, MCP Apps), the in-process test client
-  6. Transports            the hub (streams, pending answers, cancellation across instances),
+  5. MCP core (sans-IO)    Context, era classification, masking, the runtime port the core talks
+                           through, the registry, the protocol core and its method tables,
+                           shaping per revision, Multi Round-Trip Requests, the extension API
+                           and its extensions (tasks, skills, MCP Apps), the in-process test client
+  6. Transports            the runtime (streams, pending answers, cancellation across instances),
                            Streamable HTTP, HTTP+SSE, /http, stdio
   7. OAuth and login       the OAuth 2.1 authorization server and resource checks; the upstream
                            login flow (pairing page, /redirect, masking), its providers (OAuth 2,
                            OpenID Connect, Kite Connect, your own) and the sandbox broker
   8. ASGI app              routing, Origin/Host checks, CORS, rate limits, health and metrics
   9. HTTP server           an asyncio HTTP/1.1 server that drives any ASGI 3 app
- 10. Built-in tools, CLI   the built-in server, ``serve`` (stdio, HTTP, ``--workers``), ``main()``
+ 10. MCPServer, CLI       ``MCPServer`` (the core wired to its runtime, app, login tools and
+                           command line), the built-in server, ``serve`` (stdio, HTTP,
+                           ``--workers``), ``main()``
 
 Use it:
 
@@ -246,7 +251,7 @@ _REQUEST_ERRORS = (Exception, SystemExit, KeyboardInterrupt)
 
 def _error_id() -> str:
     """Names one unexpected failure in the log and in what the client is told, so the two can be
-    matched; 12 hex digits (secrets, not uuid: importing uuid costs a cold start 2-3 ms)."""
+    matched; 12 hex digits (secrets, not uuid: importing uuid lengthens a cold start)."""
     return secrets.token_hex(6)
 
 
@@ -847,7 +852,7 @@ class _LineFormatter(logging.Formatter):
     """What both log formats share: ``line()`` makes a line from its parts, for a LogRecord
     (``format``) and for ``_log_access``, which has no record.  Stamps are to the second as
     ``SECOND_FORMAT`` says, in ``CLOCK``'s time zone; the last second's text is kept (the access
-    log writes a line a request, and formatting each stamp anew took ~1.5 µs of it)."""
+    log writes a line a request, and formatting each stamp anew was a measurable part of it)."""
 
     SECOND_FORMAT, CLOCK = "%H:%M:%S", time.localtime
     _second: tuple = (None, "")  # (a second since the epoch, its text); one tuple, so threads agree
@@ -894,8 +899,8 @@ class _JsonFormatter(_LineFormatter):
         return _escape_controls(head + "," + _dumps_any(fields)[1:] if fields else head + "}", True)
 
     def access_line(self, created, values):
-        # A line a request: written out field by field, a quarter of what line() costs with its
-        # dicts (bench: ~4 µs of a tools/call's CPU); a test holds it equal to line()'s.
+        # A line a request: written out field by field, a fraction of what line() costs with its
+        # dicts (bench/RESULTS.md); a test holds it equal to line()'s.
         method, route, status, duration_ms, session, client = values
         request_id, trace_id = _request_id.get(), _trace_id.get()
         try:
@@ -952,7 +957,7 @@ def _control_escape(char: str, json_text: bool) -> str:
                                           "\\u%04x" % code if code <= 0xFFFF else "\\U%08x" % code)
 
 
-class _PassEnd:
+class _EndOfPassWrites:
     """Writes that wait for the end of the event loop's current pass, so that what the pass's
     callbacks write leaves in one system call: the bundled server's answers (section 9) and the
     log lines of ``_Batching``.  One callback at the end of the pass (``call_soon``) runs them
@@ -1009,20 +1014,20 @@ class _PassEnd:
                 self.loop.call_exception_handler({"message": "a deferred write failed", "exception": exc})
 
 
-_PASS_ENDS = threading.local()  # one event loop runs in a thread at a time: its _PassEnd
+_END_OF_PASS_WRITES = threading.local()  # one event loop runs in a thread at a time: its _EndOfPassWrites
 
 
-def _pass_end(loop: asyncio.AbstractEventLoop) -> _PassEnd:
-    """The ``_PassEnd`` of ``loop``, the loop running in this thread."""
-    end = getattr(_PASS_ENDS, "end", None)
+def _end_of_pass_writes(loop: asyncio.AbstractEventLoop) -> _EndOfPassWrites:
+    """The ``_EndOfPassWrites`` of ``loop``, the loop running in this thread."""
+    end = getattr(_END_OF_PASS_WRITES, "end", None)
     if end is None or end.loop is not loop:
-        end = _PASS_ENDS.end = _PassEnd(loop)
+        end = _END_OF_PASS_WRITES.end = _EndOfPassWrites(loop)
     return end
 
 
 class _Batching:
     """A stream handler whose lines, when the event loop's thread writes them, wait for the end of
-    that loop pass (``_PassEnd``) and leave in one write: one system call for every access log
+    that loop pass (``_EndOfPassWrites``) and leave in one write: one system call for every access log
     line the pass's requests wrote, not one each.  Lines from other threads, warnings and worse,
     and whatever waits when logging shuts down are written at once."""
 
@@ -1048,7 +1053,7 @@ class _Batching:
     def queue(self, loop, line: str) -> None:
         with self.lock:
             if not self.waiting:
-                _pass_end(loop).add(self.flush)
+                _end_of_pass_writes(loop).add(self.flush)
             self.waiting.append(line + self.terminator)
             if len(self.waiting) >= 512:
                 self.flush()
@@ -1076,8 +1081,8 @@ def _log_access(values: tuple) -> None:
     """The access log's line for a request (``values``: ``_ACCESS_FIELDS``, in that order), at
     level info.  Straight to this module's handlers when only they are set
     (``_configure_logging``), unfiltered and with this module's formats: ``log.info`` would cost
-    several times as much (a LogRecord, the caller's frame, the filter passes; bench: 18 against
-    8 µs of a tools/call's CPU, before ``access_line``).  Anyone else's handler, filter or format
+    several times as much (a LogRecord, the caller's frame, the filter passes; bench/RESULTS.md
+    has the figures).  Anyone else's handler, filter or format
     gets it the standard way."""
     if not log.isEnabledFor(logging.INFO):
         return
@@ -1135,8 +1140,8 @@ class _Metrics:
         self.values: dict = collections.defaultdict(float)
         self.histograms: dict = {}
         # Counting starts when a server that serves /metrics starts (MCP_METRICS_TOKEN; see
-        # MCPServer._ready): without it nobody can read them, and the counters of one request
-        # cost ~5% of a tools/call (bench).  Hot call sites test ``on`` before building keys.
+        # MCPServer._started_runtime): without it nobody can read them, and the counters of one
+        # request are a measurable part of a tools/call.  Hot call sites test ``on`` before building keys.
         self.on = False
         self.shared: tuple | None = None  # (directory, this worker's file) under --workers
 
@@ -1331,7 +1336,7 @@ class _Telemetry:
         """Trace every request ``server`` answers if, when it starts, the API is installed and an
         implementation (an SDK) is set as the tracer or meter provider: then its ``_respond`` is
         wrapped, once.  Otherwise the server runs exactly the code it always ran (the API alone
-        would make spans and measurements nobody keeps, at ~10 µs a request)."""
+        would make spans and measurements nobody keeps, at a cost on every request)."""
         respond = server._respond
         if not self.load() or getattr(respond, "traced", False):
             return
@@ -1834,7 +1839,7 @@ class Store:
     link_epoch = 0
 
     async def get(self, key: str) -> typing.Any: raise NotImplementedError
-    async def get_touch(self, key: str, ttl: float) -> typing.Any:
+    async def get_refreshed(self, key: str, ttl: float) -> typing.Any:
         """Read a value and restart its time to live (sliding expiry) in one step."""
         raise NotImplementedError
     async def set(self, key: str, value: typing.Any, ttl: float | None = None) -> None: raise NotImplementedError
@@ -1842,7 +1847,7 @@ class Store:
         """Set only if absent; True when this call created the key."""
         raise NotImplementedError
     async def delete(self, key: str) -> bool: raise NotImplementedError
-    async def take(self, key: str) -> typing.Any:
+    async def pop(self, key: str) -> typing.Any:
         """Get and delete atomically (single-use values: codes, states)."""
         raise NotImplementedError
     async def incr(self, key: str, ttl: float) -> int: raise NotImplementedError
@@ -1867,7 +1872,7 @@ class Store:
     async def touch(self, keys: list, ttl: float) -> None:
         """Restart the time to live of the keys that exist."""
         for key in keys:
-            await self.get_touch(key, ttl)
+            await self.get_refreshed(key, ttl)
     async def append(self, key: str, item: typing.Any, maxlen: int, ttl: float) -> int:
         """Append to a bounded log; returns the item's sequence number (1, 2, ...)."""
         raise NotImplementedError
@@ -1955,7 +1960,7 @@ class MemoryStore(Store):
         entry = self._live(key)
         return None if entry is None else entry[0]
 
-    async def get_touch(self, key, ttl):
+    async def get_refreshed(self, key, ttl):
         entry = self._live(key)
         if entry is None:
             return None
@@ -1976,7 +1981,7 @@ class MemoryStore(Store):
         self._table(key).pop(key, None)
         return live
 
-    async def take(self, key):
+    async def pop(self, key):
         entry = self._live(key)
         if entry is None:
             return None
@@ -2152,7 +2157,7 @@ class RedisStore(Store):
     async def get(self, key):
         return self._load(await self._run(lambda r: r.get(key)))
 
-    async def get_touch(self, key, ttl):
+    async def get_refreshed(self, key, ttl):
         return self._load(await self._run(lambda r: r.getex(key, px=int(ttl * 1000))))
 
     async def set(self, key, value, ttl=None):
@@ -2166,7 +2171,7 @@ class RedisStore(Store):
     async def delete(self, key):
         return bool(await self._run(lambda r: r.delete(key)))
 
-    async def take(self, key):
+    async def pop(self, key):
         return self._load(await self._run(lambda r: r.getdel(key)))
 
     async def incr(self, key, ttl):
@@ -2917,9 +2922,9 @@ def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | 
         if not any(_JSON_TYPES.get(k, lambda v: True)(instance) for k in kinds):
             return f"at {path}: expected {' or '.join(kinds)}, got {_json_type_name(instance)}"
     if "enum" in schema and not any(_json_equal(instance, e) for e in schema["enum"]):
-        return f"at {path}: {_short(instance)} is not one of {_short(schema['enum'])}"
+        return f"at {path}: {_preview(instance)} is not one of {_preview(schema['enum'])}"
     if "const" in schema and not _json_equal(instance, schema["const"]):
-        return f"at {path}: must be {_short(schema['const'])}"
+        return f"at {path}: must be {_preview(schema['const'])}"
     if isinstance(instance, str):
         if len(instance) < schema.get("minLength", 0):
             return f"at {path}: shorter than {schema['minLength']} characters"
@@ -3094,7 +3099,7 @@ def _json_equal(a, b) -> bool:
     return a == b
 
 
-def _short(value) -> str:
+def _preview(value) -> str:
     text = _dumps(value) if _jsonable(value) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -3299,7 +3304,7 @@ class _Resource(_Callable):
             elif isinstance(item, EmbeddedResource):
                 entry = dict(item.contents)
             else:
-                entry = {"uri": uri, "text": _dumps(_plain(item)), "mimeType": "application/json"}
+                entry = {"uri": uri, "text": _dumps(_plain_json(item)), "mimeType": "application/json"}
             if self.mime_type and "mimeType" not in entry:
                 entry["mimeType"] = self.mime_type
             out.append(entry)
@@ -3373,16 +3378,16 @@ class _Prompt(_Callable):
         return out
 
 
-def _plain(value):
+def _plain_json(value):
     """Dataclasses, enums and tuples as plain JSON values."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+        return {k: _plain_json(v) for k, v in dataclasses.asdict(value).items()}
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
+        return {str(k): _plain_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple, set, frozenset)):
-        return [_plain(v) for v in value]
+        return [_plain_json(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     if hasattr(value, "isoformat"):
@@ -3416,7 +3421,7 @@ def _to_call_result(value, tool: _Tool) -> dict:
             else:
                 blocks.append(item)
         return {"content": blocks}
-    structured = _plain(value)
+    structured = _plain_json(value)
     result = {"content": [{"type": "text", "text": _dumps(structured)}]}
     if isinstance(structured, (dict, list)) or tool.output_schema:
         result["structuredContent"] = structured
@@ -3640,7 +3645,11 @@ def _skills_under(folder: str) -> list:
 # Rules:
 # - The core never touches a socket, HTTP or a store.  A transport builds a ``Context`` (method,
 #   params, revision, client capabilities, session record, and an outbound channel ``_out``),
-#   calls ``MCPServer._respond(ctx)`` and writes what comes back.
+#   calls ``_respond(ctx)`` and writes what comes back.  Whatever else the core needs (events to
+#   every client, background work, sealed records, cancellation, a listen stream) it asks of its
+#   ``_RuntimePort``; nothing in this section names a later one.
+# - ``_Registry`` holds what is offered, ``_ProtocolCore`` serves requests, ``_CoreMethods``
+#   has the handlers of the method tables; ``MCPServer`` (section 10) wires them to the world.
 # - Era: a request whose ``params._meta`` names a protocol version is modern (2026-07-28,
 #   stateless); ``initialize`` and everything else is legacy and belongs to a session.
 # - Handlers build the newest result shape; ``_shape_*`` trims it for an older revision, and
@@ -3935,7 +3944,7 @@ def _checked_input_response(key: str, method: str, value) -> dict:
     return value
 
 
-# Fields each revision added, per kind of object (from the official schemas); ``_trim`` drops
+# Fields each revision added, per kind of object (from the official schemas); ``_without_newer_fields`` drops
 # the ones a client's revision does not define.
 _ADDED_IN = {
     "tool": {"annotations": "2025-03-26", "title": "2025-06-18", "outputSchema": "2025-06-18",
@@ -3955,7 +3964,7 @@ _CONTENT_STABLE_SINCE = max(date for kind in ("content", "annotations", "content
                             for date in _ADDED_IN[kind].values())
 
 
-def _trim(obj: dict, kind: str, version: str) -> dict:
+def _without_newer_fields(obj: dict, kind: str, version: str) -> dict:
     added = _ADDED_IN[kind]
     if not any(key in added and version < added[key] for key in obj):
         return obj
@@ -3969,11 +3978,11 @@ def _shape_block(block: dict, version: str) -> dict:
         return {"type": "text", "text": f"[audio content ({block.get('mimeType', 'audio')}) omitted]"}
     if kind == "resource_link" and version < "2025-06-18":
         return {"type": "text", "text": f"Resource: {block.get('name', '')} <{block.get('uri', '')}>"}
-    block = _trim(block, "content", version)
+    block = _without_newer_fields(block, "content", version)
     if "annotations" in block and isinstance(block["annotations"], dict):
-        block = {**block, "annotations": _trim(block["annotations"], "annotations", version)}
+        block = {**block, "annotations": _without_newer_fields(block["annotations"], "annotations", version)}
     if kind == "resource" and isinstance(block.get("resource"), dict):
-        block = {**block, "resource": _trim(block["resource"], "contents", version)}
+        block = {**block, "resource": _without_newer_fields(block["resource"], "contents", version)}
     return block
 
 
@@ -3995,7 +4004,7 @@ def _shape_call_result(result: dict, version: str) -> dict:
 def _shape_tool(definition: dict, version: str) -> dict:
     if version >= "2026-07-28":
         return {k: v for k, v in definition.items() if k != "execution"}
-    tool = _trim(definition, "tool", version)
+    tool = _without_newer_fields(definition, "tool", version)
     schema = tool.get("outputSchema")
     if schema is not None and schema.get("type") != "object":
         tool = {k: v for k, v in tool.items() if k != "outputSchema"}  # legacy: objects only
@@ -4006,18 +4015,18 @@ def _shape_tool(definition: dict, version: str) -> dict:
 
 def _shape_listing(definition: dict, version: str) -> dict:
     """A resource or template definition as a revision defines it (annotations included)."""
-    listing = _trim(definition, "listing", version)
+    listing = _without_newer_fields(definition, "listing", version)
     if isinstance(listing.get("annotations"), dict):
-        trimmed = _trim(listing["annotations"], "annotations", version)
+        trimmed = _without_newer_fields(listing["annotations"], "annotations", version)
         if trimmed is not listing["annotations"]:
             listing = {**listing, "annotations": trimmed}
     return listing
 
 
 def _shape_prompt(definition: dict, version: str) -> dict:
-    prompt = _trim(definition, "listing", version)
+    prompt = _without_newer_fields(definition, "listing", version)
     if version < "2025-06-18" and "arguments" in prompt:
-        prompt = {**prompt, "arguments": [_trim(a, "argument", version) for a in prompt["arguments"]]}
+        prompt = {**prompt, "arguments": [_without_newer_fields(a, "argument", version) for a in prompt["arguments"]]}
     return prompt
 
 
@@ -4569,7 +4578,7 @@ class _ProtocolCore(_Registry):
     # -- capabilities and descriptions ---------------------------------------------------------
 
     def _server_info(self, version: str) -> dict:
-        return _trim(self.info, "implementation", version)
+        return _without_newer_fields(self.info, "implementation", version)
 
     def _capabilities(self, version: str) -> dict:
         caps = {"tools": {"listChanged": True}, "resources": {"subscribe": True, "listChanged": True},
@@ -4645,7 +4654,7 @@ class _ProtocolCore(_Registry):
             if extension_handler is not None:
                 return extension_handler(ctx)
             if ctx.request_id is None:
-                return _nothing()  # unknown notifications are ignored
+                return _answer_nothing()  # unknown notifications are ignored
             known = (ctx.method in _LEGACY_METHODS or ctx.method in _MODERN_METHODS
                      or ctx.method in self.extensions.owner)
             era = "2026-07-28" if ctx.modern else ctx.protocol_version
@@ -4846,7 +4855,7 @@ class _CoreMethods(_ProtocolCore):
             if deadline.cancelled_caught:
                 return _tool_error(f"Tool {tool.name} did not finish within {limit:g} seconds.")
             if tool.mask is not None:
-                value = _mask(_plain(value), _DEFAULT_MASK_FIELDS | tool.mask |
+                value = _mask(_plain_json(value), _DEFAULT_MASK_FIELDS | tool.mask |
                               {f.lower() for f in self.settings.mask_fields})
             return _to_call_result(value, tool)
         except ToolError as exc:
@@ -4907,7 +4916,7 @@ class _CoreMethods(_ProtocolCore):
             raise RpcError(INTERNAL_ERROR, str(exc)) from None
         contents = resource.contents(value, uri)
         if ctx.protocol_version < "2026-07-28":
-            contents = [_trim(c, "contents", ctx.protocol_version) for c in contents]
+            contents = [_without_newer_fields(c, "contents", ctx.protocol_version) for c in contents]
         return {"contents": contents}
 
     async def _m_subscribe(self, ctx: Context) -> dict:
@@ -5010,7 +5019,7 @@ _TASK_PRIVATE = ("sub", "tool")
 _TASK_TTL_MS = 3600000
 
 
-async def _nothing() -> None:
+async def _answer_nothing() -> None:
     return None
 
 
@@ -5569,8 +5578,8 @@ _MODERN_METHODS = {
 #   Modern HTTP: a dropped connection cancels the request and nothing more is sent.
 # - Session-wide notifications (list changes, resource updates) travel on a store channel, so the
 #   instance that holds a client's GET stream or ``/sse`` stream delivers them wherever they arose.
-# - Only what cannot leave the process lives in the ``_Runtime``: open streams, running requests,
-#   futures awaiting a client's answer.
+# - Only what cannot leave the process lives in the ``_Runtime`` (the core's ``_RuntimePort``):
+#   open streams, running requests, answers a request awaits from its client.
 # - Tokens are free, so everything a client makes the server hold is capped per principal and per
 #   client address, with a 429 that names the setting: live sessions (counted in the store, so the
 #   cap holds across instances), open streams (GET /mcp, /sse, subscriptions/listen; per
@@ -5700,7 +5709,7 @@ class _Runtime(_RuntimePort):
 
     async def _read_session(self, session_id: str) -> dict | None:
         ttl = self.settings.session_ttl
-        record = await self.store.get_touch(_session_key(session_id), ttl)
+        record = await self.store.get_refreshed(_session_key(session_id), ttl)
         if record is not None and record.get("q"):
             await self.store.touch(record["q"], ttl)  # the quota sets counting it live as long as it does
         return record
@@ -5761,7 +5770,7 @@ class _Runtime(_RuntimePort):
 
     # -- quotas: sessions in the store (they hold across instances), streams here ------------------
 
-    async def admit_session(self, session_id: str, http: _Http, request_id=None) -> list:
+    async def admit_session(self, session_id: str, http: _HttpRequest, request_id=None) -> list:
         """Count a new session against its principal's and its client address's caps; 429 past
         either.  Returns the quota sets it is in, which the record keeps as ``q``: reading the
         session slides their expiry too, and deleting it takes it out of them.  A session whose
@@ -6038,7 +6047,7 @@ def _over_limit(message: str, request_id=None) -> "_HttpError":
     return _HttpError(429, message, request_id=request_id, headers=((b"retry-after", b"30"),))
 
 
-def _nothing_held() -> None:
+def _release_nothing() -> None:
     return None
 
 
@@ -6056,7 +6065,7 @@ def _body_too_large(limit: int) -> "_HttpError":
 
 class _AsgiExchange:
     """The exchange interface over plain ASGI: any ASGI server (the bundled server's own adapter
-    is its ``_Cycle``, section 9).  ``_Http`` asks an exchange for no more than this:
+    is its ``_BundledExchange``, section 9).  ``_HttpRequest`` asks an exchange for no more than this:
 
     - ``take_body()``: the whole body if it has all arrived and nobody took it, else None; then
     - ``receive()``: ASGI's, the next body chunk or ``http.disconnect``;
@@ -6117,9 +6126,9 @@ def _asgi_headers(scope: dict) -> dict:
                          for name, value in scope.get("headers", ())])
 
 
-class _Http:
+class _HttpRequest:
     """One HTTP exchange, with the helpers every transport needs, over an exchange (``io``):
-    ``_AsgiExchange`` under any ASGI server, the bundled server's ``_Cycle`` under it."""
+    ``_AsgiExchange`` under any ASGI server, the bundled server's ``_BundledExchange`` under it."""
 
     __slots__ = ("scope", "io", "headers", "extra_headers", "started", "ended", "_callbacks",
                  "_watching", "principal", "base", "status", "cancels")
@@ -6216,7 +6225,7 @@ class _Http:
 
     def forget_request(self) -> None:
         """For a long-lived response: drop the request's headers, which nothing reads any more
-        (idle streams are many; each kept ~1 KB of them).  The session id stays for the access
+        (idle streams are many, and each kept its request's headers).  The session id stays for the access
         log.  The exchange drops its raw headers where that is safe."""
         session_id = self.headers.get("mcp-session-id")
         self.headers = {} if session_id is None else {"mcp-session-id": session_id}
@@ -6294,7 +6303,7 @@ class _PostChannel:
     __slots__ = ("http", "hub", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
                  "followers", "extra_headers", "done", "must_stream")
 
-    def __init__(self, http: _Http, hub: _Runtime, session_id: str | None, sse_ok: bool, resumable: bool,
+    def __init__(self, http: _HttpRequest, hub: _Runtime, session_id: str | None, sse_ok: bool, resumable: bool,
                  extra_headers: list):
         self.http, self.hub, self.session_id = http, hub, session_id
         self.sse_ok, self.resumable = sse_ok, resumable and session_id is not None
@@ -6423,7 +6432,7 @@ class _SessionStream:
     __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "waiter", "idle_since",
                  "overflowed")
 
-    def __init__(self, hub: _Runtime, http: _Http, session_id: str, version: str | None, log_events: bool):
+    def __init__(self, hub: _Runtime, http: _HttpRequest, session_id: str, version: str | None, log_events: bool):
         self.hub, self.http, self.session_id = hub, http, session_id
         self.version = version
         self.log_events = log_events
@@ -6547,7 +6556,7 @@ class _StreamableHTTP:
 
     # -- POST ------------------------------------------------------------------------------------
 
-    async def post(self, http: _Http) -> None:
+    async def post(self, http: _HttpRequest) -> None:
         server = self.server
         settings = server.settings
         json_ok, sse_ok = _accepts(http.headers.get("accept"))
@@ -6569,7 +6578,7 @@ class _StreamableHTTP:
         else:
             await self._legacy(http, message, kind, header_version, sse_ok, sse_first)
 
-    async def _modern(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
+    async def _modern(self, http: _HttpRequest, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
         server, hub = self.server, self.server._runtime()
         request_id = message.get("id")
@@ -6601,7 +6610,7 @@ class _StreamableHTTP:
             return
         await channel.finish(response, status, [])
 
-    async def _legacy(self, http: _Http, message: dict, kind: str, header_version, sse_ok: bool,
+    async def _legacy(self, http: _HttpRequest, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
         server, hub = self.server, self.server._runtime()
         settings = server.settings
@@ -6659,7 +6668,7 @@ class _StreamableHTTP:
         else:
             await channel.finish(response, status, headers)
 
-    async def _batch(self, http: _Http, messages: list, header_version, json_ok: bool) -> None:
+    async def _batch(self, http: _HttpRequest, messages: list, header_version, json_ok: bool) -> None:
         """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
         server, hub = self.server, self.server._runtime()
         session_id = http.headers.get("mcp-session-id")
@@ -6700,7 +6709,7 @@ class _StreamableHTTP:
 
     # -- GET: the session's standalone stream, or a resumed one --------------------------------
 
-    async def get(self, http: _Http) -> typing.Awaitable | None:
+    async def get(self, http: _HttpRequest) -> typing.Awaitable | None:
         server, hub = self.server, self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -6731,7 +6740,7 @@ class _StreamableHTTP:
         release = hub.hold_stream(http.principal, http.client_address())
         return _holding(stream.run(first, replay), release)  # a tail call: _App._handle awaits it
 
-    async def _resume(self, http: _Http, session_id: str, stream_id: str, after: int) -> None:
+    async def _resume(self, http: _HttpRequest, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
         hub = self.server._runtime()
         live = hub.live_posts.get((session_id, stream_id))
@@ -6792,7 +6801,7 @@ class _StreamableHTTP:
 
     # -- DELETE: end a session -------------------------------------------------------------------
 
-    async def delete(self, http: _Http) -> None:
+    async def delete(self, http: _HttpRequest) -> None:
         hub = self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -6815,7 +6824,7 @@ class _StreamableHTTP:
         await http.respond(200)
 
 
-async def _session_of(hub: _Runtime, http: _Http, session_id: str, transport: str = "mcp") -> dict | None:
+async def _session_of(hub: _Runtime, http: _HttpRequest, session_id: str, transport: str = "mcp") -> dict | None:
     """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
     made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
     session id is no session on the other."""
@@ -6923,7 +6932,7 @@ class _LegacySSE:
     def __init__(self, server: _ProtocolCore):
         self.server = server
 
-    async def get(self, http: _Http, root_path: str) -> typing.Awaitable | None:
+    async def get(self, http: _HttpRequest, root_path: str) -> typing.Awaitable | None:
         hub = self.server._runtime()
         session_id = http.query("session_id")
         if session_id is not None:
@@ -6957,7 +6966,7 @@ class _LegacySSE:
                 if record is not None and "v" not in record:
                     await hub.drop_session(stream.session_id, record)
 
-    async def post(self, http: _Http) -> None:
+    async def post(self, http: _HttpRequest) -> None:
         server, hub = self.server, self.server._runtime()
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
@@ -6974,7 +6983,7 @@ class _LegacySSE:
             return
         # (a notification is not counted: it ends at once, and cancelling must work at the cap)
         release = (hub.hold_request(http.principal, http.client_address(), message.get("id"))
-                   if kind == "request" else _nothing_held)
+                   if kind == "request" else _release_nothing)
         try:
             await http.respond(202)  # the answer, or the error, travels on the stream
         except BaseException:
@@ -7020,13 +7029,13 @@ class _LegacySSE:
 # ---- Direct JSON (/http) -------------------------------------------------------------------------
 
 
-class _DirectHTTP:
+class _DirectJSON:
     """POST one JSON-RPC request (or ``{"method", "params"}``) and get its answer in the body."""
 
     def __init__(self, server: _ProtocolCore):
         self.server = server
 
-    async def post(self, http: _Http) -> None:
+    async def post(self, http: _HttpRequest) -> None:
         server = self.server
         server._runtime()
         message = await http.read_message(server.settings)
@@ -7570,13 +7579,13 @@ class _OAuth:
 
     # -- URLs ------------------------------------------------------------------------------------
 
-    def origin(self, http: _Http) -> str:
+    def origin(self, http: _HttpRequest) -> str:
         if self.settings.public_url:
             parts = urllib.parse.urlsplit(self.settings.public_url)
             return f"{parts.scheme}://{parts.netloc}"
         return f"{http.scope.get('scheme', 'http')}://{http.headers.get('host', 'localhost')}"
 
-    def issuer(self, http: _Http) -> str:
+    def issuer(self, http: _HttpRequest) -> str:
         if self.settings.public_url:
             return self.settings.public_url
         return self.origin(http) + http.scope.get("root_path", "")
@@ -7585,26 +7594,26 @@ class _OAuth:
         """The protected endpoints, each its own resource URI (RFC 9728): /mcp, /sse, /http."""
         return (self.settings.mcp_path, "/sse", "/http")
 
-    def resource(self, http: _Http, endpoint: str | None = None) -> str:
+    def resource(self, http: _HttpRequest, endpoint: str | None = None) -> str:
         """The resource URI of ``endpoint`` (a protected path), by default the MCP endpoint."""
         if endpoint in ("/messages", "/messages/"):
             endpoint = "/sse"  # the legacy transport's two halves are one resource
         endpoint = (endpoint or "").rstrip("/")
         return self.issuer(http) + (endpoint if endpoint in self._endpoints() else self.settings.mcp_path)
 
-    def resources(self, http: _Http) -> list:
+    def resources(self, http: _HttpRequest) -> list:
         return [self.issuer(http) + endpoint for endpoint in self._endpoints()]
 
-    def metadata_url(self, http: _Http, endpoint: str | None = None) -> str:
+    def metadata_url(self, http: _HttpRequest, endpoint: str | None = None) -> str:
         path = urllib.parse.urlsplit(self.resource(http, endpoint)).path
         return self.origin(http) + "/.well-known/oauth-protected-resource" + path
 
-    def secure(self, http: _Http) -> bool:
+    def secure(self, http: _HttpRequest) -> bool:
         return self.issuer(http).startswith("https://")
 
     # -- discovery documents -------------------------------------------------------------------
 
-    async def protected_resource_metadata(self, http: _Http, suffix: str = "") -> None:
+    async def protected_resource_metadata(self, http: _HttpRequest, suffix: str = "") -> None:
         """RFC 9728 metadata: the root document names the MCP endpoint; a path-suffixed one names
         the endpoint its suffix is (``/.well-known/oauth-protected-resource/sse`` -> ``.../sse``)."""
         issuer = self.settings.auth_issuer if self.settings.auth == "external" else self.issuer(http)
@@ -7619,7 +7628,7 @@ class _OAuth:
             "scopes_supported": list(self.settings.scopes), "bearer_methods_supported": ["header"],
             "resource_name": self.server.name})
 
-    async def server_metadata(self, http: _Http) -> None:
+    async def server_metadata(self, http: _HttpRequest) -> None:
         if self.settings.auth != "builtin":
             raise _HttpError(404, "This server does not run an authorization server (MCP_AUTH is not builtin).")
         issuer = self.issuer(http)
@@ -7641,7 +7650,7 @@ class _OAuth:
 
     # -- rate limits -------------------------------------------------------------------------------
 
-    async def _rate_limit(self, http: _Http, route: str, limit: int | None = None, window: int = 60,
+    async def _rate_limit(self, http: _HttpRequest, route: str, limit: int | None = None, window: int = 60,
                           message: str = "") -> None:
         limit = self.settings.auth_rate_limit if limit is None else limit
         if not limit:
@@ -7656,7 +7665,7 @@ class _OAuth:
 
     # -- clients -----------------------------------------------------------------------------------
 
-    async def register(self, http: _Http) -> None:
+    async def register(self, http: _HttpRequest) -> None:
         await self._rate_limit(http, "register")
         try:
             body = _loads(await http.read_body(64 * 1024))
@@ -7715,7 +7724,7 @@ class _OAuth:
             return None
         store = self.server._runtime().store
         if not client_id.startswith(("https://", "http://")):
-            return await store.get_touch(f"mcp:oauth:client:{client_id}", self.settings.client_ttl)
+            return await store.get_refreshed(f"mcp:oauth:client:{client_id}", self.settings.client_ttl)
         cache_key = f"mcp:oauth:cimd:{_sha256(client_id)}"
         cached = await store.get(cache_key)
         if cached is not None:
@@ -7778,7 +7787,7 @@ class _OAuth:
 
     # -- /authorize -------------------------------------------------------------------------------
 
-    async def authorize(self, http: _Http) -> None:
+    async def authorize(self, http: _HttpRequest) -> None:
         await self._rate_limit(http, "authorize")
         method = http.scope.get("method")
         if method == "POST":
@@ -7824,7 +7833,7 @@ class _OAuth:
             return
         await self._consent_page(http, client, request)
 
-    async def _authorize_error(self, http: _Http, redirect: str, error: _OAuthError, state, trusted: bool) -> None:
+    async def _authorize_error(self, http: _HttpRequest, redirect: str, error: _OAuthError, state, trusted: bool) -> None:
         """An error before the person said anything.  A registered redirect URI proves only that
         someone registered it (registration is open), so this server redirects on its own only to
         a client the person approved, a native app's URI, or when the operator trusts every client
@@ -7840,7 +7849,7 @@ class _OAuth:
                                      f"<a href='{html.escape(location)}'>Tell it about the error</a> "
                                      "only if you trust that address.</p>")
 
-    def _validate_authorization(self, params: dict, http: _Http) -> dict:
+    def _validate_authorization(self, params: dict, http: _HttpRequest) -> dict:
         if params.get("response_type") != "code":
             raise _OAuthError("unsupported_response_type", "Only response_type=code is supported.")
         challenge = params.get("code_challenge")
@@ -7869,12 +7878,12 @@ class _OAuth:
     # redirect to /redirect, which Strict would drop.
     _LAX_COOKIES = frozenset(("mcp_login",))
 
-    def _cookie_name(self, http: _Http, name: str) -> str:
+    def _cookie_name(self, http: _HttpRequest, name: str) -> str:
         """``__Host-name`` on an https issuer (a sibling host cannot set or shadow it), the plain
         name on http (loopback development): one name per deployment, never both."""
         return ("__Host-" if self.secure(http) else "") + name
 
-    def _cookie(self, http: _Http, name: str) -> str | None:
+    def _cookie(self, http: _HttpRequest, name: str) -> str | None:
         wanted = self._cookie_name(http, name)
         for part in http.headers.get("cookie", "").split(";"):
             key, _, value = part.strip().partition("=")
@@ -7882,13 +7891,13 @@ class _OAuth:
                 return value
         return None
 
-    def _set_cookie(self, http: _Http, name: str, value: str, max_age: int) -> tuple:
+    def _set_cookie(self, http: _HttpRequest, name: str, value: str, max_age: int) -> tuple:
         same_site = "Lax" if name in self._LAX_COOKIES else "Strict"
         text = (f"{self._cookie_name(http, name)}={value}; Path=/; HttpOnly; SameSite={same_site}; "
                 f"Max-Age={max_age}" + ("; Secure" if self.secure(http) else ""))
         return (b"set-cookie", text.encode())
 
-    async def _remembered(self, http: _Http) -> list:
+    async def _remembered(self, http: _HttpRequest) -> list:
         """The clients this browser approved.  The signed text starts with ``consent:`` so that no
         other value signed with the same key can stand in for it."""
         value = self._cookie(http, "mcp_consent")
@@ -7896,7 +7905,7 @@ class _OAuth:
         kind, _, approved = (text or "").partition(" ")
         return approved.split(" ") if kind == "consent:" and approved else []
 
-    async def _consent_page(self, http: _Http, client: dict, request: dict) -> None:
+    async def _consent_page(self, http: _HttpRequest, client: dict, request: dict) -> None:
         import html
         keys = await self.server._keyring()
         csrf = secrets.token_urlsafe(24)
@@ -7922,7 +7931,7 @@ class _OAuth:
         headers = _HTML_HEADERS + [self._set_cookie(http, "mcp_csrf", csrf, 600)]
         await http.respond(200, _html_page("Allow access?", body), "text/html; charset=utf-8", headers)
 
-    async def _consent_answer(self, http: _Http) -> None:
+    async def _consent_answer(self, http: _HttpRequest) -> None:
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
         except _OAuthError as exc:
@@ -7948,7 +7957,7 @@ class _OAuth:
                 "consent: " + _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
-    async def _approve(self, http: _Http, request: dict, extra_cookie: tuple | None = None) -> None:
+    async def _approve(self, http: _HttpRequest, request: dict, extra_cookie: tuple | None = None) -> None:
         store = self.server._runtime().store
         sid, generation = secrets.token_urlsafe(24), secrets.token_hex(4)
         await store.set(_user_key(sid), {"state": "ANONYMOUS", "client_id": request["client_id"],
@@ -7964,29 +7973,29 @@ class _OAuth:
                                                          "iss": self.issuer(http)})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])
 
-    def _error_location(self, http: _Http, redirect: str, error: _OAuthError, state) -> str:
+    def _error_location(self, http: _HttpRequest, redirect: str, error: _OAuthError, state) -> str:
         return _with_query(redirect, {"error": error.error, "error_description": error.description,
                                       "state": state, "iss": self.issuer(http)})
 
-    async def _redirect_error(self, http: _Http, redirect: str, error: _OAuthError, state) -> None:
+    async def _redirect_error(self, http: _HttpRequest, redirect: str, error: _OAuthError, state) -> None:
         location = self._error_location(http, redirect, error, state)
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
-    async def _error_page(self, http: _Http, title: str, message: str, status: int = 400, extra: str = "") -> None:
+    async def _error_page(self, http: _HttpRequest, title: str, message: str, status: int = 400, extra: str = "") -> None:
         import html
         await http.respond(status, _html_page(title, f"<p class=bad>{html.escape(message)}</p>{extra}"),
                            "text/html; charset=utf-8", list(_HTML_HEADERS))
 
     # -- /token and /revoke -----------------------------------------------------------------------
 
-    async def _json_error(self, http: _Http, error: _OAuthError) -> None:
+    async def _json_error(self, http: _HttpRequest, error: _OAuthError) -> None:
         headers = list(_NO_STORE)
         if error.status == 401:
             headers.append((b"www-authenticate", b'Basic realm="token"'))
         await http.respond_json(error.status, {"error": error.error, "error_description": error.description},
                                 headers=headers)
 
-    async def _authenticate_client(self, http: _Http, fields: dict) -> dict:
+    async def _authenticate_client(self, http: _HttpRequest, fields: dict) -> dict:
         basic_id = basic_secret = None
         header = http.headers.get("authorization", "")
         if header[:6].lower() == "basic ":
@@ -8009,7 +8018,7 @@ class _OAuth:
                 raise _OAuthError("invalid_client", "Client authentication failed.", 401)
         return client
 
-    async def token(self, http: _Http) -> None:
+    async def token(self, http: _HttpRequest) -> None:
         await self._rate_limit(http, "token")
         try:
             kind = _media_type(http.headers.get("content-type", ""))
@@ -8041,13 +8050,13 @@ class _OAuth:
             return
         await http.respond_json(200, answer, headers=list(_NO_STORE))
 
-    async def _code_grant(self, http: _Http, client: dict, fields: dict) -> dict:
+    async def _code_grant(self, http: _HttpRequest, client: dict, fields: dict) -> dict:
         store = self.server._runtime().store
         code = fields.get("code", "")
         code_hash = _sha256(code)
-        grant = await store.take(f"mcp:oauth:code:{code_hash}")
+        grant = await store.pop(f"mcp:oauth:code:{code_hash}")
         if grant is None:
-            used = await store.take(f"mcp:oauth:used:{code_hash}")
+            used = await store.pop(f"mcp:oauth:used:{code_hash}")
             if used is not None:  # a replayed code: revoke everything it issued
                 family = await store.get(f"mcp:oauth:family:{used.get('family')}")
                 if family is not None:
@@ -8074,7 +8083,7 @@ class _OAuth:
         return await self._issue(http, client, grant["sid"], grant["scope"], grant["resource"],
                                  family=(family_id, None), generation=grant.get("gen"))
 
-    async def _issue(self, http: _Http, client: dict, sid: str, scope: str, resource: str, family,
+    async def _issue(self, http: _HttpRequest, client: dict, sid: str, scope: str, resource: str, family,
                      generation: str | None) -> dict:
         jwt = _require("tokens")
         keys = await self.server._keyring()
@@ -8102,7 +8111,7 @@ class _OAuth:
                                                           "sid": sid}, ttl)
         return token
 
-    async def _refresh_grant(self, http: _Http, client: dict, fields: dict) -> dict:
+    async def _refresh_grant(self, http: _HttpRequest, client: dict, fields: dict) -> dict:
         """Rotate: the presented token must be the family's newest, or the one it replaced, once,
         within _REFRESH_GRACE seconds of the rotation (a client retrying a lost answer; RFC 9700
         4.14.2).  Anything else is reuse: the family and its session are revoked."""
@@ -8168,7 +8177,7 @@ class _OAuth:
                 await store.delete(f"mcp:oauth:rt:{family[key]}")
         await store.delete(_user_key(family["sid"]))
 
-    async def revoke(self, http: _Http) -> None:
+    async def revoke(self, http: _HttpRequest) -> None:
         await self._rate_limit(http, "revoke")  # it may fetch a client metadata document
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
@@ -8200,7 +8209,7 @@ class _OAuth:
 
     # -- the protected resource --------------------------------------------------------------------
 
-    async def _decode(self, http: _Http, token: str, verify_exp: bool = True) -> dict | None:
+    async def _decode(self, http: _HttpRequest, token: str, verify_exp: bool = True) -> dict | None:
         jwt = _require("tokens")
         keys = await self.server._keyring()
         candidates = [keys.token_key]
@@ -8218,7 +8227,7 @@ class _OAuth:
                 return None
         return None
 
-    def _challenge(self, http: _Http, error: str | None, description: str, status: int = 401,
+    def _challenge(self, http: _HttpRequest, error: str | None, description: str, status: int = 401,
                    endpoint: str | None = None) -> _HttpError:
         parts = [f'resource_metadata="{self.metadata_url(http, endpoint)}"',
                  f'scope="{" ".join(self.settings.scopes)}"']
@@ -8227,7 +8236,7 @@ class _OAuth:
         return _HttpError(status, f"{'Unauthorized' if status == 401 else 'Forbidden'}: {description}",
                           headers=((b"www-authenticate", ("Bearer " + ", ".join(parts)).encode()),))
 
-    async def authenticate(self, http: _Http, endpoint: str | None = None) -> str | None:
+    async def authenticate(self, http: _HttpRequest, endpoint: str | None = None) -> str | None:
         """The principal of a protected request to ``endpoint``, or a 401/403 challenge."""
         if self.settings.auth == "none":
             return None
@@ -8246,7 +8255,7 @@ class _OAuth:
         if claims is None:
             raise self._challenge(http, "invalid_token", "the token is invalid, expired or not for this server",
                                   endpoint=endpoint)
-        session = await self.server._runtime().store.get_touch(_user_key(claims["sid"]), self.settings.session_ttl)
+        session = await self.server._runtime().store.get_refreshed(_user_key(claims["sid"]), self.settings.session_ttl)
         if (session is None or claims["jti"] in session.get("revoked", ())
                 or claims.get("gen") != session.get("gen")):
             raise self._challenge(http, "invalid_token", "the token was revoked or its session ended",
@@ -8257,7 +8266,7 @@ class _OAuth:
                                   endpoint=endpoint)
         return claims["sid"]
 
-    async def _decode_external(self, http: _Http, token: str) -> dict | None:
+    async def _decode_external(self, http: _HttpRequest, token: str) -> dict | None:
         jwt = _require("tokens")
         settings = self.settings
         if not settings.auth_secret:
@@ -8776,7 +8785,7 @@ class _Login:
 
     async def _user(self, uid: str) -> dict:
         store = self.server._runtime().store
-        return await store.get_touch(_user_key(uid), self.settings.session_ttl) or {"state": "ANONYMOUS"}
+        return await store.get_refreshed(_user_key(uid), self.settings.session_ttl) or {"state": "ANONYMOUS"}
 
     async def _save_user(self, uid: str, record: dict) -> None:
         await self.server._runtime().store.set(_user_key(uid), record, self.settings.session_ttl)
@@ -8793,7 +8802,7 @@ class _Login:
         return _loads(plain, _STORED_JSON_DEPTH)
 
     async def _store_credentials(self, uid: str, cred: dict) -> None:
-        record = await self.server._runtime().store.get_touch(_user_key(uid), self.settings.session_ttl)
+        record = await self.server._runtime().store.get_refreshed(_user_key(uid), self.settings.session_ttl)
         if record is None:
             if ":" not in uid:  # an OAuth session of this server: gone means revoked or expired
                 raise ToolError("Your session with this server ended meanwhile; connect your assistant "
@@ -8822,7 +8831,7 @@ class _Login:
 
     # -- pages: /login/<tx> and /redirect -----------------------------------------------------------
 
-    async def page(self, http: _Http, tx: str) -> None:
+    async def page(self, http: _HttpRequest, tx: str) -> None:
         store = self.server._runtime().store
         if await store.get(_login_tx_key(tx)) is None:
             await self._link_gone(http)
@@ -8831,12 +8840,12 @@ class _Login:
         else:
             await self._pairing_form(http, tx)
 
-    async def _link_gone(self, http: _Http) -> None:
+    async def _link_gone(self, http: _HttpRequest) -> None:
         await self._page(http, 400, "This sign-in link has expired",
                          "<p class=bad>The link is older than 10 minutes, or was already used.</p>"
                          "<p>Ask your assistant to call <code>login</code> again.</p>")
 
-    async def _pair(self, http: _Http, tx: str) -> None:
+    async def _pair(self, http: _HttpRequest, tx: str) -> None:
         """The pairing form's answer.  Every try counts atomically in the store before the code is
         compared, so concurrent guesses on any instance get ``_PAIRING_TRIES`` compared in all;
         the right code takes the transaction, so a link completes once, in one browser."""
@@ -8863,13 +8872,13 @@ class _Login:
                 return
             await self._pairing_form(http, tx, "That code is not right; check it in your assistant.")
             return
-        record = await store.take(_login_tx_key(tx))
+        record = await store.pop(_login_tx_key(tx))
         if record is None:  # another browser paired it a moment ago
             await self._link_gone(http)
             return
         await self._to_provider(http, tx, record)
 
-    async def _pairing_form(self, http: _Http, tx: str, problem: str = "") -> None:
+    async def _pairing_form(self, http: _HttpRequest, tx: str, problem: str = "") -> None:
         import html
         oauth = self.server.asgi.oauth
         csrf = secrets.token_urlsafe(18)
@@ -8887,7 +8896,7 @@ class _Login:
         await self._page(http, 200, "Enter your pairing code", body,
                          [oauth._set_cookie(http, "mcp_csrf", csrf, 600)])
 
-    async def _to_provider(self, http: _Http, tx: str, record: dict) -> None:
+    async def _to_provider(self, http: _HttpRequest, tx: str, record: dict) -> None:
         oauth = self.server.asgi.oauth
         base = oauth.issuer(http)
         self._bind(base)
@@ -8907,7 +8916,7 @@ class _Login:
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE,
                                          oauth._set_cookie(http, "mcp_login", nonce, 600)])
 
-    async def _redirect_state(self, http: _Http, query: dict) -> dict | str:
+    async def _redirect_state(self, http: _HttpRequest, query: dict) -> dict | str:
         """The login state ``/redirect`` names, taken (single use) only by the browser holding its
         nonce cookie, so that a stranger who opens the URL cannot use it up; else why not."""
         if not isinstance(query.get(self.provider.state_param), str) or not query[self.provider.state_param]:
@@ -8921,9 +8930,9 @@ class _Login:
         nonce = self.server.asgi.oauth._cookie(http, "mcp_login") or ""
         if not hmac.compare_digest(_sha256(nonce), state["nonce"]):
             return "browser"
-        return state if await store.take(key) is not None else "expired"
+        return state if await store.pop(key) is not None else "expired"
 
-    async def redirect(self, http: _Http) -> None:
+    async def redirect(self, http: _HttpRequest) -> None:
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
         store = self.server._runtime().store
         state = await self._redirect_state(http, query)
@@ -8963,7 +8972,7 @@ class _Login:
                          "<p class=ok>Your account is connected.</p><p>Go back to your assistant; you can "
                          "close this page.</p>")
 
-    async def _page(self, http: _Http, status: int, title: str, body: str, extra: list | None = None) -> None:
+    async def _page(self, http: _HttpRequest, status: int, title: str, body: str, extra: list | None = None) -> None:
         await http.respond(status, _html_page(title, body), "text/html; charset=utf-8",
                            list(_HTML_HEADERS) + (extra or []))
 
@@ -9128,7 +9137,7 @@ class _Sandbox:
     def __init__(self, server: _ProtocolCore):
         self.server = server
 
-    async def handle(self, http: _Http, path: str) -> None:
+    async def handle(self, http: _HttpRequest, path: str) -> None:
         method = http.scope.get("method")
         if method == "POST":  # each sign-in and token call stores something: anyone's to make
             await self.server.asgi.oauth._rate_limit(http, "sandbox")
@@ -9151,7 +9160,7 @@ class _Sandbox:
         else:
             raise _HttpError(404, f"Not Found: {path} (sandbox).")
 
-    async def _authorize_page(self, http: _Http) -> None:
+    async def _authorize_page(self, http: _HttpRequest) -> None:
         """The sign-in page.  What the sign-in will do (client, redirect URI, state, PKCE) is
         sealed here into the form, so the POST redirects only where this GET was asked to."""
         import html
@@ -9172,7 +9181,7 @@ class _Sandbox:
                             **{k: query[k] for k in ("redirect_uri", "state", "code_challenge", "client_id")}}, "consent")
         await self._sign_in_page(http, "Sandbox Securities - sign in", sealed, query["redirect_uri"])
 
-    async def _sign_in_page(self, http: _Http, title: str, sealed: str, redirect_uri: str) -> None:
+    async def _sign_in_page(self, http: _HttpRequest, title: str, sealed: str, redirect_uri: str) -> None:
         import html
         options = "".join(f"<option value='{name}'>{html.escape(user['profile']['name'])}</option>"
                           for name, user in _SANDBOX_USERS.items())
@@ -9183,7 +9192,7 @@ class _Sandbox:
                 "<div class=row><button class=primary>Sign in</button></div></form>")
         await http.respond(200, _html_page(title, body), "text/html; charset=utf-8", list(_HTML_HEADERS))
 
-    async def _signed_in(self, http: _Http, kind: str) -> tuple:
+    async def _signed_in(self, http: _HttpRequest, kind: str) -> tuple:
         """(the sealed request, the demo user) of a sign-in form of ``kind`` posted back."""
         fields = _form_fields(await http.read_body(16 * 1024))
         request = (await self.server._keyring()).unseal(fields.get("request", ""), "consent")
@@ -9193,7 +9202,7 @@ class _Sandbox:
             raise _HttpError(400, "Choose one of the demo users.")
         return request, fields["user"]
 
-    async def _sign_in(self, http: _Http) -> None:
+    async def _sign_in(self, http: _HttpRequest) -> None:
         request, user = await self._signed_in(http, "sandbox")
         code = secrets.token_urlsafe(24)
         await self.server._runtime().store.set(f"mcp:sandbox:code:{_sha256(code)}", {
@@ -9202,12 +9211,12 @@ class _Sandbox:
         location = _with_query(request["redirect_uri"], {"code": code, "state": request["state"]})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
-    async def _token(self, http: _Http) -> None:
+    async def _token(self, http: _HttpRequest) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
         store = self.server._runtime().store
         user = None
         if fields.get("grant_type") == "authorization_code":
-            grant = await store.take(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
+            grant = await store.pop(f"mcp:sandbox:code:{_sha256(fields.get('code', ''))}")
             verifier = fields.get("code_verifier", "")
             if (grant and grant["challenge"] and grant["redirect_uri"] == fields.get("redirect_uri")
                     and grant.get("client_id") == fields.get("client_id")
@@ -9224,7 +9233,7 @@ class _Sandbox:
         await http.respond_json(200, {"access_token": access, "refresh_token": refresh, "token_type": "Bearer",
                                       "expires_in": 3600}, headers=list(_NO_STORE))
 
-    async def _api(self, http: _Http, method: str, resource: str, token: str | None, kite: bool = False) -> None:
+    async def _api(self, http: _HttpRequest, method: str, resource: str, token: str | None, kite: bool = False) -> None:
         """The demo API: GET a resource, POST orders (place), DELETE orders/{id} (cancel).  The
         generic API takes JSON bodies and answers 401 to a bad token; the Kite one takes forms and
         answers 403 TokenException, as Kite does."""
@@ -9287,7 +9296,7 @@ class _Sandbox:
 
     # -- the sandbox speaking Kite Connect -----------------------------------------------------------
 
-    async def _kite(self, http: _Http, method: str, path: str) -> None:
+    async def _kite(self, http: _HttpRequest, method: str, path: str) -> None:
         if path == "connect/login":
             await (self._kite_sign_in(http) if method == "POST" else self._kite_login_page(http))
         elif path == "session/token" and method == "POST":
@@ -9305,7 +9314,7 @@ class _Sandbox:
                 return
             await self._api(http, method, path, token if key == _SANDBOX_KITE_KEY else None, kite=True)
 
-    async def _kite_login_page(self, http: _Http) -> None:
+    async def _kite_login_page(self, http: _HttpRequest) -> None:
         query = dict(urllib.parse.parse_qsl(http.scope.get("query_string", b"").decode("latin-1")))
         if query.get("api_key") != _SANDBOX_KITE_KEY or query.get("v") != "3":
             raise _HttpError(400, f"The sandbox Kite login needs v=3 and api_key={_SANDBOX_KITE_KEY}.")
@@ -9314,7 +9323,7 @@ class _Sandbox:
         await self._sign_in_page(http, "Kite (sandbox) - login", sealed,
                                  self.server.asgi.oauth.issuer(http) + "/redirect")
 
-    async def _kite_sign_in(self, http: _Http) -> None:
+    async def _kite_sign_in(self, http: _HttpRequest) -> None:
         """Kite sends the browser to the app's registered redirect URL (here: this server's
         /redirect) with a request_token and the app's redirect_params."""
         request, user = await self._signed_in(http, "sandbox-kite")
@@ -9325,14 +9334,14 @@ class _Sandbox:
             **extra, "action": "login", "type": "login", "status": "success", "request_token": token})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE])
 
-    async def _kite_session(self, http: _Http) -> None:
+    async def _kite_session(self, http: _HttpRequest) -> None:
         fields = _form_fields(await http.read_body(16 * 1024))
         token = fields.get("request_token", "")
         expected = hashlib.sha256((_SANDBOX_KITE_KEY + token + _SANDBOX_KITE_SECRET).encode()).hexdigest()
         store = self.server._runtime().store
         user = None
         if fields.get("api_key") == _SANDBOX_KITE_KEY and hmac.compare_digest(fields.get("checksum", ""), expected):
-            user = await store.take(f"mcp:sandbox:kite-rt:{_sha256(token)}")
+            user = await store.pop(f"mcp:sandbox:kite-rt:{_sha256(token)}")
         if user is None:
             await http.respond_json(403, {"status": "error", "error_type": "TokenException",
                                           "message": "Token is invalid or has expired."})
@@ -9444,7 +9453,7 @@ class _App:
         self.oauth = _OAuth(server)
         self.streamable = _StreamableHTTP(server)
         self.legacy_sse = _LegacySSE(server)
-        self.direct = _DirectHTTP(server)
+        self.direct = _DirectJSON(server)
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
@@ -9476,7 +9485,7 @@ class _App:
             await _shutdown(self.server)
         await send({"type": "lifespan.shutdown.complete"})
 
-    def _check_origin(self, http: _Http, path: str) -> list:
+    def _check_origin(self, http: _HttpRequest, path: str) -> list:
         """CORS headers for an allowed Origin; raises 403 for a foreign one.  The browser pages of
         the authorization server also accept their own origin, and a form posted to them only
         their own origin (never ``null``, nor another allowed or loopback origin)."""
@@ -9495,7 +9504,7 @@ class _App:
         return [(b"access-control-allow-origin", origin.encode("latin-1")), (b"vary", b"Origin"),
                 (b"access-control-expose-headers", b"mcp-session-id, mcp-protocol-version, www-authenticate")]
 
-    async def _rate_limit(self, http: _Http) -> None:
+    async def _rate_limit(self, http: _HttpRequest) -> None:
         """MCP_RATE_LIMIT requests a minute per client IP and per session, counted in the store
         (so the limit holds across instances); past it, 429 with Retry-After."""
         limit, store = self.server.settings.rate_limit, self.server._runtime().store
@@ -9509,7 +9518,7 @@ class _App:
                 raise _HttpError(429, f"Too many requests: the limit is {limit} a minute; retry shortly.",
                                  headers=((b"retry-after", str(60 - int(_now()) % 60).encode()),))
 
-    def _apply_forwarded(self, http: _Http) -> None:
+    def _apply_forwarded(self, http: _HttpRequest) -> None:
         """Believe ``X-Forwarded-For/-Proto/-Host`` only from a configured proxy (MCP_TRUSTED_PROXIES).
         The last X-Forwarded-For hop (the one the proxy added) counts only if it is an IP address:
         anything else would become the per-address rate-limit key, one a client could vary."""
@@ -9531,7 +9540,7 @@ class _App:
             headers["host"] = headers["x-forwarded-host"].split(",")[-1].strip()
         http.scope = scope
 
-    def _check_host(self, http: _Http) -> None:
+    def _check_host(self, http: _HttpRequest) -> None:
         """400 for a malformed Host (two Host headers arrive joined by a comma: malformed too), as
         RFC 9112 section 3.2 requires: the Host names this server in the metadata it serves;
         then DNS-rebinding protection."""
@@ -9547,13 +9556,13 @@ class _App:
                              "MCP_ALLOWED_HOSTS (--allowed-hosts) to allow it.")
 
     def serve_exchange(self, scope: dict, headers: dict, exchange) -> typing.Awaitable:
-        """The bundled server's entry: the same as ASGI's, over its own exchange (``_Cycle``)."""
-        return self._handle(_Http(scope, headers, exchange))
+        """The bundled server's entry: the same as ASGI's, over its own exchange (``_BundledExchange``)."""
+        return self._handle(_HttpRequest(scope, headers, exchange))
 
     async def _http(self, scope, receive, send) -> None:
-        await self._handle(_Http(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send, self._spawn)))
+        await self._handle(_HttpRequest(scope, _asgi_headers(scope), _AsgiExchange(scope, receive, send, self._spawn)))
 
-    async def _handle(self, http: _Http) -> None:
+    async def _handle(self, http: _HttpRequest) -> None:
         scope, server = http.scope, self.server
         settings = server.settings
         # (0.0: no access log line; nor when the log level leaves it out)
@@ -9640,7 +9649,7 @@ class _App:
                     _log_access((method, route, http.status, round((time.perf_counter() - started) * 1000, 2),
                                  _hash_id(http.headers.get("mcp-session-id")), (http.scope.get("client") or ("-",))[0]))
 
-    async def _route(self, http: _Http, path: str, method: str, root: str) -> typing.Awaitable | None:
+    async def _route(self, http: _HttpRequest, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings
         mcp_path, auth = settings.mcp_path, settings.auth
         login = self.server._login
@@ -9788,7 +9797,7 @@ async def _shutdown(server: _ProtocolCore) -> None:
 #   when no length is given), backpressure both ways.  A HEAD response is GET's head (its
 #   Content-Length too) without a body, so pipelined responses stay in step.
 # - Public asyncio only: a request is an eager task (``_run_eagerly``); the end of a loop pass
-#   is a ``call_soon`` callback (``_PassEnd``); the loop is asyncio's default unless
+#   is a ``call_soon`` callback (``_EndOfPassWrites``); the loop is asyncio's default unless
 #   MCP_BUSY_POLL_US asks for polling.
 # - Every size and time has a limit with a clear answer: head too large 431, request line too
 #   long 414, body too large 413 (a declared length is refused before reading), a slow head or
@@ -9806,7 +9815,7 @@ async def _shutdown(server: _ProtocolCore) -> None:
 #   readiness wait; a ``stop`` event set by code stops without it too.
 #
 # Theory of operation: ``data_received`` appends to a buffer and parses at most one request head
-# at a time.  A parsed request becomes a ``_Cycle`` whose ASGI task runs the app; body bytes are
+# at a time.  A parsed request becomes a ``_BundledExchange`` whose ASGI task runs the app; body bytes are
 # fed to the cycle as they arrive (reading pauses while the app has not taken them).  Bytes after
 # the body stay in the buffer: the next request is parsed only when the current response ended,
 # which answers pipelined requests in order.  When the peer disconnects, the cycle's disconnect
@@ -9827,7 +9836,7 @@ class _BadRequest(Exception):
 class _ServerState:
     def __init__(self, app, settings: Settings):
         self.app, self.settings = app, settings
-        # Our own app takes the connection's ``_Cycle`` as its exchange (section 6: the same
+        # Our own app takes the connection's ``_BundledExchange`` as its exchange (section 6: the same
         # interface as ``_AsgiExchange``, one layer less); any other ASGI app gets standard ASGI.
         self.native = app.serve_exchange if isinstance(app, _App) else None
         self.connections: set = set()
@@ -9838,7 +9847,7 @@ class _ServerState:
         self.clock = self.loop.time
         self.sweeper = None
         self.ended = 0  # connections closed since the start
-        self.pass_end = _pass_end(self.loop)  # where the connections' output waits (send_soon)
+        self.end_of_pass = _end_of_pass_writes(self.loop)  # where the connections' output waits (send_soon)
 
     async def sweep(self) -> None:
         """Enforce header, body and idle deadlines of every connection, a few times a second; and
@@ -9866,7 +9875,7 @@ _TRIM_AFTER = 1000
 def _time_to_trim(ended: int, ended_a_tick_ago: int, ended_at_last_trim: int, since_last_trim: float,
                   last_cost: float) -> bool:
     """_TRIM_AFTER connections ended since the last trim, none in the last tick (the wave is
-    over), and at most 1% of the time spent trimming (one costs 5-40 ms)."""
+    over), and at most 1% of the time spent trimming (one trim is not free)."""
     return (ended - ended_at_last_trim >= _TRIM_AFTER and ended == ended_a_tick_ago
             and since_last_trim >= 100 * last_cost)
 
@@ -9930,7 +9939,7 @@ _STATUS_LINES = {status: b"HTTP/1.1 %d %s\r\n" % (status, reason.encode()) for s
 _FRAMING_NAMES = frozenset((b"content-length", b"connection", b"transfer-encoding"))
 
 
-class _Cycle:
+class _BundledExchange:
     """One request/response on a connection; ``task`` runs the app (None once it finished).  To
     our own app it is the exchange (the interface ``_AsgiExchange`` describes); to any other
     ASGI app it offers ``receive``/``send``."""
@@ -9943,7 +9952,7 @@ class _Cycle:
                  "keep_alive", "status", "task", "received", "body_finished", "_head", "headers",
                  "bodiless")
 
-    def __init__(self, protocol: "_HttpProtocol", http11: bool, expect_continue: bool, keep_alive: bool,
+    def __init__(self, protocol: "_HttpConnection", http11: bool, expect_continue: bool, keep_alive: bool,
                  bodiless: bool = False):
         self.protocol = protocol
         self.http11 = http11
@@ -10105,8 +10114,8 @@ class _Cycle:
 # Parsed request heads by their exact bytes: a client repeats the same head (the same path,
 # session, Accept, Content-Type, and often the same length) request after request, and a hit
 # skips the validation and the splitting.  A head with credentials (Authorization, Cookie) is
-# never kept: a module-wide table must not hold bearer tokens past their request.  Bounded in entries and in head size (at most about
-# 0.4 MB: with 512 entries, a thousand one-off sessions kept 1 KB each of heads alive).  Each
+# never kept: a module-wide table must not hold bearer tokens past their request.  Bounded in
+# entries and in head size, so one-off sessions cannot keep heads alive without end.  Each
 # request gets its own copy of the header dict, so a handler may change it (``_apply_forwarded``
 # does) without reaching the next request with the same head.
 _REQUEST_HEADS: dict = {}
@@ -10189,7 +10198,7 @@ def _parse_request_head(head: bytes) -> tuple:
     return parsed
 
 
-class _HttpProtocol(asyncio.Protocol):
+class _HttpConnection(asyncio.Protocol):
     """One client connection of the bundled HTTP/1.1 server."""
 
     def __init__(self, state: _ServerState):
@@ -10197,7 +10206,7 @@ class _HttpProtocol(asyncio.Protocol):
         self.settings = state.settings
         self.transport = None
         self.buffer = bytearray()
-        self.cycle: _Cycle | None = None
+        self.cycle: _BundledExchange | None = None
         self.body_left = 0          # bytes of a Content-Length body still to come
         self.chunk_state = None     # parsing state of a chunked body, or None
         self.reading_paused = False
@@ -10279,16 +10288,16 @@ class _HttpProtocol(asyncio.Protocol):
     # -- writing -----------------------------------------------------------------------------------
 
     def send_soon(self, data: bytes) -> None:
-        """Send ``data`` at the end of this loop pass (``_PassEnd``), with whatever else this
+        """Send ``data`` at the end of this loop pass (``_EndOfPassWrites``), with whatever else this
         connection and the others write until then.  Each send to a peer that sleeps wakes it,
         and on loopback (a proxy or a load generator on the same host) that wake-up costs the
         server more than the send itself; answers that leave together wake the peer once (the
         wait is at most one pass over the ready connections).  A lone client's answer goes at once
-        (``_PassEnd.release``)."""
+        (``_EndOfPassWrites.release``)."""
         unsent = self.unsent
         if unsent is None:
             self.unsent, self.unsent_size = [data], len(data)
-            self.state.pass_end.add(self.send_now)
+            self.state.end_of_pass.add(self.send_now)
         else:
             unsent.append(data)
             self.unsent_size += len(data)
@@ -10356,12 +10365,12 @@ class _HttpProtocol(asyncio.Protocol):
         if self.cycle is None and not self.buffer:
             self._arm(self.settings.header_timeout, self._head_timeout)  # a new head starts: its clock runs
         self.buffer += data
-        pass_end = self.state.pass_end
-        pass_end.hold()
+        end_of_pass = self.state.end_of_pass
+        end_of_pass.hold()
         try:
             self._advance()
         finally:
-            pass_end.release()
+            end_of_pass.release()
 
     def _advance(self) -> None:
         try:
@@ -10416,7 +10425,7 @@ class _HttpProtocol(asyncio.Protocol):
                               "bytes (MCP_MAX_BODY).")
         scope = template.copy()
         scope["root_path"], scope["client"], scope["server"] = self.state.root_path, self.client, self.server
-        cycle = _Cycle(self, http11, expect, keep_alive, template["method"] == "HEAD")
+        cycle = _BundledExchange(self, http11, expect, keep_alive, template["method"] == "HEAD")
         if self.state.native is not None:
             cycle.headers = fields.copy()
         else:
@@ -10436,7 +10445,7 @@ class _HttpProtocol(asyncio.Protocol):
             self._disarm()
         return scope
 
-    def _start(self, cycle: _Cycle, scope: dict) -> None:
+    def _start(self, cycle: _BundledExchange, scope: dict) -> None:
         """Run the app for ``cycle`` at once, in this callback, until it first has to wait; only
         then does it become a task.  A request whose body has arrived and whose handler never
         waits (most tools/call) is answered without a task or a trip through the event loop."""
@@ -10525,7 +10534,7 @@ class _HttpProtocol(asyncio.Protocol):
         cycle.body_event.set()
         self._disarm()
 
-    async def _run(self, cycle: _Cycle, scope: dict) -> None:
+    async def _run(self, cycle: _BundledExchange, scope: dict) -> None:
         try:
             if self.state.native is not None:
                 headers, cycle.headers = cycle.headers, None  # handed over (forget_request drops them)
@@ -10544,7 +10553,7 @@ class _HttpProtocol(asyncio.Protocol):
             else:
                 self.close()  # a response cut short cannot be framed
 
-    def cycle_done(self, cycle: _Cycle) -> None:
+    def cycle_done(self, cycle: _BundledExchange) -> None:
         """The response ended: close, or go on with the next (maybe pipelined) request."""
         if cycle.more_body and not self.closed:
             cycle.keep_alive = False  # the app ignored the rest of the body: the framing is lost
@@ -10660,7 +10669,7 @@ async def _serve_http(app, settings: Settings, server: _ProtocolCore | None = No
     life: dict = {}
     await _lifespan(app, "startup", life)
     try:
-        listener = await loop.create_server(lambda: _HttpProtocol(state), settings.host, settings.port,
+        listener = await loop.create_server(lambda: _HttpConnection(state), settings.host, settings.port,
                                             reuse_address=True, backlog=2048,
                                             reuse_port=bool(os.environ.get("MCP_WORKER_ID")))
     except OSError as exc:
@@ -10893,7 +10902,7 @@ async def _serve_stdio(server: MCPServer) -> None:
             await asyncio.sleep(0.01)
     stdio = asyncio.get_running_loop().create_task(_Stdio(server).run())
     # What starting up left behind goes back to the OS (_give_back_memory), once the client's
-    # opening exchange is over: not before the first answer (cold start), nor inside it (~4 ms)
+    # opening exchange is over: not before the first answer (cold start), nor inside it
     asyncio.get_running_loop().call_later(1.0, _give_back_memory)
     stopped = asyncio.get_running_loop().create_task(stop.wait())
     await asyncio.wait({stdio, stopped}, return_when=asyncio.FIRST_COMPLETED)
@@ -10950,7 +10959,7 @@ def serve(server: MCPServer, settings: Settings | None = None) -> None:
     if not settings.stdio:  # what starting up left behind (before the freeze, which would keep its cycles)
         _give_back_memory()
     if settings.workers > 1 and not os.environ.get("MCP_WORKER_ID"):
-        sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps: 25 MB, not 43)
+        sys.exit(_supervise(settings))  # (a supervisor that mostly sleeps, and is small)
     if os.environ.get("MCP_WORKER_ID") and os.environ.get(_WORKER_METRICS_DIR):
         _metrics.share(os.environ[_WORKER_METRICS_DIR], os.environ["MCP_WORKER_ID"])
     # A server allocates many short-lived objects per request and keeps long-lived ones (sessions,

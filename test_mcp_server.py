@@ -1158,8 +1158,8 @@ class TestLogLines:
         the same pass waits for the end of the pass, and so does every sender in the pass after."""
         async def go():
             loop = asyncio.get_running_loop()
-            end = mcp_server._pass_end(loop)
-            assert mcp_server._pass_end(loop) is end
+            end = mcp_server._end_of_pass_writes(loop)
+            assert mcp_server._end_of_pass_writes(loop) is end
             done = []
             end.add(lambda: done.append("a"))
             end.add(lambda: done.append("b"))
@@ -1304,12 +1304,12 @@ class TestStore:
         async def go():
             await store.set("s", "session", ttl=10)
             clock.advance(8)
-            assert await store.get_touch("s", 10) == "session"
+            assert await store.get_refreshed("s", 10) == "session"
             clock.advance(8)  # 16 s after set, 8 after the touch
             assert await store.get("s") == "session"
             clock.advance(2)  # 10 s after the touch
-            assert await store.get_touch("s", 10) is None
-            assert await store.get_touch("never-set", 10) is None
+            assert await store.get_refreshed("s", 10) is None
+            assert await store.get_refreshed("never-set", 10) is None
         arun(go())
 
     def test_lru_eviction_past_max_keys(self):
@@ -1334,8 +1334,8 @@ class TestStore:
 
         async def go():
             await store.set("code", {"x": 1}, ttl=60)
-            assert await store.take("code") == {"x": 1}
-            assert await store.take("code") is None
+            assert await store.pop("code") == {"x": 1}
+            assert await store.pop("code") is None
             assert await store.get("code") is None
         arun(go())
 
@@ -1346,7 +1346,7 @@ class TestStore:
         async def go():
             await store.set("code", 1, ttl=1)
             clock.advance(1)
-            assert await store.take("code") is None
+            assert await store.pop("code") is None
         arun(go())
 
     def test_add_only_if_absent(self):
@@ -3815,7 +3815,7 @@ def ping_http(i: int = 1) -> dict:
 
 
 class _RecordingTransport:
-    """Stands in for asyncio's socket transport under ``_HttpProtocol``: records what is written."""
+    """Stands in for asyncio's socket transport under ``_HttpConnection``: records what is written."""
 
     def __init__(self):
         self.writes = []
@@ -3868,7 +3868,7 @@ class TestHTTPServer:
         async def scenario():
             state = mcp_server._ServerState(server.asgi, server.settings)
             transport = _RecordingTransport()
-            protocol = mcp_server._HttpProtocol(state)
+            protocol = mcp_server._HttpConnection(state)
             protocol.connection_made(transport)
             body = modern_body("tools/call", {"name": "echo", "arguments": {"text": "one write"}})
             loop = asyncio.get_running_loop()
@@ -3898,7 +3898,7 @@ class TestHTTPServer:
             state = mcp_server._ServerState(server.asgi, server.settings)
             pairs = []
             for _ in range(3):
-                transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+                transport, protocol = _RecordingTransport(), mcp_server._HttpConnection(state)
                 protocol.connection_made(transport)
                 pairs.append((transport, protocol))
 
@@ -3920,7 +3920,7 @@ class TestHTTPServer:
                 for i, (transport, protocol) in enumerate(pairs):
                     assert len(transport.writes) == 1 and f"answer {i}".encode() in transport.writes[0]
                     assert protocol.unsent is None and not transport.closed
-                assert state.pass_end.writes == []
+                assert state.end_of_pass.writes == []
             # all three answered in each pass; the first pass's first answer went at once (the pass
             # before had no other sender), the second pass's all waited for its end
             assert during == [[1, 0, 0], [0, 0, 0]]
@@ -3966,7 +3966,7 @@ class TestHTTPServer:
 
         async def scenario(server):
             state = mcp_server._ServerState(server.asgi, server.settings)
-            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpConnection(state)
             transport.write = lambda data: events.append(("answer", bytes(data)))
             protocol.connection_made(transport)
 
@@ -4012,7 +4012,7 @@ class TestHTTPServer:
                 tasks_seen.append(asyncio.current_task())
                 return text
             state = mcp_server._ServerState(server.asgi, server.settings)
-            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpConnection(state)
             written_in = []
 
             def write(data):
@@ -4173,11 +4173,11 @@ class TestHTTPServer:
             state = mcp_server._ServerState(build_server().asgi, Settings(auth="none"))
 
             def exchange():
-                protocol = mcp_server._HttpProtocol(state)
+                protocol = mcp_server._HttpConnection(state)
                 protocol.connection_made(_SocketStandIn())
-                cycle = mcp_server._Cycle(protocol, True, False, True)
+                cycle = mcp_server._BundledExchange(protocol, True, False, True)
                 cycle.more_body = False
-                return cycle, mcp_server._Http({}, {}, cycle)
+                return cycle, mcp_server._HttpRequest({}, {}, cycle)
             fired = []
             cycle, early = exchange()  # registered, then the client goes: at once
             early.on_disconnect(lambda: fired.append("early"))
@@ -4258,8 +4258,8 @@ class TestHTTPServer:
             assert conn.read_response().json() == {"status": "ok"} and not conn.buf
 
     def test_both_exchanges_give_a_transport_the_same_body_response_and_disconnect(self):
-        """``_Http`` runs over one exchange interface with two adapters: the bundled server's
-        ``_Cycle`` and ``_AsgiExchange`` over plain ASGI.  The same steps over each: the body
+        """``_HttpRequest`` runs over one exchange interface with two adapters: the bundled server's
+        ``_BundledExchange`` and ``_AsgiExchange`` over plain ASGI.  The same steps over each: the body
         read whole and in chunks, a streamed response (head, then body, then its end), and the
         client going before the response ended (the callback runs once), or after it (never)."""
         server = build_server()
@@ -4285,9 +4285,9 @@ class TestHTTPServer:
 
         async def over_the_bundled_server(chunks: list):
             state = mcp_server._ServerState(server.asgi, server.settings)
-            transport, protocol = _RecordingTransport(), mcp_server._HttpProtocol(state)
+            transport, protocol = _RecordingTransport(), mcp_server._HttpConnection(state)
             protocol.connection_made(transport)
-            cycle = mcp_server._Cycle(protocol, True, False, True)
+            cycle = mcp_server._BundledExchange(protocol, True, False, True)
             protocol.cycle = cycle
             cycle.body += chunks[0]
             cycle.more_body = len(chunks) > 1
@@ -4312,7 +4312,7 @@ class TestHTTPServer:
         async def scenario(make):
             for chunks in ([b'{"a": 1}'], [b'{"a"', b': 1', b"}"]):
                 exchange, output, client_goes = await make(chunks)
-                http = mcp_server._Http({"type": "http"}, {}, exchange)
+                http = mcp_server._HttpRequest({"type": "http"}, {}, exchange)
                 assert await http.read_body(1000) == b'{"a": 1}'
                 http.start(200, [(b"content-type", b"text/plain")])
                 await http.write(b"first ")
@@ -4325,7 +4325,7 @@ class TestHTTPServer:
                 await asyncio.sleep(0)
                 assert fired == []
             exchange, output, client_goes = await make([b"{}"])
-            http = mcp_server._Http({"type": "http"}, {}, exchange)
+            http = mcp_server._HttpRequest({"type": "http"}, {}, exchange)
             http.start(200, [])
             await http.write(b"streaming")
             http.on_disconnect(lambda: fired.append("gone"))
@@ -5065,10 +5065,10 @@ class TestRedisStore:
             touched, witness = _redis_key("touched"), _redis_key("witness")
             await store.set(touched, "session", ttl=0.3)
             await store.set(witness, "w", ttl=0.3)  # set after: it expires no earlier than the first TTL
-            assert await store.get_touch(touched, 60) == "session"
+            assert await store.get_refreshed(touched, 60) == "session"
             await _redis_until(lambda: _redis_is_none(store.get(witness)), "the witness to expire")
             assert await store.get(touched) == "session"  # the touch gave it a new TTL
-            assert await store.get_touch(_redis_key("never-set"), 60) is None
+            assert await store.get_refreshed(_redis_key("never-set"), 60) is None
             await store.delete(touched)
         _redis_run(redis_store_factory, body)
 
@@ -5091,10 +5091,10 @@ class TestRedisStore:
         async def body(store):
             k = _redis_key("code")
             await store.set(k, {"code": "abc"}, ttl=60)
-            assert await store.take(k) == {"code": "abc"}
-            assert await store.take(k) is None
+            assert await store.pop(k) == {"code": "abc"}
+            assert await store.pop(k) is None
             assert await store.get(k) is None
-            assert await store.take(_redis_key("never-set")) is None
+            assert await store.pop(_redis_key("never-set")) is None
         _redis_run(redis_store_factory, body)
 
     def test_incr_counts_and_its_ttl_starts_with_the_first_increment(self, redis_store_factory):
@@ -7496,7 +7496,7 @@ class _auth_SharedStore(mcp_server.Store):
 
     def __init__(self, inner: MemoryStore):
         self.inner = inner
-        for method in ("get", "get_touch", "set", "add", "delete", "take", "incr", "append", "read_after",
+        for method in ("get", "get_refreshed", "set", "add", "delete", "pop", "incr", "append", "read_after",
                        "delete_log"):
             setattr(self, method, getattr(inner, method))
 
