@@ -570,83 +570,98 @@ class Settings:
         return settings
 
     def validate(self, prog: str = "mcp_server.py") -> None:
-        def fail(message):
-            raise SystemExit(f"{prog}: error: {message}")
-        if not 0 <= self.port <= 65535:
-            fail(f"port {self.port} is not between 0 and 65535")
-        if self.log_format not in ("auto", "json", "text"):
-            fail(f"log format {self.log_format!r} is not auto, json or text")
-        if self.response_mode not in ("auto", "json", "sse"):
-            fail(f"response mode {self.response_mode!r} is not auto, json or sse")
-        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
-            fail(f"log level {self.log_level!r} is not debug, info, warning, error or critical")
-        if not self.mcp_path.startswith("/"):
-            fail(f"path {self.mcp_path!r} must start with /")
+        """Refuse a configuration that cannot work (SystemExit naming the setting), then
+        normalize what has one spelling (paths, URLs, --no-auth)."""
         if self.no_auth:
             self.auth = "none"
+        for problems in (self._format_problems, self._auth_problems, self._upstream_problems,
+                         self._store_problems, self._limit_problems):
+            problem = next(problems(), None)
+            if problem:
+                raise SystemExit(f"{prog}: error: {problem}")
+        self.public_url = self.public_url.rstrip("/")
+        self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
+        self.check_secrets(prog)
+
+    def _format_problems(self) -> typing.Iterator[str]:
+        if not 0 <= self.port <= 65535:
+            yield f"port {self.port} is not between 0 and 65535"
+        if self.log_format not in ("auto", "json", "text"):
+            yield f"log format {self.log_format!r} is not auto, json or text"
+        if self.response_mode not in ("auto", "json", "sse"):
+            yield f"response mode {self.response_mode!r} is not auto, json or sse"
+        if self.log_level.lower() not in ("debug", "info", "warning", "error", "critical"):
+            yield f"log level {self.log_level!r} is not debug, info, warning, error or critical"
+        if not self.mcp_path.startswith("/"):
+            yield f"path {self.mcp_path!r} must start with /"
+        if self.public_url and not self.public_url.startswith(("http://", "https://")):
+            yield f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://"
+
+    def _auth_problems(self) -> typing.Iterator[str]:
+        external = self.auth == "external"
         if self.auth not in ("builtin", "external", "none"):
-            fail(f"MCP_AUTH={self.auth!r} is not builtin, external or none")
-        if self.auth == "external" and not self.auth_issuer:
-            fail("MCP_AUTH=external needs MCP_AUTH_ISSUER (and MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET)")
-        if self.auth == "external" and not (self.auth_jwks_url or self.auth_secret):
-            fail("MCP_AUTH=external needs MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET to verify tokens")
+            yield f"MCP_AUTH={self.auth!r} is not builtin, external or none"
+        if external and not self.auth_issuer:
+            yield "MCP_AUTH=external needs MCP_AUTH_ISSUER (and MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET)"
+        if external and not (self.auth_jwks_url or self.auth_secret):
+            yield "MCP_AUTH=external needs MCP_AUTH_JWKS_URL or MCP_AUTH_SECRET to verify tokens"
         # The audience says which server a token is for; taken from the request's Host it would be
         # whatever the bearer of a token minted for another server claims this one is called.
-        if self.auth == "external" and not (self.public_url or self.auth_audience):
-            fail("MCP_AUTH=external needs MCP_PUBLIC_URL (or MCP_AUTH_AUDIENCE): the audience tokens must "
-                 "name cannot come from the request's Host header")
-        if self.auth == "external" and self.auth_secret and len(self.auth_secret.encode()) < 32:
-            fail("MCP_AUTH_SECRET must be at least 32 bytes (RFC 7518 3.2: an HS256 key is 256 bits or more)")
+        if external and not (self.public_url or self.auth_audience):
+            yield ("MCP_AUTH=external needs MCP_PUBLIC_URL (or MCP_AUTH_AUDIENCE): the audience tokens must "
+                   "name cannot come from the request's Host header")
+        if external and self.auth_secret and len(self.auth_secret.encode()) < 32:
+            yield "MCP_AUTH_SECRET must be at least 32 bytes (RFC 7518 3.2: an HS256 key is 256 bits or more)"
         if self.consent not in ("always", "remember", "never"):
-            fail(f"MCP_CONSENT={self.consent!r} is not always, remember or never")
-        if self.upstream_provider not in ("", *_UPSTREAM_PROVIDERS):
-            fail(f"UPSTREAM_PROVIDER={self.upstream_provider!r} is not {', '.join(_UPSTREAM_PROVIDERS)}")
-        if (self.upstream_provider == "oidc" or self.upstream_issuer) and not (
-                self.upstream_issuer and self.upstream_client_id):
-            fail("UPSTREAM_PROVIDER=oidc needs UPSTREAM_ISSUER and UPSTREAM_CLIENT_ID")
-        if self.upstream_provider == "kite" and not (self.upstream_client_id and self.upstream_client_secret):
-            fail("UPSTREAM_PROVIDER=kite needs UPSTREAM_CLIENT_ID (the api_key) and UPSTREAM_CLIENT_SECRET "
-                 "(the api_secret)")
-        if self.upstream_provider == "oauth2" and not (self.upstream_authorize_url and self.upstream_token_url):
-            fail("UPSTREAM_PROVIDER=oauth2 needs UPSTREAM_AUTHORIZE_URL and UPSTREAM_TOKEN_URL")
-        if self.public_url and not self.public_url.startswith(("http://", "https://")):
-            fail(f"MCP_PUBLIC_URL {self.public_url!r} must start with http:// or https://")
-        self.public_url = self.public_url.rstrip("/")
+            yield f"MCP_CONSENT={self.consent!r} is not always, remember or never"
+
+    def _upstream_problems(self) -> typing.Iterator[str]:
+        provider = self.upstream_provider
+        if provider not in ("", *_UPSTREAM_PROVIDERS):
+            yield f"UPSTREAM_PROVIDER={provider!r} is not {', '.join(_UPSTREAM_PROVIDERS)}"
+        if (provider == "oidc" or self.upstream_issuer) and not (self.upstream_issuer and self.upstream_client_id):
+            yield "UPSTREAM_PROVIDER=oidc needs UPSTREAM_ISSUER and UPSTREAM_CLIENT_ID"
+        if provider == "kite" and not (self.upstream_client_id and self.upstream_client_secret):
+            yield ("UPSTREAM_PROVIDER=kite needs UPSTREAM_CLIENT_ID (the api_key) and UPSTREAM_CLIENT_SECRET "
+                   "(the api_secret)")
+        if provider == "oauth2" and not (self.upstream_authorize_url and self.upstream_token_url):
+            yield "UPSTREAM_PROVIDER=oauth2 needs UPSTREAM_AUTHORIZE_URL and UPSTREAM_TOKEN_URL"
+
+    def _store_problems(self) -> typing.Iterator[str]:
         if self.redis_url and not self.redis_url.startswith(("redis://", "rediss://", "unix://", _SENTINEL_SCHEME)):
-            fail(f"the Redis URL must start with redis://, rediss://, unix:// or {_SENTINEL_SCHEME} "
-                 f"(got {_redact_url(self.redis_url)!r})")
+            yield (f"the Redis URL must start with redis://, rediss://, unix:// or {_SENTINEL_SCHEME} "
+                   f"(got {_redact_url(self.redis_url)!r})")
         if self.redis_url.startswith(_SENTINEL_SCHEME):
             try:
                 _sentinel_parts(self.redis_url)
             except ValueError as exc:
-                fail(f"the Redis Sentinel URL {_redact_url(self.redis_url)!r} is not usable: {exc}")
+                yield f"the Redis Sentinel URL {_redact_url(self.redis_url)!r} is not usable: {exc}"
             if self.redis_cluster:
-                fail("REDIS_CLUSTER and a redis+sentinel:// URL exclude each other: a cluster has no sentinels")
+                yield "REDIS_CLUSTER and a redis+sentinel:// URL exclude each other: a cluster has no sentinels"
         if self.workers > 1 and not self.redis_url:
-            fail("--workers above 1 needs Redis (REDIS_URL): separate processes cannot share sessions "
-                 "kept in memory")
+            yield "--workers above 1 needs Redis (REDIS_URL): separate processes cannot share sessions kept in memory"
         if self.workers > 1 and self.stdio:
-            fail("--workers applies to HTTP, not --stdio")
+            yield "--workers applies to HTTP, not --stdio"
+
+    def _limit_problems(self) -> typing.Iterator[str]:
         if self.session_cache < 0:
-            fail("session_cache must be 0 or more")
+            yield "session_cache must be 0 or more"
         if self.drain_seconds < 0 or self.drain_grace < 0:
-            fail("MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more")
+            yield "MCP_DRAIN_SECONDS and MCP_DRAIN_GRACE must be 0 or more"
         if not 0 <= self.busy_poll_us <= 10000:
-            fail(f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000")
+            yield f"MCP_BUSY_POLL_US={self.busy_poll_us} is not between 0 and 10000"
         if not 0 < self.max_json_depth <= _STORED_JSON_DEPTH:  # (deeper, the parser's recursion nears its limit)
-            fail(f"MCP_MAX_JSON_DEPTH={self.max_json_depth} is not between 1 and {_STORED_JSON_DEPTH}")
+            yield f"MCP_MAX_JSON_DEPTH={self.max_json_depth} is not between 1 and {_STORED_JSON_DEPTH}"
         for attr in ("max_body", "max_header", "max_connections", "session_ttl", "max_sessions",
                      "page_size", "replay_events", "workers", "store_timeout", "stream_buffer", "tool_threads"):
             if getattr(self, attr) <= 0:
-                fail(f"{attr} must be positive")
+                yield f"{attr} must be positive"
         if self.client_ttl <= 0 or self.client_fetch_timeout <= 0:
-            fail("client_ttl and client_fetch_timeout must be positive")
+            yield "client_ttl and client_fetch_timeout must be positive"
         for attr in ("max_connections_per_address", "max_sessions_per_principal", "max_sessions_per_address",
                      "max_streams_per_principal", "max_streams_per_address", "max_tasks_per_principal"):
             if getattr(self, attr) < 0:
-                fail(f"{attr} must be 0 (no limit) or more")
-        self.mcp_path = self.mcp_path.rstrip("/") or "/mcp"
-        self.check_secrets(prog)
+                yield f"{attr} must be 0 (no limit) or more"
 
     def check_secrets(self, prog: str = "mcp_server.py", shared_store: bool = False) -> None:
         """Refuse, before anything is served, every key and secret that would fail or be weak in
@@ -2722,93 +2737,103 @@ def _schema_for(tp: typing.Any, _seen: frozenset = frozenset()) -> dict:
     if tp in _PRIMITIVE_SCHEMAS:
         return dict(_PRIMITIVE_SCHEMAS[tp])
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is typing.Annotated:
-        schema = _schema_for(args[0], _seen)
-        for extra in args[1:]:
-            if isinstance(extra, str):
-                schema["description"] = extra
-            elif isinstance(extra, Param):
-                if extra.description:
-                    schema["description"] = extra.description
-                if extra.title:
-                    schema["title"] = extra.title
-                if extra.header:
-                    schema["x-mcp-header"] = extra.header
-                if extra.schema:
-                    schema.update(extra.schema)
-        return schema
-    if origin in (typing.Union, types.UnionType):
-        members = [_schema_for(a, _seen) for a in args]
-        simple = [m.get("type") for m in members if set(m) == {"type"} and isinstance(m["type"], str)]
-        if len(simple) == len(members):
-            return {"type": simple}
-        return {"anyOf": members}
-    if origin is typing.Literal:
-        schema = {"enum": list(args)}
-        kinds = {type(a) for a in args}
-        if len(kinds) == 1 and next(iter(kinds)) in _PRIMITIVE_SCHEMAS:
-            schema["type"] = _PRIMITIVE_SCHEMAS[next(iter(kinds))]["type"]
-        return schema
-    if origin in (list, set, frozenset, collections.abc.Sequence, collections.abc.Iterable,
-                  collections.abc.Set, collections.abc.MutableSequence):
-        schema = {"type": "array"}
-        if args:
-            schema["items"] = _schema_for(args[0], _seen)
-        if origin in (set, frozenset, collections.abc.Set):
-            schema["uniqueItems"] = True
-        return schema
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return {"type": "array", "items": _schema_for(args[0], _seen)}
-        if not args:
-            return {"type": "array"}
-        return {"type": "array", "prefixItems": [_schema_for(a, _seen) for a in args],
-                "minItems": len(args), "maxItems": len(args)}
-    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
-        schema = {"type": "object"}
-        if len(args) == 2:
-            schema["additionalProperties"] = _schema_for(args[1], _seen)
-        return schema
+    if origin is not None:
+        return _generic_schema(origin, args, _seen)
     if tp in (list, tuple, set, frozenset):
         return {"type": "array"}
     if tp is dict:
         return {"type": "object"}
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
-        values = [member.value for member in tp]
-        schema = {"enum": values}
-        kinds = {type(v) for v in values}
-        if len(kinds) == 1 and next(iter(kinds)) in _PRIMITIVE_SCHEMAS:
-            schema["type"] = _PRIMITIVE_SCHEMAS[next(iter(kinds))]["type"]
-        return schema
+        return _enum_schema([member.value for member in tp])
     if isinstance(tp, type) and tp in _seen:
         return {"type": "object"}  # a recursive type: stop here rather than loop
     if _is_typeddict(tp):
         hints = typing.get_type_hints(tp, include_extras=True)
         required = sorted(getattr(tp, "__required_keys__", hints))
         props = {name: _schema_for(hint, _seen | {tp}) for name, hint in hints.items()}
-        schema = {"type": "object", "properties": props}
-        if required:
-            schema["required"] = required
-        return schema
+        return {"type": "object", "properties": props, **({"required": required} if required else {})}
     if dataclasses.is_dataclass(tp) and isinstance(tp, type):
-        hints = typing.get_type_hints(tp, include_extras=True)
-        props, required = {}, []
-        for field in dataclasses.fields(tp):
-            props[field.name] = _schema_for(hints.get(field.name, typing.Any), _seen | {tp})
-            if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
-                required.append(field.name)
-            elif field.default is not dataclasses.MISSING and _jsonable(field.default):
-                props[field.name]["default"] = field.default
-        schema = {"type": "object", "properties": props}
-        if required:
-            schema["required"] = required
-        doc = _description(tp)
-        if doc and not (tp.__doc__ or "").startswith(tp.__name__ + "("):
-            schema["description"] = doc
-        return schema
+        return _dataclass_schema(tp, _seen)
     if isinstance(tp, type) and tp.__name__ in _FORMAT_BY_NAME:
         return {"type": "string", "format": _FORMAT_BY_NAME[tp.__name__]}
     raise TypeError(f"cannot derive a JSON Schema for {tp!r}; annotate with a JSON-compatible type")
+
+
+def _generic_schema(origin, args: tuple, seen: frozenset) -> dict:
+    """The schema of a parameterized type: Annotated, unions, Literal, sequences, tuples, maps."""
+    if origin is typing.Annotated:
+        return _annotated_schema(_schema_for(args[0], seen), args[1:])
+    if origin in (typing.Union, types.UnionType):
+        members = [_schema_for(a, seen) for a in args]
+        simple = [m.get("type") for m in members if set(m) == {"type"} and isinstance(m["type"], str)]
+        return {"type": simple} if len(simple) == len(members) else {"anyOf": members}
+    if origin is typing.Literal:
+        return _enum_schema(list(args))
+    if origin in (list, set, frozenset, collections.abc.Sequence, collections.abc.Iterable,
+                  collections.abc.Set, collections.abc.MutableSequence):
+        schema = {"type": "array"}
+        if args:
+            schema["items"] = _schema_for(args[0], seen)
+        if origin in (set, frozenset, collections.abc.Set):
+            schema["uniqueItems"] = True
+        return schema
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return {"type": "array", "items": _schema_for(args[0], seen)}
+        if not args:
+            return {"type": "array"}
+        return {"type": "array", "prefixItems": [_schema_for(a, seen) for a in args],
+                "minItems": len(args), "maxItems": len(args)}
+    if origin in (dict, collections.abc.Mapping, collections.abc.MutableMapping):
+        schema = {"type": "object"}
+        if len(args) == 2:
+            schema["additionalProperties"] = _schema_for(args[1], seen)
+        return schema
+    raise TypeError(f"cannot derive a JSON Schema for {origin!r}{list(args)}; annotate with a JSON-compatible type")
+
+
+def _annotated_schema(schema: dict, extras: tuple) -> dict:
+    """``Annotated[T, "description"]`` or ``Annotated[T, Param(...)]``: T's schema, described."""
+    for extra in extras:
+        if isinstance(extra, str):
+            schema["description"] = extra
+        elif isinstance(extra, Param):
+            if extra.description:
+                schema["description"] = extra.description
+            if extra.title:
+                schema["title"] = extra.title
+            if extra.header:
+                schema["x-mcp-header"] = extra.header
+            if extra.schema:
+                schema.update(extra.schema)
+    return schema
+
+
+def _enum_schema(values: list) -> dict:
+    """An enum of ``values`` (a Literal's or an Enum's), typed when they share one JSON type."""
+    schema = {"enum": values}
+    kinds = {type(v) for v in values}
+    if len(kinds) == 1 and next(iter(kinds)) in _PRIMITIVE_SCHEMAS:
+        schema["type"] = _PRIMITIVE_SCHEMAS[next(iter(kinds))]["type"]
+    return schema
+
+
+def _dataclass_schema(tp: type, seen: frozenset) -> dict:
+    hints = typing.get_type_hints(tp, include_extras=True)
+    props, required = {}, []
+    for field in dataclasses.fields(tp):
+        props[field.name] = _schema_for(hints.get(field.name, typing.Any), seen | {tp})
+        if field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            required.append(field.name)
+        elif field.default is not dataclasses.MISSING and _jsonable(field.default):
+            props[field.name]["default"] = field.default
+    schema = {"type": "object", "properties": props}
+    if required:
+        schema["required"] = required
+    doc = _description(tp)
+    if doc and not (tp.__doc__ or "").startswith(tp.__name__ + "("):
+        schema["description"] = doc
+    return schema
 
 
 def _is_typeddict(tp) -> bool:
@@ -2899,6 +2924,8 @@ _JSON_TYPES = {
 
 
 def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | None:
+    """The first way ``instance`` breaks ``schema`` (JSON Schema 2020-12, the parts tools use), as
+    a sentence naming where; None when it conforms."""
     if schema is True or schema == {}:
         return None
     if schema is False:
@@ -2925,6 +2952,17 @@ def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | 
         return f"at {path}: {_preview(instance)} is not one of {_preview(schema['enum'])}"
     if "const" in schema and not _json_equal(instance, schema["const"]):
         return f"at {path}: must be {_preview(schema['const'])}"
+    if isinstance(instance, dict):
+        problem = _object_problem(instance, schema, path, check)
+    elif isinstance(instance, list):
+        problem = _array_problem(instance, schema, path, check)
+    else:
+        problem = _scalar_problem(instance, schema, path)
+    return problem or _combined_problem(instance, schema, path, check)
+
+
+def _scalar_problem(instance, schema: dict, path: str) -> str | None:
+    """String lengths and patterns; number bounds and steps."""
     if isinstance(instance, str):
         if len(instance) < schema.get("minLength", 0):
             return f"at {path}: shorter than {schema['minLength']} characters"
@@ -2942,57 +2980,60 @@ def _validate(instance, schema, root=None, path="arguments", _depth=0) -> str | 
         step = schema.get("multipleOf")
         if step and (instance / step) % 1:
             return f"at {path}: {instance} is not a multiple of {step}"
-    if isinstance(instance, dict):
-        for name in schema.get("required", ()):
-            if name not in instance:
-                return f"at {path}: the required field {name!r} is missing"
-        props = schema.get("properties", {})
-        patterns = schema.get("patternProperties", {})
-        for name, value in instance.items():
-            sub = f"{path}.{name}"
-            matched = False
-            if name in props:
-                matched = True
-                problem = check(value, props[name], path=sub)
-                if problem:
-                    return problem
-            for pattern, sub_schema in patterns.items():
-                if re.search(pattern, name):
-                    matched = True
-                    problem = check(value, sub_schema, path=sub)
-                    if problem:
-                        return problem
-            if not matched and "additionalProperties" in schema:
-                if schema["additionalProperties"] is False:
-                    return f"at {path}: unexpected field {name!r}"
-                problem = check(value, schema["additionalProperties"], path=sub)
-                if problem:
-                    return problem
-        if len(instance) < schema.get("minProperties", 0):
-            return f"at {path}: fewer than {schema['minProperties']} fields"
-        for name, needed in schema.get("dependentRequired", {}).items():
-            if name in instance:
-                for other in needed:
-                    if other not in instance:
-                        return f"at {path}: {other!r} is required when {name!r} is present"
-    if isinstance(instance, list):
-        prefix = schema.get("prefixItems", [])
-        for i, item in enumerate(instance):
-            item_schema = prefix[i] if i < len(prefix) else schema.get("items")
-            if item_schema is not None:
-                problem = check(item, item_schema, path=f"{path}[{i}]")
-                if problem:
-                    return problem
-        if len(instance) < schema.get("minItems", 0):
-            return f"at {path}: fewer than {schema['minItems']} items"
-        if "maxItems" in schema and len(instance) > schema["maxItems"]:
-            return f"at {path}: more than {schema['maxItems']} items"
-        if schema.get("uniqueItems"):
-            seen = []
-            for item in instance:
-                if any(_json_equal(item, other) for other in seen):
-                    return f"at {path}: items are not unique"
-                seen.append(item)
+    return None
+
+
+def _object_problem(instance: dict, schema: dict, path: str, check) -> str | None:
+    for name in schema.get("required", ()):
+        if name not in instance:
+            return f"at {path}: the required field {name!r} is missing"
+    props = schema.get("properties", {})
+    patterns = schema.get("patternProperties", {})
+    for name, value in instance.items():
+        sub = f"{path}.{name}"
+        schemas = [props[name]] if name in props else []
+        schemas += [sub_schema for pattern, sub_schema in patterns.items() if re.search(pattern, name)]
+        if not schemas and "additionalProperties" in schema:
+            if schema["additionalProperties"] is False:
+                return f"at {path}: unexpected field {name!r}"
+            schemas = [schema["additionalProperties"]]
+        for sub_schema in schemas:
+            problem = check(value, sub_schema, path=sub)
+            if problem:
+                return problem
+    if len(instance) < schema.get("minProperties", 0):
+        return f"at {path}: fewer than {schema['minProperties']} fields"
+    for name, needed in schema.get("dependentRequired", {}).items():
+        if name in instance:
+            for other in needed:
+                if other not in instance:
+                    return f"at {path}: {other!r} is required when {name!r} is present"
+    return None
+
+
+def _array_problem(instance: list, schema: dict, path: str, check) -> str | None:
+    prefix = schema.get("prefixItems", [])
+    for i, item in enumerate(instance):
+        item_schema = prefix[i] if i < len(prefix) else schema.get("items")
+        if item_schema is not None:
+            problem = check(item, item_schema, path=f"{path}[{i}]")
+            if problem:
+                return problem
+    if len(instance) < schema.get("minItems", 0):
+        return f"at {path}: fewer than {schema['minItems']} items"
+    if "maxItems" in schema and len(instance) > schema["maxItems"]:
+        return f"at {path}: more than {schema['maxItems']} items"
+    if schema.get("uniqueItems"):
+        seen = []
+        for item in instance:
+            if any(_json_equal(item, other) for other in seen):
+                return f"at {path}: items are not unique"
+            seen.append(item)
+    return None
+
+
+def _combined_problem(instance, schema: dict, path: str, check) -> str | None:
+    """allOf, anyOf, oneOf, not, if/then/else."""
     for sub_schema in schema.get("allOf", ()):
         problem = check(instance, sub_schema, path=path)
         if problem:
@@ -9572,32 +9613,14 @@ class _App:
         if root and path.startswith(root):
             path = path[len(root):] or "/"
         method = scope.get("method", "GET")
-        headers = http.headers
-        request_id = headers.get("x-request-id")
-        if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
-            request_id = _next_request_id()
-        _request_id.set(request_id)
-        traceparent = headers.get("traceparent")
-        if traceparent is not None:
-            traceparent = _TRACEPARENT_RE.fullmatch(traceparent)
-            _trace_id.set(traceparent.group(1) if traceparent else None)
-        elif _trace_id.get() is not None:
-            _trace_id.set(None)
-        request_header = [(b"x-request-id", request_id.encode())]
-        http.extra_headers = request_header
-        if settings.trusted_proxies:
-            self._apply_forwarded(http)
-        if server._local_base is None and scope.get("server"):
-            host, port = scope["server"][:2]
-            host = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
-            server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
+        request_header = self._identify(http)
         try:
             if server._live_runtime is None or not server._live_runtime.started:
                 await server._started_runtime()
             if _telemetry.on:  # (the trace context of the HTTP request, for the MCP server span)
-                _telemetry.http_headers.set(headers)
+                _telemetry.http_headers.set(http.headers)
             self._check_host(http)
-            if "origin" in headers:
+            if "origin" in http.headers:
                 http.extra_headers = self._check_origin(http, path) + request_header
             if method == "OPTIONS":
                 await http.respond(204, headers=[
@@ -9611,34 +9634,8 @@ class _App:
             step = await self._route(http, path, method, root)
             while step is not None:
                 step = await step
-        except _HttpError as exc:
-            if not http.started:
-                await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
-            else:
-                await http.end()
-        except _OAuthError as exc:  # a malformed OAuth request outside an endpoint's own handling
-            if not http.started:
-                await http.respond_json(exc.status, {"error": exc.error, "error_description": exc.description},
-                                        headers=list(_NO_STORE))
-            else:
-                await http.end()
-        except RpcError as exc:  # the store is unavailable (503), or another protocol-level refusal
-            if not http.started:
-                retry = [(b"retry-after", b"2")] if exc.status == 503 else []
-                await http.respond_json(exc.status if exc.status != 200 else 400,
-                                        _error_response(None, exc), headers=retry)
-            else:
-                await http.end()
-        except _Cancelled:
-            await http.end() if http.started else None
-        except _REQUEST_ERRORS:
-            error_id = _error_id()
-            log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=True)
-            if not http.started:
-                error = RpcError(INTERNAL_ERROR, f"Internal server error (error id {error_id}).")
-                await http.respond_json(500, _error_response(None, error))
-            else:
-                await http.end()
+        except _REQUEST_ERRORS as exc:
+            await self._failed(http, exc, method, path)
         finally:
             http.stop_watching()
             if _metrics.on or started:
@@ -9648,6 +9645,53 @@ class _App:
                 if started:  # (_ACCESS_FIELDS)
                     _log_access((method, route, http.status, round((time.perf_counter() - started) * 1000, 2),
                                  _hash_id(http.headers.get("mcp-session-id")), (http.scope.get("client") or ("-",))[0]))
+
+    def _identify(self, http: _HttpRequest) -> list:
+        """The request's id (the client's X-Request-Id if sane) and trace id in the log context,
+        the proxy's view applied, this listener's own base URL noted; the X-Request-Id header
+        every response carries."""
+        headers, scope, server = http.headers, http.scope, self.server
+        request_id = headers.get("x-request-id")
+        if request_id is None or not _REQUEST_ID_RE.fullmatch(request_id):
+            request_id = _next_request_id()
+        _request_id.set(request_id)
+        traceparent = headers.get("traceparent")
+        if traceparent is not None:
+            traceparent = _TRACEPARENT_RE.fullmatch(traceparent)
+            _trace_id.set(traceparent.group(1) if traceparent else None)
+        elif _trace_id.get() is not None:
+            _trace_id.set(None)
+        request_header = [(b"x-request-id", request_id.encode())]
+        http.extra_headers = request_header
+        if server.settings.trusted_proxies:
+            self._apply_forwarded(http)
+        if server._local_base is None and scope.get("server"):
+            host, port = scope["server"][:2]
+            host = "127.0.0.1" if host in ("0.0.0.0", "", None) else ("[::1]" if host == "::" else host)
+            server._local_base = f"http://{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{port}"
+        return request_header
+
+    async def _failed(self, http: _HttpRequest, exc: BaseException, method: str, path: str) -> None:
+        """What a request that raised gets: its error as JSON with the right status, or, once its
+        response started, the end of it."""
+        if http.started:
+            if not isinstance(exc, (_HttpError, _OAuthError, RpcError, _Cancelled)):
+                log.error("unhandled error on %s %s (error id %s)", method, path, _error_id(), exc_info=exc)
+            await http.end()
+        elif isinstance(exc, _HttpError):
+            await http.respond_json(exc.status, _error_body(exc, exc.request_id), headers=list(exc.headers))
+        elif isinstance(exc, _OAuthError):  # a malformed OAuth request outside an endpoint's own handling
+            await http.respond_json(exc.status, {"error": exc.error, "error_description": exc.description},
+                                    headers=list(_NO_STORE))
+        elif isinstance(exc, RpcError):  # the store is unavailable (503), or another protocol-level refusal
+            retry = [(b"retry-after", b"2")] if exc.status == 503 else []
+            await http.respond_json(exc.status if exc.status != 200 else 400, _error_response(None, exc),
+                                    headers=retry)
+        elif not isinstance(exc, _Cancelled):
+            error_id = _error_id()
+            log.error("unhandled error on %s %s (error id %s)", method, path, error_id, exc_info=exc)
+            error = RpcError(INTERNAL_ERROR, f"Internal server error (error id {error_id}).")
+            await http.respond_json(500, _error_response(None, error))
 
     async def _route(self, http: _HttpRequest, path: str, method: str, root: str) -> typing.Awaitable | None:
         settings = self.server.settings
@@ -9662,19 +9706,24 @@ class _App:
                 http.principal = await self.oauth.authenticate(http, path)
             if settings.rate_limit:
                 await self._rate_limit(http)
-        elif login is not None and path.startswith("/login/") and path.count("/") == 2:
+        elif await self._route_browser_and_oauth(http, path, method, login):
+            return None
+        return await self._route_endpoints(http, path, method, root)
+
+    async def _route_browser_and_oauth(self, http: _HttpRequest, path: str, method: str, login) -> bool:
+        """The login pages, the sandbox, the metadata documents and the authorization server's
+        endpoints; False for any other path."""
+        auth = self.server.settings.auth
+        if login is not None and path.startswith("/login/") and path.count("/") == 2:
             if method not in ("GET", "POST"):
                 raise _HttpError(405, "Method Not Allowed: the login page takes GET and POST.",
                                  headers=[(b"allow", b"GET, POST")])
             await login.page(http, path[len("/login/"):])
-            return
         elif login is not None and path == "/redirect":
             _require_method(method, "GET", path)
             await login.redirect(http)
-            return
         elif login is not None and login.sandbox and path.startswith("/sandbox/"):
             await _Sandbox(self.server).handle(http, path)
-            return
         elif path.startswith("/.well-known/") or path.endswith("/.well-known/openid-configuration"):
             _require_method(method, "GET", path)
             if path.startswith("/.well-known/oauth-protected-resource") and auth != "none":
@@ -9684,7 +9733,6 @@ class _App:
                 await self.oauth.server_metadata(http)
             else:
                 raise _HttpError(404, f"Not Found: {path}.")
-            return
         elif path in ("/authorize", "/token", "/register", "/revoke") and auth == "builtin":
             if path == "/authorize":
                 if method not in ("GET", "POST"):
@@ -9695,18 +9743,25 @@ class _App:
                 _require_method(method, "POST", path)
                 await {"/token": self.oauth.token, "/register": self.oauth.register,
                        "/revoke": self.oauth.revoke}[path](http)
-            return
+        else:
+            return False
+        return True
+
+    async def _route_endpoints(self, http: _HttpRequest, path: str, method: str, root: str) -> typing.Awaitable | None:
+        """The MCP transports (a long-lived one returned, for ``_handle`` to await: a tail call),
+        then health, readiness, metrics and the index."""
+        mcp_path = self.server.settings.mcp_path
         if path in (mcp_path, mcp_path + "/"):
             handler = {"POST": self.streamable.post, "GET": self.streamable.get,
                        "DELETE": self.streamable.delete}.get(method)
             if handler is None:
                 raise _HttpError(405, f"Method Not Allowed: {mcp_path} takes POST, GET and DELETE.",
                                  headers=[(b"allow", b"GET, POST, DELETE, OPTIONS")])
-            return handler(http)  # awaited by _handle (a tail call)
-        elif path == "/sse":
+            return handler(http)
+        if path == "/sse":
             _require_method(method, "GET", path)
             return self.legacy_sse.get(http, root)
-        elif path in ("/messages", "/messages/"):
+        if path in ("/messages", "/messages/"):
             _require_method(method, "POST", path)
             await self.legacy_sse.post(http)
         elif path in ("/http", "/http/"):
@@ -9715,29 +9770,36 @@ class _App:
         elif path == "/healthz":
             await http.respond_json(200, {"status": "ok"})
         elif path == "/metrics":
-            token = self.server.settings.metrics_token
-            if not token:
-                raise _HttpError(404, "Not Found: /metrics is off; set MCP_METRICS_TOKEN to serve it.")
-            presented = http.headers.get("authorization", "")
-            if token != "public" and not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
-                raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
-            await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+            await self._metrics_page(http)
         elif path == "/readyz":
-            hub = self.server._runtime()
-            store = hub.store
-            if hub.closing or hub.unready:  # (SIGTERM: the balancer takes this instance out first)
-                await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
-            elif await store.ping():
-                await http.respond_json(200, {"status": "ready", "store": store.name})
-            else:
-                await http.respond_json(503, {"status": "unavailable", "store": store.name,
-                                              "reason": "the store does not answer"})
+            await self._readiness(http)
         elif path == "/":
             await http.respond_json(200, {"name": self.server.name, "version": self.server.version,
                                           "mcp": root + mcp_path, "sse": root + "/sse", "http": root + "/http",
                                           "protocolVersions": list(SUPPORTED_VERSIONS)})
         else:
             raise _HttpError(404, f"Not Found: {path}; the MCP endpoint is {root + mcp_path}.")
+        return None
+
+    async def _metrics_page(self, http: _HttpRequest) -> None:
+        token = self.server.settings.metrics_token
+        if not token:
+            raise _HttpError(404, "Not Found: /metrics is off; set MCP_METRICS_TOKEN to serve it.")
+        presented = http.headers.get("authorization", "")
+        if token != "public" and not hmac.compare_digest(presented.encode(), f"Bearer {token}".encode()):
+            raise _HttpError(401, "Unauthorized: /metrics needs Authorization: Bearer <MCP_METRICS_TOKEN>.")
+        await http.respond(200, _metrics.render().encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+    async def _readiness(self, http: _HttpRequest) -> None:
+        runtime = self.server._runtime()
+        store = runtime.store
+        if runtime.closing or runtime.unready:  # (SIGTERM: the balancer takes this instance out first)
+            await http.respond_json(503, {"status": "unavailable", "reason": "shutting down"})
+        elif await store.ping():
+            await http.respond_json(200, {"status": "ready", "store": store.name})
+        else:
+            await http.respond_json(503, {"status": "unavailable", "store": store.name,
+                                          "reason": "the store does not answer"})
 
 
 _REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
@@ -10133,6 +10195,34 @@ def _parse_request_head(head: bytes) -> tuple:
     if len(parts) != 3 or not _METHOD_RE.fullmatch(parts[0]) or parts[2] not in (b"HTTP/1.1", b"HTTP/1.0"):
         raise _BadRequest(400, "Malformed request line.")
     method, target, version = parts
+    http11 = version == b"HTTP/1.1"
+    fields, pairs = _header_fields(block)
+    host = fields.get("host")
+    if host is None and http11:
+        raise _BadRequest(400, "An HTTP/1.1 request needs a Host header.")
+    if host is not None and not _valid_host(host):  # (empty too: an http URI has a host, RFC 9110 4.2.1)
+        raise _BadRequest(400, "Malformed Host header.")
+    content_length, transfer_encoding = _body_framing(fields)
+    tokens = fields.get("connection")
+    if tokens is not None:
+        tokens = tokens.lower()
+    expect = fields.get("expect")
+    expect = expect is not None and expect.lower() == "100-continue"
+    raw_path, path, query = _request_target(target)
+    template = {"type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if http11 else "1.0",
+                "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
+                "query_string": query, "root_path": "", "client": None, "server": None}
+    parsed = (template, http11, fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
+    if len(head) <= _REQUEST_HEAD_CACHED_SIZE and "authorization" not in fields and "cookie" not in fields:
+        if len(_REQUEST_HEADS) >= _REQUEST_HEADS_MAX:
+            _REQUEST_HEADS.clear()
+        _REQUEST_HEADS[head] = parsed
+    return parsed
+
+
+def _header_fields(block: bytes) -> tuple:
+    """(fields, pairs) of a head's header lines: lower-cased names to values (repeats joined),
+    and the pairs in order; _BadRequest for a malformed line or a repeated framing header."""
     # One C-level match validates every header line: a token, a colon, a value without CR,
     # LF or NUL.  A line that starts with white space (obsolete folding) cannot match.
     if block and not _HEADER_BLOCK_RE.fullmatch(block):
@@ -10140,7 +10230,7 @@ def _parse_request_head(head: bytes) -> tuple:
             raise _BadRequest(400, "Obsolete header line folding is not accepted.")
         raise _BadRequest(400, "Malformed header line.")
     # (name, value) text pairs, from one latin-1 decode of the block (header bytes map 1:1
-    # onto it; measured faster than a findall)
+    # onto it, and one decode and split costs less than a findall)
     pairs = []
     for line in block.decode("latin-1").split("\r\n") if block else ():
         name, _, value = line.partition(":")
@@ -10152,11 +10242,12 @@ def _parse_request_head(head: bytes) -> tuple:
             if names.count(name) > 1:
                 raise _BadRequest(400, f"Several {name.title()} headers are not accepted.")
         fields = _header_dict(pairs)
-    host = fields.get("host")
-    if host is None and version == b"HTTP/1.1":
-        raise _BadRequest(400, "An HTTP/1.1 request needs a Host header.")
-    if host is not None and not _valid_host(host):  # (empty too: an http URI has a host, RFC 9110 4.2.1)
-        raise _BadRequest(400, "Malformed Host header.")
+    return fields, pairs
+
+
+def _body_framing(fields: dict) -> tuple:
+    """(Content-Length or None, transfer coding or None): one of the two at most, and chunked
+    the only coding (what a proxy and we could read differently is refused)."""
     content_length = fields.get("content-length")
     if content_length is not None:
         if not _DECIMAL.fullmatch(content_length):
@@ -10169,11 +10260,11 @@ def _parse_request_head(head: bytes) -> tuple:
             raise _BadRequest(400, "Content-Length together with Transfer-Encoding is not accepted.")
         if transfer_encoding != "chunked":
             raise _BadRequest(400, "Only the chunked transfer coding is accepted.")
-    tokens = fields.get("connection")
-    if tokens is not None:
-        tokens = tokens.lower()
-    expect = fields.get("expect")
-    expect = expect is not None and expect.lower() == "100-continue"
+    return content_length, transfer_encoding
+
+
+def _request_target(target: bytes) -> tuple:
+    """(raw path, decoded path, query) of an origin-form or absolute-form request target."""
     raw_path, _, query = target.partition(b"?")
     if not raw_path.startswith(b"/") and raw_path != b"*":
         if raw_path.startswith((b"http://", b"https://")):  # absolute form
@@ -10186,16 +10277,7 @@ def _parse_request_head(head: bytes) -> tuple:
         raise _BadRequest(400, "The request target must be ASCII.") from None
     if "%" in path:
         path = urllib.parse.unquote(path)
-    http11 = version == b"HTTP/1.1"
-    template = {"type": "http", "asgi": _ASGI_VERSION, "http_version": "1.1" if http11 else "1.0",
-                "method": method.decode("ascii"), "scheme": "http", "path": path, "raw_path": raw_path,
-                "query_string": query, "root_path": "", "client": None, "server": None}
-    parsed = (template, http11, fields, tuple(pairs), content_length, transfer_encoding, tokens, expect)
-    if len(head) <= _REQUEST_HEAD_CACHED_SIZE and "authorization" not in fields and "cookie" not in fields:
-        if len(_REQUEST_HEADS) >= _REQUEST_HEADS_MAX:
-            _REQUEST_HEADS.clear()
-        _REQUEST_HEADS[head] = parsed
-    return parsed
+    return raw_path, path, query
 
 
 class _HttpConnection(asyncio.Protocol):
@@ -10469,55 +10551,76 @@ class _HttpConnection(asyncio.Protocol):
                 self._body_done()
                 return True
             return False
+        return self._feed_chunks(cycle)
+
+    def _feed_chunks(self, cycle) -> bool:
+        """The chunked coding, a step at a time (data, its CRLF, the next size line, trailers);
+        each step returns None to go on, or what ``_feed_body`` returns."""
         while True:
             left, in_trailers = self.chunk_state
             if in_trailers:
-                end = self._chunk_line_end()
-                if end < 0:
-                    return False
-                del self.buffer[:end + 2]
-                if not end:
-                    self._body_done()
-                    return True
-                cycle.received += end  # (trailers count against MCP_MAX_BODY, so they end)
-                if cycle.received > self.settings.max_body:
-                    raise _BadRequest(413, "The chunked body's trailers are larger than MCP_MAX_BODY.")
-                continue
-            if left > 0:
-                take = min(left, len(self.buffer))
-                if not take:
-                    return False
-                cycle.body += self.buffer[:take]
-                del self.buffer[:take]
-                cycle.received += take
-                self.chunk_state[0] = left - take
-                cycle.body_event.set()
-                if cycle.received > self.settings.max_body:
-                    raise _BadRequest(413, f"Request body is larger than the limit of "
-                                      f"{self.settings.max_body} bytes (MCP_MAX_BODY).")
-                if self.chunk_state[0] == 0:
-                    self.chunk_state[0] = -1  # expect the CRLF after the data
-                continue
-            if left == -1:
-                if len(self.buffer) < 2:
-                    return False
-                if self.buffer[:2] != b"\r\n":
-                    raise _BadRequest(400, "Malformed chunked body.")
-                del self.buffer[:2]
-                self.chunk_state[0] = 0
-                continue
-            end = self._chunk_line_end()
-            if end < 0:
-                return False
-            size_text = bytes(self.buffer[:end]).split(b";")[0].strip()
-            del self.buffer[:end + 2]
-            if not size_text or len(size_text) > 16 or not re.fullmatch(rb"[0-9A-Fa-f]+", size_text):
-                raise _BadRequest(400, "Malformed chunk size.")
-            size = int(size_text, 16)
-            if size == 0:
-                self.chunk_state[1] = True
+                step = self._chunk_trailer(cycle)
+            elif left > 0:
+                step = self._chunk_data(cycle, left)
+            elif left == -1:
+                step = self._chunk_data_end()
             else:
-                self.chunk_state[0] = size
+                step = self._chunk_size()
+            if step is not None:
+                return step
+
+    def _chunk_trailer(self, cycle) -> bool | None:
+        end = self._chunk_line_end()
+        if end < 0:
+            return False
+        del self.buffer[:end + 2]
+        if not end:
+            self._body_done()
+            return True
+        cycle.received += end  # (trailers count against MCP_MAX_BODY, so they end)
+        if cycle.received > self.settings.max_body:
+            raise _BadRequest(413, "The chunked body's trailers are larger than MCP_MAX_BODY.")
+        return None
+
+    def _chunk_data(self, cycle, left: int) -> bool | None:
+        take = min(left, len(self.buffer))
+        if not take:
+            return False
+        cycle.body += self.buffer[:take]
+        del self.buffer[:take]
+        cycle.received += take
+        self.chunk_state[0] = left - take
+        cycle.body_event.set()
+        if cycle.received > self.settings.max_body:
+            raise _BadRequest(413, f"Request body is larger than the limit of "
+                              f"{self.settings.max_body} bytes (MCP_MAX_BODY).")
+        if self.chunk_state[0] == 0:
+            self.chunk_state[0] = -1  # expect the CRLF after the data
+        return None
+
+    def _chunk_data_end(self) -> bool | None:
+        if len(self.buffer) < 2:
+            return False
+        if self.buffer[:2] != b"\r\n":
+            raise _BadRequest(400, "Malformed chunked body.")
+        del self.buffer[:2]
+        self.chunk_state[0] = 0
+        return None
+
+    def _chunk_size(self) -> bool | None:
+        end = self._chunk_line_end()
+        if end < 0:
+            return False
+        size_text = bytes(self.buffer[:end]).split(b";")[0].strip()
+        del self.buffer[:end + 2]
+        if not size_text or len(size_text) > 16 or not re.fullmatch(rb"[0-9A-Fa-f]+", size_text):
+            raise _BadRequest(400, "Malformed chunk size.")
+        size = int(size_text, 16)
+        if size == 0:
+            self.chunk_state[1] = True
+        else:
+            self.chunk_state[0] = size
+        return None
 
     def _chunk_line_end(self) -> int:
         """Where the chunk size or trailer line at the start of the buffer ends (-1: not yet);
