@@ -4843,20 +4843,31 @@ class _CoreMethods(_ProtocolCore):
         level = ctx.params.get("level")
         if level not in _LOG_RANK:
             raise _invalid_params(f"Unknown log level {level!r}; use one of {', '.join(_LOG_LEVELS)}.")
-        ctx.session = {**(ctx.session or {}), "log": level}
-        ctx._session_changed = True
-        return {}
+        return self._session_update(ctx, log=level)
 
     async def _m_tools_list(self, ctx: Context) -> dict:
         return await self._page(ctx, "tools", "tools")
 
-    async def _m_tools_call(self, ctx: Context) -> dict:
+    @staticmethod
+    def _named(ctx: Context, registry: dict, what: str) -> tuple:
+        """(name, the registered thing) that ``params.name`` names; -32602 without one."""
         name = ctx.params.get("name")
         if not isinstance(name, str):
-            raise _invalid_params("tools/call needs params.name, a string.")
-        tool = self._tools.get(name)
-        if tool is None:
-            raise _invalid_params(f"Unknown tool: {name}.", {"name": name})
+            raise _invalid_params(f"{ctx.method} needs params.name, a string.")
+        found = registry.get(name)
+        if found is None:
+            raise _invalid_params(f"Unknown {what}: {name}.", {"name": name})
+        return name, found
+
+    @staticmethod
+    def _session_update(ctx: Context, **fields) -> dict:
+        """Change the legacy session's record (the transport saves it); the empty result."""
+        ctx.session = {**(ctx.session or {}), **fields}
+        ctx._session_changed = True
+        return {}
+
+    async def _m_tools_call(self, ctx: Context) -> dict:
+        name, tool = self._named(ctx, self._tools, "tool")
         arguments = ctx.params.get("arguments")
         if arguments is None:
             arguments = {}
@@ -4972,20 +4983,13 @@ class _CoreMethods(_ProtocolCore):
                                       f"{_MAX_CLIENT_STATE} bytes; unsubscribe from some first.")
         else:
             subs.discard(uri)
-        ctx.session = {**(ctx.session or {}), "subs": sorted(subs)}
-        ctx._session_changed = True
-        return {}
+        return self._session_update(ctx, subs=sorted(subs))
 
     async def _m_prompts_list(self, ctx: Context) -> dict:
         return await self._page(ctx, "prompts", "prompts")
 
     async def _m_prompts_get(self, ctx: Context) -> dict:
-        name = ctx.params.get("name")
-        if not isinstance(name, str):
-            raise _invalid_params("prompts/get needs params.name, a string.")
-        prompt = self._prompts.get(name)
-        if prompt is None:
-            raise _invalid_params(f"Unknown prompt: {name}.", {"name": name})
+        name, prompt = self._named(ctx, self._prompts, "prompt")
         arguments = ctx.params.get("arguments") or {}
         if not isinstance(arguments, dict):
             raise _invalid_params("prompts/get: params.arguments must be an object.")
