@@ -7339,6 +7339,12 @@ class _Stdio:
 # is the sealed authorization request, guarded by a double-submit CSRF cookie.  Approval creates
 # the user's session (``mcp:{sid}:user``, ANONYMOUS until the upstream login), a hashed code, and
 # the browser-binding cookie the login flow uses.
+#
+# ``_OAuth`` is the one object the app, the login flow and the sandbox hold: what every endpoint
+# shares (URLs, discovery, rate limits, scopes, cookies) lives there once, and each endpoint is
+# served by a part that reaches the rest through it: ``_OAuthClients`` (/register, client lookup,
+# metadata documents), ``_AuthorizationEndpoint`` (/authorize and consent), ``_Tokens`` (/token,
+# /revoke, the bearer check).
 
 # Referrer-Policy same-origin, not no-referrer: under no-referrer a browser sends ``Origin: null``
 # on the pages' own form posts (Fetch), and null is also what a sandboxed iframe or data: URL of
@@ -7392,6 +7398,15 @@ class _OAuthError(Exception):
     def __init__(self, error: str, description: str, status: int = 400):
         super().__init__(description)
         self.error, self.description, self.status = error, description, status
+
+
+async def _oauth_json_error(http: _HttpRequest, error: _OAuthError) -> None:
+    """``error`` as the JSON endpoints (/register, /token, /revoke) answer it (RFC 6749 5.2)."""
+    headers = list(_NO_STORE)
+    if error.status == 401:
+        headers.append((b"www-authenticate", b'Basic realm="token"'))
+    await http.respond_json(error.status, {"error": error.error, "error_description": error.description},
+                            headers=headers)
 
 
 # Redirect URIs and client-id URLs are judged as the strings a browser will follow, never through
@@ -7607,16 +7622,17 @@ def _remember(approved: list, client_id: str, keep: int = 20, size: int = 3000) 
 
 
 class _OAuth:
-    """The built-in authorization server and the resource-server checks."""
+    """The built-in authorization server and the resource-server checks, as the rest of the file
+    sees them: what every endpoint shares (URLs, discovery documents, rate limits, scopes,
+    browser cookies) and the endpoints, each served by its part: ``clients`` (/register and the
+    clients it knows), ``authorization`` (/authorize and consent) and ``tokens`` (/token,
+    /revoke and the bearer check of every protected request)."""
 
     def __init__(self, server: _ProtocolCore):
         self.server = server
-        # Client metadata documents are fetched on threads of their own, at most
-        # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
-        # documents never hold the pool that runs tools and upstream calls.
-        self._fetch_slots = threading.BoundedSemaphore(_CIMD_MAX_FETCHES)
-        self._fetch_threads = None  # anyio.CapacityLimiter(_CIMD_MAX_FETCHES), made in the running loop
-        self._fetches: dict = {}  # URL -> _Answer of the fetch in flight, shared by concurrent requests
+        self.clients = _OAuthClients(self)
+        self.authorization = _AuthorizationEndpoint(self)
+        self.tokens = _Tokens(self)
 
     @property
     def settings(self) -> Settings:
@@ -7708,25 +7724,105 @@ class _OAuth:
             raise _HttpError(429, message or f"Too many requests to {route}; try again in a minute.",
                              headers=((b"retry-after", str(wait).encode()),))
 
-    # -- clients -----------------------------------------------------------------------------------
+    # -- scopes and cookies ------------------------------------------------------------------------
+
+    def _scopes(self, requested: str | None) -> str:
+        allowed = set(self.settings.scopes) | {"offline_access"}
+        wanted = (requested or " ".join(self.settings.scopes)).split()
+        unknown = [s for s in wanted if s not in allowed]
+        if unknown:
+            raise _OAuthError("invalid_scope", f"Unknown scope(s): {', '.join(unknown)}.")
+        return " ".join(s for s in wanted if s != "offline_access") or " ".join(self.settings.scopes)
+
+    # The binding cookies are SameSite=Strict: a cross-site page cannot make the browser send
+    # them.  Only the login nonce (mcp_login) must come back on the provider's top-level
+    # redirect to /redirect, which Strict would drop.
+    _LAX_COOKIES = frozenset(("mcp_login",))
+
+    def _cookie_name(self, http: _HttpRequest, name: str) -> str:
+        """``__Host-name`` on an https issuer (a sibling host cannot set or shadow it), the plain
+        name on http (loopback development): one name per deployment, never both."""
+        return ("__Host-" if self.secure(http) else "") + name
+
+    def _cookie(self, http: _HttpRequest, name: str) -> str | None:
+        wanted = self._cookie_name(http, name)
+        for part in http.headers.get("cookie", "").split(";"):
+            key, _, value = part.strip().partition("=")
+            if key == wanted:
+                return value
+        return None
+
+    def _set_cookie(self, http: _HttpRequest, name: str, value: str, max_age: int) -> tuple:
+        same_site = "Lax" if name in self._LAX_COOKIES else "Strict"
+        text = (f"{self._cookie_name(http, name)}={value}; Path=/; HttpOnly; SameSite={same_site}; "
+                f"Max-Age={max_age}" + ("; Secure" if self.secure(http) else ""))
+        return (b"set-cookie", text.encode())
+
+    # -- the endpoints, each served by its part ----------------------------------------------------
 
     async def register(self, http: _HttpRequest) -> None:
-        await self._rate_limit(http, "register")
+        await self.clients.register(http)
+
+    async def authorize(self, http: _HttpRequest) -> None:
+        await self.authorization.authorize(http)
+
+    async def token(self, http: _HttpRequest) -> None:
+        await self.tokens.token(http)
+
+    async def revoke(self, http: _HttpRequest) -> None:
+        await self.tokens.revoke(http)
+
+    async def authenticate(self, http: _HttpRequest, endpoint: str | None = None) -> str | None:
+        """The principal of a protected request to ``endpoint``, or a 401/403 challenge."""
+        return await self.tokens.authenticate(http, endpoint)
+
+
+class _OAuthPart:
+    """A part of the authorization server.  The settings, the server (store, key ring) and what
+    every endpoint shares (URLs, rate limits, scopes, cookies) it reaches through the ``_OAuth``
+    it belongs to, which holds each of them once."""
+
+    def __init__(self, oauth: _OAuth):
+        self.oauth = oauth
+        self.server = oauth.server
+
+    @property
+    def settings(self) -> Settings:
+        return self.oauth.settings
+
+
+class _OAuthClients(_OAuthPart):
+    """The clients the authorization server knows: those registered at /register (RFC 7591),
+    kept in the store, and those whose client_id is the URL of their Client ID Metadata
+    Document, fetched under SSRF rules on threads of their own and cached."""
+
+    def __init__(self, oauth: _OAuth):
+        super().__init__(oauth)
+        # Client metadata documents are fetched on threads of their own, at most
+        # _CIMD_MAX_FETCHES at once (a slot is free only when its thread is done), so slow
+        # documents never hold the pool that runs tools and upstream calls.
+        self._fetch_slots = threading.BoundedSemaphore(_CIMD_MAX_FETCHES)
+        self._fetch_threads = None  # anyio.CapacityLimiter(_CIMD_MAX_FETCHES), made in the running loop
+        self._fetches: dict = {}  # URL -> _Answer of the fetch in flight, shared by concurrent requests
+
+    async def register(self, http: _HttpRequest) -> None:
+        await self.oauth._rate_limit(http, "register")
         try:
             body = _loads(await http.read_body(64 * 1024))
         except (ValueError, UnicodeDecodeError):
-            await self._json_error(http, _OAuthError("invalid_client_metadata", "The body must be a JSON object."))
+            await _oauth_json_error(http, _OAuthError("invalid_client_metadata",
+                                                      "The body must be a JSON object."))
             return
         try:
             client = self._client_from_registration(body)
         except _OAuthError as exc:
-            await self._json_error(http, exc)
+            await _oauth_json_error(http, exc)
             return
         # counted once the request is valid: a registration that will be stored (and live
         # MCP_CLIENT_TTL unless used) is what the hourly cap per address limits
-        await self._rate_limit(http, "registered", self.settings.registrations_per_hour, 3600,
-                               "Too many client registrations from this address; try again within the hour "
-                               "(MCP_REGISTRATIONS_PER_HOUR).")
+        await self.oauth._rate_limit(http, "registered", self.settings.registrations_per_hour, 3600,
+                                     "Too many client registrations from this address; try again within "
+                                     "the hour (MCP_REGISTRATIONS_PER_HOUR).")
         response = {k: v for k, v in client.items() if k != "secret_hash"}
         if client["token_endpoint_auth_method"] != "none":
             secret = secrets.token_urlsafe(32)
@@ -7830,10 +7926,14 @@ class _OAuth:
                 "client_name": _display_name(document.get("client_name")) or _WEB_URI.fullmatch(client_id).group(2),
                 "metadata_document": True}
 
-    # -- /authorize -------------------------------------------------------------------------------
+
+class _AuthorizationEndpoint(_OAuthPart):
+    """/authorize, the browser-facing endpoint: it validates the client and redirect URI, then the
+    request, asks the person's consent (or remembers it) and redirects back with a single-use
+    code, or with an error only where that is safe (``_authorize_error``)."""
 
     async def authorize(self, http: _HttpRequest) -> None:
-        await self._rate_limit(http, "authorize")
+        await self.oauth._rate_limit(http, "authorize")
         method = http.scope.get("method")
         if method == "POST":
             await self._consent_answer(http)
@@ -7846,7 +7946,7 @@ class _OAuth:
                 return
             params[key] = value
         try:
-            client = await self.client(params.get("client_id"))
+            client = await self.oauth.clients.client(params.get("client_id"))
         except _OAuthError as exc:
             await self._error_page(http, "Try again in a moment", exc.description, exc.status)
             return
@@ -7904,48 +8004,17 @@ class _OAuth:
             raise _OAuthError("invalid_request", "Only code_challenge_method=S256 is accepted.")
         if not re.fullmatch(r"[A-Za-z0-9_-]{43}", challenge):
             raise _OAuthError("invalid_request", "code_challenge must be a base64url SHA-256 digest (43 characters).")
-        resource = (params.get("resource") or self.resource(http)).rstrip("/")
-        if resource not in self.resources(http):
-            raise _OAuthError("invalid_target", f"This server issues tokens only for {', '.join(self.resources(http))}.")
-        granted = self._scopes(params.get("scope"))
+        resource = (params.get("resource") or self.oauth.resource(http)).rstrip("/")
+        if resource not in self.oauth.resources(http):
+            raise _OAuthError("invalid_target",
+                              f"This server issues tokens only for {', '.join(self.oauth.resources(http))}.")
+        granted = self.oauth._scopes(params.get("scope"))
         return {"challenge": challenge, "resource": resource, "scope": granted}
-
-    def _scopes(self, requested: str | None) -> str:
-        allowed = set(self.settings.scopes) | {"offline_access"}
-        wanted = (requested or " ".join(self.settings.scopes)).split()
-        unknown = [s for s in wanted if s not in allowed]
-        if unknown:
-            raise _OAuthError("invalid_scope", f"Unknown scope(s): {', '.join(unknown)}.")
-        return " ".join(s for s in wanted if s != "offline_access") or " ".join(self.settings.scopes)
-
-    # The binding cookies are SameSite=Strict: a cross-site page cannot make the browser send
-    # them.  Only the login nonce (mcp_login) must come back on the provider's top-level
-    # redirect to /redirect, which Strict would drop.
-    _LAX_COOKIES = frozenset(("mcp_login",))
-
-    def _cookie_name(self, http: _HttpRequest, name: str) -> str:
-        """``__Host-name`` on an https issuer (a sibling host cannot set or shadow it), the plain
-        name on http (loopback development): one name per deployment, never both."""
-        return ("__Host-" if self.secure(http) else "") + name
-
-    def _cookie(self, http: _HttpRequest, name: str) -> str | None:
-        wanted = self._cookie_name(http, name)
-        for part in http.headers.get("cookie", "").split(";"):
-            key, _, value = part.strip().partition("=")
-            if key == wanted:
-                return value
-        return None
-
-    def _set_cookie(self, http: _HttpRequest, name: str, value: str, max_age: int) -> tuple:
-        same_site = "Lax" if name in self._LAX_COOKIES else "Strict"
-        text = (f"{self._cookie_name(http, name)}={value}; Path=/; HttpOnly; SameSite={same_site}; "
-                f"Max-Age={max_age}" + ("; Secure" if self.secure(http) else ""))
-        return (b"set-cookie", text.encode())
 
     async def _remembered(self, http: _HttpRequest) -> list:
         """The clients this browser approved.  The signed text starts with ``consent:`` so that no
         other value signed with the same key can stand in for it."""
-        value = self._cookie(http, "mcp_consent")
+        value = self.oauth._cookie(http, "mcp_consent")
         text = (await self.server._keyring()).verify(value, "cookie") if value else None
         kind, _, approved = (text or "").partition(" ")
         return approved.split(" ") if kind == "consent:" and approved else []
@@ -7968,12 +8037,12 @@ class _OAuth:
                 f"<p>It will receive access to: <code>{html.escape(request['scope'])}</code></p>"
                 f"<p class=muted>After you approve, this server sends you and the access code to "
                 f"<code>{html.escape(_redirect_target(request['redirect_uri']))}</code>.</p>{warning}"
-                f"<form method=post action='{html.escape(self.issuer(http))}/authorize'>"
+                f"<form method=post action='{html.escape(self.oauth.issuer(http))}/authorize'>"
                 f"<input type=hidden name=request value='{html.escape(sealed)}'>"
                 f"<input type=hidden name=csrf value='{html.escape(csrf)}'>"
                 "<div class=row><button class=primary name=decision value=approve>Approve</button>"
                 "<button name=decision value=deny>Deny</button></div></form>")
-        headers = _HTML_HEADERS + [self._set_cookie(http, "mcp_csrf", csrf, 600)]
+        headers = _HTML_HEADERS + [self.oauth._set_cookie(http, "mcp_csrf", csrf, 600)]
         await http.respond(200, _html_page("Allow access?", body), "text/html; charset=utf-8", headers)
 
     async def _consent_answer(self, http: _HttpRequest) -> None:
@@ -7984,7 +8053,7 @@ class _OAuth:
             return
         keys = await self.server._keyring()
         request = keys.unseal(fields.get("request", ""), "consent")
-        cookie = self._cookie(http, "mcp_csrf") or ""
+        cookie = self.oauth._cookie(http, "mcp_csrf") or ""
         if (request is None or request.get("kind") != "consent" or request.get("exp", 0) < _now() or not cookie
                 or not hmac.compare_digest(str(request.get("csrf")), fields.get("csrf", ""))
                 or not hmac.compare_digest(cookie, fields.get("csrf", ""))):
@@ -7998,7 +8067,7 @@ class _OAuth:
             return
         remember = None
         if self.settings.consent == "remember":
-            remember = self._set_cookie(http, "mcp_consent", keys.sign(
+            remember = self.oauth._set_cookie(http, "mcp_consent", keys.sign(
                 "consent: " + _remember(await self._remembered(http), request["client_id"]), "cookie"), 180 * 86400)
         await self._approve(http, request, remember)
 
@@ -8015,12 +8084,12 @@ class _OAuth:
             "resource": request["resource"], "scope": request["scope"], "sid": sid, "gen": generation}, 600)
         headers = [extra_cookie] if extra_cookie else []
         location = _with_query(request["redirect_uri"], {"code": code, "state": request.get("state"),
-                                                         "iss": self.issuer(http)})
+                                                         "iss": self.oauth.issuer(http)})
         await http.respond(302, headers=[(b"location", location.encode()), *_NO_STORE, *headers])
 
     def _error_location(self, http: _HttpRequest, redirect: str, error: _OAuthError, state) -> str:
         return _with_query(redirect, {"error": error.error, "error_description": error.description,
-                                      "state": state, "iss": self.issuer(http)})
+                                      "state": state, "iss": self.oauth.issuer(http)})
 
     async def _redirect_error(self, http: _HttpRequest, redirect: str, error: _OAuthError, state) -> None:
         location = self._error_location(http, redirect, error, state)
@@ -8031,14 +8100,13 @@ class _OAuth:
         await http.respond(status, _html_page(title, f"<p class=bad>{html.escape(message)}</p>{extra}"),
                            "text/html; charset=utf-8", list(_HTML_HEADERS))
 
-    # -- /token and /revoke -----------------------------------------------------------------------
 
-    async def _json_error(self, http: _HttpRequest, error: _OAuthError) -> None:
-        headers = list(_NO_STORE)
-        if error.status == 401:
-            headers.append((b"www-authenticate", b'Basic realm="token"'))
-        await http.respond_json(error.status, {"error": error.error, "error_description": error.description},
-                                headers=headers)
+class _Tokens(_OAuthPart):
+    """Access and refresh tokens: issued at /token (for an authorization code or a refresh
+    token), revoked at /revoke, and checked on every protected request (``authenticate``): this
+    server's own under MCP_AUTH=builtin, another issuer's under MCP_AUTH=external."""
+
+    # -- /token and /revoke ------------------------------------------------------------------------
 
     async def _authenticate_client(self, http: _HttpRequest, fields: dict) -> dict:
         basic_id = basic_secret = None
@@ -8054,7 +8122,7 @@ class _OAuth:
         client_id = basic_id or fields.get("client_id")
         if fields.get("client_id") and basic_id and fields["client_id"] != basic_id:
             raise _OAuthError("invalid_client", "client_id does not match the Basic credentials.", 401)
-        client = await self.client(client_id)
+        client = await self.oauth.clients.client(client_id)
         if client is None:
             raise _OAuthError("invalid_client", "Unknown client.", 401)
         if client["token_endpoint_auth_method"] != "none":
@@ -8064,7 +8132,7 @@ class _OAuth:
         return client
 
     async def token(self, http: _HttpRequest) -> None:
-        await self._rate_limit(http, "token")
+        await self.oauth._rate_limit(http, "token")
         try:
             kind = _media_type(http.headers.get("content-type", ""))
             body = await http.read_body(64 * 1024)
@@ -8076,10 +8144,10 @@ class _OAuth:
             else:
                 fields = _form_fields(body)
         except (ValueError, UnicodeDecodeError):
-            await self._json_error(http, _OAuthError("invalid_request", "Send the parameters as a form."))
+            await _oauth_json_error(http, _OAuthError("invalid_request", "Send the parameters as a form."))
             return
         except _OAuthError as exc:
-            await self._json_error(http, exc)
+            await _oauth_json_error(http, exc)
             return
         try:
             client = await self._authenticate_client(http, fields)
@@ -8091,7 +8159,7 @@ class _OAuth:
             else:
                 raise _OAuthError("unsupported_grant_type", f"grant_type {grant!r} is not supported.")
         except _OAuthError as exc:
-            await self._json_error(http, exc)
+            await _oauth_json_error(http, exc)
             return
         await http.respond_json(200, answer, headers=list(_NO_STORE))
 
@@ -8133,7 +8201,7 @@ class _OAuth:
         jwt = _require("tokens")
         keys = await self.server._keyring()
         now = int(_now())
-        claims = {"iss": self.issuer(http), "aud": resource, "sub": sid, "sid": sid,
+        claims = {"iss": self.oauth.issuer(http), "aud": resource, "sub": sid, "sid": sid,
                   "jti": secrets.token_urlsafe(12), "iat": now, "nbf": now, "exp": now + self.settings.token_ttl,
                   "scope": scope, "client_id": client["client_id"], "gen": generation}
         access = jwt.encode(claims, keys.token_key, algorithm="HS256", headers={"kid": keys.kid, "typ": "at+jwt"})
@@ -8183,7 +8251,7 @@ class _OAuth:
             raise _OAuthError("invalid_target", "resource does not match the one this grant was issued for.")
         scope = record["scope"]
         if fields.get("scope"):
-            narrower = self._scopes(fields["scope"]).split()
+            narrower = self.oauth._scopes(fields["scope"]).split()
             if not set(narrower) <= set(scope.split()):
                 raise _OAuthError("invalid_scope", "A refresh cannot widen the granted scope.")
             scope = " ".join(narrower)
@@ -8223,12 +8291,12 @@ class _OAuth:
         await store.delete(_user_key(family["sid"]))
 
     async def revoke(self, http: _HttpRequest) -> None:
-        await self._rate_limit(http, "revoke")  # it may fetch a client metadata document
+        await self.oauth._rate_limit(http, "revoke")  # it may fetch a client metadata document
         try:
             fields = _form_fields(await http.read_body(16 * 1024))
             client = await self._authenticate_client(http, fields)
         except _OAuthError as exc:
-            await self._json_error(http, exc)
+            await _oauth_json_error(http, exc)
             return
         token = fields.get("token", "")
         store = self.server._runtime().store
@@ -8262,8 +8330,8 @@ class _OAuth:
             candidates.append(_KeyRing(self.settings.previous_secret).token_key)
         for key in candidates:
             try:
-                return jwt.decode(token, key, algorithms=["HS256"], audience=self.resources(http),
-                                  issuer=self.issuer(http),
+                return jwt.decode(token, key, algorithms=["HS256"], audience=self.oauth.resources(http),
+                                  issuer=self.oauth.issuer(http),
                                   options={"require": ["exp", "iat", "sub", "jti", "aud", "iss"],
                                            "verify_exp": verify_exp})
             except jwt.InvalidSignatureError:
@@ -8274,7 +8342,7 @@ class _OAuth:
 
     def _challenge(self, http: _HttpRequest, error: str | None, description: str, status: int = 401,
                    endpoint: str | None = None) -> _HttpError:
-        parts = [f'resource_metadata="{self.metadata_url(http, endpoint)}"',
+        parts = [f'resource_metadata="{self.oauth.metadata_url(http, endpoint)}"',
                  f'scope="{" ".join(self.settings.scopes)}"']
         if error:
             parts.insert(0, f'error="{error}", error_description="{description}"')
@@ -8328,7 +8396,7 @@ class _OAuth:
                 signing = await anyio.to_thread.run_sync(self._jwks.get_signing_key_from_jwt, token,
                                                          abandon_on_cancel=True)
                 key, algorithms = signing.key, ["RS256", "ES256", "PS256", "EdDSA"]
-            audience = [settings.auth_audience] if settings.auth_audience else self.resources(http)
+            audience = [settings.auth_audience] if settings.auth_audience else self.oauth.resources(http)
             claims = jwt.decode(token, key, algorithms=algorithms, audience=audience,
                                 issuer=settings.auth_issuer, options={"require": ["exp", "sub", "aud", "iss"]})
             kind = str(jwt.get_unverified_header(token).get("typ", "JWT")).lower()
