@@ -5107,7 +5107,7 @@ class _TaskRun:
     in ``input_required`` until ``tasks/update`` delivers the answers."""
 
     def __init__(self, server: _CoreMethods, tool: _Tool, ctx: Context):
-        self.server, self.hub, self.tool, self.ctx = server, server._runtime(), tool, ctx
+        self.server, self.runtime, self.tool, self.ctx = server, server._runtime(), tool, ctx
         self.task_id = secrets.token_urlsafe(16)
         self.started = False
         self.record: dict = {}
@@ -5126,7 +5126,7 @@ class _TaskRun:
         try:
             if self.tool.task_start == "call":
                 await self.start()
-            self.runner = self.hub.spawn(self._body(arguments))
+            self.runner = self.runtime.spawn(self._body(arguments))
         except BaseException:
             self._uncount()
             raise
@@ -5143,7 +5143,7 @@ class _TaskRun:
         principal, limit = self.ctx.principal, self.server.settings.max_tasks_per_principal
         if principal is None or not limit:
             return
-        running = self.hub.tasks_running
+        running = self.runtime.tasks_running
         if running[principal] >= limit:
             raise RpcError(INVALID_REQUEST, f"Too many tasks: this token has {limit} running, the limit "
                            "(MCP_MAX_TASKS_PER_PRINCIPAL); wait for one to end or cancel one.", status=429)
@@ -5153,9 +5153,9 @@ class _TaskRun:
     def _uncount(self) -> None:
         principal, self._counted = self._counted, None
         if principal is not None:
-            self.hub.tasks_running[principal] -= 1
-            if self.hub.tasks_running[principal] <= 0:
-                del self.hub.tasks_running[principal]
+            self.runtime.tasks_running[principal] -= 1
+            if self.runtime.tasks_running[principal] <= 0:
+                del self.runtime.tasks_running[principal]
 
     async def start(self) -> None:
         now = _iso_now()
@@ -5164,8 +5164,8 @@ class _TaskRun:
                        "tool": self.tool.name}
         await self._save()
         self.started = True
-        self.hub.task_runs[self.task_id] = self
-        self._unsubscribe = self.hub.subscribe(_task_channel(self.task_id), self._on_control)
+        self.runtime.task_runs[self.task_id] = self
+        self._unsubscribe = self.runtime.subscribe(_task_channel(self.task_id), self._on_control)
         if not self.outcome.done:
             self.outcome.set({"resultType": "task", **{k: v for k, v in self.record.items()
                                                                if k not in _TASK_PRIVATE}})
@@ -5173,10 +5173,10 @@ class _TaskRun:
 
     async def _save(self) -> None:
         async with self._saving:  # one write at a time, each of the newest record
-            await self.hub.set_sealed(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
+            await self.runtime.set_sealed(_task_key(self.task_id), self.record, self.record["ttlMs"] / 1000)
 
     async def _finish(self, status: str, **fields) -> None:
-        current = await self.hub.get_sealed(_task_key(self.task_id)) or self.record
+        current = await self.runtime.get_sealed(_task_key(self.task_id)) or self.record
         if current.get("status") in _TASK_TERMINAL:
             return  # cancelled meanwhile: the first terminal state stays
         self.record = _task_record(self.record, status, **fields)
@@ -5202,7 +5202,7 @@ class _TaskRun:
         finally:
             self._uncount()
             if self.started:
-                self.hub.task_runs.pop(self.task_id, None)
+                self.runtime.task_runs.pop(self.task_id, None)
                 self._unsubscribe()
         shaped = _shape_call_result(result, ctx.protocol_version)
         if not self.started:
@@ -5239,7 +5239,7 @@ class _TaskRun:
             if self.runner is not None:
                 self.runner.cancel()
         elif isinstance(message.get("update"), dict):
-            self.hub.spawn(self.deliver(message["update"]))
+            self.runtime.spawn(self.deliver(message["update"]))
 
     async def deliver(self, responses: dict) -> None:
         """Answers from tasks/update; the record shows what is still pending before the ack."""
@@ -5289,25 +5289,25 @@ async def _tasks_update(ctx: Context) -> dict:
     responses = ctx.params.get("inputResponses")
     if not isinstance(responses, dict):
         raise _invalid_params("tasks/update needs params.inputResponses, an object.")
-    hub = ctx.server._runtime()
-    run = hub.task_runs.get(record["taskId"])
+    runtime = ctx.server._runtime()
+    run = runtime.task_runs.get(record["taskId"])
     if run is not None:
         await run.deliver(responses)
     elif record["status"] not in _TASK_TERMINAL:
-        await hub.publish(_task_channel(record["taskId"]), {"update": responses})
+        await runtime.publish(_task_channel(record["taskId"]), {"update": responses})
     return {}
 
 
 async def _tasks_cancel(ctx: Context) -> dict:
     record = await _load_task(ctx)
     if record["status"] not in _TASK_TERMINAL:
-        hub = ctx.server._runtime()
-        run = hub.task_runs.get(record["taskId"])
+        runtime = ctx.server._runtime()
+        run = runtime.task_runs.get(record["taskId"])
         if run is not None:
             await run.cancel()
         else:
-            await hub.publish(_task_channel(record["taskId"]), {"cancel": True})
-            await hub.set_sealed(_task_key(record["taskId"]), _task_record(
+            await runtime.publish(_task_channel(record["taskId"]), {"cancel": True})
+            await runtime.set_sealed(_task_key(record["taskId"]), _task_record(
                 record, "cancelled", statusMessage="Cancelled by the client."), record["ttlMs"] / 1000)
     return {}
 
@@ -5674,10 +5674,10 @@ _SEALED = "sealed:"  # a stored value that is not JSON but an AES-GCM token of i
 _SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
-def _retry_hint(hub: "_Runtime", resumable: bool) -> bytes:
+def _retry_hint(runtime: "_Runtime", resumable: bool) -> bytes:
     """The last bytes of a stream the server ends: while it drains, a resumable stream's client is
     told when to reconnect (through the balancer, to another instance, with ``Last-Event-ID``)."""
-    return f"retry: {hub.settings.sse_retry_ms}\n\n".encode() if hub.draining and resumable else b""
+    return f"retry: {runtime.settings.sse_retry_ms}\n\n".encode() if runtime.draining and resumable else b""
 
 
 class _Runtime(_RuntimePort):
@@ -6345,12 +6345,12 @@ class _PostChannel:
     """Where a POSTed request's notifications and server requests go: JSON until the first of
     them, then an SSE response (logged in the store for 2025-11-25 resumption)."""
 
-    __slots__ = ("http", "hub", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
+    __slots__ = ("http", "runtime", "session_id", "sse_ok", "resumable", "streaming", "detached", "stream_id",
                  "followers", "extra_headers", "done", "must_stream")
 
-    def __init__(self, http: _HttpRequest, hub: _Runtime, session_id: str | None, sse_ok: bool, resumable: bool,
+    def __init__(self, http: _HttpRequest, runtime: _Runtime, session_id: str | None, sse_ok: bool, resumable: bool,
                  extra_headers: list):
-        self.http, self.hub, self.session_id = http, hub, session_id
+        self.http, self.runtime, self.session_id = http, runtime, session_id
         self.sse_ok, self.resumable = sse_ok, resumable and session_id is not None
         self.streaming = self.detached = self.done = False
         self.stream_id = None
@@ -6367,16 +6367,16 @@ class _PostChannel:
         await self.http.start_sse(self.extra_headers)
         if self.resumable:
             self.stream_id = secrets.token_hex(6)
-            self.hub.live_posts[(self.session_id, self.stream_id)] = self
+            self.runtime.live_posts[(self.session_id, self.stream_id)] = self
             await self._remember_log()
-            retry = self.hub.settings.sse_retry_ms
+            retry = self.runtime.settings.sse_retry_ms
             await self.http.write(f"id: {self.stream_id}:0\nretry: {retry}\ndata: \n\n".encode())
 
     async def _remember_log(self) -> None:
         """List this stream's log under the session, so that deleting the session deletes it too.
         A session keeps the logs of its last MCP_REPLAY_EVENTS streams: the list holds one more,
         whose log goes when it is pushed out (a client cannot pile up logs by streaming)."""
-        store, settings, index = self.hub.store, self.hub.settings, _streams_key(self.session_id)
+        store, settings, index = self.runtime.store, self.runtime.settings, _streams_key(self.session_id)
         kept = settings.replay_events
         seq = await store.append(index, self.stream_id, kept + 1, settings.session_ttl)
         if seq > kept:
@@ -6393,12 +6393,12 @@ class _PostChannel:
     async def _emit(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.resumable:
-            seq = await self.hub.log_event(_events_key(self.session_id, self.stream_id), text)
+            seq = await self.runtime.log_event(_events_key(self.session_id, self.stream_id), text)
             event_id = f"{self.stream_id}:{seq}"
             for follower in self.followers:
                 follower.put((event_id, message))
-            if self.hub.shared:  # a client may resume this stream on another instance
-                await self.hub.store.publish(_stream_channel(self.session_id, self.stream_id), [event_id, message])
+            if self.runtime.shared:  # a client may resume this stream on another instance
+                await self.runtime.store.publish(_stream_channel(self.session_id, self.stream_id), [event_id, message])
         if not self.detached:
             await self.http.write(_sse(text, event_id))
 
@@ -6410,14 +6410,14 @@ class _PostChannel:
         if not self.sse_ok:
             raise ToolError(f"Cannot send {method} to the client: its request did not accept "
                             "text/event-stream responses.")
-        return await self.hub.ask_client(self.session_id, method, params, self.send)
+        return await self.runtime.ask_client(self.session_id, method, params, self.send)
 
     async def detach(self) -> None:
         if self.resumable and not self.detached:
             if not self.streaming:
                 await self._start()
             self.detached = True
-            await self.http.end(_retry_hint(self.hub, True))
+            await self.http.end(_retry_hint(self.runtime, True))
 
     def finish(self, response: dict | None, status: int, headers: list) -> typing.Awaitable:
         """Send the final response (or nothing, for a cancelled request).  The common answer, JSON
@@ -6460,7 +6460,7 @@ class _PostChannel:
             for follower in self.followers:
                 follower.put(None)
             if self.stream_id:
-                self.hub.live_posts.pop((self.session_id, self.stream_id), None)
+                self.runtime.live_posts.pop((self.session_id, self.stream_id), None)
 
 
 class _SessionStream:
@@ -6471,14 +6471,14 @@ class _SessionStream:
 
     # Idle streams are the common case, thousands per process: a list, and an event only while
     # waiting, instead of an ``_Inbox`` and a cancel scope each (bench/RESULTS.md: the memory per
-    # idle stream); the hub's one ticker wakes a stream that has been quiet for the keep-alive
+    # idle stream); the runtime's one ticker wakes a stream that has been quiet for the keep-alive
     # period.  The list is bounded all the same: past MCP_STREAM_BUFFER undelivered items the
     # client reads too slowly, and the stream ends (a 2025-11-25 client resumes from the log).
-    __slots__ = ("hub", "http", "session_id", "version", "log_events", "_items", "waiter", "idle_since",
+    __slots__ = ("runtime", "http", "session_id", "version", "log_events", "_items", "waiter", "idle_since",
                  "overflowed")
 
-    def __init__(self, hub: _Runtime, http: _HttpRequest, session_id: str, version: str | None, log_events: bool):
-        self.hub, self.http, self.session_id = hub, http, session_id
+    def __init__(self, runtime: _Runtime, http: _HttpRequest, session_id: str, version: str | None, log_events: bool):
+        self.runtime, self.http, self.session_id = runtime, http, session_id
         self.version = version
         self.log_events = log_events
         self._items: list | None = None  # what put() delivered and run() has not taken yet
@@ -6491,7 +6491,7 @@ class _SessionStream:
             return
         if self._items is None:
             self._items = [item]
-        elif len(self._items) < self.hub.settings.stream_buffer:
+        elif len(self._items) < self.runtime.settings.stream_buffer:
             self._items.append(item)
         else:  # the client reads too slowly: end the stream (the end is the one item let in)
             self.overflowed = True
@@ -6503,20 +6503,20 @@ class _SessionStream:
         self.put(None)
 
     async def run(self, first: bytes = b"", replay: list = ()) -> None:
-        hub, http = self.hub, self.http
-        unsubscribe = hub.store.subscribe(_session_channel(self.session_id), self.put)
+        runtime, http = self.runtime, self.http
+        unsubscribe = runtime.store.subscribe(_session_channel(self.session_id), self.put)
         try:  # before the first event: an answer to what the client sends next may come from anywhere
-            await hub.store.subscribed()
+            await runtime.store.subscribed()
         except BaseException:
             unsubscribe()
             raise
-        previous = hub.session_streams.get(self.session_id)
+        previous = runtime.session_streams.get(self.session_id)
         if previous is not None:
             previous.put(None)  # take over
-        hub.session_streams[self.session_id] = self
+        runtime.session_streams[self.session_id] = self
         _metrics.inc("mcp_open_streams", kind="session")
         http.on_disconnect(self._end)
-        hub.listeners.add(self._on_bus)
+        runtime.listeners.add(self._on_bus)
         try:
             await http.start_sse()
             http.forget_request()
@@ -6524,11 +6524,11 @@ class _SessionStream:
                 await http.write(first)
             for event_id, message in replay:
                 await http.write(_sse(message, event_id))
-            while not http.ended and not hub.closing and not hub.draining:
+            while not http.ended and not runtime.closing and not runtime.draining:
                 if not self._items:
                     self.waiter = waiter = anyio.Event()
                     self.idle_since = anyio.current_time()
-                    hub.watch_idle_streams()
+                    runtime.watch_idle_streams()
                     try:
                         await waiter.wait()
                     finally:
@@ -6545,15 +6545,15 @@ class _SessionStream:
         finally:
             _metrics.inc("mcp_open_streams", -1, kind="session")
             unsubscribe()
-            hub.listeners.discard(self._on_bus)
-            if hub.session_streams.get(self.session_id) is self:
-                del hub.session_streams[self.session_id]
-            await http.end(_retry_hint(hub, self.version is not None))  # (/sse streams cannot resume)
+            runtime.listeners.discard(self._on_bus)
+            if runtime.session_streams.get(self.session_id) is self:
+                del runtime.session_streams[self.session_id]
+            await http.end(_retry_hint(runtime, self.version is not None))  # (/sse streams cannot resume)
 
     async def _write(self, message: dict) -> None:
         event_id, text = None, _dumps(message)
         if self.log_events:
-            seq = await self.hub.log_event(_events_key(self.session_id, "get"), text)
+            seq = await self.runtime.log_event(_events_key(self.session_id, "get"), text)
             event_id = f"get:{seq}"
         await self.http.write(_sse(text, event_id))
 
@@ -6569,7 +6569,7 @@ class _SessionStream:
             return item  # a JSON-RPC message published for this session
         if event["kind"] in _LIST_CHANGED:
             return {"jsonrpc": "2.0", "method": _LIST_CHANGED[event["kind"]]}
-        session = await self.hub.store.get(_session_key(self.session_id))
+        session = await self.runtime.store.get(_session_key(self.session_id))
         if session and event["uri"] in session.get("subs", ()):
             return {"jsonrpc": "2.0", "method": "notifications/resources/updated", "params": {"uri": event["uri"]}}
         return None
@@ -6580,17 +6580,17 @@ class _SessionChannel:
 
     can_stream = True
 
-    def __init__(self, hub: _Runtime, session_id: str):
-        self.hub, self.session_id = hub, session_id
+    def __init__(self, runtime: _Runtime, session_id: str):
+        self.runtime, self.session_id = runtime, session_id
 
     async def send(self, message: dict) -> None:
-        await self.hub.store.publish(_session_channel(self.session_id), message)
+        await self.runtime.store.publish(_session_channel(self.session_id), message)
 
     async def keepalive(self) -> None:
         return None
 
     async def request(self, method: str, params: dict) -> dict:
-        return await self.hub.ask_client(self.session_id, method, params, self.send)
+        return await self.runtime.ask_client(self.session_id, method, params, self.send)
 
 
 class _StreamableHTTP:
@@ -6625,7 +6625,7 @@ class _StreamableHTTP:
 
     async def _modern(self, http: _HttpRequest, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         request_id = message.get("id")
         try:
             ctx = _modern_context(server, message, header_version, http=True, principal=http.principal,
@@ -6638,7 +6638,7 @@ class _StreamableHTTP:
             await server._respond(ctx)
             await http.respond(202)
             return
-        channel = _PostChannel(http, hub, None, sse_ok, False, [])
+        channel = _PostChannel(http, runtime, None, sse_ok, False, [])
         ctx._out = channel
         response = None
         with _cancel_scope() as ctx._scope:
@@ -6657,7 +6657,7 @@ class _StreamableHTTP:
 
     async def _legacy(self, http: _HttpRequest, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         settings = server.settings
         request_id = message.get("id") if kind == "request" else None
         if header_version is not None and header_version not in LEGACY_VERSIONS:
@@ -6673,13 +6673,13 @@ class _StreamableHTTP:
             if session_id is None:
                 raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required; "
                                  "send initialize first to get one.", request_id=request_id)
-            session = await _session_of(hub, http, session_id)
+            session = await _session_of(runtime, http, session_id)
             if session is None:
                 raise _HttpError(404, "Session not found: it expired or was deleted. Send initialize "
                                  "to start a new session.", request_id=request_id)
         if kind == "response":
-            if not hub.resolve(session_id, message):
-                await hub.store.publish(_reply_channel(session_id), message)
+            if not runtime.resolve(session_id, message):
+                await runtime.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
         version = session["v"] if session else LATEST_LEGACY
@@ -6691,23 +6691,23 @@ class _StreamableHTTP:
             await http.respond(202)
             return
         extra = []
-        channel = _PostChannel(http, hub, session_id, sse_ok, version >= "2025-11-25", extra)
+        channel = _PostChannel(http, runtime, session_id, sse_ok, version >= "2025-11-25", extra)
         ctx._out = channel
         if sse_first:
             channel.must_stream = True
             if method != "initialize":  # initialize's stream waits for the new session's id
                 await channel._start()
-        response, status = await hub.respond_cancellable(ctx)
+        response, status = await runtime.respond_cancellable(ctx)
         headers = []
         if method == "initialize" and response is not None and "result" in response:
             session_id = secrets.token_urlsafe(24)
-            counted = await hub.admit_session(session_id, http, request_id)
+            counted = await runtime.admit_session(session_id, http, request_id)
             headers.append((b"mcp-session-id", session_id.encode()))
             _metrics.inc("mcp_sessions_created_total")
-            await hub.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted,
+            await runtime.save_session(session_id, {**ctx.session, "owner": http.principal, "q": counted,
                                                 "born": round(_now(), 3)}, new=True)
         elif ctx._session_changed and session_id is not None:
-            await hub.save_session(session_id, ctx.session)
+            await runtime.save_session(session_id, ctx.session)
         if response is None:
             await channel.finish_cancelled(request_id, headers)
         else:
@@ -6715,11 +6715,11 @@ class _StreamableHTTP:
 
     async def _batch(self, http: _HttpRequest, messages: list, header_version, json_ok: bool) -> None:
         """2025-03-26 JSON-RPC batches (answered as one JSON array)."""
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         session_id = http.headers.get("mcp-session-id")
         session = None
         if session_id is not None:
-            session = await _session_of(hub, http, session_id)
+            session = await _session_of(runtime, http, session_id)
             if session is None:
                 raise _HttpError(404, "Session not found: send initialize to start a new session.")
         if session is None or session["v"] not in ("2025-03-26", "2024-11-05") or not messages:
@@ -6736,7 +6736,7 @@ class _StreamableHTTP:
                     INVALID_REQUEST, "initialize must not be part of a batch.")))
                 continue
             if kind == "response":
-                hub.resolve(session_id, message)
+                runtime.resolve(session_id, message)
                 continue
             ctx = Context(server, message["method"], message.get("params") or {}, message.get("id"),
                           version=session["v"], capabilities=session.get("caps"), session_id=session_id,
@@ -6744,7 +6744,7 @@ class _StreamableHTTP:
             response, _status = await server._respond(ctx)
             if ctx._session_changed:
                 session = ctx.session
-                await hub.save_session(session_id, session)
+                await runtime.save_session(session_id, session)
             if response is not None:
                 answers.append(response)
         if answers:
@@ -6755,7 +6755,7 @@ class _StreamableHTTP:
     # -- GET: the session's standalone stream, or a resumed one --------------------------------
 
     async def get(self, http: _HttpRequest) -> typing.Awaitable | None:
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
             raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no GET stream; use "
@@ -6766,30 +6766,30 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required for a GET stream.")
-        session = await _session_of(hub, http, session_id)
+        session = await _session_of(runtime, http, session_id)
         if session is None:
             raise _HttpError(404, "Session not found: send initialize to start a new session.")
         last_event = http.headers.get("last-event-id")
         if last_event and ":" in last_event:
             stream_id, _, seq = last_event.rpartition(":")
             if stream_id != "get" and _DECIMAL.fullmatch(seq):
-                release = hub.hold_stream(http.principal, http.client_address())
+                release = runtime.hold_stream(http.principal, http.client_address())
                 return _holding(self._resume(http, session_id, stream_id, int(seq)), release)  # a tail call
-            replay = await hub.read_events(_events_key(session_id, "get"), int(seq) if _DECIMAL.fullmatch(seq) else 0)
+            replay = await runtime.read_events(_events_key(session_id, "get"), int(seq) if _DECIMAL.fullmatch(seq) else 0)
             replay = [(f"get:{n}", m) for n, m in replay]
         else:
             replay = []
-        stream = _SessionStream(hub, http, session_id, session["v"], session["v"] >= "2025-03-26")
+        stream = _SessionStream(runtime, http, session_id, session["v"], session["v"] >= "2025-03-26")
         first = (f"id: get:0\nretry: {server.settings.sse_retry_ms}\ndata: \n\n".encode()
                  if session["v"] >= "2025-11-25" and not replay else b"")
-        release = hub.hold_stream(http.principal, http.client_address())
+        release = runtime.hold_stream(http.principal, http.client_address())
         return _holding(stream.run(first, replay), release)  # a tail call: _App._handle awaits it
 
     async def _resume(self, http: _HttpRequest, session_id: str, stream_id: str, after: int) -> None:
         """Replay a POST's SSE stream after ``after`` and follow it until its response."""
-        hub = self.server._runtime()
-        live = hub.live_posts.get((session_id, stream_id))
-        inbox = _Inbox(hub.settings.stream_buffer)
+        runtime = self.server._runtime()
+        live = runtime.live_posts.get((session_id, stream_id))
+        inbox = _Inbox(runtime.settings.stream_buffer)
         unsubscribe = None
 
         def on_bus(event):
@@ -6797,13 +6797,13 @@ class _StreamableHTTP:
                 inbox.put(None)
         if live is not None:
             live.followers.append(inbox)
-        elif hub.shared:  # the stream may be live on another instance
-            unsubscribe = hub.store.subscribe(_stream_channel(session_id, stream_id),
+        elif runtime.shared:  # the stream may be live on another instance
+            unsubscribe = runtime.store.subscribe(_stream_channel(session_id, stream_id),
                                               lambda item: inbox.put(tuple(item)))
         try:
             if unsubscribe is not None:
-                await hub.store.subscribed()  # then the log read below misses nothing
-            events = await hub.read_events(_events_key(session_id, stream_id), after)
+                await runtime.store.subscribed()  # then the log read below misses nothing
+            events = await runtime.read_events(_events_key(session_id, stream_id), after)
             await http.start_sse()
             last = after
             for seq, message in events:
@@ -6811,13 +6811,13 @@ class _StreamableHTTP:
                 last = seq
             finished = any("id" in m and "method" not in m for _s, m in events)
             http.on_disconnect(lambda: inbox.put(None))
-            hub.listeners.add(on_bus)
+            runtime.listeners.add(on_bus)
             following = live is not None or unsubscribe is not None
-            while following and not finished and not http.ended and not hub.draining:
-                item = await inbox.get(hub.settings.sse_keepalive)
+            while following and not finished and not http.ended and not runtime.draining:
+                item = await inbox.get(runtime.settings.sse_keepalive)
                 if item is inbox.QUIET:
                     if live is None:  # pub/sub may have dropped something: the log has it all
-                        missed = await hub.read_events(_events_key(session_id, stream_id), last)
+                        missed = await runtime.read_events(_events_key(session_id, stream_id), last)
                         for seq, message in missed:
                             await http.write(_sse(message, f"{stream_id}:{seq}"))
                             last = seq
@@ -6841,13 +6841,13 @@ class _StreamableHTTP:
                 live.followers.remove(inbox)
             if unsubscribe is not None:
                 unsubscribe()
-            hub.listeners.discard(on_bus)
-            await http.end(_retry_hint(hub, True))
+            runtime.listeners.discard(on_bus)
+            await http.end(_retry_hint(runtime, True))
 
     # -- DELETE: end a session -------------------------------------------------------------------
 
     async def delete(self, http: _HttpRequest) -> None:
-        hub = self.server._runtime()
+        runtime = self.server._runtime()
         header_version = http.headers.get("mcp-protocol-version")
         if header_version is not None and header_version not in LEGACY_VERSIONS:
             raise _HttpError(405, "Method Not Allowed: 2026-07-28 has no sessions to delete.",
@@ -6855,25 +6855,25 @@ class _StreamableHTTP:
         session_id = http.headers.get("mcp-session-id")
         if session_id is None:
             raise _HttpError(400, "Bad Request: the Mcp-Session-Id header is required.")
-        session = await _session_of(hub, http, session_id)
+        session = await _session_of(runtime, http, session_id)
         if session is None:
             raise _HttpError(404, "Session not found.")
-        await hub.drop_session(session_id, session)
+        await runtime.drop_session(session_id, session)
         _metrics.inc("mcp_sessions_deleted_total")
         _telemetry.session_ended(session.get("born"), session.get("v"), "tcp")
-        for _seq, stream_id in await hub.store.read_after(_streams_key(session_id), 0):
-            await hub.store.delete_log(_events_key(session_id, stream_id))
-        await hub.store.delete_log(_events_key(session_id, "get"))
-        await hub.store.delete_log(_streams_key(session_id))
-        await hub.store.publish(_session_channel(session_id), {"close": True})
+        for _seq, stream_id in await runtime.store.read_after(_streams_key(session_id), 0):
+            await runtime.store.delete_log(_events_key(session_id, stream_id))
+        await runtime.store.delete_log(_events_key(session_id, "get"))
+        await runtime.store.delete_log(_streams_key(session_id))
+        await runtime.store.publish(_session_channel(session_id), {"close": True})
         await http.respond(200)
 
 
-async def _session_of(hub: _Runtime, http: _HttpRequest, session_id: str, transport: str = "mcp") -> dict | None:
+async def _session_of(runtime: _Runtime, http: _HttpRequest, session_id: str, transport: str = "mcp") -> dict | None:
     """A legacy session, its expiry slid forward, if it belongs to the caller's token and was
     made on ``transport`` ("mcp" or "sse"): a session id alone proves nothing, and one transport's
     session id is no session on the other."""
-    session = await hub.session(session_id)
+    session = await runtime.session(session_id)
     if session is None or session.get("owner") != http.principal or session.get("t", "mcp") != transport:
         return None
     return session
@@ -6978,23 +6978,23 @@ class _LegacySSE:
         self.server = server
 
     async def get(self, http: _HttpRequest, root_path: str) -> typing.Awaitable | None:
-        hub = self.server._runtime()
+        runtime = self.server._runtime()
         session_id = http.query("session_id")
         if session_id is not None:
-            if await _session_of(hub, http, session_id, "sse") is None:
+            if await _session_of(runtime, http, session_id, "sse") is None:
                 raise _HttpError(404, "Session not found: open /sse without session_id to start over.")
-        release = hub.hold_stream(http.principal, http.client_address())
+        release = runtime.hold_stream(http.principal, http.client_address())
         opened = session_id is None
         try:
             if opened:  # recorded at once: the first POST may reach another instance
                 session_id = secrets.token_urlsafe(24)
-                counted = await hub.admit_session(session_id, http)
-                await hub.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
+                counted = await runtime.admit_session(session_id, http)
+                await runtime.save_session(session_id, {"owner": http.principal, "t": "sse", "q": counted}, new=True)
         except BaseException:
             release()
             raise
         endpoint = f"{root_path}/messages?session_id={session_id}"
-        stream = _SessionStream(hub, http, session_id, None, False)
+        stream = _SessionStream(runtime, http, session_id, None, False)
         return _holding(self._follow(stream, f"event: endpoint\ndata: {endpoint}\n\n".encode(), opened),
                         release)  # a tail call
 
@@ -7004,43 +7004,43 @@ class _LegacySSE:
         try:
             await stream.run(first)
         finally:
-            hub = self.server._runtime()
+            runtime = self.server._runtime()
             # (not when another stream took the session over, nor while the server stops)
-            if opened and stream.session_id not in hub.session_streams and not hub.closing:
-                record = await hub.store.get(_session_key(stream.session_id))
+            if opened and stream.session_id not in runtime.session_streams and not runtime.closing:
+                record = await runtime.store.get(_session_key(stream.session_id))
                 if record is not None and "v" not in record:
-                    await hub.drop_session(stream.session_id, record)
+                    await runtime.drop_session(stream.session_id, record)
 
     async def post(self, http: _HttpRequest) -> None:
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         session_id = http.query("session_id") or http.query("sessionId")
         if not session_id:
             raise _HttpError(400, "Bad Request: the session_id query parameter is required.")
-        record = await _session_of(hub, http, session_id, "sse")
+        record = await _session_of(runtime, http, session_id, "sse")
         if record is None:
             raise _HttpError(404, "Session not found: open /sse again to start a new session.")
         message = await http.read_message(server.settings)
         kind = _classify_http(message)
         if kind == "response":
-            if not hub.resolve(session_id, message):
-                await hub.store.publish(_reply_channel(session_id), message)
+            if not runtime.resolve(session_id, message):
+                await runtime.store.publish(_reply_channel(session_id), message)
             await http.respond(202)
             return
         # (a notification is not counted: it ends at once, and cancelling must work at the cap)
-        release = (hub.hold_request(http.principal, http.client_address(), message.get("id"))
+        release = (runtime.hold_request(http.principal, http.client_address(), message.get("id"))
                    if kind == "request" else _release_nothing)
         try:
             await http.respond(202)  # the answer, or the error, travels on the stream
         except BaseException:
             release()
             raise
-        hub.spawn(_holding(self._process(session_id, record, message, kind, http.principal, http.base), release))
+        runtime.spawn(_holding(self._process(session_id, record, message, kind, http.principal, http.base), release))
 
     async def _process(self, session_id: str, record: dict, message: dict, kind: str,
                        principal: str | None, base_url: str | None) -> None:
-        server, hub = self.server, self.server._runtime()
+        server, runtime = self.server, self.server._runtime()
         session = record if "v" in record else None  # (None: opened, not initialized yet)
-        channel = _SessionChannel(hub, session_id)
+        channel = _SessionChannel(runtime, session_id)
         request_id = message.get("id") if kind == "request" else None
         if _modern_meta(message) is not None:  # a 2026-07-28 request on this stream: stateless
             try:
@@ -7063,9 +7063,9 @@ class _LegacySSE:
         ctx = Context(server, message["method"], message.get("params") or {}, request_id, version=version,
                       capabilities=(session or {}).get("caps"), session_id=session_id, session=session,
                       out=channel, principal=principal, base_url=base_url)
-        response, _status = await hub.respond_cancellable(ctx)
+        response, _status = await runtime.respond_cancellable(ctx)
         if ctx._session_changed:
-            await hub.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
+            await runtime.save_session(session_id, {**ctx.session, "owner": principal, "t": "sse",
                                                 "q": record.get("q", [])})
         if response is not None:
             await channel.send(response)
@@ -7179,7 +7179,7 @@ class _Stdio:
     async def run(self) -> None:
         self._guard_stdio()
         loop = asyncio.get_running_loop()
-        hub = await self.server._started_runtime()
+        runtime = await self.server._started_runtime()
         batches: asyncio.Queue = asyncio.Queue()
         stdin = self._stdin
         limit = self.server.settings.max_body
@@ -7209,7 +7209,7 @@ class _Stdio:
             loop.call_soon_threadsafe(batches.put_nowait, None)
 
         threading.Thread(target=read, name="mcp-stdin", daemon=True).start()
-        hub.listeners.add(self._on_bus)
+        runtime.listeners.add(self._on_bus)
         try:
             while (batch := await batches.get()) is not None:
                 for line in batch:
@@ -7221,7 +7221,7 @@ class _Stdio:
                         await self._line(line)
                         await asyncio.sleep(0)  # let what the line started (and finished) go on
         finally:
-            hub.listeners.discard(self._on_bus)
+            runtime.listeners.discard(self._on_bus)
             pending = list(self.tasks.values())
             if pending:
                 done, still = await asyncio.wait(pending, timeout=2.0)
@@ -9153,9 +9153,9 @@ class _Login:
         else:
             key = f"{ctx.session_id}|{ctx.request_id!r}|{ctx.params.get('name')}|" \
                   f"{_args_digest(ctx.params.get('arguments') or {})}"
-        hub = self.server._runtime()
-        store, slot = hub.store, f"mcp:{{{_store_id(uid)}}}:change:{_sha256(key)}"
-        if (done := await hub.get_sealed(slot)) is not None:
+        runtime = self.server._runtime()
+        store, slot = runtime.store, f"mcp:{{{_store_id(uid)}}}:change:{_sha256(key)}"
+        if (done := await runtime.get_sealed(slot)) is not None:
             return self._replayed(done)
         answer = await ctx.elicit(f"Please confirm: {summary}. This changes your account at the provider.", {
             "type": "object", "required": ["confirm"], "properties": {"confirm": {
@@ -9164,9 +9164,9 @@ class _Login:
         content = answer.get("content") if isinstance(answer, dict) else None
         confirmed = answer.get("action") == "accept" and isinstance(content, dict) and content.get("confirm") is True
         if not await store.add(slot, {"status": "pending"}, 86400):  # one answer per confirmation
-            return self._replayed(await hub.get_sealed(slot) or {"status": "pending"})
+            return self._replayed(await runtime.get_sealed(slot) or {"status": "pending"})
         if not confirmed:  # kept: the same requestState with an "accept" must not turn this into a yes
-            await hub.set_sealed(slot, {"status": "declined"}, 86400)
+            await runtime.set_sealed(slot, {"status": "declined"}, 86400)
             return {"done": False, "message": f"Nothing was done: you did not confirm ({summary})."}
         method, path, body = self.provider.order_request(action, details)
         try:
@@ -9175,11 +9175,11 @@ class _Login:
             await store.delete(slot)  # refused: nothing happened, a new confirmation may try again
             raise
         except Exception as exc:  # it may have happened: never again blindly
-            await hub.set_sealed(slot, {"status": "unknown"}, 86400)
+            await runtime.set_sealed(slot, {"status": "unknown"}, 86400)
             reason = str(exc) if isinstance(exc, ToolError) else type(exc).__name__
             raise ToolError(f"{reason} Whether the provider did it ({summary}) is unknown: check your orders "
                             "before asking again; this confirmation will not be sent again.") from None
-        await hub.set_sealed(slot, {"status": "done", "result": result}, 86400)
+        await runtime.set_sealed(slot, {"status": "done", "result": result}, 86400)
         return {"done": True, "message": f"Done: {summary}.", "result": result}
 
     @staticmethod
@@ -9587,11 +9587,11 @@ class _App:
         if message["type"] != "lifespan.startup":
             return
         try:
-            hub = await self.server._started_runtime()
+            runtime = await self.server._started_runtime()
         except Exception as exc:
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
-        async with hub.background.serving():
+        async with runtime.background.serving():
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass
@@ -9944,7 +9944,7 @@ async def _shutdown(server: _ProtocolCore) -> None:
 #   well-formed Host (RFC 9112 section 3.2).
 # - Nothing a request raises ends the process (``_REQUEST_ERRORS``): a 500 with an error id.
 # - SIGTERM drains: /readyz says 503 for MCP_DRAIN_SECONDS while everything is still served, then
-#   the listener closes, the hub ends the streams (``_Runtime.end_streams``) and requests in flight
+#   the listener closes, the runtime ends the streams (``_Runtime.end_streams``) and requests in flight
 #   get MCP_DRAIN_GRACE seconds before the store closes.  SIGINT (or a second SIGTERM) skips the
 #   readiness wait; a ``stop`` event set by code stops without it too.
 #
@@ -10866,11 +10866,11 @@ async def _serve_http(app, settings: Settings, server: _ProtocolCore | None = No
     if ready is not None:
         ready(port)
     # (stdio's side listener serves pages, not MCP: stdio stops its requests itself)
-    hub = server._runtime() if server is not None and not settings.stdio else None
+    runtime = server._runtime() if server is not None and not settings.stdio else None
     try:
-        await _until_stopped(stop, terminated, hub, settings.drain_seconds)
+        await _until_stopped(stop, terminated, runtime, settings.drain_seconds)
     finally:
-        await _drain(state, listener, hub)
+        await _drain(state, listener, runtime)
         await _lifespan(app, "shutdown", life)
         for connection in list(state.connections):
             connection.transport.abort()
@@ -10878,7 +10878,7 @@ async def _serve_http(app, settings: Settings, server: _ProtocolCore | None = No
         await listener.wait_closed()
 
 
-async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_Runtime | None",
+async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, runtime: "_Runtime | None",
                          drain_seconds: float) -> None:
     """Serve until ``stop``; after a SIGTERM (``terminated``), first answer /readyz with 503 for
     ``drain_seconds`` while still serving, so that balancers stop sending work here."""
@@ -10886,8 +10886,8 @@ async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_
     await asyncio.wait({stopped, signalled}, return_when=asyncio.FIRST_COMPLETED)
     stopped.cancel()
     signalled.cancel()
-    if terminated.is_set() and hub is not None and drain_seconds > 0:
-        hub.unready = True
+    if terminated.is_set() and runtime is not None and drain_seconds > 0:
+        runtime.unready = True
         log.info("SIGTERM: /readyz answers 503 for %g s (MCP_DRAIN_SECONDS), then the server stops "
                  "accepting and drains", drain_seconds)
         try:  # a second signal ends the wait
@@ -10896,7 +10896,7 @@ async def _until_stopped(stop: asyncio.Event, terminated: asyncio.Event, hub: "_
             pass
 
 
-async def _drain(state: _ServerState, listener, hub: "_Runtime | None") -> None:
+async def _drain(state: _ServerState, listener, runtime: "_Runtime | None") -> None:
     """Stop accepting, end the open streams (resumable ones with a retry hint: their clients go
     on elsewhere), and let the requests in flight finish, for MCP_DRAIN_GRACE seconds at most:
     the store stays open until they did, so what they send is logged for the resumed streams."""
@@ -10905,11 +10905,11 @@ async def _drain(state: _ServerState, listener, hub: "_Runtime | None") -> None:
     for connection in list(state.connections):
         if connection.cycle is None:
             connection.close()  # idle keep-alive connections go at once
-    if hub is not None:
-        hub.unready = True
-        await hub.end_streams()
+    if runtime is not None:
+        runtime.unready = True
+        await runtime.end_streams()
     deadline = state.clock() + state.settings.drain_grace
-    while (state.connections or (hub is not None and hub.running)) and state.clock() < deadline:
+    while (state.connections or (runtime is not None and runtime.running)) and state.clock() < deadline:
         await asyncio.sleep(0.05)
 
 
@@ -11054,14 +11054,14 @@ class MCPServer(_CoreMethods):
 
     async def _started_runtime(self) -> "_Runtime":
         """The runtime, started (subscriptions made) on first use in a running loop."""
-        hub = self._live_runtime if self._live_runtime is not None else self._runtime()
-        if not hub.started:
-            hub.start()
+        runtime = self._live_runtime if self._live_runtime is not None else self._runtime()
+        if not runtime.started:
+            runtime.start()
             self.threads = anyio.CapacityLimiter(self.settings.tool_threads)
             _telemetry.instrument(self)
             if self.settings.metrics_token:
                 _metrics.on = True  # (for good: another server in this process may serve them too)
-        return hub
+        return runtime
 
 
 async def _serve_stdio(server: MCPServer) -> None:

@@ -7231,7 +7231,7 @@ class TestTestClient:
         assert done["content"] == [{"type": "text", "text": "progress done"}]
         assert [n["params"]["progress"] for n in notes if n["method"] == "notifications/progress"] == [1, 2]
         assert seen[:2] == ["initialize", "notifications/initialized"] and "tools/call" in seen
-        assert server._live_runtime is None or not server._live_runtime.started  # no listener, no hub running
+        assert server._live_runtime is None or not server._live_runtime.started  # no listener, no runtime running
         with pytest.raises(ValueError, match="era"):
             server.test_client("1999-01-01")
 
