@@ -1629,6 +1629,9 @@ class _TaskScope:
 
     def __enter__(self) -> "_TaskScope":
         task = self.task = asyncio.current_task()
+        # (counted here, not when cancel() runs: asyncio folds cancellations into one
+        # CancelledError, and one that an outer scope asked for meanwhile must go on out)
+        self.cancelling = task.cancelling()
         if self.limit:
             self.timer = task.get_loop().call_later(self.limit, self.cancel)
         return self
@@ -1637,7 +1640,6 @@ class _TaskScope:
         task = self.task
         if not self.requested and task is not None and not task.done():
             self.requested = True
-            self.cancelling = task.cancelling()  # (a cancellation already pending is not ours to take back)
             task.cancel()
 
     def __exit__(self, kind, exc, traceback) -> bool:
@@ -1692,6 +1694,46 @@ class _Answer:
         if self.error is not None:
             raise self.error
         return self.value
+
+
+async def _in_thread(function: typing.Callable, limiter: "anyio.CapacityLimiter | None" = None):
+    """``function()`` on a worker thread that holds one of ``limiter``'s slots until it ends.  A
+    caller that is cancelled (a timeout, a client gone) stops waiting at once, but its thread
+    runs on and keeps its slot (anyio's own limiter, on asyncio, would give it back at the
+    cancellation), so the limiter caps threads, not waiters."""
+    if limiter is None:
+        return await anyio.to_thread.run_sync(function, abandon_on_cancel=True)
+    holder, lock = object(), threading.Lock()
+    state = {"started": False, "ended": False, "abandoned": False}
+    await limiter.acquire_on_behalf_of(holder)
+
+    def run():
+        with lock:
+            if state["abandoned"]:
+                return None  # its caller gave up before it started: the slot went back then
+            state["started"] = True
+        try:
+            return function()
+        finally:
+            with lock:
+                state["ended"] = True
+                give_back = state["abandoned"]
+            if give_back:  # (its caller is gone: the thread gives the slot back itself)
+                try:
+                    anyio.from_thread.run_sync(limiter.release_on_behalf_of, holder)
+                except Exception:  # the event loop has ended: so has the limiter
+                    pass
+    try:
+        result = await anyio.to_thread.run_sync(run, abandon_on_cancel=True, limiter=anyio.CapacityLimiter(1))
+    except BaseException:
+        with lock:
+            state["abandoned"] = True
+            release_now = not state["started"] or state["ended"]
+        if release_now:
+            limiter.release_on_behalf_of(holder)
+        raise
+    limiter.release_on_behalf_of(holder)
+    return result
 
 
 async def _gather(*awaitables) -> list:
@@ -3220,8 +3262,7 @@ class _Callable:
             elif self.inline:
                 result = self.fn(**kwargs)  # declared cheap: no thread hand-off
             else:  # (the thread runs in a copy of this context: contextvars reach it)
-                result = await anyio.to_thread.run_sync(functools.partial(self.fn, **kwargs),
-                                                        abandon_on_cancel=True, limiter=threads)
+                result = await _in_thread(functools.partial(self.fn, **kwargs), threads)
             if result.__class__ not in _PLAIN_RESULTS and inspect.isawaitable(result):
                 result = await result
         except (SystemExit, KeyboardInterrupt) as exc:
@@ -5114,7 +5155,7 @@ class _TaskRun:
         self.outcome = _Answer()  # what answers the request: the result, or the task's creation
         self.pending: dict = {}       # key -> input request still unanswered
         self.delivered: dict = {}     # key -> answer from tasks/update, not yet taken
-        self.arrived = anyio.Event()  # set (then made anew) when tasks/update delivers answers
+        self.arrived = anyio.Event()  # set, and replaced, when tasks/update delivers answers
         self.runner = None
         self._unsubscribe = lambda: None
         self._saving = anyio.Lock()
@@ -5217,12 +5258,12 @@ class _TaskRun:
         await self._save()
         answers: dict = {}
         while len(answers) < len(missing):
+            arrived = self.arrived  # (taken before the scan: a delivery after it sets this one)
             for key in missing:
                 if key in self.delivered and key not in answers:
                     answers[key] = self.delivered.pop(key)
             if len(answers) < len(missing):
-                self.arrived = anyio.Event()
-                await self.arrived.wait()
+                await arrived.wait()
         for key in missing:
             self.pending.pop(key, None)
         if self.pending:
@@ -5250,7 +5291,9 @@ class _TaskRun:
         if answered and remaining:
             self.record = _task_record(self.record, "input_required", inputRequests=remaining)
             await self._save()
-        self.arrived.set()
+        # every waiter (a tool may ask several things at once) scans again, then waits anew
+        arrived, self.arrived = self.arrived, anyio.Event()
+        arrived.set()
 
     async def cancel(self) -> None:
         self.ctx._cancelled = True
@@ -5716,10 +5759,14 @@ class _Runtime(_RuntimePort):
 
     def start(self) -> None:
         """Subscribe to the server-wide channels (in the running loop)."""
-        if isinstance(self.store, RedisStore) and not _on_asyncio():
-            raise RuntimeError("The Redis store (REDIS_URL) needs asyncio: redis-py's client runs on asyncio "
-                               "alone.  Serve server.asgi on asyncio (uvicorn, hypercorn's asyncio worker, the "
-                               "bundled server), or on trio without REDIS_URL.")
+        if not _on_asyncio():
+            if isinstance(self.store, RedisStore):
+                raise RuntimeError("The Redis store (REDIS_URL) needs asyncio: redis-py's client runs on "
+                                   "asyncio alone.  Serve server.asgi on asyncio (uvicorn, hypercorn's asyncio "
+                                   "worker, the bundled server), or on trio without REDIS_URL.")
+            if self.background.group is None:  # (refused before anything takes a slot or a stream)
+                raise RpcError(INTERNAL_ERROR, "This server runs on trio without ASGI lifespan events, which "
+                               "its background work needs: turn lifespan on in the ASGI server.", status=503)
         self.started = True
         self._unsubscribes = [self.store.subscribe(_BUS_CHANNEL, self._on_bus),
                               self.store.subscribe(_CANCEL_CHANNEL, self._on_cancel)]
@@ -9587,11 +9634,16 @@ class _App:
         if message["type"] != "lifespan.startup":
             return
         try:
-            runtime = await self.server._started_runtime()
-        except Exception as exc:
+            runtime = self.server._runtime()
+        except Exception as exc:  # (a store that cannot be made: a missing package)
             await send({"type": "lifespan.startup.failed", "message": str(exc)})
             return
         async with runtime.background.serving():
+            try:
+                await self.server._started_runtime()
+            except Exception as exc:
+                await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                return
             await send({"type": "lifespan.startup.complete"})
             while (await receive())["type"] != "lifespan.shutdown":
                 pass

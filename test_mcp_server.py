@@ -991,6 +991,61 @@ class TestConcurrency:
             return outcomes
         assert anyio.run(main, backend=backend) == [True, True, False, (False, True)]
 
+    def test_a_deadline_reached_during_an_outer_cancellation_does_not_swallow_it(self):
+        """asyncio folds cancellations into one CancelledError: a tool's deadline that passes
+        while the client's cancellation is still unwinding must let that one go on out."""
+        import anyio
+
+        async def main():
+            after = []
+            with mcp_server._cancel_scope() as outer:
+                with mcp_server._cancel_scope(60) as inner:
+                    try:
+                        outer.cancel()
+                        await anyio.sleep_forever()
+                    finally:
+                        inner.cancel()  # the deadline, reached while the cleanup still waits
+                        await anyio.sleep(0)
+                after.append("ran on after the inner scope")
+            return outer.cancelled_caught, inner.cancelled_caught, after
+        assert asyncio.run(main()) == (True, False, [])
+
+    @pytest.mark.parametrize("backend", BACKENDS)
+    def test_a_thread_keeps_its_slot_until_it_ends_though_its_caller_gave_up(self, backend):
+        """MCP_TOOL_THREADS caps threads: a call that timed out leaves its thread running, and
+        that thread keeps its slot (anyio's limiter on asyncio gives it back at once)."""
+        import anyio
+        release, lock, state = threading.Event(), threading.Lock(), {"running": 0, "peak": 0}
+
+        def blocked():
+            with lock:
+                state["running"] += 1
+                state["peak"] = max(state["peak"], state["running"])
+            release.wait(WAIT)
+            with lock:
+                state["running"] -= 1
+            return "done"
+
+        async def main():
+            limiter = anyio.CapacityLimiter(2)
+            for _ in range(3):  # three waves of callers that give up: two threads at most
+                async with anyio.create_task_group() as group:
+                    for _ in range(3):
+                        group.start_soon(gives_up, limiter)
+            assert limiter.borrowed_tokens == 2  # the two blocked threads hold theirs
+            release.set()
+            with anyio.fail_after(WAIT):
+                while limiter.borrowed_tokens:  # (given back as each thread ends)
+                    await anyio.sleep(0.01)
+            with anyio.fail_after(WAIT):
+                return await mcp_server._in_thread(lambda: "after", limiter)
+
+        async def gives_up(limiter):
+            with anyio.move_on_after(0.05):
+                await mcp_server._in_thread(blocked, limiter)
+        assert anyio.run(main, backend=backend) == "after"
+        assert state["peak"] == 2
+
     @pytest.mark.parametrize("backend", BACKENDS)
     def test_an_inbox_ends_when_its_reader_falls_too_far_behind(self, backend):
         import anyio
@@ -1051,6 +1106,29 @@ class TestConcurrency:
             except ToolError as exc:
                 return results, str(exc)
         assert anyio.run(main, backend=backend) == (["a", "b"], "no")
+
+    def test_trio_without_a_lifespan_is_refused_before_anything_is_held(self):
+        """Without lifespan events on trio nothing could run in the background: every request is
+        a 503 that says so, before it takes a stream or a fetch slot."""
+        trio = pytest.importorskip("trio")
+        server = build_server()
+        sent = []
+
+        async def main():
+            async def receive():
+                return {"type": "http.request", "body": b"", "more_body": False}
+
+            async def send(message):
+                sent.append(message)
+            scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+                     "scheme": "http", "path": "/mcp", "raw_path": b"/mcp", "query_string": b"", "root_path": "",
+                     "headers": [(b"host", b"localhost"), (b"accept", b"text/event-stream")],
+                     "client": ("127.0.0.1", 5555), "server": ("127.0.0.1", 8000)}
+            await server.asgi(scope, receive, send)
+        trio.run(main)
+        body = json.loads(b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body"))
+        assert sent[0]["status"] == 503 and "lifespan" in body["error"]["message"]
+        assert not server._live_runtime.session_streams and not server._live_runtime.held
 
     def test_trio_without_a_lifespan_cannot_start_background_work(self):
         trio = pytest.importorskip("trio")
@@ -6543,6 +6621,13 @@ def _task_build_server() -> MCPServer:
         })
         return f"{answers['first']['content']['name']} and {answers['second']['content']['name']}"
 
+    @server.tool(task="optional")
+    async def task_two_at_once(ctx: Context) -> str:
+        """Asks two questions from two concurrent waits (each answered on its own)."""
+        first, second = await mcp_server._gather(ctx.elicit("First?", _TASK_FORM, key="first"),
+                                                 ctx.elicit("Second?", _TASK_FORM, key="second"))
+        return f"{first['content']['name']} and {second['content']['name']}"
+
     @server.tool(task="required")
     async def task_required() -> str:
         """Runs only as a task."""
@@ -6656,6 +6741,20 @@ class TestTasks:
         done = _task_poll(st.port, task_id, lambda r: r["status"] == "completed", "completion")
         assert _redis_text(done["result"]) == "Ada and Grace"
         assert "inputRequests" not in done
+
+    def test_questions_asked_at_once_are_each_answered_whatever_the_order(self, redis_task_server):
+        """Two waits for input at the same time: an answer to either wakes both to look, so
+        neither is left waiting for a delivery that already came (review of issue 20)."""
+        st = redis_task_server
+        created = _task_create(st.port, "task_two_at_once", caps={**_TASK_CAPS, "elicitation": {}})
+        task_id = created["taskId"]
+        _task_poll(st.port, task_id, lambda r: set(r.get("inputRequests", ())) == {"first", "second"},
+                   "both questions")
+        for key, name in (("second", "Grace"), ("first", "Ada")):  # (the later question first)
+            _task_result(_task_post(st.port, "tasks/update", task_id, {"inputResponses": {
+                key: {"action": "accept", "content": {"name": name}}}}))
+        done = _task_poll(st.port, task_id, lambda r: r["status"] == "completed", "completion")
+        assert _redis_text(done["result"]) == "Ada and Grace"
 
     def test_explicit_start_asks_over_mrtr_then_runs_as_a_task(self, redis_task_server):
         st = redis_task_server
