@@ -4116,6 +4116,11 @@ def _error_response(request_id, error: RpcError) -> dict:
     return {"jsonrpc": "2.0", "id": request_id, "error": error.to_dict()}
 
 
+def _is_request_id(value) -> bool:
+    """A JSON-RPC id this server accepts: a string or an integer (not a boolean)."""
+    return isinstance(value, (str, int)) and not isinstance(value, bool)
+
+
 def _classify(message: dict) -> str:
     """The kind of a JSON-RPC message (``request``, ``notification``, ``response``), or -32600."""
     if not isinstance(message, dict):
@@ -4129,12 +4134,14 @@ def _classify(message: dict) -> str:
             raise RpcError(INVALID_REQUEST, 'Invalid Request: "params" must be an object.', status=400)
         if "id" not in message:
             return "notification"
-        rid = message["id"]
-        if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        if not _is_request_id(message["id"]):
             raise RpcError(INVALID_REQUEST, 'Invalid Request: "id" must be a string or an integer.',
                             status=400)
         return "request"
     if "id" in message and (("result" in message) != ("error" in message)):
+        if message["id"] is not None and not _is_request_id(message["id"]):  # (null: an error for no request)
+            raise RpcError(INVALID_REQUEST, 'Invalid Request: a response\'s "id" must be the string or '
+                           "integer of the request it answers.", status=400)
         return "response"
     raise RpcError(INVALID_REQUEST, "Invalid Request: neither a request, a notification nor a response.",
                     status=400)
@@ -5093,7 +5100,9 @@ class _CoreMethods(_ProtocolCore):
         return None
 
     async def _n_cancelled(self, ctx: Context):
-        self._runtime().cancel(ctx.session_id, ctx.params.get("requestId"))
+        request_id = ctx.params.get("requestId")
+        if _is_request_id(request_id):  # (anything else names no request: ignored, as the spec allows)
+            self._runtime().cancel(ctx.session_id, request_id)
         return None
 
     async def _n_ignored(self, ctx: Context):
@@ -5717,6 +5726,11 @@ _SEALED = "sealed:"  # a stored value that is not JSON but an AES-GCM token of i
 _SSE_KEEPALIVE = b": keep-alive\n\n"
 
 
+def _log_stream_overflow(kind: str) -> None:
+    log.warning("a %s stream ended: its client read too slowly and fell MCP_STREAM_BUFFER messages "
+                "behind (a 2025-11-25 client resumes it with Last-Event-ID)", kind)
+
+
 def _retry_hint(runtime: "_Runtime", resumable: bool) -> bytes:
     """The last bytes of a stream the server ends: while it drains, a resumable stream's client is
     told when to reconnect (through the balancer, to another instance, with ``Last-Event-ID``)."""
@@ -6064,6 +6078,8 @@ class _Runtime(_RuntimePort):
                     break
                 await out.send(message)
         finally:
+            if inbox.overflowed:
+                _log_stream_overflow("subscriptions/listen")
             inbox.close()
             release()
             self.listeners.discard(on_event)
@@ -6590,6 +6606,8 @@ class _SessionStream:
                 if message is not None:
                     await self._write(message)
         finally:
+            if self.overflowed:
+                _log_stream_overflow("session")
             _metrics.inc("mcp_open_streams", -1, kind="session")
             unsubscribe()
             runtime.listeners.discard(self._on_bus)
@@ -6883,6 +6901,8 @@ class _StreamableHTTP:
                 last = int(event_id.rpartition(":")[2])
                 finished = "id" in message and "method" not in message
         finally:
+            if inbox.overflowed:
+                _log_stream_overflow("resumed")
             inbox.close()
             if live is not None and inbox in live.followers:
                 live.followers.remove(inbox)

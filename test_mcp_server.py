@@ -11543,6 +11543,19 @@ class TestHostileInput:
         assert_alive(hostile.port)
         assert not errors_logged(caplog)
 
+    # -- ids a client answers or cancels with (review of issue 20) ------------------------------------
+
+    @pytest.mark.parametrize("bad_id", [[1], {"a": 1}, 1.5, True])
+    def test_an_answer_or_a_cancellation_naming_no_valid_id_is_refused_or_ignored(self, hostile, bad_id):
+        """A response's id and a cancellation's requestId are a string or an integer: anything
+        else is a 400 (a response) or ignored (a notification), never a 500 from a lookup."""
+        s = Session(hostile.port)
+        s.initialize()
+        assert_rpc_error(s.post({"jsonrpc": "2.0", "id": bad_id, "result": {}}), 400, -32600)
+        cancel = s.post({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": bad_id}})
+        assert cancel.status == 202, cancel
+        assert s.call("echo", {"text": "still here"})["content"][0]["text"] == "still here"
+
     # -- issue 19 defect 1: deeply nested JSON -------------------------------------------------------
 
     @pytest.mark.parametrize("transport", ["modern", "legacy", "messages", "http"])
