@@ -5092,8 +5092,8 @@ class _CoreMethods(_ProtocolCore):
         if isinstance(uris, list) and all(isinstance(u, str) for u in uris):
             honored["resourceSubscriptions"] = uris
         if ctx._out is None or not getattr(ctx._out, "can_stream", False):
-            raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a streaming response: "
-                            "send Accept: text/event-stream.", status=400)
+            raise RpcError(INVALID_REQUEST, "subscriptions/listen needs a response stream of its own: POST it "
+                            "to the MCP endpoint with Accept: text/event-stream.", status=400)
         return await self._runtime().listen(ctx, honored)
 
     async def _n_initialized(self, ctx: Context):
@@ -6643,7 +6643,9 @@ class _SessionStream:
 class _SessionChannel:
     """Out channel of a request whose answers travel on the session's stream (HTTP+SSE)."""
 
-    can_stream = True
+    # (notifications go out on the session's stream; but a subscriptions/listen here would run on
+    # with no response of its own to end it, after its POST was answered 202: refused)
+    can_stream = False
 
     def __init__(self, runtime: _Runtime, session_id: str):
         self.runtime, self.session_id = runtime, session_id

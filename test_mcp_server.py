@@ -3132,6 +3132,19 @@ class TestLegacySSE:
         finally:
             c.close()
 
+    def test_a_listen_over_messages_is_refused_it_would_outlive_its_request(self, live):
+        """subscriptions/listen POSTed to /messages (answered 202) would hold a stream slot with no
+        response of its own to end it: refused on the session's stream (review of issue 20)."""
+        c = LegacySSEClient(live.port)
+        try:
+            listen = modern_body("subscriptions/listen", {"notifications": {"toolsListChanged": True}}, request_id=9)
+            assert c.post(listen).status == 202
+            reply = c.next_message()
+            assert reply["id"] == 9 and reply["error"]["code"] == -32600, reply
+            assert "response stream of its own" in reply["error"]["message"]  # (refused before a slot is held)
+        finally:
+            c.close()
+
     def test_events_are_message_events(self, live):
         c = LegacySSEClient(live.port)
         try:
