@@ -6725,7 +6725,6 @@ class _StreamableHTTP:
     async def _legacy(self, http: _HttpRequest, message: dict, kind: str, header_version, sse_ok: bool,
                       sse_first: bool) -> None:
         server, runtime = self.server, self.server._runtime()
-        settings = server.settings
         request_id = message.get("id") if kind == "request" else None
         if header_version is not None and header_version not in LEGACY_VERSIONS:
             raise _HttpError(400, f"Unsupported MCP-Protocol-Version {header_version!r}.", request_id=request_id)
